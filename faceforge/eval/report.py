@@ -1,0 +1,150 @@
+"""Reports of evaluation results: ROC plots, score histograms and Markdown tables.
+
+Plots use matplotlib's Agg canvas directly (no pyplot, no global backend switch), so they work on
+headless machines and inside other programs without side effects.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Collection, Mapping, Sequence
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from faceforge.eval.metrics import check_pairs
+
+FPR_RANGE = (1e-4, 1.0)
+
+
+def _save(fig: Figure, path: str | Path, dpi: int) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    FigureCanvasAgg(fig)
+    fig.savefig(path, dpi=dpi, bbox_inches="tight")
+    return path
+
+
+def plot_roc(
+    curves: Mapping[str, tuple[np.ndarray, np.ndarray]],
+    path: str | Path,
+    title: str = "ROC",
+    dpi: int = 150,
+) -> Path:
+    """One ROC line per model: log-scale FPR (1e-4 to 1) against TPR, with a legend.
+
+    Args:
+        curves: ``{label: (fpr, tpr)}``, e.g. the first two outputs of :func:`metrics.roc`.
+        path: output image; the format follows the suffix (``.png``, ``.pdf``, ``.svg``).
+        title: plot title.
+
+    Returns:
+        The written path.
+    """
+    if not curves:
+        raise ValueError("curves is empty; expected {label: (fpr, tpr)}")
+    fig = Figure(figsize=(6, 5))
+    ax = fig.add_subplot()
+    for label, (fpr, tpr) in curves.items():
+        fpr, tpr = np.asarray(fpr), np.asarray(tpr)
+        if fpr.shape != tpr.shape or fpr.ndim != 1:
+            raise ValueError(f"curve {label!r}: fpr and tpr must be 1-D of one length, got {fpr.shape}, {tpr.shape}")
+        keep = fpr > 0  # log axis: the (0, 0) start point cannot be drawn
+        ax.plot(fpr[keep], tpr[keep], label=label, linewidth=1.5)
+    ax.set_xscale("log")
+    ax.set_xlim(*FPR_RANGE)
+    ax.set_ylim(0.0, 1.0)
+    ax.set_xlabel("False positive rate")
+    ax.set_ylabel("True positive rate")
+    ax.set_title(title)
+    ax.grid(True, which="both", linestyle=":", linewidth=0.5)
+    ax.legend(loc="lower right")
+    return _save(fig, path, dpi)
+
+
+def score_histogram(
+    scores: np.ndarray | Sequence[float],
+    labels: np.ndarray | Sequence[bool],
+    path: str | Path,
+    bins: int = 100,
+    title: str = "Pair score distribution",
+    dpi: int = 150,
+) -> Path:
+    """Histograms of positive and negative pair scores (cosines), as in ArcFace's Fig. 7.
+
+    Args:
+        scores: ``(N,)`` pair similarities. labels: ``(N,)`` 1 = same identity.
+        path: output image. bins: histogram bins over the score range (default 100).
+
+    Returns:
+        The written path.
+    """
+    s, y = check_pairs(scores, labels)
+    edges = np.linspace(s.min(), s.max(), bins + 1) if s.max() > s.min() else bins
+    fig = Figure(figsize=(6, 4))
+    ax = fig.add_subplot()
+    ax.hist(s[y], bins=edges, density=True, alpha=0.6, label=f"positive pairs ({int(y.sum())})")
+    ax.hist(s[~y], bins=edges, density=True, alpha=0.6, label=f"negative pairs ({int((~y).sum())})")
+    ax.set_xlabel("Cosine similarity")
+    ax.set_ylabel("Density")
+    ax.set_title(title)
+    ax.legend()
+    return _save(fig, path, dpi)
+
+
+def _format_cell(value: object, percent: bool, digits: int) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, (bool, np.bool_)):
+        return str(bool(value))
+    if isinstance(value, (int, np.integer)) and not percent:
+        return str(int(value))
+    if isinstance(value, (float, int, np.floating, np.integer)):
+        return f"{100 * float(value):.{digits}f}" if percent else f"{float(value):.{digits + 2}g}"
+    return str(value).replace("|", "\\|")
+
+
+def markdown_table(
+    rows: Sequence[Mapping[str, object]],
+    columns: Sequence[str],
+    percent: Collection[str] = (),
+    digits: int = 2,
+) -> str:
+    """A Markdown table with padded, aligned columns.
+
+    Formatting: a column named in ``percent`` shows ``100 * value`` with ``digits`` decimals (0.99833
+    -> ``99.83``); other floats use ``digits + 2`` significant digits; ints and strings as they are; a
+    missing key or ``None`` is an empty cell. Numeric columns are right-aligned, others left-aligned.
+
+    Args:
+        rows: one mapping per table row, e.g. ``[{"model": "r50", "lfw": 0.9983}]``.
+        columns: the keys to show, in order (also the header).
+        percent: the columns to show as percentages.
+        digits: decimals of percentages (default 2).
+
+    Returns:
+        The table, lines joined by newlines, with no trailing newline.
+    """
+    if not columns:
+        raise ValueError("columns is empty; expected the keys to show")
+    unknown = set(percent) - set(columns)
+    if unknown:
+        raise ValueError(f"percent names columns not in the table: {sorted(unknown)}; columns are {list(columns)}")
+    cells = [[_format_cell(row.get(c), c in percent, digits) for c in columns] for row in rows]
+    numeric = [
+        all(isinstance(row.get(c), (int, float, np.number)) for row in rows if row.get(c) is not None)
+        and any(row.get(c) is not None for row in rows)
+        for c in columns
+    ]
+    widths = [max([len(c), 3] + [len(r[i]) for r in cells]) for i, c in enumerate(columns)]
+
+    def line(values: Sequence[str]) -> str:
+        padded = [v.rjust(w) if num else v.ljust(w) for v, w, num in zip(values, widths, numeric)]
+        return "| " + " | ".join(padded) + " |"
+
+    rule = "| " + " | ".join("-" * (w - 1) + ":" if num else "-" * w for w, num in zip(widths, numeric)) + " |"
+    return "\n".join([line(columns), rule] + [line(r) for r in cells])
+
+
+__all__ = ["markdown_table", "plot_roc", "score_histogram"]

@@ -1,0 +1,195 @@
+"""1:1 verification of image pairs: embed (with flip test-time augmentation), score, measure.
+
+The pair layout is insightface's ``.bin``: images ``2k`` and ``2k + 1`` form pair ``k``, and
+``issame[k]`` says whether they show the same identity. Embeddings are ``f(x) + f(flip(x))``,
+L2-normalised, and pairs are scored by cosine similarity (ArcFace / insightface ``verification.py``;
+OpenSphere's "old" feature fusion).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from faceforge.eval import metrics
+
+PIXEL_MEAN = 127.5
+PIXEL_STD = 127.5
+
+
+# --------------------------------------------------------------------------------------------------
+# Embedding
+# --------------------------------------------------------------------------------------------------
+
+
+def _to_input(batch: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """A batch as a float tensor ``(B, 3, H, W)``: uint8 ``(B, H, W, 3)`` is normalised and made CHW."""
+    x = torch.as_tensor(batch)
+    if x.dtype == torch.uint8:
+        if x.ndim != 4 or x.shape[-1] != 3:
+            raise ValueError(f"uint8 images must be (N, H, W, 3) RGB, got shape {tuple(x.shape)}")
+        return (x.permute(0, 3, 1, 2).float() - PIXEL_MEAN) / PIXEL_STD
+    if x.is_floating_point():
+        if x.ndim != 4 or x.shape[1] != 3:
+            raise ValueError(f"float images must be normalised (N, 3, H, W), got shape {tuple(x.shape)}")
+        return x
+    raise TypeError(f"images must be uint8 (N, H, W, 3) or float (N, 3, H, W), got dtype {x.dtype}")
+
+
+def _model_device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
+    param = next(model.parameters(), None)
+    if param is None or not param.is_floating_point():
+        return torch.device("cpu"), torch.float32
+    return param.device, param.dtype
+
+
+def embed(
+    model: nn.Module,
+    images: np.ndarray | torch.Tensor,
+    batch_size: int = 256,
+    flip: bool = True,
+    device: torch.device | str | None = None,
+    progress: bool = False,
+) -> np.ndarray:
+    """Embed images with a backbone: ``normalize(f(x) + f(flip(x)))``.
+
+    Args:
+        model: maps ``(B, 3, H, W)`` to ``(B, D)``. Run in eval mode under ``torch.no_grad()``; every
+            submodule's train/eval mode is restored afterwards.
+        images: uint8 RGB ``(N, H, W, 3)`` (numpy or tensor), normalised here as ``(x - 127.5) / 127.5``
+            one batch at a time; or a float ``(N, 3, H, W)`` already normalised.
+        batch_size: images per forward pass (default 256).
+        flip: add the embedding of the horizontally flipped image (default True).
+        device: where the model runs; default the device of its first parameter (CPU if none).
+        progress: show a tqdm progress bar.
+
+    Returns:
+        float32 ``(N, D)``, every row L2-normalised.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    n = len(images)
+    if n == 0:
+        raise ValueError("images is empty; expected (N, H, W, 3) uint8 or (N, 3, H, W) float with N >= 1")
+    model_device, dtype = _model_device_dtype(model)
+    device = torch.device(device) if device is not None else model_device
+    starts = range(0, n, batch_size)
+    if progress:
+        from tqdm import tqdm
+
+        starts = tqdm(starts, total=math.ceil(n / batch_size), desc="embed", unit="batch")
+    modes = {module: module.training for module in model.modules()}
+    model.eval()
+    outputs = []
+    try:
+        with torch.no_grad():
+            for start in starts:
+                x = _to_input(images[start : start + batch_size]).to(device=device, dtype=dtype)
+                out = model(x)
+                if flip:
+                    out = out + model(torch.flip(x, dims=[3]))  # flip the width axis
+                if out.ndim != 2 or len(out) != len(x):
+                    raise ValueError(f"model must return (B, D) embeddings, got shape {tuple(out.shape)}")
+                outputs.append(nn.functional.normalize(out.float(), dim=1).cpu())
+    finally:
+        for module, training in modes.items():
+            module.train(training)
+    return torch.cat(outputs).numpy()
+
+
+def pair_scores(embeddings: np.ndarray | torch.Tensor) -> np.ndarray:
+    """Cosine similarity of rows ``2k`` and ``2k + 1``: ``(2N, D) -> (N,)`` float64."""
+    e = np.asarray(embeddings, dtype=np.float64)
+    if e.ndim != 2 or len(e) % 2:
+        raise ValueError(f"embeddings must be (2N, D) with pairs in rows 2k, 2k+1, got shape {e.shape}")
+    e = e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
+    return np.einsum("nd,nd->n", e[0::2], e[1::2])
+
+
+# --------------------------------------------------------------------------------------------------
+# Result
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class VerificationResult:
+    """Verification metrics of one pair set; rates in [0, 1].
+
+    accuracy / accuracy_std: insightface's 10-fold cross-validated accuracy (mean, np.std).
+    best_threshold_accuracy / threshold: one threshold tuned on all pairs (OpenSphere); accept when
+    ``score >= threshold``. tar_at_far: ``{far: tar}``, exact (ties together). eer, auc: of the ROC.
+    scores / labels: ``(N,)`` cosine scores and same-identity labels, for ROC plots.
+    """
+
+    accuracy: float
+    accuracy_std: float
+    best_threshold_accuracy: float
+    threshold: float
+    tar_at_far: dict[float, float]
+    eer: float
+    auc: float
+    scores: np.ndarray = field(repr=False)
+    labels: np.ndarray = field(repr=False)
+
+    def as_dict(self) -> dict[str, float]:
+        """Flat scalars for logging: ``tar_at_far`` becomes ``tar@far=1e-03`` keys; no arrays."""
+        out = {k: v for k, v in asdict(self).items() if k not in ("scores", "labels", "tar_at_far")}
+        out.update({f"tar@far={far:.0e}": tar for far, tar in self.tar_at_far.items()})
+        return out
+
+
+def evaluate_scores(
+    scores: np.ndarray | Sequence[float],
+    labels: np.ndarray | Sequence[bool],
+    fars: Sequence[float] = (1e-3, 1e-4),
+    folds: int = 10,
+) -> VerificationResult:
+    """Every verification metric of pair scores ``(N,)`` and labels ``(N,)`` (1 = same identity)."""
+    s, y = metrics.check_pairs(scores, labels)
+    mean, std = metrics.verification_accuracy(s, y, folds=folds)
+    best, threshold = metrics.best_threshold_accuracy(s, y)
+    tars = np.atleast_1d(metrics.tar_at_far(s, y, list(fars)))
+    fpr, tpr, _ = metrics.roc(s, y)
+    return VerificationResult(
+        accuracy=mean,
+        accuracy_std=std,
+        best_threshold_accuracy=best,
+        threshold=threshold,
+        tar_at_far={float(far): float(tar) for far, tar in zip(fars, tars)},
+        eer=metrics.eer(s, y),
+        auc=metrics.auc(fpr, tpr),
+        scores=s,
+        labels=y,
+    )
+
+
+def verify_pairs(
+    model: nn.Module,
+    images: np.ndarray | torch.Tensor,
+    issame: np.ndarray | Sequence[bool],
+    batch_size: int = 256,
+    flip: bool = True,
+    fars: Sequence[float] = (1e-3, 1e-4),
+    device: torch.device | str | None = None,
+    progress: bool = False,
+) -> VerificationResult:
+    """Embed ``2N`` images (pair ``k`` = images ``2k``, ``2k + 1``), score by cosine, measure.
+
+    Args:
+        model, images, batch_size, flip, device, progress: as for :func:`embed`.
+        issame: ``(N,)`` bool, 1 = the pair shows one identity.
+        fars: false accept rates for ``tar_at_far`` (default 1e-3 and 1e-4).
+    """
+    issame = np.asarray(issame)
+    if len(images) != 2 * len(issame):
+        raise ValueError(f"need 2 images per pair: {len(issame)} pairs but {len(images)} images")
+    embeddings = embed(model, images, batch_size=batch_size, flip=flip, device=device, progress=progress)
+    return evaluate_scores(pair_scores(embeddings), issame, fars=fars)
+
+
+__all__ = ["VerificationResult", "embed", "evaluate_scores", "pair_scores", "verify_pairs"]

@@ -15,7 +15,7 @@ loop runs over thresholds. Two accuracies are offered because the literature rep
   slightly optimistic, because the threshold is chosen on the test pairs.
 
 Identification and retrieval (:func:`rank_k`, :func:`recall_at_k`) take a similarity matrix or
-embeddings; :func:`tpir_at_fpir` (open-set IJB identification) is not implemented yet.
+embeddings; :func:`tpir_at_fpir` is open-set identification (the IJB-B/C 1:N protocol).
 """
 
 from __future__ import annotations

@@ -1,0 +1,169 @@
+"""Time and peak memory of one forward + backward of the margin-softmax head against two references.
+
+    python benchmarks/bench_head.py --classes 1000000 --dim 512 --batch 128
+    python benchmarks/bench_head.py --classes 100000              # quick check
+
+Variants, for ArcFace (s = 64, m = 0.5) with W of shape (classes, dim) in float32:
+  baseline  the three matmuls no implementation can avoid: x W^T, g^T x, g W (outputs preallocated)
+  ours      faceforge.heads.ArcFace: chunked custom autograd function
+  plain     F.normalize(W), full logits, margin on the target column, F.cross_entropy, autograd
+
+Times: warm-up, then the median of --repeats runs, all in this process. Memory: each variant in a fresh
+subprocess, peak RSS (VmHWM from /proc/self/status) minus the RSS once W, x and labels exist, as a
+multiple of |W| (the gradient of W counts). Absolute times depend on the machine and its load; only the
+ratios are meant to be compared.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from faceforge.heads import ArcFace, apply_margin
+
+VARIANTS = ("baseline", "ours", "plain")
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not found in /proc/self/status")
+
+
+def _reset_peak_rss() -> None:
+    try:  # Linux >= 4.0: writing 5 resets VmHWM to the current RSS
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def make_inputs(classes: int, dim: int, batch: int, seed: int = 0) -> tuple[ArcFace, torch.Tensor, torch.Tensor]:
+    torch.manual_seed(seed)
+    head = ArcFace(classes, dim)  # weight N(0, 0.01^2), filled in place: no temporary copy
+    x = torch.randn(batch, dim, requires_grad=True)
+    labels = torch.randint(0, classes, (batch,))
+    return head, x, labels
+
+
+def make_step(variant: str, head: ArcFace, x: torch.Tensor, labels: torch.Tensor) -> Callable[[], None]:
+    """A closure running one forward + backward of `variant` (gradients are dropped after each run)."""
+    weight = head.weight
+
+    def ours() -> None:
+        head(x, labels).backward()
+        weight.grad = x.grad = None
+
+    def plain() -> None:
+        cos = F.normalize(x, dim=1) @ F.normalize(weight, dim=1).t()
+        logits = head.s * apply_margin(cos, labels, head.m1, head.m2, head.m3)
+        F.cross_entropy(logits, labels).backward()
+        weight.grad = x.grad = None
+
+    w = weight.detach()
+    xd = x.detach()
+    logits = torch.empty(xd.shape[0], w.shape[0])
+    grad_logits = torch.randn_like(logits)
+    grad_w = torch.empty_like(w)
+    grad_x = torch.empty_like(xd)
+
+    def baseline() -> None:
+        torch.mm(xd, w.t(), out=logits)  # x W^T
+        torch.mm(grad_logits.t(), xd, out=grad_w)  # g^T x
+        torch.mm(grad_logits, w, out=grad_x)  # g W
+
+    return {"baseline": baseline, "ours": ours, "plain": plain}[variant]
+
+
+def time_variants(steps: dict[str, Callable[[], None]], repeats: int) -> dict[str, list[float]]:
+    """Seconds per run of each step: one warm-up each, then `repeats` rounds that interleave the variants,
+    so that a change in the machine's load hits them all alike."""
+    for step in steps.values():
+        step()
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def measure_memory_here(variant: str, classes: int, dim: int, batch: int, threads: int) -> dict[str, float]:
+    """In this (fresh) process: peak RSS growth of one forward + backward, in bytes."""
+    torch.set_num_threads(threads)
+    small_head, small_x, small_labels = make_inputs(1000, dim, batch)
+    make_step("ours", small_head, small_x, small_labels)()  # load kernels and thread pools outside the window
+    make_step("plain", small_head, small_x, small_labels)()
+    head, x, labels = make_inputs(classes, dim, batch)
+    step = make_step(variant, head, x, labels)  # baseline preallocates its outputs here, outside the window
+    rss_before = _status_kib("VmRSS")
+    _reset_peak_rss()
+    step()
+    peak = _status_kib("VmHWM")
+    return {"extra_bytes": (peak - rss_before) * 1024.0, "weight_bytes": float(head.weight.numel() * 4)}
+
+
+def measure_memory(variant: str, args: argparse.Namespace) -> dict[str, float]:
+    command = [
+        sys.executable, __file__, "--memory-child", variant, "--classes", str(args.classes),
+        "--dim", str(args.dim), "--batch", str(args.batch), "--threads", str(args.threads),
+    ]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--classes", type=int, default=100_000)
+    parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs after one warm-up (median reported)")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ", ".join(VARIANTS))
+    parser.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
+    parser.add_argument("--memory-child", choices=VARIANTS, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.memory_child:
+        print(json.dumps(measure_memory_here(args.memory_child, args.classes, args.dim, args.batch, args.threads)))
+        return
+
+    variants = [v.strip() for v in args.variants.split(",")]
+    unknown = sorted(set(variants) - set(VARIANTS))
+    if unknown:
+        parser.error(f"unknown variants {unknown}; expected some of {list(VARIANTS)}")
+    torch.set_num_threads(args.threads)
+    print(f"classes={args.classes} dim={args.dim} batch={args.batch} threads={args.threads} float32, torch {torch.__version__}")
+    head, x, labels = make_inputs(args.classes, args.dim, args.batch)
+    weight_bytes = head.weight.numel() * 4
+    runs = time_variants({v: make_step(v, head, x, labels) for v in variants}, args.repeats)
+    times = {v: statistics.median(runs[v]) for v in variants}
+    fastest = {v: min(runs[v]) for v in variants}
+    del head, x, labels
+    memory = {} if args.no_memory else {v: measure_memory(v, args) for v in variants}
+
+    base = times.get("baseline")
+    print(f"|W| = {weight_bytes / 2**30:.3f} GiB")
+    print(f"{'variant':<10}{'median s':>10}{'min s':>8}{'time/baseline':>15}{'peak extra GiB':>16}{'extra/|W|':>11}")
+    for variant in variants:
+        ratio = f"{times[variant] / base:.2f}" if base else "-"
+        mem = memory.get(variant)
+        gib = f"{mem['extra_bytes'] / 2**30:.3f}" if mem else "-"
+        rel = f"{mem['extra_bytes'] / weight_bytes:.2f}" if mem else "-"
+        print(f"{variant:<10}{times[variant]:>10.3f}{fastest[variant]:>8.3f}{ratio:>15}{gib:>16}{rel:>11}")
+    print("time/baseline is the ratio of medians; memory is measured in one fresh subprocess per variant")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,47 @@
+"""`make bench`: run every benchmark in turn, each in its own process, and print what it prints.
+
+    python benchmarks/run_all.py            # the sizes recorded in benchmarks/RESULTS.md (about 10 min)
+    python benchmarks/run_all.py --quick    # small sizes, a minute or two
+
+Each benchmark prints ratios against a baseline it measures in the same run; copy a run's output into
+RESULTS.md together with the command and the date when you record it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+# (script, full-size arguments, quick arguments)
+BENCHMARKS: list[tuple[str, list[str], list[str]]] = [
+    ("bench_head.py", ["--classes", "1000000", "--repeats", "3"], ["--classes", "100000", "--repeats", "2"]),
+    ("bench_synthetic.py", [], ["--n", "256"]),
+    ("bench_train.py", ["--steps", "30"], ["--steps", "5"]),
+]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small sizes (a smoke run, not for RESULTS.md)")
+    args = parser.parse_args(argv)
+    failed = []
+    for script, full, quick in BENCHMARKS:
+        command = [sys.executable, str(HERE / script), *(quick if args.quick else full)]
+        print(f"\n$ python benchmarks/{script} {' '.join(command[2:])}", flush=True)
+        start = time.perf_counter()
+        if subprocess.run(command).returncode != 0:
+            failed.append(script)
+        print(f"({time.perf_counter() - start:.0f} s)", flush=True)
+    if failed:
+        print(f"\nfailed: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

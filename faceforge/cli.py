@@ -1,0 +1,112 @@
+"""The `faceforge` command: one subcommand per job, each a thin call into the library.
+
+Nothing here runs at import; `main()` parses the command line and dispatches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable, Sequence
+
+
+def _train(args: argparse.Namespace) -> int:
+    from faceforge.train.config import load_config
+    from faceforge.train.engine import train
+
+    cfg = load_config(args.config, args.overrides)
+    result = train(cfg, resume=args.resume)
+    print(f"checkpoint: {result.checkpoint}")
+    print(f"log:        {result.log}")
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from faceforge.demo import run_demo
+
+    run_demo(config=args.config, overrides=args.overrides, tiny=args.tiny)
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from faceforge.demo import evaluate_checkpoint
+
+    evaluate_checkpoint(args.checkpoint, num_pairs=args.pairs, output=args.output)
+    return 0
+
+
+def _backbones(args: argparse.Namespace) -> int:
+    from faceforge.backbones.complexity import main as complexity_main
+
+    return complexity_main([]) or 0
+
+
+def _render(args: argparse.Namespace) -> int:
+    from faceforge.data.synthetic import montage
+
+    path = montage(
+        args.output,
+        num_identities=args.identities,
+        images_per_identity=args.images,
+        difficulty=args.difficulty,
+        image_size=args.size,
+        seed=args.seed,
+    )
+    print(f"montage: {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="faceforge",
+        description="Train and evaluate face-recognition models (ArcFace, SphereFace2, BroadFace, AttFC, BigFace).",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands: dict[str, Callable[[argparse.Namespace], int]] = {}
+
+    p = sub.add_parser("train", help="train from a YAML config: faceforge train CONFIG [key=value ...] [--resume]")
+    p.add_argument("config", help="path to a YAML config (see configs/)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=0.05 train.epochs=3")
+    p.add_argument("--resume", action="store_true", help="continue from OUTPUT/last.pt")
+    commands["train"] = _train
+
+    p = sub.add_parser("demo", help="train a small IResNet with ArcFace on synthetic faces and compare with the untrained net")
+    p.add_argument("overrides", nargs="*", help="dotted overrides of the demo config")
+    p.add_argument("--config", default=None, help="demo config (default: configs/demo.yaml)")
+    p.add_argument("--tiny", action="store_true", help="a seconds-long version, for tests")
+    commands["demo"] = _demo
+
+    p = sub.add_parser("eval", help="verification of a checkpoint on held-out synthetic pairs")
+    p.add_argument("checkpoint", help="a checkpoint written by `faceforge train` (last.pt)")
+    p.add_argument("--pairs", type=int, default=3000, help="number of held-out pairs (default 3000)")
+    p.add_argument("--output", default=None, help="folder for the ROC plot (default: beside the checkpoint)")
+    commands["eval"] = _eval
+
+    p = sub.add_parser("backbones", help="list the registered backbones with parameters and FLOPs")
+    commands["backbones"] = _backbones
+
+    p = sub.add_parser("render", help="write a montage PNG of synthetic identities")
+    p.add_argument("output", help="PNG path")
+    p.add_argument("--identities", type=int, default=8)
+    p.add_argument("--images", type=int, default=8)
+    p.add_argument("--difficulty", type=float, default=1.0)
+    p.add_argument("--size", type=int, default=112)
+    p.add_argument("--seed", type=int, default=0)
+    commands["render"] = _render
+
+    parser.set_defaults(_commands=commands)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args._commands[args.command](args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

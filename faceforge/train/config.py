@@ -1,0 +1,399 @@
+"""Training configuration: YAML validated into dataclasses, with dotted command-line overrides.
+
+A config file is a YAML mapping whose sections mirror the dataclasses below::
+
+    seed: 0
+    output: runs/r18_arcface
+    model: {backbone: r18, embedding_size: 512, kwargs: {width: 0.5}}
+    head: {name: arcface, kwargs: {s: 64.0, m2: 0.5}}
+    data: {num_identities: 1000, images_per_identity: 20, batch_size: 128}
+    optim: {name: sgd, lr: 0.1}
+    schedule: {name: poly, warmup_epochs: 1}
+    train: {epochs: 20}
+
+Every field has a default except ``output``, ``model.backbone`` and ``head.name``. Validation is
+generic: it reads the dataclasses' type hints, so a new field needs only a typed line here. A wrong
+key, a wrong type (a string for ``optim.lr``, a float for an int field, a bool for a number) or a
+missing required field raises :class:`ConfigError` naming the file, the dotted key, the value and
+the expected type. ``kwargs`` sections are free-form (they go to the backbone / head factories).
+
+Overrides are ``dotted.key=value`` strings whose value is parsed as a YAML scalar or flow
+collection: ``optim.lr=0.05``, ``train.amp=false``, ``model.kwargs.layers=[1,1,1,1]``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Sequence, Union
+
+import yaml
+
+__all__ = [
+    "ConfigError",
+    "Config",
+    "ModelConfig",
+    "HeadConfig",
+    "DataConfig",
+    "OptimConfig",
+    "ScheduleConfig",
+    "TrainConfig",
+    "load_config",
+    "config_from_dict",
+    "apply_overrides",
+    "to_dict",
+    "to_yaml",
+]
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not match the dataclasses (names file, key, value, type)."""
+
+
+@dataclass
+class ModelConfig:
+    """The backbone: ``faceforge.backbones.build(backbone, embedding_size, **kwargs)``.
+
+    ``backbone`` may also be ``"package.module:callable"`` for a backbone defined outside faceforge.
+    ``kwargs.input_size`` defaults to ``data.image_size``.
+    """
+
+    backbone: str
+    embedding_size: int = 512
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class HeadConfig:
+    """The loss head: ``faceforge.heads.build(name, num_classes, embedding_size, **kwargs)``.
+
+    ``name`` may also be ``"package.module:callable"``; num_classes comes from the dataset.
+    """
+
+    name: str
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class DataConfig:
+    """Training data and the held-out verification pairs.
+
+    batch_size is per process and per micro-batch: one optimiser step sees
+    ``batch_size * world_size * train.grad_accum`` images. Images are ``image_size`` pixels square.
+    """
+
+    name: str = "synthetic"
+    num_identities: int = 1000
+    images_per_identity: int = 20
+    image_size: int = 112
+    difficulty: float = 1.0
+    cache: bool = False
+    batch_size: int = 128
+    num_workers: int = 0
+    flip: bool = True  # random horizontal flip, p = 0.5, drawn in the main process
+    eval_pairs: int = 1000  # held-out pairs of unseen (test-split) identities; 0 = no verification
+    eval_identities: int = 200
+    eval_batch_size: int = 256
+
+
+@dataclass
+class OptimConfig:
+    """Optimiser. ``head_lr`` / ``head_weight_decay`` (None = same as the backbone) set the head's group.
+
+    ``no_decay_bn_bias``: no weight decay on 1-d parameters (BN/PReLU scales, biases), default off
+    as in insightface, where weight decay applies to every parameter.
+    """
+
+    name: Literal["sgd", "adamw"] = "sgd"
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 5e-4
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    head_lr: float | None = None
+    head_weight_decay: float | None = None
+    no_decay_bn_bias: bool = False
+
+
+@dataclass
+class ScheduleConfig:
+    """Learning-rate schedule, counted in optimiser steps: linear warm-up, then a decay to ``min_lr``.
+
+    warmup_steps (if set) wins over warmup_epochs. milestones (for ``step``) are optimiser steps.
+    min_lr is an absolute learning rate (default 0).
+    """
+
+    name: Literal["poly", "cosine", "step", "constant"] = "poly"
+    warmup_steps: int | None = None
+    warmup_epochs: float = 0.0
+    power: float = 1.0
+    milestones: list[int] = field(default_factory=list)
+    gamma: float = 0.1
+    min_lr: float = 0.0
+
+
+@dataclass
+class TrainConfig:
+    """The loop. ``steps`` (optimiser steps, if set) wins over ``epochs``.
+
+    amp: "auto" = autocast on iff CUDA; amp_dtype bfloat16 or float16 (float16 adds a GradScaler).
+    clip_grad_norm: max global L2 norm of all gradients, 0 = off.
+    checkpoint_every / eval_every / log_every: in optimiser steps, 0 = only at the end (never for log).
+    keep_checkpoints: older ``step_XXXXXXX.pt`` kept beside ``last.pt`` (0 = last.pt only).
+    """
+
+    epochs: int = 1
+    steps: int | None = None
+    grad_accum: int = 1
+    clip_grad_norm: float = 0.0
+    amp: bool | Literal["auto"] = "auto"
+    amp_dtype: Literal["bfloat16", "float16"] = "bfloat16"
+    log_every: int = 10
+    checkpoint_every: int = 0
+    eval_every: int = 0
+    keep_checkpoints: int = 0
+    progress: bool = True
+
+
+@dataclass
+class Config:
+    """A whole training run; ``output`` is the run folder (checkpoints, train.log, tensorboard/)."""
+
+    output: str
+    model: ModelConfig
+    head: HeadConfig
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+# ---------------------------------------------------------------------------------------------
+# YAML loading: PyYAML follows YAML 1.1, where `1e-3` is a string; floats without a dot are floats here.
+
+class _Loader(yaml.SafeLoader):
+    pass
+
+
+_FLOAT = re.compile(
+    r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+    |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+    |[-+]?\.(?:inf|Inf|INF)
+    |\.(?:nan|NaN|NAN))$""",
+    re.X,
+)
+_Loader.yaml_implicit_resolvers = {k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+for _first in "-+0123456789.":
+    _Loader.yaml_implicit_resolvers[_first] = [
+        (tag, rx) for tag, rx in _Loader.yaml_implicit_resolvers.get(_first, []) if tag != "tag:yaml.org,2002:float"
+    ]
+    _Loader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT, [_first])
+
+
+def _parse_yaml(text: str, source: str) -> Any:
+    try:
+        return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{source}: invalid YAML: {e}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Generic validation from type hints
+
+
+def _type_name(tp: Any) -> str:
+    if tp is type(None):
+        return "null"
+    if isinstance(tp, type) and not typing.get_args(tp):
+        return tp.__name__
+    return str(tp).replace("typing.", "")
+
+
+def _is_union(tp: Any) -> bool:
+    return typing.get_origin(tp) in (Union, types.UnionType)
+
+
+def _convert(value: Any, tp: Any, key: str, source: str) -> Any:
+    """Check ``value`` against the type hint ``tp`` and return it (dataclasses built, tuples made)."""
+
+    def fail() -> ConfigError:
+        return ConfigError(f"{source}: {key} = {value!r}: expected {_type_name(tp)}")
+
+    if tp is Any:
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise fail()
+        return _build(tp, value, key, source)
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if _is_union(tp):
+        for option in args:
+            try:
+                return _convert(value, option, key, source)
+            except ConfigError:
+                continue
+        raise fail()
+    if origin is Literal:
+        if any(value == a and type(value) is type(a) for a in args):
+            return value
+        raise fail()
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise fail()
+        return [_convert(v, args[0], f"{key}[{i}]", source) for i, v in enumerate(value)]
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise fail()
+        item_types = [args[0]] * len(value) if len(args) == 2 and args[1] is Ellipsis else list(args)
+        if len(item_types) != len(value):
+            raise fail()
+        return tuple(_convert(v, t, f"{key}[{i}]", source) for i, (v, t) in enumerate(zip(value, item_types)))
+    if origin is dict:
+        if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+            raise fail()
+        return {k: _convert(v, args[1], f"{key}.{k}", source) for k, v in value.items()}
+    if tp is type(None):
+        if value is None:
+            return None
+        raise fail()
+    if tp is float:  # an int is a valid float (lr: 1), a bool is not
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise fail()
+    if tp is int or tp is str or tp is bool:
+        if type(value) is tp:
+            return value
+        raise fail()
+    raise TypeError(f"config field {key}: unsupported type hint {tp!r}")
+
+
+def _build(cls: type, data: dict, prefix: str, source: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    where = f"{prefix}." if prefix else ""
+    unknown = [k for k in data if k not in fields]
+    if unknown:
+        raise ConfigError(
+            f"{source}: unknown key {where}{unknown[0]} = {data[unknown[0]]!r}; "
+            f"expected one of: {', '.join(fields)}"
+        )
+    values = {}
+    for name, f in fields.items():
+        if name in data:
+            values[name] = _convert(data[name], hints[name], f"{where}{name}", source)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{source}: missing required key {where}{name} (expected {_type_name(hints[name])})")
+    return cls(**values)
+
+
+# ---------------------------------------------------------------------------------------------
+# Overrides, loading, saving
+
+
+def apply_overrides(data: dict, overrides: Sequence[str], source: str = "<overrides>") -> dict:
+    """Set ``dotted.key=value`` overrides (values parsed as YAML) in a nested dict, in place; returns it.
+
+    Intermediate mappings are created where missing; a key that does not exist in the dataclasses is
+    caught by validation afterwards.
+    """
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise ConfigError(f"{source}: override {item!r}: expected dotted.key=value, e.g. optim.lr=0.05")
+        value = _parse_yaml(text, f"{source}: override {item!r}") if text.strip() else ""
+        node = data
+        parts = key.split(".")
+        for i, part in enumerate(parts[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(
+                    f"{source}: override {item!r}: {'.'.join(parts[: i + 1])} = {child!r} is not a section"
+                )
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+def config_from_dict(data: dict, source: str = "<dict>") -> Config:
+    """Validate a nested dict (as read from YAML or a checkpoint) into a :class:`Config`."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level, got {type(data).__name__}: {data!r}")
+    cfg = _build(Config, data, "", source)
+    _check_ranges(cfg, source)
+    return cfg
+
+
+# dotted key -> (test, what is expected); types are already checked, these are the value ranges.
+_RANGES: dict[str, tuple[Any, str]] = {
+    "data.batch_size": (lambda v: v >= 1, "an int >= 1"),
+    "data.num_identities": (lambda v: v >= 1, "an int >= 1"),
+    "data.images_per_identity": (lambda v: v >= 1, "an int >= 1"),
+    "data.num_workers": (lambda v: v >= 0, "an int >= 0"),
+    "data.eval_pairs": (lambda v: v >= 0, "an int >= 0"),
+    "model.embedding_size": (lambda v: v >= 1, "an int >= 1"),
+    "optim.lr": (lambda v: v >= 0, "a float >= 0"),
+    "train.epochs": (lambda v: v >= 1, "an int >= 1"),
+    "train.steps": (lambda v: v is None or v >= 1, "null or an int >= 1"),
+    "train.grad_accum": (lambda v: v >= 1, "an int >= 1"),
+    "train.clip_grad_norm": (lambda v: v >= 0, "a float >= 0 (0 = off)"),
+    "train.log_every": (lambda v: v >= 1, "an int >= 1"),
+    "train.checkpoint_every": (lambda v: v >= 0, "an int >= 0 (0 = only at the end)"),
+    "train.eval_every": (lambda v: v >= 0, "an int >= 0 (0 = only at the end)"),
+    "train.keep_checkpoints": (lambda v: v >= 0, "an int >= 0"),
+    "schedule.warmup_steps": (lambda v: v is None or v >= 0, "null or an int >= 0"),
+    "schedule.warmup_epochs": (lambda v: v >= 0, "a float >= 0"),
+}
+
+
+def _check_ranges(cfg: Config, source: str) -> None:
+    for key, (ok, expected) in _RANGES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if not ok(value):
+            raise ConfigError(f"{source}: {key} = {value!r}: expected {expected}")
+
+
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
+    """Read a YAML config, apply dotted overrides, validate. Raises :class:`ConfigError`."""
+    path = Path(path)
+    source = str(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"{source}: config file not found") from None
+    except OSError as e:
+        raise ConfigError(f"{source}: cannot read config file: {e}") from None
+    data = _parse_yaml(text, source)
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level, got {type(data).__name__}: {data!r}")
+    apply_overrides(data, list(overrides), source)
+    return config_from_dict(data, source)
+
+
+def _plain(value: Any) -> Any:
+    """Tuples to lists, recursively, so the dict is plain YAML and loads with weights_only=True."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    """A plain nested dict (str, int, float, bool, None, list, dict) that `config_from_dict` reads back."""
+    return _plain(dataclasses.asdict(cfg))
+
+
+def to_yaml(cfg: Config) -> str:
+    """The resolved config as YAML text (fields in declaration order)."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=False)

@@ -1,0 +1,122 @@
+"""Test helpers for tests/test_train.py, importable as `_train_worker` with tests/ on sys.path.
+
+* ``TinyNet``: a BatchNorm-free backbone (conv, PReLU, linear), so that a 2-rank DDP batch of B/2 per
+  rank and an accumulated batch of 2 x B/2 give the same gradient as one batch of B (BatchNorm would
+  normalise each half with its own statistics). Configs name it ``model.backbone: _train_worker:TinyNet``.
+* ``NaNHead``: ArcFace whose loss turns NaN from its ``nan_at_call``-th training call on.
+* A command line that trains in a subprocess, optionally killing itself (SIGKILL) after a given step or
+  inside a checkpoint write, or spawning 2 gloo ranks:
+
+    python tests/_train_worker.py CONFIG [key=value ...] [--resume] [--kill-at-step K]
+        [--kill-in-save N] [--nprocs 2 --port P]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+class TinyNet(nn.Module):
+    """(B, 3, S, S) -> (B, D): conv 3x3 stride 2 (8 channels), PReLU, dropout, linear. No BatchNorm.
+
+    ``dropout`` (default 0) draws from the global torch RNG, which a resumed run must restore.
+    """
+
+    def __init__(self, embedding_size: int = 16, input_size: int = 32, channels: int = 8, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, channels, 3, stride=2, padding=1)
+        self.act = nn.PReLU(channels)
+        self.dropout = nn.Dropout(dropout)
+        self.fc = nn.Linear(channels * ((input_size + 1) // 2) ** 2, embedding_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.dropout(torch.flatten(self.act(self.conv(x)), 1)))
+
+
+class NaNHead(nn.Module):
+    """ArcFace, except that training call number ``nan_at_call`` (1-based) and later return NaN."""
+
+    def __init__(self, num_classes: int, embedding_size: int, nan_at_call: int = 3, **kwargs) -> None:
+        super().__init__()
+        from faceforge.heads import build
+
+        self.inner = build("arcface", num_classes=num_classes, embedding_size=embedding_size, **kwargs)
+        self.nan_at_call = nan_at_call
+        self.calls = 0
+
+    def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        loss = self.inner(embeddings, labels)
+        return loss * float("nan") if self.calls >= self.nan_at_call else loss
+
+
+def _kill_self() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _kill_inside_save(n: int) -> None:
+    """SIGKILL on the n-th checkpoint write, after the temp file is complete but before os.replace."""
+    import faceforge.train.checkpoint as checkpoint
+
+    real_replace = os.replace
+    count = {"calls": 0}
+
+    def replace(src, dst, *args, **kwargs):
+        if str(dst).endswith("last.pt"):
+            count["calls"] += 1
+            if count["calls"] == n:
+                _kill_self()
+        return real_replace(src, dst, *args, **kwargs)
+
+    checkpoint.os = type(sys)("os_patched")
+    checkpoint.os.__dict__.update(os.__dict__)
+    checkpoint.os.replace = replace
+
+
+def _run(args: argparse.Namespace) -> None:
+    from faceforge.train.config import load_config
+    from faceforge.train.engine import train
+
+    torch.set_num_threads(1)
+    if args.kill_in_save:
+        _kill_inside_save(args.kill_in_save)
+    on_step = (lambda step: _kill_self() if step == args.kill_at_step else None) if args.kill_at_step else None
+    result = train(load_config(args.config, args.overrides), resume=args.resume, on_step=on_step)
+    print(f"final step {result.step}")
+
+
+def _rank_main(rank: int, args: argparse.Namespace) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(args.port), WORLD_SIZE=str(args.nprocs),
+        RANK=str(rank), LOCAL_RANK=str(rank),
+    )
+    _run(args)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("config")
+    parser.add_argument("overrides", nargs="*")
+    parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--kill-at-step", type=int, default=0)
+    parser.add_argument("--kill-in-save", type=int, default=0)
+    parser.add_argument("--nprocs", type=int, default=1)
+    parser.add_argument("--port", type=int, default=0)
+    args = parser.parse_args(argv)
+    if args.nprocs > 1:
+        torch.multiprocessing.spawn(_rank_main, args=(args,), nprocs=args.nprocs)
+    else:
+        _run(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,56 @@
+"""The demo pipeline in a tiny size, and the `faceforge` command line."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from faceforge.cli import build_parser, main
+from faceforge.demo import DEMO_CONFIG, run_demo
+from faceforge.train.config import load_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_tiny_demo_trains_evaluates_and_reports(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    results = run_demo(tiny=True, overrides=[f"output={tmp_path / 'demo'}", "train.progress=false"])
+    out = capsys.readouterr().out
+    untrained, trained = results["untrained"], results["trained"]
+    assert len(trained.labels) == 64 and len(untrained.labels) == 64  # the same held-out pairs
+    assert (trained.labels == untrained.labels).all()
+    for r in (untrained, trained):
+        assert 0.0 <= r.accuracy <= 1.0 and 0.0 <= r.tar_at_far[1e-3] <= 1.0
+    # the table shows both rows with the numbers just measured, and where the files went
+    assert re.search(r"^\| untrained +\|", out, re.M) and re.search(r"^\| trained +\|", out, re.M)
+    assert f"{100 * trained.accuracy:.2f} ±" in out and f"{100 * untrained.accuracy:.2f} ±" in out
+    for name in ("last.pt", "train.log", "roc.png"):
+        path = tmp_path / "demo" / name
+        assert path.is_file() and path.stat().st_size > 0
+        assert str(path) in out
+
+
+def test_demo_config_is_valid_and_is_arcface_on_an_iresnet() -> None:
+    cfg = load_config(DEMO_CONFIG)
+    assert cfg.head.name == "arcface" and cfg.model.backbone.startswith("r")
+    assert cfg.data.name == "synthetic" and cfg.data.difficulty == 1.0  # the default difficulty
+    assert cfg.data.eval_pairs >= 1000
+
+
+def test_help_lists_every_subcommand() -> None:
+    text = build_parser().format_help()
+    for command in ("train", "demo", "eval", "backbones", "render"):
+        assert command in text
+
+
+def test_console_script_runs(tmp_path: Path) -> None:
+    done = subprocess.run([sys.executable, "-m", "faceforge.cli", "--help"], capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0 and "train" in done.stdout
+
+
+def test_bad_config_key_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(Exception, match=r"unknown key optim\.learning_rate"):
+        main(["train", str(REPO / "configs" / "demo.yaml"), "optim.learning_rate=0.1", f"output={tmp_path}"])

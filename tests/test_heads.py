@@ -1,0 +1,310 @@
+"""Margin-softmax heads against ArcFace Eq. 4-6 written out plainly here (float64, small sizes)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from faceforge import heads
+from faceforge.heads import MarginSoftmax, Softmax, inter_class_loss, target_logit
+
+C, D, B = 23, 8, 12
+
+# (name, constructor kwargs, (s, m1, m2, m3)) -- the paper's settings and its combined margins CM1, CM2
+MARGIN_SETTINGS = {
+    "arcface": (dict(), (64.0, 1.0, 0.5, 0.0)),
+    "cosface": (dict(), (64.0, 1.0, 0.0, 0.35)),
+    "sphereface": (dict(), (64.0, 1.35, 0.0, 0.0)),
+    "normface": (dict(), (64.0, 1.0, 0.0, 0.0)),
+    "margin_softmax": (dict(s=30.0, m1=1.0, m2=0.3, m3=0.2), (30.0, 1.0, 0.3, 0.2)),
+    "margin_softmax_cm2": (dict(s=30.0, m1=0.9, m2=0.4, m3=0.15), (30.0, 0.9, 0.4, 0.15)),
+}
+
+
+def make_head(name: str, dtype=torch.float64, **kwargs) -> torch.nn.Module:
+    kw, _ = MARGIN_SETTINGS.get(name, (dict(), None))
+    registered = "margin_softmax" if name.startswith("margin_softmax") else name
+    torch.manual_seed(0)
+    head = heads.build(registered, num_classes=C, embedding_size=D, **{**kw, **kwargs})
+    return head.to(dtype)
+
+
+def make_batch(head: torch.nn.Module, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random embeddings (not unit norm), a third of them almost opposite to their class centre so that
+    m1 * theta + m2 goes past pi (the monotonic extension is exercised)."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, C, (B,), generator=g)
+    x = torch.randn(B, D, generator=g, dtype=torch.float64) * 3.0
+    w_y = head.weight.detach()[labels].double()
+    far = torch.arange(B) % 3 == 0
+    x[far] = -w_y[far] * 40.0 + 0.01 * torch.randn(int(far.sum()), D, generator=g, dtype=torch.float64)
+    return x.to(head.weight.dtype).requires_grad_(True), labels
+
+
+def plain_margin_loss(x, weight, labels, s, m1, m2, m3, detached=False, bias=None, normalize=True):
+    """ArcFace Eq. 4 (or Eq. 1 when not normalising), the textbook way, with the piecewise psi."""
+    if not normalize:
+        logits = x @ weight.t() + bias
+    else:
+        cos = (x / x.norm(dim=1, keepdim=True)) @ (weight / weight.norm(dim=1, keepdim=True)).t()
+        onehot = F.one_hot(labels, weight.shape[0]).bool()
+        cos_y = cos[torch.arange(len(labels)), labels]
+        theta = torch.acos(cos_y)
+        phi = m1 * theta + m2
+        k = torch.floor(phi.detach() / math.pi)
+        psi = (-1.0) ** k * torch.cos(phi) - 2.0 * k - m3
+        if detached:
+            psi = cos_y + (psi - cos_y).detach()  # straight-through: d psi / d cos_y = 1
+        logits = s * torch.where(onehot, psi.unsqueeze(1), cos)
+    return -torch.log_softmax(logits, dim=1)[torch.arange(len(labels)), labels].mean()
+
+
+def grads(loss, tensors):
+    return torch.autograd.grad(loss, tensors)
+
+
+# ---------------------------------------------------------------------------------------------- Eq. 4
+
+
+@pytest.mark.parametrize("name", list(MARGIN_SETTINGS))
+@pytest.mark.parametrize("margin_grad", ["exact", "detached"])
+def test_loss_and_gradients_match_eq4(name, margin_grad):
+    head = make_head(name, margin_grad=margin_grad, chunk_size=7)
+    x, labels = make_batch(head)
+    s, m1, m2, m3 = MARGIN_SETTINGS[name][1]
+    if m1 != 1.0 or m2 != 0.0:  # the batch reaches past pi, where the piecewise psi takes over
+        theta = torch.acos(F.cosine_similarity(x, head.weight[labels], dim=1))
+        assert bool((m1 * theta + m2 > math.pi).any())
+    loss = head(x, labels)
+    expected = plain_margin_loss(x, head.weight, labels, s, m1, m2, m3, detached=margin_grad == "detached")
+    torch.testing.assert_close(loss, expected, rtol=1e-10, atol=1e-10)
+    for got, want in zip(grads(loss, [x, head.weight]), grads(expected, [x, head.weight])):
+        torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-10)
+
+
+def test_exact_and_detached_gradients_differ():
+    """The two modes give the same loss but not the same gradient (so the tests above can tell them apart)."""
+    exact, detached = make_head("arcface"), make_head("arcface", margin_grad="detached")
+    detached.weight.data.copy_(exact.weight.data)
+    x, labels = make_batch(exact)
+    loss_e, loss_d = exact(x, labels), detached(x, labels)
+    torch.testing.assert_close(loss_e, loss_d)
+    assert (grads(loss_e, [x])[0] - grads(loss_d, [x])[0]).abs().max() > 1e-3
+
+
+def test_softmax_matches_eq1_with_bias():
+    head = make_head("softmax", chunk_size=5)
+    x, labels = make_batch(head)
+    loss = head(x, labels)
+    expected = plain_margin_loss(x, head.weight, labels, 1, 1, 0, 0, bias=head.bias, normalize=False)
+    torch.testing.assert_close(loss, expected, rtol=1e-12, atol=1e-12)
+    params = [x, head.weight, head.bias]
+    for got, want in zip(grads(loss, params), grads(expected, params)):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    assert head.bias.shape == (C,) and head.weight.shape == (C, D)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 4, 10, C, C + 5])
+@pytest.mark.parametrize("name", ["arcface", "sphereface", "softmax"])
+def test_chunked_equals_plain_logits_cross_entropy(name, chunk_size):
+    head = make_head(name, chunk_size=chunk_size)
+    x, labels = make_batch(head, seed=1)
+    loss = head(x, labels)
+    plain = F.cross_entropy(head.logits(x, labels), labels)
+    torch.testing.assert_close(loss, plain, rtol=1e-12, atol=1e-12)
+    params = list(head.parameters()) + [x]
+    for got, want in zip(grads(loss, params), grads(plain, params)):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+
+
+def test_logits_shape_and_scale():
+    head = make_head("cosface")
+    x, labels = make_batch(head)
+    logits = head.logits(x, labels)
+    cos = F.normalize(x, dim=1) @ F.normalize(head.weight, dim=1).t()
+    expected = 64.0 * (cos - 0.35 * F.one_hot(labels, C).double())
+    torch.testing.assert_close(logits, expected)
+
+
+def test_frozen_weight_still_gives_embedding_gradient():
+    head = make_head("arcface", chunk_size=6)
+    head.weight.requires_grad_(False)
+    x, labels = make_batch(head)
+    (got,) = grads(head(x, labels), [x])
+    (want,) = grads(plain_margin_loss(x, head.weight, labels, 64.0, 1.0, 0.5, 0.0), [x])
+    torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-10)
+
+
+# ---------------------------------------------------------------------------------------------- guards
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("name", ["arcface", "cosface", "sphereface", "normface", "margin_softmax_cm2"])
+@pytest.mark.parametrize("margin_grad", ["exact", "detached"])
+def test_finite_at_theta_zero_and_pi(dtype, name, margin_grad):
+    head = make_head(name, dtype=dtype, margin_grad=margin_grad)
+    labels = torch.tensor([0, 1, 2, 3])
+    w_y = head.weight.detach()[labels]
+    x = torch.stack([w_y[0], -w_y[1], 2 * w_y[2], -5 * w_y[3]]).requires_grad_(True)  # theta = 0, pi, 0, pi
+    loss = head(x, labels)
+    g_x, g_w = grads(loss, [x, head.weight])
+    assert torch.isfinite(loss) and torch.isfinite(g_x).all() and torch.isfinite(g_w).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_target_logit_finite_at_cos_plus_minus_one(dtype):
+    cos = torch.tensor([1.0, -1.0, 1.0, -1.0], dtype=dtype, requires_grad=True)
+    for m1, m2, m3 in [(1.0, 0.5, 0.0), (1.35, 0.0, 0.0), (1.0, 0.0, 0.35), (0.9, 0.4, 0.15)]:
+        t = target_logit(cos, m1, m2, m3)
+        (g,) = grads(t.sum(), [cos])
+        assert torch.isfinite(t).all() and torch.isfinite(g).all()
+
+
+@pytest.mark.parametrize("margins", [(1.0, 0.5, 0.0), (1.35, 0.0, 0.0), (1.0, 0.3, 0.2), (0.9, 0.4, 0.15), (1.7, 0.2, 0.1)])
+def test_target_logit_strictly_decreasing_on_0_pi(margins):
+    theta = torch.linspace(0.0, math.pi, 4001, dtype=torch.float64)
+    t = target_logit(torch.cos(theta), *margins)
+    steps = t[1:] - t[:-1]
+    assert bool((steps < 0).all())
+    assert steps.abs().max() < 0.01  # continuous: no jump where m1 theta + m2 crosses pi
+
+
+def test_target_logit_values_past_pi():
+    # SphereFace m1 = 1.35 at theta = pi: phi = 4.2412 in [pi, 2 pi), k = 1, psi = -cos(phi) - 2
+    value = target_logit(torch.tensor([-1.0], dtype=torch.float64), 1.35, 0.0, 0.0)
+    assert value.item() == pytest.approx(-math.cos(1.35 * math.pi) - 2.0, abs=1e-6)
+    # ArcFace at theta = 2.9: phi = 3.4 > pi, psi = -cos(3.4) - 2
+    value = target_logit(torch.tensor([math.cos(2.9)], dtype=torch.float64), 1.0, 0.5, 0.0)
+    assert value.item() == pytest.approx(-math.cos(3.4) - 2.0, abs=1e-9)
+    # below pi it is the plain formula
+    value = target_logit(torch.tensor([math.cos(1.0)], dtype=torch.float64), 0.9, 0.4, 0.15)
+    assert value.item() == pytest.approx(math.cos(1.3) - 0.15, abs=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------- Eq. 5, 6
+
+
+def plain_intra(x, weight, labels):
+    cos_y = F.cosine_similarity(x, weight[labels], dim=1)
+    return torch.acos(cos_y).sum() / (math.pi * len(labels))  # ArcFace Eq. 5 term
+
+
+def plain_inter(weight, labels):
+    w = weight / weight.norm(dim=1, keepdim=True)
+    others = ~F.one_hot(labels, weight.shape[0]).bool()  # j != y_i
+    angles = torch.acos(torch.where(others, w[labels] @ w.t(), 0.0))  # (cos = 1 on j = y_i has no finite gradient)
+    n = weight.shape[0]
+    return -angles[others].sum() / (math.pi * len(labels) * (n - 1))  # ArcFace Eq. 6 term
+
+
+@pytest.mark.parametrize("chunk_size", [1, 5, C])
+def test_inter_class_loss_matches_eq6(chunk_size):
+    weight = torch.randn(C, D, dtype=torch.float64, requires_grad=True)
+    labels = torch.tensor([0, 3, 3, 22, 7])
+    loss = inter_class_loss(weight, labels, chunk_size=chunk_size)
+    expected = plain_inter(weight, labels)
+    torch.testing.assert_close(loss, expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grads(loss, [weight])[0], grads(expected, [weight])[0], rtol=1e-9, atol=1e-12)
+
+
+def test_head_with_intra_and_inter_terms_matches_eq5_eq6():
+    head = make_head("arcface", chunk_size=6, intra_loss_weight=0.7, inter_loss_weight=1.0)
+    x, labels = make_batch(head, seed=2)
+    x = x.detach().add_(0.3).requires_grad_(True)  # keep away from theta = pi, where acos' is huge
+    loss = head(x, labels)
+    w = head.weight
+    expected = (
+        plain_margin_loss(x, w, labels, 64.0, 1.0, 0.5, 0.0) + 0.7 * plain_intra(x, w, labels) + plain_inter(w, labels)
+    )
+    torch.testing.assert_close(loss, expected, rtol=1e-10, atol=1e-10)
+    for got, want in zip(grads(loss, [x, w]), grads(expected, [x, w])):
+        torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-10)
+
+
+# ---------------------------------------------------------------------------------------------- memory, AMP
+
+
+def test_autograd_holds_one_logit_buffer_and_no_copy_of_w():
+    """What the graph saves beyond W itself and (B, D)-sized tensors: one (B, C) buffer and (C,) norms."""
+    num_classes, batch = 300, 4
+    head = MarginSoftmax(num_classes, D, chunk_size=64)
+    x = torch.randn(batch, D, requires_grad=True)
+    labels = torch.randint(0, num_classes, (batch,))
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = head(x, labels)
+    weight_ptr = head.weight.data_ptr()
+    big = [t for t in saved if t.data_ptr() != weight_ptr and t.numel() > batch * D]
+    assert sum(t.numel() for t in big) == batch * num_classes + num_classes
+    loss.backward()
+    assert head.weight.grad.shape == (num_classes, D)
+
+
+def test_autocast_keeps_the_loss_in_float32():
+    head = make_head("arcface", dtype=torch.float32, chunk_size=5)
+    x, labels = make_batch(head)
+    x_low = x.detach().to(torch.bfloat16).requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = head(x_low, labels)
+    assert loss.dtype == torch.float32
+    reference = head(x_low.detach().float(), labels)  # same rounded inputs, float32 throughout
+    torch.testing.assert_close(loss, reference)
+    loss.backward()
+    assert x_low.grad.dtype == torch.bfloat16 and torch.isfinite(head.weight.grad).all()
+
+
+# ---------------------------------------------------------------------------------------------- API, errors
+
+
+def test_registry_builds_every_preset():
+    expected = {"margin_softmax", "arcface", "cosface", "sphereface", "normface", "softmax"}
+    assert expected <= set(heads.HEADS.names())
+    for name in expected:
+        head = heads.build(name, num_classes=5, embedding_size=4)
+        assert head.weight.shape == (5, 4)
+    arc = heads.build("ArcFace", num_classes=5, embedding_size=4)
+    assert (arc.s, arc.m1, arc.m2, arc.m3) == (64.0, 1.0, 0.5, 0.0)
+    sphere = heads.build("sphereface", num_classes=5, embedding_size=4)
+    assert (sphere.m1, sphere.m2, sphere.m3) == (1.35, 0.0, 0.0)
+    assert heads.build("cosface", num_classes=5, embedding_size=4).m3 == 0.35
+    with pytest.raises(KeyError, match="arcface"):
+        heads.build("arcfase", num_classes=5, embedding_size=4)
+
+
+@pytest.mark.parametrize("bad_label", [C, C + 10, -1])
+@pytest.mark.parametrize("name", ["arcface", "softmax"])
+def test_label_out_of_range_is_a_clear_error(bad_label, name):
+    head = make_head(name)
+    x, labels = make_batch(head)
+    labels[3] = bad_label
+    with pytest.raises(ValueError, match=rf"label {bad_label} at position 3 .*num_classes={C}"):
+        head(x, labels)
+
+
+def test_bad_inputs_and_arguments_are_errors():
+    head = make_head("arcface")
+    x, labels = make_batch(head)
+    with pytest.raises(ValueError, match=r"expected \(B, 8\)"):
+        head(x[:, :5], labels)
+    with pytest.raises(ValueError, match="labels of shape"):
+        head(x, labels[:3])
+    with pytest.raises(TypeError, match="integer"):
+        head(x, labels.double())
+    with pytest.raises(ValueError, match="s=0"):
+        MarginSoftmax(C, D, s=0.0)
+    with pytest.raises(ValueError, match="m1"):
+        MarginSoftmax(C, D, m1=0.0)
+    with pytest.raises(ValueError, match="m2=nan"):
+        MarginSoftmax(C, D, m2=float("nan"))
+    with pytest.raises(ValueError, match="margin_grad"):
+        MarginSoftmax(C, D, margin_grad="stop")
+    with pytest.raises(ValueError, match="chunk_size"):
+        Softmax(C, D, chunk_size=0)

@@ -8,7 +8,8 @@ Variants, for ArcFace (s = 64, m = 0.5) with W of shape (classes, dim) in float3
   ours      faceforge.heads.ArcFace: chunked custom autograd function
   plain     F.normalize(W), full logits, margin on the target column, F.cross_entropy, autograd
 
-Times: warm-up, then the median of --repeats runs, all in this process. Memory: each variant in a fresh
+Times: warm-up, then the median of --repeats runs, all in this process (so `ours` runs in steady state,
+reusing its buffers as a training loop does: faceforge/heads/buffers.py). Memory: each variant in a fresh
 subprocess, peak RSS (VmHWM from /proc/self/status) minus the RSS once W, x and labels exist, as a
 multiple of |W| (the gradient of W counts). Absolute times depend on the machine and its load; only the
 ratios are meant to be compared.
@@ -28,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from faceforge.heads import ArcFace, apply_margin
+from faceforge.heads.softmax import DEFAULT_CHUNK_SIZE
 
 VARIANTS = ("baseline", "ours", "plain")
 
@@ -48,9 +50,11 @@ def _reset_peak_rss() -> None:
         pass
 
 
-def make_inputs(classes: int, dim: int, batch: int, seed: int = 0) -> tuple[ArcFace, torch.Tensor, torch.Tensor]:
+def make_inputs(
+    classes: int, dim: int, batch: int, seed: int = 0, chunk_size: int = DEFAULT_CHUNK_SIZE
+) -> tuple[ArcFace, torch.Tensor, torch.Tensor]:
     torch.manual_seed(seed)
-    head = ArcFace(classes, dim)  # weight N(0, 0.01^2), filled in place: no temporary copy
+    head = ArcFace(classes, dim, chunk_size=chunk_size)  # weight N(0, 0.01^2), filled in place: no temporary copy
     x = torch.randn(batch, dim, requires_grad=True)
     labels = torch.randint(0, classes, (batch,))
     return head, x, labels
@@ -99,13 +103,15 @@ def time_variants(steps: dict[str, Callable[[], None]], repeats: int) -> dict[st
     return times
 
 
-def measure_memory_here(variant: str, classes: int, dim: int, batch: int, threads: int) -> dict[str, float]:
+def measure_memory_here(
+    variant: str, classes: int, dim: int, batch: int, threads: int, chunk_size: int
+) -> dict[str, float]:
     """In this (fresh) process: peak RSS growth of one forward + backward, in bytes."""
     torch.set_num_threads(threads)
     small_head, small_x, small_labels = make_inputs(1000, dim, batch)
     make_step("ours", small_head, small_x, small_labels)()  # load kernels and thread pools outside the window
     make_step("plain", small_head, small_x, small_labels)()
-    head, x, labels = make_inputs(classes, dim, batch)
+    head, x, labels = make_inputs(classes, dim, batch, chunk_size=chunk_size)
     step = make_step(variant, head, x, labels)  # baseline preallocates its outputs here, outside the window
     rss_before = _status_kib("VmRSS")
     _reset_peak_rss()
@@ -118,6 +124,7 @@ def measure_memory(variant: str, args: argparse.Namespace) -> dict[str, float]:
     command = [
         sys.executable, __file__, "--memory-child", variant, "--classes", str(args.classes),
         "--dim", str(args.dim), "--batch", str(args.batch), "--threads", str(args.threads),
+        "--chunk-size", str(args.chunk_size),
     ]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -129,6 +136,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3, help="timed runs after one warm-up (median reported)")
+    parser.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE, help="classes per block of the head")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ", ".join(VARIANTS))
     parser.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
@@ -136,22 +144,25 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     if args.memory_child:
-        print(json.dumps(measure_memory_here(args.memory_child, args.classes, args.dim, args.batch, args.threads)))
+        print(json.dumps(measure_memory_here(args.memory_child, args.classes, args.dim, args.batch, args.threads, args.chunk_size)))
         return
 
     variants = [v.strip() for v in args.variants.split(",")]
     unknown = sorted(set(variants) - set(VARIANTS))
     if unknown:
         parser.error(f"unknown variants {unknown}; expected some of {list(VARIANTS)}")
+    # memory first, in fresh subprocesses, while this process holds nothing
+    memory = {} if args.no_memory else {v: measure_memory(v, args) for v in variants}
     torch.set_num_threads(args.threads)
-    print(f"classes={args.classes} dim={args.dim} batch={args.batch} threads={args.threads} float32, torch {torch.__version__}")
-    head, x, labels = make_inputs(args.classes, args.dim, args.batch)
+    print(
+        f"classes={args.classes} dim={args.dim} batch={args.batch} threads={args.threads} chunk={args.chunk_size} "
+        f"float32, torch {torch.__version__}"
+    )
+    head, x, labels = make_inputs(args.classes, args.dim, args.batch, chunk_size=args.chunk_size)
     weight_bytes = head.weight.numel() * 4
     runs = time_variants({v: make_step(v, head, x, labels) for v in variants}, args.repeats)
     times = {v: statistics.median(runs[v]) for v in variants}
     fastest = {v: min(runs[v]) for v in variants}
-    del head, x, labels
-    memory = {} if args.no_memory else {v: measure_memory(v, args) for v in variants}
 
     base = times.get("baseline")
     print(f"|W| = {weight_bytes / 2**30:.3f} GiB")

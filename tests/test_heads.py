@@ -308,3 +308,68 @@ def test_bad_inputs_and_arguments_are_errors():
         MarginSoftmax(C, D, margin_grad="stop")
     with pytest.raises(ValueError, match="chunk_size"):
         Softmax(C, D, chunk_size=0)
+
+
+# ---------------------------------------------------------------------------------------------- reused buffers
+
+
+def _plain_grads(head, batches):
+    """Sum over batches of d(Eq. 4 loss)/dW, computed plainly with autograd."""
+    weight = head.weight.detach().clone().requires_grad_(True)
+    total = torch.zeros_like(weight)
+    for x, labels in batches:
+        (g,) = torch.autograd.grad(plain_margin_loss(x.detach(), weight, labels, 64.0, 1.0, 0.5, 0.0), [weight])
+        total += g
+    return total
+
+
+def test_gradient_memory_is_reused_after_set_to_none():
+    head = make_head("arcface", chunk_size=5)
+    batches = [make_batch(head, seed=s) for s in (1, 2)]
+    head(*batches[0]).backward()
+    first_ptr = head.weight.grad.data_ptr()
+    head.weight.grad = None  # what zero_grad(set_to_none=True) does
+    head(*batches[1]).backward()
+    assert head.weight.grad.data_ptr() == first_ptr  # the same memory, lent out again
+    torch.testing.assert_close(head.weight.grad, _plain_grads(head, batches[1:]), rtol=1e-9, atol=1e-12)
+
+
+def test_accumulated_gradients_are_not_overwritten():
+    """Without zeroing between backwards (gradient accumulation) the second gradient is added, not written over."""
+    head = make_head("arcface", chunk_size=5)
+    batches = [make_batch(head, seed=s) for s in (1, 2, 3)]
+    for x, labels in batches:
+        head(x, labels).backward()
+    torch.testing.assert_close(head.weight.grad, _plain_grads(head, batches), rtol=1e-9, atol=1e-12)
+
+
+def test_a_gradient_someone_holds_is_never_written_over():
+    head = make_head("arcface", chunk_size=5)
+    batches = [make_batch(head, seed=s) for s in (1, 2)]
+    (kept,) = torch.autograd.grad(head(*batches[0]), [head.weight])
+    expected = kept.clone()
+    (second,) = torch.autograd.grad(head(*batches[1]), [head.weight])
+    assert second.data_ptr() != kept.data_ptr()
+    torch.testing.assert_close(kept, expected, rtol=0, atol=0)
+    torch.testing.assert_close(second, _plain_grads(head, batches[1:]), rtol=1e-9, atol=1e-12)
+
+
+def test_two_forwards_before_one_backward_keep_their_own_logits():
+    head = make_head("cosface", chunk_size=4)
+    batches = [make_batch(head, seed=s) for s in (1, 2)]
+    (head(*batches[0]) + head(*batches[1])).backward()
+    weight = head.weight.detach().clone().requires_grad_(True)
+    expected = sum(plain_margin_loss(x.detach(), weight, y, 64.0, 1.0, 0.0, 0.35) for x, y in batches)
+    (want,) = torch.autograd.grad(expected, [weight])
+    torch.testing.assert_close(head.weight.grad, want, rtol=1e-9, atol=1e-12)
+
+
+def test_copied_head_does_not_share_kept_memory():
+    import copy
+
+    head = make_head("arcface", chunk_size=5)
+    head(*make_batch(head)).backward()
+    clone = copy.deepcopy(head)
+    clone.weight.grad = None
+    clone(*make_batch(clone, seed=4)).backward()
+    assert clone.weight.grad.data_ptr() != head.weight.grad.data_ptr()

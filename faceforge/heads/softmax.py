@@ -11,6 +11,8 @@ The loss is one `torch.autograd.Function` (`_ChunkedMarginCE`) with a hand-writt
 - backward turns the buffer into softmax probabilities chunk by chunk and writes grad W into one (C, D)
   tensor with `torch.mm(out=grad_W[c0:c1])`, including the row-normalisation term
   d cos_bj / d W_j = x_hat_b / |W_j| - cos_bj W_j / |W_j|^2.
+- the (B, C) buffer and grad W are lent by the head's `ReusableBuffer`s (buffers.py), so a training loop
+  reuses last step's memory instead of paying the kernel to zero 2 GB of fresh pages every step.
 - the target cosine cos_y (B,) is computed inside too, and its gradient (through the margin, exact or
   straight-through, and the optional Eq. 5 term) comes from autograd of the small (B,) function psi, then is
   scattered into grad W with `index_add_`. So W has a single gradient tensor: extra memory is the (B, C)
@@ -29,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from faceforge.heads.buffers import ReusableBuffer
 from faceforge.heads.margin import MARGIN_GRADS, apply_margin, check_margins, target_logit
 from faceforge.heads.regularizers import inter_class_loss, intra_class_angle
 from faceforge.registry import Registry
@@ -79,11 +82,12 @@ class _ChunkedMarginCE(torch.autograd.Function):
         scale: float,
         normalize: bool,
         chunk_size: int,
+        buffers: tuple[ReusableBuffer, ReusableBuffer] | None,
     ) -> Tensor:
         batch, num_classes = x.shape[0], weight.shape[0]
         dtype = x.dtype
         rows = torch.arange(batch, device=x.device)
-        logits = x.new_empty(batch, num_classes)
+        logits = buffers[0].get((batch, num_classes), x) if buffers else x.new_empty(batch, num_classes)
         norms = x.new_empty(num_classes) if normalize else None
         for c0, c1 in _chunks(num_classes, chunk_size):
             w_c = weight[c0:c1].to(dtype)
@@ -102,7 +106,7 @@ class _ChunkedMarginCE(torch.autograd.Function):
         lse = _logsumexp_chunked(logits, chunk_size, workspace)
         ctx.save_for_backward(x, weight, bias, labels, logits, lse, norms, q)
         ctx.fns = (target_fn, penalty_fn)
-        ctx.scale, ctx.normalize, ctx.chunk_size = scale, normalize, chunk_size
+        ctx.scale, ctx.normalize, ctx.chunk_size, ctx.buffers = scale, normalize, chunk_size, buffers
         return lse - target + penalty  # ArcFace Eq. 4, per sample
 
     @staticmethod
@@ -126,7 +130,9 @@ class _ChunkedMarginCE(torch.autograd.Function):
             grad_q = torch.zeros_like(q)
 
         grad_x = torch.zeros_like(x) if need_x else None
-        grad_w = torch.empty_like(weight) if need_w else None  # every row is written by the chunk loop
+        grad_w = None  # every row is written by the chunk loop
+        if need_w:
+            grad_w = ctx.buffers[1].get(weight.shape, weight) if ctx.buffers else torch.empty_like(weight)
         grad_b = torch.zeros_like(bias) if (need_b and bias is not None) else None
         # exclude the target column from the non-target softmax: exp(very negative) = 0 and 0 * it stays 0
         logits[rows, labels] = torch.finfo(dtype).min
@@ -152,7 +158,7 @@ class _ChunkedMarginCE(torch.autograd.Function):
                 else:
                     _mm_into(g_c.t(), x, grad_w[c0:c1])
         _add_target_grads(grad_q, x, weight, labels, normalize, grad_x, grad_w, grad_b)
-        return grad_x, grad_w, grad_b, None, None, None, None, None, None
+        return grad_x, grad_w, grad_b, None, None, None, None, None, None, None
 
 
 def _mm_into(a: Tensor, b: Tensor, out: Tensor) -> None:
@@ -243,6 +249,7 @@ def chunked_margin_cross_entropy(
     scale: float = 1.0,
     normalize: bool = True,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    buffers: tuple[ReusableBuffer, ReusableBuffer] | None = None,
 ) -> Tensor:
     """Per-sample margin cross-entropy (B,) with the class dimension processed in chunks.
 
@@ -255,13 +262,15 @@ def chunked_margin_cross_entropy(
         bias: (C,) added to the logits when not normalising (plain softmax).
         penalty_fn: optional per-sample term of q added to the loss (the Eq. 5 intra-class angle).
         scale: s, multiplies the non-target cosines when `normalize`.
+        buffers: (logit buffer, gradient of W) kept between calls (buffers.py); None allocates both afresh.
     Returns:
         (B,) loss_b = logsumexp_j z_bj (target column = t_b) - t_b + penalty_b.
     """
     dtype = _compute_dtype(x, weight)
     with torch.autocast(device_type=x.device.type, enabled=False):
         return _ChunkedMarginCE.apply(
-            x.to(dtype), weight, bias, labels, target_fn, penalty_fn, float(scale), bool(normalize), int(chunk_size)
+            x.to(dtype), weight, bias, labels, target_fn, penalty_fn, float(scale), bool(normalize), int(chunk_size),
+            buffers,
         )
 
 
@@ -344,6 +353,7 @@ class MarginSoftmax(nn.Module):
         self.margin_grad = margin_grad
         self.intra_loss_weight, self.inter_loss_weight = float(intra_loss_weight), float(inter_loss_weight)
         self.weight = nn.Parameter(torch.empty(self.num_classes, self.embedding_size))
+        self.step_buffers = (ReusableBuffer(), ReusableBuffer())  # (B, C) logits, (C, D) grad W: reused across steps
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -376,6 +386,7 @@ class MarginSoftmax(nn.Module):
                 scale=self.s,
                 normalize=True,
                 chunk_size=self.chunk_size,
+                buffers=self.step_buffers,
             )
             loss = per_sample.mean()
             if self.inter_loss_weight > 0:
@@ -444,6 +455,7 @@ class Softmax(nn.Module):
         self.chunk_size = _check_size("chunk_size", chunk_size)
         self.weight = nn.Parameter(torch.empty(self.num_classes, self.embedding_size))
         self.bias = nn.Parameter(torch.empty(self.num_classes))
+        self.step_buffers = (ReusableBuffer(), ReusableBuffer())
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -458,7 +470,8 @@ class Softmax(nn.Module):
         """Scalar batch mean of the softmax cross-entropy. embeddings (B, D), labels (B,) int64."""
         labels = _check_inputs(embeddings, labels, self.num_classes, self.embedding_size)
         per_sample = chunked_margin_cross_entropy(
-            embeddings, self.weight, labels, _identity, bias=self.bias, normalize=False, chunk_size=self.chunk_size
+            embeddings, self.weight, labels, _identity, bias=self.bias, normalize=False, chunk_size=self.chunk_size,
+            buffers=self.step_buffers,
         )
         return per_sample.mean()
 

@@ -8,7 +8,7 @@ at the same image size:
 
   render    ``render_images`` of n images (n/8 identities x 8 images, identities sampled afresh)
   baseline  the demo's training step on one batch of 64 of the same images: ``to_tensor`` + IResNet-18
-            (width 0.5, 128-d, the model of configs/demo.yaml) forward + ArcFace loss + backward + SGD step
+            (width 0.25, 128-d, the model of configs/demo.yaml) forward + ArcFace loss + backward + SGD step
 
 ``ratio`` = render images/s / baseline images/s: how many training processes one rendering thread
 keeps fed. Above 1 the data is not the bottleneck of a CPU run even without caching. Rates are
@@ -61,7 +61,7 @@ def render_rate(size: int, n: int, difficulty: float, repeats: int) -> tuple[flo
 def train_step_rate(size: int, difficulty: float, steps: int, batch: int = 64, classes: int = 200) -> tuple[float, float]:
     """(images/s wall, images/s CPU) of the demo's training step on one rendered batch at ``size``."""
     torch.manual_seed(0)
-    model = build_backbone("r18", embedding_size=128, input_size=size, width=0.5)
+    model = build_backbone("r18", embedding_size=128, input_size=size, width=0.25)
     head = ArcFace(classes, 128, s=32.0, m=0.5)
     opt = torch.optim.SGD([*model.parameters(), *head.parameters()], lr=0.01, momentum=0.9)
     ids = np.arange(batch) % classes
@@ -87,7 +87,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5, help="training-step timings (best is kept)")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    print(f"render_images vs the demo training step (r18 w0.5 + ArcFace, batch 64), 1 thread, difficulty {args.difficulty:g}")
+    print(f"render_images vs the demo training step (r18 w0.25 + ArcFace, batch 64), 1 thread, difficulty {args.difficulty:g}")
     print(f"{'size':>4}  {'render img/s CPU':>16}  {'(wall)':>7}  {'train img/s CPU':>15}  {'(wall)':>7}  {'ratio':>6}")
     for size in (56, 112):
         r_wall, r_cpu = render_rate(size, args.n, args.difficulty, args.repeats)

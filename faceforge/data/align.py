@@ -2,13 +2,17 @@
 
 The five landmarks are, in order: left eye centre, right eye centre, nose tip, left mouth corner,
 right mouth corner (left/right as seen in the image). Coordinates are pixels ``(x, y)`` of a
-112x112 crop, as in insightface's ``arcface_dst``. A similarity-transform aligner (5 detected
-points -> template) belongs in this module too; it is not written yet.
+112x112 crop, as in insightface's ``arcface_dst``.
+
+Alignment maps five detected points onto the template with the least-squares similarity transform
+(rotation, uniform scale, translation; Umeyama 1991), as insightface's ``face_align.norm_crop`` does,
+and resamples the photo through it with bilinear interpolation.
 """
 
 from __future__ import annotations
 
 import numpy as np
+from PIL import Image
 
 TEMPLATE_SIZE = 112
 
@@ -35,3 +39,66 @@ def template_for_size(size: int) -> np.ndarray:
     if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size <= 0:
         raise ValueError(f"size must be a positive int (pixels), got {size!r}")
     return ARCFACE_TEMPLATE * (float(size) / TEMPLATE_SIZE)
+
+
+def _check_points(points: np.ndarray, name: str) -> np.ndarray:
+    p = np.asarray(points, dtype=np.float64)
+    if p.ndim != 2 or p.shape[1] != 2 or len(p) < 2:
+        raise ValueError(f"{name} must be (N, 2) (x, y) points with N >= 2, got shape {p.shape}")
+    if not np.isfinite(p).all():
+        raise ValueError(f"{name} must be finite, got {p.tolist()}")
+    return p
+
+
+def estimate_similarity(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
+    """The similarity transform ``T`` (2, 3) minimising ``sum_i |T [src_i; 1] - dst_i|^2`` (Umeyama 1991).
+
+    Args:
+        src, dst: ``(N, 2)`` corresponding ``(x, y)`` points, N >= 2 (five landmarks and the template).
+    Returns:
+        float64 ``(2, 3)`` ``[[a, -b, tx], [b, a, ty]]``: a rotation by ``atan2(b, a)`` and a scale
+        ``hypot(a, b)`` (never a reflection), then a translation.
+    """
+    src, dst = _check_points(src, "src"), _check_points(dst, "dst")
+    if src.shape != dst.shape:
+        raise ValueError(f"src and dst must have the same shape, got {src.shape} and {dst.shape}")
+    mu_s, mu_d = src.mean(0), dst.mean(0)
+    s0, d0 = src - mu_s, dst - mu_d
+    var_s = (s0**2).sum() / len(src)
+    if var_s <= 0:
+        raise ValueError(f"src points are all the same point {src[0].tolist()}: no transform is defined")
+    cov = d0.T @ s0 / len(src)  # Umeyama Eq. 38
+    u, d, vt = np.linalg.svd(cov)
+    sign = np.eye(2)
+    if np.linalg.det(u) * np.linalg.det(vt) < 0:  # Umeyama Eq. 39: a rotation, not a reflection
+        sign[1, 1] = -1.0
+    rotation = u @ sign @ vt  # Eq. 40
+    scale = np.trace(np.diag(d) @ sign) / var_s  # Eq. 42
+    translation = mu_d - scale * rotation @ mu_s  # Eq. 41
+    return np.concatenate([scale * rotation, translation[:, None]], axis=1)
+
+
+def align_face(image: np.ndarray, landmarks: np.ndarray, size: int = TEMPLATE_SIZE) -> np.ndarray:
+    """Warp a photo so that its five ``landmarks`` land on the ArcFace template of a ``size`` crop.
+
+    Args:
+        image: uint8 RGB ``(H, W, 3)``.
+        landmarks: ``(5, 2)`` ``(x, y)`` pixels in ``image``, in the template's order.
+        size: side of the square output (112 by default; the template scales with it).
+    Returns:
+        uint8 RGB ``(size, size, 3)``; pixels that fall outside the photo are black.
+    """
+    if not isinstance(image, np.ndarray) or image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        got = (image.dtype, image.shape) if isinstance(image, np.ndarray) else type(image).__name__
+        raise ValueError(f"image must be a uint8 (H, W, 3) RGB array, got {got}")
+    points = _check_points(landmarks, "landmarks")
+    if points.shape != (5, 2):
+        raise ValueError(f"landmarks must be (5, 2): eyes, nose tip, mouth corners; got shape {points.shape}")
+    forward = estimate_similarity(points, template_for_size(size))
+    inverse = np.linalg.inv(np.vstack([forward, [0.0, 0.0, 1.0]]))[:2]
+    # PIL maps output pixel corners' coordinates (pixel j's centre is j + 0.5) through the affine map;
+    # ours maps centre coordinates (pixel j's centre is j): X_in = A X_out + t - A (0.5, 0.5) + (0.5, 0.5).
+    offset = inverse[:, 2] - 0.5 * inverse[:, :2].sum(1) + 0.5
+    coeffs = (*inverse[0, :2], offset[0], *inverse[1, :2], offset[1])
+    warped = Image.fromarray(image).transform((size, size), Image.Transform.AFFINE, coeffs, Image.Resampling.BILINEAR)
+    return np.asarray(warped)

@@ -56,6 +56,14 @@ def _render(args: argparse.Namespace) -> int:
     return 0
 
 
+def _align(args: argparse.Namespace) -> int:
+    from faceforge.data.align import align_files
+
+    written = align_files(args.landmarks, args.output, size=args.size)
+    print(f"aligned {len(written)} images into {args.output}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="faceforge",
@@ -93,6 +101,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=112)
     p.add_argument("--seed", type=int, default=0)
     commands["render"] = _render
+
+    p = sub.add_parser("align", help="align photos to the ArcFace template from 5-point landmarks")
+    p.add_argument("landmarks", help="text file: image_path x1 y1 ... x5 y5 per line (eyes, nose tip, mouth corners)")
+    p.add_argument("output", help="folder for the aligned PNG crops")
+    p.add_argument("--size", type=int, default=112, help="crop side in pixels (default 112)")
+    commands["align"] = _align
 
     parser.set_defaults(_commands=commands)
     return parser

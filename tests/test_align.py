@@ -80,3 +80,25 @@ def test_bad_inputs_are_clear_errors():
         estimate_similarity(np.ones((5, 2)), ARCFACE_TEMPLATE)
     with pytest.raises(ValueError, match="finite"):
         estimate_similarity(np.full((5, 2), np.nan), ARCFACE_TEMPLATE)
+
+
+def test_align_command_on_a_landmark_list(tmp_path):
+    from PIL import Image
+
+    from faceforge.cli import main
+
+    rng = np.random.default_rng(2)
+    photo = rng.integers(0, 256, size=(112, 112, 3), dtype=np.uint8)
+    Image.fromarray(photo).save(tmp_path / "a.png")
+    coords = " ".join(f"{v:.4f}" for v in ARCFACE_TEMPLATE.ravel())
+    (tmp_path / "list.txt").write_text(f"# photo landmarks\na.png {coords}\n")
+    assert main(["align", str(tmp_path / "list.txt"), str(tmp_path / "out")]) == 0
+    crop = np.asarray(Image.open(tmp_path / "out" / "a.png")).astype(int)
+    assert np.abs(crop - photo).max() <= 1
+
+    (tmp_path / "bad.txt").write_text(f"a.png {coords}\na.png 1 2 3\n")
+    with pytest.raises(ValueError, match=r"bad\.txt:2: expected"):
+        main(["align", str(tmp_path / "bad.txt"), str(tmp_path / "out2")])
+    (tmp_path / "missing.txt").write_text(f"nope.png {coords}\n")
+    with pytest.raises(ValueError, match=r"nope\.png: cannot read image"):
+        main(["align", str(tmp_path / "missing.txt"), str(tmp_path / "out3")])

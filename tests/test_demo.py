@@ -42,7 +42,7 @@ def test_demo_config_is_valid_and_is_arcface_on_an_iresnet() -> None:
 
 def test_help_lists_every_subcommand() -> None:
     text = build_parser().format_help()
-    for command in ("train", "demo", "eval", "backbones", "render"):
+    for command in ("train", "demo", "eval", "backbones", "render", "align"):
         assert command in text
 
 

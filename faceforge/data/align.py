@@ -11,6 +11,8 @@ and resamples the photo through it with bilinear interpolation.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 from PIL import Image
 
@@ -102,3 +104,48 @@ def align_face(image: np.ndarray, landmarks: np.ndarray, size: int = TEMPLATE_SI
     coeffs = (*inverse[0, :2], offset[0], *inverse[1, :2], offset[1])
     warped = Image.fromarray(image).transform((size, size), Image.Transform.AFFINE, coeffs, Image.Resampling.BILINEAR)
     return np.asarray(warped)
+
+
+def read_landmarks(path: str | Path) -> list[tuple[str, np.ndarray]]:
+    """Read a landmark list: one image per line, ``image_path x1 y1 x2 y2 x3 y3 x4 y4 x5 y5``.
+
+    Blank lines and lines starting with ``#`` are skipped; relative image paths are taken relative to
+    the list's folder. A malformed line is an error naming the file and the line number.
+    Returns ``[(image_path, (5, 2) float64 landmarks), ...]``.
+    """
+    path = Path(path)
+    entries = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        fields = line.split()
+        if not fields or fields[0].startswith("#"):
+            continue
+        if len(fields) != 11:
+            raise ValueError(f"{path}:{number}: expected 'image_path' and 10 coordinates, got {len(fields)} fields")
+        try:
+            points = np.array([float(v) for v in fields[1:]]).reshape(5, 2)
+        except ValueError:
+            raise ValueError(f"{path}:{number}: landmark coordinates must be numbers, got {fields[1:]}") from None
+        image = Path(fields[0])
+        entries.append((str(image if image.is_absolute() else path.parent / image), points))
+    return entries
+
+
+def align_files(landmark_list: str | Path, output: str | Path, size: int = TEMPLATE_SIZE) -> list[Path]:
+    """Align every photo of a landmark list (:func:`read_landmarks`) into ``output`` as PNG files.
+
+    Output names are the input file names with a ``.png`` suffix. An unreadable photo is an error naming
+    it (nothing is skipped); crops already written stay. Returns the written paths.
+    """
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    written = []
+    for image_path, points in read_landmarks(landmark_list):
+        try:
+            with Image.open(image_path) as photo:
+                image = np.asarray(photo.convert("RGB"))
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{image_path}: cannot read image listed in {landmark_list}: {e}") from e
+        target = output / (Path(image_path).stem + ".png")
+        Image.fromarray(align_face(image, points, size)).save(target)
+        written.append(target)
+    return written

@@ -64,6 +64,49 @@ def _align(args: argparse.Namespace) -> int:
     return 0
 
 
+def _data_error(command: str, e: Exception) -> int:
+    print(f"faceforge {command}: error: {e}", file=sys.stderr)
+    return 2
+
+
+def _pack(args: argparse.Namespace) -> int:
+    import os
+
+    from faceforge.data.pack import PackError, pack_folder, pack_list
+
+    try:
+        if os.path.isdir(args.src):
+            result = pack_folder(args.src, args.dest, workers=args.workers, skip_bad=args.skip_bad)
+        else:
+            result = pack_list(args.src, args.dest, root=args.root, workers=args.workers, skip_bad=args.skip_bad)
+    except (PackError, ValueError, OSError) as e:
+        return _data_error("pack", e)
+    print(result.summary())
+    return 0
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from faceforge.data.pack import inspect_path
+
+    try:
+        report = inspect_path(args.path, decode=args.decode, sample=args.sample)
+    except (ValueError, OSError) as e:
+        return _data_error("inspect", e)
+    print(report)
+    return 1 if report.unreadable else 0
+
+
+def _pack_pairs(args: argparse.Namespace) -> int:
+    from faceforge.data.pack import pack_pairs
+
+    try:
+        n = pack_pairs(args.pairs, args.dest, root=args.root, size=args.size, workers=args.workers)
+    except (ValueError, OSError) as e:
+        return _data_error("pack-pairs", e)
+    print(f"wrote {n} pairs to {args.dest}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="faceforge",
@@ -107,6 +150,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("output", help="folder for the aligned PNG crops")
     p.add_argument("--size", type=int, default=112, help="crop side in pixels (default 112)")
     commands["align"] = _align
+
+    p = sub.add_parser("pack", help="pack an image folder or a 'path label' list into a .rec/.idx")
+    p.add_argument("src", help="folder with one sub-folder of images per identity, or a list file of 'path label' lines")
+    p.add_argument("dest", help="output prefix: writes DEST.rec, DEST.idx (and DEST.labels.json for a folder)")
+    p.add_argument("--workers", type=int, default=None, help="image-reading threads (default: number of CPUs)")
+    p.add_argument("--skip-bad", action="store_true", help="skip unreadable images, listing them in DEST.bad.txt")
+    p.add_argument("--root", default=None, help="folder for relative paths of a list file (default: the list's folder)")
+    commands["pack"] = _pack
+
+    p = sub.add_parser("inspect", help="summarise a .rec prefix, an image folder or a .bin; exit 1 if any image is unreadable")
+    p.add_argument("path", help="a .rec/.idx prefix or file, a folder of identity sub-folders, or a .bin pair set")
+    p.add_argument("--decode", action="store_true", help="decode every image and list each failure")
+    p.add_argument("--sample", type=int, default=64, help="without --decode: image headers to read for sizes (default 64)")
+    commands["inspect"] = _inspect
+
+    p = sub.add_parser("pack-pairs", help="write a .bin pair set from a 'path1 path2 0|1' pair list")
+    p.add_argument("pairs", help="pair list: 'path1 path2 0|1' per line")
+    p.add_argument("dest", help="output .bin path")
+    p.add_argument("--root", default=None, help="folder for relative paths in the list")
+    p.add_argument("--size", type=int, default=None, help="resize every image to SIZE x SIZE (default: all must share one size)")
+    p.add_argument("--workers", type=int, default=None, help="image-reading threads (default: number of CPUs)")
+    commands["pack-pairs"] = _pack_pairs
 
     parser.set_defaults(_commands=commands)
     return parser

@@ -84,9 +84,17 @@ class DataConfig:
 
     batch_size is per process and per micro-batch: one optimiser step sees
     ``batch_size * world_size * train.grad_accum`` images. Images are ``image_size`` pixels square.
+
+    name: ``synthetic`` (built-in identities), ``recordio`` (``path`` = the ``.rec``/``.idx`` prefix)
+    or ``folder`` (``path`` = a folder with one sub-folder per identity). For ``recordio``/``folder``
+    the held-out verification sets are ``eval_bins`` (insightface ``.bin`` files; none = no
+    verification); ``num_identities``, ``images_per_identity``, ``difficulty``, ``cache``,
+    ``eval_pairs`` and ``eval_identities`` apply to ``synthetic`` only.
     """
 
     name: str = "synthetic"
+    path: str | None = None
+    eval_bins: list[str] = field(default_factory=list)
     num_identities: int = 1000
     images_per_identity: int = 20
     image_size: int = 112

@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from faceforge.train import distributed as fdist
 from faceforge.train.checkpoint import load_checkpoint, save_checkpoint
-from faceforge.train.config import Config, to_dict, to_yaml
+from faceforge.train.config import Config, ConfigError, to_dict, to_yaml
 from faceforge.train.optim import build_optimizer, build_scheduler
 
 __all__ = [
@@ -62,7 +62,8 @@ AMP_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 @dataclass
 class TrainResult:
     """What a run produced. ``step``: optimiser steps done; ``metrics``: the final verification
-    (``VerificationResult.as_dict()``, empty when ``data.eval_pairs`` is 0); ``losses``: the mean loss
+    (``VerificationResult.as_dict()``, keys prefixed ``<bin name>/`` for ``data.eval_bins``; empty
+    without held-out sets); ``losses``: the mean loss
     of every step this process ran; ``images_per_second``: global training throughput (all ranks)."""
 
     output: Path
@@ -132,13 +133,117 @@ def _synthetic_pairs(cfg: Config) -> tuple[Any, Any]:
     )
 
 
-# data.name -> (training set builder, held-out verification pairs builder)
-DATASETS: dict[str, tuple[Callable[[Config], Dataset], Callable[[Config], tuple[Any, Any]]]] = {
-    "synthetic": (_synthetic_train, _synthetic_pairs),
+def _synthetic_eval(cfg: Config) -> dict[str, tuple[Any, Any]]:
+    """``{"": (images, issame)}`` (metric names unprefixed), or ``{}`` when ``data.eval_pairs`` is 0."""
+    return {"": _synthetic_pairs(cfg)} if cfg.data.eval_pairs > 0 else {}
+
+
+class _TrainImages(Dataset):
+    """A decoded-image dataset (``ds[i] -> (uint8 HWC, label)``) as training tensors.
+
+    ``ds[i] -> ((3, S, S) float32 normalised (x - 127.5) / 127.5, label)``; an image that is not
+    ``image_size`` square raises ValueError naming the file / record (nothing is resized).
+    """
+
+    def __init__(self, dataset: Any, image_size: int) -> None:
+        self.dataset = dataset
+        self.image_size = image_size
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.dataset.num_classes)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def describe(self, index: int) -> str:
+        describe = getattr(self.dataset, "describe", None)
+        if describe is not None:
+            return describe(index)
+        keys = getattr(self.dataset, "keys", None)
+        rec = getattr(self.dataset, "rec_path", None)
+        if rec is not None and keys is not None:
+            return f"{rec}: index {index} (key {keys[index]})"
+        return f"image {index}"
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        from faceforge.data.transforms import to_tensor
+
+        image, label = self.dataset[index]
+        s = self.image_size
+        if image.shape != (s, s, 3):
+            raise ValueError(
+                f"{self.describe(index)}: image is {image.shape[1]}x{image.shape[0]} but data.image_size is {s}; "
+                f"images are not resized (align/crop them to {s}x{s} first)"
+            )
+        return to_tensor(image), int(label)
+
+
+def _require_path(cfg: Config, what: str) -> str:
+    if not cfg.data.path:
+        raise ConfigError(f"data.path is required for data.name = {cfg.data.name!r} ({what}); it is {cfg.data.path!r}")
+    return cfg.data.path
+
+
+def _recordio_train(cfg: Config) -> Dataset:
+    from faceforge.data.recordio import RecordIODataset
+
+    prefix = _require_path(cfg, "the prefix of the .rec/.idx files")
+    return _TrainImages(RecordIODataset(prefix=prefix), cfg.data.image_size)
+
+
+LABEL_MAP_NAME = "label_map.json"
+
+
+def _folder_train(cfg: Config) -> Dataset:
+    """The image folder; its ``{folder: label}`` map is kept in ``output/label_map.json``.
+
+    When the output folder already holds a checkpoint and a label map, the map is reused, so that a
+    resumed run gives every identity the head row it had; otherwise labels follow the sorted folder
+    names and the map is (re)written.
+    """
+    from faceforge.data.folder import ImageFolderDataset
+
+    root = _require_path(cfg, "a folder with one sub-folder per identity")
+    label_map = Path(cfg.output) / LABEL_MAP_NAME
+    reuse = label_map.is_file() and (Path(cfg.output) / CHECKPOINT_NAME).is_file()
+    dataset = ImageFolderDataset(root, class_to_label=label_map if reuse else None)
+    if not reuse and fdist.get_rank() == 0:
+        dataset.save_label_map(label_map)
+    return _TrainImages(dataset, cfg.data.image_size)
+
+
+def _bin_eval(cfg: Config) -> dict[str, tuple[Any, Any]]:
+    """``{name: (images, issame)}`` for every ``data.eval_bins`` file (name = file stem, made unique)."""
+    from faceforge.data.pairs import load_bin
+
+    sets: dict[str, tuple[Any, Any]] = {}
+    for path in cfg.data.eval_bins:
+        images, issame = load_bin(path)
+        s = cfg.data.image_size
+        if images.shape[1:3] != (s, s):
+            raise ValueError(
+                f"{path}: verification images are {images.shape[2]}x{images.shape[1]} but data.image_size is {s}"
+            )
+        name, n = Path(path).stem, 2
+        while name in sets:
+            name, n = f"{Path(path).stem}_{n}", n + 1
+        sets[name] = (images, issame)
+    return sets
+
+
+# data.name -> (training set builder, held-out verification sets builder). The training set has
+# ``num_classes`` and ``ds[i] -> ((3, H, W) float tensor, label)``; the verification builder returns
+# ``{name: (images uint8 (2N, H, W, 3), issame (N,))}`` (``{}`` = no verification; metric names are
+# prefixed ``name/`` unless name is "").
+DATASETS: dict[str, tuple[Callable[[Config], Dataset], Callable[[Config], dict[str, tuple[Any, Any]]]]] = {
+    "synthetic": (_synthetic_train, _synthetic_eval),
+    "recordio": (_recordio_train, _bin_eval),
+    "folder": (_folder_train, _bin_eval),
 }
 
 
-def _dataset_entry(cfg: Config) -> tuple[Callable[[Config], Dataset], Callable[[Config], tuple[Any, Any]]]:
+def _dataset_entry(cfg: Config) -> tuple[Callable[[Config], Dataset], Callable[[Config], dict[str, tuple[Any, Any]]]]:
     if cfg.data.name not in DATASETS:
         raise ValueError(f"data.name = {cfg.data.name!r}: expected one of {sorted(DATASETS)}")
     return DATASETS[cfg.data.name]
@@ -256,7 +361,7 @@ class _Run:
         self.step = 0
         self.metrics: dict[str, float] = {}
         self.losses: list[float] = []
-        self._pairs: tuple[Any, Any] | None = None
+        self._eval_sets: dict[str, tuple[Any, Any]] | None = None
         self.resume_from = self._resume() if resume else None
         self.ddp = (
             nn.parallel.DistributedDataParallel(self.model, device_ids=[self.device] if self.device.type == "cuda" else None)
@@ -348,23 +453,30 @@ class _Run:
     # --- evaluation ---
 
     def evaluate(self, writer: Any) -> None:
-        """Verification on the held-out pairs (rank 0), logged; the others wait at a barrier."""
-        if self.cfg.data.eval_pairs > 0 and self.main:
+        """Verification on the held-out sets (rank 0), logged; the others wait at a barrier."""
+        if self.main:
             from faceforge.eval.verify import verify_pairs
 
-            if self._pairs is None:
-                self._pairs = _dataset_entry(self.cfg)[1](self.cfg)
-            images, issame = self._pairs
-            result = verify_pairs(
-                self.backbone, images, issame, batch_size=self.cfg.data.eval_batch_size, flip=True,
-                fars=(1e-3, 1e-4), device=self.device,
-            )
-            self.metrics = {k: float(v) for k, v in result.as_dict().items()}
-            logger.info(
-                "eval step %d: %s", self.step, " ".join(f"{k} {v:.4f}" for k, v in self.metrics.items())
-            )
-            for k, v in self.metrics.items():
-                writer.add_scalar(f"eval/{k}", v, self.step)
+            if self._eval_sets is None:
+                self._eval_sets = _dataset_entry(self.cfg)[1](self.cfg)
+                if not self._eval_sets:
+                    what = "data.eval_pairs is 0" if self.cfg.data.name == "synthetic" else "data.eval_bins is empty"
+                    logger.info("no held-out verification: %s", what)
+            metrics: dict[str, float] = {}
+            for name, (images, issame) in self._eval_sets.items():
+                result = verify_pairs(
+                    self.backbone, images, issame, batch_size=self.cfg.data.eval_batch_size, flip=True,
+                    fars=(1e-3, 1e-4), device=self.device,
+                )
+                prefix = f"{name}/" if name else ""
+                metrics.update({f"{prefix}{k}": float(v) for k, v in result.as_dict().items()})
+            if self._eval_sets:
+                self.metrics = metrics
+                logger.info(
+                    "eval step %d: %s", self.step, " ".join(f"{k} {v:.4f}" for k, v in self.metrics.items())
+                )
+                for k, v in self.metrics.items():
+                    writer.add_scalar(f"eval/{k}", v, self.step)
         fdist.barrier()
 
     # --- one optimiser step ---

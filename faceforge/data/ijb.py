@@ -1,0 +1,320 @@
+"""IJB-B / IJB-C as insightface distributes them: meta files, aligned images, template features.
+
+A release root (``IJB_release/IJBC`` or ``.../IJBB``) holds::
+
+    meta/ijbc_face_tid_mid.txt          image_name template_id media_id            (one line per image)
+    meta/ijbc_template_pair_label.txt   template1 template2 label                  (one line per 1:1 pair)
+    meta/ijbc_name_5pts_score.txt       image_name x1 y1 ... x5 y5 faceness_score  (same images, same order)
+    loose_crop/<image_name>             the loosely cropped photos
+
+(``ijbb_*`` for IJB-B.) Fields are separated by white space; blank lines are skipped. The five points
+are in the loose crop's pixels, in the ArcFace order (eyes, nose tip, mouth corners), and are mapped
+onto the ArcFace template with :func:`faceforge.data.align.align_face`, the similarity transform
+insightface's ``eval_ijbc.py`` uses (its 96x112 template shifted by +8 in x is our 112x112 template).
+
+The 1:1 protocol of ``eval_ijbc.py``: image features (optionally multiplied by the faceness score,
+its "D1" mode) are averaged within each (template, media), the media features of a template are
+**summed**, and the sum is L2-normalised (:func:`template_features`); a pair's score is the cosine of
+its two templates' features (:func:`verification_scores`).
+
+The 1:N gallery/probe CSV files are not read here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, NamedTuple
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .align import TEMPLATE_SIZE, align_face
+
+__all__ = ["IJBMeta", "IJBBatch", "meta_paths", "iter_aligned", "template_features", "verification_scores"]
+
+_NAMES = ("IJBB", "IJBC")
+
+
+def _prefix(name: str) -> str:
+    key = str(name).upper().replace("-", "")
+    if key not in _NAMES:
+        raise ValueError(f"name must be one of {_NAMES} (IJB-B or IJB-C), got {name!r}")
+    return key.lower()
+
+
+def meta_paths(root: str | Path, name: str = "IJBC") -> dict[str, Path]:
+    """The three meta files of release ``root``: keys ``face_tid_mid``, ``pair_label``, ``name_5pts``."""
+    meta, p = Path(root) / "meta", _prefix(name)
+    return {
+        "face_tid_mid": meta / f"{p}_face_tid_mid.txt",
+        "pair_label": meta / f"{p}_template_pair_label.txt",
+        "name_5pts": meta / f"{p}_name_5pts_score.txt",
+    }
+
+
+def _open_lines(path: Path) -> list[tuple[int, list[str]]]:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: IJB meta file not found")
+    rows = []
+    with open(path, "r", encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            fields = line.split()
+            if fields:
+                rows.append((number, fields))
+    return rows
+
+
+def _number(path: Path, number: int, value: str, kind: type, what: str):
+    try:
+        return kind(value)
+    except ValueError:
+        raise ValueError(f"{path}:{number}: {what} must be {'an integer' if kind is int else 'a number'}, "
+                         f"got {value!r}") from None
+
+
+def _read_face_tid_mid(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    names, templates, medias = [], [], []
+    for number, fields in _open_lines(path):
+        if len(fields) != 3:
+            raise ValueError(f"{path}:{number}: expected 'image_name template_id media_id' (3 fields), "
+                             f"got {len(fields)} fields")
+        names.append(fields[0])
+        templates.append(_number(path, number, fields[1], int, "template_id"))
+        medias.append(_number(path, number, fields[2], int, "media_id"))
+    return np.array(names, dtype=str), np.array(templates, dtype=np.int64), np.array(medias, dtype=np.int64)
+
+
+def _read_name_5pts(path: Path) -> tuple[list[str], list[int], np.ndarray, np.ndarray]:
+    names, numbers, values = [], [], []
+    for number, fields in _open_lines(path):
+        if len(fields) != 12:
+            raise ValueError(f"{path}:{number}: expected 'image_name' + 10 landmark coordinates + "
+                             f"faceness_score (12 fields), got {len(fields)} fields")
+        row = [_number(path, number, v, float, "landmark coordinates and faceness_score") for v in fields[1:]]
+        if not np.isfinite(row).all():
+            raise ValueError(f"{path}:{number}: landmark coordinates and faceness_score must be finite, got {fields[1:]}")
+        names.append(fields[0])
+        numbers.append(number)
+        values.append(row)
+    table = np.array(values, dtype=np.float64).reshape(-1, 11)
+    return names, numbers, table[:, :10].reshape(-1, 5, 2).astype(np.float32), table[:, 10].astype(np.float32)
+
+
+def _read_pairs(path: Path) -> np.ndarray:
+    """``(P, 3)`` int64; a fast C parse first, the line-by-line parse to name a malformed line."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: IJB meta file not found")
+    try:
+        table = np.loadtxt(path, dtype=np.int64, comments=None, ndmin=2)
+        if table.size == 0:
+            return np.zeros((0, 3), dtype=np.int64)
+        if table.shape[1] == 3 and np.isin(table[:, 2], (0, 1)).all():
+            return table
+    except ValueError:
+        pass
+    rows = []
+    for number, fields in _open_lines(path):
+        if len(fields) != 3:
+            raise ValueError(f"{path}:{number}: expected 'template1 template2 label' (3 fields), got {len(fields)} fields")
+        row = [_number(path, number, v, int, w) for v, w in zip(fields, ("template1", "template2", "label"))]
+        if row[2] not in (0, 1):
+            raise ValueError(f"{path}:{number}: label must be 0 (impostor) or 1 (genuine), got {fields[2]!r}")
+        rows.append(row)
+    return np.array(rows, dtype=np.int64).reshape(-1, 3)
+
+
+@dataclass
+class IJBMeta:
+    """The parsed meta files of an IJB-B / IJB-C release.
+
+    Attributes (``N`` images, ``P`` pairs): ``image_names`` str ``(N,)``; ``templates``, ``medias`` int64
+    ``(N,)``; ``landmarks`` float32 ``(N, 5, 2)`` ``(x, y)`` in the loose crop; ``faceness`` float32 ``(N,)``;
+    ``p1``, ``p2`` int64 ``(P,)`` template ids; ``labels`` int64 ``(P,)`` (1 genuine, 0 impostor).
+    """
+
+    name: str
+    image_names: np.ndarray
+    templates: np.ndarray
+    medias: np.ndarray
+    landmarks: np.ndarray
+    faceness: np.ndarray
+    p1: np.ndarray
+    p2: np.ndarray
+    labels: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.image_names)
+
+    @classmethod
+    def load(cls, root: str | Path, name: str = "IJBC") -> "IJBMeta":
+        """Parse ``root/meta/{ijbb,ijbc}_*.txt``.
+
+        Errors name the file and line of a malformed line (wrong field count, a non-numeric field), an
+        image of ``face_tid_mid`` with no line in ``name_5pts_score``, and a landmark file whose images
+        are not exactly those of ``face_tid_mid`` in the same order.
+        """
+        paths = meta_paths(root, name)
+        names, templates, medias = _read_face_tid_mid(paths["face_tid_mid"])
+        lm_names, lm_lines, landmarks, faceness = _read_name_5pts(paths["name_5pts"])
+        _cross_check(paths, names, lm_names, lm_lines)
+        pairs = _read_pairs(paths["pair_label"])
+        labels = pairs[:, 2]
+        return cls(name=_prefix(name).upper(), image_names=names, templates=templates, medias=medias,
+                   landmarks=landmarks, faceness=faceness, p1=pairs[:, 0].copy(), p2=pairs[:, 1].copy(),
+                   labels=labels.copy())
+
+
+def _cross_check(paths: dict[str, Path], names: np.ndarray, lm_names: list[str], lm_lines: list[int]) -> None:
+    tid, pts = paths["face_tid_mid"], paths["name_5pts"]
+    if len(names) == len(lm_names) and all(a == b for a, b in zip(names.tolist(), lm_names)):
+        return
+    have = set(lm_names)
+    missing = [n for n in names.tolist() if n not in have]
+    if missing:
+        raise ValueError(f"{pts}: no landmarks for {len(missing)} image(s) listed in {tid}, "
+                         f"first {missing[:5]}")
+    for i, (a, b) in enumerate(zip(names.tolist(), lm_names)):
+        if a != b:
+            raise ValueError(f"{pts}:{lm_lines[i]}: image {b!r} is out of order: record {i} of {tid} is {a!r} "
+                             f"(the two files must list the same images in the same order)")
+    extra = lm_names[len(names)]
+    raise ValueError(f"{pts}:{lm_lines[len(names)]}: image {extra!r} is not in {tid} "
+                     f"({len(lm_names)} landmark lines for {len(names)} images)")
+
+
+class IJBBatch(NamedTuple):
+    """One batch of :func:`iter_aligned`: uint8 ``images (B, size, size, 3)`` and ``(B,)`` metadata."""
+
+    images: np.ndarray
+    templates: np.ndarray
+    medias: np.ndarray
+    faceness: np.ndarray
+
+
+def _load_image(path: Path) -> np.ndarray:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: IJB image not found")
+    try:
+        with Image.open(path) as photo:
+            return np.asarray(photo.convert("RGB"))
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: cannot decode IJB image: {e}") from e
+
+
+def iter_aligned(meta: IJBMeta, root: str | Path, size: int = TEMPLATE_SIZE, batch_size: int = 128,
+                 image_dir: str = "loose_crop") -> Iterator[IJBBatch]:
+    """Yield the images of ``meta`` aligned to ``size x size`` crops, in file order, in batches.
+
+    Each image ``root/loose_crop/<name>`` is warped with its five landmarks by
+    :func:`~faceforge.data.align.align_face`. A missing or undecodable image is an error naming it.
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size <= 0:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    folder = Path(root) / image_dir
+    for start in range(0, len(meta), batch_size):
+        stop = min(start + batch_size, len(meta))
+        images = np.empty((stop - start, size, size, 3), dtype=np.uint8)
+        for k, i in enumerate(range(start, stop)):
+            images[k] = align_face(_load_image(folder / meta.image_names[i]), meta.landmarks[i], size)
+        yield IJBBatch(images, meta.templates[start:stop], meta.medias[start:stop], meta.faceness[start:stop])
+
+
+def _l2_normalize(x: np.ndarray) -> np.ndarray:
+    """Rows divided by their norm; an all-zero row stays zero (as ``sklearn.preprocessing.normalize``)."""
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return x / np.where(norms > 0, norms, 1)
+
+
+def _group_sum(x: np.ndarray, group: np.ndarray, count: int) -> np.ndarray:
+    """``out[g] = sum of x[i] over group[i] == g`` in float64 (torch's index_add_, far faster than np.add.at)."""
+    out = torch.zeros((count, x.shape[1]), dtype=torch.float64)
+    out.index_add_(0, torch.from_numpy(np.ascontiguousarray(group, dtype=np.int64)),
+                   torch.from_numpy(np.ascontiguousarray(x, dtype=np.float64)))
+    return out.numpy()
+
+
+def template_features(image_features, templates, medias, faceness=None) -> tuple[np.ndarray, np.ndarray]:
+    """Template features by the IJB protocol of insightface's ``eval_ijbc.py``.
+
+    ``image_features`` ``(N, D)`` (numpy or a tensor; times ``faceness[:, None]`` when given) are
+    averaged within each ``(template, media)``; a template's media features are summed, and the sum is
+    L2-normalised (an all-zero sum stays zero). Returns ``(unique_templates int64 (T,) sorted,
+    features (T, D))``, float64 for float64 input, float32 otherwise.
+    """
+    if isinstance(image_features, torch.Tensor):
+        image_features = image_features.detach().cpu().numpy()
+    feats = np.asarray(image_features)
+    if feats.ndim != 2:
+        raise ValueError(f"image_features must be (N, D), got shape {feats.shape}")
+    n = len(feats)
+    templates, medias = np.asarray(templates).ravel(), np.asarray(medias).ravel()
+    if len(templates) != n or len(medias) != n:
+        raise ValueError(f"templates and medias must have one entry per image ({n}), got {len(templates)} and {len(medias)}")
+    out_dtype = np.float64 if feats.dtype == np.float64 else np.float32
+    if n == 0:
+        return np.zeros(0, dtype=np.int64), np.zeros((0, feats.shape[1]), dtype=out_dtype)
+    feats = np.asarray(feats, dtype=np.float64)
+    if faceness is not None:
+        faceness = np.asarray(faceness, dtype=np.float64).ravel()
+        if len(faceness) != n:
+            raise ValueError(f"faceness must have one score per image ({n}), got {len(faceness)}")
+        feats = feats * faceness[:, None]
+    order = np.lexsort((medias, templates))
+    t, m = templates[order], medias[order]
+    new_group = np.ones(n, dtype=bool)
+    new_group[1:] = (t[1:] != t[:-1]) | (m[1:] != m[:-1])
+    group = np.empty(n, dtype=np.int64)
+    group[order] = np.cumsum(new_group) - 1  # (template, media) group of each image, in file order
+    starts = np.flatnonzero(new_group)
+    media_means = _group_sum(feats, group, len(starts)) / np.bincount(group, minlength=len(starts))[:, None]
+    group_t = t[starts]
+    new_template = np.ones(len(starts), dtype=bool)
+    new_template[1:] = group_t[1:] != group_t[:-1]
+    t_starts = np.flatnonzero(new_template)
+    sums = _group_sum(media_means, np.cumsum(new_template) - 1, len(t_starts))
+    return group_t[t_starts].astype(np.int64), _l2_normalize(sums).astype(out_dtype)
+
+
+def verification_scores(template_ids, template_feats, p1, p2, chunk_size: int = 8192) -> np.ndarray:
+    """Cosine similarity of each pair ``(p1[i], p2[i])`` of template ids, computed ``chunk_size`` pairs at a time.
+
+    ``template_ids`` ``(T,)`` name the rows of ``template_feats`` ``(T, D)`` (any order, no repeats).
+    A pair naming a template that has no features is an error naming it. Returns float64 ``(P,)``.
+    """
+    ids = np.asarray(template_ids).ravel()
+    feats = np.asarray(template_feats)
+    if feats.ndim != 2 or len(feats) != len(ids):
+        raise ValueError(f"template_feats must be (T, D) with T = len(template_ids) = {len(ids)}, got {feats.shape}")
+    p1, p2 = np.asarray(p1).ravel(), np.asarray(p2).ravel()
+    if len(p1) != len(p2):
+        raise ValueError(f"p1 and p2 must have the same length, got {len(p1)} and {len(p2)}")
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)) or chunk_size <= 0:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    sorter = np.argsort(ids, kind="stable")
+    sorted_ids = ids[sorter]
+    if len(ids) > 1 and (sorted_ids[1:] == sorted_ids[:-1]).any():
+        dup = sorted_ids[1:][sorted_ids[1:] == sorted_ids[:-1]][0]
+        raise ValueError(f"template_ids must not repeat, got {dup} more than once")
+    feats = _l2_normalize(feats.astype(np.float64))
+
+    def rows(p: np.ndarray, which: str, offset: int) -> np.ndarray:
+        if len(ids) == 0:
+            if len(p):
+                raise ValueError(f"{which} names template {p[0]}, which has no features (none given)")
+            return p.astype(np.int64)
+        pos = np.clip(np.searchsorted(sorted_ids, p), 0, len(ids) - 1)
+        bad = sorted_ids[pos] != p
+        if bad.any():
+            raise ValueError(f"{which} names {int(bad.sum())} pair(s) whose template has no features, "
+                             f"first template {p[bad][0]} (pair {offset + int(np.argmax(bad))})")
+        return sorter[pos]
+
+    scores = np.empty(len(p1), dtype=np.float64)
+    for start in range(0, len(p1), chunk_size):
+        stop = start + chunk_size
+        a = feats[rows(p1[start:stop], "p1", start)]
+        b = feats[rows(p2[start:stop], "p2", start)]
+        scores[start:stop] = np.einsum("ij,ij->i", a, b)
+    return scores

@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from faceforge.fileio import atomic_open
 
 __all__ = [
     "IMAGE_EXTENSIONS",
@@ -203,20 +204,47 @@ class ImageFolderDataset(_LabelledImages):
 
     def save_label_map(self, path: str | os.PathLike) -> None:
         """Write ``class_to_label`` as JSON (atomically); pass the path back as ``class_to_label``."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        with atomic_open(path, "w") as f:
+            json.dump(dict(sorted(self.class_to_label.items(), key=lambda kv: kv[1])), f, indent=1)
+            f.write("\n")
+
+
+def read_image_list(list_file: str | os.PathLike, root: str | os.PathLike | None = None) -> list[tuple[str, int, int]]:
+    """Parse a list file of ``path label`` lines: ``[(path, label, line_number), ...]`` in file order.
+
+    The label is the last field (an int >= 0), so a path may contain spaces. Blank lines and ``#``
+    comment lines are skipped. Relative paths are joined to ``root``, or to the list file's folder when
+    ``root`` is None. Errors (:class:`DatasetError`) name ``list_file:line``; an empty list is an error.
+    """
+    source = os.fspath(list_file)
+    base = os.fspath(root) if root is not None else os.path.dirname(os.path.abspath(source))
+    try:
+        with open(source, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except FileNotFoundError:
+        raise DatasetError(f"{source}: image list not found") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise DatasetError(f"{source}: cannot read image list: {e}") from None
+    entries = []
+    for lineno, raw in enumerate(lines, 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        where = f"{source}:{lineno}"
+        parts = line.rsplit(None, 1)
+        if len(parts) != 2:
+            raise DatasetError(f"{where}: expected 'path label', got {raw!r}")
+        rel, text = parts
         try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(dict(sorted(self.class_to_label.items(), key=lambda kv: kv[1])), f, indent=1)
-                f.write("\n")
-            os.replace(tmp, path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
+            label = int(text)
+        except ValueError:
+            raise DatasetError(f"{where}: label {text!r} is not an int") from None
+        if label < 0:
+            raise DatasetError(f"{where}: negative label {label}")
+        entries.append((rel if os.path.isabs(rel) else os.path.join(base, rel), label, lineno))
+    if not entries:
+        raise DatasetError(f"{source}: no images listed (expected 'path label' lines)")
+    return entries
 
 
 class ImageListDataset(_LabelledImages):
@@ -236,37 +264,12 @@ class ImageListDataset(_LabelledImages):
         self.list_file = os.fspath(list_file)
         self.root = os.fspath(root) if root is not None else os.path.dirname(os.path.abspath(self.list_file))
         self.transform = transform
-        try:
-            with open(self.list_file, encoding="utf-8") as f:
-                lines = f.read().splitlines()
-        except FileNotFoundError:
-            raise DatasetError(f"{self.list_file}: image list not found") from None
-        except (OSError, UnicodeDecodeError) as e:
-            raise DatasetError(f"{self.list_file}: cannot read image list: {e}") from None
-        samples: list[tuple[str, int]] = []
-        self._lines: list[int] = []
-        for lineno, raw in enumerate(lines, 1):
-            line = raw.strip()
-            if not line or line.startswith("#"):
-                continue
-            where = f"{self.list_file}:{lineno}"
-            parts = line.rsplit(None, 1)
-            if len(parts) != 2:
-                raise DatasetError(f"{where}: expected 'path label', got {raw!r}")
-            rel, text = parts
-            try:
-                label = int(text)
-            except ValueError:
-                raise DatasetError(f"{where}: label {text!r} is not an int") from None
-            if label < 0:
-                raise DatasetError(f"{where}: negative label {label}")
-            path = rel if os.path.isabs(rel) else os.path.join(self.root, rel)
+        entries = read_image_list(self.list_file, self.root)
+        for path, _, lineno in entries:
             if not os.path.isfile(path):
-                raise DatasetError(f"{where}: image file not found: {path}")
-            samples.append((path, label))
-            self._lines.append(lineno)
-        if not samples:
-            raise DatasetError(f"{self.list_file}: no images listed (expected 'path label' lines)")
+                raise DatasetError(f"{self.list_file}:{lineno}: image file not found: {path}")
+        samples = [(path, label) for path, label, _ in entries]
+        self._lines = [lineno for _, _, lineno in entries]
         self.samples = samples
         self._num_classes = max(label for _, label in samples) + 1
 

@@ -142,33 +142,10 @@ def scan_folder(root: str | os.PathLike) -> tuple[list[str], list[list[str]]]:
 
 
 def read_image_list(path: str | os.PathLike, root: str | os.PathLike | None = None) -> list[tuple[str, int]]:
-    """Parse a list file: one ``path label`` per line (the label is the last field, an int >= 0).
+    """``[(path, label), ...]`` of a ``path label`` list file (:func:`faceforge.data.folder.read_image_list`)."""
+    from faceforge.data.folder import read_image_list as parse
 
-    Blank lines and ``#`` comment lines are skipped. Relative paths are joined to ``root``, or to
-    the list file's folder when ``root`` is None. Raises :class:`PackError` naming the line.
-    """
-    source = os.fspath(path)
-    base = os.fspath(root) if root is not None else os.path.dirname(os.path.abspath(source))
-    out: list[tuple[str, int]] = []
-    with open(source, "r", encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            text = line.strip()
-            if not text or text.startswith("#"):
-                continue
-            fields = text.rsplit(None, 1)
-            if len(fields) != 2:
-                raise PackError(f"{source}:{lineno}: expected 'path label', got {text!r}")
-            p, lab = fields
-            try:
-                label = int(lab)
-            except ValueError:
-                raise PackError(f"{source}:{lineno}: label {lab!r} is not an integer") from None
-            if label < 0:
-                raise PackError(f"{source}:{lineno}: negative label {label}")
-            out.append((os.path.join(base, p), label))
-    if not out:
-        raise PackError(f"{source}: the list has no images")
-    return out
+    return [(image, label) for image, label, _ in parse(path, root)]
 
 
 # --------------------------------------------------------------------------------------------

@@ -25,12 +25,13 @@ from __future__ import annotations
 import io
 import os
 import pickle
-import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 from PIL import Image
+
+from faceforge.fileio import atomic_open
 
 try:  # numpy >= 2
     from numpy._core.multiarray import _reconstruct as _np_reconstruct  # type: ignore[attr-defined]
@@ -326,21 +327,8 @@ def write_bin(
     bins = [_encode_image(images[i], i, fmt, quality) for i in range(n_images)]
     payload = (bins, [bool(v) for v in labels])
 
-    path = Path(path)
-    directory = path.parent if str(path.parent) else Path(".")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            pickle.dump(payload, f, protocol=4)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    with atomic_open(path, "wb") as f:
+        pickle.dump(payload, f, protocol=4)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -362,3 +362,14 @@ def test_dataloader_two_workers(tmp_path):
     assert labels == [i // 3 for i in range(12)]
     for i in range(12):
         np.testing.assert_array_equal(images[i], image(i))
+
+
+def test_write_creates_the_destination_folder(tmp_path):
+    import numpy as np
+
+    from faceforge.data.recordio import RecordIODataset, write
+
+    image = np.full((8, 8, 3), 7, dtype=np.uint8)
+    write(tmp_path / "new" / "sub" / "train", [(image, 0), (image, 1)])
+    ds = RecordIODataset(tmp_path / "new" / "sub" / "train")
+    assert len(ds) == 2 and ds.num_classes == 2

@@ -463,6 +463,7 @@ def write(
     rec_path, idx_path = prefix + ".rec", prefix + ".idx"
     folder = os.path.dirname(os.path.abspath(rec_path))
     base = os.path.basename(prefix)
+    os.makedirs(folder, exist_ok=True)
     fd_rec, tmp_rec = tempfile.mkstemp(prefix=f".{base}.", suffix=".rec.tmp", dir=folder)
     fd_idx, tmp_idx = tempfile.mkstemp(prefix=f".{base}.", suffix=".idx.tmp", dir=folder)
     try:

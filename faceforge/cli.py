@@ -31,7 +31,7 @@ def _demo(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     from faceforge.demo import evaluate_checkpoint
 
-    evaluate_checkpoint(args.checkpoint, num_pairs=args.pairs, output=args.output)
+    evaluate_checkpoint(args.checkpoint, num_pairs=args.pairs, output=args.output, bins=args.bin)
     return 0
 
 
@@ -127,10 +127,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tiny", action="store_true", help="a seconds-long version, for tests")
     commands["demo"] = _demo
 
-    p = sub.add_parser("eval", help="verification of a checkpoint on held-out synthetic pairs")
+    p = sub.add_parser("eval", help="verification of a checkpoint on .bin sets or its config's held-out pairs")
     p.add_argument("checkpoint", help="a checkpoint written by `faceforge train` (last.pt)")
     p.add_argument("--pairs", type=int, default=3000, help="number of held-out pairs (default 3000)")
     p.add_argument("--output", default=None, help="folder for the ROC plot (default: beside the checkpoint)")
+    p.add_argument("--bin", action="append", default=[], metavar="BIN",
+                   help="an insightface .bin pair set (lfw.bin, cfp_fp.bin, ...); repeatable")
     commands["eval"] = _eval
 
     p = sub.add_parser("backbones", help="list the registered backbones with parameters and FLOPs")

@@ -20,7 +20,8 @@ from faceforge.eval.metrics import roc
 from faceforge.eval.verify import VerificationResult, verify_pairs
 from faceforge.train.checkpoint import load_checkpoint
 from faceforge.train.config import Config, config_from_dict, load_config
-from faceforge.train.engine import build_backbone, train
+from faceforge.data.pairs import load_bin
+from faceforge.train.engine import build_backbone, build_verification_sets, train
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 
@@ -104,16 +105,32 @@ def run_demo(config: str | Path | None = None, overrides: Sequence[str] = (), ti
     return {"untrained": untrained, "trained": trained}
 
 
-def evaluate_checkpoint(checkpoint: str | Path, num_pairs: int = 3000, output: str | Path | None = None) -> VerificationResult:
-    """Verification of a `faceforge train` checkpoint on held-out synthetic pairs; prints a table and writes a ROC plot."""
+def evaluate_checkpoint(
+    checkpoint: str | Path, num_pairs: int = 3000, output: str | Path | None = None, bins: Sequence[str] = ()
+) -> dict[str, VerificationResult]:
+    """Verification of a `faceforge train` checkpoint; prints a table and writes a ROC plot of every set.
+
+    The sets are the given ``.bin`` files when there are any, else the checkpoint config's own held-out
+    sets: ``num_pairs`` pairs of unseen synthetic identities, or its ``data.eval_bins``.
+    """
     state = load_checkpoint(checkpoint)
     cfg = config_from_dict(state["config"], source=str(checkpoint))
     cfg.data.eval_pairs = num_pairs
+    if bins:
+        cfg.data.eval_bins = list(bins)
+        sets = {Path(b).stem: load_bin(b) for b in bins}
+    else:
+        sets = build_verification_sets(cfg)
+    if not sets:
+        raise ValueError(f"{checkpoint}: its config (data.name = {cfg.data.name!r}) has no verification sets; "
+                         "pass .bin files with --bin")
     model = _untrained_backbone(cfg)
     model.load_state_dict(state["backbone"])
-    result = verify_pairs(model, *_held_out_pairs(cfg), fars=(1e-3, 1e-4))
+    results = {name or "held-out": verify_pairs(model, images, issame, fars=(1e-3, 1e-4), progress=True)
+               for name, (images, issame) in sets.items()}
     out = Path(output) if output else Path(checkpoint).parent
-    roc_path = plot_roc({Path(checkpoint).name: _curve(result)}, out / "roc_eval.png", title=str(checkpoint))
-    print(markdown_table([_row(str(checkpoint), result)], ["model", "10-fold accuracy", "TAR@FAR=1e-3", "EER"]))
+    roc_path = plot_roc({name: _curve(r) for name, r in results.items()}, out / "roc_eval.png", title=str(checkpoint))
+    columns = ["model", "10-fold accuracy", "TAR@FAR=1e-3", "EER"]
+    print(markdown_table([_row(f"{Path(checkpoint).name} on {name}", r) for name, r in results.items()], columns))
     print(f"ROC plot: {roc_path}")
-    return result
+    return results

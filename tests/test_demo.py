@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 
 from faceforge.cli import build_parser, main
+from faceforge.data.pairs import write_bin
+from faceforge.data.synthetic import synthetic_pairs
 from faceforge.demo import DEMO_CONFIG, run_demo
 from faceforge.train.config import load_config
 
@@ -31,6 +33,15 @@ def test_tiny_demo_trains_evaluates_and_reports(tmp_path: Path, capsys: pytest.C
         path = tmp_path / "demo" / name
         assert path.is_file() and path.stat().st_size > 0
         assert str(path) in out
+
+    # `faceforge eval CHECKPOINT --bin X.bin`: the same held-out pairs written as an insightface .bin
+    images, issame = synthetic_pairs(32, num_identities=200, image_size=32, split="test")
+    write_bin(tmp_path / "held_out.bin", images, issame)
+    assert main(["eval", str(tmp_path / "demo" / "last.pt"), "--bin", str(tmp_path / "held_out.bin"),
+                 "--output", str(tmp_path)]) == 0
+    table = capsys.readouterr().out
+    assert re.search(r"^\| last\.pt on held_out +\| \d+\.\d\d ±", table, re.M)
+    assert (tmp_path / "roc_eval.png").is_file()
 
 
 def test_demo_config_is_valid_and_is_arcface_on_an_iresnet() -> None:

@@ -249,6 +249,15 @@ def _dataset_entry(cfg: Config) -> tuple[Callable[[Config], Dataset], Callable[[
     return DATASETS[cfg.data.name]
 
 
+def build_verification_sets(cfg: Config) -> dict[str, tuple[Any, Any]]:
+    """The held-out verification sets of ``cfg``: ``{name: (images uint8 (2N, H, W, 3), issame (N,))}``.
+
+    Synthetic data: one set named "" of ``data.eval_pairs`` pairs of test-split identities; recordio and
+    folder: the ``data.eval_bins``, named after their files. Empty when there are none.
+    """
+    return _dataset_entry(cfg)[1](cfg)
+
+
 def build_dataset(cfg: Config) -> Dataset:
     """The training set named by ``data.name``; it has ``num_classes`` and ``ds[i] -> (image, label)``."""
     return _dataset_entry(cfg)[0](cfg)

@@ -22,6 +22,7 @@ BENCHMARKS: list[tuple[str, list[str], list[str]]] = [
     ("bench_head.py", ["--classes", "1000000", "--repeats", "3"], ["--classes", "100000", "--repeats", "2"]),
     ("bench_synthetic.py", [], ["--n", "256"]),
     ("bench_train.py", ["--steps", "30"], ["--steps", "5"]),
+    ("bench_recordio.py", ["--images", "2000"], ["--images", "300"]),
 ]
 
 

@@ -59,7 +59,16 @@ def _render(args: argparse.Namespace) -> int:
 def _align(args: argparse.Namespace) -> int:
     from faceforge.data.align import align_files
 
-    written = align_files(args.landmarks, args.output, size=args.size)
+    landmarks = args.landmarks
+    if args.detect:  # `landmarks` names photos: detect them first (optional extra: faceforge[detect])
+        from pathlib import Path
+
+        from faceforge.data.detect import YuNetDetector, landmarks_for_files, write_landmarks
+
+        photos = sorted(p for p in Path(landmarks).iterdir() if p.is_file()) if Path(landmarks).is_dir() else [landmarks]
+        landmarks = write_landmarks(landmarks_for_files(photos, YuNetDetector()), Path(args.output) / "landmarks.txt")
+        print(f"landmarks of {len(photos)} photos: {landmarks}")
+    written = align_files(landmarks, args.output, size=args.size)
     print(f"aligned {len(written)} images into {args.output}")
     return 0
 
@@ -151,6 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("landmarks", help="text file: image_path x1 y1 ... x5 y5 per line (eyes, nose tip, mouth corners)")
     p.add_argument("output", help="folder for the aligned PNG crops")
     p.add_argument("--size", type=int, default=112, help="crop side in pixels (default 112)")
+    p.add_argument("--detect", action="store_true",
+                   help="LANDMARKS is a photo or a folder of photos: find the 5 points with YuNet "
+                        "(pip install 'faceforge[detect]'; nothing is downloaded)")
     commands["align"] = _align
 
     p = sub.add_parser("pack", help="pack an image folder or a 'path label' list into a .rec/.idx")

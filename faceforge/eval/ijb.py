@@ -1,0 +1,295 @@
+"""IJB-B / IJB-C evaluation: image features, 1:1 verification (TAR@FAR) and 1:N identification.
+
+Features follow insightface's ``eval_ijbc.py`` (reference notes, section 1.6):
+
+* each aligned image and its horizontal flip are embedded and the two outputs are **added** ("F2");
+* the sum is **not** L2-normalised per image ("N1": the norm is kept, so confident images weigh more);
+* optionally the feature is multiplied by the detector's faceness score ("D1", ``faceness_weight``);
+* templates: images averaged within each media, medias summed, the sum L2-normalised
+  (:func:`faceforge.data.ijb.template_features`); scores are cosine similarities.
+
+So :func:`ijb_embeddings` returns raw (un-normalised) flip-sums; do not feed it
+:func:`faceforge.eval.verify.embed`, which normalises each image.
+
+Differences from insightface, on purpose: TAR@FAR is :func:`faceforge.eval.metrics.tar_at_far` (the
+largest TPR on the exact ROC with ``FPR <= far``; insightface takes the ROC point whose FPR is closest
+to ``far``, which may exceed it). 1:N TPIR@FPIR and rank-k use :mod:`faceforge.eval.metrics`.
+
+The 1:N gallery / probe CSVs (``ijbc_1N_gallery_G1.csv``, ``ijbc_1N_probe_mixed.csv``, ...) have a
+header ``TEMPLATE_ID,SUBJECT_ID,FILENAME,...`` and one row per image; :func:`read_1n_gallery` and
+:func:`read_1n_probes` reduce them to ``{template_id: subject_id}``.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from faceforge.data.align import TEMPLATE_SIZE
+from faceforge.data.ijb import IJBMeta, iter_aligned, template_features, verification_scores
+from faceforge.eval import metrics
+from faceforge.eval.verify import _model_device_dtype, _to_input
+
+__all__ = [
+    "ijb_embeddings",
+    "ijb_identification",
+    "ijb_verification",
+    "read_1n_gallery",
+    "read_1n_probes",
+]
+
+
+# --------------------------------------------------------------------------------------------------
+# Image features
+# --------------------------------------------------------------------------------------------------
+
+
+def _load_cache(path: Path, meta: IJBMeta) -> np.ndarray:
+    try:
+        feats = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path}: cannot read cached IJB features: {e}") from e
+    if feats.ndim != 2 or len(feats) != len(meta):
+        raise ValueError(f"{path}: cached IJB features have shape {feats.shape}, expected ({len(meta)}, D) "
+                         f"for the {len(meta)} images of {meta.name}; delete the file to recompute")
+    if not np.issubdtype(feats.dtype, np.floating):
+        raise ValueError(f"{path}: cached IJB features must be floating point, got {feats.dtype}")
+    return feats.astype(np.float32, copy=False)
+
+
+def _save_cache(path: Path, feats: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with open(tmp, "wb") as f:  # a file handle: np.save must not append ".npy" to the name
+        np.save(f, feats, allow_pickle=False)
+    os.replace(tmp, path)
+
+
+def ijb_embeddings(model: nn.Module, meta: IJBMeta, root: str | Path, batch_size: int = 128, flip: bool = True,
+                   progress: bool = False, cache: str | Path | None = None, size: int = TEMPLATE_SIZE,
+                   device: torch.device | str | None = None) -> np.ndarray:
+    """Image features of every image of ``meta``, in file order: ``f(x) + f(flip(x))``, **not** normalised.
+
+    Images are read from ``root/loose_crop`` and aligned to ``size x size`` by
+    :func:`faceforge.data.ijb.iter_aligned`, normalised as ``(x - 127.5) / 127.5``, and run through
+    ``model`` in eval mode (restored afterwards) under ``torch.no_grad()``. With ``flip=False`` only
+    ``f(x)``. The per-image norm is kept, as insightface's "N1" mode; templates normalise later.
+
+    ``cache``: a ``.npy`` path. If it exists its array is returned without running the model; it must be
+    2-D with one row per image of ``meta`` (otherwise ``ValueError`` naming the file). If it does not
+    exist the features are computed and written there.
+
+    Returns float32 ``(N, D)``.
+    """
+    cache_path = Path(cache) if cache is not None else None
+    if cache_path is not None and cache_path.exists():
+        return _load_cache(cache_path, meta)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    if len(meta) == 0:
+        raise ValueError("meta lists no images")
+    model_device, dtype = _model_device_dtype(model)
+    device = torch.device(device) if device is not None else model_device
+    batches = iter_aligned(meta, root, size=size, batch_size=batch_size)
+    if progress:
+        from tqdm import tqdm
+
+        batches = tqdm(batches, total=math.ceil(len(meta) / batch_size), desc=f"{meta.name} features",
+                       unit="batch")
+    modes = {module: module.training for module in model.modules()}
+    model.eval()
+    outputs = []
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                x = _to_input(batch.images).to(device=device, dtype=dtype)
+                out = model(x)
+                if flip:
+                    out = out + model(torch.flip(x, dims=[3]))  # flip the width axis
+                if out.ndim != 2 or len(out) != len(x):
+                    raise ValueError(f"model must return (B, D) embeddings, got shape {tuple(out.shape)}")
+                outputs.append(out.float().cpu())
+    finally:
+        for module, training in modes.items():
+            module.train(training)
+    feats = torch.cat(outputs).numpy().astype(np.float32, copy=False)
+    if cache_path is not None:
+        _save_cache(cache_path, feats)
+    return feats
+
+
+def _check_features(image_features, meta: IJBMeta) -> np.ndarray:
+    if isinstance(image_features, torch.Tensor):
+        image_features = image_features.detach().cpu().numpy()
+    feats = np.asarray(image_features)
+    if feats.ndim != 2 or len(feats) != len(meta):
+        raise ValueError(f"image_features must be (N, D) with N = {len(meta)} images of {meta.name}, "
+                         f"got shape {feats.shape}")
+    return feats
+
+
+def _templates(image_features, meta: IJBMeta, faceness_weight: bool) -> tuple[np.ndarray, np.ndarray]:
+    feats = _check_features(image_features, meta)
+    return template_features(feats, meta.templates, meta.medias, meta.faceness if faceness_weight else None)
+
+
+# --------------------------------------------------------------------------------------------------
+# 1:1 verification
+# --------------------------------------------------------------------------------------------------
+
+
+def ijb_verification(image_features, meta: IJBMeta, faceness_weight: bool = False,
+                     fars: Sequence[float] = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)) -> dict:
+    """The IJB 1:1 protocol on ``meta``'s template pairs.
+
+    ``image_features`` ``(N, D)`` from :func:`ijb_embeddings`; with ``faceness_weight`` each is multiplied
+    by its faceness score (insightface "D1"). Templates by :func:`~faceforge.data.ijb.template_features`,
+    pair scores by cosine.
+
+    Returns a dict: ``tar_at_far`` ``{far: TAR}`` (exact, ``FPR <= far``; see the module notes),
+    ``auc``, ``scores`` float64 ``(P,)``, ``labels`` int64 ``(P,)`` (for :func:`~faceforge.eval.metrics.roc`).
+    """
+    ids, tfeats = _templates(image_features, meta, faceness_weight)
+    scores = verification_scores(ids, tfeats, meta.p1, meta.p2)
+    labels = np.asarray(meta.labels, dtype=np.int64)
+    fars = [float(f) for f in fars]
+    tars = np.atleast_1d(metrics.tar_at_far(scores, labels, fars)) if fars else np.zeros(0)
+    fpr, tpr, _ = metrics.roc(scores, labels)
+    return {
+        "tar_at_far": {far: float(tar) for far, tar in zip(fars, tars)},
+        "auc": metrics.auc(fpr, tpr),
+        "scores": scores,
+        "labels": labels,
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# 1:N identification
+# --------------------------------------------------------------------------------------------------
+
+
+def _read_1n_csv(path: str | Path, what: str) -> dict[int, int]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: IJB 1:N {what} file not found")
+    out: dict[int, int] = {}
+    first_line: dict[int, int] = {}
+    with open(path, "r", encoding="utf-8-sig", newline="") as f:
+        reader = csv.reader(f)
+        header = None
+        for row in reader:
+            number = reader.line_num
+            if not any(cell.strip() for cell in row):
+                continue
+            if header is None:
+                header = [cell.strip().upper() for cell in row]
+                missing = [c for c in ("TEMPLATE_ID", "SUBJECT_ID") if c not in header]
+                if missing:
+                    raise ValueError(f"{path}:{number}: header must name TEMPLATE_ID and SUBJECT_ID columns, "
+                                     f"missing {missing} in {row}")
+                t_col, s_col = header.index("TEMPLATE_ID"), header.index("SUBJECT_ID")
+                continue
+            if len(row) <= max(t_col, s_col):
+                raise ValueError(f"{path}:{number}: expected at least {max(t_col, s_col) + 1} fields "
+                                 f"(header has {len(header)}), got {len(row)}")
+            values = []
+            for col, name in ((t_col, "TEMPLATE_ID"), (s_col, "SUBJECT_ID")):
+                try:
+                    values.append(int(row[col].strip()))
+                except ValueError:
+                    raise ValueError(f"{path}:{number}: {name} must be an integer, got {row[col]!r}") from None
+            template, subject = values
+            if template in out and out[template] != subject:
+                raise ValueError(f"{path}:{number}: template {template} has subject {subject}, but subject "
+                                 f"{out[template]} on line {first_line[template]}")
+            if template not in out:
+                out[template], first_line[template] = subject, number
+    if header is None:
+        raise ValueError(f"{path}: empty IJB 1:N {what} file (no header)")
+    if not out:
+        raise ValueError(f"{path}: IJB 1:N {what} file has a header but no rows")
+    return out
+
+
+def read_1n_gallery(path: str | Path) -> dict[int, int]:
+    """``{template_id: subject_id}`` of a gallery CSV (``ijbc_1N_gallery_G1.csv`` / ``_G2.csv``).
+
+    The header names the columns (``TEMPLATE_ID``, ``SUBJECT_ID`` required, any order, case-insensitive,
+    others ignored); rows are images, so a template repeats. Errors name ``file:line`` for a missing
+    column, a short row, a non-integer id, or a template given two subjects.
+    """
+    return _read_1n_csv(path, "gallery")
+
+
+def read_1n_probes(path: str | Path) -> dict[int, int]:
+    """``{template_id: subject_id}`` of a probe CSV (``ijbc_1N_probe_mixed.csv``); as :func:`read_1n_gallery`."""
+    return _read_1n_csv(path, "probe")
+
+
+def _select(ids: np.ndarray, feats: np.ndarray, wanted: dict, what: str) -> tuple[np.ndarray, np.ndarray]:
+    if not wanted:
+        raise ValueError(f"{what} is empty")
+    keys = np.array(sorted(int(k) for k in wanted), dtype=np.int64)
+    pos = np.clip(np.searchsorted(ids, keys), 0, max(len(ids) - 1, 0))
+    found = (ids[pos] == keys) if len(ids) else np.zeros(len(keys), dtype=bool)
+    if not found.all():
+        missing = keys[~found]
+        raise ValueError(f"{what} names {len(missing)} template(s) with no images in meta, first {missing[:5].tolist()}")
+    labels = np.array([int(wanted[k]) for k in keys.tolist()], dtype=np.int64)
+    return feats[pos].astype(np.float64), labels
+
+
+def ijb_identification(image_features, meta: IJBMeta, gallery: dict[int, int], probes: dict[int, int],
+                       fpirs: Sequence[float] = (1e-2, 1e-1), ranks: Sequence[int] = (1, 5, 10),
+                       faceness_weight: bool = False) -> dict:
+    """The IJB 1:N protocol: probe templates searched against gallery templates.
+
+    ``gallery`` / ``probes``: ``{template_id: subject_id}`` (:func:`read_1n_gallery`,
+    :func:`read_1n_probes`); every template must have images in ``meta``. Template features as in
+    :func:`ijb_verification`; similarity = cosine ``(P, G)``. A probe is *mated* when its subject has a
+    gallery template.
+
+    Returns a dict: ``tpir_at_fpir`` ``{fpir: TPIR}`` at rank 1 (:func:`~faceforge.eval.metrics.tpir_at_fpir`
+    on all probes; NaN when every probe is mated or none is, as open-set needs both), ``rank``
+    ``{k: rate}`` (:func:`~faceforge.eval.metrics.rank_k` over the mated probes; ``k`` larger than the
+    gallery is clipped to it), ``mated`` / ``non_mated`` counts, ``similarity`` ``(P, G)``,
+    ``probe_templates`` / ``gallery_templates`` (sorted ids, the rows / columns), ``probe_labels`` /
+    ``gallery_labels``.
+    """
+    ids, tfeats = _templates(image_features, meta, faceness_weight)
+    g_feats, g_labels = _select(ids, tfeats, gallery, "gallery")
+    p_feats, p_labels = _select(ids, tfeats, probes, "probes")
+    similarity = p_feats @ g_feats.T  # rows already L2-normalised (zero rows stay zero)
+    mated = np.isin(p_labels, g_labels)
+    n_mated, n_non = int(mated.sum()), int((~mated).sum())
+    fpirs = [float(f) for f in fpirs]
+    if n_mated and n_non and fpirs:
+        tpirs = np.atleast_1d(metrics.tpir_at_fpir(similarity, p_labels, g_labels, fpirs, rank=1))
+    else:
+        tpirs = np.full(len(fpirs), np.nan)
+    ranks = [int(k) for k in ranks]
+    if any(k < 1 for k in ranks):
+        raise ValueError(f"ranks must be >= 1, got {ranks}")
+    if n_mated and ranks:
+        clipped = [min(k, len(g_labels)) for k in ranks]
+        rates = np.atleast_1d(metrics.rank_k(similarity[mated], p_labels[mated], g_labels, clipped))
+    else:
+        rates = np.full(len(ranks), np.nan)
+    return {
+        "tpir_at_fpir": {f: float(t) for f, t in zip(fpirs, tpirs)},
+        "rank": {k: float(r) for k, r in zip(ranks, rates)},
+        "mated": n_mated,
+        "non_mated": n_non,
+        "similarity": similarity,
+        "probe_templates": np.array(sorted(int(k) for k in probes), dtype=np.int64),
+        "gallery_templates": np.array(sorted(int(k) for k in gallery), dtype=np.int64),
+        "probe_labels": p_labels,
+        "gallery_labels": g_labels,
+    }

@@ -329,6 +329,17 @@ def rank_k(
     return float(rates[0]) if ks.ndim == 0 else rates
 
 
+def _unit_embeddings(embeddings: np.ndarray, labels: np.ndarray | Sequence) -> tuple[np.ndarray, np.ndarray]:
+    """Checked float64 ``(N, D)`` embeddings, L2-normalised (cosine similarity), and labels ``(N,)``."""
+    x = np.asarray(embeddings, dtype=np.float64)
+    y = np.asarray(labels)
+    if x.ndim != 2 or y.shape != (len(x),):
+        raise ValueError(f"embeddings must be (N, D) and labels (N,), got {x.shape} and {y.shape}")
+    if not np.isfinite(x).all():
+        raise ValueError("embeddings contain NaN or infinite values")
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12), y
+
+
 def recall_at_k(
     embeddings: np.ndarray,
     labels: np.ndarray | Sequence,
@@ -350,14 +361,8 @@ def recall_at_k(
     Returns:
         Recall in [0, 1]: a float for an int ``k``, an array for a sequence.
     """
-    x = np.asarray(embeddings, dtype=np.float64)
-    y = np.asarray(labels)
-    if x.ndim != 2 or y.shape != (len(x),):
-        raise ValueError(f"embeddings must be (N, D) and labels (N,), got {x.shape} and {y.shape}")
-    if not np.isfinite(x).all():
-        raise ValueError("embeddings contain NaN or infinite values")
+    x, y = _unit_embeddings(embeddings, labels)
     ks = _check_k(k, len(x) - 1)
-    x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
     ranks = np.empty(len(x), dtype=np.int64)
     for start in range(0, len(x), chunk_size):  # a loop over query blocks, bounded memory
         rows = np.arange(start, min(start + chunk_size, len(x)))
@@ -420,12 +425,57 @@ def tpir_at_fpir(
     return float(tpir) if f.ndim == 0 else tpir
 
 
+def mean_average_precision(
+    embeddings: np.ndarray,
+    labels: np.ndarray | Sequence,
+    chunk_size: int = 256,
+) -> float:
+    """Retrieval mAP: every item queries all the *other* items by cosine similarity.
+
+    A query's average precision is the mean, over its same-label items, of the precision at each one's
+    position in the ranking. Ties with other-label items count against the query (other-label items
+    are ranked first among equal scores), as in :func:`recall_at_k`. Queries whose label occurs
+    nowhere else have no relevant item and are left out of the mean.
+
+    Args:
+        embeddings: ``(N, D)``; L2-normalised here. labels: ``(N,)``.
+        chunk_size: queries per block; memory ~ ``chunk_size x N``.
+
+    Returns:
+        mAP in [0, 1].
+    """
+    x, y = _unit_embeddings(embeddings, labels)
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    total, n_queries = 0.0, 0
+    positions = np.arange(1, len(x) + 1)
+    for start in range(0, len(x), chunk_size):  # a loop over query blocks, bounded memory
+        rows = np.arange(start, min(start + chunk_size, len(x)))
+        sim = x[rows] @ x.T
+        rel = y[rows, None] == y[None, :]
+        sim[np.arange(len(rows)), rows] = -np.inf  # the query itself goes last and is not relevant
+        rel[np.arange(len(rows)), rows] = False
+        n_rel = rel.sum(axis=1)
+        # descending score; among equal scores the non-relevant (False) first
+        order = np.lexsort((rel, -sim), axis=-1)
+        rel_sorted = np.take_along_axis(rel, order, axis=1)
+        precision = np.cumsum(rel_sorted, axis=1) / positions
+        has = n_rel > 0
+        ap = (precision * rel_sorted).sum(axis=1)[has] / n_rel[has]
+        total += float(ap.sum())
+        n_queries += int(has.sum())
+    if n_queries == 0:
+        raise ValueError("no query has a same-label item: mAP is undefined")
+    return total / n_queries
+
+
 __all__ = [
     "auc",
     "best_threshold_accuracy",
     "check_pairs",
     "eer",
     "fold_ids",
+    "mean_average_precision",
     "rank_k",
     "recall_at_k",
     "roc",

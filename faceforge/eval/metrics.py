@@ -82,36 +82,38 @@ def _check_far(far: float | Sequence[float]) -> np.ndarray:
 # --------------------------------------------------------------------------------------------------
 
 
-def _cumulative_counts(scores_desc: np.ndarray, labels_desc: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Counts accepted at each distinct score, scores already sorted in descending order.
+def _sorted_groups(s: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Scores in descending order, grouped by value: ``(order, values, ends)``.
 
-    Returns ``(values, tps, fps)``, each ``(M,)`` for the ``M`` distinct scores ``values`` (descending):
-    ``tps[j]`` / ``fps[j]`` = positives / negatives with ``score >= values[j]``.
+    ``order`` sorts the scores descending; ``values`` ``(M,)`` are the distinct scores, descending, and
+    ``ends[j]`` is the position (in sorted order) of the last score equal to ``values[j]``. Every metric
+    below counts at group ends, so the order among tied scores never matters and numpy's default
+    (unstable, about 3 x faster than stable) argsort is enough.
     """
-    if len(scores_desc) == 0:
-        return np.empty(0), np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64)
-    last_of_group = np.flatnonzero(np.diff(scores_desc) != 0)
-    ends = np.append(last_of_group, len(scores_desc) - 1)
-    tps = np.cumsum(labels_desc, dtype=np.int64)[ends]
-    fps = ends + 1 - tps
-    return scores_desc[ends], tps, fps
+    order = np.argsort(-s)
+    s_desc = s[order]
+    ends = np.append(np.flatnonzero(s_desc[1:] != s_desc[:-1]), len(s_desc) - 1)
+    return order, s_desc[ends], ends
 
 
-def _sort_desc(s: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    order = np.argsort(-s, kind="stable")
-    return order, s[order], y[order]
+def _cumulative_counts(s: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Pairs accepted at each distinct score: ``(values, tps, fps)``, each ``(M,)``.
+
+    ``values`` are the distinct scores, descending; ``tps[j]`` / ``fps[j]`` = positives / negatives with
+    ``score >= values[j]``.
+    """
+    order, values, ends = _sorted_groups(s)
+    tps = np.cumsum(y[order], dtype=np.int64)[ends]
+    return values, tps, ends + 1 - tps
 
 
-def _best_threshold_sorted(scores_desc: np.ndarray, labels_desc: np.ndarray) -> tuple[int, float]:
-    """The accuracy-maximising threshold over all candidates, scores sorted descending.
+def _best_threshold(values: np.ndarray, tps: np.ndarray, fps: np.ndarray, n_pos: int, n_neg: int) -> tuple[int, float]:
+    """The accuracy-maximising threshold over all candidates, from :func:`_cumulative_counts`.
 
     Candidates (descending): ``+inf`` (reject all), the midpoints between consecutive distinct scores,
     ``-inf`` (accept all). Ties in accuracy go to the highest threshold (the strictest), as insightface's
     ``argmax`` over ascending distance thresholds does. Returns ``(n_correct, threshold)``.
     """
-    values, tps, fps = _cumulative_counts(scores_desc, labels_desc)
-    n_pos = int(labels_desc.sum())
-    n_neg = len(labels_desc) - n_pos
     # correct[0]: reject all; correct[j + 1]: accept the groups 0..j (j = M - 1: accept all)
     correct = np.concatenate(([n_neg], tps + (n_neg - fps)))
     mids = (values[:-1] + values[1:]) / 2
@@ -142,8 +144,7 @@ def roc(scores: np.ndarray | Sequence, labels: np.ndarray | Sequence) -> tuple[n
         non-decreasing and end at 1.
     """
     s, y = check_pairs(scores, labels)
-    _, s_desc, y_desc = _sort_desc(s, y)
-    values, tps, fps = _cumulative_counts(s_desc, y_desc)
+    values, tps, fps = _cumulative_counts(s, y)
     fpr = np.concatenate(([0.0], fps / fps[-1]))
     tpr = np.concatenate(([0.0], tps / tps[-1]))
     return fpr, tpr, np.concatenate(([np.inf], values))
@@ -179,8 +180,7 @@ def tar_at_far(
     """
     s, y = check_pairs(scores, labels)
     f = _check_far(far)
-    _, s_desc, y_desc = _sort_desc(s, y)
-    _, tps, fps = _cumulative_counts(s_desc, y_desc)
+    _, tps, fps = _cumulative_counts(s, y)
     n_pos, n_neg = tps[-1], fps[-1]
     fp_allowed = f * n_neg * (1 + _FAR_RTOL)
     # fps is non-decreasing: the last ROC point within budget has the largest TPR
@@ -213,8 +213,8 @@ def best_threshold_accuracy(scores: np.ndarray | Sequence, labels: np.ndarray | 
         ``(accuracy, threshold)``; accuracy in [0, 1], accept when ``score >= threshold``.
     """
     s, y = check_pairs(scores, labels)
-    _, s_desc, y_desc = _sort_desc(s, y)
-    n_correct, threshold = _best_threshold_sorted(s_desc, y_desc)
+    n_pos = int(y.sum())
+    n_correct, threshold = _best_threshold(*_cumulative_counts(s, y), n_pos, len(y) - n_pos)
     return n_correct / len(s), threshold
 
 
@@ -249,13 +249,24 @@ def verification_accuracy(
     """
     s, y = check_pairs(scores, labels)
     fold = fold_ids(len(s), folds)
-    order, s_desc, y_desc = _sort_desc(s, y)
-    fold_desc = fold[order]
+    order, values, ends = _sorted_groups(s)  # one sort serves every fold
+    y_desc, fold_desc = y[order], fold[order]
+    tps = np.cumsum(y_desc, dtype=np.int64)[ends]
+    fps = ends + 1 - tps
     accuracies = np.empty(folds)
     for k in range(folds):  # a loop over folds; the threshold search inside is vectorised
-        train = fold_desc != k
-        _, threshold = _best_threshold_sorted(s_desc[train], y_desc[train])
         test = fold == k
+        # the other folds' counts = all pairs' - this fold's, at the same distinct scores
+        in_fold = fold_desc == k
+        test_tps = np.cumsum(y_desc & in_fold, dtype=np.int64)[ends]
+        test_fps = np.cumsum(in_fold, dtype=np.int64)[ends] - test_tps
+        train_tps, train_fps = tps - test_tps, fps - test_fps
+        # keep only the scores that occur in the other folds (the candidates of a search on them alone)
+        added = np.diff(train_tps + train_fps, prepend=0) > 0
+        n_pos = int(train_tps[-1])
+        _, threshold = _best_threshold(
+            values[added], train_tps[added], train_fps[added], n_pos, int(train_fps[-1])
+        )
         accuracies[k] = np.mean((s[test] >= threshold) == y[test])
     return float(accuracies.mean()), float(accuracies.std())
 

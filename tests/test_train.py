@@ -17,7 +17,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 import torch
@@ -29,6 +29,8 @@ from faceforge.train.checkpoint import CheckpointError, load_checkpoint, save_ch
 from faceforge.train.config import Config, OptimConfig, ScheduleConfig, config_from_dict, load_config, to_yaml
 from faceforge.train.engine import NonFiniteLossError, TrainResult, train
 from faceforge.train.optim import build_optimizer, build_scheduler, lr_at
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 REPO = Path(__file__).resolve().parents[1]
 WORKER = Path(_train_worker.__file__).resolve()
@@ -80,13 +82,6 @@ def write_config(cfg_dir: Path, output: Path, *overrides: dict[str, dict[str, An
     return path
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    """In-process runs use one thread, like the worker, so that reductions happen in the same order."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def run_worker(*args: str, expect_kill: bool = False, timeout: float = 180.0) -> subprocess.CompletedProcess:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import pytest
@@ -21,15 +21,11 @@ from faceforge.train.config import ConfigError, config_from_dict
 from faceforge.train.data import LABEL_MAP_NAME, build_dataset
 from faceforge.train.engine import train
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 IDS, PER_ID, SIZE = 4, 8, 32
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -25,6 +25,7 @@ from faceforge.fileio import atomic_open
 
 __all__ = [
     "IMAGE_EXTENSIONS",
+    "scan_identity_folders",
     "DatasetError",
     "ImageFolderDataset",
     "ImageListDataset",
@@ -32,7 +33,7 @@ __all__ = [
     "load_label_map",
 ]
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp"})
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm", ".pgm")
 
 
 class DatasetError(ValueError):
@@ -40,7 +41,35 @@ class DatasetError(ValueError):
 
 
 def _is_image(name: str) -> bool:
-    return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+    return not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+
+
+def scan_identity_folders(root: str | os.PathLike) -> tuple[list[str], list[list[str]]]:
+    """``(identity names, image paths per identity)`` of an image folder, both sorted by name.
+
+    Identities are the non-hidden sub-folders of ``root``; their images are the non-hidden files with an
+    image extension (any case) directly inside them. Raises :class:`DatasetError` for a missing root,
+    a root without sub-folders, or an identity folder without images (naming it). ``faceforge pack``
+    and :class:`ImageFolderDataset` both scan with this, so they agree on every identity and image.
+    """
+    root = os.fspath(root)
+    if not os.path.exists(root):
+        raise DatasetError(f"{root}: image folder not found")
+    if not os.path.isdir(root):
+        raise DatasetError(f"{root}: not a folder (expected one sub-folder per identity)")
+    names = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    if not names:
+        raise DatasetError(f"{root}: no identity folders (expected one sub-folder per identity)")
+    files = []
+    for name in names:
+        folder = os.path.join(root, name)
+        images = sorted(e.name for e in os.scandir(folder) if _is_image(e.name) and e.is_file())
+        if not images:
+            raise DatasetError(
+                f"{folder}: identity folder has no images (expected files ending in {', '.join(IMAGE_EXTENSIONS)})"
+            )
+        files.append([os.path.join(folder, f) for f in images])
+    return names, files
 
 
 def decode_image(path: str | os.PathLike, where: str | None = None) -> np.ndarray:
@@ -159,15 +188,7 @@ class ImageFolderDataset(_LabelledImages):
     ) -> None:
         self.root = os.fspath(root)
         self.transform = transform
-        if not os.path.exists(self.root):
-            raise DatasetError(f"{self.root}: image folder not found")
-        if not os.path.isdir(self.root):
-            raise DatasetError(f"{self.root}: not a folder (expected one sub-folder per identity)")
-        classes = sorted(
-            e.name for e in os.scandir(self.root) if e.is_dir() and not e.name.startswith(".")
-        )
-        if not classes:
-            raise DatasetError(f"{self.root}: no identity folders (expected one sub-folder per identity)")
+        classes, files = scan_identity_folders(self.root)
         if class_to_label is None:
             mapping = {name: i for i, name in enumerate(classes)}
         elif isinstance(class_to_label, (str, os.PathLike)):
@@ -183,19 +204,7 @@ class ImageFolderDataset(_LabelledImages):
         self.classes = classes
         self.class_to_label = dict(mapping)
         self._num_classes = (max(mapping.values()) + 1) if mapping else 0
-        samples: list[tuple[str, int]] = []
-        for name in classes:
-            folder = os.path.join(self.root, name)
-            files = sorted(
-                e.name for e in os.scandir(folder)
-                if not e.name.startswith(".") and _is_image(e.name) and e.is_file()
-            )
-            if not files:
-                raise DatasetError(
-                    f"{folder}: identity folder has no images (expected files ending in "
-                    f"{', '.join(sorted(IMAGE_EXTENSIONS))})"
-                )
-            samples.extend((os.path.join(folder, f), mapping[name]) for f in files)
+        samples = [(path, mapping[name]) for name, paths in zip(classes, files) for path in paths]
         self.samples = samples
 
     @property

@@ -26,7 +26,6 @@ from typing import Callable, Iterable, Iterator, Sequence, TypeVar
 
 import numpy as np
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm", ".pgm")
 _PASS_THROUGH = ("JPEG", "PNG")
 
 T = TypeVar("T")
@@ -114,31 +113,15 @@ def _load_encoded(path: str) -> _Loaded:
         return _Loaded(path, None, None, f"cannot decode ({len(raw)} bytes): {type(e).__name__}: {e}")
 
 
-def _is_image(name: str) -> bool:
-    return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
-
-
 def scan_folder(root: str | os.PathLike) -> tuple[list[str], list[list[str]]]:
-    """``(identity names, image paths per identity)`` of an image folder, both sorted by name.
+    """``(identity names, image paths per identity)``: :func:`faceforge.data.folder.scan_identity_folders`,
+    its errors raised as :class:`PackError`."""
+    from faceforge.data.folder import DatasetError, scan_identity_folders
 
-    Identities are the non-hidden sub-folders of ``root``; their images are the files with an image
-    extension directly inside them. Raises :class:`PackError` for a missing root, a root without
-    sub-folders, or an identity folder without images (naming it).
-    """
-    root = os.fspath(root)
-    if not os.path.isdir(root):
-        raise PackError(f"{root}: not a folder")
-    names = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
-    if not names:
-        raise PackError(f"{root}: no identity sub-folders (expected one sub-folder of images per identity)")
-    files: list[list[str]] = []
-    for name in names:
-        folder = os.path.join(root, name)
-        imgs = sorted(e.name for e in os.scandir(folder) if e.is_file() and _is_image(e.name))
-        if not imgs:
-            raise PackError(f"{folder}: identity folder has no images (extensions: {', '.join(IMAGE_EXTENSIONS)})")
-        files.append([os.path.join(folder, f) for f in imgs])
-    return names, files
+    try:
+        return scan_identity_folders(root)
+    except DatasetError as e:
+        raise PackError(str(e)) from None
 
 
 def read_image_list(path: str | os.PathLike, root: str | os.PathLike | None = None) -> list[tuple[str, int]]:
@@ -515,7 +498,6 @@ def inspect_path(path: str | os.PathLike, *, decode: bool = False, sample: int =
 
 
 __all__ = [
-    "IMAGE_EXTENSIONS",
     "InspectReport",
     "PackError",
     "PackResult",

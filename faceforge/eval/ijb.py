@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import csv
 import math
-import os
 from pathlib import Path
 from typing import Sequence
 
@@ -35,7 +34,8 @@ from torch import nn
 from faceforge.data.align import TEMPLATE_SIZE
 from faceforge.data.ijb import IJBMeta, iter_aligned, template_features, verification_scores
 from faceforge.eval import metrics
-from faceforge.eval.verify import _model_device_dtype, _to_input
+from faceforge.eval.verify import embed_batches
+from faceforge.fileio import atomic_open
 
 __all__ = [
     "ijb_embeddings",
@@ -65,11 +65,8 @@ def _load_cache(path: Path, meta: IJBMeta) -> np.ndarray:
 
 
 def _save_cache(path: Path, feats: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "wb") as f:  # a file handle: np.save must not append ".npy" to the name
+    with atomic_open(path, "wb") as f:  # a file handle: np.save must not append ".npy" to the name
         np.save(f, feats, allow_pickle=False)
-    os.replace(tmp, path)
 
 
 def ijb_embeddings(model: nn.Module, meta: IJBMeta, root: str | Path, batch_size: int = 128, flip: bool = True,
@@ -95,31 +92,13 @@ def ijb_embeddings(model: nn.Module, meta: IJBMeta, root: str | Path, batch_size
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     if len(meta) == 0:
         raise ValueError("meta lists no images")
-    model_device, dtype = _model_device_dtype(model)
-    device = torch.device(device) if device is not None else model_device
     batches = iter_aligned(meta, root, size=size, batch_size=batch_size)
     if progress:
         from tqdm import tqdm
 
         batches = tqdm(batches, total=math.ceil(len(meta) / batch_size), desc=f"{meta.name} features",
                        unit="batch")
-    modes = {module: module.training for module in model.modules()}
-    model.eval()
-    outputs = []
-    try:
-        with torch.no_grad():
-            for batch in batches:
-                x = _to_input(batch.images).to(device=device, dtype=dtype)
-                out = model(x)
-                if flip:
-                    out = out + model(torch.flip(x, dims=[3]))  # flip the width axis
-                if out.ndim != 2 or len(out) != len(x):
-                    raise ValueError(f"model must return (B, D) embeddings, got shape {tuple(out.shape)}")
-                outputs.append(out.float().cpu())
-    finally:
-        for module, training in modes.items():
-            module.train(training)
-    feats = torch.cat(outputs).numpy().astype(np.float32, copy=False)
+    feats = embed_batches(model, (batch.images for batch in batches), flip, device, normalize=False)
     if cache_path is not None:
         _save_cache(cache_path, feats)
     return feats

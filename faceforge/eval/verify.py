@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 import torch
@@ -76,26 +76,44 @@ def embed(
     n = len(images)
     if n == 0:
         raise ValueError("images is empty; expected (N, H, W, 3) uint8 or (N, 3, H, W) float with N >= 1")
-    model_device, dtype = _model_device_dtype(model)
-    device = torch.device(device) if device is not None else model_device
     starts = range(0, n, batch_size)
     if progress:
         from tqdm import tqdm
 
         starts = tqdm(starts, total=math.ceil(n / batch_size), desc="embed", unit="batch")
+    return embed_batches(model, (images[start : start + batch_size] for start in starts), flip, device, normalize=True)
+
+
+def embed_batches(
+    model: nn.Module,
+    batches: Iterable[np.ndarray | torch.Tensor],
+    flip: bool = True,
+    device: torch.device | str | None = None,
+    normalize: bool = True,
+) -> np.ndarray:
+    """``f(x) + f(flip(x))`` (or ``f(x)``) of every batch, concatenated: float32 ``(N, D)``.
+
+    Each batch is uint8 ``(B, H, W, 3)`` or normalised float ``(B, 3, H, W)`` (as for :func:`embed`).
+    The model runs in eval mode under ``torch.no_grad()`` on ``device`` (default: its own); every
+    submodule's train/eval mode is restored afterwards, also on error. ``normalize``: L2-normalise each
+    row (verification); False keeps the norm (IJB image features, normalised per template later).
+    """
+    model_device, dtype = _model_device_dtype(model)
+    device = torch.device(device) if device is not None else model_device
     modes = {module: module.training for module in model.modules()}
     model.eval()
     outputs = []
     try:
         with torch.no_grad():
-            for start in starts:
-                x = _to_input(images[start : start + batch_size]).to(device=device, dtype=dtype)
+            for batch in batches:
+                x = _to_input(batch).to(device=device, dtype=dtype)
                 out = model(x)
                 if flip:
                     out = out + model(torch.flip(x, dims=[3]))  # flip the width axis
                 if out.ndim != 2 or len(out) != len(x):
                     raise ValueError(f"model must return (B, D) embeddings, got shape {tuple(out.shape)}")
-                outputs.append(nn.functional.normalize(out.float(), dim=1).cpu())
+                out = out.float()
+                outputs.append((nn.functional.normalize(out, dim=1) if normalize else out).cpu())
     finally:
         for module, training in modes.items():
             module.train(training)
@@ -192,4 +210,4 @@ def verify_pairs(
     return evaluate_scores(pair_scores(embeddings), issame, fars=fars)
 
 
-__all__ = ["VerificationResult", "embed", "evaluate_scores", "pair_scores", "verify_pairs"]
+__all__ = ["VerificationResult", "embed", "embed_batches", "evaluate_scores", "pair_scores", "verify_pairs"]

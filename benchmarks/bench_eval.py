@@ -25,16 +25,9 @@ import sys
 import time
 
 import numpy as np
+from rss import reset_peak_rss, status_kib  # benchmarks/rss.py
 
 FARS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
-
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    return 0
 
 
 def part_scoring(n: int) -> dict:
@@ -84,19 +77,15 @@ def part_identify(probes: int, distractors: int, dim: int, block: int, chunk: in
     for _ in _blocks(distractors, dim, block):
         pass
     t_gen = time.perf_counter() - t0
-    try:  # reset VmHWM to the current RSS, so the generation pass above does not count
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
-    rss0 = _status_kib("VmRSS")
+    reset_peak_rss()  # so the generation pass above does not count
+    rss0 = status_kib("VmRSS")
     t0 = time.perf_counter()
     res = identify_with_distractors(
         probe, p_lab, gallery, g_lab, _blocks(distractors, dim, block), ks=(1, 10), fars=(1e-6,),
         num_distractors=distractors, chunk_size=chunk,
     )
     t_total = time.perf_counter() - t0
-    peak = _status_kib("VmHWM")
+    peak = status_kib("VmHWM")
     return {
         "probes": probes, "distractors": distractors, "dim": dim, "chunk": chunk,
         "generate_s": t_gen, "identify_incl_generate_s": t_total, "identify_s": t_total - t_gen,

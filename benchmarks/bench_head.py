@@ -27,27 +27,12 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+from rss import reset_peak_rss, status_kib  # benchmarks/rss.py
 
 from faceforge.heads import ArcFace, apply_margin
 from faceforge.heads.softmax import DEFAULT_CHUNK_SIZE
 
 VARIANTS = ("baseline", "ours", "plain")
-
-
-def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not found in /proc/self/status")
-
-
-def _reset_peak_rss() -> None:
-    try:  # Linux >= 4.0: writing 5 resets VmHWM to the current RSS
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
 
 
 def make_inputs(
@@ -113,10 +98,10 @@ def measure_memory_here(
     make_step("plain", small_head, small_x, small_labels)()
     head, x, labels = make_inputs(classes, dim, batch, chunk_size=chunk_size)
     step = make_step(variant, head, x, labels)  # baseline preallocates its outputs here, outside the window
-    rss_before = _status_kib("VmRSS")
-    _reset_peak_rss()
+    rss_before = status_kib("VmRSS")
+    reset_peak_rss()
     step()
-    peak = _status_kib("VmHWM")
+    peak = status_kib("VmHWM")
     return {"extra_bytes": (peak - rss_before) * 1024.0, "weight_bytes": float(head.weight.numel() * 4)}
 
 

@@ -18,14 +18,14 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from faceforge.data.synthetic import synthetic_pairs
 from faceforge.eval.report import markdown_table, plot_roc, score_histogram
 from faceforge.eval.metrics import roc
 from faceforge.eval.verify import VerificationResult, embed, evaluate_scores, pair_scores, verify_pairs
 from faceforge.train.checkpoint import load_checkpoint
 from faceforge.train.config import Config, config_from_dict, load_config
 from faceforge.data.pairs import load_bin
-from faceforge.train.engine import build_backbone, build_verification_sets, train
+from faceforge.train.data import build_verification_sets, synthetic_held_out_pairs
+from faceforge.train.engine import build_backbone, train
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 
@@ -42,18 +42,6 @@ TINY_OVERRIDES = (
     "model.backbone=iresnet",
     "model.kwargs.layers=[1,1,1,1]",
 )
-
-
-def _held_out_pairs(cfg: Config) -> tuple[np.ndarray, np.ndarray]:
-    d = cfg.data
-    return synthetic_pairs(
-        d.eval_pairs,
-        num_identities=d.eval_identities,
-        seed=cfg.seed,
-        difficulty=d.difficulty,
-        image_size=d.image_size,
-        split="test",
-    )
 
 
 def _untrained_backbone(cfg: Config) -> torch.nn.Module:
@@ -79,7 +67,7 @@ def _curve(r: VerificationResult) -> tuple[np.ndarray, np.ndarray]:
 def run_demo(config: str | Path | None = None, overrides: Sequence[str] = (), tiny: bool = False) -> dict[str, VerificationResult]:
     """Train the demo model and print the untrained-vs-trained table. Returns both results."""
     cfg = load_config(config or DEMO_CONFIG, [*(TINY_OVERRIDES if tiny else ()), *overrides])
-    images, issame = _held_out_pairs(cfg)
+    images, issame = synthetic_held_out_pairs(cfg)
     print(
         f"faceforge demo: {cfg.model.backbone} + {cfg.head.name} on {cfg.data.num_identities} synthetic identities "
         f"x {cfg.data.images_per_identity} images ({cfg.data.image_size}x{cfg.data.image_size}); "

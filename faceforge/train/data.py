@@ -18,7 +18,7 @@ from faceforge.train import distributed as fdist
 from faceforge.train.checkpoint import CHECKPOINT_NAME
 from faceforge.train.config import Config, ConfigError
 
-__all__ = ["DATASETS", "LABEL_MAP_NAME", "build_dataset", "build_verification_sets"]
+__all__ = ["DATASETS", "LABEL_MAP_NAME", "build_dataset", "build_verification_sets", "synthetic_held_out_pairs"]
 
 def _synthetic_train(cfg: Config) -> Dataset:
     from faceforge.data.synthetic import SyntheticFaces
@@ -30,7 +30,8 @@ def _synthetic_train(cfg: Config) -> Dataset:
     )
 
 
-def _synthetic_pairs(cfg: Config) -> tuple[Any, Any]:
+def synthetic_held_out_pairs(cfg: Config) -> tuple[Any, Any]:
+    """``data.eval_pairs`` pairs of ``data.eval_identities`` test-split (never trained) synthetic identities."""
     from faceforge.data.synthetic import synthetic_pairs
 
     d = cfg.data
@@ -42,7 +43,7 @@ def _synthetic_pairs(cfg: Config) -> tuple[Any, Any]:
 
 def _synthetic_eval(cfg: Config) -> dict[str, tuple[Any, Any]]:
     """``{"": (images, issame)}`` (metric names unprefixed), or ``{}`` when ``data.eval_pairs`` is 0."""
-    return {"": _synthetic_pairs(cfg)} if cfg.data.eval_pairs > 0 else {}
+    return {"": synthetic_held_out_pairs(cfg)} if cfg.data.eval_pairs > 0 else {}
 
 
 class _TrainImages(Dataset):

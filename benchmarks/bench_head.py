@@ -2,11 +2,15 @@
 
     python benchmarks/bench_head.py --classes 1000000 --dim 512 --batch 128
     python benchmarks/bench_head.py --classes 100000              # quick check
+    python benchmarks/bench_head.py --classes 1000000 --variants baseline,sphereface2,sphereface2_plain
 
 Variants, for ArcFace (s = 64, m = 0.5) with W of shape (classes, dim) in float32:
   baseline  the three matmuls no implementation can avoid: x W^T, g^T x, g W (outputs preallocated)
   ours      faceforge.heads.ArcFace: chunked custom autograd function
   plain     F.normalize(W), full logits, margin on the target column, F.cross_entropy, autograd
+and, on request (--variants), for SphereFace2 (lambda = 0.7, r = 30, m = 0.4, t = 3, the same W):
+  sphereface2        faceforge.heads.SphereFace2: chunked custom autograd function
+  sphereface2_plain  its plain (B, C) logits (head.logits), softplus over every column, autograd
 
 Times: warm-up, then the median of --repeats runs, all in this process (so `ours` runs in steady state,
 reusing its buffers as a training loop does: faceforge/heads/buffers.py). Memory: each variant in a fresh
@@ -29,10 +33,12 @@ import torch
 import torch.nn.functional as F
 from rss import reset_peak_rss, status_kib  # benchmarks/rss.py
 
-from faceforge.heads import ArcFace, apply_margin
+from faceforge.heads import ArcFace, SphereFace2, apply_margin
 from faceforge.heads.softmax import DEFAULT_CHUNK_SIZE
+from faceforge.heads.sphereface2 import DEFAULT_CHUNK_SIZE as SF2_CHUNK_SIZE
 
-VARIANTS = ("baseline", "ours", "plain")
+VARIANTS = ("baseline", "ours", "plain", "sphereface2", "sphereface2_plain")
+DEFAULT_VARIANTS = ("baseline", "ours", "plain")
 
 
 def make_inputs(
@@ -45,9 +51,21 @@ def make_inputs(
     return head, x, labels
 
 
-def make_step(variant: str, head: ArcFace, x: torch.Tensor, labels: torch.Tensor) -> Callable[[], None]:
+def sphereface2_sharing(head: ArcFace, chunk_size: int = SF2_CHUNK_SIZE) -> SphereFace2:
+    """A SphereFace2 head (paper defaults) whose `weight` IS `head.weight` (built on meta: no second |W|)."""
+    with torch.device("meta"):
+        sf2 = SphereFace2(head.num_classes, head.embedding_size, chunk_size=chunk_size)
+    sf2.weight = head.weight
+    sf2.bias = torch.nn.Parameter(torch.tensor([sf2.initial_bias()]))
+    return sf2
+
+
+def make_step(
+    variant: str, head: ArcFace, x: torch.Tensor, labels: torch.Tensor, sf2_chunk_size: int = SF2_CHUNK_SIZE
+) -> Callable[[], None]:
     """A closure running one forward + backward of `variant` (gradients are dropped after each run)."""
     weight = head.weight
+    sf2 = sphereface2_sharing(head, sf2_chunk_size) if variant.startswith("sphereface2") else None
 
     def ours() -> None:
         head(x, labels).backward()
@@ -58,6 +76,18 @@ def make_step(variant: str, head: ArcFace, x: torch.Tensor, labels: torch.Tensor
         logits = head.s * apply_margin(cos, labels, head.m1, head.m2, head.m3)
         F.cross_entropy(logits, labels).backward()
         weight.grad = x.grad = None
+
+    def sphereface2() -> None:
+        sf2(x, labels).backward()
+        weight.grad = x.grad = sf2.bias.grad = None
+
+    def sphereface2_plain() -> None:
+        z = sf2.logits(x, labels)
+        target = F.one_hot(labels, z.shape[1]).bool()
+        positive = sf2.lamb / sf2.r * F.softplus(-z[target])
+        negative = (1 - sf2.lamb) / sf2.r * F.softplus(z).masked_fill(target, 0.0).sum(1)
+        (positive + negative).mean().backward()
+        weight.grad = x.grad = sf2.bias.grad = None
 
     w = weight.detach()
     xd = x.detach()
@@ -71,7 +101,9 @@ def make_step(variant: str, head: ArcFace, x: torch.Tensor, labels: torch.Tensor
         torch.mm(grad_logits.t(), xd, out=grad_w)  # g^T x
         torch.mm(grad_logits, w, out=grad_x)  # g W
 
-    return {"baseline": baseline, "ours": ours, "plain": plain}[variant]
+    steps = {"baseline": baseline, "ours": ours, "plain": plain, "sphereface2": sphereface2,
+             "sphereface2_plain": sphereface2_plain}
+    return steps[variant]
 
 
 def time_variants(steps: dict[str, Callable[[], None]], repeats: int) -> dict[str, list[float]]:
@@ -89,15 +121,16 @@ def time_variants(steps: dict[str, Callable[[], None]], repeats: int) -> dict[st
 
 
 def measure_memory_here(
-    variant: str, classes: int, dim: int, batch: int, threads: int, chunk_size: int
+    variant: str, classes: int, dim: int, batch: int, threads: int, chunk_size: int, sf2_chunk_size: int
 ) -> dict[str, float]:
     """In this (fresh) process: peak RSS growth of one forward + backward, in bytes."""
     torch.set_num_threads(threads)
     small_head, small_x, small_labels = make_inputs(1000, dim, batch)
     make_step("ours", small_head, small_x, small_labels)()  # load kernels and thread pools outside the window
     make_step("plain", small_head, small_x, small_labels)()
+    make_step("sphereface2", small_head, small_x, small_labels)()
     head, x, labels = make_inputs(classes, dim, batch, chunk_size=chunk_size)
-    step = make_step(variant, head, x, labels)  # baseline preallocates its outputs here, outside the window
+    step = make_step(variant, head, x, labels, sf2_chunk_size)  # baseline preallocates its outputs here (outside)
     rss_before = status_kib("VmRSS")
     reset_peak_rss()
     step()
@@ -109,7 +142,7 @@ def measure_memory(variant: str, args: argparse.Namespace) -> dict[str, float]:
     command = [
         sys.executable, __file__, "--memory-child", variant, "--classes", str(args.classes),
         "--dim", str(args.dim), "--batch", str(args.batch), "--threads", str(args.threads),
-        "--chunk-size", str(args.chunk_size),
+        "--chunk-size", str(args.chunk_size), "--sf2-chunk-size", str(args.sf2_chunk_size),
     ]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -122,14 +155,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3, help="timed runs after one warm-up (median reported)")
     parser.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE, help="classes per block of the head")
+    parser.add_argument("--sf2-chunk-size", type=int, default=SF2_CHUNK_SIZE, help="classes per block of SphereFace2")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset of " + ", ".join(VARIANTS))
+    parser.add_argument(
+        "--variants", default=",".join(DEFAULT_VARIANTS), help="comma-separated subset of " + ", ".join(VARIANTS)
+    )
     parser.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
     parser.add_argument("--memory-child", choices=VARIANTS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     if args.memory_child:
-        print(json.dumps(measure_memory_here(args.memory_child, args.classes, args.dim, args.batch, args.threads, args.chunk_size)))
+        print(json.dumps(measure_memory_here(
+            args.memory_child, args.classes, args.dim, args.batch, args.threads, args.chunk_size, args.sf2_chunk_size
+        )))
         return
 
     variants = [v.strip() for v in args.variants.split(",")]
@@ -141,11 +179,12 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     print(
         f"classes={args.classes} dim={args.dim} batch={args.batch} threads={args.threads} chunk={args.chunk_size} "
+        f"sf2_chunk={args.sf2_chunk_size} "
         f"float32, torch {torch.__version__}"
     )
     head, x, labels = make_inputs(args.classes, args.dim, args.batch, chunk_size=args.chunk_size)
     weight_bytes = head.weight.numel() * 4
-    runs = time_variants({v: make_step(v, head, x, labels) for v in variants}, args.repeats)
+    runs = time_variants({v: make_step(v, head, x, labels, args.sf2_chunk_size) for v in variants}, args.repeats)
     times = {v: statistics.median(runs[v]) for v in variants}
     fastest = {v: min(runs[v]) for v in variants}
 

@@ -8,7 +8,8 @@ Embeddings come out unnormalised; the heads normalise them. Build one by name:
     >>> deep = build("iresnet", layers=(3, 25, 88, 3))       # any stage depths (BigFace r240)
 
 Registered names: r18, r34, r50, r100, r120, r140, r200, r240, r600, r1200, iresnet (takes `layers`),
-mobilefacenet (alias mbf) and mbf_large. Unknown names raise KeyError listing every name.
+mobilefacenet (alias mbf), mbf_large, and SphereFace's sfnet20 and sfnet64. Unknown names raise KeyError
+listing every name.
 """
 
 from __future__ import annotations
@@ -20,25 +21,30 @@ from torch import nn
 
 from faceforge.backbones.iresnet import IRESNET_LAYERS, IResNet
 from faceforge.backbones.mobilefacenet import MobileFaceNet
+from faceforge.backbones.sfnet import SFNET_LAYERS, SFNet
 from faceforge.registry import Registry
 
-__all__ = ["BACKBONES", "IResNet", "MobileFaceNet", "build", "count_flops", "count_parameters"]
+__all__ = ["BACKBONES", "IResNet", "MobileFaceNet", "SFNet", "build", "count_flops", "count_parameters"]
 
 BACKBONES: Registry[nn.Module] = Registry("backbone")
 
 
-def _iresnet_preset(name: str, layers: tuple[int, int, int, int]) -> Callable[..., IResNet]:
-    def factory(**kwargs: Any) -> IResNet:
+def _preset(
+    cls: type[nn.Module], name: str, layers: tuple[int, int, int, int], generic: str
+) -> Callable[..., nn.Module]:
+    def factory(**kwargs: Any) -> nn.Module:
         if "layers" in kwargs:
-            raise TypeError(f"backbone {name!r} fixes layers={layers}; use 'iresnet' to choose the depths")
-        return IResNet(layers=layers, **kwargs)
+            raise TypeError(f"backbone {name!r} fixes layers={layers}; use {generic} to choose the depths")
+        return cls(layers=layers, **kwargs)
 
-    factory.__doc__ = f"IResNet with {layers} blocks per stage."
+    factory.__doc__ = f"{cls.__name__} with {layers} blocks per stage."
     return factory
 
 
 for _name, _layers in IRESNET_LAYERS.items():
-    BACKBONES.register(_name)(_iresnet_preset(_name, _layers))
+    BACKBONES.register(_name)(_preset(IResNet, _name, _layers, "'iresnet'"))
+for _name, _layers in SFNET_LAYERS.items():
+    BACKBONES.register(_name)(_preset(SFNet, _name, _layers, "SFNet(layers=...)"))
 BACKBONES.register("iresnet")(IResNet)
 BACKBONES.register("mobilefacenet")(MobileFaceNet)
 BACKBONES.register("mbf")(MobileFaceNet)

@@ -1,7 +1,9 @@
 """Classification heads: (embeddings (B, D), labels (B,)) -> scalar loss; each head owns its class weights.
 
 `build(name, num_classes=..., embedding_size=..., **kwargs)` makes any registered head by name:
-"margin_softmax", "arcface", "cosface", "sphereface", "normface", "softmax".
+"margin_softmax", "arcface", "cosface", "sphereface", "normface", "softmax", "sphereface2", and "broadface",
+which builds its inner head by name too:
+`build("broadface", num_classes=C, embedding_size=D, queue_size=Q, head="arcface", head_kwargs={...})`.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from typing import Any
 
 from torch import nn
 
+from faceforge.heads.broadface import BroadFace
 from faceforge.heads.margin import apply_margin, target_logit
 from faceforge.heads.regularizers import inter_class_loss, intra_class_angle
 from faceforge.heads.softmax import (
@@ -22,6 +25,7 @@ from faceforge.heads.softmax import (
     SphereFace,
     chunked_margin_cross_entropy,
 )
+from faceforge.heads.sphereface2 import SphereFace2, balanced_bias
 
 
 def build(name: str, **kwargs: Any) -> nn.Module:
@@ -33,12 +37,15 @@ def build(name: str, **kwargs: Any) -> nn.Module:
 __all__ = [
     "HEADS",
     "ArcFace",
+    "BroadFace",
     "CosFace",
     "MarginSoftmax",
     "NormFace",
     "Softmax",
     "SphereFace",
+    "SphereFace2",
     "apply_margin",
+    "balanced_bias",
     "build",
     "chunked_margin_cross_entropy",
     "inter_class_loss",

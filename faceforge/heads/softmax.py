@@ -320,7 +320,8 @@ class MarginSoftmax(nn.Module):
         chunk_size: classes per block in the memory-lean loss (default 65536).
         intra_loss_weight: weight of the Eq. 5 term (1/(pi N)) sum theta_y (0 = off).
         inter_loss_weight: weight of the Eq. 6 term (0 = off; costs one extra (C, D) gradient tensor).
-    Call: `loss = head(embeddings (B, D), labels (B,) int64)` -> scalar batch mean.
+    Call: `loss = head(embeddings (B, D), labels (B,) int64)` -> scalar batch mean;
+    `head.per_sample_loss(embeddings, labels, classifier_grad=True)` -> the (B,) rows of that mean (no Eq. 6).
     Attributes: `weight` (C, D) parameter, initialised N(0, 0.01^2); rows are normalised on the fly.
     """
 
@@ -371,15 +372,19 @@ class MarginSoftmax(nn.Module):
     def _penalty(self, cos_y: Tensor) -> Tensor:
         return self.intra_loss_weight * intra_class_angle(cos_y)  # ArcFace Eq. 5 summand, weighted
 
-    def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
-        """Scalar batch mean of ArcFace Eq. 4 (+ weighted Eq. 5 / Eq. 6 terms). embeddings (B, D), labels (B,)."""
+    def per_sample_loss(self, embeddings: Tensor, labels: Tensor, *, classifier_grad: bool = True) -> Tensor:
+        """(B,) per-row summand of ArcFace Eq. 4 (+ the weighted Eq. 5 term), whose batch mean is the loss.
+
+        The batch-level Eq. 6 regulariser (`inter_loss_weight`) is not in it: `forward` adds that to the mean.
+        classifier_grad=False holds `weight` fixed: no gradient reaches it, the embeddings (B, D) still get theirs.
+        """
         labels = _check_inputs(embeddings, labels, self.num_classes, self.embedding_size)
         dtype = _compute_dtype(embeddings, self.weight)
         with torch.autocast(device_type=embeddings.device.type, enabled=False):
             x_hat = F.normalize(embeddings.to(dtype), dim=1)
-            per_sample = chunked_margin_cross_entropy(
+            return chunked_margin_cross_entropy(
                 x_hat,
-                self.weight,
+                self.weight if classifier_grad else self.weight.detach(),
                 labels,
                 self._target,
                 penalty_fn=self._penalty if self.intra_loss_weight > 0 else None,
@@ -388,9 +393,15 @@ class MarginSoftmax(nn.Module):
                 chunk_size=self.chunk_size,
                 buffers=self.step_buffers,
             )
-            loss = per_sample.mean()
-            if self.inter_loss_weight > 0:
-                loss = loss + self.inter_loss_weight * inter_class_loss(self.weight.to(dtype), labels, self.chunk_size)
+
+    def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
+        """Scalar batch mean of ArcFace Eq. 4 (+ weighted Eq. 5 / Eq. 6 terms). embeddings (B, D), labels (B,)."""
+        loss = self.per_sample_loss(embeddings, labels).mean()
+        if self.inter_loss_weight > 0:
+            dtype = _compute_dtype(embeddings, self.weight)
+            with torch.autocast(device_type=embeddings.device.type, enabled=False):
+                regularizer = inter_class_loss(self.weight.to(dtype), labels.long(), self.chunk_size)
+            loss = loss + self.inter_loss_weight * regularizer
         return loss
 
     def logits(self, embeddings: Tensor, labels: Tensor) -> Tensor:
@@ -466,14 +477,22 @@ class Softmax(nn.Module):
     def extra_repr(self) -> str:
         return f"num_classes={self.num_classes}, embedding_size={self.embedding_size}"
 
-    def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
-        """Scalar batch mean of the softmax cross-entropy. embeddings (B, D), labels (B,) int64."""
+    def per_sample_loss(self, embeddings: Tensor, labels: Tensor, *, classifier_grad: bool = True) -> Tensor:
+        """(B,) per-row softmax cross-entropy (ArcFace Eq. 1 summand), whose batch mean is the loss.
+
+        classifier_grad=False holds `weight` and `bias` fixed: no gradient reaches them, the embeddings still get
+        theirs.
+        """
         labels = _check_inputs(embeddings, labels, self.num_classes, self.embedding_size)
-        per_sample = chunked_margin_cross_entropy(
-            embeddings, self.weight, labels, _identity, bias=self.bias, normalize=False, chunk_size=self.chunk_size,
+        weight, bias = (self.weight, self.bias) if classifier_grad else (self.weight.detach(), self.bias.detach())
+        return chunked_margin_cross_entropy(
+            embeddings, weight, labels, _identity, bias=bias, normalize=False, chunk_size=self.chunk_size,
             buffers=self.step_buffers,
         )
-        return per_sample.mean()
+
+    def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
+        """Scalar batch mean of the softmax cross-entropy. embeddings (B, D), labels (B,) int64."""
+        return self.per_sample_loss(embeddings, labels).mean()
 
     def logits(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         """The full (B, C) logits x W^T + b (labels only checked: no margin)."""

@@ -29,15 +29,20 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from faceforge.demo import evaluate_checkpoint, evaluate_checkpoints
+    from dataclasses import fields
+
+    from faceforge.evaluate import EvalRequest, evaluate_checkpoints
+    from faceforge.train.checkpoint import CheckpointError
 
     checkpoints = ([args.checkpoint] if args.checkpoint else []) + list(args.compare or [])
     if not checkpoints:
         raise SystemExit("faceforge eval: give a CHECKPOINT or --compare CKPT_A CKPT_B ...")
-    if len(checkpoints) == 1:
-        evaluate_checkpoint(checkpoints[0], num_pairs=args.pairs, output=args.output, bins=args.bin)
-    else:
-        evaluate_checkpoints(checkpoints, num_pairs=args.pairs, output=args.output, bins=args.bin)
+    given = {f.name: getattr(args, f.name, None) for f in fields(EvalRequest)}  # options are named as the fields
+    request = EvalRequest(**{name: value for name, value in given.items() if value is not None})
+    try:
+        evaluate_checkpoints(checkpoints, output=args.output, request=request)
+    except (ValueError, OSError, CheckpointError) as e:
+        return _data_error("eval", e)
     return 0
 
 
@@ -142,16 +147,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tiny", action="store_true", help="a seconds-long version, for tests")
     commands["demo"] = _demo
 
-    p = sub.add_parser("eval", help="verification of a checkpoint on .bin sets or its config's held-out pairs")
+    p = sub.add_parser(
+        "eval", help="evaluate checkpoints: .bin sets, IJB-B/C, identification with distractors, retrieval",
+        description="Without a set option, each checkpoint's own held-out sets. Set options combine; every "
+                    "run writes results.md/.json, roc.png, hist_<set>.png and caches the features as .npy.")
     p.add_argument("checkpoint", nargs="?", default=None, help="a checkpoint written by `faceforge train` (last.pt)")
     p.add_argument("--compare", nargs="+", default=None, metavar="CKPT",
                    help="several checkpoints side by side: one table (checkpoint x set) and one ROC plot")
-    p.add_argument("--pairs", type=int, default=3000, help="number of held-out pairs (default 3000)")
     p.add_argument("--output", default=None,
-                   help="folder for results.md/.json, roc.png, hist_<set>.png and the cached embeddings "
+                   help="folder for results.md/.json, roc.png, hist_<set>.png and the cached features "
                         "(default: eval/ beside the (first) checkpoint)")
-    p.add_argument("--bin", action="append", default=[], metavar="BIN",
-                   help="an insightface .bin pair set (lfw.bin, cfp_fp.bin, ...); repeatable")
+    p.add_argument("--bin", dest="bins", action="append", default=[], metavar="BIN",
+                   help="an insightface .bin pair set (lfw.bin, cfp_fp.bin, ...): 10-fold accuracy; repeatable")
+    p.add_argument("--pairs", dest="num_pairs", type=int, default=3000,
+                   help="held-out pairs when the checkpoint's own sets are used (default 3000)")
+    p.add_argument("--ijb", default=None, metavar="ROOT",
+                   help="an IJB-B/C release (meta/, loose_crop/): 1:1 TAR@FAR 1e-6..1e-1, and 1:N TPIR@FPIR "
+                        "and rank-1/5/10 per gallery when meta/<name>_1N_*.csv are there")
+    p.add_argument("--ijb-name", default="IJBC", choices=("IJBB", "IJBC"), help="which release (default IJBC)")
+    p.add_argument("--ijb-faceness", action="store_true", help="weight image features by faceness score")
+    p.add_argument("--probes", default=None, metavar="PATH",
+                   help="identification probes: a folder of identity sub-folders or a .rec (first image of "
+                        "each identity enrolled, the others searched); needs --distractors")
+    p.add_argument("--distractors", default=None, metavar="PATH",
+                   help="a folder (images anywhere under it) or a .rec of distractors: rank-k with 10 .. all "
+                        "of them, TAR@FAR=1e-6 (MegaFace style)")
+    p.add_argument("--distractor-counts", type=int, nargs="+", default=None, metavar="N",
+                   help="distractor counts of the rank-1 curve (default 10 100 ... 1000000; all are added)")
+    p.add_argument("--retrieval", default=None, metavar="PATH",
+                   help="a labelled image set (folder or .rec): Recall@1/10/20/30/100/1000 and mAP")
+    p.add_argument("--retrieval-test-fraction", type=float, default=None, metavar="F",
+                   help="evaluate only a class-disjoint split with this fraction of the classes")
+    p.add_argument("--batch-size", type=int, default=256, help="images per forward pass (default 256)")
     commands["eval"] = _eval
 
     p = sub.add_parser("backbones", help="list the registered backbones with parameters and FLOPs")

@@ -1,4 +1,5 @@
-"""`faceforge eval`: results.md / results.json / plots, cached embeddings, and --compare."""
+"""`faceforge eval`: results.md / results.json / plots, cached embeddings, --compare; IJB, identification with
+distractors and retrieval on tiny generated data, every number recomputed in the test."""
 
 from __future__ import annotations
 
@@ -7,15 +8,18 @@ import re
 import shutil
 from pathlib import Path
 
+import _eval_data as E  # tests/ is on sys.path
 import numpy as np
 import pytest
+from sklearn.metrics import roc_auc_score
 
-import faceforge.demo as demo
+import faceforge.evaluate as evaluate
 from faceforge.cli import main
 from faceforge.data.pairs import write_bin
 from faceforge.data.synthetic import synthetic_pairs
-from faceforge.demo import EVAL_FARS, run_demo
+from faceforge.demo import run_demo
 from faceforge.eval.verify import evaluate_scores, pair_scores
+from faceforge.evaluate import EVAL_FARS
 
 
 @pytest.fixture(scope="module")
@@ -55,14 +59,14 @@ def test_eval_writes_every_report_and_reuses_the_embeddings(
     for far, tar in expect.tar_at_far.items():
         assert rec["tar_at_far"][f"{far:.0e}"] == pytest.approx(tar, abs=1e-12)
 
-    # a re-run scores from the cache: the model must not run
-    def no_model(*args: object, **kwargs: object) -> np.ndarray:
-        raise AssertionError("embed() called although the embeddings are cached")
+    # a re-run scores from the cache: the model must not even be built
+    def no_model(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the model was built although the embeddings are cached")
 
-    monkeypatch.setattr(demo, "embed", no_model)
-    results = demo.evaluate_checkpoint(ckpt, output=out, bins=[str(bin_path)])
+    monkeypatch.setattr(evaluate._Checkpoint, "model", no_model)
+    results = evaluate.evaluate_checkpoint(ckpt, output=out, bins=[str(bin_path)])
     assert "cached" in capsys.readouterr().out
-    assert results["pairs"].accuracy == rec["accuracy"]
+    assert results["pairs"].result.accuracy == rec["accuracy"]
     again = json.loads((out / "results.json").read_text())["results"][0]
     assert again["cached"] is True
     assert {k: v for k, v in again.items() if k != "cached"} == {k: v for k, v in rec.items() if k != "cached"}
@@ -101,3 +105,172 @@ def test_compare_puts_every_checkpoint_and_set_in_one_table(
     assert by[("last.pt", "pairs")]["accuracy"] == by[("other.pt", "pairs")]["accuracy"]
     assert (out / "roc.png").is_file()
     assert len(list(out.glob("hist_*.png"))) == 4 and len(list(out.glob("emb_*.npy"))) == 2  # same content hash: one cache per set
+
+
+# ----------------------------------------------------------------------------------------------------
+# IJB, identification with distractors, retrieval, learned threshold: untrained tiny checkpoints
+# (tests/_eval_data.py) on tiny generated data; every number recomputed here from the cached features.
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("eval_sets")
+    return {
+        "ckpt": E.tiny_checkpoint(root / "a" / "last.pt"),
+        "other": E.tiny_checkpoint(root / "b" / "last.pt", seed=1, threshold=0.25),
+        "ijb": E.mini_ijb(root),
+        "people": E.identity_folder(root / "people", identities=5, per_identity=3),
+        "distractors": root / "distractors",
+    }
+
+
+def _record(out: Path, kind: str) -> dict:
+    (rec,) = [r for r in json.loads((out / "results.json").read_text())["results"] if r["kind"] == kind]
+    return rec
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def test_eval_ijb_1to1_and_1toN_match_plain_loops(tiny: dict[str, Path], tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "ijb"
+    assert main(["eval", str(tiny["ckpt"]), "--ijb", str(tiny["ijb"]), "--output", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "## IJB 1:1 verification (TAR@FAR)" in text and "## IJB 1:N identification (mixed probes)" in text
+    for name in ("results.md", "results.json", "roc.png", "hist_IJBC.png"):
+        assert (out / name).stat().st_size > 0, name
+    rec = _record(out, "ijb")
+    feats = np.load(rec["embeddings"]).astype(np.float64)
+    assert feats.shape == (4 * E.SUBJECTS, 16)
+
+    # templates by hand: images averaged per media, medias summed, normalised
+    lines = [ln.split() for ln in (tiny["ijb"] / "meta" / "ijbc_face_tid_mid.txt").read_text().splitlines()]
+    media_feats: dict[tuple[int, int], list[np.ndarray]] = {}
+    for (name, t, m), f in zip(lines, feats):
+        media_feats.setdefault((int(t), int(m)), []).append(f)
+    templates: dict[int, np.ndarray] = {}
+    for (t, _), fs in media_feats.items():
+        templates[t] = templates.get(t, 0) + np.mean(fs, axis=0)
+    templates = {t: f / np.linalg.norm(f) for t, f in templates.items()}
+    pairs = [ln.split() for ln in (tiny["ijb"] / "meta" / "ijbc_template_pair_label.txt").read_text().splitlines()]
+    scores = [float(templates[int(a)] @ templates[int(b)]) for a, b, _ in pairs]
+    labels = [int(y) for _, _, y in pairs]
+    assert rec["template_pairs"] == len(pairs) == 28
+    for far, tar in rec["verification"]["tar_at_far"].items():
+        assert tar == pytest.approx(E.loop_tar_at_far(scores, labels, float(far)), abs=1e-12), far
+    assert rec["verification"]["auc"] == pytest.approx(roc_auc_score(labels, scores), abs=1e-12)
+
+    # 1:N: probes (second templates) against each gallery (first templates)
+    probes = {10 * s + 2: s for s in range(E.SUBJECTS)}
+    for gallery, subjects in (("G1", (0, 1)), ("G2", (2, 3))):
+        g = {10 * s + 1: s for s in subjects}
+        got = rec["identification"][gallery]
+        mated = [p for p, s in probes.items() if s in subjects]
+        ranks = [E.loop_rank([templates[p] @ templates[t] for t, s in g.items() if s == probes[p]],
+                             [templates[p] @ templates[t] for t, s in g.items() if s != probes[p]]) for p in mated]
+        assert got["rank"]["1"] == pytest.approx(np.mean([r <= 1 for r in ranks]))
+        assert got["rank"]["10"] == 1.0  # the gallery has 2 templates: every mate is within rank 2
+        # FPIR 1e-2 with 2 non-mated probes admits no false alarm: mates must beat every non-mated top score
+        bar = max(max(templates[p] @ templates[t] for t in g) for p, s in probes.items() if s not in subjects)
+        hits = [r == 1 and max(templates[p] @ templates[t] for t, s in g.items() if s == probes[p]) > bar
+                for p, r in zip(mated, ranks)]
+        assert got["tpir_at_fpir"]["1e-02"] == pytest.approx(np.mean(hits)), gallery
+        assert got["mated_probes"] == 2 and got["non_mated_probes"] == 2
+
+
+def test_eval_identification_with_distractors_matches_plain_loops(tiny: dict[str, Path], tmp_path: Path) -> None:
+    distractor_paths = E.flat_folder(tiny["distractors"], 30)
+    out = tmp_path / "ident"
+    assert main(["eval", str(tiny["ckpt"]), "--probes", str(tiny["people"]), "--distractors",
+                 str(tiny["distractors"]), "--distractor-counts", "10", "20", "--output", str(out)]) == 0
+    rec = _record(out, "identification")
+    probes = _unit(np.load(rec["embeddings"]["probes"]).astype(np.float64))
+    distractors = _unit(np.load(rec["embeddings"]["distractors"]).astype(np.float64))
+    assert len(distractors) == len(distractor_paths) == 30 and len(probes) == 15
+    labels = np.repeat(np.arange(5), 3)  # id_00..id_04, sorted; the first image of each is enrolled
+    gallery = [3 * i for i in range(5)]
+    probe_idx = [k for k in range(15) if k % 3]
+    assert rec["probes"] == 10 and rec["gallery"] == 5 and set(rec["by_distractors"]) == {"10", "20", "30"}
+    for n in (10, 20, 30):
+        ranks, pos, neg = [], [], []
+        for p in probe_idx:
+            mate = [probes[p] @ probes[g] for g in gallery if labels[g] == labels[p]]
+            others = [probes[p] @ probes[g] for g in gallery if labels[g] != labels[p]]
+            others += [probes[p] @ d for d in distractors[:n]]
+            ranks.append(E.loop_rank(mate, others))
+            pos += mate
+            neg += others
+        got = rec["by_distractors"][str(n)]
+        for k in (1, 5, 10):
+            assert got["rank"][str(k)] == pytest.approx(np.mean([r <= k for r in ranks])), (n, k)
+        assert got["negative_pairs"] == len(neg)
+        assert got["tar_at_far"]["1e-06"] == pytest.approx(
+            E.loop_tar_at_far(pos + neg, [1] * len(pos) + [0] * len(neg), 1e-6), abs=1e-6)
+    table = (out / "results.md").read_text()
+    assert "rank-1 @10" in table and "rank-1 @30" in table and (out / "hist_people_distractors.png").is_file()
+
+
+def loop_recall_and_map(x: np.ndarray, y: np.ndarray, ks: list[int]) -> tuple[dict[int, float], float]:
+    """Every item queries all others: recall@k (a same-label item among the k nearest) and mAP."""
+    x = _unit(x)
+    hits = {k: 0 for k in ks}
+    aps = []
+    for i in range(len(x)):
+        others = sorted((j for j in range(len(x)) if j != i), key=lambda j: -(x[i] @ x[j]))
+        rel = [y[j] == y[i] for j in others]
+        for k in ks:
+            hits[k] += any(rel[: min(k, len(others))])
+        if any(rel):
+            aps.append(np.mean([sum(rel[: r + 1]) / (r + 1) for r in range(len(rel)) if rel[r]]))
+    return {k: h / len(x) for k, h in hits.items()}, float(np.mean(aps))
+
+
+def test_eval_retrieval_on_a_class_disjoint_split_matches_plain_loops(tiny: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "retr"
+    assert main(["eval", str(tiny["ckpt"]), "--retrieval", str(tiny["people"]), "--retrieval-test-fraction", "0.6",
+                 "--output", str(out)]) == 0
+    rec = _record(out, "retrieval")
+    x = np.load(rec["embeddings"]).astype(np.float64)
+    assert rec["classes"] == 3 and rec["items"] == len(x) == 9  # round(0.6 * 5) of the 5 identities
+    from faceforge.eval.retrieval import class_disjoint_split
+
+    test = class_disjoint_split(np.repeat(np.arange(5), 3), 0.6, seed=0)[1]
+    recall, mean_ap = loop_recall_and_map(x, np.repeat(np.arange(5), 3)[test], [1, 10, 20, 30, 100, 1000])
+    for k, r in rec["recall"].items():
+        assert r == pytest.approx(recall[int(k)]), k
+    assert rec["map"] == pytest.approx(mean_ap)
+    assert "R@1000" in (out / "results.md").read_text() and (out / "roc.png").is_file()
+
+
+def test_eval_combines_sets_compares_and_reports_the_learned_threshold(tiny: dict[str, Path], tmp_path: Path) -> None:
+    images, issame = synthetic_pairs(16, num_identities=40, image_size=E.SIZE, split="test", seed=4)
+    write_bin(tmp_path / "pairs32.bin", images, issame)
+    out = tmp_path / "both"
+    assert main(["eval", "--compare", str(tiny["ckpt"]), str(tiny["other"]), "--bin", str(tmp_path / "pairs32.bin"),
+                 "--retrieval", str(tiny["people"]), "--output", str(out)]) == 0
+    records = json.loads((out / "results.json").read_text())["results"]
+    assert sorted((r["checkpoint"], r["kind"]) for r in records) == [
+        ("a/last.pt", "retrieval"), ("a/last.pt", "verification"),
+        ("b/last.pt", "retrieval"), ("b/last.pt", "verification"),
+    ]
+    verification = {r["checkpoint"]: r for r in records if r["kind"] == "verification"}
+    assert "accuracy_at_learned_threshold" not in verification["a/last.pt"]
+    learned = verification["b/last.pt"]
+    scores = pair_scores(np.load(learned["embeddings"]))
+    assert learned["learned_threshold"] == 0.25
+    assert learned["accuracy_at_learned_threshold"] == pytest.approx(np.mean((scores >= 0.25) == issame))
+    table = (out / "results.md").read_text()
+    assert "accuracy@learned threshold" in table and "## Retrieval (class-disjoint)" in table
+    assert len(list(out.glob("hist_*.png"))) == 4
+
+
+def test_eval_bad_requests_are_clear_errors(tiny: dict[str, Path], tmp_path: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["eval", str(tiny["ckpt"]), "--probes", str(tiny["people"]), "--output", str(tmp_path)]) == 2
+    assert "needs both --probes" in capsys.readouterr().err
+    big = E.identity_folder(tmp_path / "big", identities=2, per_identity=2, size=40)
+    assert main(["eval", str(tiny["ckpt"]), "--retrieval", str(big), "--output", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "img_00.png: image is 40x40 but the model takes 32x32" in err

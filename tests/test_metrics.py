@@ -297,3 +297,54 @@ def test_bad_folds_raise():
 def test_unmated_probe_raises_for_closed_set():
     with pytest.raises(ValueError, match="gallery mate"):
         M.rank_k(np.zeros((2, 2)), [0, 5], [0, 1])
+
+
+# ---------------------------------------------------------------- PairCounts: one sort for every metric
+
+
+def test_float32_scores_match_the_loops_on_their_exact_values():
+    scores, labels = tied_pairs(240, seed=11, decimals=3)
+    s32 = scores.astype(np.float32)
+    exact = s32.astype(np.float64)  # what the loops see: the float32 values, exactly
+    assert M.verification_accuracy(s32, labels) == pytest.approx(loop_ten_fold(exact, labels, 10), abs=1e-12)
+    acc, thr = M.best_threshold_accuracy(s32, labels)
+    assert (acc, thr) == pytest.approx(loop_best_threshold(exact, labels), abs=1e-12)
+    for far in (0.05, 0.2):
+        assert M.tar_at_far(s32, labels, far) == loop_tar_at_far(exact, labels, far)
+
+
+@pytest.mark.parametrize("order", ["random", "by_score", "by_label"])
+def test_verification_accuracy_with_small_search_blocks(monkeypatch, order):
+    """Blocks of 3 candidates make the fold search skip most blocks; sorting the pairs by score gives
+    folds that own runs of 40 consecutive scores (more than the 32 that the search for the next score of
+    the other folds checks one by one)."""
+    monkeypatch.setattr(M, "_BLOCK", 3)
+    scores, labels = tied_pairs(160, seed=7, decimals=3)
+    if order == "by_score":
+        scores = np.sort(scores)
+    elif order == "by_label":
+        labels = np.sort(labels)
+    for folds in (4, 10):
+        mean, std = M.verification_accuracy(scores, labels, folds=folds)
+        ref_mean, ref_std = loop_ten_fold(scores, labels, folds)
+        assert mean == pytest.approx(ref_mean, abs=1e-12) and std == pytest.approx(ref_std, abs=1e-12)
+
+
+@pytest.mark.parametrize("positives", [0.02, 0.5, 0.97])
+def test_pair_counts_auc_matches_sklearn(positives):
+    rng = np.random.default_rng(3)
+    labels = rng.random(600) < positives
+    scores = np.round(rng.normal(0.3 * labels, 0.2), 2)
+    assert M.PairCounts.of(scores, labels).auc() == pytest.approx(roc_auc_score(labels, scores), abs=1e-12)
+
+
+def test_accuracy_at_threshold_matches_loop():
+    scores, labels = tied_pairs(300, seed=4, decimals=2)
+    for t in (-np.inf, -0.2, 0.1, 0.25, 0.3000001, np.inf):
+        assert M.accuracy_at_threshold(scores, labels, t) == pytest.approx(loop_accuracy(scores, labels, t))
+    # float32 scores against a float64 threshold between two float32 values
+    s32 = np.array([0.1, 0.2, 0.3], np.float32)
+    t = float(np.float32(0.2)) + 1e-12
+    assert M.accuracy_at_threshold(s32, [0, 1, 1], t) == pytest.approx(loop_accuracy(s32.astype(float), [0, 1, 1], t))
+    with pytest.raises(ValueError, match="threshold must be a number"):
+        M.accuracy_at_threshold(scores, labels, float("nan"))

@@ -152,6 +152,23 @@ def test_evaluate_scores_and_as_dict():
     assert all(isinstance(v, float) for v in d.values())
 
 
+def test_evaluate_scores_fixed_threshold_and_roc_curve():
+    from sklearn.metrics import roc_curve
+
+    rng = np.random.default_rng(8)
+    labels = rng.random(200) < 0.4
+    scores = np.round(rng.normal(0.4 * labels, 0.3), 2)
+    r = evaluate_scores(scores, labels, fixed_threshold=0.2)
+    assert r.fixed_threshold == 0.2
+    assert r.fixed_threshold_accuracy == pytest.approx(np.mean((scores >= 0.2) == labels))
+    assert r.as_dict()["fixed_threshold_accuracy"] == r.fixed_threshold_accuracy
+    assert "fixed_threshold" not in evaluate_scores(scores, labels).as_dict()  # None is left out
+    fpr, tpr = r.roc_curve()
+    ref_fpr, ref_tpr, _ = roc_curve(labels, scores, drop_intermediate=False)
+    np.testing.assert_allclose(fpr, ref_fpr, atol=1e-15)
+    np.testing.assert_allclose(tpr, ref_tpr, atol=1e-15)
+
+
 def test_verify_pairs_rejects_count_mismatch():
     with pytest.raises(ValueError, match="2 images per pair"):
         verify_pairs(identity_model(), torch.zeros(5, 3, 1, 1), [True, False])
@@ -170,6 +187,24 @@ def test_plot_roc_writes_png(tmp_path):
     path = plot_roc(curves, tmp_path / "sub" / "roc.png", title="test")
     assert path.stat().st_size > 1000
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plot_roc_thins_long_curves_on_their_upper_envelope():
+    from faceforge.eval.report import _thin
+
+    rng = np.random.default_rng(1)
+    labels = rng.random(200_000) < 0.01
+    fpr, tpr, _ = roc(rng.normal(size=len(labels)) + 3 * labels, labels)
+    f, t = _thin(fpr, tpr, 500)
+    assert len(f) <= 502 and (f[0], t[0], f[-1], t[-1]) == (0.0, 0.0, 1.0, 1.0)
+    drawn = f > 0  # the log axis draws FPR > 0 only
+    keep = np.searchsorted(fpr, f[drawn], side="right") - 1  # every drawn point is a point of the curve...
+    np.testing.assert_array_equal(fpr[keep], f[drawn])
+    # ... the highest one at its FPR: the drawn staircase never drops below the curve at kept FPRs
+    np.testing.assert_array_equal(t[drawn], tpr[keep])
+    assert len(np.unique(f[drawn])) == drawn.sum() > 300  # log-spaced levels (fewer where the curve has few)
+    short = _thin(fpr[:100], tpr[:100], 500)
+    assert short[0] is fpr[:100] or np.array_equal(short[0], fpr[:100])
 
 
 def test_score_histogram_writes_png(tmp_path):

@@ -6,6 +6,8 @@ embeddings), images and labels, and returns numbers, tables and plots.
 
 from faceforge.eval import metrics
 from faceforge.eval.metrics import (
+    PairCounts,
+    accuracy_at_threshold,
     auc,
     best_threshold_accuracy,
     eer,
@@ -20,7 +22,9 @@ from faceforge.eval.report import markdown_table, plot_roc, score_histogram
 from faceforge.eval.verify import VerificationResult, embed, evaluate_scores, pair_scores, verify_pairs
 
 __all__ = [
+    "PairCounts",
     "VerificationResult",
+    "accuracy_at_threshold",
     "auc",
     "best_threshold_accuracy",
     "eer",

@@ -133,19 +133,21 @@ def ijb_verification(image_features, meta: IJBMeta, faceness_weight: bool = Fals
     pair scores by cosine.
 
     Returns a dict: ``tar_at_far`` ``{far: TAR}`` (exact, ``FPR <= far``; see the module notes),
-    ``auc``, ``scores`` float64 ``(P,)``, ``labels`` int64 ``(P,)`` (for :func:`~faceforge.eval.metrics.roc`).
+    ``auc``, ``scores`` float64 ``(P,)``, ``labels`` int64 ``(P,)``, ``counts`` (their
+    :class:`~faceforge.eval.metrics.PairCounts`: ``counts.rates()`` is the ROC, without another sort).
     """
     ids, tfeats = _templates(image_features, meta, faceness_weight)
     scores = verification_scores(ids, tfeats, meta.p1, meta.p2)
     labels = np.asarray(meta.labels, dtype=np.int64)
     fars = [float(f) for f in fars]
-    tars = np.atleast_1d(metrics.tar_at_far(scores, labels, fars)) if fars else np.zeros(0)
-    fpr, tpr, _ = metrics.roc(scores, labels)
+    counts = metrics.PairCounts.of(scores, labels)  # one sort for every number
+    tars = np.atleast_1d(counts.tar_at_far(fars)) if fars else np.zeros(0)
     return {
         "tar_at_far": {far: float(tar) for far, tar in zip(fars, tars)},
-        "auc": metrics.auc(fpr, tpr),
+        "auc": counts.auc(),
         "scores": scores,
         "labels": labels,
+        "counts": counts,
     }
 
 

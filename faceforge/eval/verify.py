@@ -9,7 +9,7 @@ OpenSphere's "old" feature fusion).
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Iterable, Sequence
 
 import numpy as np
@@ -141,7 +141,11 @@ class VerificationResult:
     accuracy / accuracy_std: insightface's 10-fold cross-validated accuracy (mean, np.std).
     best_threshold_accuracy / threshold: one threshold tuned on all pairs (OpenSphere); accept when
     ``score >= threshold``. tar_at_far: ``{far: tar}``, exact (ties together). eer, auc: of the ROC.
-    scores / labels: ``(N,)`` cosine scores and same-identity labels, for ROC plots.
+    fixed_threshold / fixed_threshold_accuracy: the accuracy at a threshold given in advance (e.g. the
+    one SphereFace2 learns); None when none was given.
+    scores / labels: ``(N,)`` cosine scores and same-identity labels; counts: their
+    :class:`~faceforge.eval.metrics.PairCounts` (the one sort), from which :meth:`roc_curve` reads the
+    ROC for plots.
     """
 
     accuracy: float
@@ -153,12 +157,21 @@ class VerificationResult:
     auc: float
     scores: np.ndarray = field(repr=False)
     labels: np.ndarray = field(repr=False)
+    counts: metrics.PairCounts | None = field(default=None, repr=False)
+    fixed_threshold: float | None = None
+    fixed_threshold_accuracy: float | None = None
 
     def as_dict(self) -> dict[str, float]:
-        """Flat scalars for logging: ``tar_at_far`` becomes ``tar@far=1e-03`` keys; no arrays."""
-        out = {k: v for k, v in asdict(self).items() if k not in ("scores", "labels", "tar_at_far")}
+        """Flat scalars for logging: ``tar_at_far`` becomes ``tar@far=1e-03`` keys; no arrays, no Nones."""
+        scalars = {f.name: getattr(self, f.name) for f in fields(self)
+                   if f.name not in ("scores", "labels", "counts", "tar_at_far")}
+        out = {k: v for k, v in scalars.items() if v is not None}
         out.update({f"tar@far={far:.0e}": tar for far, tar in self.tar_at_far.items()})
         return out
+
+    def roc_curve(self) -> tuple[np.ndarray, np.ndarray]:
+        """``(fpr, tpr)``, each ``(M + 1,)``: the exact ROC of :func:`faceforge.eval.metrics.roc`."""
+        return (self.counts or metrics.PairCounts.of(self.scores, self.labels)).rates()
 
 
 def evaluate_scores(
@@ -166,23 +179,31 @@ def evaluate_scores(
     labels: np.ndarray | Sequence[bool],
     fars: Sequence[float] = (1e-3, 1e-4),
     folds: int = 10,
+    fixed_threshold: float | None = None,
 ) -> VerificationResult:
-    """Every verification metric of pair scores ``(N,)`` and labels ``(N,)`` (1 = same identity)."""
-    s, y = metrics.check_pairs(scores, labels)
-    mean, std = metrics.verification_accuracy(s, y, folds=folds)
-    best, threshold = metrics.best_threshold_accuracy(s, y)
-    tars = np.atleast_1d(metrics.tar_at_far(s, y, list(fars)))
-    fpr, tpr, _ = metrics.roc(s, y)
+    """Every verification metric of pair scores ``(N,)`` and labels ``(N,)`` (1 = same identity).
+
+    One :class:`~faceforge.eval.metrics.PairCounts` (one sort of the scores) serves every metric; the
+    folds of the 10-fold accuracy each sort their own tenth. float32 scores are kept float32 (exact,
+    faster to sort). ``fixed_threshold``: also report the accuracy at this threshold.
+    """
+    counts = metrics.PairCounts.of(scores, labels)
+    accuracies = counts.verification_accuracy(folds)
+    n_correct, threshold = counts.best_threshold()
+    tars = np.atleast_1d(counts.tar_at_far(list(fars)))
     return VerificationResult(
-        accuracy=mean,
-        accuracy_std=std,
-        best_threshold_accuracy=best,
+        accuracy=float(accuracies.mean()),
+        accuracy_std=float(accuracies.std()),
+        best_threshold_accuracy=n_correct / len(counts.scores),
         threshold=threshold,
         tar_at_far={float(far): float(tar) for far, tar in zip(fars, tars)},
-        eer=metrics.eer(s, y),
-        auc=metrics.auc(fpr, tpr),
-        scores=s,
-        labels=y,
+        eer=counts.eer(),
+        auc=counts.auc(),
+        scores=counts.scores,
+        labels=counts.labels,
+        counts=counts,
+        fixed_threshold=None if fixed_threshold is None else float(fixed_threshold),
+        fixed_threshold_accuracy=None if fixed_threshold is None else counts.accuracy_at(float(fixed_threshold)),
     )
 
 

@@ -1,0 +1,111 @@
+"""Embedding throughput on CPU: faceforge's embedding paths against a plain PyTorch loop, same model and images.
+
+    python benchmarks/bench_embed.py                  # r18 (quarter width), 112x112, 256 images
+    python benchmarks/bench_embed.py --images 64 --repeats 1   # quick check
+
+Both sides compute ``normalize(f(x) + f(flip(x)))`` in eval mode under ``torch.no_grad()``, in batches of
+``--batch``, and their outputs are compared (max abs difference):
+
+(a) in memory: ``faceforge.eval.verify.embed`` on a uint8 ``(N, 112, 112, 3)`` array (what ``.bin`` sets
+    use) against ``for batch: x = (batch - 127.5) / 127.5; model(x) + model(flip(x))``;
+(b) from disk: ``faceforge.eval.sets.open_images(folder).embed`` (decode, size check,
+    ``embed_batches``; what ``--probes`` / ``--distractors`` / ``--retrieval`` use) on a folder of PNGs
+    against the same loop reading each file with PIL.
+
+After one untimed warm-up batch, each side runs ``--repeats`` times, alternating, and the best time counts. Absolute images/s depend on
+the machine and its load; compare the ratios (faceforge / plain: 1.00 = no overhead).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.nn import functional as F
+
+from faceforge.backbones import build
+from faceforge.data.synthetic import render_images
+from faceforge.eval.sets import open_images
+from faceforge.eval.verify import embed
+
+
+def plain_loop(model: torch.nn.Module, batches) -> np.ndarray:
+    """The reference: a bare loop over uint8 (B, H, W, 3) batches."""
+    model.eval()
+    out = []
+    with torch.no_grad():
+        for batch in batches:
+            x = (torch.from_numpy(batch).permute(0, 3, 1, 2).float() - 127.5) / 127.5
+            out.append(F.normalize(model(x) + model(torch.flip(x, dims=[3])), dim=1))
+    return torch.cat(out).numpy()
+
+
+def best_time(f, repeats: int) -> tuple[float, np.ndarray]:
+    best, out = float("inf"), None
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = f()
+        best = min(best, time.perf_counter() - t0)
+    return best, out
+
+
+def compare(name: str, ours, plain, n: int, repeats: int) -> None:
+    t_ours = t_plain = float("inf")
+    for _ in range(repeats):  # alternate, so that load changes hit both sides
+        t, e_plain = best_time(plain, 1)
+        t_plain = min(t_plain, t)
+        t, e_ours = best_time(ours, 1)
+        t_ours = min(t_ours, t)
+    diff = float(np.abs(e_ours - e_plain).max())
+    print(f"{name}: faceforge {n / t_ours:.1f} images/s, plain loop {n / t_plain:.1f} images/s "
+          f"-> ratio {t_plain / t_ours:.2f} (max |difference| {diff:.1e})")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--backbone", default="r18")
+    ap.add_argument("--width", type=float, default=0.25, help="IResNet width multiplier (default 0.25)")
+    ap.add_argument("--size", type=int, default=112)
+    ap.add_argument("--images", type=int, default=256)
+    ap.add_argument("--batch", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=2)
+    a = ap.parse_args(argv)
+    torch.manual_seed(0)
+    model = build(a.backbone, embedding_size=512, width=a.width, input_size=a.size)
+    n = a.images
+    images = render_images(np.arange(n) // 4, np.arange(n) % 4, image_size=a.size)
+    print(f"{a.backbone} (width {a.width}) at {a.size}x{a.size}, {n} images, batch {a.batch}, "
+          f"{torch.get_num_threads()} torch threads")
+
+    plain_loop(model, [images[: a.batch]])  # warm-up (oneDNN primitives, allocator), not timed
+    batches = lambda: (images[s : s + a.batch] for s in range(0, n, a.batch))  # noqa: E731
+    compare("(a) in memory", lambda: embed(model, images, batch_size=a.batch), lambda: plain_loop(model, batches()),
+            n, a.repeats)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = []
+        for k, image in enumerate(images):
+            path = Path(tmp) / f"id_{k // 4:04d}" / f"{k % 4}.png"
+            path.parent.mkdir(exist_ok=True)
+            Image.fromarray(image).save(path)
+            paths.append(path)
+        image_set = open_images(tmp)  # sorted identities, sorted files: the order written above
+        everything = np.arange(n)
+
+        def from_files():
+            for s in range(0, n, a.batch):
+                yield np.stack([np.asarray(Image.open(p).convert("RGB")) for p in paths[s : s + a.batch]])
+
+        compare("(b) from PNG files", lambda: image_set.embed(model, everything, a.size, a.batch),
+                lambda: plain_loop(model, from_files()), n, a.repeats)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,306 @@
+"""`faceforge eval`: `faceforge train` checkpoints on any evaluation sets, side by side, with reports.
+
+The one module besides ``cli.py`` that knows both a training config (to rebuild a checkpoint's backbone
+and its held-out sets) and the evaluation library (:mod:`faceforge.eval.sets`).
+
+What runs is an :class:`EvalRequest`: ``.bin`` pair sets, an IJB-B/C release, probes searched among
+distractors, a retrieval set; with none of these, each checkpoint's own held-out sets (its config's
+synthetic pairs or ``data.eval_bins``). ``EVALUATIONS`` maps each request field to the sets it builds.
+
+Every run writes into its output folder: ``results.md`` (one table per kind of set; printed too),
+``results.json`` (every number, per checkpoint and set), ``roc.png`` (every curve, log FPR; also
+``roc_eval.png``), ``hist_<set>.png`` (positive / negative pair scores; ``hist_<checkpoint>_<set>.png``
+when comparing) and the features as ``emb_<checkpoint>_<set>_<data>[_<part>].npy``, keyed by the
+checkpoint's content hash and the set's data: a re-run re-scores from them without running the model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from faceforge.eval.metrics import PairCounts
+from faceforge.eval.report import FPR_RANGE, markdown_table, plot_roc, score_histogram
+from faceforge.eval.sets import (
+    DISTRACTOR_COUNTS,
+    VERIFICATION_FARS,
+    DistractorSet,
+    EvalSet,
+    IJBSet,
+    PairSet,
+    RetrievalSet,
+    SetScores,
+)
+from faceforge.fileio import atomic_open
+
+__all__ = ["EVALUATIONS", "EVAL_FARS", "EvalRequest", "evaluate_checkpoint", "evaluate_checkpoints"]
+
+EVAL_FARS = VERIFICATION_FARS
+THRESHOLD_KEY = "verification_threshold"  # a checkpoint's learned universal threshold (SphereFace2)
+
+
+@dataclass
+class EvalRequest:
+    """The sets to evaluate (each field is a ``faceforge eval`` option of the same name).
+
+    bins: insightface ``.bin`` files. ijb / ijb_name / ijb_faceness: an IJB-B/C release root, ``IJBB``
+    or ``IJBC``, faceness-weighted templates. probes / distractors / distractor_counts: identification
+    of a labelled image set among distractors (both required together). retrieval /
+    retrieval_test_fraction: retrieval on a labelled image set, or on a class-disjoint fraction of it.
+    num_pairs: held-out pairs when a checkpoint's own sets are used (none of the above). fars: of the
+    pair sets. batch_size: images per forward pass.
+    """
+
+    bins: Sequence[str] = ()
+    ijb: str | None = None
+    ijb_name: str = "IJBC"
+    ijb_faceness: bool = False
+    probes: str | None = None
+    distractors: str | None = None
+    distractor_counts: Sequence[int] = DISTRACTOR_COUNTS
+    retrieval: str | None = None
+    retrieval_test_fraction: float | None = None
+    num_pairs: int = 3000
+    fars: Sequence[float] = EVAL_FARS
+    batch_size: int = 256
+
+
+def _bin_sets(r: EvalRequest) -> list[EvalSet]:
+    from faceforge.data.pairs import load_bin
+
+    names: set[str] = set()
+    sets = []
+    for path in r.bins:
+        name, n = Path(path).stem, 2
+        while name in names:  # lfw.bin twice, or two folders' lfw.bin: lfw, lfw_2
+            name, n = f"{Path(path).stem}_{n}", n + 1
+        names.add(name)
+        sets.append(PairSet(name, *load_bin(path), fars=r.fars))
+    return sets
+
+
+def _identification_sets(r: EvalRequest) -> list[EvalSet]:
+    if (r.probes is None) != (r.distractors is None):
+        raise ValueError("identification needs both --probes (a labelled image set) and --distractors "
+                         f"(an image set), got probes={r.probes!r}, distractors={r.distractors!r}")
+    return [DistractorSet(r.probes, r.distractors, counts=r.distractor_counts)] if r.probes else []
+
+
+# request -> the sets it asks for; built once, shared by every checkpoint
+EVALUATIONS: dict[str, Callable[[EvalRequest], list[EvalSet]]] = {
+    "bins": _bin_sets,
+    "ijb": lambda r: [IJBSet(r.ijb, r.ijb_name, faceness=r.ijb_faceness)] if r.ijb else [],
+    "identification": _identification_sets,
+    "retrieval": lambda r: [RetrievalSet(r.retrieval, r.retrieval_test_fraction)] if r.retrieval else [],
+}
+
+
+# --------------------------------------------------------------------------------------------------
+# Checkpoints
+# --------------------------------------------------------------------------------------------------
+
+
+def _file_key(path: Path) -> str:
+    """A content hash of a checkpoint file: the cache key of its features."""
+    h = hashlib.blake2b(digest_size=8)
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "set"
+
+
+def _labels(checkpoints: Sequence[Path]) -> list[str]:
+    """Short distinct names of checkpoints: the file name, else parent/name, else the whole path."""
+    for make in (lambda p: p.name, lambda p: f"{p.parent.name}/{p.name}", lambda p: str(p)):
+        labels = [make(p) for p in checkpoints]
+        if len(set(labels)) == len(labels):
+            return labels
+    return [f"{i}:{p}" for i, p in enumerate(checkpoints)]
+
+
+@dataclass
+class _Checkpoint:
+    """A checkpoint file: its config, content key, learned threshold and (built on demand) backbone."""
+
+    path: Path
+    label: str
+    key: str = ""
+    state: dict = field(default_factory=dict, repr=False)
+    _model: torch.nn.Module | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        from faceforge.train.checkpoint import load_checkpoint
+        from faceforge.train.config import config_from_dict
+
+        self.key = _file_key(self.path)
+        self.state = load_checkpoint(self.path)
+        if "config" not in self.state or "backbone" not in self.state:
+            raise ValueError(f"{self.path}: not a `faceforge train` checkpoint (no 'config' / 'backbone' entry)")
+        self.cfg = config_from_dict(self.state["config"], source=str(self.path))
+        t = self.state.get(THRESHOLD_KEY)
+        if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t)):
+            raise ValueError(f"{self.path}: {THRESHOLD_KEY!r} must be a finite float, got {t!r}")
+        self.threshold = None if t is None else float(t)
+
+    def model(self) -> torch.nn.Module:
+        if self._model is None:
+            from faceforge.train.engine import build_backbone
+
+            self._model = build_backbone(self.cfg)  # random init, then every weight loaded
+            self._model.load_state_dict(self.state["backbone"])
+        return self._model
+
+    def held_out_sets(self, r: EvalRequest) -> list[EvalSet]:
+        """The config's own verification sets (synthetic held-out pairs, or its ``data.eval_bins``)."""
+        from faceforge.train.data import build_verification_sets
+
+        self.cfg.data.eval_pairs = r.num_pairs
+        sets = build_verification_sets(self.cfg)
+        if not sets:
+            raise ValueError(f"{self.path}: its config (data.name = {self.cfg.data.name!r}) has no verification "
+                             "sets; pass .bin files with --bin, or --ijb / --probes / --retrieval")
+        return [PairSet(name or "held-out", images, issame, fars=r.fars) for name, (images, issame) in sets.items()]
+
+
+# --------------------------------------------------------------------------------------------------
+# Features, cached
+# --------------------------------------------------------------------------------------------------
+
+
+def _save(path: Path, array: np.ndarray) -> None:
+    with atomic_open(path, "wb") as f:  # a file handle: np.save must not append ".npy" to the name
+        np.save(f, np.ascontiguousarray(array), allow_pickle=False)
+
+
+def _features(s: EvalSet, data_key: str, ckpt: _Checkpoint, out: Path,
+              batch_size: int) -> tuple[dict[str, np.ndarray], dict[str, Path], bool]:
+    """``(features, paths, cached)``: the set's features for this checkpoint, from ``out`` or the model."""
+    stem = f"emb_{ckpt.key}_{_safe(s.name)}_{data_key}"
+    paths = {part: out / (f"{stem}_{part}.npy" if part else f"{stem}.npy") for part in s.parts}
+    if all(p.is_file() for p in paths.values()):
+        print(f"features: {ckpt.label} on {s.name}: cached {', '.join(str(p) for p in paths.values())}")
+        return {part: np.load(p, mmap_mode="r", allow_pickle=False) for part, p in paths.items()}, paths, True
+    print(f"features: {ckpt.label} on {s.name}: computing")
+    features = s.embed(ckpt.model(), ckpt.cfg.data.image_size, batch_size=batch_size, progress=True)
+    for part, p in paths.items():
+        _save(p, features[part])
+    return features, paths, False
+
+
+# --------------------------------------------------------------------------------------------------
+# The run
+# --------------------------------------------------------------------------------------------------
+
+
+def _record(ckpt: _Checkpoint, s: EvalSet, scores: SetScores, paths: dict[str, Path], cached: bool) -> dict:
+    record = {"checkpoint": ckpt.label, "checkpoint_path": str(ckpt.path), "checkpoint_key": ckpt.key,
+              "set": s.name, "kind": s.kind}
+    record.update(scores.record)
+    single = list(paths) == [""]
+    record["embeddings"] = str(paths[""]) if single else {part: str(p) for part, p in paths.items()}
+    record["cached"] = bool(cached)
+    return record
+
+
+def _tables(rows: list[tuple[str, dict[str, object]]]) -> str:
+    """One Markdown table per title, in first-seen order; columns are every row's keys, in order."""
+    by_title: dict[str, list[dict[str, object]]] = {}
+    for title, row in rows:
+        by_title.setdefault(title, []).append(row)
+    parts = []
+    for title, table_rows in by_title.items():
+        columns = list(dict.fromkeys(c for row in table_rows for c in row))
+        parts.append(f"## {title}\n\n{markdown_table(table_rows, columns)}")
+    return "\n\n".join(parts)
+
+
+def _fpr_range(curves: list[PairCounts]) -> tuple[float, float]:
+    """The ROC axis: down to the resolution of the largest set (1e-6 for IJB-C), at most 1e-4."""
+    n_neg = max(c.n_neg for c in curves)
+    return min(FPR_RANGE[0], max(1e-6, 10.0 ** math.floor(math.log10(1 / n_neg)))), FPR_RANGE[1]
+
+
+def evaluate_checkpoints(
+    checkpoints: Sequence[str | Path],
+    output: str | Path | None = None,
+    request: EvalRequest | None = None,
+    **options,
+) -> dict[tuple[str, str], SetScores]:
+    """Evaluate one or more `faceforge train` checkpoints on the sets of ``request`` (or ``options``:
+    the fields of :class:`EvalRequest`), side by side; writes the reports listed in the module notes
+    into ``output`` (default: ``eval/`` beside the first checkpoint).
+
+    A checkpoint holding a float ``"verification_threshold"`` (SphereFace2's learned threshold) also
+    gets the accuracy at that threshold on pair sets ("accuracy@learned threshold").
+
+    Returns:
+        ``{(checkpoint label, set name): SetScores}``; labels are file names (made distinct if needed).
+    """
+    if not checkpoints:
+        raise ValueError("no checkpoint given")
+    r = request if request is not None else EvalRequest(**options)
+    paths = [Path(c) for c in checkpoints]
+    for p in paths:
+        if not p.is_file():
+            raise FileNotFoundError(f"checkpoint not found: {p}")
+    out = Path(output) if output else paths[0].parent / "eval"
+    out.mkdir(parents=True, exist_ok=True)
+    shared = [s for build in EVALUATIONS.values() for s in build(r)]
+    data_keys = {id(s): s.key() for s in shared}
+    compare = len(paths) > 1
+
+    results: dict[tuple[str, str], SetScores] = {}
+    records, rows, hists, curves = [], [], [], {}
+    for path, label in zip(paths, _labels(paths)):
+        ckpt = _Checkpoint(path, label)
+        sets = shared or ckpt.held_out_sets(r)
+        for s in sets:
+            data_key = data_keys.get(id(s)) or s.key()
+            features, feature_paths, cached = _features(s, data_key, ckpt, out, r.batch_size)
+            scores = s.score(features, threshold=ckpt.threshold)
+            results[(label, s.name)] = scores
+            records.append(_record(ckpt, s, scores, feature_paths, cached))
+            rows += [(title, {"model": f"{label} on {s.name}"} | row) for title, row in scores.rows]
+            if scores.pairs is None:
+                continue
+            name = f"{label} on {s.name}" + (" (sampled pairs)" if scores.sampled else "")
+            curves[name] = scores.counts or PairCounts.of(*scores.pairs)
+            stem = f"{_safe(label)}_{_safe(s.name)}" if compare else _safe(s.name)
+            hists.append(score_histogram(*scores.pairs, out / f"hist_{stem}.png", title=f"{name}: pair scores"))
+
+    title = " vs ".join(_labels(paths)) if compare else str(paths[0])
+    roc_path = plot_roc({name: c.rates() for name, c in curves.items()}, out / "roc.png", title=title,
+                        fpr_range=_fpr_range(list(curves.values()))) if curves else None
+    if roc_path is not None:
+        shutil.copyfile(roc_path, out / "roc_eval.png")  # the name of earlier versions
+    tables = _tables(rows)
+    (out / "results.md").write_text(tables + "\n")
+    (out / "results.json").write_text(json.dumps(
+        {"checkpoints": dict(zip(_labels(paths), map(str, paths))), "fars": [float(f) for f in r.fars],
+         "results": records}, indent=2) + "\n")
+    print(tables)
+    print(f"results:    {out / 'results.md'}, {out / 'results.json'}")
+    if roc_path is not None:
+        print(f"ROC plot:   {roc_path}")
+    print(f"histograms: {', '.join(str(h) for h in hists)}")
+    return results
+
+
+def evaluate_checkpoint(checkpoint: str | Path, output: str | Path | None = None, **options) -> dict[str, SetScores]:
+    """:func:`evaluate_checkpoints` of one checkpoint: ``{set name: SetScores}`` (the held-out set of a
+    synthetic config is named "held-out")."""
+    results = evaluate_checkpoints([checkpoint], output=output, **options)
+    return {name: scores for (_, name), scores in results.items()}

@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test test-all bench clean
+.PHONY: install demo test test-all bench bench-accuracy clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,12 @@ test-all: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/run_all.py
+
+# Heads under equal budgets on synthetic faces and rendered CJK glyphs, 3 seeds (about an hour on 2 cores;
+# installs the Debian font packages first, with apt-get). Results: runs/accuracy/default/report.md
+bench-accuracy: $(STAMP)
+	bash benchmarks/accuracy/install_fonts.sh
+	$(BIN)/python benchmarks/accuracy/harness.py
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

@@ -1,0 +1,75 @@
+"""The harness's held-out evaluation: a gallery of test identities, embedded once, scored over many pairs.
+
+The trainer's own verification (``data.eval_pairs``) embeds two images per pair; to measure TAR at
+FAR = 1e-4 that needs tens of thousands of negative pairs, i.e. about 100k images per evaluation. Here
+every gallery image is embedded once (``f(x) + f(flip(x))``, as the trainer does) and the pairs only index
+into the embeddings, so 100k pairs cost a dot product each:
+
+- synthetic: ``data.eval_identities`` test-split identities (never trained) x ``per_identity`` images;
+- glyphs: the test characters (never trained) in every test font (``GlyphBenchmark.test_gallery``).
+
+Pairs come from :func:`faceforge.data.glyphs.sample_pairs` (half positive, half negative, with replacement),
+seeded by the run's seed, so every head of a seed is scored on the same pairs. Recall@1 is leave-one-out
+retrieval over the whole gallery (BroadFace's retrieval tables).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+from torch import nn
+
+from faceforge.data.glyphs import sample_pairs
+from faceforge.eval.metrics import recall_at_k
+from faceforge.eval.verify import embed, evaluate_scores
+from faceforge.train.config import Config
+
+FARS = (1e-3, 1e-4)
+
+
+def _synthetic_gallery(cfg: Config, per_identity: int) -> tuple[np.ndarray, np.ndarray]:
+    from faceforge.data.synthetic import render_images
+
+    d = cfg.data
+    labels = np.repeat(np.arange(d.eval_identities), per_identity)
+    samples = np.tile(np.arange(per_identity), d.eval_identities)
+    images = render_images(labels, samples, seed=cfg.seed, split="test", difficulty=d.difficulty, image_size=d.image_size)
+    return images, labels
+
+
+def _glyph_gallery(cfg: Config, per_identity: int) -> tuple[np.ndarray, np.ndarray]:
+    from faceforge.train.data import glyph_benchmark_of
+
+    return glyph_benchmark_of(cfg).test_gallery()  # every test font: per_identity does not apply
+
+
+# data.name -> gallery builder (cfg, images per identity) -> (images uint8 (N, S, S, 3), labels (N,))
+GALLERIES: dict[str, Callable[[Config, int], tuple[np.ndarray, np.ndarray]]] = {
+    "synthetic": _synthetic_gallery,
+    "glyphs": _glyph_gallery,
+}
+
+
+def held_out_gallery(cfg: Config, per_identity: int = 10) -> tuple[np.ndarray, np.ndarray]:
+    """The test identities of ``cfg``'s dataset: images uint8 ``(N, S, S, 3)`` and labels int64 ``(N,)``."""
+    if cfg.data.name not in GALLERIES:
+        raise ValueError(f"data.name = {cfg.data.name!r}: the accuracy harness has galleries for {sorted(GALLERIES)}")
+    return GALLERIES[cfg.data.name](cfg, per_identity)
+
+
+def evaluate_gallery(
+    backbone: nn.Module, images: np.ndarray, labels: np.ndarray, num_pairs: int, seed: int, batch_size: int = 256,
+) -> dict[str, float]:
+    """Verification over ``num_pairs`` sampled pairs plus leave-one-out Recall@1 of the gallery.
+
+    Returns the keys of ``VerificationResult.as_dict()`` (accuracy = 10-fold, ``tar@far=1e-03``, eer, ...),
+    ``recall@1``, ``pairs`` and ``gallery`` (sizes).
+    """
+    embeddings = embed(backbone, images, batch_size=batch_size, flip=True)
+    first, second, issame = sample_pairs(labels, num_pairs, seed)
+    scores = np.einsum("nd,nd->n", embeddings[first].astype(np.float64), embeddings[second].astype(np.float64))
+    metrics = evaluate_scores(scores, issame, fars=FARS).as_dict()
+    metrics["recall@1"] = float(recall_at_k(embeddings, labels, 1))
+    metrics["pairs"], metrics["gallery"] = float(num_pairs), float(len(labels))
+    return metrics

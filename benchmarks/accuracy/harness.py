@@ -1,0 +1,254 @@
+"""The accuracy harness: train heads under equal budgets and several seeds, tabulate held-out verification.
+
+    python benchmarks/accuracy/harness.py                          # table6, table3, noise; both datasets; 3 seeds
+    python benchmarks/accuracy/harness.py --experiments table6 --datasets glyphs --seeds 1 --only Softmax ArcFace
+    python benchmarks/accuracy/harness.py --full                   # the GPU size
+    python benchmarks/accuracy/harness.py --report-only            # tables and plots from finished runs
+    python benchmarks/accuracy/harness.py --list                   # the experiments and their variants
+
+Every run goes through the real trainer (``faceforge.train.train``) in this process, then the harness
+scores its backbone on the held-out gallery (``gallery.py``). A run is keyed by its full resolved config
+(plus the gallery protocol): its folder is ``OUT/runs/<key>/`` and it is finished when ``result.json``
+there holds that key. A rerun skips finished runs, resumes a killed run from its ``last.pt``, and never
+mistakes a changed config for a finished run (the key changes). Runs shared by experiments (the CosFace of
+Table 6 is the 0 % point of the label-noise figure) train once.
+
+Outputs in OUT (default ``runs/accuracy/<size>``): ``report.md`` (Markdown tables, mean ± std over seeds),
+``results.json`` (every run: experiment, dataset, variant, seed, key, metrics, timings, curve),
+``plots/*.png`` and, for the glyph dataset, ``glyph_fonts.txt`` (the font report).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import re
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import experiments as ex  # noqa: E402
+import gallery  # noqa: E402
+import tables  # noqa: E402
+
+from faceforge.fileio import atomic_open  # noqa: E402
+from faceforge.train.checkpoint import CHECKPOINT_NAME, load_checkpoint  # noqa: E402
+from faceforge.train.config import Config, apply_overrides, config_from_dict, to_dict  # noqa: E402
+
+RESULT_NAME = "result.json"
+HARNESS_VERSION = 1  # bump when the protocol changes in a way the config does not show
+
+
+@dataclass(frozen=True)
+class Run:
+    """One (experiment, dataset, variant, seed) and its resolved config and key."""
+
+    experiment: str
+    dataset: str
+    variant: ex.Variant
+    seed: int
+    cfg: Config
+    key: str
+    gallery: dict[str, int]
+    curve: bool
+
+    @property
+    def folder(self) -> Path:
+        return Path(self.cfg.output)
+
+    def describe(self) -> str:
+        return f"{self.experiment} / {self.dataset} / {self.variant.label} / seed {self.seed}"
+
+
+def resolve(size: str, dataset: str, experiment: str, variant: ex.Variant, seed: int, out: Path) -> Run:
+    """The run's config (base, data section, experiment, variant, seed) and its key."""
+    exp = ex.EXPERIMENTS[experiment]
+    data = copy.deepcopy({**ex.BASE[size], "data": ex.DATASETS[dataset][size]})
+    overrides = [*exp.overrides, *variant.overrides, f"seed={seed}"]
+    if exp.curve:
+        curve = ex.CURVE[size]
+        overrides += [f"train.eval_every={curve['every']}", f"data.eval_pairs={curve['pairs']}"]
+    data = apply_overrides({"output": "", "head": {"name": "unset"}, **data}, overrides, f"{experiment}/{variant.label}")
+    cfg = config_from_dict(data, f"accuracy harness: {experiment} / {dataset} / {variant.label}")
+    plain = to_dict(cfg)
+    plain.pop("output")
+    blob = json.dumps({"config": plain, "gallery": ex.GALLERY[size], "version": HARNESS_VERSION}, sort_keys=True)
+    key = hashlib.sha256(blob.encode()).hexdigest()[:16]
+    cfg.output = str(out / "runs" / key)
+    return Run(experiment, dataset, variant, seed, cfg, key, ex.GALLERY[size], exp.curve)
+
+
+def plan(size: str, experiments: Sequence[str], datasets: Sequence[str], seeds: int, out: Path,
+         only: Sequence[str] = ()) -> list[Run]:
+    """Every run, in the order experiments x datasets x seeds x variants (all heads of a seed together)."""
+    return [
+        resolve(size, dataset, name, variant, seed, out)
+        for name in experiments
+        for dataset in datasets
+        for seed in range(seeds)
+        for variant in ex.EXPERIMENTS[name].variants_for(size)
+        if not only or variant.label in only
+    ]
+
+
+def missing_heads(cfg: Config) -> list[str]:
+    """Head names the config needs (``head.name`` and a wrapped ``head.kwargs.head``) that are not registered."""
+    from faceforge.heads import HEADS
+
+    names = [cfg.head.name, cfg.head.kwargs.get("head")]
+    return [n for n in names if isinstance(n, str) and ":" not in n and n not in HEADS]
+
+
+def read_result(run: Run) -> dict[str, Any] | None:
+    """The finished result of ``run``, or None (absent, unreadable, or written for another key)."""
+    path = run.folder / RESULT_NAME
+    try:
+        result = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return result if result.get("key") == run.key else None
+
+
+_EVAL_LINE = re.compile(r"eval step (\d+): (.*)$")
+
+
+def learning_curve(log: Path) -> list[dict[str, float]]:
+    """The trainer's ``eval step N: name value ...`` lines of ``train.log``: ``[{"step": N, name: value}]``."""
+    if not log.is_file():
+        return []
+    points = []
+    for line in log.read_text().splitlines():
+        match = _EVAL_LINE.search(line)
+        if match:
+            tokens = match.group(2).split()
+            points.append({"step": float(match.group(1)), **{k: float(v) for k, v in zip(tokens[0::2], tokens[1::2])}})
+    by_step = {int(p["step"]): p for p in points}  # a resumed run logs a step twice: keep the last
+    return [by_step[step] for step in sorted(by_step)]
+
+
+def execute(run: Run, keep_checkpoint: bool = False) -> dict[str, Any]:
+    """Train (resuming from ``last.pt`` if there is one), score the gallery, write ``result.json``."""
+    from faceforge.train import train
+    from faceforge.train.engine import build_backbone
+
+    start, cpu = time.perf_counter(), time.process_time()
+    result = train(run.cfg, resume=(run.folder / CHECKPOINT_NAME).is_file())
+    trained, trained_cpu = time.perf_counter() - start, time.process_time() - cpu
+    torch.manual_seed(run.cfg.seed)
+    backbone = build_backbone(run.cfg)
+    backbone.load_state_dict(load_checkpoint(result.checkpoint)["backbone"])
+    start = time.perf_counter()
+    images, labels = gallery.held_out_gallery(run.cfg, run.gallery["per_identity"])
+    metrics = gallery.evaluate_gallery(backbone, images, labels, run.gallery["pairs"], run.cfg.seed,
+                                       batch_size=run.cfg.data.eval_batch_size)
+    record = {
+        "key": run.key,
+        "config": to_dict(run.cfg),
+        "metrics": metrics,
+        "trainer_metrics": result.metrics,
+        "final_loss": result.losses[-1] if result.losses else None,
+        "steps": result.step,
+        "train_seconds": trained,
+        "train_cpu_seconds": trained_cpu,  # all threads; less sensitive than wall time to a busy machine
+        "eval_seconds": time.perf_counter() - start,
+        "images_per_second": result.images_per_second,
+        "curve": learning_curve(result.log) if run.curve else [],
+    }
+    with atomic_open(run.folder / RESULT_NAME, "w") as f:
+        json.dump(record, f, indent=1)
+    if not keep_checkpoint:
+        for path in (result.checkpoint, *run.folder.glob("step_*.pt")):
+            path.unlink(missing_ok=True)
+    return record
+
+
+def _summary(run: Run, record: dict[str, Any]) -> str:
+    m = record["metrics"]
+    return (f"acc {100 * m['accuracy']:.2f} %  TAR@1e-3 {100 * m['tar@far=1e-03']:.2f} %  "
+            f"TAR@1e-4 {100 * m['tar@far=1e-04']:.2f} %  R@1 {100 * m['recall@1']:.2f} %  "
+            f"({record['train_seconds']:.0f} s train, {record['eval_seconds']:.0f} s eval)")
+
+
+def run_all(runs: Sequence[Run], keep_checkpoints: bool = False, log=print) -> list[tuple[Run, dict[str, Any] | None]]:
+    """Execute every unfinished run (each key once); returns ``(run, record or None if skipped)``."""
+    records: dict[str, dict[str, Any] | None] = {}
+    out = []
+    for i, run in enumerate(runs, 1):
+        where = f"[{i}/{len(runs)}] {run.describe()}"
+        if run.key not in records:
+            missing = missing_heads(run.cfg)
+            if missing:
+                log(f"{where}: skipped, head {', '.join(map(repr, missing))} is not registered in faceforge.heads")
+                records[run.key] = None
+            else:
+                record = read_result(run)
+                if record is not None:
+                    log(f"{where}: done before ({run.key}): {_summary(run, record)}")
+                else:
+                    record = execute(run, keep_checkpoints)
+                    log(f"{where}: {_summary(run, record)}")
+                records[run.key] = record
+        out.append((run, records[run.key]))
+    return out
+
+
+def _write_font_report(cfg: Config, out: Path) -> None:
+    from faceforge.train.data import glyph_benchmark_of
+
+    bench = glyph_benchmark_of(cfg)
+    report = bench.selection.report()
+    split = (f"training: {len(bench.train_chars)} characters x {bench.images_per_character} images; test: "
+             f"{len(bench.test_chars)} characters x {len(bench.test_fonts)} fonts "
+             f"({'held-out families' if cfg.data.glyph_held_out_families else 'the training fonts'}); "
+             f"skipped characters: {bench.skipped}")
+    with atomic_open(out / "glyph_fonts.txt", "w") as f:
+        f.write(f"{report}\n{split}\n")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--experiments", nargs="+", default=list(ex.DEFAULT_EXPERIMENTS), choices=sorted(ex.EXPERIMENTS))
+    parser.add_argument("--datasets", nargs="+", default=list(ex.DEFAULT_DATASETS), choices=sorted(ex.DATASETS))
+    parser.add_argument("--seeds", type=int, default=ex.DEFAULT_SEEDS, help="seeds 0 .. N-1 (default 3)")
+    parser.add_argument("--full", action="store_true", help="the GPU size (default: the 2-core CPU size)")
+    parser.add_argument("--only", nargs="+", default=[], metavar="LABEL", help="run only these variant labels")
+    parser.add_argument("--out", type=Path, help="output folder (default runs/accuracy/<size>)")
+    parser.add_argument("--keep-checkpoints", action="store_true", help="keep each run's last.pt")
+    parser.add_argument("--report-only", action="store_true", help="tabulate finished runs, train nothing")
+    parser.add_argument("--list", action="store_true", help="print the experiments and their variants")
+    args = parser.parse_args(argv)
+    size = "full" if args.full else "default"
+    if args.list:
+        for name, exp in ex.EXPERIMENTS.items():
+            print(f"{name}: {exp.title}")
+            for v in exp.variants_for(size):
+                print(f"    {v.label:28s} {' '.join(v.overrides)}")
+        return 0
+    out = args.out or Path("runs") / "accuracy" / size
+    runs = plan(size, args.experiments, args.datasets, args.seeds, out, args.only)
+    if not runs:
+        parser.error(f"no variant matches --only {' '.join(args.only)}")
+    print(f"accuracy harness: size {size}, {len(runs)} runs ({len({r.key for r in runs})} distinct) -> {out}", flush=True)
+    out.mkdir(parents=True, exist_ok=True)
+    if "glyphs" in args.datasets:
+        _write_font_report(next(r.cfg for r in runs if r.dataset == "glyphs"), out)
+    if args.report_only:
+        done = [(run, read_result(run)) for run in runs]
+    else:
+        done = run_all(runs, args.keep_checkpoints, log=lambda line: print(line, flush=True))
+    paths = tables.write_report(done, out, size)
+    print("\n".join(f"wrote {p}" for p in paths))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,218 @@
+"""The harness's report: mean ± std over seeds as Markdown tables, every run as JSON, plots as PNG.
+
+Per (experiment, dataset) one table: a row per variant with the held-out 10-fold accuracy, TAR at FAR 1e-3
+and 1e-4, EER and Recall@1 (mean ± sample std over seeds, in %), and the paired difference in accuracy
+against the first variant (mean ± std over seeds of the per-seed difference: every variant of a seed shares
+data, initialisation and test pairs, so this is the sharper test of whether two heads differ).
+
+Plots use matplotlib's Agg canvas directly (no pyplot), like ``faceforge.eval.report``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from faceforge.eval.report import markdown_table
+from faceforge.fileio import atomic_open
+
+# metric key -> column title
+METRICS = {
+    "accuracy": "10-fold acc.",
+    "tar@far=1e-03": "TAR@FAR=1e-3",
+    "tar@far=1e-04": "TAR@FAR=1e-4",
+    "eer": "EER",
+    "recall@1": "Recall@1",
+}
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+    v = np.asarray(values, dtype=np.float64)
+    return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
+
+
+def _cell(values: Sequence[float]) -> str:
+    mean, std = _mean_std(values)
+    return f"{100 * mean:.2f} ± {100 * std:.2f}" if len(values) > 1 else f"{100 * mean:.2f}"
+
+
+def group(done: Sequence[tuple[Any, dict[str, Any] | None]]) -> dict[tuple[str, str], list[dict[str, Any]]]:
+    """``{(experiment, dataset): [variant row]}``; a row has the variant, and ``records`` by seed (None =
+    skipped or unfinished), in plan order."""
+    tables: dict[tuple[str, str], dict[str, dict[str, Any]]] = {}
+    for run, record in done:
+        rows = tables.setdefault((run.experiment, run.dataset), {})
+        row = rows.setdefault(run.variant.label, {"variant": run.variant, "records": {}})
+        row["records"][run.seed] = record
+    return {k: list(v.values()) for k, v in tables.items()}
+
+
+def _finished(row: dict[str, Any]) -> dict[int, dict[str, Any]]:
+    return {seed: r for seed, r in row["records"].items() if r is not None}
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    """The Markdown table of one (experiment, dataset)."""
+    base = _finished(rows[0]) if rows else {}
+    base_label = rows[0]["variant"].label if rows else ""
+    lines = []
+    for row in rows:
+        done = _finished(row)
+        line: dict[str, Any] = {"variant": row["variant"].label, "seeds": len(done)}
+        if done:
+            for key, title in METRICS.items():
+                line[title] = _cell([r["metrics"][key] for r in done.values()])
+            shared = sorted(set(done) & set(base))
+            if row is not rows[0] and shared:
+                diffs = [done[s]["metrics"]["accuracy"] - base[s]["metrics"]["accuracy"] for s in shared]
+                line[f"Δ acc. vs {base_label}"] = _cell(diffs)
+            line["train s"] = f"{np.mean([r['train_seconds'] for r in done.values()]):.0f}"
+        else:
+            line["10-fold acc."] = "not run"
+        lines.append(line)
+    columns = ["variant", "seeds", *METRICS.values(), f"Δ acc. vs {base_label}", "train s"]
+    return markdown_table(lines, columns)
+
+
+def separation(rows: list[dict[str, Any]]) -> str:
+    """One line: the spread of the variants' mean accuracy against the typical seed-to-seed std."""
+    accs = [[r["metrics"]["accuracy"] for r in _finished(row).values()] for row in rows]
+    means = [np.mean(a) for a in accs if a]
+    stds = [_mean_std(a)[1] for a in accs if len(a) > 1]
+    if len(means) < 2:
+        return ""
+    spread = f"Spread of the variants' mean accuracy: {100 * (max(means) - min(means)):.2f} points"
+    if not stds:
+        return spread + " (one seed: no seed-to-seed std)."
+    return f"{spread}; seed-to-seed std, averaged over the variants with 2+ seeds: {100 * np.mean(stds):.2f} points."
+
+
+# --------------------------------------------------------------------------------------------------
+# Plots
+
+
+def _save(fig: Figure, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    FigureCanvasAgg(fig)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    return path
+
+
+def _values(row: dict[str, Any], key: str) -> list[float]:
+    return [100 * r["metrics"][key] for r in _finished(row).values()]
+
+
+def plot_bars(rows: list[dict[str, Any]], title: str, path: Path) -> Path:
+    """10-fold accuracy and TAR@FAR=1e-3 per variant, mean with std error bars."""
+    rows = [r for r in rows if _finished(r)]
+    fig = Figure(figsize=(4 + 0.9 * len(rows), 4), layout="constrained")
+    for i, key in enumerate(("accuracy", "tar@far=1e-03")):
+        ax = fig.add_subplot(1, 2, i + 1)
+        stats = [_mean_std(_values(r, key)) for r in rows]
+        ax.bar(range(len(rows)), [m for m, _ in stats], yerr=[s for _, s in stats], capsize=4, color="C0")
+        ax.set_xticks(range(len(rows)), [r["variant"].label for r in rows], rotation=30, ha="right")
+        low = min(m - s for m, s in stats)
+        ax.set_ylim(max(0.0, low - 0.15 * (100 - low) - 1), 100)
+        ax.set_ylabel(f"{METRICS[key]} (%)")
+        ax.grid(True, axis="y", linestyle=":", linewidth=0.5)
+    fig.suptitle(title)
+    return _save(fig, path)
+
+
+def plot_lines(rows: list[dict[str, Any]], title: str, x_label: str, path: Path) -> Path:
+    """One line per series over the variants' ``x`` (e.g. label-noise level), mean with std error bars."""
+    fig = Figure(figsize=(9, 4), layout="constrained")
+    for i, key in enumerate(("accuracy", "tar@far=1e-03")):
+        ax = fig.add_subplot(1, 2, i + 1)
+        series: dict[str, list[dict[str, Any]]] = {}
+        for row in rows:
+            if _finished(row):
+                series.setdefault(row["variant"].series or row["variant"].label, []).append(row)
+        for name, members in series.items():
+            members.sort(key=lambda r: r["variant"].x or 0.0)
+            stats = [_mean_std(_values(r, key)) for r in members]
+            ax.errorbar([r["variant"].x or 0.0 for r in members], [m for m, _ in stats], yerr=[s for _, s in stats],
+                        marker="o", capsize=3, label=name)
+        ax.set_xlabel(x_label)
+        ax.set_ylabel(f"{METRICS[key]} (%)")
+        ax.grid(True, linestyle=":", linewidth=0.5)
+        ax.legend()
+    fig.suptitle(title)
+    return _save(fig, path)
+
+
+def plot_curves(rows: list[dict[str, Any]], title: str, path: Path) -> Path | None:
+    """The trainer's periodic verification accuracy against steps, mean over seeds, one line per variant."""
+    fig = Figure(figsize=(6, 4), layout="constrained")
+    ax = fig.add_subplot()
+    drawn = False
+    for row in rows:
+        curves = [r["curve"] for r in _finished(row).values() if r.get("curve")]
+        if not curves:
+            continue
+        steps = sorted(set.intersection(*({p["step"] for p in c} for c in curves)))
+        acc = np.array([[next(p["accuracy"] for p in c if p["step"] == s) for s in steps] for c in curves]) * 100
+        ax.errorbar(steps, acc.mean(0), yerr=acc.std(0, ddof=1) if len(acc) > 1 else None, marker=".", capsize=2,
+                    label=row["variant"].label)
+        drawn = True
+    if not drawn:
+        return None
+    ax.set_xlabel("optimiser step")
+    ax.set_ylabel("10-fold accuracy, trainer's pairs (%)")
+    ax.grid(True, linestyle=":", linewidth=0.5)
+    ax.legend()
+    ax.set_title(title)
+    return _save(fig, path)
+
+
+# --------------------------------------------------------------------------------------------------
+# The report
+
+
+def write_report(done: Sequence[tuple[Any, dict[str, Any] | None]], out: Path, size: str) -> list[Path]:
+    """``report.md``, ``results.json`` and ``plots/`` under ``out``; returns the written paths."""
+    import experiments as ex
+
+    written = []
+    records = [
+        {"experiment": run.experiment, "dataset": run.dataset, "variant": run.variant.label,
+         "series": run.variant.series, "x": run.variant.x, "seed": run.seed, "key": run.key,
+         "status": "done" if record is not None else "not run", **(record or {})}
+        for run, record in done
+    ]
+    with atomic_open(out / "results.json", "w") as f:
+        json.dump(records, f, indent=1)
+    written.append(out / "results.json")
+    lines = [f"# Accuracy harness: size {size}", ""]
+    for (name, dataset), rows in group(done).items():
+        exp = ex.EXPERIMENTS[name]
+        seeds = max((len(row["records"]) for row in rows), default=0)
+        lines += [f"## {exp.title}: {dataset}", "",
+                  f"Held-out verification, mean ± std over {seeds} seed(s), in %.", ""]
+        if exp.notes:
+            lines += [exp.notes, ""]
+        lines += [table(rows), ""]
+        sep = separation(rows)
+        if sep:
+            lines += [sep, ""]
+        stem = f"{name}_{dataset}"
+        if any(_finished(r) for r in rows):
+            if any(r["variant"].x is not None for r in rows):
+                plot = plot_lines(rows, f"{exp.title} ({dataset})", exp.x_label, out / "plots" / f"{stem}.png")
+            else:
+                plot = plot_bars(rows, f"{exp.title} ({dataset})", out / "plots" / f"{stem}.png")
+            written.append(plot)
+            lines += [f"![{stem}](plots/{plot.name})", ""]
+            curve = plot_curves(rows, f"{exp.title} ({dataset})", out / "plots" / f"{stem}_curve.png")
+            if curve is not None:
+                written.append(curve)
+                lines += [f"![{stem} learning curve](plots/{curve.name})", ""]
+    with atomic_open(out / "report.md", "w") as f:
+        f.write("\n".join(lines))
+    written.append(out / "report.md")
+    return written

@@ -1,0 +1,205 @@
+"""benchmarks/accuracy: equal budgets, run keys, skip and resume, missing heads, the gallery protocol, the report.
+
+The harness runs at a "tiny" size added here (TinyNet from _train_worker, 8 synthetic identities at 16 px,
+4 steps), so every run takes well under a second.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks" / "accuracy"))
+
+import experiments as ex  # noqa: E402
+import gallery  # noqa: E402
+import harness  # noqa: E402
+import tables  # noqa: E402
+
+from faceforge.eval.verify import verify_pairs  # noqa: E402
+from faceforge.train.config import to_dict  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture
+def tiny(monkeypatch: pytest.MonkeyPatch) -> str:
+    """A size "tiny": seconds-long runs of every tuple-variant experiment on synthetic data."""
+    monkeypatch.setitem(ex.BASE, "tiny", {
+        "model": {"backbone": "_train_worker:TinyNet", "embedding_size": 16, "kwargs": {}},
+        "optim": {"name": "sgd", "lr": 0.05},
+        "schedule": {"name": "constant"},
+        "train": {"steps": 4, "log_every": 1, "checkpoint_every": 1, "progress": False},
+    })
+    monkeypatch.setitem(ex.DATASETS["synthetic"], "tiny", {
+        "name": "synthetic", "num_identities": 8, "images_per_identity": 8, "image_size": 16, "cache": True,
+        "batch_size": 16, "eval_pairs": 0, "eval_identities": 6,
+    })
+    monkeypatch.setitem(ex.GALLERY, "tiny", {"per_identity": 4, "pairs": 200})
+    monkeypatch.setitem(ex.CURVE, "tiny", {"every": 2, "pairs": 20})
+    return "tiny"
+
+
+def _without(cfg, *paths: str) -> dict:
+    d = to_dict(cfg)
+    for path in paths:
+        section, _, name = path.partition(".")
+        if name:
+            d[section].pop(name)
+        else:
+            d.pop(section)
+    return d
+
+
+def test_variants_differ_only_in_the_head_and_their_own_data_option(tiny: str, tmp_path: Path) -> None:
+    runs = harness.plan(tiny, ["table6", "table3", "noise"], ["synthetic"], 2, tmp_path)
+    assert len(runs) == 2 * (5 + 4 + 8)
+    for seed in (0, 1):
+        same = [_without(r.cfg, "head", "output", "data.label_noise") for r in runs if r.seed == seed]
+        assert all(d == same[0] for d in same)  # the equal budget: backbone, data, steps, optimiser, schedule
+    noisy = [r for r in runs if r.experiment == "noise" and r.seed == 0]
+    assert [r.cfg.data.label_noise for r in noisy] == [0.0, 0.2, 0.4, 0.6] * 2
+    assert {r.cfg.head.name for r in noisy} == {"cosface", "sphereface2"}
+
+
+def test_run_keys_follow_the_resolved_config(tiny: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    runs = harness.plan(tiny, ["table6", "noise"], ["synthetic"], 1, tmp_path)
+    by_label = {(r.experiment, r.variant.label): r for r in runs}
+    # the same resolved config is the same run, whatever experiment declares it
+    assert by_label[("noise", "CosFace 0%")].key == by_label[("table6", "CosFace")].key
+    assert by_label[("noise", "CosFace 0%")].folder == by_label[("table6", "CosFace")].folder
+    assert len({r.key for r in runs}) == 5 + 8 - 2
+    before = by_label[("table6", "ArcFace")].key
+    monkeypatch.setitem(ex.BASE["tiny"]["train"], "steps", 5)
+    after = harness.resolve(tiny, "synthetic", "table6", by_label[("table6", "ArcFace")].variant, 0, tmp_path)
+    assert after.key != before  # a changed config is never mistaken for a finished run
+
+
+def test_finished_runs_are_skipped_and_killed_runs_resume(tiny: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from faceforge.train import train
+
+    runs = harness.plan(tiny, ["table6"], ["synthetic"], 1, tmp_path, only=["ArcFace", "CosFace"])
+    arc, cos = runs[1], runs[0]
+    assert (arc.variant.label, cos.variant.label) == ("ArcFace", "CosFace")
+
+    class Killed(Exception):
+        pass
+
+    def kill_at_2(step: int) -> None:
+        if step == 2:
+            raise Killed
+
+    with pytest.raises(Killed):  # a run killed after its step-2 checkpoint
+        train(arc.cfg, on_step=kill_at_2)
+    assert harness.read_result(arc) is None
+    lines: list[str] = []
+    done = harness.run_all(runs, log=lines.append)
+    assert "resumed from" in (arc.folder / "train.log").read_text() and "at step 2" in (arc.folder / "train.log").read_text()
+    assert [record["steps"] for _, record in done] == [4, 4]
+    assert not (arc.folder / "last.pt").exists()  # checkpoints are removed once the result is written
+    for _, record in done:
+        assert set(record["metrics"]) >= {"accuracy", "tar@far=1e-03", "tar@far=1e-04", "eer", "recall@1"}
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a finished run was trained again")
+
+    monkeypatch.setattr(harness, "execute", no_training)
+    again: list[str] = []
+    redone = harness.run_all(runs, log=again.append)
+    assert all("done before" in line for line in again)
+    assert [r["metrics"] for _, r in redone] == [r["metrics"] for _, r in done]
+    # a result written for another key does not count as finished
+    record = json.loads((arc.folder / harness.RESULT_NAME).read_text())
+    record["key"] = "0" * 16
+    (arc.folder / harness.RESULT_NAME).write_text(json.dumps(record))
+    assert harness.read_result(arc) is None
+
+
+def test_missing_heads_are_skipped_and_reported(tiny: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from faceforge.heads import HEADS
+
+    monkeypatch.setattr(HEADS, "_factories", {k: v for k, v in HEADS._factories.items() if k != "sphereface2"})
+    runs = harness.plan(tiny, ["table6"], ["synthetic"], 1, tmp_path, only=["Softmax", "SphereFace2"])
+    assert harness.missing_heads(runs[1].cfg) == ["sphereface2"]
+    lines: list[str] = []
+    done = harness.run_all(runs, log=lines.append)
+    assert done[1][1] is None and "head 'sphereface2' is not registered" in lines[1]
+    tables.write_report(done, tmp_path, tiny)
+    report = (tmp_path / "report.md").read_text()
+    assert "| SphereFace2 |     0 | not run" in report
+    statuses = [r["status"] for r in json.loads((tmp_path / "results.json").read_text())]
+    assert statuses == ["done", "not run"]
+
+
+def test_report_tables_plots_and_curves(tiny: str, tmp_path: Path) -> None:
+    runs = harness.plan(tiny, ["table6", "noise"], ["synthetic"], 2, tmp_path, only=["Softmax", "ArcFace", "CosFace 0%", "CosFace 20%"])
+    done = harness.run_all(runs, log=lambda line: None)
+    paths = tables.write_report(done, tmp_path, tiny)
+    assert {p.name for p in paths} >= {"report.md", "results.json", "table6_synthetic.png", "noise_synthetic.png"}
+    report = (tmp_path / "report.md").read_text()
+    softmax = [r["metrics"]["accuracy"] for run, r in done if run.variant.label == "Softmax"]
+    arc = [r["metrics"]["accuracy"] for run, r in done if run.variant.label == "ArcFace"]
+    mean, std = np.mean(softmax) * 100, np.std(softmax, ddof=1) * 100
+    assert f"{mean:.2f} ± {std:.2f}" in report  # mean ± sample std over the two seeds
+    diff = (np.array(arc) - np.array(softmax)) * 100
+    assert f"{diff.mean():.2f} ± {diff.std(ddof=1):.2f}" in report  # the paired difference
+    assert "| variant" in report and "TAR@FAR=1e-4" in report
+    assert len(json.loads((tmp_path / "results.json").read_text())) == len(runs)
+
+
+def test_learning_curve_from_the_trainer_log(tiny: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(ex.EXPERIMENTS, "curve", ex.Experiment("a curve", (ex.Variant("ArcFace", ex.ARCFACE),), curve=True))
+    run, = harness.plan(tiny, ["curve"], ["synthetic"], 1, tmp_path)
+    assert run.cfg.train.eval_every == 2 and run.cfg.data.eval_pairs == 20
+    record = harness.execute(run)
+    assert [p["step"] for p in record["curve"]] == [2.0, 4.0]
+    assert all(0.0 <= p["accuracy"] <= 1.0 for p in record["curve"])
+    log = tmp_path / "train.log"
+    log.write_text("x INFO eval step 3: accuracy 0.5000 eer 0.4\nx INFO eval step 3: accuracy 0.6000 eer 0.3\n")
+    assert harness.learning_curve(log) == [{"step": 3.0, "accuracy": 0.6, "eer": 0.3}]  # resumed: the last wins
+
+
+class _Pixels(nn.Module):
+    """A fixed 'backbone': the flattened, centred pixels of a downsampled image."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.avg_pool2d(x, 4).flatten(1) - 0.5
+
+
+def test_gallery_scores_equal_the_trainers_pair_protocol(tiny: str, tmp_path: Path) -> None:
+    run, = harness.plan(tiny, ["table6"], ["synthetic"], 1, tmp_path, only=["ArcFace"])
+    images, labels = gallery.held_out_gallery(run.cfg, per_identity=4)
+    assert images.shape == (6 * 4, 16, 16, 3) and np.array_equal(labels, np.repeat(np.arange(6), 4))
+    metrics = gallery.evaluate_gallery(_Pixels(), images, labels, num_pairs=300, seed=0)
+    # the same pairs, laid out as 2N images and scored by faceforge.eval.verify as the trainer does
+    from faceforge.data.glyphs import sample_pairs
+
+    first, second, issame = sample_pairs(labels, 300, 0)
+    plain = verify_pairs(_Pixels(), images[np.stack([first, second], 1).ravel()], issame).as_dict()
+    for key in ("accuracy", "tar@far=1e-03", "tar@far=1e-04", "eer", "best_threshold_accuracy"):
+        assert metrics[key] == pytest.approx(plain[key], abs=1e-9)
+    assert 0.0 <= metrics["recall@1"] <= 1.0 and metrics["pairs"] == 300
+
+
+def test_glyph_gallery_is_the_benchmarks_test_set(tmp_path: Path) -> None:
+    fonts = Path(matplotlib.__file__).parent / "mpl-data" / "fonts" / "ttf"
+    (tmp_path / "fonts").mkdir()
+    for name in ("DejaVuSans.ttf", "DejaVuSerif.ttf", "DejaVuSansMono.ttf"):
+        (tmp_path / "fonts" / name).symlink_to(fonts / name)
+    data = {**ex.DATASETS["glyphs"]["default"], "path": str(tmp_path / "fonts"), "glyph_charset": "latin_greek_cyrillic",
+            "num_identities": 10, "eval_identities": 5, "image_size": 16}
+    from faceforge.train.config import config_from_dict
+    from faceforge.train.data import glyph_benchmark_of
+
+    cfg = config_from_dict({"output": "x", "model": {"backbone": "r18"}, "head": {"name": "arcface"}, "data": data})
+    images, labels = gallery.held_out_gallery(cfg)
+    expected, expected_labels = glyph_benchmark_of(cfg).test_gallery()
+    assert np.array_equal(images, expected) and np.array_equal(labels, expected_labels) and images.shape[0] == 15

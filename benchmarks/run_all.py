@@ -20,9 +20,12 @@ HERE = Path(__file__).resolve().parent
 # (script, full-size arguments, quick arguments)
 BENCHMARKS: list[tuple[str, list[str], list[str]]] = [
     ("bench_head.py", ["--classes", "1000000", "--repeats", "3"], ["--classes", "100000", "--repeats", "2"]),
+    ("bench_broadface.py", ["--classes", "85742", "--threads", "1"], ["--classes", "10000", "--queues", "512,2048"]),
     ("bench_synthetic.py", [], ["--n", "256"]),
     ("bench_train.py", ["--steps", "30"], ["--steps", "5"]),
     ("bench_recordio.py", ["--images", "2000"], ["--images", "300"]),
+    ("bench_eval.py", ["--distractors", "100000"], ["--pairs", "1000000", "--distractors", "20000", "--probes", "200"]),
+    ("bench_embed.py", [], ["--images", "64", "--repeats", "1"]),
 ]
 
 

@@ -94,7 +94,7 @@ def test_folder_without_bins_skips_verification(data: dict[str, Any], tmp_path: 
     assert_trained(result)
     assert result.metrics == {}
     log = (tmp_path / "plain" / "train.log").read_text()
-    assert log.count("no held-out verification: data.eval_bins is empty") == 1
+    assert log.count("no evaluation sets: data.eval_pairs / eval_bins give no held-out pairs for data.name 'folder'") == 1
 
 
 def test_folder_resume_keeps_label_map(data: dict[str, Any], tmp_path: Path) -> None:

@@ -60,11 +60,14 @@ class ModelConfig:
 
     ``backbone`` may also be ``"package.module:callable"`` for a backbone defined outside faceforge.
     ``kwargs.input_size`` defaults to ``data.image_size``.
+    ``init_from``: a ``faceforge train`` checkpoint whose backbone and head class weights start this run
+    (fine-tuning, e.g. BroadFace from an ArcFace model); ``--resume`` from this run's own checkpoint wins.
     """
 
     backbone: str
     embedding_size: int = 512
     kwargs: dict[str, Any] = field(default_factory=dict)
+    init_from: str | None = None
 
 
 @dataclass
@@ -90,11 +93,30 @@ class DataConfig:
     the held-out verification sets are ``eval_bins`` (insightface ``.bin`` files; none = no
     verification); ``num_identities``, ``images_per_identity``, ``difficulty``, ``cache``,
     ``eval_pairs`` and ``eval_identities`` apply to ``synthetic`` only.
+
+    ``glyphs`` (rendered font glyphs, ``faceforge.data.glyphs``): ``path`` = a fonts folder (default
+    ``/usr/share/fonts``); ``num_identities`` training and ``eval_identities`` test characters (disjoint),
+    each drawn in every font (``images_per_identity`` is ignored); ``eval_pairs`` pairs of test characters;
+    ``glyph_charset``, ``glyph_held_out_families`` (font families kept for the test pairs only; 0 = the
+    test pairs use the training fonts) and ``glyph_variants`` (images per character and font: 1 = clean,
+    more adds jittered copies).
+
+    Beside those held-out sets, any ``data.name`` can evaluate ``eval_ijb`` (an IJB-B/C release,
+    ``eval_ijb_name``), ``eval_probes`` among ``eval_distractors`` (identification) and ``eval_retrieval``
+    every ``train.eval_every`` steps (``faceforge.eval.sets``; ``docs/evaluation.md``).
+
+    ``label_noise``: this fraction of every class's training labels is shuffled within the training set
+    (SphereFace2 Sec. 4.3), deterministically from ``seed``; any ``name``; held-out pairs are untouched.
     """
 
     name: str = "synthetic"
     path: str | None = None
     eval_bins: list[str] = field(default_factory=list)
+    eval_ijb: str | None = None  # an IJB-B/C release root: 1:1 TAR@FAR (+ 1:N when its CSVs are there)
+    eval_ijb_name: str = "IJBC"  # IJBB or IJBC
+    eval_probes: str | None = None  # identification: these probes (folder / .rec) among eval_distractors
+    eval_distractors: str | None = None
+    eval_retrieval: str | None = None  # Recall@K and mAP on this labelled image set (folder / .rec)
     num_identities: int = 1000
     images_per_identity: int = 20
     image_size: int = 112
@@ -106,6 +128,10 @@ class DataConfig:
     eval_pairs: int = 1000  # held-out pairs of unseen (test-split) identities; 0 = no verification
     eval_identities: int = 200
     eval_batch_size: int = 256
+    label_noise: float = 0.0
+    glyph_charset: str = "cjk"
+    glyph_held_out_families: int = 0
+    glyph_variants: int = 1
 
 
 @dataclass
@@ -153,6 +179,7 @@ class TrainConfig:
     clip_grad_norm: max global L2 norm of all gradients, 0 = off.
     checkpoint_every / eval_every / log_every: in optimiser steps, 0 = only at the end (never for log).
     keep_checkpoints: older ``step_XXXXXXX.pt`` kept beside ``last.pt`` (0 = last.pt only).
+    diagnostics_every: in optimiser steps, call the head's ``diagnostics`` (BroadFace's queue error), 0 = off.
     """
 
     epochs: int = 1
@@ -165,6 +192,7 @@ class TrainConfig:
     checkpoint_every: int = 0
     eval_every: int = 0
     keep_checkpoints: int = 0
+    diagnostics_every: int = 0
     progress: bool = True
 
 
@@ -346,6 +374,9 @@ _RANGES: dict[str, tuple[Any, str]] = {
     "data.images_per_identity": (lambda v: v >= 1, "an int >= 1"),
     "data.num_workers": (lambda v: v >= 0, "an int >= 0"),
     "data.eval_pairs": (lambda v: v >= 0, "an int >= 0"),
+    "data.label_noise": (lambda v: 0.0 <= v <= 1.0, "a float in [0, 1]"),
+    "data.glyph_held_out_families": (lambda v: v >= 0, "an int >= 0"),
+    "data.glyph_variants": (lambda v: v >= 1, "an int >= 1"),
     "model.embedding_size": (lambda v: v >= 1, "an int >= 1"),
     "optim.lr": (lambda v: v >= 0, "a float >= 0"),
     "train.epochs": (lambda v: v >= 1, "an int >= 1"),
@@ -356,6 +387,7 @@ _RANGES: dict[str, tuple[Any, str]] = {
     "train.checkpoint_every": (lambda v: v >= 0, "an int >= 0 (0 = only at the end)"),
     "train.eval_every": (lambda v: v >= 0, "an int >= 0 (0 = only at the end)"),
     "train.keep_checkpoints": (lambda v: v >= 0, "an int >= 0"),
+    "train.diagnostics_every": (lambda v: v >= 0, "an int >= 0 (0 = off)"),
     "schedule.warmup_steps": (lambda v: v is None or v >= 0, "null or an int >= 0"),
     "schedule.warmup_epochs": (lambda v: v >= 0, "a float >= 0"),
 }

@@ -1,5 +1,5 @@
 """Training and verification data named by ``data.name``: the built-in synthetic identities, insightface
-RecordIO, or an image folder.
+RecordIO, an image folder, or rendered font glyphs; and label noise over any of them (``data.label_noise``).
 
 ``DATASETS`` maps ``data.name`` to (training set builder, held-out verification sets builder). A training
 set has ``num_classes`` and ``ds[i] -> ((3, H, W) float tensor normalised (x - 127.5) / 127.5, label)``;
@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset
 
@@ -18,7 +19,10 @@ from faceforge.train import distributed as fdist
 from faceforge.train.checkpoint import CHECKPOINT_NAME
 from faceforge.train.config import Config, ConfigError
 
-__all__ = ["DATASETS", "LABEL_MAP_NAME", "build_dataset", "build_verification_sets", "synthetic_held_out_pairs"]
+__all__ = [
+    "DATASETS", "LABEL_MAP_NAME", "LabelNoise", "build_dataset", "build_evaluators", "build_verification_sets",
+    "dataset_labels", "glyph_benchmark_of", "shuffled_labels", "synthetic_held_out_pairs",
+]
 
 def _synthetic_train(cfg: Config) -> Dataset:
     from faceforge.data.synthetic import SyntheticFaces
@@ -140,6 +144,29 @@ def _bin_eval(cfg: Config) -> dict[str, tuple[Any, Any]]:
     return sets
 
 
+def glyph_benchmark_of(cfg: Config) -> Any:
+    """The glyph benchmark of ``cfg`` (``faceforge.data.glyphs.glyph_benchmark``, memoised per process: the
+    training set and its pairs render once)."""
+    from faceforge.data.glyphs import CHARSETS, DEFAULT_FONT_DIR, glyph_benchmark
+
+    d = cfg.data
+    if d.glyph_charset not in CHARSETS:
+        raise ConfigError(f"data.glyph_charset = {d.glyph_charset!r}: expected one of {sorted(CHARSETS)}")
+    return glyph_benchmark(
+        d.path or DEFAULT_FONT_DIR, d.glyph_charset, d.num_identities, d.eval_identities,
+        d.glyph_held_out_families, cfg.seed, d.image_size, d.glyph_variants,
+    )
+
+
+def _glyph_train(cfg: Config) -> Dataset:
+    return glyph_benchmark_of(cfg).train_set()
+
+
+def _glyph_eval(cfg: Config) -> dict[str, tuple[Any, Any]]:
+    """``data.eval_pairs`` pairs of the test characters (``{}`` when it is 0)."""
+    return {"": glyph_benchmark_of(cfg).pairs(cfg.data.eval_pairs)} if cfg.data.eval_pairs > 0 else {}
+
+
 # data.name -> (training set builder, held-out verification sets builder). The training set has
 # ``num_classes`` and ``ds[i] -> ((3, H, W) float tensor, label)``; the verification builder returns
 # ``{name: (images uint8 (2N, H, W, 3), issame (N,))}`` (``{}`` = no verification; metric names are
@@ -148,6 +175,7 @@ DATASETS: dict[str, tuple[Callable[[Config], Dataset], Callable[[Config], dict[s
     "synthetic": (_synthetic_train, _synthetic_eval),
     "recordio": (_recordio_train, _bin_eval),
     "folder": (_folder_train, _bin_eval),
+    "glyphs": (_glyph_train, _glyph_eval),
 }
 
 
@@ -160,12 +188,106 @@ def _dataset_entry(cfg: Config) -> tuple[Callable[[Config], Dataset], Callable[[
 def build_verification_sets(cfg: Config) -> dict[str, tuple[Any, Any]]:
     """The held-out verification sets of ``cfg``: ``{name: (images uint8 (2N, H, W, 3), issame (N,))}``.
 
-    Synthetic data: one set named "" of ``data.eval_pairs`` pairs of test-split identities; recordio and
-    folder: the ``data.eval_bins``, named after their files. Empty when there are none.
+    Synthetic data: one set named "" of ``data.eval_pairs`` pairs of test-split identities; glyphs: one set
+    named "" of pairs of test characters; recordio and folder: the ``data.eval_bins``, named after their
+    files. Empty when there are none. Label noise never touches these.
     """
     return _dataset_entry(cfg)[1](cfg)
 
 
+def dataset_labels(dataset: Any) -> np.ndarray:
+    """int64 ``(N,)`` label of every item: the dataset's ``labels`` (or its wrapped ``dataset``'s), RecordIO
+    record headers (no image decoded), or, failing both, ``dataset[i][1]`` for every item."""
+    inner = getattr(dataset, "dataset", dataset)  # _TrainImages wraps the decoded-image dataset
+    for candidate in (dataset, inner):
+        labels = getattr(candidate, "labels", None)
+        if labels is not None:
+            return np.asarray(labels, dtype=np.int64)
+    label_of = getattr(inner, "label_of", None)
+    if label_of is not None:
+        return np.array([label_of(i) for i in range(len(inner))], dtype=np.int64)
+    return np.array([int(dataset[i][1]) for i in range(len(dataset))], dtype=np.int64)
+
+
+_TAG_LABEL_NOISE = 0x401
+
+
+def shuffled_labels(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Label noise as in SphereFace2 Sec. 4.3 ("randomly shuffle 20 % ... of the labels for each class").
+
+    ``round(fraction * n_c)`` items of every class ``c`` are chosen at random and their labels are permuted
+    among all chosen items (so a label may move to another class, or by chance stay). Deterministic in
+    ``(labels, fraction, seed)``.
+
+    Returns:
+        ``(noisy labels int64 (N,), chosen item indices int64 (M,), sorted)``.
+    """
+    y = np.asarray(labels, dtype=np.int64)
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"label noise fraction must lie in [0, 1], got {fraction!r}")
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed), _TAG_LABEL_NOISE]))
+    order = np.lexsort((rng.random(len(y)), y))  # by class, random within a class
+    classes, starts, counts = np.unique(y[order], return_index=True, return_counts=True)
+    rank = np.arange(len(y)) - np.repeat(starts, counts)  # position inside the class block
+    take = np.floor(fraction * counts + 0.5).astype(np.int64)
+    chosen = np.sort(order[rank < np.repeat(take, counts)])
+    noisy = y.copy()
+    noisy[chosen] = y[chosen][rng.permutation(len(chosen))]
+    return noisy, chosen
+
+
+class LabelNoise(Dataset):
+    """A training set whose labels are :func:`shuffled_labels` of the wrapped one's; images unchanged.
+
+    ``labels`` are the noisy labels, ``clean_labels`` the originals, ``noisy_indices`` the items chosen.
+    """
+
+    def __init__(self, dataset: Any, fraction: float, seed: int) -> None:
+        self.dataset = dataset
+        self.clean_labels = dataset_labels(dataset)
+        self.labels, self.noisy_indices = shuffled_labels(self.clean_labels, fraction, seed)
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.dataset.num_classes)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def describe(self, index: int) -> str:
+        describe = getattr(self.dataset, "describe", None)
+        return describe(index) if describe is not None else f"image {index}"
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        image, _ = self.dataset[index]
+        return image, int(self.labels[index])
+
+
+def build_evaluators(cfg: Config) -> list[Any]:
+    """Every evaluation set of ``cfg`` (``faceforge.eval.sets.EvalSet``), built once, run every eval step.
+
+    The held-out verification sets (:func:`build_verification_sets`, TAR@FAR 1e-3 and 1e-4), then
+    ``data.eval_ijb`` (named after the release), ``data.eval_probes`` among ``data.eval_distractors``
+    ("identification") and ``data.eval_retrieval`` ("retrieval") when set.
+    """
+    from faceforge.eval.sets import DistractorSet, IJBSet, PairSet, RetrievalSet
+
+    d = cfg.data
+    if (d.eval_probes is None) != (d.eval_distractors is None):
+        raise ConfigError(f"data.eval_probes and data.eval_distractors go together, got "
+                          f"{d.eval_probes!r} and {d.eval_distractors!r}")
+    sets = [PairSet(name, images, issame, fars=(1e-3, 1e-4))
+            for name, (images, issame) in build_verification_sets(cfg).items()]
+    sets += [IJBSet(d.eval_ijb, d.eval_ijb_name)] if d.eval_ijb else []
+    sets += [DistractorSet(d.eval_probes, d.eval_distractors, name="identification")] if d.eval_probes else []
+    sets += [RetrievalSet(d.eval_retrieval, name="retrieval")] if d.eval_retrieval else []
+    return sets
+
+
 def build_dataset(cfg: Config) -> Dataset:
-    """The training set named by ``data.name``; it has ``num_classes`` and ``ds[i] -> (image, label)``."""
-    return _dataset_entry(cfg)[0](cfg)
+    """The training set named by ``data.name``; it has ``num_classes`` and ``ds[i] -> (image, label)``.
+
+    With ``data.label_noise > 0`` it is wrapped in :class:`LabelNoise` (seeded by ``cfg.seed``).
+    """
+    dataset = _dataset_entry(cfg)[0](cfg)
+    return LabelNoise(dataset, cfg.data.label_noise, cfg.seed) if cfg.data.label_noise > 0 else dataset

@@ -33,12 +33,12 @@ from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from faceforge.train import distributed as fdist
 from faceforge.train.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 from faceforge.train.config import Config, to_dict, to_yaml
-from faceforge.train.data import build_dataset, build_verification_sets
+from faceforge.train.data import build_dataset, build_evaluators
 from faceforge.train.optim import build_optimizer, build_scheduler
 
 __all__ = [
@@ -126,10 +126,43 @@ class FaceModel(nn.Module):
         self.head = head
         self.amp_dtype = amp_dtype
 
-    def forward(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """The backbone's embeddings (B, D) of images (B, 3, H, W), under autocast when ``amp_dtype`` is set."""
         with torch.autocast(images.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
-            embeddings = self.backbone(images)
-        return self.head(embeddings.float(), labels)
+            return self.backbone(images)
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self.head(self.embed(images).float(), labels)
+
+
+def wrap_ddp(model: FaceModel, device: torch.device) -> nn.Module:
+    """``DistributedDataParallel(model)``, except that the head's buffers are not broadcast from rank 0: a head
+    keeps per-rank state there (BroadFace's queue) and synchronises it itself where it must."""
+    head_buffers = [f"head.{name}" for name, _ in model.head.named_buffers()]
+    nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, head_buffers)
+    return nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+
+
+def _classifier(head: nn.Module) -> nn.Module:
+    """The module holding the class weights: a wrapper head (BroadFace) keeps the head it wraps at ``.head``."""
+    inner = getattr(head, "head", None)
+    return inner if isinstance(inner, nn.Module) else head
+
+
+def _classifier_state(head_state: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's head state without a wrapper's own entries (BroadFace's queue): its ``head.*`` part, if any."""
+    inner = {key.removeprefix("head."): value for key, value in head_state.items() if key.startswith("head.")}
+    return inner or head_state
+
+
+def _load_part(module: nn.Module, state: Any, what: str) -> None:
+    """``module.load_state_dict(state)``; a mismatch is a ValueError naming ``what`` (file and part)."""
+    if not isinstance(state, dict):
+        raise ValueError(f"{what}: no state dict in the checkpoint; expected a `faceforge train` checkpoint")
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as e:
+        raise ValueError(f"{what} does not fit this run's {type(module).__name__}: {e}") from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -176,6 +209,30 @@ def _flip(images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask[:, None, None, None], images.flip(-1), images)
 
 
+class _Indexed(Dataset):
+    """``ds[i] -> (image, label, i)``: the training set with each image's index (for ``observe_sample_ids``)."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> tuple[Any, Any, int]:
+        image, label = self.dataset[index]
+        return image, label, index
+
+
+def encode_sample_ids(indices: torch.Tensor, flipped: torch.Tensor) -> torch.Tensor:
+    """The id a head is told for each training image: ``2 * dataset index + (1 if flipped)``, int64 ``(B,)``."""
+    return indices.long() * 2 + flipped.long()
+
+
+def decode_sample_ids(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(dataset indices (K,), flipped (K,) bool)`` of :func:`encode_sample_ids`' ids."""
+    return ids // 2, (ids % 2).bool()
+
+
 # ----------------------------------------------------------------------------------------------
 # The run
 
@@ -201,6 +258,11 @@ class _Run:
         num_classes = int(self.dataset.num_classes)
         self.backbone = build_backbone(cfg)
         self.head = build_head(cfg, num_classes)
+        if t.diagnostics_every and not callable(getattr(self.head, "diagnostics", None)):
+            raise ValueError(
+                f"train.diagnostics_every = {t.diagnostics_every}: head {cfg.head.name!r} ({type(self.head).__name__}) "
+                f"has no diagnostics; expected 0 (off) or a head that has them (broadface)"
+            )
         self.amp_dtype = self._amp_dtype()
         self.model = FaceModel(self.backbone, self.head, self.amp_dtype).to(self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
@@ -221,12 +283,12 @@ class _Run:
         self.step = 0
         self.metrics: dict[str, float] = {}
         self.losses: list[float] = []
-        self._eval_sets: dict[str, tuple[Any, Any]] | None = None
+        self._eval_sets: list[Any] | None = None  # faceforge.eval.sets.EvalSet, built at the first evaluation
         self.resume_from = self._resume() if resume else None
-        self.ddp = (
-            nn.parallel.DistributedDataParallel(self.model, device_ids=[self.device] if self.device.type == "cuda" else None)
-            if self.world_size > 1 else self.model
-        )
+        self.init_from = Path(cfg.model.init_from) if cfg.model.init_from and self.resume_from is None else None
+        if self.init_from is not None:
+            self._init_from(self.init_from)
+        self.ddp = wrap_ddp(self.model, self.device) if self.world_size > 1 else self.model
 
     # --- setup ---
 
@@ -266,6 +328,16 @@ class _Run:
             logger.warning("resume: config sections changed since the checkpoint: %s", ", ".join(changed))
         return self.checkpoint_path
 
+    def _init_from(self, path: Path) -> None:
+        """model.init_from: start from another run's backbone and head class weights (not its optimiser or queue)."""
+        state = load_checkpoint(path)
+        _load_part(self.backbone, state.get("backbone"), f"model.init_from {path}: the backbone")
+        head_state = state.get("head")
+        _load_part(
+            _classifier(self.head), _classifier_state(head_state) if isinstance(head_state, dict) else head_state,
+            f"model.init_from {path}: the head (num_classes {int(self.dataset.num_classes)} from the data here)",
+        )
+
     # --- checkpoints ---
 
     def _state(self) -> dict[str, Any]:
@@ -287,6 +359,10 @@ class _Run:
             "rng": rng,
             "config": to_dict(self.cfg),
             "metrics": dict(self.metrics),
+            # the head's learned decision boundary in cosine terms (SphereFace2), for `faceforge eval`
+            "verification_threshold": (
+                self.head.verification_threshold() if hasattr(self.head, "verification_threshold") else None
+            ),
         }
 
     def save(self) -> None:
@@ -313,23 +389,20 @@ class _Run:
     # --- evaluation ---
 
     def evaluate(self, writer: Any) -> None:
-        """Verification on the held-out sets (rank 0), logged; the others wait at a barrier."""
+        """Every evaluation set (rank 0: held-out pairs, IJB, identification, retrieval), logged; the
+        others wait at a barrier."""
         if self.main:
-            from faceforge.eval.verify import verify_pairs
-
             if self._eval_sets is None:
-                self._eval_sets = build_verification_sets(self.cfg)
+                self._eval_sets = build_evaluators(self.cfg)  # data read once
                 if not self._eval_sets:
-                    what = "data.eval_pairs is 0" if self.cfg.data.name == "synthetic" else "data.eval_bins is empty"
-                    logger.info("no held-out verification: %s", what)
+                    logger.info("no evaluation sets: data.eval_pairs / eval_bins give no held-out pairs for data.name "
+                                "%r and no eval_ijb, eval_probes or eval_retrieval is set", self.cfg.data.name)
             metrics: dict[str, float] = {}
-            for name, (images, issame) in self._eval_sets.items():
-                result = verify_pairs(
-                    self.backbone, images, issame, batch_size=self.cfg.data.eval_batch_size, flip=True,
-                    fars=(1e-3, 1e-4), device=self.device,
-                )
-                prefix = f"{name}/" if name else ""
-                metrics.update({f"{prefix}{k}": float(v) for k, v in result.as_dict().items()})
+            for s in self._eval_sets:
+                numbers = s.evaluate(self.backbone, self.cfg.data.image_size,
+                                     batch_size=self.cfg.data.eval_batch_size, device=self.device)
+                prefix = f"{s.name}/" if s.name else ""
+                metrics.update({f"{prefix}{k}": float(v) for k, v in numbers.items()})
             if self._eval_sets:
                 self.metrics = metrics
                 logger.info(
@@ -338,6 +411,35 @@ class _Run:
                 for k, v in self.metrics.items():
                     writer.add_scalar(f"eval/{k}", v, self.step)
         fdist.barrier()
+
+    # --- diagnostics ---
+
+    def diagnose(self, writer: Any) -> None:
+        """Rank 0: the head's ``diagnostics(embed_fn)`` (BroadFace Fig. 5a), to train.log and TensorBoard."""
+        if not self.main:
+            return
+        values = self.head.diagnostics(self._embed_samples)
+        logger.info("diagnostics step %d: %s", self.step, " ".join(f"{k} {v:.5g}" for k, v in values.items()) or "none")
+        for k, v in values.items():
+            writer.add_scalar(f"diagnostics/{k}", v, self.step)
+
+    def _embed_samples(self, ids: torch.Tensor) -> torch.Tensor:
+        """Current embeddings (K, D) float32 of the training images named by sample ids (:func:`encode_sample_ids`):
+        the same image and flip as when trained, the backbone in eval mode, no gradient."""
+        indices, flipped = decode_sample_ids(ids.cpu())
+        was_training = self.backbone.training
+        self.backbone.eval()
+        embeddings = []
+        try:
+            with torch.no_grad():
+                for k0 in range(0, len(indices), self.cfg.data.eval_batch_size):
+                    part = range(k0, min(k0 + self.cfg.data.eval_batch_size, len(indices)))
+                    images = torch.stack([self.dataset[int(indices[k])][0] for k in part])
+                    images = _flip(images, flipped[part.start : part.stop]).to(self.device)
+                    embeddings.append(self.model.embed(images).float())
+        finally:
+            self.backbone.train(was_training)
+        return torch.cat(embeddings)
 
     # --- one optimiser step ---
 
@@ -363,10 +465,15 @@ class _Run:
         flips = torch.rand(self.step_images, generator=self.flip_generator) if self.cfg.data.flip else None
         total = 0.0
         for micro in range(accum):
-            images, labels = next(batches)
+            images, labels, indices = next(batches)
+            flipped = torch.zeros(len(indices), dtype=torch.bool)
             if flips is not None:
                 positions = rank_positions(micro, self.batch, self.world_size, self.rank)
-                images = _flip(images, flips[positions.start : positions.stop : positions.step] < 0.5)
+                flipped = flips[positions.start : positions.stop : positions.step] < 0.5
+                images = _flip(images, flipped)
+            observe = getattr(self.head, "observe_sample_ids", None)
+            if observe is not None:  # a head that keeps past samples (BroadFace) learns whose rows these are
+                observe(encode_sample_ids(indices, flipped))
             images = images.to(self.device, non_blocking=True)
             labels = labels.to(self.device, non_blocking=True)
             last = micro == accum - 1
@@ -400,7 +507,7 @@ class _Run:
             start_micro, self.steps_per_epoch * self.cfg.train.grad_accum,
         )
         return DataLoader(
-            self.dataset, batch_sampler=sampler, num_workers=self.cfg.data.num_workers,
+            _Indexed(self.dataset), batch_sampler=sampler, num_workers=self.cfg.data.num_workers,
             pin_memory=self.device.type == "cuda", generator=torch.Generator().manual_seed(self.cfg.seed),
         )
 
@@ -426,6 +533,8 @@ class _Run:
                     self.losses.append(loss)
                     window.append(loss)
                     self._log_step(writer, bar, window, grad_norm, lr, images_seen / max(train_time, 1e-9))
+                    if t.diagnostics_every and self.step % t.diagnostics_every == 0:
+                        self.diagnose(writer)
                     done = self.step == self.total_steps
                     if done or (t.eval_every and self.step % t.eval_every == 0):
                         self.evaluate(writer)
@@ -496,6 +605,8 @@ class _Run:
             logger.setLevel(logging.INFO)
         if self.resume_from is not None:
             logger.info("resumed from %s at step %d", self.resume_from, self.step)
+        if self.init_from is not None:
+            logger.info("initialised from %s (model.init_from): backbone and head class weights", self.init_from)
         logger.info(
             "run %s: %d images, %d classes, world size %d, %d steps (%d per epoch, %d images each), device %s, amp %s",
             self.output, len(self.dataset), int(self.dataset.num_classes), self.world_size, self.total_steps,

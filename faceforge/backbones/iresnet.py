@@ -168,11 +168,23 @@ def _make_stage(in_channels: int, out_channels: int, num_blocks: int) -> nn.Sequ
     return nn.Sequential(*blocks)
 
 
-def _check_layers(layers: Sequence[int]) -> tuple[int, int, int, int]:
+def check_layers(layers: Sequence[int], minimum: int = 1, what: str = "blocks per stage") -> tuple[int, int, int, int]:
+    """The 4 per-stage counts as a tuple; a ValueError unless they are 4 ints >= `minimum`."""
     values = tuple(layers)
-    if len(values) != 4 or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in values):
-        raise ValueError(f"layers must be 4 positive ints (blocks per stage); got {layers!r}")
+    if len(values) != 4 or not all(isinstance(n, int) and not isinstance(n, bool) and n >= minimum for n in values):
+        kind = "positive ints" if minimum == 1 else f"ints >= {minimum}"
+        raise ValueError(f"layers must be 4 {kind} ({what}); got {layers!r}")
     return values  # type: ignore[return-value]
+
+
+def check_backbone_args(embedding_size: int, dropout: float, width: float = 1.0) -> None:
+    """A ValueError naming the argument unless embedding_size >= 1, 0 <= dropout < 1 and width > 0."""
+    if embedding_size < 1:
+        raise ValueError(f"embedding_size must be a positive int; got {embedding_size!r}")
+    if not width > 0:
+        raise ValueError(f"width must be > 0; got {width!r}")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1); got {dropout!r}")
 
 
 def scaled_width(channels: int, width: float) -> int:
@@ -202,13 +214,8 @@ class IResNet(nn.Module):
         checkpointing: bool = False,
     ) -> None:
         super().__init__()
-        self.blocks_per_stage = _check_layers(layers)
-        if embedding_size < 1:
-            raise ValueError(f"embedding_size must be a positive int; got {embedding_size!r}")
-        if not width > 0:
-            raise ValueError(f"width must be > 0; got {width!r}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1); got {dropout!r}")
+        self.blocks_per_stage = check_layers(layers)
+        check_backbone_args(embedding_size, dropout, width)
         self.input_size = square_input_size(input_size)
         self.embedding_size = embedding_size
         self.checkpointing = checkpointing

@@ -23,7 +23,13 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from faceforge.backbones.iresnet import check_images, checkpointed, downsampled_size, square_input_size
+from faceforge.backbones.iresnet import (
+    check_backbone_args,
+    check_images,
+    checkpointed,
+    downsampled_size,
+    square_input_size,
+)
 
 
 class ConvBNPReLU(nn.Module):
@@ -160,10 +166,7 @@ class MobileFaceNet(nn.Module):
         blocks = _check_blocks(blocks)
         if not isinstance(scale, int) or isinstance(scale, bool) or scale < 1:
             raise ValueError(f"scale must be an int >= 1; got {scale!r}")
-        if embedding_size < 1:
-            raise ValueError(f"embedding_size must be a positive int; got {embedding_size!r}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1); got {dropout!r}")
+        check_backbone_args(embedding_size, dropout)
         self.input_size = square_input_size(input_size)
         self.embedding_size = embedding_size
         self.blocks_per_stage = blocks

@@ -24,7 +24,14 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from faceforge.backbones.iresnet import check_images, downsampled_size, scaled_width, square_input_size
+from faceforge.backbones.iresnet import (
+    check_backbone_args,
+    check_images,
+    check_layers,
+    downsampled_size,
+    scaled_width,
+    square_input_size,
+)
 
 # Residual units per stage (OpenSphere `sfnet4` .. `sfnet64`; SphereFace Table 2).
 SFNET_LAYERS: dict[str, tuple[int, int, int, int]] = {
@@ -69,13 +76,6 @@ class ResidualUnit(nn.Module):
         return x + self.unit2(self.unit1(x))
 
 
-def _check_layers(layers: Sequence[int]) -> tuple[int, int, int, int]:
-    values = tuple(layers)
-    if len(values) != 4 or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in values):
-        raise ValueError(f"layers must be 4 ints >= 0 (residual units per stage); got {layers!r}")
-    return values  # type: ignore[return-value]
-
-
 class SFNet(nn.Module):
     """SFNet backbone: (B, 3, S, S) images normalised as (x - 127.5) / 127.5 -> (B, embedding_size).
 
@@ -98,13 +98,8 @@ class SFNet(nn.Module):
         batch_norm: bool = False,
     ) -> None:
         super().__init__()
-        self.blocks_per_stage = _check_layers(layers)
-        if embedding_size < 1:
-            raise ValueError(f"embedding_size must be a positive int; got {embedding_size!r}")
-        if not width > 0:
-            raise ValueError(f"width must be > 0; got {width!r}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1); got {dropout!r}")
+        self.blocks_per_stage = check_layers(layers, minimum=0, what="residual units per stage")
+        check_backbone_args(embedding_size, dropout, width)
         self.input_size = square_input_size(input_size)
         self.embedding_size = embedding_size
         self.widths = tuple(scaled_width(c, width) for c in STAGE_WIDTHS)

@@ -326,6 +326,10 @@ class RecordIODataset:
     def __len__(self) -> int:
         return len(self.keys)
 
+    def describe(self, index: int) -> str:
+        """Dataset item ``index`` for error messages: ``prefix.rec: index i (key k)``."""
+        return f"{self.rec_path}: index {index} (key {self.keys[index]})"
+
     def _label(self, key: int, header: IRHeader) -> int:
         where = self._where(key)
         label = _class_of(header.label, where)

@@ -176,10 +176,7 @@ class ImageSet:
         return len(self.dataset)
 
     def describe(self, index: int) -> str:
-        describe = getattr(self.dataset, "describe", None)
-        if describe is not None:
-            return describe(index)
-        return f"{self.dataset.rec_path}: image {index} (key {self.dataset.keys[index]})"
+        return self.dataset.describe(index)  # folder and RecordIO datasets name the file / record
 
     def batches(self, indices: np.ndarray, size: int, batch_size: int, progress: bool = False,
                 desc: str = "images") -> Iterator[np.ndarray]:

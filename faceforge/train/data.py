@@ -50,16 +50,11 @@ def _synthetic_eval(cfg: Config) -> dict[str, tuple[Any, Any]]:
     return {"": synthetic_held_out_pairs(cfg)} if cfg.data.eval_pairs > 0 else {}
 
 
-class _TrainImages(Dataset):
-    """A decoded-image dataset (``ds[i] -> (uint8 HWC, label)``) as training tensors.
+class _DatasetView(Dataset):
+    """A dataset seen through a wrapper: length, ``num_classes`` and ``describe`` are the wrapped one's."""
 
-    ``ds[i] -> ((3, S, S) float32 normalised (x - 127.5) / 127.5, label)``; an image that is not
-    ``image_size`` square raises ValueError naming the file / record (nothing is resized).
-    """
-
-    def __init__(self, dataset: Any, image_size: int) -> None:
+    def __init__(self, dataset: Any) -> None:
         self.dataset = dataset
-        self.image_size = image_size
 
     @property
     def num_classes(self) -> int:
@@ -69,14 +64,21 @@ class _TrainImages(Dataset):
         return len(self.dataset)
 
     def describe(self, index: int) -> str:
+        """Item ``index`` for error messages: the wrapped dataset's own words (file, record), else ``image i``."""
         describe = getattr(self.dataset, "describe", None)
-        if describe is not None:
-            return describe(index)
-        keys = getattr(self.dataset, "keys", None)
-        rec = getattr(self.dataset, "rec_path", None)
-        if rec is not None and keys is not None:
-            return f"{rec}: index {index} (key {keys[index]})"
-        return f"image {index}"
+        return describe(index) if describe is not None else f"image {index}"
+
+
+class _TrainImages(_DatasetView):
+    """A decoded-image dataset (``ds[i] -> (uint8 HWC, label)``) as training tensors.
+
+    ``ds[i] -> ((3, S, S) float32 normalised (x - 127.5) / 127.5, label)``; an image that is not
+    ``image_size`` square raises ValueError naming the file / record (nothing is resized).
+    """
+
+    def __init__(self, dataset: Any, image_size: int) -> None:
+        super().__init__(dataset)
+        self.image_size = image_size
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
         from faceforge.data.transforms import to_tensor
@@ -236,27 +238,16 @@ def shuffled_labels(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.
     return noisy, chosen
 
 
-class LabelNoise(Dataset):
+class LabelNoise(_DatasetView):
     """A training set whose labels are :func:`shuffled_labels` of the wrapped one's; images unchanged.
 
     ``labels`` are the noisy labels, ``clean_labels`` the originals, ``noisy_indices`` the items chosen.
     """
 
     def __init__(self, dataset: Any, fraction: float, seed: int) -> None:
-        self.dataset = dataset
+        super().__init__(dataset)
         self.clean_labels = dataset_labels(dataset)
         self.labels, self.noisy_indices = shuffled_labels(self.clean_labels, fraction, seed)
-
-    @property
-    def num_classes(self) -> int:
-        return int(self.dataset.num_classes)
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def describe(self, index: int) -> str:
-        describe = getattr(self.dataset, "describe", None)
-        return describe(index) if describe is not None else f"image {index}"
 
     def __getitem__(self, index: int) -> tuple[Any, int]:
         image, _ = self.dataset[index]

@@ -75,17 +75,9 @@ class EvalRequest:
 
 
 def _bin_sets(r: EvalRequest) -> list[EvalSet]:
-    from faceforge.data.pairs import load_bin
+    from faceforge.data.pairs import load_bins
 
-    names: set[str] = set()
-    sets = []
-    for path in r.bins:
-        name, n = Path(path).stem, 2
-        while name in names:  # lfw.bin twice, or two folders' lfw.bin: lfw, lfw_2
-            name, n = f"{Path(path).stem}_{n}", n + 1
-        names.add(name)
-        sets.append(PairSet(name, *load_bin(path), fars=r.fars))
-    return sets
+    return [PairSet(name, images, issame, fars=r.fars) for name, (images, issame) in load_bins(r.bins).items()]
 
 
 def _identification_sets(r: EvalRequest) -> list[EvalSet]:

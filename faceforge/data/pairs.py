@@ -45,6 +45,7 @@ __all__ = [
     "UnsafePickleError",
     "RestrictedUnpickler",
     "load_bin",
+    "load_bins",
     "load_pair_list",
     "write_bin",
 ]
@@ -274,6 +275,19 @@ def load_bin(path: str | os.PathLike, image_size: int | Sequence[int] | None = N
         h, w = size if size is not None else (112, 112)
         images = np.empty((0, h, w, 3), dtype=np.uint8)
     return images, issame
+
+
+def load_bins(paths: Sequence[str | os.PathLike]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Several ``.bin`` files (:func:`load_bin`) by name: the file stem, made unique in order
+    (``lfw``, then ``lfw_2`` for a second ``lfw.bin``). Returns ``{name: (images, issame)}``."""
+    sets: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for path in paths:
+        stem = Path(path).stem
+        name, n = stem, 2
+        while name in sets:
+            name, n = f"{stem}_{n}", n + 1
+        sets[name] = load_bin(path)
+    return sets
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -129,20 +129,15 @@ def _folder_train(cfg: Config) -> Dataset:
 
 def _bin_eval(cfg: Config) -> dict[str, tuple[Any, Any]]:
     """``{name: (images, issame)}`` for every ``data.eval_bins`` file (name = file stem, made unique)."""
-    from faceforge.data.pairs import load_bin
+    from faceforge.data.pairs import load_bins
 
-    sets: dict[str, tuple[Any, Any]] = {}
-    for path in cfg.data.eval_bins:
-        images, issame = load_bin(path)
-        s = cfg.data.image_size
+    sets = load_bins(cfg.data.eval_bins)
+    s = cfg.data.image_size
+    for path, (images, _) in zip(cfg.data.eval_bins, sets.values()):
         if images.shape[1:3] != (s, s):
             raise ValueError(
                 f"{path}: verification images are {images.shape[2]}x{images.shape[1]} but data.image_size is {s}"
             )
-        name, n = Path(path).stem, 2
-        while name in sets:
-            name, n = f"{Path(path).stem}_{n}", n + 1
-        sets[name] = (images, issame)
     return sets
 
 

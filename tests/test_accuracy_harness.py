@@ -1,4 +1,5 @@
-"""benchmarks/accuracy: equal budgets, run keys, skip and resume, missing heads, the gallery protocol, the report.
+"""benchmarks/accuracy: equal budgets, run keys, skip and resume, missing heads, the gallery protocol, the report,
+fine-tuning from another run (init_from), BroadFace diagnostics, Recall@K and the learned threshold.
 
 The harness runs at a "tiny" size added here (TinyNet from _train_worker, 8 synthetic identities at 16 px,
 4 steps), so every run takes well under a second.
@@ -45,7 +46,18 @@ def tiny(monkeypatch: pytest.MonkeyPatch) -> str:
     })
     monkeypatch.setitem(ex.GALLERY, "tiny", {"per_identity": 4, "pairs": 200})
     monkeypatch.setitem(ex.CURVE, "tiny", {"every": 2, "pairs": 20})
+    monkeypatch.setitem(ex.DIAGNOSTICS_EVERY, "tiny", 2)
     return "tiny"
+
+
+@pytest.fixture
+def finetune(tiny: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    """An experiment "finetune" at the tiny size, like the BroadFace ones: plain ArcFace and BroadFace
+    (queue 24) fine-tuned for 2 steps from table6's ArcFace run, with a learning curve and diagnostics."""
+    variants = (ex.Variant("ArcFace", ex.ARCFACE), ex.Variant("BroadFace q=24", ex._broadface(tiny, 24, True, s=32.0, m=0.5)))
+    monkeypatch.setitem(ex.EXPERIMENTS, "finetune", ex.Experiment(
+        "fine-tune", variants, overrides=("train.steps=2", "optim.lr=0.01"), curve=True, init_from=("table6", "ArcFace")))
+    return "finetune"
 
 
 def _without(cfg, *paths: str) -> dict:
@@ -203,3 +215,120 @@ def test_glyph_gallery_is_the_benchmarks_test_set(tmp_path: Path) -> None:
     images, labels = gallery.held_out_gallery(cfg)
     expected, expected_labels = glyph_benchmark_of(cfg).test_gallery()
     assert np.array_equal(images, expected) and np.array_equal(labels, expected_labels) and images.shape[0] == 15
+
+
+def test_init_from_is_the_same_dataset_and_seed_and_enters_the_key(tiny: str, finetune: str, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    runs = harness.plan(tiny, [finetune], ["synthetic"], 2, tmp_path)
+    assert len(runs) == 4
+    for run in runs:
+        start = run.start
+        assert (start.experiment, start.variant.label, start.dataset, start.seed) == ("table6", "ArcFace", "synthetic", run.seed)
+        assert start.key == harness.resolve(tiny, "synthetic", "table6", start.variant, run.seed, tmp_path).key
+        assert run.cfg.model.init_from == str(start.folder / "last.pt")
+        assert (run.cfg.train.steps, start.cfg.train.steps) == (2, 4)
+    # keyed by the start's key, not by where OUT is
+    assert [r.key for r in harness.plan(tiny, [finetune], ["synthetic"], 2, tmp_path / "elsewhere")] == [r.key for r in runs]
+    # the same fine-tune of another start (a longer table6 run) is another run
+    arc = runs[0]
+    monkeypatch.setitem(ex.BASE["tiny"]["train"], "steps", 5)
+    moved = harness.resolve(tiny, "synthetic", finetune, arc.variant, 0, tmp_path)
+    assert _without(moved.cfg, "model.init_from", "output") == _without(arc.cfg, "model.init_from", "output")
+    assert moved.start.key != arc.start.key and moved.key != arc.key
+    monkeypatch.setitem(ex.EXPERIMENTS, "bad", ex.Experiment("bad", ex.EXPERIMENTS[finetune].variants, init_from=("table6", "NoSuch")))
+    with pytest.raises(ValueError, match="'table6' has no variant 'NoSuch'"):
+        harness.plan(tiny, ["bad"], ["synthetic"], 1, tmp_path)
+
+
+def test_the_start_runs_first_keeps_its_checkpoint_and_is_retrained_without_it(
+        tiny: str, finetune: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    runs = harness.plan(tiny, [finetune], ["synthetic"], 1, tmp_path)
+    start = runs[0].start
+    lines: list[str] = []
+    done = harness.run_all(runs, log=lines.append)
+    assert len(lines) == 3 and "its init_from table6 / synthetic / ArcFace / seed 0" in lines[0]
+    assert (start.folder / "last.pt").is_file() and harness.read_result(start) is not None
+    for run, record in done:
+        assert record["init_from"] == start.key and record["steps"] == 2
+        assert f"initialised from {start.folder / 'last.pt'}" in (run.folder / "train.log").read_text()
+        assert not (run.folder / "last.pt").exists()
+        assert [p["step"] for p in record["curve"]] == [2.0]
+    arc, broad = (record for _, record in done)
+    assert arc["diagnostics"] == []  # plain ArcFace has no queue
+    point, = broad["diagnostics"]  # BroadFace Fig. 5a at step 2: the 24 queued rows against their current embeddings
+    assert point["step"] == 2.0 and point["samples"] == 24.0
+    assert 0.0 < point["cos_error"] <= 2.0 and 0.0 < point["cos_error_compensated"] <= 2.0
+
+    # the start's checkpoint deleted (e.g. by an older harness): it is trained again, the fine-tunes are not
+    (start.folder / "last.pt").unlink()
+    again: list[str] = []
+    harness.run_all(runs, log=again.append)
+    assert "trained again: the earlier metrics reproduced exactly" in again[0]
+    assert (start.folder / "last.pt").is_file()
+    assert all("done before" in line for line in again[1:])
+    # --redo trains a finished run again (resuming from its checkpoint if it has one)
+    redo: list[str] = []
+    harness.run_all(runs[1:], log=redo.append, redo={runs[1].key})
+    assert "done before" in redo[0] and "trained again" in redo[1]
+
+
+def test_diagnostics_lines_of_the_trainer_log(tmp_path: Path) -> None:
+    log = tmp_path / "train.log"
+    log.write_text(
+        "x INFO diagnostics step 40: none\n"
+        "x INFO diagnostics step 80: cos_error 0.25 cos_error_compensated 0.125 samples 1024\n"
+        "x INFO eval step 80: accuracy 0.9\n"
+        "x INFO diagnostics step 120: cos_error 0.5 cos_error_compensated 0.25 samples 1024\n"
+        "x INFO diagnostics step 80: cos_error 0.375 cos_error_compensated 0.0625 samples 512\n"
+    )
+    assert harness.diagnostics(log) == [  # "none" (no queued ids yet) skipped; a resumed run's repeat: the last wins
+        {"step": 80.0, "cos_error": 0.375, "cos_error_compensated": 0.0625, "samples": 512.0},
+        {"step": 120.0, "cos_error": 0.5, "cos_error_compensated": 0.25, "samples": 1024.0},
+    ]
+    assert harness.learning_curve(log) == [{"step": 80.0, "accuracy": 0.9}]
+    assert harness.diagnostics(tmp_path / "absent.log") == []
+    log.write_text("x INFO diagnostics step 40: cos_error\n")
+    with pytest.raises(ValueError, match="train.log.*expected 'name value' pairs"):
+        harness.diagnostics(log)
+
+
+def test_gallery_recall_at_k_and_accuracy_at_a_learned_threshold(tiny: str, tmp_path: Path) -> None:
+    from faceforge.data.glyphs import sample_pairs
+    from faceforge.eval.verify import embed
+
+    run, = harness.plan(tiny, ["table6"], ["synthetic"], 1, tmp_path, only=["ArcFace"])
+    images, labels = gallery.held_out_gallery(run.cfg, per_identity=4)
+    e = embed(_Pixels(), images, flip=True).astype(np.float64)
+    first, second, issame = sample_pairs(labels, 300, 0)
+    scores = (e[first] * e[second]).sum(1)
+    threshold = float(np.median(scores))
+    metrics = gallery.evaluate_gallery(_Pixels(), images, labels, num_pairs=300, seed=0, threshold=threshold)
+    # Recall@K (BroadFace Table 5): a query scores when one of its K nearest other items shares its label
+    sim = e @ e.T
+    np.fill_diagonal(sim, -np.inf)
+    nearest = np.argsort(-sim, axis=1, kind="stable")
+    for k in (1, 10, 20):
+        plain = np.mean([(labels[nearest[i, :k]] == labels[i]).any() for i in range(len(labels))])
+        assert metrics[f"recall@{k}"] == pytest.approx(plain, abs=1e-12)
+    assert "recall@30" not in metrics  # 24 items: no 30 others
+    # accuracy at a threshold fixed in advance: (score >= threshold) == same identity
+    assert metrics["fixed_threshold"] == threshold
+    assert metrics["fixed_threshold_accuracy"] == pytest.approx(np.mean((scores >= threshold) == issame), abs=1e-12)
+    assert 0.3 < metrics["fixed_threshold_accuracy"] < 1.0
+
+
+def test_broadface_experiments_fine_tune_from_table6_under_one_budget(tmp_path: Path) -> None:
+    runs = harness.plan("default", list(ex.BROADFACE_EXPERIMENTS), ["synthetic"], 2, tmp_path)
+    queue = [r for r in runs if r.experiment == "broadface_queue"]
+    cosface = [r for r in runs if r.experiment == "broadface_cosface"]
+    # the curve (Fig. 7b) and retrieval (Table 5) experiments are views of the queue runs: no extra training
+    assert {r.key for r in runs} == {r.key for r in queue + cosface} and len({r.key for r in runs}) == 2 * (7 + 2)
+    assert {r.cfg.head.kwargs.get("queue_size", 0) for r in queue} == {0, 2048, 8192, 32768}
+    for run in runs:
+        start = "CosFace" if run in cosface else "ArcFace"
+        assert (run.start.experiment, run.start.variant.label, run.start.seed) == ("table6", start, run.seed)
+        assert (run.cfg.train.steps, run.cfg.optim.lr, run.cfg.schedule.name) == (320, 0.01, "step")
+        assert run.cfg.train.eval_every > 0 and run.cfg.train.diagnostics_every == (run.cfg.head.name == "broadface") * 40
+    for seed in (0, 1):  # one budget: only the head (its queue), its diagnostics and the start differ
+        same = [_without(r.cfg, "head", "output", "model.init_from", "train.diagnostics_every") for r in runs if r.seed == seed]
+        assert all(d == same[0] for d in same)

@@ -5,13 +5,17 @@
     python benchmarks/accuracy/harness.py --full                   # the GPU size
     python benchmarks/accuracy/harness.py --report-only            # tables and plots from finished runs
     python benchmarks/accuracy/harness.py --list                   # the experiments and their variants
+    python benchmarks/accuracy/harness.py --experiments broadface_queue broadface_curve broadface_retrieval broadface_cosface
 
 Every run goes through the real trainer (``faceforge.train.train``) in this process, then the harness
 scores its backbone on the held-out gallery (``gallery.py``). A run is keyed by its full resolved config
 (plus the gallery protocol): its folder is ``OUT/runs/<key>/`` and it is finished when ``result.json``
 there holds that key. A rerun skips finished runs, resumes a killed run from its ``last.pt``, and never
 mistakes a changed config for a finished run (the key changes). Runs shared by experiments (the CosFace of
-Table 6 is the 0 % point of the label-noise figure) train once.
+Table 6 is the 0 % point of the label-noise figure) train once. The BroadFace experiments fine-tune: each
+run starts from the checkpoint of a table6 run of its dataset and seed (``Experiment.init_from``), which
+the harness runs first (or again, if its checkpoint was deleted) and keeps; the dependent run's key holds
+that run's key.
 
 Outputs in OUT (default ``runs/accuracy/<size>``): ``report.md`` (Markdown tables, mean ± std over seeds),
 ``results.json`` (every run: experiment, dataset, variant, seed, key, metrics, timings, curve),
@@ -29,7 +33,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Collection, Sequence
 
 import torch
 
@@ -60,6 +64,7 @@ class Run:
     key: str
     gallery: dict[str, int]
     curve: bool
+    start: Run | None = None  # the run whose checkpoint this one starts from (Experiment.init_from)
 
     @property
     def folder(self) -> Path:
@@ -69,22 +74,44 @@ class Run:
         return f"{self.experiment} / {self.dataset} / {self.variant.label} / seed {self.seed}"
 
 
-def resolve(size: str, dataset: str, experiment: str, variant: ex.Variant, seed: int, out: Path) -> Run:
-    """The run's config (base, data section, experiment, variant, seed) and its key."""
+def start_of(size: str, dataset: str, experiment: str, seed: int, out: Path) -> Run | None:
+    """The run that ``experiment``'s runs start from (its ``init_from``: same size, dataset and seed), or None."""
     exp = ex.EXPERIMENTS[experiment]
+    if exp.init_from is None:
+        return None
+    name, label = exp.init_from
+    if name not in ex.EXPERIMENTS:
+        raise ValueError(f"experiment {experiment!r}: init_from {exp.init_from}: no experiment {name!r}; "
+                         f"expected one of {sorted(ex.EXPERIMENTS)}")
+    variants = {v.label: v for v in ex.EXPERIMENTS[name].variants_for(size)}
+    if label not in variants:
+        raise ValueError(f"experiment {experiment!r}: init_from {exp.init_from}: {name!r} has no variant {label!r} "
+                         f"at size {size!r}; expected one of {sorted(variants)}")
+    return resolve(size, dataset, name, variants[label], seed, out)
+
+
+def resolve(size: str, dataset: str, experiment: str, variant: ex.Variant, seed: int, out: Path) -> Run:
+    """The run's config (base, data section, experiment, variant, seed, the checkpoint it starts from) and
+    its key. A run that starts from another is keyed by that run's key, not by where OUT is."""
+    exp = ex.EXPERIMENTS[experiment]
+    start = start_of(size, dataset, experiment, seed, out)
     data = copy.deepcopy({**ex.BASE[size], "data": ex.DATASETS[dataset][size]})
-    overrides = [*exp.overrides, *variant.overrides, f"seed={seed}"]
+    overrides = [*exp.overrides_for(size), *variant.overrides, f"seed={seed}"]
     if exp.curve:
         curve = ex.CURVE[size]
         overrides += [f"train.eval_every={curve['every']}", f"data.eval_pairs={curve['pairs']}"]
+    if start is not None:
+        overrides.append(f"model.init_from={start.folder / CHECKPOINT_NAME}")
     data = apply_overrides({"output": "", "head": {"name": "unset"}, **data}, overrides, f"{experiment}/{variant.label}")
     cfg = config_from_dict(data, f"accuracy harness: {experiment} / {dataset} / {variant.label}")
     plain = to_dict(cfg)
     plain.pop("output")
+    if start is not None:
+        plain["model"]["init_from"] = f"run {start.key}"
     blob = json.dumps({"config": plain, "gallery": ex.GALLERY[size], "version": HARNESS_VERSION}, sort_keys=True)
     key = hashlib.sha256(blob.encode()).hexdigest()[:16]
     cfg.output = str(out / "runs" / key)
-    return Run(experiment, dataset, variant, seed, cfg, key, ex.GALLERY[size], exp.curve)
+    return Run(experiment, dataset, variant, seed, cfg, key, ex.GALLERY[size], exp.curve, start)
 
 
 def plan(size: str, experiments: Sequence[str], datasets: Sequence[str], seeds: int, out: Path,
@@ -119,24 +146,43 @@ def read_result(run: Run) -> dict[str, Any] | None:
 
 
 _EVAL_LINE = re.compile(r"eval step (\d+): (.*)$")
+_DIAGNOSTICS_LINE = re.compile(r"diagnostics step (\d+): (?!none$)(.*)$")
+
+
+def _step_lines(log: Path, pattern: re.Pattern[str]) -> list[dict[str, float]]:
+    """``[{"step": N, name: value, ...}]`` from the ``... step N: name value name value`` lines of ``log``
+    that ``pattern`` matches, by step (a resumed run logs a step twice: the last wins)."""
+    if not log.is_file():
+        return []
+    by_step: dict[int, dict[str, float]] = {}
+    for line in log.read_text().splitlines():
+        match = pattern.search(line)
+        if match:
+            tokens = match.group(2).split()
+            if len(tokens) % 2:
+                raise ValueError(f"{log}: {line!r}: expected 'name value' pairs after the step")
+            values = {k: float(v) for k, v in zip(tokens[0::2], tokens[1::2])}
+            by_step[int(match.group(1))] = {"step": float(match.group(1)), **values}
+    return [by_step[step] for step in sorted(by_step)]
 
 
 def learning_curve(log: Path) -> list[dict[str, float]]:
     """The trainer's ``eval step N: name value ...`` lines of ``train.log``: ``[{"step": N, name: value}]``."""
-    if not log.is_file():
-        return []
-    points = []
-    for line in log.read_text().splitlines():
-        match = _EVAL_LINE.search(line)
-        if match:
-            tokens = match.group(2).split()
-            points.append({"step": float(match.group(1)), **{k: float(v) for k, v in zip(tokens[0::2], tokens[1::2])}})
-    by_step = {int(p["step"]): p for p in points}  # a resumed run logs a step twice: keep the last
-    return [by_step[step] for step in sorted(by_step)]
+    return _step_lines(log, _EVAL_LINE)
+
+
+def diagnostics(log: Path) -> list[dict[str, float]]:
+    """The head's ``diagnostics step N: cos_error x cos_error_compensated y samples k`` lines of ``train.log``
+    (BroadFace Fig. 5a), like :func:`learning_curve`; a ``none`` line (no queued sample ids yet) is skipped."""
+    return _step_lines(log, _DIAGNOSTICS_LINE)
 
 
 def execute(run: Run, keep_checkpoint: bool = False) -> dict[str, Any]:
-    """Train (resuming from ``last.pt`` if there is one), score the gallery, write ``result.json``."""
+    """Train (resuming from ``last.pt`` if there is one), score the gallery, write ``result.json``.
+
+    The gallery is also scored at the checkpoint's ``verification_threshold`` when the head has one
+    (SphereFace2's learned threshold: ``fixed_threshold`` / ``fixed_threshold_accuracy``).
+    """
     from faceforge.train import train
     from faceforge.train.engine import build_backbone
 
@@ -145,14 +191,17 @@ def execute(run: Run, keep_checkpoint: bool = False) -> dict[str, Any]:
     trained, trained_cpu = time.perf_counter() - start, time.process_time() - cpu
     torch.manual_seed(run.cfg.seed)
     backbone = build_backbone(run.cfg)
-    backbone.load_state_dict(load_checkpoint(result.checkpoint)["backbone"])
+    state = load_checkpoint(result.checkpoint)
+    backbone.load_state_dict(state["backbone"])
     start = time.perf_counter()
     images, labels = gallery.held_out_gallery(run.cfg, run.gallery["per_identity"])
     metrics = gallery.evaluate_gallery(backbone, images, labels, run.gallery["pairs"], run.cfg.seed,
-                                       batch_size=run.cfg.data.eval_batch_size)
+                                       batch_size=run.cfg.data.eval_batch_size,
+                                       threshold=state.get("verification_threshold"))
     record = {
         "key": run.key,
         "config": to_dict(run.cfg),
+        "init_from": run.start.key if run.start is not None else None,
         "metrics": metrics,
         "trainer_metrics": result.metrics,
         "final_loss": result.losses[-1] if result.losses else None,
@@ -162,6 +211,7 @@ def execute(run: Run, keep_checkpoint: bool = False) -> dict[str, Any]:
         "eval_seconds": time.perf_counter() - start,
         "images_per_second": result.images_per_second,
         "curve": learning_curve(result.log) if run.curve else [],
+        "diagnostics": diagnostics(result.log) if run.cfg.train.diagnostics_every else [],
     }
     with atomic_open(run.folder / RESULT_NAME, "w") as f:
         json.dump(record, f, indent=1)
@@ -178,27 +228,50 @@ def _summary(run: Run, record: dict[str, Any]) -> str:
             f"({record['train_seconds']:.0f} s train, {record['eval_seconds']:.0f} s eval)")
 
 
-def run_all(runs: Sequence[Run], keep_checkpoints: bool = False, log=print) -> list[tuple[Run, dict[str, Any] | None]]:
-    """Execute every unfinished run (each key once); returns ``(run, record or None if skipped)``."""
+def _compared(before: dict[str, Any], after: dict[str, Any]) -> str:
+    """Whether a run trained again reproduced its earlier metrics (the ones both results have)."""
+    old, new = before["metrics"], after["metrics"]
+    changed = {k: (old[k], new[k]) for k in sorted(set(old) & set(new)) if old[k] != new[k]}
+    if not changed:
+        return "trained again: the earlier metrics reproduced exactly"
+    return "trained again: the earlier metrics changed: " + ", ".join(f"{k} {a:.6g} -> {b:.6g}" for k, (a, b) in changed.items())
+
+
+def run_all(runs: Sequence[Run], keep_checkpoints: bool = False, log=print,
+            redo: Collection[str] = ()) -> list[tuple[Run, dict[str, Any] | None]]:
+    """Execute every unfinished run (each key once), after the run it starts from; returns
+    ``(run, record or None if skipped)``.
+
+    A run that another starts from (``Run.start``) keeps its checkpoint; one that finished before without
+    it is trained again, and so are the runs whose keys are in ``redo`` (to record metrics added since); the
+    new result replaces the old and the log says whether the earlier metrics reproduced.
+    """
+    keep = {run.start.key for run in runs if run.start is not None}
     records: dict[str, dict[str, Any] | None] = {}
-    out = []
-    for i, run in enumerate(runs, 1):
-        where = f"[{i}/{len(runs)}] {run.describe()}"
-        if run.key not in records:
-            missing = missing_heads(run.cfg)
-            if missing:
-                log(f"{where}: skipped, head {', '.join(map(repr, missing))} is not registered in faceforge.heads")
-                records[run.key] = None
-            else:
-                record = read_result(run)
-                if record is not None:
-                    log(f"{where}: done before ({run.key}): {_summary(run, record)}")
-                else:
-                    record = execute(run, keep_checkpoints)
-                    log(f"{where}: {_summary(run, record)}")
-                records[run.key] = record
-        out.append((run, records[run.key]))
-    return out
+
+    def finish(run: Run, where: str) -> dict[str, Any] | None:
+        if run.key in records:
+            return records[run.key]
+        records[run.key] = None
+        if run.start is not None and finish(run.start, f"{where}, its init_from {run.start.describe()}") is None:
+            log(f"{where}: skipped, the run it starts from ({run.start.describe()}) did not run")
+            return None
+        missing = missing_heads(run.cfg)
+        if missing:
+            log(f"{where}: skipped, head {', '.join(map(repr, missing))} is not registered in faceforge.heads")
+            return None
+        before = read_result(run)
+        again = run.key in redo or (run.key in keep and not (run.folder / CHECKPOINT_NAME).is_file())
+        if before is not None and not again:
+            log(f"{where}: done before ({run.key}): {_summary(run, before)}")
+            records[run.key] = before
+            return before
+        record = execute(run, keep_checkpoints or run.key in keep)
+        log(f"{where}: {_summary(run, record)}" + (f"; {_compared(before, record)}" if before is not None else ""))
+        records[run.key] = record
+        return record
+
+    return [(run, finish(run, f"[{i}/{len(runs)}] {run.describe()}")) for i, run in enumerate(runs, 1)]
 
 
 def _write_font_report(cfg: Config, out: Path) -> None:
@@ -223,6 +296,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--only", nargs="+", default=[], metavar="LABEL", help="run only these variant labels")
     parser.add_argument("--out", type=Path, help="output folder (default runs/accuracy/<size>)")
     parser.add_argument("--keep-checkpoints", action="store_true", help="keep each run's last.pt")
+    parser.add_argument("--redo", nargs="+", default=[], metavar="LABEL",
+                        help="train these variants again even if finished (to record metrics added since)")
     parser.add_argument("--report-only", action="store_true", help="tabulate finished runs, train nothing")
     parser.add_argument("--list", action="store_true", help="print the experiments and their variants")
     args = parser.parse_args(argv)
@@ -230,6 +305,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.list:
         for name, exp in ex.EXPERIMENTS.items():
             print(f"{name}: {exp.title}")
+            if exp.overrides_for(size) or exp.init_from:
+                start = f"; each run starts from {' / '.join(exp.init_from)}" if exp.init_from else ""
+                print(f"    (every variant) {' '.join(exp.overrides_for(size))}{start}")
             for v in exp.variants_for(size):
                 print(f"    {v.label:28s} {' '.join(v.overrides)}")
         return 0
@@ -244,7 +322,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.report_only:
         done = [(run, read_result(run)) for run in runs]
     else:
-        done = run_all(runs, args.keep_checkpoints, log=lambda line: print(line, flush=True))
+        redo = {run.key for run in runs if run.variant.label in args.redo}
+        done = run_all(runs, args.keep_checkpoints, log=lambda line: print(line, flush=True), redo=redo)
     paths = tables.write_report(done, out, size)
     print("\n".join(f"wrote {p}" for p in paths))
     return 0

@@ -1,9 +1,11 @@
 """The harness's report: mean ± std over seeds as Markdown tables, every run as JSON, plots as PNG.
 
-Per (experiment, dataset) one table: a row per variant with the held-out 10-fold accuracy, TAR at FAR 1e-3
-and 1e-4, EER and Recall@1 (mean ± sample std over seeds, in %), and the paired difference in accuracy
-against the first variant (mean ± std over seeds of the per-seed difference: every variant of a seed shares
-data, initialisation and test pairs, so this is the sharper test of whether two heads differ).
+Per (experiment, dataset) one table: a row per variant with the experiment's columns (by default the
+held-out 10-fold accuracy, TAR at FAR 1e-3 and 1e-4, EER and Recall@1; BroadFace Table 5: Recall@1/10/20/30),
+mean ± sample std over seeds in %, and the paired difference in the first column against the first variant
+(mean ± std over seeds of the per-seed difference: every variant of a seed shares data, initialisation and
+test pairs, so this is the sharper test of whether two heads differ). Plots: bars or lines over ``x``,
+learning curves, and BroadFace's queue cosine error (Fig. 5a) for runs that logged diagnostics.
 
 Plots use matplotlib's Agg canvas directly (no pyplot), like ``faceforge.eval.report``.
 """
@@ -28,7 +30,13 @@ METRICS = {
     "tar@far=1e-04": "TAR@FAR=1e-4",
     "eer": "EER",
     "recall@1": "Recall@1",
+    "recall@10": "Recall@10",
+    "recall@20": "Recall@20",
+    "recall@30": "Recall@30",
+    "fixed_threshold_accuracy": "acc. at learned threshold",
 }
+# Columns a table gains when any of its runs has the metric (SphereFace2's learned threshold).
+OPTIONAL_METRICS = ("fixed_threshold_accuracy",)
 
 
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:
@@ -56,37 +64,42 @@ def _finished(row: dict[str, Any]) -> dict[int, dict[str, Any]]:
     return {seed: r for seed, r in row["records"].items() if r is not None}
 
 
-def table(rows: list[dict[str, Any]]) -> str:
-    """The Markdown table of one (experiment, dataset)."""
+def table(rows: list[dict[str, Any]], columns: Sequence[str]) -> str:
+    """The Markdown table of one (experiment, dataset): ``columns`` (metric keys) plus the optional ones
+    some run has, and the paired difference of the first column against the first variant."""
     base = _finished(rows[0]) if rows else {}
     base_label = rows[0]["variant"].label if rows else ""
+    records = [r for row in rows for r in _finished(row).values()]
+    keys = [*columns, *(k for k in OPTIONAL_METRICS if k not in columns and any(k in r["metrics"] for r in records))]
+    first = keys[0]
+    delta = f"Δ {METRICS[first]} vs {base_label}" if first != "accuracy" else f"Δ acc. vs {base_label}"
     lines = []
     for row in rows:
         done = _finished(row)
         line: dict[str, Any] = {"variant": row["variant"].label, "seeds": len(done)}
         if done:
-            for key, title in METRICS.items():
-                line[title] = _cell([r["metrics"][key] for r in done.values()])
+            for key in keys:
+                values = [r["metrics"][key] for r in done.values() if key in r["metrics"]]
+                line[METRICS[key]] = _cell(values) if values else "-"
             shared = sorted(set(done) & set(base))
             if row is not rows[0] and shared:
-                diffs = [done[s]["metrics"]["accuracy"] - base[s]["metrics"]["accuracy"] for s in shared]
-                line[f"Δ acc. vs {base_label}"] = _cell(diffs)
+                line[delta] = _cell([done[s]["metrics"][first] - base[s]["metrics"][first] for s in shared])
             line["train s"] = f"{np.mean([r['train_seconds'] for r in done.values()]):.0f}"
         else:
-            line["10-fold acc."] = "not run"
+            line[METRICS[first]] = "not run"
         lines.append(line)
-    columns = ["variant", "seeds", *METRICS.values(), f"Δ acc. vs {base_label}", "train s"]
-    return markdown_table(lines, columns)
+    return markdown_table(lines, ["variant", "seeds", *(METRICS[k] for k in keys), delta, "train s"])
 
 
-def separation(rows: list[dict[str, Any]]) -> str:
-    """One line: the spread of the variants' mean accuracy against the typical seed-to-seed std."""
-    accs = [[r["metrics"]["accuracy"] for r in _finished(row).values()] for row in rows]
+def separation(rows: list[dict[str, Any]], key: str = "accuracy") -> str:
+    """One line: the spread of the variants' mean ``key`` against the typical seed-to-seed std."""
+    accs = [[r["metrics"][key] for r in _finished(row).values()] for row in rows]
     means = [np.mean(a) for a in accs if a]
     stds = [_mean_std(a)[1] for a in accs if len(a) > 1]
     if len(means) < 2:
         return ""
-    spread = f"Spread of the variants' mean accuracy: {100 * (max(means) - min(means)):.2f} points"
+    name = "accuracy" if key == "accuracy" else METRICS[key]
+    spread = f"Spread of the variants' mean {name}: {100 * (max(means) - min(means)):.2f} points"
     if not stds:
         return spread + " (one seed: no seed-to-seed std)."
     return f"{spread}; seed-to-seed std, averaged over the variants with 2+ seeds: {100 * np.mean(stds):.2f} points."
@@ -107,11 +120,11 @@ def _values(row: dict[str, Any], key: str) -> list[float]:
     return [100 * r["metrics"][key] for r in _finished(row).values()]
 
 
-def plot_bars(rows: list[dict[str, Any]], title: str, path: Path) -> Path:
-    """10-fold accuracy and TAR@FAR=1e-3 per variant, mean with std error bars."""
+def plot_bars(rows: list[dict[str, Any]], title: str, path: Path, keys: Sequence[str] = ("accuracy", "tar@far=1e-03")) -> Path:
+    """Two metrics (default 10-fold accuracy and TAR@FAR=1e-3) per variant, mean with std error bars."""
     rows = [r for r in rows if _finished(r)]
     fig = Figure(figsize=(4 + 0.9 * len(rows), 4), layout="constrained")
-    for i, key in enumerate(("accuracy", "tar@far=1e-03")):
+    for i, key in enumerate(keys[:2]):
         ax = fig.add_subplot(1, 2, i + 1)
         stats = [_mean_std(_values(r, key)) for r in rows]
         ax.bar(range(len(rows)), [m for m, _ in stats], yerr=[s for _, s in stats], capsize=4, color="C0")
@@ -124,24 +137,65 @@ def plot_bars(rows: list[dict[str, Any]], title: str, path: Path) -> Path:
     return _save(fig, path)
 
 
-def plot_lines(rows: list[dict[str, Any]], title: str, x_label: str, path: Path) -> Path:
-    """One line per series over the variants' ``x`` (e.g. label-noise level), mean with std error bars."""
+def plot_lines(rows: list[dict[str, Any]], title: str, x_label: str, path: Path,
+               keys: Sequence[str] = ("accuracy", "tar@far=1e-03")) -> Path:
+    """One line per series over the variants' ``x`` (e.g. label-noise level), mean with std error bars; a
+    variant without ``x`` (a baseline) is a horizontal dashed line with its std as a band. x spanning a
+    factor of 8 or more (queue sizes) is drawn on a log2 axis."""
     fig = Figure(figsize=(9, 4), layout="constrained")
-    for i, key in enumerate(("accuracy", "tar@far=1e-03")):
+    finished = [row for row in rows if _finished(row)]
+    xs = [row["variant"].x for row in finished if row["variant"].x is not None]
+    for i, key in enumerate(keys[:2]):
         ax = fig.add_subplot(1, 2, i + 1)
         series: dict[str, list[dict[str, Any]]] = {}
-        for row in rows:
-            if _finished(row):
+        for row in finished:
+            if row["variant"].x is None:
+                mean, std = _mean_std(_values(row, key))
+                line = ax.axhline(mean, linestyle="--", color="k", label=row["variant"].label)
+                ax.axhspan(mean - std, mean + std, color=line.get_color(), alpha=0.1)
+            else:
                 series.setdefault(row["variant"].series or row["variant"].label, []).append(row)
         for name, members in series.items():
-            members.sort(key=lambda r: r["variant"].x or 0.0)
+            members.sort(key=lambda r: r["variant"].x)
             stats = [_mean_std(_values(r, key)) for r in members]
-            ax.errorbar([r["variant"].x or 0.0 for r in members], [m for m, _ in stats], yerr=[s for _, s in stats],
+            ax.errorbar([r["variant"].x for r in members], [m for m, _ in stats], yerr=[s for _, s in stats],
                         marker="o", capsize=3, label=name)
+        if xs and min(xs) > 0 and max(xs) >= 8 * min(xs):
+            ax.set_xscale("log", base=2)
+            ax.set_xticks(sorted(set(xs)), [f"{x:g}" for x in sorted(set(xs))])
         ax.set_xlabel(x_label)
         ax.set_ylabel(f"{METRICS[key]} (%)")
         ax.grid(True, linestyle=":", linewidth=0.5)
         ax.legend()
+    fig.suptitle(title)
+    return _save(fig, path)
+
+
+def _mean_series(series: list[list[dict[str, float]]], key: str) -> tuple[list[float], np.ndarray]:
+    """The steps every seed's series has, and ``key`` at those steps, ``(seeds, steps)``."""
+    steps = sorted(set.intersection(*({p["step"] for p in c} for c in series)))
+    return steps, np.array([[next(p[key] for p in c if p["step"] == s) for s in steps] for c in series])
+
+
+def plot_diagnostics(rows: list[dict[str, Any]], title: str, path: Path) -> Path | None:
+    """BroadFace Fig. 5a: the mean cosine error (1 - cos) between queued and current embeddings against
+    steps, without (left) and with (right) Eq. 7's compensation, mean over seeds, one line per variant."""
+    drawn = [(row, [r["diagnostics"] for r in _finished(row).values() if r.get("diagnostics")]) for row in rows]
+    drawn = [(row, series) for row, series in drawn if series]
+    if not drawn:
+        return None
+    fig = Figure(figsize=(10, 4), layout="constrained")
+    axes = [fig.add_subplot(1, 2, 1)]
+    axes.append(fig.add_subplot(1, 2, 2, sharey=axes[0]))
+    for ax, key, name in zip(axes, ("cos_error", "cos_error_compensated"), ("queued e-", "compensated e* (Eq. 7)")):
+        for row, series in drawn:
+            steps, values = _mean_series(series, key)
+            ax.plot(steps, values.mean(0), marker=".", label=row["variant"].label)
+        ax.set_title(f"{name} vs current e")
+        ax.set_xlabel("optimiser step")
+        ax.set_ylabel("mean 1 - cos")
+        ax.grid(True, linestyle=":", linewidth=0.5)
+    axes[0].legend(fontsize="small")
     fig.suptitle(title)
     return _save(fig, path)
 
@@ -155,8 +209,8 @@ def plot_curves(rows: list[dict[str, Any]], title: str, path: Path) -> Path | No
         curves = [r["curve"] for r in _finished(row).values() if r.get("curve")]
         if not curves:
             continue
-        steps = sorted(set.intersection(*({p["step"] for p in c} for c in curves)))
-        acc = np.array([[next(p["accuracy"] for p in c if p["step"] == s) for s in steps] for c in curves]) * 100
+        steps, acc = _mean_series(curves, "accuracy")
+        acc = acc * 100
         ax.errorbar(steps, acc.mean(0), yerr=acc.std(0, ddof=1) if len(acc) > 1 else None, marker=".", capsize=2,
                     label=row["variant"].label)
         drawn = True
@@ -196,22 +250,25 @@ def write_report(done: Sequence[tuple[Any, dict[str, Any] | None]], out: Path, s
                   f"Held-out verification, mean ± std over {seeds} seed(s), in %.", ""]
         if exp.notes:
             lines += [exp.notes, ""]
-        lines += [table(rows), ""]
-        sep = separation(rows)
+        lines += [table(rows, exp.columns), ""]
+        sep = separation(rows, exp.columns[0])
         if sep:
             lines += [sep, ""]
         stem = f"{name}_{dataset}"
         if any(_finished(r) for r in rows):
+            title = f"{exp.title} ({dataset})"
             if any(r["variant"].x is not None for r in rows):
-                plot = plot_lines(rows, f"{exp.title} ({dataset})", exp.x_label, out / "plots" / f"{stem}.png")
+                plot = plot_lines(rows, title, exp.x_label, out / "plots" / f"{stem}.png", exp.columns)
             else:
-                plot = plot_bars(rows, f"{exp.title} ({dataset})", out / "plots" / f"{stem}.png")
+                plot = plot_bars(rows, title, out / "plots" / f"{stem}.png", exp.columns)
             written.append(plot)
             lines += [f"![{stem}](plots/{plot.name})", ""]
-            curve = plot_curves(rows, f"{exp.title} ({dataset})", out / "plots" / f"{stem}_curve.png")
-            if curve is not None:
-                written.append(curve)
-                lines += [f"![{stem} learning curve](plots/{curve.name})", ""]
+            extra = (("learning curve", plot_curves(rows, title, out / "plots" / f"{stem}_curve.png")),
+                     ("queue cosine error", plot_diagnostics(rows, title, out / "plots" / f"{stem}_diagnostics.png")))
+            for what, path in extra:
+                if path is not None:
+                    written.append(path)
+                    lines += [f"![{stem} {what}](plots/{path.name})", ""]
     with atomic_open(out / "report.md", "w") as f:
         f.write("\n".join(lines))
     written.append(out / "report.md")

@@ -1,6 +1,6 @@
 """`make bench`: run every benchmark in turn, each in its own process, and print what it prints.
 
-    python benchmarks/run_all.py            # the sizes recorded in benchmarks/RESULTS.md (about 10 min)
+    python benchmarks/run_all.py            # the sizes recorded in benchmarks/RESULTS.md (up to an hour on 2 cores)
     python benchmarks/run_all.py --quick    # small sizes, a minute or two
 
 Each benchmark prints ratios against a baseline it measures in the same run; copy a run's output into

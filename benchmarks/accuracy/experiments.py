@@ -253,6 +253,15 @@ EXPERIMENTS: dict[str, Experiment] = {
         },
         init_from=("table6", "CosFace"),
     ),
+    # An extra, not a paper table: BroadFace trained from scratch under table6's budget, where the embeddings
+    # drift far more per step than in a fine-tune (lr 0.1 instead of 0.01), to see Eq. 7's compensation (and
+    # Fig. 5a's cosine errors) where the queue is stale. Its ArcFace row is table6's run.
+    "broadface_scratch": Experiment(
+        "Extra: BroadFace from scratch at table6's budget (not in the paper)",
+        {size: (Variant("ArcFace", ARCFACE), _arcface_queue(size, QUEUES[1], True), _arcface_queue(size, QUEUES[1], False))
+         for size in SIZES},
+        notes="160 steps at lr 0.1 from random weights, like table6; queue of 8192 (64 iterations).",
+    ),
 }
 
 # BroadFace's grid (issue 6 section 2): broadface_curve and broadface_retrieval add no runs.

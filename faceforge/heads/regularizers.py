@@ -73,7 +73,7 @@ class _InterClassLoss(torch.autograd.Function):
             torch.mm(h.t(), u, out=grad_w[c0:c1])
             grad_w[c0:c1].addcmul_(w_c, radial.unsqueeze(1), value=-1.0)
         # u = W_y / |W_y|: project onto the tangent plane and divide by the norm
-        grad_w.index_add_(0, labels, (grad_u - (grad_u * u).sum(1, keepdim=True) * u) / n_y)
+        grad_w.index_put_((labels,), (grad_u - (grad_u * u).sum(1, keepdim=True) * u) / n_y, accumulate=True)
         return grad_w, None, None
 
 

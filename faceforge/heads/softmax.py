@@ -15,7 +15,7 @@ The loss is one `torch.autograd.Function` (`_ChunkedMarginCE`) with a hand-writt
   reuses last step's memory instead of paying the kernel to zero 2 GB of fresh pages every step.
 - the target cosine cos_y (B,) is computed inside too, and its gradient (through the margin, exact or
   straight-through, and the optional Eq. 5 term) comes from autograd of the small (B,) function psi, then is
-  scattered into grad W with `index_add_`. So W has a single gradient tensor: extra memory is the (B, C)
+  scattered into grad W with `index_put_(accumulate=True)`. So W has a single gradient tensor: extra memory is the (B, C)
   buffer plus grad W, i.e. (1 + B/D) |W| (1.25 |W| for B = 128, D = 512).
 
 Logits, logsumexp and softmax are float32 (or float64 when W is) whatever autocast says.
@@ -222,10 +222,11 @@ def _add_target_grads(
         dq_dx, dq_dw = w_y, x
     if grad_x is not None:
         grad_x.add_(g * dq_dx)
+    # index_put_(accumulate=True), not index_add_: the same sum, 12 x faster for 128 rows on CPU (RESULTS §10)
     if grad_w is not None:
-        grad_w.index_add_(0, labels, (g * dq_dw).to(grad_w.dtype))
+        grad_w.index_put_((labels,), (g * dq_dw).to(grad_w.dtype), accumulate=True)
     if grad_b is not None:
-        grad_b.index_add_(0, labels, grad_q.to(grad_b.dtype))
+        grad_b.index_put_((labels,), grad_q.to(grad_b.dtype), accumulate=True)
 
 
 def _logsumexp_chunked(logits: Tensor, chunk_size: int, workspace: Tensor) -> Tensor:

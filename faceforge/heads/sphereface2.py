@@ -24,7 +24,7 @@ The loss is a sum of per-class terms, so the head needs no softmax over classes.
   whose sum_b D_bj cos_bj is also taken in forward (that sum assumes the same incoming gradient for every
   sample, as a batch mean gives; otherwise backward recomputes it from grad W, one more pass over W). The
   target column goes through a small (B,) autograd function, as in softmax.py, and is scattered into
-  grad W with `index_add_`.
+  grad W with `index_put_(accumulate=True)`.
 - the buffer and grad W are lent by the head's `ReusableBuffer`s (buffers.py). Extra memory is the
   (B, C) buffer plus grad W, (1 + B / D) |W|, as for the margin heads.
 

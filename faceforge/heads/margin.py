@@ -60,6 +60,12 @@ def _detached(cos: Tensor, psi: Tensor) -> Tensor:
 MARGIN_GRADS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {"exact": _exact, "detached": _detached}
 
 
+def check_margin_grad(margin_grad: str) -> None:
+    """Raise ValueError unless `margin_grad` is a key of MARGIN_GRADS ("exact" or "detached")."""
+    if margin_grad not in MARGIN_GRADS:
+        raise ValueError(f"margin_grad={margin_grad!r}; expected one of {sorted(MARGIN_GRADS)}")
+
+
 def check_margins(m1: float, m2: float, m3: float, margin_grad: str = "exact") -> None:
     """Raise ValueError unless m1 > 0, m2 and m3 are finite and `margin_grad` is known."""
     for name, value in (("m1", m1), ("m2", m2), ("m3", m3)):
@@ -67,8 +73,7 @@ def check_margins(m1: float, m2: float, m3: float, margin_grad: str = "exact") -
             raise ValueError(f"margin {name}={value!r} must be a finite number (radians for m2)")
     if not m1 > 0:
         raise ValueError(f"multiplicative margin m1={m1!r} must be > 0 (1.0 means no multiplicative margin)")
-    if margin_grad not in MARGIN_GRADS:
-        raise ValueError(f"margin_grad={margin_grad!r}; expected one of {sorted(MARGIN_GRADS)}")
+    check_margin_grad(margin_grad)
 
 
 def target_logit(

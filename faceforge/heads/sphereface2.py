@@ -42,7 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from faceforge.heads.buffers import ReusableBuffer
-from faceforge.heads.margin import MARGIN_GRADS, safe_acos
+from faceforge.heads.margin import MARGIN_GRADS, check_margin_grad, safe_acos
 from faceforge.heads.softmax import (
     HEADS,
     _add_target_grads,
@@ -397,8 +397,7 @@ class SphereFace2(nn.Module):
         self.loss_weight = _check_number("loss_weight", loss_weight, 0.0)
         _check_margin_type(margin_type)
         self.m = _check_number("m", m, 0.0, open_low=margin_type == "M")
-        if margin_grad not in MARGIN_GRADS:
-            raise ValueError(f"margin_grad={margin_grad!r}; expected one of {sorted(MARGIN_GRADS)}")
+        check_margin_grad(margin_grad)
         if not (bias_init == "balanced" or (isinstance(bias_init, (int, float)) and not isinstance(bias_init, bool))):
             raise ValueError(f"bias_init={bias_init!r}; expected 'balanced' or a number")
         self.margin_type, self.margin_grad, self.bias_init = margin_type, margin_grad, bias_init

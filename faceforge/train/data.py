@@ -224,13 +224,21 @@ def shuffled_labels(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.
         raise ValueError(f"label noise fraction must lie in [0, 1], got {fraction!r}")
     rng = np.random.default_rng(np.random.SeedSequence([int(seed), _TAG_LABEL_NOISE]))
     order = np.lexsort((rng.random(len(y)), y))  # by class, random within a class
-    classes, starts, counts = np.unique(y[order], return_index=True, return_counts=True)
+    _, starts, counts = np.unique(y[order], return_index=True, return_counts=True)
     rank = np.arange(len(y)) - np.repeat(starts, counts)  # position inside the class block
     take = np.floor(fraction * counts + 0.5).astype(np.int64)
     chosen = np.sort(order[rank < np.repeat(take, counts)])
     noisy = y.copy()
     noisy[chosen] = y[chosen][rng.permutation(len(chosen))]
     return noisy, chosen
+
+
+class WithIndices(_DatasetView):
+    """``ds[i] -> (image, label, i)``: the training set with each image's index (for ``observe_sample_ids``)."""
+
+    def __getitem__(self, index: int) -> tuple[Any, Any, int]:
+        image, label = self.dataset[index]
+        return image, label, index
 
 
 class LabelNoise(_DatasetView):

@@ -33,12 +33,12 @@ from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Sampler
 
 from faceforge.train import distributed as fdist
 from faceforge.train.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
 from faceforge.train.config import Config, to_dict, to_yaml
-from faceforge.train.data import build_dataset, build_evaluators
+from faceforge.train.data import WithIndices, build_dataset, build_evaluators
 from faceforge.train.optim import build_optimizer, build_scheduler
 
 __all__ = [
@@ -207,20 +207,6 @@ class EpochBatchSampler(Sampler[list[int]]):
 def _flip(images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Horizontally flip the images ``(B,3,H,W)`` where ``mask (B,)`` is True."""
     return torch.where(mask[:, None, None, None], images.flip(-1), images)
-
-
-class _Indexed(Dataset):
-    """``ds[i] -> (image, label, i)``: the training set with each image's index (for ``observe_sample_ids``)."""
-
-    def __init__(self, dataset: Dataset) -> None:
-        self.dataset = dataset
-
-    def __len__(self) -> int:
-        return len(self.dataset)  # type: ignore[arg-type]
-
-    def __getitem__(self, index: int) -> tuple[Any, Any, int]:
-        image, label = self.dataset[index]
-        return image, label, index
 
 
 def encode_sample_ids(indices: torch.Tensor, flipped: torch.Tensor) -> torch.Tensor:
@@ -507,7 +493,7 @@ class _Run:
             start_micro, self.steps_per_epoch * self.cfg.train.grad_accum,
         )
         return DataLoader(
-            _Indexed(self.dataset), batch_sampler=sampler, num_workers=self.cfg.data.num_workers,
+            WithIndices(self.dataset), batch_sampler=sampler, num_workers=self.cfg.data.num_workers,
             pin_memory=self.device.type == "cuda", generator=torch.Generator().manual_seed(self.cfg.seed),
         )
 

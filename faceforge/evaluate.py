@@ -41,11 +41,11 @@ from faceforge.eval.sets import (
     SetScores,
 )
 from faceforge.fileio import atomic_open
+from faceforge.train.checkpoint import THRESHOLD_KEY
 
 __all__ = ["EVALUATIONS", "EVAL_FARS", "EvalRequest", "evaluate_checkpoint", "evaluate_checkpoints"]
 
 EVAL_FARS = VERIFICATION_FARS
-THRESHOLD_KEY = "verification_threshold"  # a checkpoint's learned universal threshold (SphereFace2)
 
 
 @dataclass

@@ -115,10 +115,18 @@ class Experiment:
         return self.overrides[size] if isinstance(self.overrides, dict) else self.overrides
 
 
+def _flow(value: Any) -> str:
+    """``value`` as YAML flow text: strings quoted, booleans lower-case, dicts as nested flow mappings."""
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {_flow(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, bool):
+        return str(value).lower()
+    return repr(value) if isinstance(value, str) else str(value)
+
+
 def _head(name: str, **kwargs: Any) -> tuple[str, ...]:
     """``head.name=...`` and ``head.kwargs={...}`` overrides (kwargs as a YAML flow mapping)."""
-    flow = ", ".join(f"{k}: {v!r}" if isinstance(v, str) else f"{k}: {v}" for k, v in kwargs.items())
-    return (f"head.name={name}", f"head.kwargs={{{flow}}}")
+    return (f"head.name={name}", f"head.kwargs={_flow(kwargs)}")
 
 
 # The heads at the hyperparameters of their papers, scaled to a few hundred classes (s = 32 is ample
@@ -157,12 +165,8 @@ DIAGNOSTICS_EVERY = {"default": 40, "full": 200}
 def _broadface(size: str, queue: int, compensate: bool = True, inner: str = "arcface",
                **inner_kwargs: Any) -> tuple[str, ...]:
     """BroadFace(inner head) overrides, with the Fig. 5a diagnostics logged every DIAGNOSTICS_EVERY steps."""
-    flow = ", ".join(f"{k}: {v}" for k, v in inner_kwargs.items())
-    return (
-        "head.name=broadface",
-        f"head.kwargs={{queue_size: {queue}, compensate: {str(compensate).lower()}, head: {inner}, head_kwargs: {{{flow}}}}}",
-        f"train.diagnostics_every={DIAGNOSTICS_EVERY[size]}",
-    )
+    head = _head("broadface", queue_size=queue, compensate=compensate, head=inner, head_kwargs=inner_kwargs)
+    return (*head, f"train.diagnostics_every={DIAGNOSTICS_EVERY[size]}")
 
 
 def _arcface_queue(size: str, queue: int, compensate: bool) -> Variant:

@@ -73,7 +73,8 @@ def evaluate_gallery(
     """
     embeddings = embed(backbone, images, batch_size=batch_size, flip=True)
     first, second, issame = sample_pairs(labels, num_pairs, seed)
-    scores = np.einsum("nd,nd->n", embeddings[first].astype(np.float64), embeddings[second].astype(np.float64))
+    wide = embeddings.astype(np.float64)  # once per gallery item, not once per pair side
+    scores = np.einsum("nd,nd->n", wide[first], wide[second])
     metrics = evaluate_scores(scores, issame, fars=FARS, fixed_threshold=threshold).as_dict()
     ks = [k for k in RECALL_KS if k < len(labels)]  # a K needs K other gallery items
     metrics.update({f"recall@{k}": float(r) for k, r in zip(ks, recall_at_k(embeddings, labels, ks))})

@@ -35,8 +35,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Collection, Sequence
 
-import torch
-
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
@@ -45,7 +43,7 @@ import gallery  # noqa: E402
 import tables  # noqa: E402
 
 from faceforge.fileio import atomic_open  # noqa: E402
-from faceforge.train.checkpoint import CHECKPOINT_NAME, load_checkpoint  # noqa: E402
+from faceforge.train.checkpoint import CHECKPOINT_NAME, THRESHOLD_KEY, load_checkpoint  # noqa: E402
 from faceforge.train.config import Config, apply_overrides, config_from_dict, to_dict  # noqa: E402
 
 RESULT_NAME = "result.json"
@@ -189,7 +187,6 @@ def execute(run: Run, keep_checkpoint: bool = False) -> dict[str, Any]:
     start, cpu = time.perf_counter(), time.process_time()
     result = train(run.cfg, resume=(run.folder / CHECKPOINT_NAME).is_file())
     trained, trained_cpu = time.perf_counter() - start, time.process_time() - cpu
-    torch.manual_seed(run.cfg.seed)
     backbone = build_backbone(run.cfg)
     state = load_checkpoint(result.checkpoint)
     backbone.load_state_dict(state["backbone"])
@@ -197,7 +194,7 @@ def execute(run: Run, keep_checkpoint: bool = False) -> dict[str, Any]:
     images, labels = gallery.held_out_gallery(run.cfg, run.gallery["per_identity"])
     metrics = gallery.evaluate_gallery(backbone, images, labels, run.gallery["pairs"], run.cfg.seed,
                                        batch_size=run.cfg.data.eval_batch_size,
-                                       threshold=state.get("verification_threshold"))
+                                       threshold=state.get(THRESHOLD_KEY))
     record = {
         "key": run.key,
         "config": to_dict(run.cfg),
@@ -317,7 +314,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"no variant matches --only {' '.join(args.only)}")
     print(f"accuracy harness: size {size}, {len(runs)} runs ({len({r.key for r in runs})} distinct) -> {out}", flush=True)
     out.mkdir(parents=True, exist_ok=True)
-    if "glyphs" in args.datasets:
+    if "glyphs" in args.datasets and not args.report_only:  # report-only needs neither fonts nor rendering
         _write_font_report(next(r.cfg for r in runs if r.dataset == "glyphs"), out)
     if args.report_only:
         done = [(run, read_result(run)) for run in runs]

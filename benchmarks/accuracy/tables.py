@@ -17,10 +17,9 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from faceforge.eval.report import markdown_table
+from faceforge.eval.report import markdown_table, save_figure
 from faceforge.fileio import atomic_open
 
 # metric key -> column title
@@ -109,11 +108,7 @@ def separation(rows: list[dict[str, Any]], key: str = "accuracy") -> str:
 # Plots
 
 
-def _save(fig: Figure, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    FigureCanvasAgg(fig)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    return path
+DPI = 120
 
 
 def _values(row: dict[str, Any], key: str) -> list[float]:
@@ -134,7 +129,7 @@ def plot_bars(rows: list[dict[str, Any]], title: str, path: Path, keys: Sequence
         ax.set_ylabel(f"{METRICS[key]} (%)")
         ax.grid(True, axis="y", linestyle=":", linewidth=0.5)
     fig.suptitle(title)
-    return _save(fig, path)
+    return save_figure(fig, path, DPI)
 
 
 def plot_lines(rows: list[dict[str, Any]], title: str, x_label: str, path: Path,
@@ -168,7 +163,7 @@ def plot_lines(rows: list[dict[str, Any]], title: str, x_label: str, path: Path,
         ax.grid(True, linestyle=":", linewidth=0.5)
         ax.legend()
     fig.suptitle(title)
-    return _save(fig, path)
+    return save_figure(fig, path, DPI)
 
 
 def _mean_series(series: list[list[dict[str, float]]], key: str) -> tuple[list[float], np.ndarray]:
@@ -197,7 +192,7 @@ def plot_diagnostics(rows: list[dict[str, Any]], title: str, path: Path) -> Path
         ax.grid(True, linestyle=":", linewidth=0.5)
     axes[0].legend(fontsize="small")
     fig.suptitle(title)
-    return _save(fig, path)
+    return save_figure(fig, path, DPI)
 
 
 def plot_curves(rows: list[dict[str, Any]], title: str, path: Path) -> Path | None:
@@ -221,7 +216,7 @@ def plot_curves(rows: list[dict[str, Any]], title: str, path: Path) -> Path | No
     ax.grid(True, linestyle=":", linewidth=0.5)
     ax.legend()
     ax.set_title(title)
-    return _save(fig, path)
+    return save_figure(fig, path, DPI)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -18,7 +18,8 @@ from faceforge.eval.metrics import check_pairs
 FPR_RANGE = (1e-4, 1.0)
 
 
-def _save(fig: Figure, path: str | Path, dpi: int) -> Path:
+def save_figure(fig: Figure, path: str | Path, dpi: int) -> Path:
+    """Render ``fig`` on the Agg canvas (no pyplot) and write it to ``path`` (folders made), tight bounds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     FigureCanvasAgg(fig)
@@ -76,7 +77,7 @@ def plot_roc(
     ax.set_title(title)
     ax.grid(True, which="both", linestyle=":", linewidth=0.5)
     ax.legend(loc="lower right")
-    return _save(fig, path, dpi)
+    return save_figure(fig, path, dpi)
 
 
 def score_histogram(
@@ -106,7 +107,7 @@ def score_histogram(
     ax.set_ylabel("Density")
     ax.set_title(title)
     ax.legend()
-    return _save(fig, path, dpi)
+    return save_figure(fig, path, dpi)
 
 
 def _format_cell(value: object, percent: bool, digits: int) -> str:
@@ -163,4 +164,4 @@ def markdown_table(
     return "\n".join([line(columns), rule] + [line(r) for r in cells])
 
 
-__all__ = ["markdown_table", "plot_roc", "score_histogram"]
+__all__ = ["markdown_table", "plot_roc", "save_figure", "score_histogram"]

@@ -17,6 +17,7 @@ import torch
 __all__ = ["CHECKPOINT_NAME", "CheckpointError", "save_checkpoint", "load_checkpoint"]
 
 CHECKPOINT_NAME = "last.pt"  # a run's latest checkpoint, in its output folder
+THRESHOLD_KEY = "verification_threshold"  # a checkpoint's learned universal threshold (SphereFace2), or None
 
 
 class CheckpointError(RuntimeError):

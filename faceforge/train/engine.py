@@ -36,7 +36,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Sampler
 
 from faceforge.train import distributed as fdist
-from faceforge.train.checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint
+from faceforge.train.checkpoint import CHECKPOINT_NAME, THRESHOLD_KEY, load_checkpoint, save_checkpoint
 from faceforge.train.config import Config, to_dict, to_yaml
 from faceforge.train.data import WithIndices, build_dataset, build_evaluators
 from faceforge.train.optim import build_optimizer, build_scheduler
@@ -346,7 +346,7 @@ class _Run:
             "config": to_dict(self.cfg),
             "metrics": dict(self.metrics),
             # the head's learned decision boundary in cosine terms (SphereFace2), for `faceforge eval`
-            "verification_threshold": (
+            THRESHOLD_KEY: (
                 self.head.verification_threshold() if hasattr(self.head, "verification_threshold") else None
             ),
         }

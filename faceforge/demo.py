@@ -15,7 +15,6 @@ import torch
 
 from faceforge.eval.report import markdown_table, plot_roc
 from faceforge.eval.verify import VerificationResult, verify_pairs
-from faceforge.evaluate import EVAL_FARS, evaluate_checkpoint, evaluate_checkpoints  # noqa: F401 (moved there)
 from faceforge.train.checkpoint import load_checkpoint
 from faceforge.train.config import Config, load_config
 from faceforge.train.data import synthetic_held_out_pairs

@@ -40,7 +40,7 @@ from faceforge.eval.sets import (
     RetrievalSet,
     SetScores,
 )
-from faceforge.fileio import atomic_open
+from faceforge.fileio import save_npy
 from faceforge.train.checkpoint import THRESHOLD_KEY
 
 __all__ = ["EVALUATIONS", "EVAL_FARS", "EvalRequest", "evaluate_checkpoint", "evaluate_checkpoints"]
@@ -172,15 +172,10 @@ class _Checkpoint:
 # --------------------------------------------------------------------------------------------------
 
 
-def _save(path: Path, array: np.ndarray) -> None:
-    with atomic_open(path, "wb") as f:  # a file handle: np.save must not append ".npy" to the name
-        np.save(f, np.ascontiguousarray(array), allow_pickle=False)
-
-
 def _features(s: EvalSet, data_key: str, ckpt: _Checkpoint, out: Path,
               batch_size: int) -> tuple[dict[str, np.ndarray], dict[str, Path], bool]:
     """``(features, paths, cached)``: the set's features for this checkpoint, from ``out`` or the model."""
-    stem = f"emb_{ckpt.key}_{_safe(s.name)}_{data_key}"
+    stem = f"emb_{ckpt.key}_{_safe(s.features_name)}_{data_key}"
     paths = {part: out / (f"{stem}_{part}.npy" if part else f"{stem}.npy") for part in s.parts}
     if all(p.is_file() for p in paths.values()):
         print(f"features: {ckpt.label} on {s.name}: cached {', '.join(str(p) for p in paths.values())}")
@@ -188,7 +183,7 @@ def _features(s: EvalSet, data_key: str, ckpt: _Checkpoint, out: Path,
     print(f"features: {ckpt.label} on {s.name}: computing")
     features = s.embed(ckpt.model(), ckpt.cfg.data.image_size, batch_size=batch_size, progress=True)
     for part, p in paths.items():
-        _save(p, features[part])
+        save_npy(p, features[part])
     return features, paths, False
 
 

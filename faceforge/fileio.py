@@ -8,7 +8,9 @@ import tempfile
 from pathlib import Path
 from typing import IO, Iterator
 
-__all__ = ["atomic_open"]
+import numpy as np
+
+__all__ = ["atomic_open", "save_npy"]
 
 
 @contextlib.contextmanager
@@ -35,3 +37,9 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb", encoding: str | None 
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def save_npy(path: str | os.PathLike, array: np.ndarray) -> None:
+    """Write ``array`` to the ``.npy`` file ``path`` atomically (no pickles; the name is kept as given)."""
+    with atomic_open(path, "wb") as f:  # a file handle: np.save must not append ".npy" to the name
+        np.save(f, np.ascontiguousarray(array), allow_pickle=False)

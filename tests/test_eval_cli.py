@@ -180,6 +180,17 @@ def test_eval_ijb_1to1_and_1toN_match_plain_loops(tiny: dict[str, Path], tmp_pat
         assert got["mated_probes"] == 2 and got["non_mated_probes"] == 2
 
 
+def test_faceness_weighting_reuses_the_cached_ijb_features(tiny: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "ijb_faceness"
+    assert main(["eval", str(tiny["ckpt"]), "--ijb", str(tiny["ijb"]), "--output", str(out)]) == 0
+    plain = _record(out, "ijb")
+    assert main(["eval", str(tiny["ckpt"]), "--ijb", str(tiny["ijb"]), "--ijb-faceness", "--output", str(out)]) == 0
+    weighted = _record(out, "ijb")
+    # the faceness weighting applies to templates: the same image features, read back, not embedded again
+    assert weighted["cached"] is True and weighted["embeddings"] == plain["embeddings"]
+    assert weighted["set"] != plain["set"] and weighted["faceness_weight"] is True
+
+
 def test_eval_identification_with_distractors_matches_plain_loops(tiny: dict[str, Path], tmp_path: Path) -> None:
     distractor_paths = E.flat_folder(tiny["distractors"], 30)
     out = tmp_path / "ident"

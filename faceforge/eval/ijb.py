@@ -35,7 +35,7 @@ from faceforge.data.align import TEMPLATE_SIZE
 from faceforge.data.ijb import IJBMeta, iter_aligned, template_features, verification_scores
 from faceforge.eval import metrics
 from faceforge.eval.verify import embed_batches
-from faceforge.fileio import atomic_open
+from faceforge.fileio import save_npy
 
 __all__ = [
     "ijb_embeddings",
@@ -62,11 +62,6 @@ def _load_cache(path: Path, meta: IJBMeta) -> np.ndarray:
     if not np.issubdtype(feats.dtype, np.floating):
         raise ValueError(f"{path}: cached IJB features must be floating point, got {feats.dtype}")
     return feats.astype(np.float32, copy=False)
-
-
-def _save_cache(path: Path, feats: np.ndarray) -> None:
-    with atomic_open(path, "wb") as f:  # a file handle: np.save must not append ".npy" to the name
-        np.save(f, feats, allow_pickle=False)
 
 
 def ijb_embeddings(model: nn.Module, meta: IJBMeta, root: str | Path, batch_size: int = 128, flip: bool = True,
@@ -100,7 +95,7 @@ def ijb_embeddings(model: nn.Module, meta: IJBMeta, root: str | Path, batch_size
                        unit="batch")
     feats = embed_batches(model, (batch.images for batch in batches), flip, device, normalize=False)
     if cache_path is not None:
-        _save_cache(cache_path, feats)
+        save_npy(cache_path, feats)
     return feats
 
 

@@ -110,6 +110,11 @@ class EvalSet:
     name: str = ""
     parts: tuple[str, ...] = ("",)
 
+    @property
+    def features_name(self) -> str:
+        """The name a feature cache is filed under: ``name``, unless a set's name also says how it scores."""
+        return self.name
+
     def key(self) -> str:
         """A short hash of the data the features depend on (not of the model)."""
         raise NotImplementedError
@@ -341,6 +346,10 @@ class IJBSet(EvalSet):
         self.galleries = {
             g.stem.rsplit("_", 1)[-1]: read_1n_gallery(g) for g in gallery_files
         } if self.probes is not None else {}
+
+    @property
+    def features_name(self) -> str:  # the faceness weighting applies to templates, not to image features
+        return self.meta.name
 
     def key(self) -> str:  # features do not depend on the faceness weighting (applied to templates)
         return _hash(_stat_key(self._meta_files), len(self.meta))

@@ -40,6 +40,7 @@ from faceforge.fileio import save_npy
 __all__ = [
     "ijb_embeddings",
     "ijb_identification",
+    "ijb_templates",
     "ijb_verification",
     "read_1n_gallery",
     "read_1n_probes",
@@ -109,7 +110,10 @@ def _check_features(image_features, meta: IJBMeta) -> np.ndarray:
     return feats
 
 
-def _templates(image_features, meta: IJBMeta, faceness_weight: bool) -> tuple[np.ndarray, np.ndarray]:
+def ijb_templates(image_features, meta: IJBMeta, faceness_weight: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """``(template ids int64 (T,) sorted, template features float64 (T, D))`` of ``meta`` from its image
+    features ``(N, D)``: :func:`~faceforge.data.ijb.template_features`, faceness-weighted if asked. Compute
+    it once and pass it as ``templates=`` to :func:`ijb_verification` and :func:`ijb_identification`."""
     feats = _check_features(image_features, meta)
     return template_features(feats, meta.templates, meta.medias, meta.faceness if faceness_weight else None)
 
@@ -120,18 +124,20 @@ def _templates(image_features, meta: IJBMeta, faceness_weight: bool) -> tuple[np
 
 
 def ijb_verification(image_features, meta: IJBMeta, faceness_weight: bool = False,
-                     fars: Sequence[float] = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)) -> dict:
+                     fars: Sequence[float] = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1),
+                     templates: tuple[np.ndarray, np.ndarray] | None = None) -> dict:
     """The IJB 1:1 protocol on ``meta``'s template pairs.
 
     ``image_features`` ``(N, D)`` from :func:`ijb_embeddings`; with ``faceness_weight`` each is multiplied
     by its faceness score (insightface "D1"). Templates by :func:`~faceforge.data.ijb.template_features`,
-    pair scores by cosine.
+    pair scores by cosine. ``templates``: their :func:`ijb_templates`, when already computed (then
+    ``image_features`` and ``faceness_weight`` are not used).
 
     Returns a dict: ``tar_at_far`` ``{far: TAR}`` (exact, ``FPR <= far``; see the module notes),
     ``auc``, ``scores`` float64 ``(P,)``, ``labels`` int64 ``(P,)``, ``counts`` (their
     :class:`~faceforge.eval.metrics.PairCounts`: ``counts.rates()`` is the ROC, without another sort).
     """
-    ids, tfeats = _templates(image_features, meta, faceness_weight)
+    ids, tfeats = templates if templates is not None else ijb_templates(image_features, meta, faceness_weight)
     scores = verification_scores(ids, tfeats, meta.p1, meta.p2)
     labels = np.asarray(meta.labels, dtype=np.int64)
     fars = [float(f) for f in fars]
@@ -224,12 +230,13 @@ def _select(ids: np.ndarray, feats: np.ndarray, wanted: dict, what: str) -> tupl
 
 def ijb_identification(image_features, meta: IJBMeta, gallery: dict[int, int], probes: dict[int, int],
                        fpirs: Sequence[float] = (1e-2, 1e-1), ranks: Sequence[int] = (1, 5, 10),
-                       faceness_weight: bool = False) -> dict:
+                       faceness_weight: bool = False,
+                       templates: tuple[np.ndarray, np.ndarray] | None = None) -> dict:
     """The IJB 1:N protocol: probe templates searched against gallery templates.
 
     ``gallery`` / ``probes``: ``{template_id: subject_id}`` (:func:`read_1n_gallery`,
     :func:`read_1n_probes`); every template must have images in ``meta``. Template features as in
-    :func:`ijb_verification`; similarity = cosine ``(P, G)``. A probe is *mated* when its subject has a
+    :func:`ijb_verification` (or ``templates``, as there); similarity = cosine ``(P, G)``. A probe is *mated* when its subject has a
     gallery template.
 
     Returns a dict: ``tpir_at_fpir`` ``{fpir: TPIR}`` at rank 1 (:func:`~faceforge.eval.metrics.tpir_at_fpir`
@@ -239,7 +246,7 @@ def ijb_identification(image_features, meta: IJBMeta, gallery: dict[int, int], p
     ``probe_templates`` / ``gallery_templates`` (sorted ids, the rows / columns), ``probe_labels`` /
     ``gallery_labels``.
     """
-    ids, tfeats = _templates(image_features, meta, faceness_weight)
+    ids, tfeats = templates if templates is not None else ijb_templates(image_features, meta, faceness_weight)
     g_feats, g_labels = _select(ids, tfeats, gallery, "gallery")
     p_feats, p_labels = _select(ids, tfeats, probes, "probes")
     similarity = p_feats @ g_feats.T  # rows already L2-normalised (zero rows stay zero)

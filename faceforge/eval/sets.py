@@ -361,9 +361,10 @@ class IJBSet(EvalSet):
                                    progress=progress, size=image_size, device=device)}
 
     def score(self, features, threshold=None):
-        from faceforge.eval.ijb import ijb_identification, ijb_verification
+        from faceforge.eval.ijb import ijb_identification, ijb_templates, ijb_verification
 
-        v = ijb_verification(features[""], self.meta, faceness_weight=self.faceness, fars=self.fars)
+        template_feats = ijb_templates(features[""], self.meta, self.faceness)  # once, for 1:1 and every gallery
+        v = ijb_verification(features[""], self.meta, fars=self.fars, templates=template_feats)
         numbers = {f"1:1/tar@far={far:.0e}": tar for far, tar in v["tar_at_far"].items()}
         numbers["1:1/auc"] = v["auc"]
         record: dict[str, Any] = {
@@ -374,9 +375,9 @@ class IJBSet(EvalSet):
         }
         row = {f"TAR@FAR={far:.0e}": _pct(tar) for far, tar in v["tar_at_far"].items()} | {"AUC": f"{v['auc']:.4f}"}
         rows = [("IJB 1:1 verification (TAR@FAR)", row)]
-        for gallery, templates in self.galleries.items():
-            r = ijb_identification(features[""], self.meta, templates, self.probes, fpirs=self.fpirs,
-                                   ranks=self.ranks, faceness_weight=self.faceness)
+        for gallery, members in self.galleries.items():
+            r = ijb_identification(features[""], self.meta, members, self.probes, fpirs=self.fpirs,
+                                   ranks=self.ranks, templates=template_feats)
             numbers.update({f"1:N-{gallery}/tpir@fpir={f:.0e}": t for f, t in r["tpir_at_fpir"].items()})
             numbers.update({f"1:N-{gallery}/rank-{k}": rate for k, rate in r["rank"].items()})
             record["identification"][gallery] = {

@@ -103,6 +103,11 @@ def _count_dtype(n: int) -> type:
     return np.int32 if n < 2**31 else np.int64
 
 
+def _positives_are_minority(n_pos: int, n_pairs: int) -> bool:
+    """Which class the counts place among the other (the smaller one; positives on a tie)."""
+    return 2 * n_pos <= n_pairs
+
+
 def _descending_counts(
     s: np.ndarray, y: np.ndarray, n_pos: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -126,7 +131,7 @@ def _descending_counts(
         ends = np.flatnonzero(last)
         keys = keys[ends]
         n_ge = np.add(ends, 1, dtype=count)  # pairs with score >= values[j]: all groups 0..j
-    minority_positive = 2 * n_pos <= len(s)
+    minority_positive = _positives_are_minority(n_pos, len(s))
     minority = np.negative(s[y] if minority_positive else s[~y])
     minority.sort()
     # m_ge[j] = minority pairs in groups 0..j: a step function, +1 at each minority pair's group
@@ -211,7 +216,7 @@ class PairCounts:
         each positive adds the negatives above it plus half the tied ones to ``1 - AUC``.
         """
         j = self.minority
-        positives = 2 * self.n_pos <= self.n_pos + self.n_neg  # which class `minority` holds
+        positives = _positives_are_minority(self.n_pos, self.n_pos + self.n_neg)  # which class `minority` holds
         other = self.fps if positives else self.tps  # the counts of the larger class
         above = np.where(j > 0, other[np.maximum(j - 1, 0)], 0)
         twice = int(above.sum(dtype=np.int64)) + int(other[j].sum(dtype=np.int64))

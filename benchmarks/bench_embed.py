@@ -21,13 +21,13 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 from torch.nn import functional as F
+from timing import timed  # benchmarks/timing.py
 
 from faceforge.backbones import build
 from faceforge.data.synthetic import render_images
@@ -46,21 +46,12 @@ def plain_loop(model: torch.nn.Module, batches) -> np.ndarray:
     return torch.cat(out).numpy()
 
 
-def best_time(f, repeats: int) -> tuple[float, np.ndarray]:
-    best, out = float("inf"), None
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        out = f()
-        best = min(best, time.perf_counter() - t0)
-    return best, out
-
-
 def compare(name: str, ours, plain, n: int, repeats: int) -> None:
     t_ours = t_plain = float("inf")
     for _ in range(repeats):  # alternate, so that load changes hit both sides
-        t, e_plain = best_time(plain, 1)
+        t, e_plain = timed(plain)
         t_plain = min(t_plain, t)
-        t, e_ours = best_time(ours, 1)
+        t, e_ours = timed(ours)
         t_ours = min(t_ours, t)
     diff = float(np.abs(e_ours - e_plain).max())
     print(f"{name}: faceforge {n / t_ours:.1f} images/s, plain loop {n / t_plain:.1f} images/s "

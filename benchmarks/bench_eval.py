@@ -29,14 +29,9 @@ import time
 
 import numpy as np
 from rss import reset_peak_rss, status_kib  # benchmarks/rss.py
+from timing import timed  # benchmarks/timing.py
 
 FARS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
-
-
-def _timed(f) -> tuple[float, object]:
-    t0 = time.perf_counter()
-    out = f()
-    return time.perf_counter() - t0, out
 
 
 def part_scoring(n: int, repeats: int) -> dict:
@@ -56,9 +51,9 @@ def part_scoring(n: int, repeats: int) -> dict:
     for name, (scores, labels) in cases.items():
         t_sort = t_argsort = t_eval = float("inf")
         for _ in range(repeats):  # the best of `repeats`: the machine is shared
-            t_sort = min(t_sort, _timed(lambda: np.sort(scores))[0])
-            t_argsort = min(t_argsort, _timed(lambda: np.argsort(scores))[0])
-            t, r = _timed(lambda: evaluate_scores(scores, labels, fars=FARS))
+            t_sort = min(t_sort, timed(lambda: np.sort(scores))[0])
+            t_argsort = min(t_argsort, timed(lambda: np.argsort(scores))[0])
+            t, r = timed(lambda: evaluate_scores(scores, labels, fars=FARS))
             t_eval = min(t_eval, t)
         out["cases"][name] = {"evaluate_scores_s": t_eval, "sort_s": t_sort, "argsort_s": t_argsort,
                               "tar@1e-6": r.tar_at_far[1e-6], "acc": r.accuracy}

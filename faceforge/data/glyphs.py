@@ -246,11 +246,9 @@ def render_glyph(path: str | os.PathLike, char: int, image_size: int = 32) -> np
     return None if ink is None else _fit(ink, int(image_size))
 
 
-def _variant(path: str, char: int, image_size: int, seed: int, font_index: int, k: int) -> np.ndarray | None:
-    """Jittered copy ``k >= 1`` of a glyph: rotation up to 8 degrees, scale 0.8..1, shift up to S/16 px."""
-    ink = _ink_crop(path, char, image_size)
-    if ink is None:
-        return None
+def _variant(ink, char: int, image_size: int, seed: int, font_index: int, k: int) -> np.ndarray:
+    """Jittered copy ``k >= 1`` of a glyph from its ``_ink_crop``: rotation up to 8 degrees, scale 0.8..1,
+    shift up to S/16 px."""
     rng = np.random.default_rng(np.random.SeedSequence([seed, _TAG_VARIANT, char, font_index, k]))
     angle, scale = rng.uniform(-8.0, 8.0), rng.uniform(0.8, 1.0)
     dx, dy = rng.uniform(-image_size / 16, image_size / 16, size=2)
@@ -586,11 +584,13 @@ class GlyphBenchmark:
         fonts = self.train_fonts
         out = np.empty((len(clean), len(fonts) * self.variants, self.image_size, self.image_size), dtype=np.uint8)
         out[:, 0::self.variants] = clean[:, fonts]
-        for k in range(1, self.variants):
-            for c, char in enumerate(self.train_chars):
-                for j, f in enumerate(fonts):
-                    img = _variant(self.selection.paths[f], char, self.image_size, self.seed, f, k)
-                    out[c, j * self.variants + k] = img  # the clean render has ink, so the variant has too
+        if self.variants == 1:
+            return out
+        for c, char in enumerate(self.train_chars):
+            for j, f in enumerate(fonts):
+                ink = _ink_crop(self.selection.paths[f], char, self.image_size)  # once for all its variants
+                for k in range(1, self.variants):  # the clean render has ink, so `ink` is not None
+                    out[c, j * self.variants + k] = _variant(ink, char, self.image_size, self.seed, f, k)
         return out
 
     @property

@@ -364,6 +364,7 @@ def config_from_dict(data: dict, source: str = "<dict>") -> Config:
         raise ConfigError(f"{source}: expected a mapping at the top level, got {type(data).__name__}: {data!r}")
     cfg = _build(Config, data, "", source)
     _check_ranges(cfg, source)
+    _check_pairings(cfg, source)
     return cfg
 
 
@@ -399,6 +400,15 @@ def _check_ranges(cfg: Config, source: str) -> None:
         value = getattr(getattr(cfg, section), name)
         if not ok(value):
             raise ConfigError(f"{source}: {key} = {value!r}: expected {expected}")
+
+
+def _check_pairings(cfg: Config, source: str) -> None:
+    """Keys that only make sense together: checked when the config is read, not when the first evaluation
+    runs (which may be the end of training)."""
+    d = cfg.data
+    if (d.eval_probes is None) != (d.eval_distractors is None):
+        raise ConfigError(f"{source}: data.eval_probes and data.eval_distractors go together, got "
+                          f"{d.eval_probes!r} and {d.eval_distractors!r}")
 
 
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:

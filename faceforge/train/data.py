@@ -266,10 +266,7 @@ def build_evaluators(cfg: Config) -> list[Any]:
     """
     from faceforge.eval.sets import DistractorSet, IJBSet, PairSet, RetrievalSet
 
-    d = cfg.data
-    if (d.eval_probes is None) != (d.eval_distractors is None):
-        raise ConfigError(f"data.eval_probes and data.eval_distractors go together, got "
-                          f"{d.eval_probes!r} and {d.eval_distractors!r}")
+    d = cfg.data  # data.eval_probes and data.eval_distractors come together (checked when the config was read)
     sets = [PairSet(name, images, issame, fars=(1e-3, 1e-4))
             for name, (images, issame) in build_verification_sets(cfg).items()]
     sets += [IJBSet(d.eval_ijb, d.eval_ijb_name)] if d.eval_ijb else []

@@ -21,13 +21,11 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
-import sys
 from typing import Callable
 
 import torch
 from bench_head import time_variants  # benchmarks/bench_head.py
-from rss import reset_peak_rss, status_kib  # benchmarks/rss.py
+from rss import child_json, peak_growth_bytes  # benchmarks/rss.py
 
 from faceforge.heads import ArcFace, BroadFace
 from faceforge.heads.broadface import DEFAULT_ROW_CHUNK
@@ -72,21 +70,14 @@ def measure_memory_here(variant: str, args: argparse.Namespace) -> dict[str, flo
     torch.set_num_threads(args.threads)
     make_step(make_head("broadface_64", 1000, args.dim, args.row_chunk), args.batch)()  # kernels, thread pools
     head = make_head(variant, args.classes, args.dim, args.row_chunk)
-    step = make_step(head, args.batch)
-    rss_before = status_kib("VmRSS")
-    reset_peak_rss()
-    step()
-    peak = status_kib("VmHWM")
-    return {"extra_bytes": (peak - rss_before) * 1024.0, "queue_bytes": float(queue_bytes(head))}
+    return {"extra_bytes": peak_growth_bytes(make_step(head, args.batch)), "queue_bytes": float(queue_bytes(head))}
 
 
 def measure_memory(variant: str, args: argparse.Namespace) -> dict[str, float]:
-    command = [
-        sys.executable, __file__, "--memory-child", variant, "--classes", str(args.classes), "--dim", str(args.dim),
+    return child_json([
+        __file__, "--memory-child", variant, "--classes", str(args.classes), "--dim", str(args.dim),
         "--batch", str(args.batch), "--threads", str(args.threads), "--row-chunk", str(args.row_chunk),
-    ]  # fmt: skip
-    done = subprocess.run(command, capture_output=True, text=True, check=True)
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    ])  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -23,12 +23,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 
 import numpy as np
-from rss import reset_peak_rss, status_kib  # benchmarks/rss.py
+from rss import child_json, reset_peak_rss, status_kib  # benchmarks/rss.py
 from timing import timed  # benchmarks/timing.py
 
 FARS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
@@ -114,11 +113,6 @@ def part_matmul(flops: float) -> dict:
     return {"shape": f"({k},{k})@({k},{n})", "matmul_s": t, "gflops": 2 * k * k * n / t / 1e9}
 
 
-def _sub(args: list[str]) -> dict:
-    out = subprocess.run([sys.executable, __file__, *args], check=True, capture_output=True, text=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pairs", type=int, default=15_600_000)
@@ -143,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     common = ["--pairs", str(a.pairs), "--repeats", str(a.repeats), "--probes", str(a.probes),
               "--distractors", str(a.distractors),
               "--dim", str(a.dim), "--block", str(a.block), "--chunk", str(a.chunk)]
-    ra = _sub([*common, "--part", "a"])
+    ra = child_json([__file__, *common, "--part", "a"])
     print(f"(a) scoring {ra['pairs']:,} pairs with evaluate_scores (ROC, TAR@FAR x{len(FARS)}, 10-fold accuracy, "
           f"best-threshold accuracy, EER, AUC), best of {a.repeats}:")
     for name, c in ra["cases"].items():
@@ -151,8 +145,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"    {name}: {c['evaluate_scores_s']:.2f} s{target}; baseline np.sort {c['sort_s']:.2f} s -> ratio "
               f"{c['evaluate_scores_s'] / c['sort_s']:.1f}x, np.argsort {c['argsort_s']:.2f} s   "
               f"[TAR@1e-6 {c['tar@1e-6']:.4f}, acc {c['acc']:.4f}]")
-    rb = _sub([*common, "--part", "b"])
-    rc = _sub([*common, "--part", "base"])
+    rb = child_json([__file__, *common, "--part", "b"])
+    rc = child_json([__file__, *common, "--part", "base"])
     print(f"(b) identify {rb['probes']} probes vs {rb['distractors']:,} distractors, D={rb['dim']} float32, "
           f"chunk {rb['chunk']}: {rb['identify_s']:.2f} s (+ {rb['generate_s']:.2f} s generating the distractors)")
     print(f"    peak RSS growth {rb['peak_rss_growth_mib']:.0f} MiB (all distractors would be "

@@ -24,14 +24,12 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
-import sys
 import time
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from rss import reset_peak_rss, status_kib  # benchmarks/rss.py
+from rss import child_json, peak_growth_bytes  # benchmarks/rss.py
 
 from faceforge.heads import ArcFace, SphereFace2, apply_margin
 from faceforge.heads.softmax import DEFAULT_CHUNK_SIZE
@@ -131,21 +129,15 @@ def measure_memory_here(
     make_step("sphereface2", small_head, small_x, small_labels)()
     head, x, labels = make_inputs(classes, dim, batch, chunk_size=chunk_size)
     step = make_step(variant, head, x, labels, sf2_chunk_size)  # baseline preallocates its outputs here (outside)
-    rss_before = status_kib("VmRSS")
-    reset_peak_rss()
-    step()
-    peak = status_kib("VmHWM")
-    return {"extra_bytes": (peak - rss_before) * 1024.0, "weight_bytes": float(head.weight.numel() * 4)}
+    return {"extra_bytes": peak_growth_bytes(step), "weight_bytes": float(head.weight.numel() * 4)}
 
 
 def measure_memory(variant: str, args: argparse.Namespace) -> dict[str, float]:
-    command = [
-        sys.executable, __file__, "--memory-child", variant, "--classes", str(args.classes),
+    return child_json([
+        __file__, "--memory-child", variant, "--classes", str(args.classes),
         "--dim", str(args.dim), "--batch", str(args.batch), "--threads", str(args.threads),
         "--chunk-size", str(args.chunk_size), "--sf2-chunk-size", str(args.sf2_chunk_size),
-    ]  # fmt: skip
-    done = subprocess.run(command, capture_output=True, text=True, check=True)
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    ])  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,6 +1,12 @@
-"""Resident memory of this process, for the benchmarks' memory columns (Linux /proc)."""
+"""Resident memory of this process, for the benchmarks' memory columns (Linux /proc), and the fresh
+child process each measurement runs in."""
 
 from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from typing import Callable, Sequence
 
 
 def status_kib(field: str) -> int:
@@ -19,3 +25,18 @@ def reset_peak_rss() -> None:
             f.write("5")
     except OSError:
         pass
+
+
+def peak_growth_bytes(step: Callable[[], object]) -> float:
+    """How far one call of ``step()`` raises this process's peak RSS above its RSS before the call, in bytes.
+    Run it in a fresh process (see :func:`child_json`), after a warm-up, so that nothing else counts."""
+    before = status_kib("VmRSS")
+    reset_peak_rss()
+    step()
+    return (status_kib("VmHWM") - before) * 1024.0
+
+
+def child_json(argv: Sequence[str]) -> dict:
+    """Run ``python argv...`` in a fresh process and read back the JSON object on its last stdout line."""
+    done = subprocess.run([sys.executable, *argv], capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])

@@ -75,9 +75,13 @@ def _pct(x: float) -> str:
 
 
 def _hash(*items: object) -> str:
+    """A short digest of ``items``: bytes and arrays by content (arrays read in place, as ``tobytes()`` would
+    give them, without the copy), anything else by its ``repr``."""
     h = hashlib.blake2b(digest_size=4)
     for item in items:
-        h.update(item if isinstance(item, bytes) else repr(item).encode())
+        if isinstance(item, np.ndarray):
+            item = np.ascontiguousarray(item).reshape(-1).view(np.uint8)
+        h.update(item if isinstance(item, (bytes, np.ndarray)) else repr(item).encode())
     return h.hexdigest()
 
 
@@ -279,7 +283,7 @@ class PairSet(EvalSet):
             raise ValueError(f"set {name!r}: {len(self.issame)} pairs but {len(images)} images")
 
     def key(self) -> str:
-        return _hash(np.ascontiguousarray(np.asarray(self.images)).tobytes(), self.issame.tobytes())
+        return _hash(np.asarray(self.images), self.issame)
 
     def embed(self, model, image_size, batch_size=256, device=None, progress=False):
         return {"": embed(model, self.images, batch_size=batch_size, device=device, progress=progress)}
@@ -520,7 +524,7 @@ class RetrievalSet(EvalSet):
         self.name = name or Path(self.images.path).name
 
     def key(self) -> str:
-        return _hash(self.images.key, self.indices.tobytes())
+        return _hash(self.images.key, self.indices)
 
     def embed(self, model, image_size, batch_size=256, device=None, progress=False):
         return {"": self.images.embed(model, self.indices, image_size, batch_size, device, progress, self.name)}

@@ -12,11 +12,11 @@ from typing import Any
 
 from torch import nn
 
+from faceforge.heads.base import HEADS
 from faceforge.heads.broadface import BroadFace
 from faceforge.heads.margin import apply_margin, target_logit
 from faceforge.heads.regularizers import inter_class_loss, intra_class_angle
 from faceforge.heads.softmax import (
-    HEADS,
     ArcFace,
     CosFace,
     MarginSoftmax,

@@ -42,7 +42,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from faceforge.heads.buffers import ReusableBuffer
-from faceforge.heads.softmax import HEADS, _check_size, _chunks
+from faceforge.heads.base import HEADS
+from faceforge.heads.softmax import _check_size, _chunks
 
 __all__ = ["BroadFace", "QueueEntries", "build_broadface", "compensate"]
 

@@ -34,9 +34,7 @@ from torch import Tensor, nn
 from faceforge.heads.buffers import ReusableBuffer
 from faceforge.heads.margin import MARGIN_GRADS, apply_margin, check_margins, target_logit
 from faceforge.heads.regularizers import inter_class_loss, intra_class_angle
-from faceforge.registry import Registry
-
-HEADS: Registry[nn.Module] = Registry("head")
+from faceforge.heads.base import HEADS
 
 DEFAULT_CHUNK_SIZE = 65536  # classes per block: (B, 65536) float32 temporaries, 32 MiB at B = 128
 

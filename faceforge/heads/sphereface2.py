@@ -43,8 +43,8 @@ from torch import Tensor, nn
 
 from faceforge.heads.buffers import ReusableBuffer
 from faceforge.heads.margin import MARGIN_GRADS, check_margin_grad, safe_acos
+from faceforge.heads.base import HEADS
 from faceforge.heads.softmax import (
-    HEADS,
     _add_target_grads,
     _check_inputs,
     _check_size,

@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from faceforge.backbones import BACKBONES, IResNet, MobileFaceNet, build, count_flops, count_parameters
+from faceforge.backbones import BACKBONES, IResNet, MobileFaceNet, SFNet, build, count_flops, count_parameters
 
 # BigFace Table 1 and insightface's presets, copied here on purpose.
 EXPECTED_LAYERS = {
@@ -234,21 +234,39 @@ def saved_tensor_count(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor,
     return out, count
 
 
-@pytest.mark.parametrize(
-    "make",
-    [
-        lambda ckpt: IResNet((1, 2, 1, 1), embedding_size=16, input_size=32, width=0.25, checkpointing=ckpt),
-        lambda ckpt: MobileFaceNet(embedding_size=16, input_size=32, scale=1, checkpointing=ckpt),
-    ],
-    ids=["iresnet", "mobilefacenet"],
-)
-def test_checkpointing_gives_same_outputs_gradients_and_running_stats(make):
+# One small instance of every backbone class in the registry (the presets share their class's code).
+SMALL_BACKBONES = {
+    "iresnet": lambda: IResNet((1, 2, 1, 1), embedding_size=16, input_size=32, width=0.25),
+    "mobilefacenet": lambda: MobileFaceNet(embedding_size=16, input_size=32, scale=1, blocks=(2, 1, 2, 1)),
+    "sfnet": lambda: SFNet((1, 2, 1, 1), embedding_size=16, input_size=32, width=0.125, batch_norm=True),
+}
+
+
+def test_every_registered_backbone_can_checkpoint():
+    for name in BACKBONES.names():
+        kwargs = {"layers": (1, 1, 1, 1)} if name == "iresnet" else {}
+        model = on_meta(name, **kwargs)
+        assert type(model).__name__ in {"IResNet", "MobileFaceNet", "SFNet"}, name  # covered by SMALL_BACKBONES
+        assert model.grad_checkpointing is None  # off by default
+        model.set_grad_checkpointing()
+        assert model.grad_checkpointing == "block"
+        model.set_grad_checkpointing(False)
+        assert model.grad_checkpointing is None
+    with pytest.raises(ValueError, match="granularity"):
+        on_meta("r18").set_grad_checkpointing(True, granularity="layer")
+
+
+@pytest.mark.parametrize("granularity", ["block", "stage"])
+@pytest.mark.parametrize("kind", sorted(SMALL_BACKBONES))
+def test_checkpointing_gives_identical_outputs_gradients_and_running_stats(kind, granularity):
+    # float64: the recomputed forward runs the same kernels on the same inputs, so outputs and gradients
+    # agree to the last few ulps of float64 (1e-12 relative leaves a margin of ~1e3 ulps).
     torch.manual_seed(0)
-    plain = make(False).train()
-    ckpt = make(True).train()
-    ckpt.load_state_dict(plain.state_dict())
-    x = torch.randn(4, 3, 32, 32)
-    weights = torch.randn(4, 16)
+    plain = SMALL_BACKBONES[kind]().double().train()
+    ckpt = copy.deepcopy(plain)
+    ckpt.set_grad_checkpointing(True, granularity=granularity)
+    x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
+    weights = torch.randn(4, 16, dtype=torch.float64)
 
     out_plain, saved_plain = saved_tensor_count(plain, x)
     out_ckpt, saved_ckpt = saved_tensor_count(ckpt, x)
@@ -256,15 +274,27 @@ def test_checkpointing_gives_same_outputs_gradients_and_running_stats(make):
     (out_ckpt * weights).sum().backward()
 
     assert saved_ckpt < saved_plain / 2  # activations inside the blocks are not kept
-    torch.testing.assert_close(out_ckpt, out_plain, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out_ckpt, out_plain, rtol=1e-12, atol=1e-14)
     grads_plain = dict(plain.named_parameters())
     for name, p in ckpt.named_parameters():
         if p.requires_grad:
-            torch.testing.assert_close(p.grad, grads_plain[name].grad, rtol=1e-4, atol=1e-6, msg=name)
+            torch.testing.assert_close(p.grad, grads_plain[name].grad, rtol=1e-12, atol=1e-14, msg=name)
     # the recomputation in backward must not apply the BN momentum update a second time
     buffers_plain = dict(plain.named_buffers())
     for name, b in ckpt.named_buffers():
-        torch.testing.assert_close(b, buffers_plain[name], rtol=1e-5, atol=1e-7, msg=name)
+        torch.testing.assert_close(b, buffers_plain[name], rtol=1e-12, atol=1e-14, msg=name)
+
+
+def test_checkpointing_is_off_in_eval_and_without_grad():
+    model = SMALL_BACKBONES["iresnet"]()
+    model.set_grad_checkpointing(True, granularity="stage")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        model.train()(x)  # no checkpoint machinery without autograd: no error, plain forward
+    _, saved_eval = saved_tensor_count(model.eval(), x)
+    model.set_grad_checkpointing(False)
+    _, saved_plain = saved_tensor_count(model.eval(), x)
+    assert saved_eval == saved_plain
 
 
 def test_every_trainable_parameter_gets_a_gradient():

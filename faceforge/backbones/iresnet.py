@@ -13,19 +13,19 @@ BN1d ("features") has its scale fixed to 1.0 and not trained, as insightface doe
 Module names follow insightface (`conv1`, `bn1`, `prelu`, `layer1`..`layer4`, `bn2`, `fc`, `features`),
 so an arcface_torch state_dict loads with `load_state_dict`.
 
-This module also holds the small helpers that MobileFaceNet shares: input-size checks and the
-checkpointing wrapper that keeps BatchNorm running statistics exact.
+This module also holds the small helpers that MobileFaceNet and SFNet share (input-size and argument
+checks). Activation checkpointing: `set_grad_checkpointing()` (`backbones/checkpointing.py`).
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
+
+from faceforge.backbones.checkpointing import GradCheckpointing
 
 # Blocks per stage. r18..r200 as insightface; r120..r1200 from BigFace Table 1.
 IRESNET_LAYERS: dict[str, tuple[int, int, int, int]] = {
@@ -84,45 +84,6 @@ def check_images(x: torch.Tensor, input_size: int, model_name: str) -> None:
         raise ValueError(
             f"{model_name} expects float images normalised as (x - 127.5) / 127.5; got dtype {x.dtype}"
         )
-
-
-_RUNNING_STATS = ("running_mean", "running_var", "num_batches_tracked")
-
-
-@contextlib.contextmanager
-def _scratch_running_stats(module: nn.Module) -> Iterator[None]:
-    """During checkpoint recomputation, BN layers update throwaway copies of their running statistics.
-
-    The recomputation must save the same tensors as the first forward (non-reentrant checkpoint checks
-    it), so BN keeps running in training mode; only its buffers are swapped for clones, then put back.
-    """
-    swapped = []
-    for m in module.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
-            for name in _RUNNING_STATS:
-                buffer = getattr(m, name)
-                if buffer is not None:
-                    swapped.append((m, name, buffer))
-                    setattr(m, name, buffer.clone())
-    try:
-        yield
-    finally:
-        for m, name, buffer in swapped:
-            setattr(m, name, buffer)
-
-
-def checkpointed(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Run `block(x)` under non-reentrant activation checkpointing.
-
-    Same outputs and gradients as `block(x)`; the recomputation in backward does not update BatchNorm
-    running statistics a second time (plain `checkpoint` would apply the momentum update twice).
-    """
-    return checkpoint(
-        block,
-        x,
-        use_reentrant=False,
-        context_fn=lambda: (contextlib.nullcontext(), _scratch_running_stats(block)),
-    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -192,8 +153,10 @@ def scaled_width(channels: int, width: float) -> int:
     return max(1, int(round(channels * width)))
 
 
-class IResNet(nn.Module):
+class IResNet(GradCheckpointing, nn.Module):
     """IResNet backbone: (B, 3, S, S) images normalised as (x - 127.5) / 127.5 -> (B, embedding_size).
+
+    Activation checkpointing per block or per stage: ``set_grad_checkpointing()`` (off by default).
 
     Args:
         layers: IBasicBlocks per stage, e.g. (3, 4, 14, 3) for r50.
@@ -201,7 +164,6 @@ class IResNet(nn.Module):
         input_size: S, the image side in pixels (default 112; >= 16; square only).
         width: multiplier on every channel count (1.0 gives 64/128/256/512; 0.25 gives 16/32/64/128).
         dropout: drop probability before the FC layer (default 0.0).
-        checkpointing: checkpoint every residual block while training (less memory, one more forward).
     """
 
     def __init__(
@@ -211,14 +173,12 @@ class IResNet(nn.Module):
         input_size: int | Sequence[int] = 112,
         width: float = 1.0,
         dropout: float = 0.0,
-        checkpointing: bool = False,
     ) -> None:
         super().__init__()
         self.blocks_per_stage = check_layers(layers)
         check_backbone_args(embedding_size, dropout, width)
         self.input_size = square_input_size(input_size)
         self.embedding_size = embedding_size
-        self.checkpointing = checkpointing
         widths = [scaled_width(c, width) for c in STAGE_WIDTHS]
         self.widths = tuple(widths)
 
@@ -253,14 +213,14 @@ class IResNet(nn.Module):
     def stages(self) -> list[nn.Sequential]:
         return [self.layer1, self.layer2, self.layer3, self.layer4]
 
+    def checkpoint_stages(self) -> list[list[nn.Module]]:
+        """The four stages, each a list of its IBasicBlocks."""
+        return [list(stage) for stage in self.stages]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) float images -> (B, D) unnormalised embeddings."""
         check_images(x, self.input_size, type(self).__name__)
-        x = self.prelu(self.bn1(self.conv1(x)))
-        use_checkpoint = self.checkpointing and self.training and torch.is_grad_enabled()
-        for stage in self.stages:
-            for block in stage:
-                x = checkpointed(block, x) if use_checkpoint else block(x)
+        x = self.run_stages(self.prelu(self.bn1(self.conv1(x))))
         x = self.dropout(self.bn2(x))
         return self.features(self.fc(torch.flatten(x, 1)))
 

@@ -23,10 +23,10 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from faceforge.backbones.checkpointing import GradCheckpointing
 from faceforge.backbones.iresnet import (
     check_backbone_args,
     check_images,
-    checkpointed,
     downsampled_size,
     square_input_size,
 )
@@ -141,8 +141,11 @@ def _check_blocks(blocks: Sequence[int]) -> tuple[int, int, int, int]:
     return values  # type: ignore[return-value]
 
 
-class MobileFaceNet(nn.Module):
+class MobileFaceNet(GradCheckpointing, nn.Module):
     """MobileFaceNet: (B, 3, S, S) images normalised as (x - 127.5) / 127.5 -> (B, embedding_size).
+
+    Activation checkpointing: ``set_grad_checkpointing()``; a block is a conv or bottleneck, a stage ends
+    at each stride-2 bottleneck (stem; then three down-sampling bottlenecks with their stacks).
 
     Args:
         embedding_size: D, the output dimension (default 512).
@@ -150,7 +153,6 @@ class MobileFaceNet(nn.Module):
         blocks: bottlenecks per stage (default (1, 4, 6, 2), insightface `mbf`; (2, 8, 12, 4) is `mbf_large`).
         scale: channel multiplier, an int >= 1 (default 2; `mbf_large` uses 4).
         dropout: drop probability before the final Linear (default 0.0).
-        checkpointing: checkpoint each entry of `layers` while training.
     """
 
     def __init__(
@@ -160,7 +162,6 @@ class MobileFaceNet(nn.Module):
         blocks: Sequence[int] = (1, 4, 6, 2),
         scale: int = 2,
         dropout: float = 0.0,
-        checkpointing: bool = False,
     ) -> None:
         super().__init__()
         blocks = _check_blocks(blocks)
@@ -170,7 +171,6 @@ class MobileFaceNet(nn.Module):
         self.input_size = square_input_size(input_size)
         self.embedding_size = embedding_size
         self.blocks_per_stage = blocks
-        self.checkpointing = checkpointing
         c1, c2 = 64 * scale, 128 * scale
 
         first = (
@@ -207,7 +207,13 @@ class MobileFaceNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) float images -> (B, D) unnormalised embeddings."""
         check_images(x, self.input_size, type(self).__name__)
-        use_checkpoint = self.checkpointing and self.training and torch.is_grad_enabled()
-        for layer in self.layers:
-            x = checkpointed(layer, x) if use_checkpoint else layer(x)
-        return self.features(self.conv_sep(x))
+        return self.features(self.conv_sep(self.run_stages(x)))
+
+    def checkpoint_stages(self) -> list[list[nn.Module]]:
+        """Four stages: the stem (+ its stack), then each stride-2 bottleneck with the stack after it."""
+
+        def blocks(layer: nn.Module) -> list[nn.Module]:
+            return list(layer.layers) if isinstance(layer, BottleneckStack) else [layer]
+
+        layers = list(self.layers)
+        return [[*blocks(layers[i]), *blocks(layers[i + 1])] for i in range(0, len(layers), 2)]

@@ -24,6 +24,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from faceforge.backbones.checkpointing import GradCheckpointing
 from faceforge.backbones.iresnet import (
     check_backbone_args,
     check_images,
@@ -76,8 +77,10 @@ class ResidualUnit(nn.Module):
         return x + self.unit2(self.unit1(x))
 
 
-class SFNet(nn.Module):
+class SFNet(GradCheckpointing, nn.Module):
     """SFNet backbone: (B, 3, S, S) images normalised as (x - 127.5) / 127.5 -> (B, embedding_size).
+
+    Activation checkpointing per block (a conv or residual unit) or per stage: ``set_grad_checkpointing()``.
 
     Args:
         layers: residual units per stage: (1, 2, 4, 1) for SFNet-20, (3, 8, 16, 3) for SFNet-64.
@@ -126,9 +129,12 @@ class SFNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) float images -> (B, D) unnormalised embeddings."""
         check_images(x, self.input_size, type(self).__name__)
-        for stage in self.stages:
-            x = stage(x)
+        x = self.run_stages(x)
         return self.features(self.fc(self.dropout(torch.flatten(x, 1))))
+
+    def checkpoint_stages(self) -> list[list[nn.Module]]:
+        """The four stages, each its stride-2 conv then its residual units."""
+        return [list(stage) for stage in self.stages]
 
     def extra_repr(self) -> str:
         return (

@@ -62,12 +62,15 @@ class ModelConfig:
     ``kwargs.input_size`` defaults to ``data.image_size``.
     ``init_from``: a ``faceforge train`` checkpoint whose backbone and head class weights start this run
     (fine-tuning, e.g. BroadFace from an ArcFace model); ``--resume`` from this run's own checkpoint wins.
+    ``grad_checkpointing``: activation checkpointing of the backbone while training, ``false`` (off),
+    ``block`` or ``stage`` (``true`` = ``block``): ``backbone.set_grad_checkpointing(True, granularity)``.
     """
 
     backbone: str
     embedding_size: int = 512
     kwargs: dict[str, Any] = field(default_factory=dict)
     init_from: str | None = None
+    grad_checkpointing: bool | Literal["block", "stage"] = False
 
 
 @dataclass

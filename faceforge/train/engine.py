@@ -98,11 +98,19 @@ def _from_spec(spec: str, registry_build: Callable[..., nn.Module], **kwargs: An
 
 
 def build_backbone(cfg: Config) -> nn.Module:
-    """``faceforge.backbones.build(model.backbone, embedding_size, input_size=data.image_size, **model.kwargs)``."""
+    """``faceforge.backbones.build(model.backbone, embedding_size, input_size=data.image_size, **model.kwargs)``,
+    with ``set_grad_checkpointing`` as ``model.grad_checkpointing`` says."""
     from faceforge import backbones
 
     kwargs = {"input_size": cfg.data.image_size, **cfg.model.kwargs}
-    return _from_spec(cfg.model.backbone, backbones.build, embedding_size=cfg.model.embedding_size, **kwargs)
+    backbone = _from_spec(cfg.model.backbone, backbones.build, embedding_size=cfg.model.embedding_size, **kwargs)
+    mode = cfg.model.grad_checkpointing
+    if mode:
+        if not callable(getattr(backbone, "set_grad_checkpointing", None)):
+            raise ValueError(f"model.grad_checkpointing = {mode!r}: backbone {cfg.model.backbone!r} has no "
+                             "set_grad_checkpointing(enable, granularity); expected false for it")
+        backbone.set_grad_checkpointing(True, granularity="block" if mode is True else mode)
+    return backbone
 
 
 def build_head(cfg: Config, num_classes: int) -> nn.Module:

@@ -108,6 +108,9 @@ class DataConfig:
     ``eval_ijb_name``), ``eval_probes`` among ``eval_distractors`` (identification) and ``eval_retrieval``
     every ``train.eval_every`` steps (``faceforge.eval.sets``; ``docs/evaluation.md``).
 
+    ``mask_ratio``: this fraction of training images gets a synthetic face mask (BigFace: 0.35;
+    ``faceforge.data.masks``), drawn anew each epoch, deterministically in ``(seed, epoch, index)``.
+
     ``label_noise``: this fraction of every class's training labels is shuffled within the training set
     (SphereFace2 Sec. 4.3), deterministically from ``seed``; any ``name``; held-out pairs are untouched.
     """
@@ -132,6 +135,7 @@ class DataConfig:
     eval_identities: int = 200
     eval_batch_size: int = 256
     label_noise: float = 0.0
+    mask_ratio: float = 0.0
     glyph_charset: str = "cjk"
     glyph_held_out_families: int = 0
     glyph_variants: int = 1
@@ -143,9 +147,15 @@ class OptimConfig:
 
     ``no_decay_bn_bias``: no weight decay on 1-d parameters (BN/PReLU scales, biases), default off
     as in insightface, where weight decay applies to every parameter.
+
+    ``lars`` (BigFace): LARS with ``momentum`` and ``trust_coefficient`` (eta); 1-d parameters are neither
+    adapted nor decayed (``faceforge.train.lars``).
+    ``reference_batch``: linear LR scaling (Goyal et al. 2017): ``lr`` and ``head_lr`` are the rates for a
+    global batch of ``reference_batch`` images, multiplied by ``global batch / reference_batch``
+    (global batch = data.batch_size x world size x train.grad_accum); null = no scaling.
     """
 
-    name: Literal["sgd", "adamw"] = "sgd"
+    name: Literal["sgd", "adamw", "lars"] = "sgd"
     lr: float = 0.1
     momentum: float = 0.9
     nesterov: bool = False
@@ -155,6 +165,8 @@ class OptimConfig:
     head_lr: float | None = None
     head_weight_decay: float | None = None
     no_decay_bn_bias: bool = False
+    trust_coefficient: float = 0.001
+    reference_batch: int | None = None
 
 
 @dataclass
@@ -183,6 +195,10 @@ class TrainConfig:
     checkpoint_every / eval_every / log_every: in optimiser steps, 0 = only at the end (never for log).
     keep_checkpoints: older ``step_XXXXXXX.pt`` kept beside ``last.pt`` (0 = last.pt only).
     diagnostics_every: in optimiser steps, call the head's ``diagnostics`` (BroadFace's queue error), 0 = off.
+    zero: with more than one process, shard the optimiser state across ranks
+    (``torch.distributed.optim.ZeroRedundancyOptimizer``); same updates as without it.
+    ddp_comm_hook: ``fp16`` / ``bf16`` compress the gradients DDP all-reduces (DDP's default compression
+    hooks: cast, all-reduce, divide, cast back); ``none`` sends float32.
     """
 
     epochs: int = 1
@@ -197,6 +213,8 @@ class TrainConfig:
     keep_checkpoints: int = 0
     diagnostics_every: int = 0
     progress: bool = True
+    zero: bool = False
+    ddp_comm_hook: Literal["none", "fp16", "bf16"] = "none"
 
 
 @dataclass
@@ -379,10 +397,13 @@ _RANGES: dict[str, tuple[Any, str]] = {
     "data.num_workers": (lambda v: v >= 0, "an int >= 0"),
     "data.eval_pairs": (lambda v: v >= 0, "an int >= 0"),
     "data.label_noise": (lambda v: 0.0 <= v <= 1.0, "a float in [0, 1]"),
+    "data.mask_ratio": (lambda v: 0.0 <= v <= 1.0, "a float in [0, 1]"),
     "data.glyph_held_out_families": (lambda v: v >= 0, "an int >= 0"),
     "data.glyph_variants": (lambda v: v >= 1, "an int >= 1"),
     "model.embedding_size": (lambda v: v >= 1, "an int >= 1"),
     "optim.lr": (lambda v: v >= 0, "a float >= 0"),
+    "optim.trust_coefficient": (lambda v: v > 0, "a float > 0"),
+    "optim.reference_batch": (lambda v: v is None or v >= 1, "null or an int >= 1"),
     "train.epochs": (lambda v: v >= 1, "an int >= 1"),
     "train.steps": (lambda v: v is None or v >= 1, "null or an int >= 1"),
     "train.grad_accum": (lambda v: v >= 1, "an int >= 1"),

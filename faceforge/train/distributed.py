@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistInfo", "init_distributed", "is_distributed", "is_main", "get_rank", "get_world_size", "barrier", "cleanup"]
+__all__ = ["register_compression", "DistInfo", "init_distributed", "is_distributed", "is_main", "get_rank", "get_world_size", "barrier", "cleanup"]
 
 
 @dataclass(frozen=True)
@@ -87,3 +87,19 @@ def cleanup() -> None:
     """Destroy the default process group if one exists."""
     if is_distributed():
         dist.destroy_process_group()
+
+
+def register_compression(ddp: torch.nn.parallel.DistributedDataParallel, name: str) -> None:
+    """Make ``ddp`` all-reduce its gradients in ``name`` (``"fp16"`` or ``"bf16"``; ``"none"`` does nothing).
+
+    DDP's own hooks (``ddp_comm_hooks.default_hooks``): each gradient bucket is cast, all-reduced, divided by
+    the world size and cast back, so the traffic halves and the gradients carry that format's rounding.
+    """
+    if name == "none":
+        return
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+    hooks = {"fp16": default_hooks.fp16_compress_hook, "bf16": default_hooks.bf16_compress_hook}
+    if name not in hooks:
+        raise ValueError(f"train.ddp_comm_hook = {name!r}: expected one of none, {', '.join(hooks)}")
+    ddp.register_comm_hook(None, hooks[name])

@@ -13,6 +13,7 @@ Determinism (what makes a killed-and-resumed CPU run bit-identical to an uninter
   micro-batch; nothing is re-read.
 * flips: ``B*W*A`` uniforms per optimiser step from a dedicated ``torch.Generator`` (checkpointed),
   sliced exactly like the images, in the main process (DataLoader workers never draw).
+* masks (``data.mask_ratio``): a function of ``(seed, epoch, dataset index)``, no state to save.
 * the global torch RNG (dropout) is checkpointed; the DataLoader gets its own generator so that
   starting an epoch's iterator does not draw from it.
 
@@ -35,6 +36,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Sampler
 
+from faceforge.data.masks import MaskAugmentation
 from faceforge.train import distributed as fdist
 from faceforge.train.checkpoint import CHECKPOINT_NAME, THRESHOLD_KEY, load_checkpoint, save_checkpoint
 from faceforge.train.config import Config, to_dict, to_yaml
@@ -271,9 +273,11 @@ class _Run:
                 f"(data.batch_size {self.batch} x world size {self.world_size} x train.grad_accum {t.grad_accum})"
             )
         self.total_steps = t.steps if t.steps is not None else t.epochs * self.steps_per_epoch
-        self.optimizer = build_optimizer(cfg.optim, self.backbone, self.head)
+        self.zero = t.zero and self.world_size > 1
+        self.optimizer = build_optimizer(cfg.optim, self.backbone, self.head, self.step_images, zero=self.zero)
         self.scheduler = build_scheduler(cfg.schedule, self.optimizer, self.total_steps, self.steps_per_epoch)
         self.flip_generator = torch.Generator().manual_seed(cfg.seed + 0x5EED)
+        self.masks = MaskAugmentation(cfg.data.mask_ratio, cfg.seed) if cfg.data.mask_ratio > 0 else None
         self.step = 0
         self.metrics: dict[str, float] = {}
         self.losses: list[float] = []
@@ -283,6 +287,8 @@ class _Run:
         if self.init_from is not None:
             self._init_from(self.init_from)
         self.ddp = wrap_ddp(self.model, self.device) if self.world_size > 1 else self.model
+        if self.world_size > 1:
+            fdist.register_compression(self.ddp, t.ddp_comm_hook)
 
     # --- setup ---
 
@@ -361,6 +367,8 @@ class _Run:
 
     def save(self) -> None:
         """Rank 0 writes last.pt atomically (and a step_XXXXXXX.pt link when keep_checkpoints > 0)."""
+        if self.zero:  # every rank sends its shard of the optimiser state to rank 0
+            self.optimizer.consolidate_state_dict(to=0)
         if self.main:
             save_checkpoint(self.checkpoint_path, self._state())
             self._keep_older()
@@ -460,6 +468,8 @@ class _Run:
         total = 0.0
         for micro in range(accum):
             images, labels, indices = next(batches)
+            if self.masks is not None:  # BigFace's mask augmentation, a function of (seed, epoch, index)
+                images, _ = self.masks(images, indices, self.step // self.steps_per_epoch)
             flipped = torch.zeros(len(indices), dtype=torch.bool)
             if flips is not None:
                 positions = rank_positions(micro, self.batch, self.world_size, self.rank)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import bisect
 import math
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
@@ -22,7 +22,7 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from faceforge.train.config import Config, OptimConfig, ScheduleConfig
 
-__all__ = ["param_groups", "build_optimizer", "decay_factor", "lr_at", "warmup_steps", "build_scheduler"]
+__all__ = ["param_groups", "build_optimizer", "linear_scaled_lr", "decay_factor", "lr_at", "warmup_steps", "build_scheduler"]
 
 
 def _trainable(module: nn.Module) -> list[nn.Parameter]:
@@ -49,26 +49,62 @@ def param_groups(cfg: OptimConfig, backbone: nn.Module, head: nn.Module) -> list
     return [g for g in groups if g["params"]]
 
 
-def _sgd(groups: list[dict], cfg: OptimConfig) -> torch.optim.Optimizer:
-    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
+OptimizerSpec = tuple[type[torch.optim.Optimizer], dict[str, Any]]
 
 
-def _adamw(groups: list[dict], cfg: OptimConfig) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
+def _sgd(cfg: OptimConfig) -> OptimizerSpec:
+    return torch.optim.SGD, dict(lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
 
 
-OPTIMIZERS: dict[str, Callable[[list[dict], OptimConfig], torch.optim.Optimizer]] = {"sgd": _sgd, "adamw": _adamw}
+def _adamw(cfg: OptimConfig) -> OptimizerSpec:
+    return torch.optim.AdamW, dict(lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
 
 
-def build_optimizer(cfg: Config | OptimConfig, backbone: nn.Module, head: nn.Module) -> torch.optim.Optimizer:
-    """SGD (momentum, weight decay, optional Nesterov) or AdamW over :func:`param_groups`."""
+def _lars(cfg: OptimConfig) -> OptimizerSpec:
+    from faceforge.train.lars import LARS
+
+    return LARS, dict(lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                      trust_coefficient=cfg.trust_coefficient)
+
+
+# optim.name -> (optimizer class, its keyword arguments) from the config
+OPTIMIZERS: dict[str, Callable[[OptimConfig], OptimizerSpec]] = {"sgd": _sgd, "adamw": _adamw, "lars": _lars}
+
+
+def linear_scaled_lr(lr: float, global_batch: int, reference_batch: int | None) -> float:
+    """``lr * global_batch / reference_batch`` (linear scaling rule, Goyal et al. 2017); ``lr`` when no reference."""
+    return lr if reference_batch is None else lr * global_batch / reference_batch
+
+
+def build_optimizer(
+    cfg: Config | OptimConfig, backbone: nn.Module, head: nn.Module, global_batch: int | None = None,
+    zero: bool = False,
+) -> torch.optim.Optimizer:
+    """SGD (momentum, weight decay, optional Nesterov), AdamW or LARS over :func:`param_groups`.
+
+    With ``optim.reference_batch`` set, every group's lr is scaled linearly to ``global_batch`` (images
+    per optimiser step, all ranks), which must then be given. ``zero``: the same optimiser inside
+    ``torch.distributed.optim.ZeroRedundancyOptimizer`` (each rank keeps the state of its share of the
+    parameters; needs a process group; its ``state_dict`` needs ``consolidate_state_dict`` first).
+    """
     optim_cfg = cfg.optim if isinstance(cfg, Config) else cfg
     if optim_cfg.name not in OPTIMIZERS:
         raise ValueError(f"optim.name = {optim_cfg.name!r}: expected one of {sorted(OPTIMIZERS)}")
     groups = param_groups(optim_cfg, backbone, head)
     if not groups:
         raise ValueError("no trainable parameters in the backbone or the head")
-    return OPTIMIZERS[optim_cfg.name](groups, optim_cfg)
+    if optim_cfg.reference_batch is not None:
+        if global_batch is None:
+            raise ValueError("optim.reference_batch is set: build_optimizer needs the global batch size")
+        for group in groups:
+            group["lr"] = linear_scaled_lr(group["lr"], global_batch, optim_cfg.reference_batch)
+    optimizer_class, kwargs = OPTIMIZERS[optim_cfg.name](optim_cfg)
+    kwargs["lr"] = groups[0]["lr"]
+    if zero:
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+
+        return ZeroRedundancyOptimizer(groups, optimizer_class=optimizer_class, **kwargs)
+    return optimizer_class(groups, **kwargs)
 
 
 # --- schedules: decay(t) in [0, 1] after warm-up; p = progress through the decay in [0, 1) ------------

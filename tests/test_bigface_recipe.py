@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from faceforge.train.config import ConfigError, load_config
-from faceforge.train.engine import build_backbone, build_head
+from faceforge.build import build_backbone, build_head
 
 REPO = Path(__file__).resolve().parents[1]
 

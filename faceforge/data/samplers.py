@@ -79,7 +79,11 @@ class Batch:
         sample_ids: (B,) int64 dataset indices of the images.
         flipped: (B,) bool, True where the image was flipped horizontally.
         extras: anything more a sampler gives (e.g. k images of the same identity per sample,
-            ``(B, k, 3, H, W)``); tensors only, with the batch on dim 0. Empty for the epoch sampler.
+            ``(B, k, 3, H, W)``); tensors only, with the batch on dim 0. The epoch sampler gives
+            ``masked`` (B,) bool when ``data.mask_ratio`` > 0.
+
+    With ``data.unlabelled``, the last images of the batch are unlabelled: label -1, sample ids from
+    ``len(training set)`` on (``faceforge.data.unlabelled``).
     """
 
     images: Tensor
@@ -127,6 +131,8 @@ class SamplerContext:
     num_workers: int = 0
     pin_memory: bool = False
     mask_ratio: float = 0.0  # data.mask_ratio: faceforge.data.masks, applied before the flip
+    unlabelled: Dataset | None = None  # data.unlabelled: ds[i] -> (image (3, H, W) float, -1)
+    unlabelled_per_batch: int = 0  # unlabelled images after the labelled ones in each micro-batch
 
 
 @runtime_checkable
@@ -238,8 +244,9 @@ class EpochSampler:
         flips: Tensor | None = None
         for micro, (images, labels, indices) in enumerate(self.loader(epoch, start_micro), start=start_micro):
             a = micro % c.grad_accum
+            masked = torch.zeros(len(indices), dtype=torch.bool)
             if self.masks is not None:  # BigFace's mask augmentation: a function of (seed, epoch, index)
-                images, _ = self.masks(images, indices, epoch)
+                images, masked = self.masks(images, indices, epoch)
             flipped = torch.zeros(len(indices), dtype=torch.bool)
             if c.flip:
                 if a == 0 or flips is None:  # one draw per optimiser step, in the main process
@@ -247,4 +254,34 @@ class EpochSampler:
                 positions = rank_positions(a, c.batch_size, c.world_size, c.rank)
                 flipped = flips[positions.start : positions.stop : positions.step] < 0.5
                 images = flip_images(images, flipped)
-            yield Batch(images=images, labels=labels, sample_ids=indices.long(), flipped=flipped)
+            batch = Batch(images=images, labels=labels, sample_ids=indices.long(), flipped=flipped)
+            if self.masks is not None:
+                batch.extras["masked"] = masked
+            if c.unlabelled is not None and c.unlabelled_per_batch > 0:
+                batch = self._with_unlabelled(batch, epoch * c.micro_per_epoch + micro, epoch)
+            yield batch
+
+    def _with_unlabelled(self, batch: Batch, global_micro: int, epoch: int) -> Batch:
+        """The batch followed by this rank's unlabelled images of ``global_micro`` (label -1, sample ids
+        ``len(dataset) + j``), masked and flipped like the others (``faceforge.data.unlabelled``)."""
+        from faceforge.data.unlabelled import UNLABELLED, stream_flips, stream_indices
+
+        c = self.context
+        assert c.unlabelled is not None
+        u = c.unlabelled_per_batch
+        idx = stream_indices(global_micro, u, c.world_size, c.rank, len(c.unlabelled), c.seed)  # type: ignore[arg-type]
+        images = torch.stack([c.unlabelled[int(i)][0] for i in idx])
+        ids = idx + len(c.dataset)  # type: ignore[arg-type]
+        masked = torch.zeros(u, dtype=torch.bool)
+        if self.masks is not None:
+            images, masked = self.masks(images, ids, epoch)
+        flipped = stream_flips(global_micro, u, c.world_size, c.rank, c.seed) if c.flip else torch.zeros(u, dtype=torch.bool)
+        images = flip_images(images, flipped)
+        extras = {k: torch.cat([v, masked]) for k, v in batch.extras.items() if k == "masked"}
+        return Batch(
+            images=torch.cat([batch.images, images]),
+            labels=torch.cat([batch.labels, torch.full((u,), UNLABELLED, dtype=batch.labels.dtype)]),
+            sample_ids=torch.cat([batch.sample_ids, ids]),
+            flipped=torch.cat([batch.flipped, flipped]),
+            extras=extras,
+        )

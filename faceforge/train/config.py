@@ -123,6 +123,11 @@ class DataConfig:
     ``mask_ratio``: this fraction of training images gets a synthetic face mask (BigFace: 0.35;
     ``faceforge.data.masks``), drawn anew each epoch, deterministically in ``(seed, epoch, index)``.
 
+    ``unlabelled``: an image folder (any depth) or a RecordIO prefix of images without labels, for
+    semi-supervised distillation: each micro-batch gets ``round(unlabelled_ratio * batch_size)`` of them
+    after its labelled images (label -1), which only an objective that reads them takes (``distillation``;
+    ``faceforge.data.unlabelled``).
+
     ``label_noise``: this fraction of every class's training labels is shuffled within the training set
     (SphereFace2 Sec. 4.3), deterministically from ``seed``; any ``name``; held-out pairs are untouched.
     """
@@ -150,6 +155,8 @@ class DataConfig:
     eval_batch_size: int = 256
     label_noise: float = 0.0
     mask_ratio: float = 0.0
+    unlabelled: str | None = None
+    unlabelled_ratio: float = 0.5
     glyph_charset: str = "cjk"
     glyph_held_out_families: int = 0
     glyph_variants: int = 1
@@ -414,6 +421,7 @@ _RANGES: dict[str, tuple[Any, str]] = {
     "data.eval_pairs": (lambda v: v >= 0, "an int >= 0"),
     "data.label_noise": (lambda v: 0.0 <= v <= 1.0, "a float in [0, 1]"),
     "data.mask_ratio": (lambda v: 0.0 <= v <= 1.0, "a float in [0, 1]"),
+    "data.unlabelled_ratio": (lambda v: v > 0, "a float > 0 (unlabelled images per labelled image)"),
     "data.glyph_held_out_families": (lambda v: v >= 0, "an int >= 0"),
     "data.glyph_variants": (lambda v: v >= 1, "an int >= 1"),
     "model.embedding_size": (lambda v: v >= 1, "an int >= 1"),

@@ -24,7 +24,7 @@ from faceforge.train.config import Config, ConfigError
 
 __all__ = [
     "DATASETS", "VERIFICATION_SETS", "LABEL_MAP_NAME", "LabelNoise", "build_dataset", "build_evaluators", "build_verification_sets",
-    "dataset_labels", "glyph_benchmark_of", "shuffled_labels", "synthetic_held_out_pairs",
+    "build_unlabelled", "dataset_labels", "glyph_benchmark_of", "shuffled_labels", "synthetic_held_out_pairs",
 ]
 
 def _synthetic_train(cfg: Config) -> Dataset:
@@ -281,3 +281,18 @@ def build_dataset(cfg: Config) -> Dataset:
     _check_name(cfg)
     dataset = DATASETS.build(cfg.data.name, cfg=cfg)
     return LabelNoise(dataset, cfg.data.label_noise, cfg.seed) if cfg.data.label_noise > 0 else dataset
+
+
+def build_unlabelled(cfg: Config) -> Dataset | None:
+    """``data.unlabelled`` as training tensors ``ds[i] -> ((3, S, S) float32, -1)``: a RecordIO prefix (when its
+    ``.rec`` exists; labels ignored) or an image folder (every image under it); None when not set."""
+    path = cfg.data.unlabelled
+    if path is None:
+        return None
+    from faceforge.data.unlabelled import Unlabelled, UnlabelledFolder
+
+    if Path(path + ".rec").is_file():
+        from faceforge.data.recordio import RecordIODataset
+
+        return _TrainImages(Unlabelled(RecordIODataset(prefix=path)), cfg.data.image_size)
+    return _TrainImages(UnlabelledFolder(path), cfg.data.image_size)

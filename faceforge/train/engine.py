@@ -51,7 +51,7 @@ from faceforge.heads.base import TrainHooks
 from faceforge.train import distributed as fdist
 from faceforge.train.checkpoint import CHECKPOINT_NAME, THRESHOLD_KEY, load_checkpoint, save_checkpoint
 from faceforge.train.config import Config, to_dict, to_yaml
-from faceforge.train.data import build_dataset, build_evaluators
+from faceforge.train.data import build_dataset, build_unlabelled, build_evaluators
 from faceforge.train.objectives import OBJECTIVES, Objective
 from faceforge.train.optim import build_optimizer, build_scheduler
 
@@ -139,8 +139,9 @@ class _Run:
         self.sharded = [p for h in self.hooks.values() if h.sharded_parameters
                         for p in h.parameters() if p.requires_grad]  # type: ignore[attr-defined]
         sharded_ids = {id(p) for p in self.sharded}
-        self.trained = [p for p in (*self.backbone.parameters(), *self.head.parameters()) if id(p) not in sharded_ids]
-        self.replicated_head = [p for p in self.head.parameters() if p.requires_grad and id(p) not in sharded_ids]
+        learned = list(self.objective.learned.parameters())  # trained like the head's replicated parameters
+        self.trained = [p for p in (*self.backbone.parameters(), *self.head.parameters(), *learned) if id(p) not in sharded_ids]
+        self.replicated_head = [p for p in (*self.head.parameters(), *learned) if p.requires_grad and id(p) not in sharded_ids]
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
 
         self.batch = cfg.data.batch_size
@@ -157,18 +158,22 @@ class _Run:
         if self.zero and self.sharded:
             raise ValueError(f"train.zero = true: head {cfg.head.name!r} keeps per-rank parameter shards, which "
                              "ZeRO would partition as if replicated; expected train.zero = false with it")
-        self.optimizer = build_optimizer(cfg.optim, self.backbone, self.head, self.step_images, zero=self.zero)
+        self.optimizer = build_optimizer(cfg.optim, self.backbone, nn.ModuleList([self.head, self.objective.learned]),
+                                         self.step_images, zero=self.zero)
         self.scheduler = build_scheduler(cfg.schedule, self.optimizer, self.total_steps, self.steps_per_epoch)
-        self.sampler = SAMPLERS.build(
-            cfg.data.sampler,
-            context=SamplerContext(
-                dataset=self.dataset, batch_size=self.batch, world_size=self.world_size, rank=self.rank,
-                seed=cfg.seed, grad_accum=t.grad_accum, micro_per_epoch=self.steps_per_epoch * t.grad_accum,
-                flip=cfg.data.flip, num_workers=cfg.data.num_workers, pin_memory=self.device.type == "cuda",
-                mask_ratio=cfg.data.mask_ratio,
-            ),
-            **cfg.data.sampler_kwargs,
+        unlabelled = build_unlabelled(cfg)
+        if unlabelled is not None and not self.objective.uses_unlabelled:
+            raise ValueError(f"data.unlabelled = {cfg.data.unlabelled!r}: objective {cfg.objective.name!r} does not read "
+                             "unlabelled images; expected an objective that does (distillation) or no data.unlabelled")
+        context = SamplerContext(
+            dataset=self.dataset, batch_size=self.batch, world_size=self.world_size, rank=self.rank,
+            seed=cfg.seed, grad_accum=t.grad_accum, micro_per_epoch=self.steps_per_epoch * t.grad_accum,
+            flip=cfg.data.flip, num_workers=cfg.data.num_workers, pin_memory=self.device.type == "cuda",
+            mask_ratio=cfg.data.mask_ratio, unlabelled=unlabelled,
+            unlabelled_per_batch=max(1, round(cfg.data.unlabelled_ratio * self.batch)) if unlabelled is not None else 0,
         )
+        self.sampler = SAMPLERS.build(cfg.data.sampler, context=context, **cfg.data.sampler_kwargs)
+        self.objective.bind(context)
         self.step = 0
         self.metrics: dict[str, float] = {}
         self.losses: list[float] = []

@@ -14,18 +14,25 @@ What the trainer does with an objective's parts:
 - ``owned``: an ``nn.ModuleDict`` of modules the objective keeps for itself (a distillation teacher, a
   momentum class encoder). The optimiser never sees them and DDP does not wrap them; their state is saved
   in checkpoints (key ``"objective"``) when they have any, and restored on resume.
+- ``learned``: an ``nn.ModuleDict`` of modules the objective adds and the optimiser trains (in the head's
+  parameter group), replicated like the head (broadcast once, gradients all-reduced); saved with ``owned``
+  under ``learned.*`` (a distillation projection from the student's width to the teacher's).
+- ``bind(context)``: called once with the trainer's ``SamplerContext`` (training set, seed, augmentation),
+  for an objective that keys something by the data (a teacher-embedding cache).
+- ``uses_unlabelled``: True for an objective that reads unlabelled images (``data.unlabelled``): they come
+  in the batch with label -1 (``faceforge.data.samplers``); the trainer refuses them for any other objective.
 - an objective may also opt into ``faceforge.heads.base.TrainHooks`` (``on_batch``,
   ``after_optimizer_step(step)``, ``diagnostics``, ``extra_state``); the trainer calls it like a head's.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from faceforge.data.samplers import Batch
+from faceforge.data.samplers import Batch, SamplerContext
 from faceforge.registry import Registry
 
 __all__ = ["OBJECTIVES", "Classification", "Objective"]
@@ -46,7 +53,14 @@ class Objective(nn.Module):
         self.head = head
         self.amp_dtype = amp_dtype
         self.owned = nn.ModuleDict()  # not trained by the optimiser, kept out of DDP, checkpointed
+        self.learned = nn.ModuleDict()  # trained with the head's group, replicated over ranks, checkpointed
         self._encoder: Callable[[Tensor], Tensor] | None = None
+
+    uses_unlabelled: ClassVar[bool] = False
+
+    def bind(self, context: SamplerContext) -> None:
+        """Learn the training set, seed and augmentation the run uses (called once; default: nothing)."""
+        return None
 
     def set_encoder(self, encoder: Callable[[Tensor], Tensor] | None) -> None:
         """What :meth:`embed` runs instead of ``backbone`` (the trainer's DDP wrapper of it); None = the backbone.
@@ -65,11 +79,13 @@ class Objective(nn.Module):
         raise NotImplementedError(f"{type(self).__name__}.forward(batch) -> dict[str, Tensor]")
 
     def owned_state_dict(self) -> dict[str, Any]:
-        """The state of the ``owned`` modules (empty when they have none)."""
-        return self.owned.state_dict()
+        """The state of the ``owned`` modules and, under ``learned.*``, of the ``learned`` ones (empty when
+        they have none)."""
+        return {**self.owned.state_dict(), **{f"learned.{k}": v for k, v in self.learned.state_dict().items()}}
 
     def load_owned_state_dict(self, state: dict[str, Any]) -> None:
-        self.owned.load_state_dict(state)
+        self.learned.load_state_dict({k.removeprefix("learned."): v for k, v in state.items() if k.startswith("learned.")})
+        self.owned.load_state_dict({k: v for k, v in state.items() if not k.startswith("learned.")})
 
 
 OBJECTIVES: Registry[Objective] = Registry("objective")
@@ -81,3 +97,11 @@ class Classification(Objective):
 
     def forward(self, batch: Batch) -> dict[str, Tensor]:
         return {"classification": self.head(self.embed(batch.images).float(), batch.labels)}
+
+
+@OBJECTIVES.register("distillation")
+def _distillation(**kwargs: Any) -> Objective:
+    """BigFace: the head's loss + lambda x angular distillation from a frozen teacher (``faceforge.train.distillation``)."""
+    from faceforge.train.distillation import Distillation
+
+    return Distillation(**kwargs)

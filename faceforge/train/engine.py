@@ -117,7 +117,8 @@ def build_head(cfg: Config, num_classes: int) -> nn.Module:
 class FaceModel(nn.Module):
     """Backbone + head as one module (what DDP wraps): ``loss = model(images (B,3,H,W), labels (B,))``.
 
-    With ``amp_dtype`` the backbone runs under autocast; the head always sees float32 embeddings.
+    With ``amp_dtype`` the backbone runs under autocast; the head sees float32 embeddings (float64 ones
+    from a float64 backbone, which the tests use to compare runs whose sums run in another order).
     """
 
     def __init__(self, backbone: nn.Module, head: nn.Module, amp_dtype: torch.dtype | None = None) -> None:
@@ -132,7 +133,8 @@ class FaceModel(nn.Module):
             return self.backbone(images)
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return self.head(self.embed(images).float(), labels)
+        embeddings = self.embed(images)
+        return self.head(embeddings if embeddings.dtype == torch.float64 else embeddings.float(), labels)
 
 
 def wrap_ddp(model: FaceModel, device: torch.device) -> nn.Module:

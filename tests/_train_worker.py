@@ -5,7 +5,7 @@
   normalise each half with its own statistics). Configs name it ``model.backbone: _train_worker:TinyNet``.
   ``dtype="float64"`` makes its parameters float64 (the images are cast on the way in).
 * ``float64_head``: any registered head with float64 class weights, for runs compared with one another in
-  float64 (``head.name: _train_worker:float64_head``, ``head.kwargs.name``: the registered head, default arcface).
+  float64 (``head.name: _train_worker:float64_head``, ``head.kwargs.inner``: the registered head, default arcface).
 * ``NaNHead``: ArcFace whose loss turns NaN from its ``nan_at_call``-th training call on.
 * A command line that trains in a subprocess, optionally killing itself (SIGKILL) after a given step or
   inside a checkpoint write, or spawning 2 gloo ranks:
@@ -51,11 +51,11 @@ class TinyNet(nn.Module):
         return self.fc(self.dropout(torch.flatten(self.act(self.conv(x)), 1)))
 
 
-def float64_head(num_classes: int, embedding_size: int, name: str = "arcface", **kwargs) -> nn.Module:
-    """The registered head ``name`` with float64 parameters and buffers (its logits then run in float64)."""
+def float64_head(num_classes: int, embedding_size: int, inner: str = "arcface", **kwargs) -> nn.Module:
+    """The registered head ``inner`` with float64 parameters and buffers (its logits then run in float64)."""
     from faceforge.heads import build
 
-    return build(name, num_classes=num_classes, embedding_size=embedding_size, **kwargs).double()
+    return build(inner, num_classes=num_classes, embedding_size=embedding_size, **kwargs).double()
 
 
 class NaNHead(nn.Module):

@@ -66,7 +66,7 @@ BASE: dict[str, Any] = {
 # which costs ~1e-4 relative after 10 float32 steps, depending on the CPU kernel, but ~1e-13 in float64.
 PLAIN: dict[str, dict[str, Any]] = {
     "model": {"kwargs": {"dropout": 0.0, "dtype": "float64"}},
-    "head": {"name": "_train_worker:float64_head", "kwargs": {"name": "arcface", "s": 16.0}},
+    "head": {"name": "_train_worker:float64_head", "kwargs": {"inner": "arcface", "s": 16.0}},
     "train": {"clip_grad_norm": 0.0},
 }
 

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from faceforge.data.samplers import Batch, SamplerContext
 from faceforge.distill import AngularDistillation
-from faceforge.train.objectives import Objective
+from faceforge.train.objectives import Objective, for_head
 from faceforge.train.teacher import Teacher, load_teacher
 from faceforge.train.teacher_cache import TeacherCache, dataset_fingerprint
 
@@ -134,7 +134,7 @@ class Distillation(Objective):
         if not self._announced:  # at the first batch, when the run's log is open
             logger.info("%s", self.description)
             self._announced = True
-        student = self.embed(batch.images).float()
+        student = for_head(self.embed(batch.images))
         labelled = batch.labels >= 0
         if bool(labelled.all()):
             classification = self.head(student, batch.labels)

@@ -19,8 +19,18 @@ def test_webface42m_r240_recipe():
     assert cfg.data.mask_ratio == 0.35 and cfg.data.batch_size * cfg.train.grad_accum == 256
     assert (cfg.optim.name, cfg.optim.lr, cfg.optim.reference_batch, cfg.optim.weight_decay) == ("lars", 0.01, 256, 5e-4)
     assert cfg.schedule.name == "step" and cfg.train.epochs == 30 and cfg.train.zero
+    assert cfg.objective.name == "distillation" and cfg.objective.kwargs["lam"] == 9.0
+    assert "r600" in cfg.objective.kwargs["teacher"]
     head = build_head(cfg, num_classes=10)
     assert (head.s, head.m3) == (64.0, 0.4)  # CosFace: cos(theta) - m
+
+
+def test_cpu_distillation_demo_config():
+    cfg = load_config(REPO / "configs/synthetic_distill_demo.yaml")
+    assert cfg.objective.name == "distillation" and cfg.objective.kwargs["teacher"] == "runs/demo/last.pt"
+    teacher = load_config(REPO / "configs/demo.yaml")
+    assert teacher.output == "runs/demo" and teacher.data.image_size == cfg.data.image_size
+    assert cfg.model.embedding_size != teacher.model.embedding_size  # the demo shows the learned projection
 
 
 @pytest.mark.parametrize(("value", "expected"), [("stage", "stage"), ("true", "block"), ("false", None)])

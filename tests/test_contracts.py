@@ -125,6 +125,7 @@ def test_head_gradient_check_float64(name: str) -> None:
         torch.testing.assert_close(a, n, rtol=1e-5, atol=1e-7, msg=lambda m: f"{name}: d loss / d {what}: {m}")
 
 
+@pytest.mark.equivalence
 @pytest.mark.parametrize("name", HEADS.names())
 def test_head_checkpoint_resume_through_the_trainer(tmp_path: Path, name: str) -> None:
     state = resumed_equals_straight(

@@ -36,7 +36,6 @@ import torch
 from torch import Tensor, nn
 
 from faceforge.build import FaceModel, build_backbone, build_head, load_class_weights, load_part, wrap_ddp
-from faceforge.fileio import stale_temporaries
 from faceforge.data.samplers import (
     SAMPLERS,
     Batch,
@@ -48,6 +47,7 @@ from faceforge.data.samplers import (
     flip_images,
     rank_positions,
 )
+from faceforge.fileio import stale_temporaries
 from faceforge.heads.base import TrainHooks
 from faceforge.train import distributed as fdist
 from faceforge.train.checkpoint import CHECKPOINT_NAME, THRESHOLD_KEY, load_checkpoint, save_checkpoint

@@ -73,10 +73,10 @@ class TrainHooks(Protocol):
 
     Attributes:
         provides_diagnostics: the part's ``diagnostics`` means something (``train.diagnostics_every`` needs one).
-        sharded_parameters: the part's trainable parameters are sharded across ranks (each rank holds its own
-            rows), so the trainer neither all-reduces their gradients nor counts them as replicated in the
-            gradient norm: their squared norm is summed over ranks. Default False: a head's gradients are
-            all-reduced (averaged) explicitly, as DDP does for the backbone.
+        sharded_parameters: (a head's) its trainable parameters are sharded across ranks (each rank holds its
+            own rows), so the trainer neither broadcasts them nor all-reduces their gradients, and sums their
+            squared gradient norm over ranks for clipping. Default False: a head's parameters are broadcast
+            from rank 0 once and their gradients averaged over ranks explicitly, as DDP does for the backbone.
     """
 
     provides_diagnostics: ClassVar[bool] = False

@@ -137,8 +137,9 @@ class _Run:
                 f"train.diagnostics_every = {t.diagnostics_every}: head {cfg.head.name!r} ({type(self.head).__name__}) "
                 f"has no diagnostics; expected 0 (off) or a head that has them (broadface)"
             )
-        self.sharded = [p for h in self.hooks.values() if h.sharded_parameters
-                        for p in h.parameters() if p.requires_grad]  # type: ignore[attr-defined]
+        head_hooks = self.hooks.get("head")
+        sharded = head_hooks is not None and head_hooks.sharded_parameters  # the head communicates itself
+        self.sharded = [p for p in self.head.parameters() if p.requires_grad] if sharded else []
         sharded_ids = {id(p) for p in self.sharded}
         self.trained = [p for p in (*self.backbone.parameters(), *self.head.parameters()) if id(p) not in sharded_ids]
         self.replicated_head = [p for p in self.head.parameters() if p.requires_grad and id(p) not in sharded_ids]
@@ -583,7 +584,8 @@ def train(cfg: Config, resume: bool = False, on_step: Callable[[int], None] | No
     """Train ``cfg``; with ``resume`` continue from ``cfg.output/last.pt`` (from step 0 if there is none).
 
     Under torchrun (WORLD_SIZE > 1) this initialises the process group (gloo on CPU, NCCL on CUDA),
-    wraps backbone + head in DDP and destroys the group at the end; rank 0 logs and checkpoints.
+    wraps the backbone in DDP (the head's replicated gradients are all-reduced explicitly) and destroys the
+    group at the end; rank 0 logs and checkpoints.
     on_step: called with the step number after each optimiser step (and its eval/checkpoint).
     Raises NonFiniteLossError (naming the step) when the loss becomes NaN/inf.
     """

@@ -88,7 +88,7 @@ class _ChunkedMarginCE(torch.autograd.Function):
     ) -> Tensor:
         batch, num_classes = x.shape[0], weight.shape[0]
         dtype = x.dtype
-        rows = torch.arange(batch, device=x.device)
+        all_rows = torch.arange(batch, device=x.device)
         logits = buffers[0].get((batch, num_classes), x) if buffers else x.new_empty(batch, num_classes)
         norms = x.new_empty(num_classes) if normalize else None
         for c0, c1 in _chunks(num_classes, chunk_size):
@@ -102,19 +102,22 @@ class _ChunkedMarginCE(torch.autograd.Function):
             elif bias is not None:
                 z_c.add_(bias[c0:c1].to(dtype))
         rows, labels = target_rows(labels)
-        q = _target_input(x[rows], weight, bias, labels, normalize)
+        q = _target_input(_take_rows(x, rows), weight, bias, labels, normalize)
         target, penalty = _target_terms(q, target_fn, penalty_fn, grad=False)
-        logits[rows, labels] = target
+        logits[_take_rows(all_rows, rows), labels] = target
         workspace = x.new_empty(batch, min(chunk_size, num_classes))  # one (B, chunk) temporary, reused
         lse = _logsumexp_chunked(logits, chunk_size, workspace)
-        ctx.save_for_backward(x, weight, bias, rows, labels, logits, lse, norms, q)
+        ctx.save_for_backward(x, weight, bias, labels, logits, lse, norms, q)
+        ctx.rows = rows
         ctx.fns = (target_fn, penalty_fn)
         ctx.scale, ctx.normalize, ctx.chunk_size, ctx.buffers = scale, normalize, chunk_size, buffers
-        return lse, _scatter_rows(target, rows, batch), _scatter_rows(penalty, rows, batch)  # ArcFace Eq. 4 terms
+        # lse is returned as a copy: an output saved for backward would keep itself alive under saved-tensor hooks
+        return lse.clone(), _scatter_rows(target, rows, batch), _scatter_rows(penalty, rows, batch)  # Eq. 4 terms
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor, grad_target: Tensor, grad_penalty: Tensor):  # type: ignore[override]
-        x, weight, bias, rows, labels, logits, lse, norms, q = ctx.saved_tensors
+        x, weight, bias, labels, logits, lse, norms, q = ctx.saved_tensors
+        rows = ctx.rows
         scale, normalize = ctx.scale, ctx.normalize
         need_x, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
         dtype = x.dtype
@@ -125,10 +128,10 @@ class _ChunkedMarginCE(torch.autograd.Function):
         q_leaf = q.detach().requires_grad_(True)
         with torch.enable_grad():
             target, penalty = _target_terms(q_leaf, *ctx.fns, grad=True)
-            p_target = torch.exp(target.detach() - lse[rows])
+            p_target = torch.exp(target.detach() - _take_rows(lse, rows))
             outputs = [target] + ([penalty] if penalty.requires_grad else [])
-            grads = [grad[rows] * p_target + grad_target.to(dtype)[rows]]
-            grads += [grad_penalty.to(dtype)[rows]] if penalty.requires_grad else []
+            grads = [_take_rows(grad, rows) * p_target + _take_rows(grad_target.to(dtype), rows)]
+            grads += [_take_rows(grad_penalty.to(dtype), rows)] if penalty.requires_grad else []
             (grad_q,) = torch.autograd.grad(outputs, q_leaf, grads, allow_unused=True)
         if grad_q is None:  # the target logit does not depend on q (cannot happen for the presets)
             grad_q = torch.zeros_like(q)
@@ -139,7 +142,7 @@ class _ChunkedMarginCE(torch.autograd.Function):
             grad_w = ctx.buffers[1].get(weight.shape, weight) if ctx.buffers else torch.empty_like(weight)
         grad_b = torch.zeros_like(bias) if (need_b and bias is not None) else None
         # exclude the target column from the non-target softmax: exp(very negative) = 0 and 0 * it stays 0
-        logits[rows, labels] = torch.finfo(dtype).min
+        logits[_take_rows(torch.arange(x.shape[0], device=x.device), rows), labels] = torch.finfo(dtype).min
         workspace = x.new_empty(x.shape[0], min(ctx.chunk_size, weight.shape[0]))
         for c0, c1 in _chunks(weight.shape[0], ctx.chunk_size):
             z_c = logits[:, c0:c1]
@@ -165,19 +168,24 @@ class _ChunkedMarginCE(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None, None, None, None, None, None, None
 
 
-def target_rows(labels: Tensor) -> tuple[Tensor, Tensor]:
+def target_rows(labels: Tensor) -> tuple[Tensor | None, Tensor]:
     """(rows (K,), their labels (K,)): the batch rows whose label is >= 0, i.e. whose target class is among the
-    classes at hand (a label -1 marks a row whose class lives elsewhere, on another shard)."""
-    rows = torch.arange(labels.shape[0], device=labels.device)
-    if bool((labels >= 0).all()):
-        return rows, labels
+    classes at hand (a label -1 marks a row whose class lives elsewhere, on another shard); rows = None when
+    that is every row (then the labels are returned as they are)."""
     keep = labels >= 0
-    return rows[keep], labels[keep]
+    if bool(keep.all()):
+        return None, labels
+    return keep.nonzero().squeeze(1), labels[keep]
 
 
-def _scatter_rows(values: Tensor, rows: Tensor, batch: int) -> Tensor:
-    """(batch,) zeros with ``values`` (K,) at ``rows``; ``values`` itself when every row is there."""
-    if values.shape[0] == batch:
+def _take_rows(values: Tensor, rows: Tensor | None) -> Tensor:
+    """values[rows] along dim 0 (``values`` itself for rows = None: every row)."""
+    return values if rows is None else values[rows]
+
+
+def _scatter_rows(values: Tensor, rows: Tensor | None, batch: int) -> Tensor:
+    """(batch,) zeros with ``values`` (K,) at ``rows``; ``values`` itself for rows = None (every row)."""
+    if rows is None:
         return values
     return values.new_zeros(batch).index_copy_(0, rows, values)
 
@@ -237,7 +245,7 @@ def _add_target_grads(
 
     rows: the batch rows that ``grad_q`` and ``labels`` (K,) belong to (``target_rows``); None = all of them.
     """
-    if rows is not None and rows.shape[0] != x.shape[0]:
+    if rows is not None:
         x_rows = torch.zeros_like(grad_x[rows]) if grad_x is not None else None
         _add_target_grads(grad_q, x[rows], weight, labels, normalize, x_rows, grad_w, grad_b)
         if grad_x is not None:

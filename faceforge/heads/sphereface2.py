@@ -52,6 +52,7 @@ from faceforge.heads.softmax import (
     _compute_dtype,
     _row_norms,
     _scatter_rows,
+    _take_rows,
     _target_input,
     target_rows,
 )
@@ -242,15 +243,17 @@ class _ChunkedSphereFace2(torch.autograd.Function):
             column.mul_(2.0).sub_(torch.mv(slope.t(), ones_b)).mul_(coef)
             torch.mul(slope, coef, out=u)  # D_bj = d loss_b / d cos_bj / |W_j|, (1 - lambda) / r folded in
         rows, labels = target_rows(labels)
-        cos_y = _target_input(x[rows], weight, None, labels, True)
+        cos_y = _target_input(_take_rows(x, rows), weight, None, labels, True)
         positive = _scatter_rows(s.target_term(cos_y, b), rows, batch)
-        ctx.save_for_backward(x, weight, bias, rows, labels, deriv, norms, radial, cos_y, sigmoid_sum)
+        ctx.save_for_backward(x, weight, bias, labels, deriv, norms, radial, cos_y, sigmoid_sum)
+        ctx.rows = rows
         ctx.settings, ctx.chunk_size, ctx.buffers = settings, chunk_size, buffers
         return positive + ((1.0 - s.lamb) / s.r) * softplus_sum  # SphereFace2 Eq. 6, per sample
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor):  # type: ignore[override]
-        x, weight, bias, rows, labels, deriv, norms, radial, cos_y, sigmoid_sum = ctx.saved_tensors
+        x, weight, bias, labels, deriv, norms, radial, cos_y, sigmoid_sum = ctx.saved_tensors
+        rows = ctx.rows
         s: _Settings = ctx.settings
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         dtype = x.dtype
@@ -261,7 +264,7 @@ class _ChunkedSphereFace2(torch.autograd.Function):
         b_leaf = bias.detach().to(dtype).requires_grad_(True)
         with torch.enable_grad():
             grad_cos_y, grad_b_pos = torch.autograd.grad(
-                s.target_term(cos_leaf, b_leaf), [cos_leaf, b_leaf], grad[rows]
+                s.target_term(cos_leaf, b_leaf), [cos_leaf, b_leaf], _take_rows(grad, rows)
             )
 
         grad_x = torch.zeros_like(x) if need_x else None

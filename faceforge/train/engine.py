@@ -36,6 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from faceforge.build import FaceModel, build_backbone, build_head, load_class_weights, load_part, wrap_ddp
+from faceforge.fileio import stale_temporaries
 from faceforge.data.samplers import (
     SAMPLERS,
     Batch,
@@ -527,7 +528,7 @@ class _Run:
         from torch.utils.tensorboard import SummaryWriter
 
         self.output.mkdir(parents=True, exist_ok=True)
-        for stale in self.output.glob(f".{CHECKPOINT_NAME}.tmp-*"):  # left by a run killed mid-write
+        for stale in stale_temporaries(self.checkpoint_path):  # left by a run killed mid-write
             stale.unlink(missing_ok=True)
         (self.output / "config.yaml").write_text(to_yaml(self.cfg))
         self._handlers = [logging.FileHandler(self.log_path)]

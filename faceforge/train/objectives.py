@@ -72,6 +72,12 @@ class Objective(nn.Module):
         self.owned.load_state_dict(state)
 
 
+def for_head(embeddings: Tensor) -> Tensor:
+    """Embeddings (B, D) as a head takes them: half precision (autocast) up-cast to float32; float64 kept
+    (a float64 backbone, as the equivalence tests train, keeps its precision through the head)."""
+    return embeddings if embeddings.dtype == torch.float64 else embeddings.float()
+
+
 OBJECTIVES: Registry[Objective] = Registry("objective")
 
 
@@ -80,4 +86,4 @@ class Classification(Objective):
     """The plain objective: ``{"classification": head(backbone(images), labels)}``."""
 
     def forward(self, batch: Batch) -> dict[str, Tensor]:
-        return {"classification": self.head(self.embed(batch.images).float(), batch.labels)}
+        return {"classification": self.head(for_head(self.embed(batch.images)), batch.labels)}

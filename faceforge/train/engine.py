@@ -10,8 +10,8 @@ The loop meets its parts through written seams only (``docs/extending.md``):
   terms; the loop sums them, logs each and stops on a non-finite one, naming it;
 * the head and the objective may opt into ``faceforge.heads.base.TrainHooks`` (checked once, here);
 * DDP wraps the backbone only; the gradients of the head's replicated parameters are all-reduced
-  explicitly after the last micro-batch (a head with ``sharded_parameters`` opts out and does its own
-  communication; its squared gradient norm is summed over ranks for clipping).
+  explicitly after the last micro-batch (a head's ``row_shards`` opt out: each rank holds its own rows and
+  the head does its own communication; their squared gradient norm is summed over ranks for clipping).
 
 Determinism (what makes a killed-and-resumed CPU run bit-identical to an uninterrupted one): the data
 order and flips are the sampler's (``faceforge.data.samplers``: a function of seed, epoch and world size,
@@ -137,9 +137,7 @@ class _Run:
                 f"train.diagnostics_every = {t.diagnostics_every}: head {cfg.head.name!r} ({type(self.head).__name__}) "
                 f"has no diagnostics; expected 0 (off) or a head that has them (broadface)"
             )
-        head_hooks = self.hooks.get("head")
-        sharded = head_hooks is not None and head_hooks.sharded_parameters  # the head communicates itself
-        self.sharded = [p for p in self.head.parameters() if p.requires_grad] if sharded else []
+        self.sharded = [p for h in self.hooks.values() for p in _row_sharded_parameters(h) if p.requires_grad]
         sharded_ids = {id(p) for p in self.sharded}
         self.trained = [p for p in (*self.backbone.parameters(), *self.head.parameters()) if id(p) not in sharded_ids]
         self.replicated_head = [p for p in self.head.parameters() if p.requires_grad and id(p) not in sharded_ids]
@@ -558,6 +556,12 @@ class _Run:
             logger.removeHandler(handler)
             handler.close()
         self._handlers = []
+
+
+def _row_sharded_parameters(part: TrainHooks) -> list[nn.Parameter]:
+    """The parameters among a part's ``row_shards`` (TrainHooks; the others are buffers)."""
+    params = dict(part.named_parameters())  # type: ignore[attr-defined]
+    return [params[key] for key in part.row_shards() if key in params]
 
 
 def _sum(terms: Iterable[Tensor]) -> Tensor:

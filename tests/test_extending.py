@@ -126,7 +126,7 @@ def test_config_names_are_checked_against_their_registries(tmp_path: Path, key: 
 
 
 def test_sharded_head_is_left_to_itself_on_two_gloo_ranks(tmp_path: Path) -> None:
-    """A head with ``sharded_parameters``: its gradients are not averaged (the ranks' weights part ways, the
+    """A head with ``row_shards``: its gradients are not averaged (the ranks' weights part ways, the
     backbone's stay equal), its extra_state is gathered collectively at each checkpoint and restored per rank."""
     cfg = make_config(
         tmp_path / "run", head={"name": "_extending:RankLocalHead", "kwargs": {"s": 8.0}},

@@ -7,6 +7,10 @@ same bits as an uninterrupted one.
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +22,8 @@ from _runs import make_config, resumed_equals_straight
 from faceforge.data.samplers import SAMPLERS, Batch, TrainSampler
 from faceforge.heads.base import ClassifierHead, TrainHooks
 from faceforge.registry import Registry
-from faceforge.train.config import ConfigError
+from faceforge.train.checkpoint import load_checkpoint
+from faceforge.train.config import ConfigError, to_yaml
 from faceforge.train.engine import NonFiniteLossError, train
 from faceforge.train.objectives import OBJECTIVES, Classification
 
@@ -118,6 +123,34 @@ def test_config_names_are_checked_against_their_registries(tmp_path: Path, key: 
     with pytest.raises(ConfigError, match=rf"{section}\.{name} = 'nope': expected one of: .*'package.module:callable'"):
         make_config(tmp_path, **{section: {name: "nope"}})
     make_config(tmp_path, **{section: {name: "somewhere.else:factory"}})  # a spec is imported when built
+
+
+# ---------------------------------------------------------------------------------------------- sharded opt-out
+
+
+def test_sharded_head_is_left_to_itself_on_two_gloo_ranks(tmp_path: Path) -> None:
+    """A head with ``row_shards``: its gradients are not averaged (the ranks' weights part ways, the
+    backbone's stay equal), its extra_state is gathered collectively at each checkpoint and restored per rank."""
+    cfg = make_config(
+        tmp_path / "run", head={"name": "_extending:RankLocalHead", "kwargs": {"s": 8.0}},
+        data={"batch_size": 8}, train={"steps": 2, "checkpoint_every": 0, "clip_grad_norm": 1.0},
+    )
+    config = tmp_path / "run.yaml"
+    config.write_text(to_yaml(cfg))
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
+    worker = Path(__file__).with_name("_train_worker.py")
+    proc = subprocess.run([sys.executable, str(worker), str(config), "--nprocs", "2", "--port", str(port)],
+                          env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    state = load_checkpoint(tmp_path / "run" / "last.pt")
+    weights = state["extra"]["head"]["weights"]
+    assert weights.shape[0] == 2 and torch.equal(weights[0], state["head"]["weight"])
+    assert (weights[0] - weights[1]).abs().max() > 1e-4  # each rank learnt from its own half of the batch
 
 
 def test_a_non_finite_term_is_named(tmp_path: Path) -> None:

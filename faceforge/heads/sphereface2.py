@@ -41,18 +41,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from faceforge.heads.buffers import ReusableBuffer
-from faceforge.heads.margin import MARGIN_GRADS, check_margin_grad, safe_acos
-from faceforge.heads.base import HEADS
-from faceforge.heads.softmax import (
-    _add_target_grads,
-    _check_inputs,
-    _check_size,
-    _chunks,
-    _compute_dtype,
-    _row_norms,
-    _target_input,
+from faceforge.heads.base import (
+    HEADS,
+    add_target_grads,
+    check_buffer_policy,
+    check_inputs,
+    check_size,
+    chunks,
+    compute_dtype,
+    row_norms,
+    softplus,
+    target_input,
 )
+from faceforge.heads.buffers import ReusableBuffer, make_step_buffers
+from faceforge.heads.margin import MARGIN_GRADS, check_margin_grad, safe_acos
 
 DEFAULT_CHUNK_SIZE = 16384  # classes per block: three (B, 16384) float32 workspaces, 8 MiB each at B = 128
 
@@ -213,7 +215,7 @@ class _ChunkedSphereFace2(torch.autograd.Function):
         zero, half = x.new_zeros(()), x.new_full((), 0.5)
         ones_b, ones_n = x.new_ones(batch), x.new_ones(width)  # sums as matrix-vector products (faster)
         fractional_t = not s.t.is_integer()
-        for c0, c1 in _chunks(num_classes, chunk_size):
+        for c0, c1 in chunks(num_classes, chunk_size):
             n = c1 - c0
             w_c = weight[c0:c1].to(dtype)
             u = deriv[:, c0:c1]  # the buffer holds u first, then D
@@ -235,7 +237,7 @@ class _ChunkedSphereFace2(torch.autograd.Function):
             column = torch.mv(torch.mul(u, slope, out=z).t(), ones_b, out=radial[c0:c1])
             column.mul_(2.0).sub_(torch.mv(slope.t(), ones_b)).mul_(coef)
             torch.mul(slope, coef, out=u)  # D_bj = d loss_b / d cos_bj / |W_j|, (1 - lambda) / r folded in
-        cos_y = _target_input(x, weight, None, labels, True)
+        cos_y = target_input(x, weight, None, labels, True)
         positive = s.target_term(cos_y, b)
         ctx.save_for_backward(x, weight, bias, labels, deriv, norms, radial, cos_y, sigmoid_sum)
         ctx.settings, ctx.chunk_size, ctx.buffers = settings, chunk_size, buffers
@@ -264,7 +266,7 @@ class _ChunkedSphereFace2(torch.autograd.Function):
         uniform = bool((grad == grad[0]).all())
         scale = float(grad[0]) if uniform else 1.0
         work = None if uniform else x.new_empty(x.shape[0], min(ctx.chunk_size, weight.shape[0]))
-        for c0, c1 in _chunks(weight.shape[0], ctx.chunk_size):
+        for c0, c1 in chunks(weight.shape[0], ctx.chunk_size):
             g_c = deriv[:, c0:c1] if uniform else torch.mul(deriv[:, c0:c1], grad.unsqueeze(1), out=work[:, : c1 - c0])
             w_c = weight[c0:c1].to(dtype)
             if grad_x is not None:
@@ -272,7 +274,7 @@ class _ChunkedSphereFace2(torch.autograd.Function):
             if grad_w is not None:
                 known = radial[c0:c1] * scale if uniform else None
                 _weight_grad_into(g_c, scale, x, w_c, norms[c0:c1], known, grad_w[c0:c1])
-        _add_target_grads(grad_cos_y, x, weight, labels, True, grad_x, grad_w, None)
+        add_target_grads(grad_cos_y, x, weight, labels, True, grad_x, grad_w, None)
         grad_b = None
         if need_b:
             grad_neg = ((1.0 - s.lamb) / s.r) * (grad * sigmoid_sum).sum()
@@ -332,7 +334,7 @@ def sphereface2_loss(
         labels: (B,) int64 in [0, C). lamb, r, m, t, margin_type, margin_grad: as `SphereFace2`.
         buffers: (the (B, C) derivative buffer, the gradient of W) kept between calls; None allocates both.
     """
-    dtype = _compute_dtype(x, weight)
+    dtype = compute_dtype(x, weight)
     settings = _Settings(float(lamb), float(r), float(m), float(t), margin_type, margin_grad == "exact")
     with torch.autocast(device_type=x.device.type, enabled=False):
         return _ChunkedSphereFace2.apply(x.to(dtype), weight, bias, labels, settings, int(chunk_size), buffers)
@@ -369,6 +371,7 @@ class SphereFace2(nn.Module):
         chunk_size: classes per block (default 16384).
         bias_init: "balanced" (closed form balancing the gradients on b at cos = 0, `balanced_bias`) or a
             number.
+        buffers: "auto" (default), "reuse" or "release": what is kept between steps, as for `MarginSoftmax`.
     Call: `loss = head(embeddings (B, D), labels (B,) int64)` -> scalar batch mean.
     Attributes: `weight` (C, D), initialised N(0, 0.01^2), rows normalised on the fly; `bias` (1,).
     """
@@ -386,11 +389,12 @@ class SphereFace2(nn.Module):
         margin_grad: str = "exact",
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         bias_init: str | float = "balanced",
+        buffers: str = "auto",
     ) -> None:
         super().__init__()
-        self.num_classes = _check_size("num_classes", num_classes)
-        self.embedding_size = _check_size("embedding_size", embedding_size)
-        self.chunk_size = _check_size("chunk_size", chunk_size)
+        self.num_classes = check_size("num_classes", num_classes)
+        self.embedding_size = check_size("embedding_size", embedding_size)
+        self.chunk_size = check_size("chunk_size", chunk_size)
         self.lamb = _check_number("lamb", lamb, 0.0, 1.0)
         self.r = _check_number("r", r, 0.0, open_low=True)
         self.t = _check_number("t", t, 1.0)
@@ -403,7 +407,8 @@ class SphereFace2(nn.Module):
         self.margin_type, self.margin_grad, self.bias_init = margin_type, margin_grad, bias_init
         self.weight = nn.Parameter(torch.empty(self.num_classes, self.embedding_size))
         self.bias = nn.Parameter(torch.empty(1))
-        self.step_buffers = (ReusableBuffer(), ReusableBuffer())  # (B, C) derivatives, (C, D) grad W
+        self.buffers = check_buffer_policy(buffers)
+        self.step_buffers = make_step_buffers(buffers)  # (B, C) derivatives, (C, D) grad W (buffers.py)
         self.reset_parameters()
 
     def initial_bias(self) -> float:
@@ -432,9 +437,9 @@ class SphereFace2(nn.Module):
             classifier_grad: False holds `weight` and `bias` fixed: no gradient reaches them (the gradient
                 still reaches the embeddings), as BroadFace's encoder step needs.
         """
-        labels = _check_inputs(embeddings, labels, self.num_classes, self.embedding_size)
+        labels = check_inputs(embeddings, labels, self.num_classes, self.embedding_size)
         weight, bias = (self.weight, self.bias) if classifier_grad else (self.weight.detach(), self.bias.detach())
-        dtype = _compute_dtype(embeddings, weight)
+        dtype = compute_dtype(embeddings, weight)
         with torch.autocast(device_type=embeddings.device.type, enabled=False):
             x_hat = F.normalize(embeddings.to(dtype), dim=1)
             per_sample = sphereface2_loss(
@@ -452,11 +457,11 @@ class SphereFace2(nn.Module):
         """The plain (B, C) z = r psi(cos theta_y) + b in the label column, r (g(cos theta_i) + m_n) + b
         elsewhere (for small C and for checking). Eq. 6 is (lambda/r) softplus(-z_y) + ((1-lambda)/r) sum softplus(z_i).
         """
-        labels = _check_inputs(embeddings, labels, self.num_classes, self.embedding_size)
-        dtype = _compute_dtype(embeddings, self.weight)
+        labels = check_inputs(embeddings, labels, self.num_classes, self.embedding_size)
+        dtype = compute_dtype(embeddings, self.weight)
         with torch.autocast(device_type=embeddings.device.type, enabled=False):
             weight = self.weight.to(dtype)
-            cos = F.normalize(embeddings.to(dtype), dim=1) @ weight.t() / _row_norms(weight)
+            cos = F.normalize(embeddings.to(dtype), dim=1) @ weight.t() / row_norms(weight)
             index = labels.unsqueeze(1)
             args = (self.m, self.t, self.margin_type, self.margin_grad)
             psi = target_similarity(cos.gather(1, index).squeeze(1), *args)

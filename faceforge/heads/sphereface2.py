@@ -47,6 +47,7 @@ from faceforge.heads.base import (
     check_buffer_policy,
     check_inputs,
     check_size,
+    chunk_rows,
     chunks,
     compute_dtype,
     row_norms,
@@ -163,11 +164,6 @@ def balanced_bias(
 # the chunked loss
 
 
-def _softplus(z: Tensor) -> Tensor:
-    """log(1 + exp(z)) without overflow, and without F.softplus's linear cut-off above z = 20."""
-    return torch.logaddexp(z, torch.zeros((), dtype=z.dtype, device=z.device))
-
-
 @dataclass(frozen=True)
 class _Settings:
     lamb: float
@@ -184,7 +180,7 @@ class _Settings:
     def target_term(self, cos_y: Tensor, bias: Tensor) -> Tensor:
         """(lambda / r) softplus(-(r psi(cos_y) + b)), the positive summand of Eq. 6. (B,)."""
         psi = target_similarity(cos_y, self.m, self.t, self.margin_type, "exact" if self.exact else "detached")
-        return (self.lamb / self.r) * _softplus(-(self.r * psi + bias))
+        return (self.lamb / self.r) * softplus(-(self.r * psi + bias))
 
 
 class _ChunkedSphereFace2(torch.autograd.Function):
@@ -214,10 +210,11 @@ class _ChunkedSphereFace2(torch.autograd.Function):
         softplus_sum, sigmoid_sum = x.new_zeros(batch), x.new_zeros(batch)
         zero, half = x.new_zeros(()), x.new_full((), 0.5)
         ones_b, ones_n = x.new_ones(batch), x.new_ones(width)  # sums as matrix-vector products (faster)
+        rows_ws = None if weight.dtype == dtype else x.new_empty(width, weight.shape[1])  # a bf16 W, cast per chunk
         fractional_t = not s.t.is_integer()
         for c0, c1 in chunks(num_classes, chunk_size):
             n = c1 - c0
-            w_c = weight[c0:c1].to(dtype)
+            w_c = chunk_rows(weight, c0, c1, dtype, rows_ws)
             u = deriv[:, c0:c1]  # the buffer holds u first, then D
             torch.mm(x, w_c.t(), out=u)
             norm_c = torch.linalg.vector_norm(w_c, dim=1, out=norms[c0:c1]).clamp_min_(torch.finfo(dtype).tiny)
@@ -265,10 +262,12 @@ class _ChunkedSphereFace2(torch.autograd.Function):
         # into the matrix products and the radial sums of forward apply as they are
         uniform = bool((grad == grad[0]).all())
         scale = float(grad[0]) if uniform else 1.0
-        work = None if uniform else x.new_empty(x.shape[0], min(ctx.chunk_size, weight.shape[0]))
+        width = min(ctx.chunk_size, weight.shape[0])
+        work = None if uniform else x.new_empty(x.shape[0], width)
+        rows_ws = None if weight.dtype == dtype else x.new_empty(width, weight.shape[1])
         for c0, c1 in chunks(weight.shape[0], ctx.chunk_size):
             g_c = deriv[:, c0:c1] if uniform else torch.mul(deriv[:, c0:c1], grad.unsqueeze(1), out=work[:, : c1 - c0])
-            w_c = weight[c0:c1].to(dtype)
+            w_c = chunk_rows(weight, c0, c1, dtype, rows_ws)
             if grad_x is not None:
                 grad_x.addmm_(g_c, w_c, alpha=scale)  # sum_j dL/dcos_bj W_j / |W_j|
             if grad_w is not None:

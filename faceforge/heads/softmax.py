@@ -33,6 +33,7 @@ from torch import Tensor, nn
 
 from faceforge.heads.base import (
     HEADS,
+    ClassifierHead,
     add_target_grads,
     check_buffer_policy,
     check_inputs,
@@ -41,8 +42,11 @@ from faceforge.heads.base import (
     chunks,
     compute_dtype,
     row_norms,
+    scatter_rows,
     softplus,
+    take_rows,
     target_input,
+    target_rows,
 )
 from faceforge.heads.buffers import ReusableBuffer, make_step_buffers
 from faceforge.heads.margin import MARGIN_GRADS, apply_margin, check_margins, target_logit
@@ -57,22 +61,29 @@ TargetFn = Callable[[Tensor], Tensor]
 # the chunked cross-entropy
 
 
-def _target_positions(labels: Tensor, batch: int, num_classes: int, chunk_size: int) -> Tensor:
-    """(B,) where each row's target logit lives in the chunk-major buffer: chunk k = [c0, c1) is stored as one
-    contiguous (B, c1 - c0) block starting at B * c0, so row b's column y sits at B c0 + b (c1 - c0) + y - c0."""
+def _target_positions(
+    labels: Tensor, rows: Tensor | None, batch: int, num_classes: int, chunk_size: int
+) -> Tensor:
+    """(K,) where the target logits of `rows` (None: every row) live in the chunk-major buffer: chunk [c0, c1)
+    is one contiguous (B, c1 - c0) block starting at B * c0, so row b's column y sits at B c0 + b (c1 - c0) + y - c0."""
     c0 = labels.div(chunk_size, rounding_mode="floor") * chunk_size
     width = (num_classes - c0).clamp_max(chunk_size)
-    rows = torch.arange(batch, device=labels.device)
+    if rows is None:
+        rows = torch.arange(batch, device=labels.device)
     return batch * c0 + rows * width + (labels - c0)
 
 
 class _ChunkedMarginCE(torch.autograd.Function):
-    """Per-sample loss (B,) = softplus(lse_neg_b - t_b) + penalty_b, t_b = target_fn(q_b), penalty_b = penalty_fn(q_b),
-    lse_neg_b = log sum_{j != y_b} exp(z_bj): ArcFace Eq. 4's lse_b - t_b written so that it stays exact when
-    the loss is tiny (log1p of sum_{j != y} exp(z_j - t), no cancellation of two numbers near s).
+    """(lse_neg (B,), t (B,), penalty (B,)), t_b = target_fn(q_b), penalty_b = penalty_fn(q_b) and
+    lse_neg_b = log sum_{j != y_b} exp(z_bj), the logsumexp of the non-target logits. The per-sample loss
+    (ArcFace Eq. 4's lse_b - t_b + penalty_b) is softplus(lse_neg_b - t_b) + penalty_b = log(1 + sum_{j != y}
+    exp(z_j - t)) + penalty_b: exact when the loss is tiny, where lse_b - t_b would cancel two numbers near s.
 
     normalize=True:  z_bj = scale * x_b . W_j / |W_j| and q_b = x_b . W_y / |W_y| (x is already unit-norm).
     normalize=False: z_bj = x_b . W_j + bias_j         and q_b = z_{b y_b}   (plain softmax; scale unused).
+
+    A label -1 means "the target class is not among these rows" (a class shard, parallel.py): that row's
+    lse_neg runs over all its logits and its t_b and penalty_b are 0.
     """
 
     @staticmethod
@@ -103,9 +114,10 @@ class _ChunkedMarginCE(torch.autograd.Function):
         ones = x.new_ones(width)  # row sums as matrix-vector products (faster than sum(1) on CPU)
         rows_ws = None if weight.dtype == dtype else x.new_empty(width, weight.shape[1])
         bias_c = None if bias is None else bias.to(dtype)
-        q = target_input(x, weight, bias, labels, normalize)
+        rows, labels = target_rows(labels)  # the rows whose target class is here (all, unless a class shard)
+        q = target_input(take_rows(x, rows), weight, bias, labels, normalize)
         target, penalty = _target_terms(q, target_fn, penalty_fn, grad=False)
-        positions = _target_positions(labels, batch, num_classes, chunk_size)
+        positions = _target_positions(labels, rows, batch, num_classes, chunk_size)
         neg_inf = x.new_full((), -math.inf)
         tiny = torch.finfo(dtype).tiny
         for k, (c0, c1) in enumerate(spans):  # one sweep: each chunk's logits, max and sum while in cache
@@ -127,33 +139,35 @@ class _ChunkedMarginCE(torch.autograd.Function):
         # the target entries to the lowest finite number: exp(it - lse) = 0 and 0 * it = 0 in backward
         flat.index_put_((positions,), x.new_full((), torch.finfo(dtype).min))
         lse_neg = torch.logsumexp(chunk_sum.log_().add_(chunk_max), dim=0)  # online logsumexp, combined
-        excess = lse_neg - target  # log sum_{j != y} exp(z_j - t)
-        ctx.save_for_backward(x, weight, bias, labels, flat, excess, target, norms, q)
+        ctx.save_for_backward(x, weight, bias, labels, flat, lse_neg, norms, q)
+        ctx.rows = rows
         ctx.fns = (target_fn, penalty_fn)
         ctx.scale, ctx.normalize, ctx.chunk_size, ctx.buffers = scale, normalize, chunk_size, buffers
-        return softplus(excess) + penalty  # ArcFace Eq. 4 per sample: log(1 + sum_{j != y} exp(z_j - t))
+        # lse_neg is returned as a copy: an output saved for backward would keep itself alive under saved-tensor hooks
+        return lse_neg.clone(), scatter_rows(target, rows, batch), scatter_rows(penalty, rows, batch)
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor):  # type: ignore[override]
-        x, weight, bias, labels, flat, excess, target, norms, q = ctx.saved_tensors
+    def backward(ctx: Any, grad: Tensor, grad_target: Tensor, grad_penalty: Tensor):  # type: ignore[override]
+        x, weight, bias, labels, flat, lse_neg, norms, q = ctx.saved_tensors
+        rows = ctx.rows
         scale, normalize, chunk_size = ctx.scale, ctx.normalize, ctx.chunk_size
         need_x, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
         batch, num_classes = x.shape[0], weight.shape[0]
         dtype = x.dtype
-        grad = grad.to(dtype)
+        grad = grad.to(dtype)  # d L / d lse_neg_b
 
-        # target path: d loss_b / d t_b = p_{b y_b} - 1 = -sigmoid(excess_b) (exact for tiny losses),
-        # d loss_b / d penalty_b = 1, then autograd through psi
+        # the target path: d L / d t_b and d L / d penalty_b come in as they are, then autograd through psi
         q_leaf = q.detach().requires_grad_(True)
         with torch.enable_grad():
             target_q, penalty = _target_terms(q_leaf, *ctx.fns, grad=True)
             outputs = [target_q] + ([penalty] if penalty.requires_grad else [])
-            grads = [-grad * torch.sigmoid(excess)] + ([grad] if penalty.requires_grad else [])
+            grads = [take_rows(grad_target.to(dtype), rows)]
+            grads += [take_rows(grad_penalty.to(dtype), rows)] if penalty.requires_grad else []
             (grad_q,) = torch.autograd.grad(outputs, q_leaf, grads, allow_unused=True)
         if grad_q is None:  # the target logit does not depend on q (cannot happen for the presets)
             grad_q = torch.zeros_like(q)
 
-        lse = (target + softplus(excess)).unsqueeze(1)
+        lse = lse_neg.unsqueeze(1)  # d lse_neg_b / d z_bj = exp(z_bj - lse_neg_b), j != y_b
         spans = chunks(num_classes, chunk_size)
         width = spans[0][1]
         # dL/dz_bj = grad_b p_bj: grad_b goes into x (for grad W) and into grad x's rows at the end
@@ -172,7 +186,7 @@ class _ChunkedMarginCE(torch.autograd.Function):
         for c0, c1 in spans:
             n = c1 - c0
             z = flat[batch * c0 : batch * c1].view(batch, n)  # the target entries hold the lowest finite number
-            p = torch.sub(z, lse, out=work[: batch * n].view(batch, n)).exp_()  # softmax p_bj, 0 at the target
+            p = torch.sub(z, lse, out=work[: batch * n].view(batch, n)).exp_()  # non-target softmax, 0 at the target
             w_c = chunk_rows(weight, c0, c1, dtype, rows_ws)
             if normalize:
                 # rho_j = sum_b grad_b p_bj z_bj, for the row-normalisation term (the buffer is consumed here)
@@ -191,7 +205,7 @@ class _ChunkedMarginCE(torch.autograd.Function):
                     grad_w[c0:c1].copy_(out)
         if grad_x is not None:
             grad_x.mul_(grad.unsqueeze(1))
-        add_target_grads(grad_q, x, weight, labels, normalize, grad_x, grad_w, grad_b)
+        add_target_grads(grad_q, x, weight, labels, normalize, grad_x, grad_w, grad_b, rows=rows)
         return grad_x, grad_w, grad_b, None, None, None, None, None, None, None
 
 
@@ -226,10 +240,55 @@ def chunked_margin_cross_entropy(
         bias: (C,) added to the logits when not normalising (plain softmax).
         penalty_fn: optional per-sample term of q added to the loss (the Eq. 5 intra-class angle).
         scale: s, multiplies the non-target cosines when `normalize`.
+        chunk_size: classes per block (default 4096: a (B, chunk) block stays in cache).
         buffers: (logit buffer, gradient of W) kept between calls (buffers.py); None allocates both afresh.
     Returns:
-        (B,) loss_b = logsumexp_j z_bj (target column = t_b) - t_b + penalty_b.
+        (B,) loss_b = logsumexp_j z_bj (target column = t_b) - t_b + penalty_b, computed as
+        log(1 + sum_{j != y_b} exp(z_bj - t_b)) + penalty_b (exact at tiny losses).
     """
+    lse_neg, target, penalty = _margin_terms(
+        x, weight, labels, target_fn, bias, penalty_fn, scale, normalize, chunk_size, buffers
+    )
+    return softplus(lse_neg - target) + penalty  # ArcFace Eq. 4, per sample
+
+
+def chunked_margin_terms(
+    x: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    target_fn: TargetFn,
+    *,
+    bias: Tensor | None = None,
+    penalty_fn: TargetFn | None = None,
+    scale: float = 1.0,
+    normalize: bool = True,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    buffers: tuple[ReusableBuffer, ReusableBuffer] | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The three terms (lse, t, penalty), each (B,), of :func:`chunked_margin_cross_entropy` (loss = lse - t + penalty),
+    differentiable separately: a class shard (parallel.py) reduces lse across ranks as a logsumexp and t, penalty
+    as sums. Arguments as there; a label -1 means the row's class is not among ``weight``'s rows (then t = penalty
+    = 0 and lse runs over the non-target logits)."""
+    lse_neg, target, penalty = _margin_terms(
+        x, weight, labels, target_fn, bias, penalty_fn, scale, normalize, chunk_size, buffers
+    )
+    lse = torch.where(labels >= 0, torch.logaddexp(lse_neg, target), lse_neg)  # the target column joins the sum
+    return lse, target, penalty
+
+
+def _margin_terms(
+    x: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    target_fn: TargetFn,
+    bias: Tensor | None,
+    penalty_fn: TargetFn | None,
+    scale: float,
+    normalize: bool,
+    chunk_size: int,
+    buffers: tuple[ReusableBuffer, ReusableBuffer] | None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(lse_neg, t, penalty) of `_ChunkedMarginCE`, in float32 (or float64) whatever autocast says."""
     dtype = compute_dtype(x, weight)
     with torch.autocast(device_type=x.device.type, enabled=False):
         return _ChunkedMarginCE.apply(
@@ -243,7 +302,7 @@ def chunked_margin_cross_entropy(
 
 
 @HEADS.register("margin_softmax")
-class MarginSoftmax(nn.Module):
+class MarginSoftmax(nn.Module, ClassifierHead):
     """Combined-margin softmax head, ArcFace Eq. 4: target logit s (cos(m1 theta + m2) - m3), others s cos theta.
 
     Args:
@@ -302,7 +361,14 @@ class MarginSoftmax(nn.Module):
         return (
             f"num_classes={self.num_classes}, embedding_size={self.embedding_size}, s={self.s}, "
             f"m1={self.m1}, m2={self.m2}, m3={self.m3}, margin_grad={self.margin_grad!r}"
+            + "".join(f", {k}={v}" for k, v in (("intra_loss_weight", self.intra_loss_weight),
+                                                 ("inter_loss_weight", self.inter_loss_weight)) if v)
         )
+
+    @property
+    def batch_level_loss(self) -> bool:  # type: ignore[override]
+        """True when the Eq. 6 inter-class regulariser (batch-level) is on (``ClassifierHead``)."""
+        return self.inter_loss_weight > 0
 
     def _target(self, cos_y: Tensor) -> Tensor:
         return self.s * target_logit(cos_y, self.m1, self.m2, self.m3, self.margin_grad)  # s psi(theta_y)
@@ -390,7 +456,7 @@ def _identity(q: Tensor) -> Tensor:
 
 
 @HEADS.register("softmax")
-class Softmax(nn.Module):
+class Softmax(nn.Module, ClassifierHead):
     """Plain softmax cross-entropy over a fully connected layer: logits = x W^T + b (ArcFace Eq. 1).
 
     No normalisation, scale or margin; same chunked, memory-lean loss as `MarginSoftmax` (same `buffers` policy).

@@ -43,6 +43,8 @@ from torch import Tensor, nn
 
 from faceforge.heads.base import (
     HEADS,
+    ClassifierHead,
+    TrainHooks,
     add_target_grads,
     check_buffer_policy,
     check_inputs,
@@ -51,8 +53,11 @@ from faceforge.heads.base import (
     chunks,
     compute_dtype,
     row_norms,
+    scatter_rows,
     softplus,
+    take_rows,
     target_input,
+    target_rows,
 )
 from faceforge.heads.buffers import ReusableBuffer, make_step_buffers
 from faceforge.heads.margin import MARGIN_GRADS, check_margin_grad, safe_acos
@@ -184,7 +189,11 @@ class _Settings:
 
 
 class _ChunkedSphereFace2(torch.autograd.Function):
-    """Per-sample Eq. 6 (B,) of unit-norm x (B, D), weight (C, D) (rows normalised here) and bias (1,)."""
+    """Per-sample Eq. 6 (B,) of unit-norm x (B, D), weight (C, D) (rows normalised here) and bias (1,).
+
+    A label -1 means the row's class is not among these rows (a class shard, parallel.py): every row is then
+    a negative and the positive term is 0.
+    """
 
     @staticmethod
     def forward(  # type: ignore[override]
@@ -234,15 +243,18 @@ class _ChunkedSphereFace2(torch.autograd.Function):
             column = torch.mv(torch.mul(u, slope, out=z).t(), ones_b, out=radial[c0:c1])
             column.mul_(2.0).sub_(torch.mv(slope.t(), ones_b)).mul_(coef)
             torch.mul(slope, coef, out=u)  # D_bj = d loss_b / d cos_bj / |W_j|, (1 - lambda) / r folded in
-        cos_y = target_input(x, weight, None, labels, True)
-        positive = s.target_term(cos_y, b)
+        rows, labels = target_rows(labels)
+        cos_y = target_input(take_rows(x, rows), weight, None, labels, True)
+        positive = scatter_rows(s.target_term(cos_y, b), rows, batch)
         ctx.save_for_backward(x, weight, bias, labels, deriv, norms, radial, cos_y, sigmoid_sum)
+        ctx.rows = rows
         ctx.settings, ctx.chunk_size, ctx.buffers = settings, chunk_size, buffers
         return positive + ((1.0 - s.lamb) / s.r) * softplus_sum  # SphereFace2 Eq. 6, per sample
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor):  # type: ignore[override]
         x, weight, bias, labels, deriv, norms, radial, cos_y, sigmoid_sum = ctx.saved_tensors
+        rows = ctx.rows
         s: _Settings = ctx.settings
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         dtype = x.dtype
@@ -252,7 +264,9 @@ class _ChunkedSphereFace2(torch.autograd.Function):
         cos_leaf = cos_y.detach().requires_grad_(True)
         b_leaf = bias.detach().to(dtype).requires_grad_(True)
         with torch.enable_grad():
-            grad_cos_y, grad_b_pos = torch.autograd.grad(s.target_term(cos_leaf, b_leaf), [cos_leaf, b_leaf], grad)
+            grad_cos_y, grad_b_pos = torch.autograd.grad(
+                s.target_term(cos_leaf, b_leaf), [cos_leaf, b_leaf], take_rows(grad, rows)
+            )
 
         grad_x = torch.zeros_like(x) if need_x else None
         grad_w = None
@@ -273,7 +287,7 @@ class _ChunkedSphereFace2(torch.autograd.Function):
             if grad_w is not None:
                 known = radial[c0:c1] * scale if uniform else None
                 _weight_grad_into(g_c, scale, x, w_c, norms[c0:c1], known, grad_w[c0:c1])
-        add_target_grads(grad_cos_y, x, weight, labels, True, grad_x, grad_w, None)
+        add_target_grads(grad_cos_y, x, weight, labels, True, grad_x, grad_w, None, rows=rows)
         grad_b = None
         if need_b:
             grad_neg = ((1.0 - s.lamb) / s.r) * (grad * sigmoid_sum).sum()
@@ -353,7 +367,7 @@ def _check_number(name: str, value: float, low: float, high: float = math.inf, *
 
 
 @HEADS.register("sphereface2")
-class SphereFace2(nn.Module):
+class SphereFace2(nn.Module, ClassifierHead, TrainHooks):
     """SphereFace2: one binary classifier per class on the hypersphere, Eq. 6 with a shared learnable bias.
 
     Args:

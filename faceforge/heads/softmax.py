@@ -1,24 +1,34 @@
 """Margin-softmax heads over a full class-weight matrix, computed in class chunks (ArcFace Eq. 4).
 
-    L = (1/N) sum_b [ log(exp(t_b) + sum_{j != y_b} exp(z_bj)) - t_b ]
+    L = (1/N) sum_b [ log(exp(t_b) + sum_{j != y_b} exp(z_bj)) - t_b ] = (1/N) sum_b log1p(sum_{j != y_b} exp(z_bj - t_b))
     z_bj = s cos(theta_bj) = s <x_b/|x_b|, W_j/|W_j|>,    t_b = s psi(theta_{b y_b})     (margin.py)
 
-The loss is one `torch.autograd.Function` (`_ChunkedMarginCE`) with a hand-written backward:
+The loss is one `torch.autograd.Function` (`_ChunkedMarginCE`) with a hand-written backward. Its chunks are
+cache-sized (4096 classes: a (B, chunk) block of 2 MiB at B = 128), so every elementwise pass after a
+chunk's matrix product reads the cache, not memory:
 
-- forward writes z chunk by chunk into ONE preallocated (B, C) buffer (x_hat @ W_c^T, then divided by the
-  chunk's row norms in place: W is never normalised into a copy), puts t_b in the target column and takes a
-  stable logsumexp chunk by chunk. The buffer is saved for backward (no recompute).
-- backward turns the buffer into softmax probabilities chunk by chunk and writes grad W into one (C, D)
-  tensor with `torch.mm(out=grad_W[c0:c1])`, including the row-normalisation term
-  d cos_bj / d W_j = x_hat_b / |W_j| - cos_bj W_j / |W_j|^2.
-- the (B, C) buffer and grad W are lent by the head's `ReusableBuffer`s (buffers.py), so a training loop
-  reuses last step's memory instead of paying the kernel to zero 2 GB of fresh pages every step.
+- forward, ONE sweep over the classes: per chunk, z = (s x_hat) W_c^T into the chunk's contiguous block of ONE
+  (B, C) buffer (the scale folded into x once), |W_j| of the chunk's rows (just read by the product; kept:
+  norms are computed once per step and reused by backward), z /= |W_j|, the target column to -inf, and the
+  chunk's row max m_k and sum of exp(z - m_k) (an online logsumexp: the chunks are combined at the end). The
+  buffer keeps z for backward (no recompute of the matrix product).
+- the loss is softplus(lse_neg - t) = log1p(sum_{j != y} exp(z_j - t)), lse_neg the logsumexp of the
+  non-target logits: exact at tiny losses, where lse - t in float32 would cancel two numbers near s.
+- backward, one sweep: per chunk p = exp(z - lse_neg) (the non-target softmax, 0 at the target), the radial
+  sums rho_j = sum_b g_b p_bj z_bj from that block, grad x += (p s/|W_j|) W_c, and grad W_c written ONCE by
+  `torch.mm(out=grad_W[c0:c1])` (no read of old content), then its row-normalisation term
+  - (rho_j / |W_j|^2) W_j added while the block is still in cache
+  (d cos_bj / d W_j = x_hat_b / |W_j| - cos_bj W_j / |W_j|^2).
+- the (B, C) buffer and grad W come from the head's `ReusableBuffer`s (buffers.py): `buffers="reuse"` keeps
+  them between steps (a CPU training loop then pays no kernel zeroing of 2 GB of fresh pages every step),
+  `"release"` keeps nothing; `"auto"` (default) is reuse on CPU, release on GPU.
 - the target cosine cos_y (B,) is computed inside too, and its gradient (through the margin, exact or
   straight-through, and the optional Eq. 5 term) comes from autograd of the small (B,) function psi, then is
   scattered into grad W with `index_put_(accumulate=True)`. So W has a single gradient tensor: extra memory is the (B, C)
   buffer plus grad W, i.e. (1 + B/D) |W| (1.25 |W| for B = 128, D = 512).
 
-Logits, logsumexp and softmax are float32 (or float64 when W is) whatever autocast says.
+Logits, logsumexp and softmax are float32 (or float64 when W is) whatever autocast says; under CUDA the
+loop allocates nothing per chunk beyond (B,)-sized index temporaries (workspaces are made once per call).
 `head.logits(...)` is the plain (B, C) formulation, for small C and for checking.
 """
 

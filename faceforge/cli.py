@@ -116,7 +116,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     """The exceptions that are the user's to fix: a config, a file, a value, a checkpoint, a diverged run."""
     from faceforge.train.checkpoint import CheckpointError
 
-    return (ValueError, OSError, LookupError, CheckpointError, FloatingPointError)
+    return (ValueError, OSError, LookupError, ImportError, CheckpointError, FloatingPointError)
 
 
 def _pack(args: argparse.Namespace) -> int:

@@ -436,11 +436,12 @@ _RANGES: dict[str, tuple[Any, str]] = {
 
 
 def _non_finite(value: Any, key: str) -> str | None:
-    """The dotted key of the first inf/nan float in ``value`` (nested dicts, lists, dataclasses), else None."""
+    """The dotted key of the first inf/nan float in ``value`` (nested dicts, lists, dataclasses), else None.
+    ``kwargs`` sections are the factories' to check (a test objective may want a NaN on purpose)."""
     if isinstance(value, float):
         return None if math.isfinite(value) else key
     if dataclasses.is_dataclass(value):
-        value = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+        value = {f.name: getattr(value, f.name) for f in dataclasses.fields(value) if not f.name.endswith("kwargs")}
     if isinstance(value, dict):
         items = value.items()
     elif isinstance(value, (list, tuple)):

@@ -33,8 +33,8 @@ def build_backbone(cfg: Config) -> nn.Module:
     from faceforge.backbones import BACKBONES
 
     kwargs = {"input_size": cfg.data.image_size, **cfg.model.kwargs}
-<<<<<<< HEAD
-    backbone = BACKBONES.build(cfg.model.backbone, embedding_size=cfg.model.embedding_size, **kwargs)
+    with _naming_kwargs("model", cfg.model.backbone):
+        backbone = BACKBONES.build(cfg.model.backbone, embedding_size=cfg.model.embedding_size, **kwargs)
     mode = cfg.model.grad_checkpointing
     if mode:
         if not callable(getattr(backbone, "set_grad_checkpointing", None)):
@@ -42,10 +42,6 @@ def build_backbone(cfg: Config) -> nn.Module:
                              "set_grad_checkpointing(enable, granularity); expected false for it")
         backbone.set_grad_checkpointing(True, granularity="block" if mode is True else mode)
     return backbone
-=======
-    with _naming_kwargs("model", cfg.model.backbone):
-        return BACKBONES.build(cfg.model.backbone, embedding_size=cfg.model.embedding_size, **kwargs)
->>>>>>> main
 
 
 def build_head(cfg: Config, num_classes: int) -> nn.Module:

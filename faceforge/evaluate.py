@@ -39,6 +39,7 @@ from faceforge.eval.sets import (
     PairSet,
     RetrievalSet,
     SetScores,
+    _pct,
 )
 from faceforge.fileio import save_npy
 from faceforge.train.checkpoint import THRESHOLD_KEY
@@ -57,7 +58,8 @@ class EvalRequest:
     of a labelled image set among distractors (both required together). retrieval /
     retrieval_test_fraction: retrieval on a labelled image set, or on a class-disjoint fraction of it.
     num_pairs: held-out pairs when a checkpoint's own sets are used (none of the above). fars: of the
-    pair sets. batch_size: images per forward pass.
+    pair sets. batch_size: images per forward pass. masked: every 1:1 pair set is also scored with the
+    second image of each pair masked (:func:`masked_pair_set`), beside the unmasked one.
     """
 
     bins: Sequence[str] = ()
@@ -72,6 +74,53 @@ class EvalRequest:
     num_pairs: int = 3000
     fars: Sequence[float] = EVAL_FARS
     batch_size: int = 256
+    masked: bool = False
+
+
+MASK_SEED = 0  # the masks of `faceforge eval --masked`: fixed, so every checkpoint meets the same masked pairs
+
+
+def masked_pair_set(s: PairSet, seed: int = MASK_SEED) -> PairSet:
+    """``s`` with the second image of every pair masked (the MFR protocol: an unmasked face against a masked
+    one), named ``"<name> (masked)"``; pair ``k``'s mask is a function of ``(seed, k)`` (``faceforge.data.masks``)."""
+    from faceforge.data.masks import mask_images_uint8
+
+    images = np.array(s.images, dtype=np.uint8, copy=True)
+    images[1::2] = mask_images_uint8(images[1::2], seed, np.arange(len(s.issame)))
+    return PairSet(f"{s.name} (masked)", images, s.issame, fars=s.fars)
+
+
+def _with_masked(sets: list[EvalSet], r: EvalRequest) -> list[EvalSet]:
+    """With ``r.masked``, each pair set followed by its masked twin; a ValueError when there is no pair set."""
+    if not r.masked:
+        return sets
+    if not any(isinstance(s, PairSet) for s in sets):
+        raise ValueError("--masked masks one image of every 1:1 pair: give --bin sets, or no set option to use the "
+                         "checkpoint's held-out pairs (IJB, identification and retrieval are not masked)")
+    return [t for s in sets for t in ((s, masked_pair_set(s)) if isinstance(s, PairSet) else (s,))]
+
+
+def _masked_rows(results: dict[tuple[str, str], SetScores]) -> list[tuple[str, dict[str, object]]]:
+    """One row per checkpoint and pair set scored both ways: the unmasked and masked numbers side by side."""
+    title = "Masked verification (MFR style: the second image of every pair masked)"
+    rows = []
+    for (label, name), masked in results.items():
+        plain = results.get((label, name.removesuffix(" (masked)")))
+        if not name.endswith(" (masked)") or plain is None or masked.result is None or plain.result is None:
+            continue
+        a, b = plain.result, masked.result
+        row: dict[str, object] = {
+            "model": f"{label} on {name.removesuffix(' (masked)')}",
+            "10-fold accuracy, unmasked": f"{100 * a.accuracy:.2f} %",
+            "10-fold accuracy, masked": f"{100 * b.accuracy:.2f} %",
+        }
+        for far in (1e-3, 1e-2):
+            if far in a.tar_at_far:
+                row[f"TAR@FAR={far:.0e}, unmasked"] = _pct(a.tar_at_far[far])
+                row[f"TAR@FAR={far:.0e}, masked"] = _pct(b.tar_at_far[far])
+        row.update({"EER, unmasked": _pct(a.eer), "EER, masked": _pct(b.eer)})
+        rows.append((title, row))
+    return rows
 
 
 def _bin_sets(r: EvalRequest) -> list[EvalSet]:
@@ -245,6 +294,7 @@ def evaluate_checkpoints(
     out = Path(output) if output else paths[0].parent / "eval"
     out.mkdir(parents=True, exist_ok=True)
     shared = [s for build in EVALUATIONS.values() for s in build(r)]
+    shared = _with_masked(shared, r) if shared else shared
     data_keys = {id(s): s.key() for s in shared}
     compare = len(paths) > 1
 
@@ -252,7 +302,7 @@ def evaluate_checkpoints(
     records, rows, hists, curves = [], [], [], {}
     for path, label in zip(paths, _labels(paths)):
         ckpt = _Checkpoint(path, label)
-        sets = shared or ckpt.held_out_sets(r)
+        sets = shared or _with_masked(ckpt.held_out_sets(r), r)
         for s in sets:
             data_key = data_keys.get(id(s)) or s.key()
             features, feature_paths, cached = _features(s, data_key, ckpt, out, r.batch_size)
@@ -272,7 +322,7 @@ def evaluate_checkpoints(
                         fpr_range=_fpr_range(list(curves.values()))) if curves else None
     if roc_path is not None:
         shutil.copyfile(roc_path, out / "roc_eval.png")  # the name of earlier versions
-    tables = _tables(rows)
+    tables = _tables(rows + (_masked_rows(results) if r.masked else []))
     (out / "results.md").write_text(tables + "\n")
     (out / "results.json").write_text(json.dumps(
         {"checkpoints": dict(zip(_labels(paths), map(str, paths))), "fars": [float(f) for f in r.fars],

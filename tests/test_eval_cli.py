@@ -285,3 +285,31 @@ def test_eval_bad_requests_are_clear_errors(tiny: dict[str, Path], tmp_path: Pat
     assert main(["eval", str(tiny["ckpt"]), "--retrieval", str(big), "--output", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert "img_00.png: image is 40x40 but the model takes 32x32" in err
+
+
+def test_eval_masked_scores_each_pair_set_masked_and_unmasked_side_by_side(
+    trained: tuple[Path, Path, np.ndarray], tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    from faceforge.data.masks import mask_images_uint8, upper_face_rows
+    from faceforge.data.pairs import load_bin
+
+    ckpt, bin_path, issame = trained
+    out = tmp_path / "masked"
+    assert main(["eval", str(ckpt), "--bin", str(bin_path), "--masked", "--output", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "Masked verification" in text and "10-fold accuracy, masked" in text
+    records = {r["set"]: r for r in json.loads((out / "results.json").read_text())["results"]}
+    assert set(records) == {"pairs", "pairs (masked)"}
+    plain, masked = np.load(records["pairs"]["embeddings"]), np.load(records["pairs (masked)"]["embeddings"])
+    assert np.array_equal(plain[0::2], masked[0::2])  # the first image of every pair is untouched
+    assert not np.allclose(plain[1::2], masked[1::2])  # the second wears a mask
+    expect = evaluate_scores(pair_scores(masked), issame, fars=EVAL_FARS)
+    assert records["pairs (masked)"]["accuracy"] == pytest.approx(expect.accuracy, abs=1e-12)
+    # the masked images are the masks of (seed 0, pair k) on the second images, the upper face unchanged
+    images, _ = load_bin(bin_path)
+    built = evaluate.masked_pair_set(evaluate.PairSet("pairs", images, issame)).images
+    assert np.array_equal(built[1::2], mask_images_uint8(np.asarray(images)[1::2], 0, np.arange(len(issame))))
+    top = upper_face_rows(built.shape[1])
+    assert np.array_equal(built[:, :top], np.asarray(images)[:, :top])
+    with pytest.raises(ValueError, match="--masked"):
+        evaluate._with_masked([], evaluate.EvalRequest(masked=True))

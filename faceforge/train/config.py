@@ -438,10 +438,8 @@ _RANGES: dict[str, tuple[Any, str]] = {
     "data.glyph_variants": (lambda v: v >= 1, "an int >= 1"),
     "model.embedding_size": (lambda v: v >= 1, "an int >= 1"),
     "optim.lr": (lambda v: v >= 0, "a float >= 0"),
-<<<<<<< HEAD
     "optim.trust_coefficient": (lambda v: v > 0, "a float > 0"),
     "optim.reference_batch": (lambda v: v is None or v >= 1, "null or an int >= 1"),
-=======
     "optim.momentum": (lambda v: v >= 0, "a float >= 0"),
     "optim.weight_decay": (lambda v: v >= 0, "a float >= 0"),
     "optim.head_lr": (lambda v: v is None or v >= 0, "null (= optim.lr) or a float >= 0"),
@@ -455,7 +453,6 @@ _RANGES: dict[str, tuple[Any, str]] = {
     "schedule.power": (lambda v: v >= 0, "a float >= 0"),
     "schedule.gamma": (lambda v: v >= 0, "a float >= 0"),
     "schedule.min_lr": (lambda v: v >= 0, "a float >= 0"),
->>>>>>> main
     "train.epochs": (lambda v: v >= 1, "an int >= 1"),
     "train.steps": (lambda v: v is None or v >= 1, "null or an int >= 1"),
     "train.grad_accum": (lambda v: v >= 1, "an int >= 1"),

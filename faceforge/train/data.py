@@ -23,13 +23,8 @@ from faceforge.train.checkpoint import CHECKPOINT_NAME
 from faceforge.train.config import Config, ConfigError
 
 __all__ = [
-<<<<<<< HEAD
-    "DATASETS", "VERIFICATION_SETS", "LABEL_MAP_NAME", "LabelNoise", "build_dataset", "build_evaluators", "build_verification_sets",
-    "build_unlabelled", "dataset_labels", "glyph_benchmark_of", "shuffled_labels", "synthetic_held_out_pairs",
-=======
     "BadRecordError", "DATASETS", "VERIFICATION_SETS", "LABEL_MAP_NAME", "LabelNoise", "build_dataset", "build_evaluators", "build_verification_sets",
-    "dataset_labels", "glyph_benchmark_of", "shuffled_labels", "synthetic_held_out_pairs",
->>>>>>> main
+    "build_unlabelled", "dataset_labels", "glyph_benchmark_of", "shuffled_labels", "synthetic_held_out_pairs",
 ]
 
 def _synthetic_train(cfg: Config) -> Dataset:

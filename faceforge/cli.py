@@ -216,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=256, help="images per forward pass (default 256)")
     p.add_argument("--masked", action="store_true",
                    help="also score every 1:1 pair set with the second image of each pair wearing a synthetic "
-                        "mask (MFR style), unmasked and masked side by side")
+                        "mask (MFR style), unmasked and masked side by side (default: off)")
     commands["eval"] = _eval
 
     p = sub.add_parser("backbones", help="list the registered backbones with parameters and FLOPs")

@@ -25,7 +25,7 @@ The epoch sampler ("epoch", :class:`EpochSampler`), and what makes a killed-and-
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Any, Iterator, Protocol, runtime_checkable
+from typing import Any, Callable, Iterator, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -118,7 +118,12 @@ class Batch:
 class SamplerContext:
     """What the trainer tells a sampler: the training set (``ds[i] -> (image (3, H, W) float, label)``,
     with ``num_classes``), this rank's micro-batch size, the world, the seed, micro-batches per optimiser
-    step and per epoch, whether to flip, and the DataLoader's workers and pinning."""
+    step and per epoch, whether to flip, and the DataLoader's workers and pinning.
+
+    ``labels()``: every item's label, int64 ``(N,)``, read on the first call and kept (the trainer reads
+    them without decoding an image where it can, e.g. from RecordIO headers); for a sampler that groups
+    images by identity. None when the trainer gives none (then read ``dataset[i][1]``).
+    """
 
     dataset: Dataset
     batch_size: int
@@ -130,6 +135,7 @@ class SamplerContext:
     flip: bool = True
     num_workers: int = 0
     pin_memory: bool = False
+    labels: Callable[[], Tensor] | None = None
     mask_ratio: float = 0.0  # data.mask_ratio: faceforge.data.masks, applied before the flip
     unlabelled: Dataset | None = None  # data.unlabelled: ds[i] -> (image (3, H, W) float, -1)
     unlabelled_per_batch: int = 0  # unlabelled images after the labelled ones in each micro-batch

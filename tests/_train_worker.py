@@ -11,7 +11,9 @@
   inside a checkpoint write, or spawning 2 gloo ranks:
 
     python tests/_train_worker.py CONFIG [key=value ...] [--resume] [--kill-at-step K]
-        [--kill-in-save N] [--nprocs 2 --port P]
+        [--kill-in-save N] [--nprocs 2 --port P] [--kill-rank R]
+
+  (``--kill-rank R --kill-at-step K``: under torchrun, rank R kills itself at step K in the first attempt only.)
 """
 
 from __future__ import annotations
@@ -105,7 +107,10 @@ def _run(args: argparse.Namespace) -> None:
     torch.set_num_threads(1)
     if args.kill_in_save:
         _kill_inside_save(args.kill_in_save)
-    on_step = (lambda step: _kill_self() if step == args.kill_at_step else None) if args.kill_at_step else None
+    # --kill-rank R: only rank R dies, and only in the first attempt of an elastic (torchrun) run
+    first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
+    dies = args.kill_rank is None or (first_attempt and os.environ.get("RANK", "0") == str(args.kill_rank))
+    on_step = (lambda step: _kill_self() if step == args.kill_at_step else None) if args.kill_at_step and dies else None
     result = train(load_config(args.config, args.overrides), resume=args.resume, on_step=on_step)
     print(f"final step {result.step}")
 
@@ -125,6 +130,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--kill-at-step", type=int, default=0)
     parser.add_argument("--kill-in-save", type=int, default=0)
+    parser.add_argument("--kill-rank", type=int, default=None)
     parser.add_argument("--nprocs", type=int, default=1)
     parser.add_argument("--port", type=int, default=0)
     args = parser.parse_args(argv)

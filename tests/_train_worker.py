@@ -13,7 +13,8 @@
     python tests/_train_worker.py CONFIG [key=value ...] [--resume] [--kill-at-step K]
         [--kill-in-save N] [--nprocs 2 --port P] [--kill-rank R]
 
-  (``--kill-rank R --kill-at-step K``: under torchrun, rank R kills itself at step K in the first attempt only.)
+  (``--kill-rank R --kill-at-step K``: under torchrun, rank R kills itself at step K once, in the first attempt
+  that reaches it.)
 """
 
 from __future__ import annotations
@@ -107,10 +108,17 @@ def _run(args: argparse.Namespace) -> None:
     torch.set_num_threads(1)
     if args.kill_in_save:
         _kill_inside_save(args.kill_in_save)
-    # --kill-rank R: only rank R dies, and only in the first attempt of an elastic (torchrun) run
-    first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
-    dies = args.kill_rank is None or (first_attempt and os.environ.get("RANK", "0") == str(args.kill_rank))
-    on_step = (lambda step: _kill_self() if step == args.kill_at_step else None) if args.kill_at_step and dies else None
+    # --kill-rank R: only rank R dies, and only once: in the first attempt of an elastic (torchrun) run that
+    # reaches the step (a marker file beside the config remembers it; an attempt may fail earlier, e.g. to connect)
+    marker = Path(args.config).with_suffix(".killed")
+    dies = args.kill_rank is None or (os.environ.get("RANK", "0") == str(args.kill_rank) and not marker.exists())
+
+    def kill(step: int) -> None:
+        if step == args.kill_at_step:
+            marker.touch()
+            _kill_self()
+
+    on_step = kill if args.kill_at_step and dies else None
     result = train(load_config(args.config, args.overrides), resume=args.resume, on_step=on_step)
     print(f"final step {result.step}")
 

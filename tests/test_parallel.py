@@ -262,14 +262,16 @@ def test_resume_on_2_then_3_ranks_then_1_process_continues_the_same_training(str
 
 
 def test_elastic_restart_after_a_killed_rank_finishes_the_run(straight: Path, tmp_path: Path) -> None:
-    """torchrun --max-restarts 1: rank 1 dies (SIGKILL) after step 3 of the first attempt; the agent restarts
-    both ranks, which resume from step 2 (``--resume``) and finish: the same training as straight through."""
+    """torchrun --max-restarts: rank 1 dies (SIGKILL) after step 3; the agent restarts both ranks, which resume
+    from step 2 (``--resume``) and finish: the same training as straight through. (2 restarts allowed: on a
+    loaded machine an attempt may also fail to connect its ranks; the kill happens once.)"""
     output = tmp_path / "run"
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                "--max-restarts", "1", "--monitor-interval", "0.2"]
+                "--max-restarts", "2", "--monitor-interval", "0.2"]
     worker(sharded_config(output, 2, 4), "--resume", "--kill-rank", "1", "--kill-at-step", "3", launcher=torchrun)
     log = (output / "train.log").read_text()
     assert "resumed from" in log and "step 4/4" in log
+    assert output.with_suffix(".killed").exists()  # rank 1 did die
     final, expected = resolved(output / "last.pt"), resolved(straight / "step_0000004.pt")
     assert final["step"] == 4
     for key in ("backbone", "head", "optimizer"):

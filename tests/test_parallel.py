@@ -261,6 +261,9 @@ def test_resume_on_2_then_3_ranks_then_1_process_continues_the_same_training(str
     assert sorted(p.name for p in (output / "shards").iterdir()) == [f"step_{s:07d}" for s in (2, 4, 6)]
 
 
+@pytest.mark.slow  # torchrun: ~1 min on a loaded 2-core machine, and there one run in 5 hung in a restart's gloo
+# connection (not understood yet). Default coverage of its parts: test_train's kill -9 and resume, test_extending's
+# row shards written by 2 ranks through the trainer, test_row_shards_written_by_3_ranks_read_by_2_and_1.
 def test_elastic_restart_after_a_killed_rank_finishes_the_run(straight: Path, tmp_path: Path) -> None:
     """torchrun --max-restarts: rank 1 dies (SIGKILL) after step 3; the agent restarts both ranks, which resume
     from step 2 (``--resume``) and finish: the same training as straight through. (2 restarts allowed: on a

@@ -20,6 +20,7 @@ from faceforge.data.synthetic import synthetic_pairs
 from faceforge.demo import run_demo
 from faceforge.eval.verify import evaluate_scores, pair_scores
 from faceforge.evaluate import EVAL_FARS
+from faceforge.train.checkpoint import load_checkpoint, save_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +43,8 @@ def test_eval_writes_every_report_and_reuses_the_embeddings(
     assert main(["eval", str(ckpt), "--bin", str(bin_path), "--output", str(out)]) == 0
     text = capsys.readouterr().out
     assert re.search(r"^\| last\.pt on pairs +\| \d+\.\d\d ±", text, re.M)
-    for name in ("results.md", "results.json", "roc.png", "roc_eval.png", "hist_pairs.png"):
+    assert not (out / "roc_eval.png").exists()  # the compatibility copy is gone
+    for name in ("results.md", "results.json", "roc.png", "hist_pairs.png"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     assert "last.pt on pairs" in (out / "results.md").read_text()
 
@@ -72,13 +74,31 @@ def test_eval_writes_every_report_and_reuses_the_embeddings(
     assert {k: v for k, v in again.items() if k != "cached"} == {k: v for k, v in rec.items() if k != "cached"}
 
 
-def test_eval_default_output_is_eval_beside_the_checkpoint(trained: tuple[Path, Path, np.ndarray], tmp_path: Path) -> None:
+def test_eval_default_output_is_a_folder_per_checkpoint(trained: tuple[Path, Path, np.ndarray], tmp_path: Path) -> None:
     ckpt, bin_path, _ = trained
     copy = tmp_path / "ckpt" / "last.pt"
     copy.parent.mkdir()
     shutil.copyfile(ckpt, copy)
+    state = load_checkpoint(copy)
     assert main(["eval", str(copy), "--bin", str(bin_path)]) == 0
-    assert (copy.parent / "eval" / "results.json").is_file() and (copy.parent / "eval" / "roc.png").is_file()
+    first = copy.parent / "eval" / f"step_{state['step']:07d}"
+    assert (first / "results.json").is_file() and (first / "roc.png").is_file()
+    earlier = copy.parent / "step_0000001.pt"  # another checkpoint of the run keeps its own report
+    save_checkpoint(earlier, {**state, "step": 1})
+    assert main(["eval", str(earlier), "--bin", str(bin_path)]) == 0
+    assert (copy.parent / "eval" / "step_0000001" / "results.json").is_file() and (first / "results.json").is_file()
+
+
+def test_eval_errors_are_one_line(trained: tuple[Path, Path, np.ndarray], tmp_path: Path,
+                                  capsys: pytest.CaptureFixture[str]) -> None:
+    ckpt, _, _ = trained
+    images, issame = synthetic_pairs(8, num_identities=10, image_size=24, split="test")
+    write_bin(tmp_path / "small.bin", images, issame)
+    assert main(["eval", str(ckpt), "--bin", str(tmp_path / "small.bin"), "--output", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "small.bin: images are 24x24 but the model takes 32x32" in err
+    assert main(["eval", str(ckpt), "--pairs", "-5"]) == 2
+    assert "--pairs -5: expected an int >= 0" in capsys.readouterr().err
 
 
 def test_compare_puts_every_checkpoint_and_set_in_one_table(

@@ -274,8 +274,9 @@ class PairSet(EvalSet):
     kind = "verification"
 
     def __init__(self, name: str, images: np.ndarray, issame: np.ndarray | Sequence[bool],
-                 fars: Sequence[float] = VERIFICATION_FARS) -> None:
+                 fars: Sequence[float] = VERIFICATION_FARS, source: str | None = None) -> None:
         self.name = name
+        self.source = source or f"set {name!r}"  # the file, for error messages
         self.images = images
         self.issame = np.asarray(issame, dtype=bool)
         self.fars = tuple(float(f) for f in fars)
@@ -286,6 +287,10 @@ class PairSet(EvalSet):
         return _hash(np.asarray(self.images), self.issame)
 
     def embed(self, model, image_size, batch_size=256, device=None, progress=False):
+        h, w = self.images.shape[1:3]
+        if (h, w) != (image_size, image_size):
+            raise ValueError(f"{self.source}: images are {w}x{h} but the model takes {image_size}x{image_size} "
+                             f"(its data.image_size); expected a .bin of {image_size}x{image_size} images")
         return {"": embed(model, self.images, batch_size=batch_size, device=device, progress=progress)}
 
     def score(self, features, threshold=None):

@@ -51,8 +51,9 @@ EVAL_FARS = VERIFICATION_FARS
 class EvalRequest:
     """The sets to evaluate (each field is a ``faceforge eval`` option of the same name).
 
-    bins: insightface ``.bin`` files. ijb / ijb_name / ijb_faceness: an IJB-B/C release root, ``IJBB``
-    or ``IJBC``, faceness-weighted templates. probes / distractors / distractor_counts: identification
+    bins: insightface ``.bin`` files. ijb / ijb_name / ijb_faceness / ijb_protocol: an IJB-B/C release root,
+    ``IJBB`` or ``IJBC``, faceness-weighted templates (default: only under the insightface protocol), and
+    how the numbers are read ("faceforge" or "insightface", :class:`faceforge.eval.sets.IJBSet`). probes / distractors / distractor_counts: identification
     of a labelled image set among distractors (both required together). retrieval /
     retrieval_test_fraction: retrieval on a labelled image set, or on a class-disjoint fraction of it.
     num_pairs: held-out pairs when a checkpoint's own sets are used (none of the above). fars: of the
@@ -62,7 +63,8 @@ class EvalRequest:
     bins: Sequence[str] = ()
     ijb: str | None = None
     ijb_name: str = "IJBC"
-    ijb_faceness: bool = False
+    ijb_faceness: bool | None = None
+    ijb_protocol: str = "faceforge"
     probes: str | None = None
     distractors: str | None = None
     distractor_counts: Sequence[int] = DISTRACTOR_COUNTS
@@ -91,7 +93,7 @@ def _identification_sets(r: EvalRequest) -> list[EvalSet]:
 # request -> the sets it asks for; built once, shared by every checkpoint
 EVALUATIONS: dict[str, Callable[[EvalRequest], list[EvalSet]]] = {
     "bins": _bin_sets,
-    "ijb": lambda r: [IJBSet(r.ijb, r.ijb_name, faceness=r.ijb_faceness)] if r.ijb else [],
+    "ijb": lambda r: [IJBSet(r.ijb, r.ijb_name, faceness=r.ijb_faceness, protocol=r.ijb_protocol)] if r.ijb else [],
     "identification": _identification_sets,
     "retrieval": lambda r: [RetrievalSet(r.retrieval, r.retrieval_test_fraction)] if r.retrieval else [],
 }

@@ -211,6 +211,56 @@ def test_faceness_weighting_reuses_the_cached_ijb_features(tiny: dict[str, Path]
     assert weighted["set"] != plain["set"] and weighted["faceness_weight"] is True
 
 
+def test_ijb_insightface_protocol_reproduces_its_conventions(tiny: dict[str, Path], tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    from sklearn.metrics import roc_curve
+
+    from faceforge.eval.ijb import ijb_templates
+    from faceforge.eval.metrics import tpir_at_fpir
+    from faceforge.data.ijb import IJBMeta
+
+    out = tmp_path / "ijb_insightface"
+    assert main(["eval", str(tiny["ckpt"]), "--ijb", str(tiny["ijb"]), "--protocol", "insightface",
+                 "--output", str(out)]) == 0
+    table = capsys.readouterr().out
+    rec = _record(out, "ijb")
+    assert rec["protocol"] == "insightface" and rec["faceness_weight"] is True  # insightface's default: D1
+    # every number's row names the protocol
+    rows = [line for line in table.splitlines() if line.startswith("| last.pt")]
+    assert rows and all("insightface" in line for line in rows)
+    # 1:1: the ROC point (sklearn's roc_curve, as insightface calls it) whose FPR is nearest the FAR
+    meta = IJBMeta.load(tiny["ijb"], "IJBC")
+    ids, feats = ijb_templates(np.load(rec["embeddings"]), meta, faceness_weight=True)
+    pos = {t: i for i, t in enumerate(ids.tolist())}
+    scores = np.array([feats[pos[a]] @ feats[pos[b]] for a, b in zip(meta.p1.tolist(), meta.p2.tolist())])
+    fpr, tpr, _ = roc_curve(meta.labels, scores)
+    for far, tar in rec["verification"]["tar_at_far"].items():
+        assert tar == pytest.approx(tpr[np.argmin(np.abs(fpr - float(far)))], abs=1e-12), far
+    # 1:N: one false alarm fewer than the faceforge protocol: k = ceil(FPIR N) non-mated scores at or above the bar
+    sim = np.array([[1.0, 0.2], [0.1, 0.9], [0.8, 0.3], [0.5, 0.95]])  # probes 0, 1 mated; 2, 3 non-mated
+    probe_labels, gallery_labels = np.array([0, 1, 7, 8]), np.array([0, 1])
+    # FPIR 0.5 of 2 non-mated probes: faceforge allows 1 false alarm (bar = 0.8), insightface none (bar = 0.95)
+    assert tpir_at_fpir(sim, probe_labels, gallery_labels, 0.5) == 1.0  # mates 1.0 and 0.9 both beat 0.8
+    assert tpir_at_fpir(sim, probe_labels, gallery_labels, 0.5, protocol="insightface") == 0.5  # 0.9 < 0.95
+
+
+def test_ijb_gallery_naming_missing_templates_keeps_the_1to1_results(tiny: dict[str, Path], tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    release = tmp_path / "IJBC"
+    shutil.copytree(tiny["ijb"], release)
+    gallery = release / "meta" / "ijbc_1N_gallery_G2.csv"
+    gallery.write_text(gallery.read_text() + "999,9,z.png\n998,9,z.png\n")  # two templates the meta file lacks
+    out = tmp_path / "out"
+    assert main(["eval", str(tiny["ckpt"]), "--ijb", str(release), "--output", str(out)]) == 0
+    captured = capsys.readouterr()
+    rec = _record(out, "ijb")
+    assert rec["verification"]["tar_at_far"] and "tpir_at_fpir" in rec["identification"]["G1"]
+    error = rec["identification"]["G2"]["error"]
+    assert "ijbc_1N_gallery_G2.csv: 2 of its 4 templates have no images" in error
+    assert "ijbc_1N_gallery_G2.csv: 2 of its 4 templates" in captured.err
+    assert "2 of its 4 templates" in (out / "results.md").read_text()
+
+
 def test_eval_identification_with_distractors_matches_plain_loops(tiny: dict[str, Path], tmp_path: Path) -> None:
     distractor_paths = E.flat_folder(tiny["distractors"], 30)
     out = tmp_path / "ident"

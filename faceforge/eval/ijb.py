@@ -125,7 +125,7 @@ def ijb_templates(image_features, meta: IJBMeta, faceness_weight: bool = False) 
 
 def ijb_verification(image_features, meta: IJBMeta, faceness_weight: bool = False,
                      fars: Sequence[float] = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1),
-                     templates: tuple[np.ndarray, np.ndarray] | None = None) -> dict:
+                     templates: tuple[np.ndarray, np.ndarray] | None = None, protocol: str = "faceforge") -> dict:
     """The IJB 1:1 protocol on ``meta``'s template pairs.
 
     ``image_features`` ``(N, D)`` from :func:`ijb_embeddings`; with ``faceness_weight`` each is multiplied
@@ -133,7 +133,10 @@ def ijb_verification(image_features, meta: IJBMeta, faceness_weight: bool = Fals
     pair scores by cosine. ``templates``: their :func:`ijb_templates`, when already computed (then
     ``image_features`` and ``faceness_weight`` are not used).
 
-    Returns a dict: ``tar_at_far`` ``{far: TAR}`` (exact, ``FPR <= far``; see the module notes),
+    ``protocol``: "faceforge" (default; TAR exact, the largest with ``FPR <= far``) or "insightface" (the ROC
+    point whose FPR is nearest ``far``, possibly above it: ``PairCounts.tar_at_far_nearest``).
+
+    Returns a dict: ``tar_at_far`` ``{far: TAR}`` (by ``protocol``; see the module notes),
     ``auc``, ``scores`` float64 ``(P,)``, ``labels`` int64 ``(P,)``, ``counts`` (their
     :class:`~faceforge.eval.metrics.PairCounts`: ``counts.rates()`` is the ROC, without another sort).
     """
@@ -142,7 +145,10 @@ def ijb_verification(image_features, meta: IJBMeta, faceness_weight: bool = Fals
     labels = np.asarray(meta.labels, dtype=np.int64)
     fars = [float(f) for f in fars]
     counts = metrics.PairCounts.of(scores, labels)  # one sort for every number
-    tars = np.atleast_1d(counts.tar_at_far(fars)) if fars else np.zeros(0)
+    if protocol not in metrics.IJB_PROTOCOLS:
+        raise ValueError(f"protocol={protocol!r}: expected one of {', '.join(metrics.IJB_PROTOCOLS)}")
+    read = counts.tar_at_far_nearest if protocol == "insightface" else counts.tar_at_far
+    tars = np.atleast_1d(read(fars)) if fars else np.zeros(0)
     return {
         "tar_at_far": {far: float(tar) for far, tar in zip(fars, tars)},
         "auc": counts.auc(),
@@ -223,7 +229,8 @@ def _select(ids: np.ndarray, feats: np.ndarray, wanted: dict, what: str) -> tupl
     found = (ids[pos] == keys) if len(ids) else np.zeros(len(keys), dtype=bool)
     if not found.all():
         missing = keys[~found]
-        raise ValueError(f"{what} names {len(missing)} template(s) with no images in meta, first {missing[:5].tolist()}")
+        raise ValueError(f"{what}: {len(missing)} of its {len(keys)} templates have no images in the meta file, "
+                         f"first {missing[:5].tolist()}; expected every template of it in the meta file")
     labels = np.array([int(wanted[k]) for k in keys.tolist()], dtype=np.int64)
     return feats[pos].astype(np.float64), labels
 
@@ -231,11 +238,14 @@ def _select(ids: np.ndarray, feats: np.ndarray, wanted: dict, what: str) -> tupl
 def ijb_identification(image_features, meta: IJBMeta, gallery: dict[int, int], probes: dict[int, int],
                        fpirs: Sequence[float] = (1e-2, 1e-1), ranks: Sequence[int] = (1, 5, 10),
                        faceness_weight: bool = False,
-                       templates: tuple[np.ndarray, np.ndarray] | None = None) -> dict:
+                       templates: tuple[np.ndarray, np.ndarray] | None = None, protocol: str = "faceforge",
+                       gallery_name: str = "gallery", probes_name: str = "probes") -> dict:
     """The IJB 1:N protocol: probe templates searched against gallery templates.
 
     ``gallery`` / ``probes``: ``{template_id: subject_id}`` (:func:`read_1n_gallery`,
-    :func:`read_1n_probes`); every template must have images in ``meta``. Template features as in
+    :func:`read_1n_probes`; ``gallery_name`` / ``probes_name``, their files, name them in errors); every
+    template must have images in ``meta`` (else a ValueError naming the file and how many are missing).
+    ``protocol``: how TPIR is read (:func:`~faceforge.eval.metrics.tpir_at_fpir`). Template features as in
     :func:`ijb_verification` (or ``templates``, as there); similarity = cosine ``(P, G)``. A probe is *mated* when its subject has a
     gallery template.
 
@@ -247,14 +257,14 @@ def ijb_identification(image_features, meta: IJBMeta, gallery: dict[int, int], p
     ``gallery_labels``.
     """
     ids, tfeats = templates if templates is not None else ijb_templates(image_features, meta, faceness_weight)
-    g_feats, g_labels = _select(ids, tfeats, gallery, "gallery")
-    p_feats, p_labels = _select(ids, tfeats, probes, "probes")
+    g_feats, g_labels = _select(ids, tfeats, gallery, gallery_name)
+    p_feats, p_labels = _select(ids, tfeats, probes, probes_name)
     similarity = p_feats @ g_feats.T  # rows already L2-normalised (zero rows stay zero)
     mated = np.isin(p_labels, g_labels)
     n_mated, n_non = int(mated.sum()), int((~mated).sum())
     fpirs = [float(f) for f in fpirs]
     if n_mated and n_non and fpirs:
-        tpirs = np.atleast_1d(metrics.tpir_at_fpir(similarity, p_labels, g_labels, fpirs, rank=1))
+        tpirs = np.atleast_1d(metrics.tpir_at_fpir(similarity, p_labels, g_labels, fpirs, rank=1, protocol=protocol))
     else:
         tpirs = np.full(len(fpirs), np.nan)
     ranks = [int(k) for k in ranks]

@@ -321,7 +321,7 @@ def test_gradient_memory_is_reused_and_accumulation_adds():
 def test_registry_builds_it_with_the_paper_defaults():
     head = heads.build("SphereFace2", num_classes=5, embedding_size=4)
     assert isinstance(head, SphereFace2) and head.weight.shape == (5, 4)
-    assert (head.lamb, head.r, head.m, head.t, head.loss_weight) == (0.7, 30.0, 0.4, 3.0, 1.0)
+    assert (head.lamb, head.r, head.m, head.t, head.loss_weight) == (0.7, 30.0, 0.4, 3.0, 10.0)  # lw 10: OpenSphere paper configs
     assert (head.margin_type, head.margin_grad) == ("C", "exact")
 
 

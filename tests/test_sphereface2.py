@@ -52,7 +52,9 @@ def plain_eq6(x, weight, bias, labels, lamb=LAMB, r=R, m=0.4, t=T, margin_type="
 
 def make_head(margin_type="C", dtype=torch.float64, **kwargs) -> SphereFace2:
     torch.manual_seed(0)
-    kwargs = {"lamb": LAMB, "r": R, "m": MARGINS[margin_type], "t": T, "margin_type": margin_type, **kwargs}
+    # loss_weight 1 unless given: the plain Eq. 6 references below carry no weight (the default is 10)
+    kwargs = {"lamb": LAMB, "r": R, "m": MARGINS[margin_type], "t": T, "margin_type": margin_type, "loss_weight": 1.0,
+              **kwargs}
     head = heads.build("sphereface2", num_classes=C, embedding_size=D, **kwargs).to(dtype)
     with torch.no_grad():
         head.weight.mul_(torch.rand(C, 1, dtype=dtype) + 0.5)  # rows of different norms

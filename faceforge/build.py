@@ -44,7 +44,8 @@ def build_head(cfg: Config, num_classes: int) -> nn.Module:
 
     if cfg.head.shard:
         with _naming_kwargs("head", cfg.head.name):
-            return ShardedHead(cfg.head.name, num_classes, cfg.model.embedding_size, seed=cfg.seed, **cfg.head.kwargs)
+            return ShardedHead(cfg.head.name, num_classes, cfg.model.embedding_size, seed=cfg.seed,
+                               sample_rate=cfg.head.sample_rate, **cfg.head.kwargs)
     with _naming_kwargs("head", cfg.head.name):
         return HEADS.build(
             cfg.head.name, num_classes=num_classes, embedding_size=cfg.model.embedding_size, **cfg.head.kwargs

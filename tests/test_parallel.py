@@ -70,7 +70,7 @@ def run_reference(name: str, world: int) -> dict:
     """The plain head on all C classes, the same initial rows, the ranks' batches concatenated in rank order."""
     initial = ShardedHead(name, C, D, seed=3, **SPECS[name]).double()  # no process group: all C rows, one rank
     head = build(name, num_classes=C, embedding_size=D, **SPECS[name]).double()
-    head.load_state_dict({k.removeprefix("head."): v for k, v in initial.state_dict().items()})
+    head.load_state_dict({k.removeprefix("head."): v for k, v in initial.state_dict().items() if k.startswith("head.")})
     optimizer = sgd(head.parameters())
     losses, grads = [], []
     for step in range(STEPS):

@@ -22,7 +22,7 @@ from torch import nn
 from faceforge.train.checkpoint import load_checkpoint
 from faceforge.train.config import Config, config_from_dict
 
-__all__ = ["FaceModel", "build_backbone", "build_head", "load_backbone", "load_class_weights", "wrap_ddp"]
+__all__ = ["ENCODERS", "FaceModel", "build_backbone", "encoder_state", "build_head", "load_backbone", "load_class_weights", "wrap_ddp"]
 
 
 def build_backbone(cfg: Config) -> nn.Module:
@@ -40,15 +40,41 @@ def build_head(cfg: Config, num_classes: int) -> nn.Module:
     return HEADS.build(cfg.head.name, num_classes=num_classes, embedding_size=cfg.model.embedding_size, **cfg.head.kwargs)
 
 
+# which encoder of a checkpoint to embed with: "query" = the trained backbone (checkpoint key "backbone");
+# others = a copy of the backbone an objective keeps, by its key prefix in the checkpoint's "objective" entry
+ENCODERS: dict[str, str] = {
+    "query": "",
+    "momentum": "momentum.encoder.",  # AttFC's momentum class encoder (faceforge.train.objectives.AttFCObjective)
+}
+
+
+def encoder_state(state: dict[str, Any], encoder: str, source: str) -> dict[str, Any]:
+    """The state dict of ``encoder`` (a key of :data:`ENCODERS`) in a loaded checkpoint; ValueError naming
+    ``source`` when the checkpoint has none."""
+    if encoder not in ENCODERS:
+        raise ValueError(f"{source}: encoder {encoder!r}; expected one of {sorted(ENCODERS)}")
+    prefix = ENCODERS[encoder]
+    if not prefix:
+        return state["backbone"]
+    owned = state.get("objective") or {}
+    part = {key[len(prefix):]: value for key, value in owned.items() if key.startswith(prefix)}
+    if not part:
+        raise ValueError(f"{source}: no {encoder} encoder in this checkpoint (an AttFC run, objective.name attfc, "
+                         f"keeps one); expected encoder 'query'")
+    return part
+
+
 def load_backbone(
-    checkpoint: str | Path | dict[str, Any], map_location: str | torch.device = "cpu", source: str | None = None
+    checkpoint: str | Path | dict[str, Any], map_location: str | torch.device = "cpu", source: str | None = None,
+    encoder: str = "query",
 ) -> tuple[nn.Module, Config]:
     """The backbone of a ``faceforge train`` checkpoint, with its weights, and the run's config.
 
     checkpoint: a path (read with ``weights_only=True``) or an already loaded checkpoint dict; ``source``
-    names it in errors (default: the path). Raises ``CheckpointError`` for an unreadable file and ValueError
-    (naming the file) for one without ``config`` / ``backbone`` entries or whose weights do not fit the
-    backbone its config names.
+    names it in errors (default: the path). encoder: "query" (the trained backbone, default) or "momentum"
+    (AttFC's momentum class encoder, a copy of the same backbone; :data:`ENCODERS`). Raises ``CheckpointError``
+    for an unreadable file and ValueError (naming the file) for one without ``config`` / ``backbone`` entries
+    or the encoder asked for, or whose weights do not fit the backbone its config names.
     """
     source = source or ("<checkpoint>" if isinstance(checkpoint, dict) else str(checkpoint))
     state = checkpoint if isinstance(checkpoint, dict) else load_checkpoint(checkpoint, map_location)
@@ -56,7 +82,8 @@ def load_backbone(
         raise ValueError(f"{source}: not a `faceforge train` checkpoint (no 'config' / 'backbone' entry)")
     cfg = config_from_dict(state["config"], source=source)
     backbone = build_backbone(cfg)  # random init, then every weight loaded
-    load_part(backbone, state["backbone"], f"{source}: the backbone")
+    what = "the backbone" if encoder == "query" else f"the {encoder} encoder"
+    load_part(backbone, encoder_state(state, encoder, source), f"{source}: {what}")
     return backbone, cfg
 
 

@@ -30,7 +30,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from faceforge.heads.base import HEADS, TrainHooks
+from faceforge.heads.base import HEADS
 from faceforge.heads.margin import check_margins, target_logit
 
 __all__ = [
@@ -213,7 +213,7 @@ def container_lse(
 
 
 @HEADS.register("attfc")
-class AttFC(nn.Module, TrainHooks):
+class AttFC(nn.Module):
     """AttFC's head: a dynamic class container of generated centres as the FC (Eq. 8-11, Alg. 1).
 
     ``loss = head(embeddings (B, D), labels (B,) int64, class_features (B, k, D))``: class features from the

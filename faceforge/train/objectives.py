@@ -72,6 +72,12 @@ class Objective(nn.Module):
         self.owned.load_state_dict(state)
 
 
+def for_head(embeddings: Tensor) -> Tensor:
+    """Embeddings (B, D) as a head takes them: half precision (autocast) up-cast to float32; float64 kept
+    (a float64 backbone, as the equivalence tests train, keeps its precision through the head)."""
+    return embeddings if embeddings.dtype == torch.float64 else embeddings.float()
+
+
 OBJECTIVES: Registry[Objective] = Registry("objective")
 
 
@@ -80,7 +86,7 @@ class Classification(Objective):
     """The plain objective: ``{"classification": head(backbone(images), labels)}``."""
 
     def forward(self, batch: Batch) -> dict[str, Tensor]:
-        return {"classification": self.head(self.embed(batch.images).float(), batch.labels)}
+        return {"classification": self.head(for_head(self.embed(batch.images)), batch.labels)}
 
 
 @OBJECTIVES.register("attfc")
@@ -107,11 +113,11 @@ class AttFCObjective(Objective):
         self.owned["momentum"] = MomentumEncoder(backbone, momentum)
 
     def class_features(self, class_images: Tensor) -> Tensor:
-        """(B, k, D) float32: Eq. 12, then the class encoder on (B, k, 3, H, W) class images."""
+        """(B, k, D) float32 (float64 for a float64 backbone): Eq. 12, then the class encoder on (B, k, 3, H, W) class images."""
         encoder = self.owned["momentum"]
         encoder.update(self.backbone)  # before each encoding
         b, k = class_images.shape[:2]
-        return encoder.encode(class_images.flatten(0, 1), self.amp_dtype).float().view(b, k, -1)
+        return for_head(encoder.encode(class_images.flatten(0, 1), self.amp_dtype)).view(b, k, -1)
 
     def forward(self, batch: Batch) -> dict[str, Tensor]:
         if CLASS_IMAGES not in batch.extras:
@@ -119,6 +125,6 @@ class AttFCObjective(Objective):
                 f"objective attfc: the batch has no extras[{CLASS_IMAGES!r}] (class images); expected "
                 "data.sampler: attfc"
             )
-        f = self.embed(batch.images).float()
+        f = for_head(self.embed(batch.images))
         K = self.class_features(batch.extras[CLASS_IMAGES])
         return {"attfc": self.head(f, batch.labels, K)}

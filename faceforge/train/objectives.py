@@ -10,7 +10,7 @@ What the trainer does with an objective's parts:
 
 - ``backbone`` and ``head``: trained by the optimiser (their parameter groups); the backbone runs under
   DDP (:meth:`Objective.embed` calls the wrapper the trainer hands over with :meth:`Objective.set_encoder`),
-  the head's replicated gradients are all-reduced explicitly (``TrainHooks.sharded_parameters`` opts out).
+  the head's replicated gradients are all-reduced explicitly (``TrainHooks.row_shards`` opt out).
 - ``owned``: an ``nn.ModuleDict`` of modules the objective keeps for itself (a distillation teacher, a
   momentum class encoder). The optimiser never sees them and DDP does not wrap them; their state is saved
   in checkpoints (key ``"objective"``) when they have any, and restored on resume.

@@ -217,8 +217,9 @@ class AttFC(nn.Module):
     """AttFC's head: a dynamic class container of generated centres as the FC (Eq. 8-11, Alg. 1).
 
     ``loss = head(embeddings (B, D), labels (B,) int64, class_features (B, k, D))``: class features from the
-    momentum class encoder (no gradient is taken through them). The batch's generated centres and labels are
-    enqueued after the loss (all-gathered across ranks under torch.distributed).
+    momentum class encoder (no gradient is taken through them). In training mode the batch's generated centres
+    and labels are then enqueued (all-gathered across ranks under torch.distributed); an eval-mode call leaves
+    the container as it is.
 
     Args:
         num_classes: C, the training identities (sizes the container through ``ratio``).
@@ -256,7 +257,9 @@ class AttFC(nn.Module):
         self.s, self.m1, self.m2, self.m3, self.margin_grad = float(s), m1, m2, m3, margin_grad
         self.weighting, self.chunk_size = weighting, int(chunk_size)
         size = container_capacity(self.num_classes, ratio, self.batch_size, container_size)
-        self.register_buffer("container", F.normalize(torch.randn(size, self.embedding_size), dim=1))
+        container = torch.randn(size, self.embedding_size)
+        container.div_(torch.linalg.vector_norm(container, dim=1, keepdim=True))  # in place: no second S x D copy
+        self.register_buffer("container", container)
         self.register_buffer("container_labels", torch.full((size,), -1, dtype=torch.long))
         self.register_buffer("container_ptr", torch.zeros((), dtype=torch.long))
 
@@ -300,7 +303,8 @@ class AttFC(nn.Module):
     def forward(self, embeddings: Tensor, labels: Tensor, class_features: Tensor) -> Tensor:
         f, labels, centres = self._inputs(embeddings, labels, class_features)
         loss = self._loss(f, labels, centres).mean()
-        self.enqueue(centres, labels)  # after the loss: this batch's centres are negatives from the next step on
+        if self.training:  # after the loss: this batch's centres are negatives from the next step on
+            self.enqueue(centres, labels)
         return loss
 
     @torch.no_grad()

@@ -24,7 +24,7 @@ from torch import nn
 from faceforge.train.checkpoint import load_checkpoint
 from faceforge.train.config import Config, ConfigError, config_from_dict
 
-__all__ = ["ENCODERS", "FaceModel", "build_backbone", "encoder_state", "build_head", "load_backbone", "load_class_weights", "wrap_ddp"]
+__all__ = ["ENCODERS", "FaceModel", "build_backbone", "build_head", "load_backbone", "load_class_weights", "wrap_ddp"]
 
 
 def build_backbone(cfg: Config) -> nn.Module:
@@ -63,50 +63,43 @@ def _naming_kwargs(section: str, name: str) -> Iterator[None]:
         raise ConfigError(f"{section}.kwargs ({section} {name!r}): {e}") from None
 
 
-# which encoder of a checkpoint to embed with: "query" = the trained backbone (checkpoint key "backbone");
-# others = a copy of the backbone an objective keeps, by its key prefix in the checkpoint's "objective" entry
-ENCODERS: dict[str, str] = {
-    "query": "",
-    "momentum": "momentum.encoder.",  # AttFC's momentum class encoder (faceforge.train.objectives.AttFCObjective)
-}
-
-
-def encoder_state(state: dict[str, Any], encoder: str, source: str) -> dict[str, Any]:
-    """The state dict of ``encoder`` (a key of :data:`ENCODERS`) in a loaded checkpoint; ValueError naming
-    ``source`` when the checkpoint has none."""
-    if encoder not in ENCODERS:
-        raise ValueError(f"{source}: encoder {encoder!r}; expected one of {sorted(ENCODERS)}")
-    prefix = ENCODERS[encoder]
-    if not prefix:
-        return state["backbone"]
-    owned = state.get("objective") or {}
-    part = {key[len(prefix):]: value for key, value in owned.items() if key.startswith(prefix)}
-    if not part:
-        raise ValueError(f"{source}: no {encoder} encoder in this checkpoint (an AttFC run, objective.name attfc, "
-                         f"keeps one); expected encoder 'query'")
-    return part
+# `faceforge eval --encoder` names -> load_backbone's encoder: the trained backbone, or AttFC's momentum class
+# encoder (the objective-owned module "momentum", a MomentumEncoder whose backbone copy is "momentum.encoder")
+ENCODERS: dict[str, str] = {"query": "backbone", "momentum": "momentum.encoder"}
 
 
 def load_backbone(
     checkpoint: str | Path | dict[str, Any], map_location: str | torch.device = "cpu", source: str | None = None,
-    encoder: str = "query",
+    encoder: str = "backbone",
 ) -> tuple[nn.Module, Config]:
     """The backbone of a ``faceforge train`` checkpoint, with its weights, and the run's config.
 
     checkpoint: a path (read with ``weights_only=True``) or an already loaded checkpoint dict; ``source``
-    names it in errors (default: the path). encoder: "query" (the trained backbone, default) or "momentum"
-    (AttFC's momentum class encoder, a copy of the same backbone; :data:`ENCODERS`). Raises ``CheckpointError``
-    for an unreadable file and ValueError (naming the file) for one without ``config`` / ``backbone`` entries
-    or the encoder asked for, or whose weights do not fit the backbone its config names.
+    names it in errors (default: the path). ``encoder``: ``"backbone"`` (the trained one, default) or the
+    name of a module the run's objective owned with the backbone's architecture (a momentum encoder, saved
+    under the checkpoint's ``objective`` key as ``<name>.*``; "query" and "momentum" are AttFC's names,
+    :data:`ENCODERS`). Raises ``CheckpointError`` for an unreadable
+    file and ValueError (naming the file) for one without ``config`` / ``backbone`` entries, without that
+    encoder, or whose weights do not fit the backbone its config names.
     """
     source = source or ("<checkpoint>" if isinstance(checkpoint, dict) else str(checkpoint))
     state = checkpoint if isinstance(checkpoint, dict) else load_checkpoint(checkpoint, map_location)
     if "config" not in state or "backbone" not in state:
         raise ValueError(f"{source}: not a `faceforge train` checkpoint (no 'config' / 'backbone' entry)")
     cfg = config_from_dict(state["config"], source=source)
+    encoder = ENCODERS.get(encoder, encoder)
+    if encoder == "backbone":
+        weights = state["backbone"]
+    else:
+        prefix = f"{encoder}."
+        owned = state.get("objective", {})
+        weights = {key.removeprefix(prefix): value for key, value in owned.items() if key.startswith(prefix)}
+        if not weights:
+            names = sorted({key.split(".", 1)[0] for key in owned})
+            raise ValueError(f"{source}: no encoder {encoder!r}; expected 'backbone' or one the objective owned: "
+                             f"{', '.join(names) or 'none'}")
     backbone = build_backbone(cfg)  # random init, then every weight loaded
-    what = "the backbone" if encoder == "query" else f"the {encoder} encoder"
-    load_part(backbone, encoder_state(state, encoder, source), f"{source}: {what}")
+    load_part(backbone, weights, f"{source}: the {encoder}")
     return backbone, cfg
 
 

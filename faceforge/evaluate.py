@@ -140,13 +140,12 @@ class _Checkpoint:
         from faceforge.train.checkpoint import load_checkpoint
         from faceforge.train.config import config_from_dict
 
-        from faceforge.build import encoder_state
-
         self.key = _file_key(self.path) + ("" if self.encoder == "query" else f"-{_safe(self.encoder)}")
         self.state = load_checkpoint(self.path)
         if "config" not in self.state or "backbone" not in self.state:
             raise ValueError(f"{self.path}: not a `faceforge train` checkpoint (no 'config' / 'backbone' entry)")
-        encoder_state(self.state, self.encoder, str(self.path))  # checked before any work
+        if self.encoder != "query":
+            self.model()  # a checkpoint without that encoder is refused before any work
         self.cfg = config_from_dict(self.state["config"], source=str(self.path))
         t = self.state.get(THRESHOLD_KEY)
         if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t)):

@@ -20,7 +20,7 @@ from faceforge.data.samplers import CLASS_IMAGES, SAMPLERS, SamplerContext, iden
 from faceforge.heads import AttFC
 from faceforge.train.checkpoint import load_checkpoint
 from faceforge.train.config import config_from_dict
-from faceforge.train.data import build_dataset
+from faceforge.train.data import build_dataset, dataset_labels
 from faceforge.train.engine import train
 from faceforge.train.momentum import MomentumEncoder
 from faceforge.train.objectives import AttFCObjective
@@ -124,6 +124,7 @@ def test_sampler_on_recordio_and_folder_training_sets(tmp_path):
         cfg = config_from_dict({"output": str(tmp_path / f"out_{name}"), "model": {"backbone": "r18"},
                                 "head": {"name": "attfc"}, "data": {"name": name, "path": str(path), "image_size": 8}})
         ds = build_dataset(cfg)
+        assert dataset_labels(ds).tolist() == labels  # what the trainer hands the sampler as context.labels
         table = {tuple(ds[i][0].flatten().tolist()): ds[i][1] for i in range(len(ds))}
         for batch in sampler(ds, k=2, flip=False).batches(0, 0):
             extras = batch.extras[CLASS_IMAGES]
@@ -233,5 +234,5 @@ def test_attfc_objective_needs_the_attfc_sampler_and_eval_a_momentum_encoder(tmp
         train(make_config(tmp_path / "epoch", data={"sampler": "epoch", "sampler_kwargs": {}}, train={"steps": 1}))
     plain = train(make_config(tmp_path / "plain", head={"name": "arcface", "kwargs": {"s": 16.0}},
                               objective={"name": "classification", "kwargs": {}}, train={"steps": 1}))
-    with pytest.raises(ValueError, match="no momentum encoder in this checkpoint"):
+    with pytest.raises(ValueError, match="no encoder 'momentum.encoder'"):
         load_backbone(plain.checkpoint, encoder="momentum")

@@ -23,7 +23,7 @@ The epoch sampler ("epoch", :class:`EpochSampler`), and what makes a killed-and-
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Any, Iterator, Protocol, runtime_checkable
+from typing import Any, Callable, Iterator, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -117,7 +117,12 @@ class Batch:
 class SamplerContext:
     """What the trainer tells a sampler: the training set (``ds[i] -> (image (3, H, W) float, label)``,
     with ``num_classes``), this rank's micro-batch size, the world, the seed, micro-batches per optimiser
-    step and per epoch, whether to flip, and the DataLoader's workers and pinning."""
+    step and per epoch, whether to flip, and the DataLoader's workers and pinning.
+
+    ``labels()``: every item's label, int64 ``(N,)``, read on the first call and kept (the trainer reads
+    them without decoding an image where it can, e.g. from RecordIO headers); for a sampler that groups
+    images by identity. None when the trainer gives none (then read ``dataset[i][1]``).
+    """
 
     dataset: Dataset
     batch_size: int
@@ -129,6 +134,7 @@ class SamplerContext:
     flip: bool = True
     num_workers: int = 0
     pin_memory: bool = False
+    labels: Callable[[], Tensor] | None = None
 
 
 @runtime_checkable
@@ -329,8 +335,8 @@ class ClassImageSampler(EpochSampler):
     identity in ``Batch.extras["class_images"]`` ``(B, k, 3, H, W)`` (:class:`ClassImageBatchSampler`).
 
     Deterministic in (seed, epoch) whatever the world size or accumulation; the draws need no state. Works for
-    any training set whose labels ``faceforge.train.data.dataset_labels`` reads (recordio, folder, synthetic,
-    glyphs, label noise).
+    any training set: the labels come from ``context.labels()`` (the trainer reads recordio headers, folder,
+    synthetic, glyph and label-noise labels without decoding an image), else from ``dataset[i][1]``.
 
     Args:
         context: the trainer's :class:`SamplerContext`.
@@ -341,10 +347,12 @@ class ClassImageSampler(EpochSampler):
         super().__init__(context)
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"data.sampler_kwargs.k = {k!r}: expected the number of class images per sample, an int >= 1")
-        from faceforge.train.data import dataset_labels  # reads labels without decoding images where it can
-
         self.k = k
-        self.blocks = identity_blocks(dataset_labels(context.dataset))
+        if context.labels is not None:  # the trainer's: read without decoding images where it can
+            labels = context.labels()
+        else:
+            labels = torch.tensor([int(context.dataset[i][1]) for i in range(len(context.dataset))])  # type: ignore[arg-type]
+        self.blocks = identity_blocks(labels)
 
     def loader(self, epoch: int, start_micro: int) -> DataLoader:
         c = self.context

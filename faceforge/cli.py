@@ -14,8 +14,8 @@ import sys
 import traceback
 from typing import Callable, Sequence
 
-# An override on the command line: dotted.key=value (accepted after --resume too).
-_OVERRIDE = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_]\w*)+=")
+# An override on the command line: key=value or dotted.key=value (accepted after --resume too).
+_OVERRIDE = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*=")
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -218,6 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--retrieval-test-fraction", type=float, default=None, metavar="F",
                    help="evaluate only a class-disjoint split with this fraction of the classes (default: all classes)")
     p.add_argument("--batch-size", type=int, default=256, help="images per forward pass (default 256)")
+    p.add_argument("--encoder", default="query", choices=("query", "momentum"),
+                   help="embed with the trained backbone (query, default) or AttFC's momentum class encoder")
     commands["eval"] = _eval
 
     p = sub.add_parser("backbones", help="list the registered backbones with parameters and FLOPs")

@@ -181,7 +181,7 @@ def check_buffer_policy(policy: str) -> str:
 
 
 def resolve_buffer_policy(policy: str, device: torch.device) -> str:
-    """"auto" is "reuse" on CPU (fresh pages cost a kernel zeroing pass, benchmarks/RESULTS.md §1 and §13) and
+    """"auto" is "reuse" on CPU (fresh pages cost a kernel zeroing pass, benchmarks/RESULTS.md §1 and §14) and
     "release" elsewhere (a CUDA caching allocator already reuses freed blocks at no cost)."""
     if policy == "auto":
         return "reuse" if device.type == "cpu" else "release"

@@ -35,6 +35,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Sampler
 
+from faceforge.modelfile import write_model_files
 from faceforge.train import distributed as fdist
 from faceforge.train.checkpoint import CHECKPOINT_NAME, THRESHOLD_KEY, load_checkpoint, save_checkpoint
 from faceforge.train.config import Config, to_dict, to_yaml
@@ -352,9 +353,12 @@ class _Run:
         }
 
     def save(self) -> None:
-        """Rank 0 writes last.pt atomically (and a step_XXXXXXX.pt link when keep_checkpoints > 0)."""
+        """Rank 0 writes last.pt atomically (and a step_XXXXXXX.pt link when keep_checkpoints > 0), and the
+        backbone a user takes away: model.safetensors + model.json (:mod:`faceforge.modelfile`)."""
         if self.main:
-            save_checkpoint(self.checkpoint_path, self._state())
+            state = self._state()
+            save_checkpoint(self.checkpoint_path, state)
+            write_model_files(self.output, self.backbone, self.cfg, self.metrics, state[THRESHOLD_KEY], self.step)
             self._keep_older()
             logger.info("checkpoint: %s (step %d)", self.checkpoint_path, self.step)
         fdist.barrier()

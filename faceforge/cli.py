@@ -224,6 +224,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=None, help="image-reading threads (default: number of CPUs)")
     commands["pack-pairs"] = _pack_pairs
 
+    from faceforge.infer_cli import add_commands  # embed, verify, search, export
+
+    add_commands(sub, commands)
     parser.set_defaults(_commands=commands)
     return parser
 

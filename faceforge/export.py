@@ -38,6 +38,7 @@ __all__ = [
     "ExportError",
     "ExportReport",
     "check_parity",
+    "export_backbone",
     "export_onnx",
     "load_source",
     "real_faces",
@@ -107,15 +108,16 @@ def _session(path: str | os.PathLike) -> Any:
 
 
 def check_parity(reference: Callable[[np.ndarray], np.ndarray], onnx_path: str | os.PathLike, x: np.ndarray,
-                 tolerance: float = PARITY_TOLERANCE) -> float:
+                 tolerance: float = PARITY_TOLERANCE, name: str | None = None) -> float:
     """The smallest per-image cosine between ``reference(x)`` and onnxruntime's output on ``x`` (float32
-    ``(B, 3, S, S)``); :class:`ExportError` when ``1 - cosine`` exceeds ``tolerance`` for any image."""
+    ``(B, 3, S, S)``); :class:`ExportError` naming ``name`` (default ``onnx_path``) when ``1 - cosine``
+    exceeds ``tolerance`` for any image."""
     session = _session(onnx_path)
     got = session.run(None, {session.get_inputs()[0].name: x})[0]
     cos = _cosines(reference(x), got)
     worst = float(cos.min())
     if not 1.0 - worst <= tolerance:
-        raise ExportError(f"{onnx_path}: parity check failed: onnxruntime vs PyTorch cosine {worst:.6f} on image "
+        raise ExportError(f"{name or onnx_path}: parity check failed: onnxruntime vs PyTorch cosine {worst:.6f} on image "
                           f"{int(cos.argmin())} of {len(x)}, expected >= {1 - tolerance:.6f} on every image")
     return worst
 
@@ -197,22 +199,43 @@ def export_onnx(
     Raises:
         ExportError when parity fails (``output`` is removed); ModelFileError for a bad source.
     """
-    import torch
-
-    from faceforge.backbones.fuse import batchnorms, fuse_bn
-
     if quantize not in (None, "dynamic", "static"):
         raise ValueError(f"quantize={quantize!r}: expected 'dynamic' or 'static'")
     if quantize == "static" and calibration is None:
         raise ValueError("quantize='static' needs a calibration folder of aligned face crops")
     reference, info = load_source(source)
-    reference.eval()
+    report = export_backbone(reference, info, output, opset, fuse, tolerance, transform)
+    if quantize:
+        report.int8_path = report.path.with_name(report.path.stem + ".int8.onnx")
+        quantize_onnx(report.path, report.int8_path, quantize, info, calibration)
+        report.int8 = compare_int8(report.path, report.int8_path, info, eval_folder) | {"mode": quantize}
+    return report
+
+
+def export_backbone(
+    reference: Any,
+    info: ModelInfo,
+    output: str | os.PathLike,
+    opset: int = DEFAULT_OPSET,
+    fuse: bool = True,
+    tolerance: float = PARITY_TOLERANCE,
+    transform: Callable[[Any], Any] | None = None,
+) -> ExportReport:
+    """Export a backbone (any ``nn.Module`` ``(B, 3, S, S) -> (B, D)``, S = ``info.image_size``) to
+    ``output`` with ``info`` as metadata: BN folded (``fuse``), then the parity check on the real faces
+    against ``reference`` in eval mode. On failure nothing is left at ``output``."""
+    import torch
+
+    from faceforge.backbones.fuse import batchnorms, fuse_bn
+
+    reference = reference.float().eval()
     model = fuse_bn(reference) if fuse else reference
     if transform is not None:
         model = transform(model)
     out = Path(output)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
+    out.unlink(missing_ok=True)
     x = _preprocess(info, real_faces(info.image_size))
 
     def torch_reference(batch: np.ndarray) -> np.ndarray:
@@ -225,16 +248,11 @@ def export_onnx(
         folded = len(batchnorms(reference)) - len(left)
         _set_metadata(tmp, {META_KEY: info.to_json(), "faceforge_opset": str(opset), "faceforge_bn_folded": str(folded),
                             "faceforge_bn_left": json.dumps(left)})
-        worst = check_parity(torch_reference, tmp, x, tolerance)
+        worst = check_parity(torch_reference, tmp, x, tolerance, name=str(out))
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
-    report = ExportReport(out, opset, folded, left, worst, len(x))
-    if quantize:
-        report.int8_path = out.with_name(out.stem + ".int8.onnx")
-        quantize_onnx(out, report.int8_path, quantize, info, calibration)
-        report.int8 = compare_int8(out, report.int8_path, info, eval_folder) | {"mode": quantize}
-    return report
+    return ExportReport(out, opset, folded, left, worst, len(x))
 
 
 class _Calibration:

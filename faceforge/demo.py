@@ -18,7 +18,8 @@ from faceforge.eval.verify import VerificationResult, verify_pairs
 from faceforge.train.checkpoint import load_checkpoint
 from faceforge.train.config import Config, load_config
 from faceforge.train.data import synthetic_held_out_pairs
-from faceforge.train.engine import build_backbone, train
+from faceforge.build import build_backbone
+from faceforge.train.engine import train
 
 DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
 

@@ -149,10 +149,9 @@ class _Checkpoint:
 
     def model(self) -> torch.nn.Module:
         if self._model is None:
-            from faceforge.train.engine import build_backbone
+            from faceforge.build import load_backbone
 
-            self._model = build_backbone(self.cfg)  # random init, then every weight loaded
-            self._model.load_state_dict(self.state["backbone"])
+            self._model, _ = load_backbone(self.state, source=str(self.path))
         return self._model
 
     def held_out_sets(self, r: EvalRequest) -> list[EvalSet]:

@@ -223,8 +223,8 @@ def read_safetensors_info(path: Path) -> ModelInfo:
 
 def build_backbone_from_info(info: ModelInfo) -> nn.Module:
     """A freshly initialised backbone as ``info`` describes it (``faceforge train``'s own builder)."""
+    from faceforge.build import build_backbone
     from faceforge.train.config import config_from_dict
-    from faceforge.train.engine import build_backbone
 
     cfg = config_from_dict({
         "output": info.name or "model", "head": {"name": "arcface"},
@@ -262,26 +262,15 @@ def _load_state(backbone: nn.Module, state: dict[str, torch.Tensor], path: Path)
 
 def backbone_from_checkpoint(path: str | os.PathLike) -> tuple[nn.Module, ModelInfo]:
     """``(backbone in eval mode, info)`` from a ``faceforge train`` checkpoint (``weights_only`` load)."""
+    from faceforge.build import load_backbone as load_checkpoint_backbone
     from faceforge.train.checkpoint import THRESHOLD_KEY, CheckpointError, load_checkpoint
-    from faceforge.train.config import ConfigError, config_from_dict
 
     path = Path(path)
     try:
         state = load_checkpoint(path)
-    except CheckpointError as e:
-        raise ModelFileError(str(e)) from None
-    missing = [k for k in ("config", "backbone") if k not in state]
-    if missing:
-        raise ModelFileError(f"{path}: {missing[0]}: missing; expected a `faceforge train` checkpoint "
-                             "(with 'config' and 'backbone' entries)")
-    try:
-        cfg = config_from_dict(state["config"], source=str(path))
-    except ConfigError as e:
+        backbone, cfg = load_checkpoint_backbone(state, source=str(path))
+    except (CheckpointError, ValueError) as e:  # ConfigError is a ValueError
         raise ModelFileError(str(e)) from None
     info = model_info_from_config(cfg, state.get("metrics"), state.get(THRESHOLD_KEY), state.get("step"))
     info.name = path.parent.name or path.stem
-    from faceforge.train.engine import build_backbone
-
-    backbone = build_backbone(cfg)
-    _load_state(backbone, state["backbone"], path)
     return backbone.eval(), info

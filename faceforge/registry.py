@@ -1,16 +1,50 @@
-"""A name -> factory registry, so that configs name backbones and heads by string (timm's pattern)."""
+"""A name -> factory registry, so that configs name their parts by string (timm's pattern).
+
+One `Registry` style for every pluggable part: backbones (`backbones.BACKBONES`), heads (`heads.HEADS`),
+training sets (`train.data.DATASETS`), samplers (`data.samplers.SAMPLERS`), objectives
+(`train.objectives.OBJECTIVES`), optimisers and schedules (`train.optim.OPTIMIZERS`, `SCHEDULES`).
+
+A name is either a registered one (case-insensitive) or ``"package.module:callable"``: a factory defined
+outside faceforge, imported when it is asked for (nothing is imported at registration or at import time).
+"""
 
 from __future__ import annotations
 
+import importlib
 from typing import Any, Callable, Generic, TypeVar
 
 T = TypeVar("T")
+
+__all__ = ["Registry", "import_spec", "is_spec"]
+
+
+def is_spec(name: str) -> bool:
+    """True for ``"package.module:callable"`` (a factory outside the registry), False for a registered name."""
+    return ":" in name
+
+
+def import_spec(spec: str) -> Any:
+    """The object named by ``"package.module:callable"`` (dotted attributes allowed after the colon).
+
+    Raises ValueError naming the spec when the module or the attribute cannot be imported.
+    """
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise ValueError(f"{spec!r}: expected 'package.module:callable'")
+    try:
+        obj: Any = importlib.import_module(module_name)
+        for part in attr.split("."):
+            obj = getattr(obj, part)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"cannot import {spec!r} (expected 'package.module:callable'): {e}") from e
+    return obj
 
 
 class Registry(Generic[T]):
     """Maps a name to a factory. `register` is a decorator; `build(name, **kwargs)` calls the factory.
 
-    An unknown name is an error that lists every registered name.
+    An unknown name is a KeyError that lists every registered name; ``"package.module:callable"`` names a
+    factory outside the registry (a ValueError when it cannot be imported).
     """
 
     def __init__(self, kind: str) -> None:
@@ -22,6 +56,8 @@ class Registry(Generic[T]):
             key = (name or factory.__name__).lower()
             if key in self._factories:
                 raise ValueError(f"{self.kind} {key!r} is registered twice")
+            if is_spec(key):
+                raise ValueError(f"{self.kind} {key!r}: a registered name has no ':' (that names an import)")
             self._factories[key] = factory
             return factory
 
@@ -33,7 +69,17 @@ class Registry(Generic[T]):
     def __contains__(self, name: str) -> bool:
         return name.lower() in self._factories
 
+    def is_known(self, name: str) -> bool:
+        """A registered name, or a ``"package.module:callable"`` spec (not imported here)."""
+        return is_spec(name) or name in self
+
+    def expected(self) -> str:
+        """The words an error message uses for what a name may be."""
+        return f"one of: {', '.join(self.names())}, or 'package.module:callable'"
+
     def get(self, name: str) -> Callable[..., T]:
+        if is_spec(name):
+            return import_spec(name)
         try:
             return self._factories[name.lower()]
         except KeyError:

@@ -34,7 +34,7 @@ holds the same global queue.
 from __future__ import annotations
 
 import itertools
-from typing import Any, Callable, Iterable, Iterator, NamedTuple
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, NamedTuple
 
 import torch
 import torch.distributed as dist
@@ -42,8 +42,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from faceforge.heads.buffers import ReusableBuffer
-from faceforge.heads.base import HEADS
+from faceforge.heads.base import HEADS, ClassifierHead, TrainHooks
 from faceforge.heads.softmax import _check_size, _chunks
+
+if TYPE_CHECKING:
+    from faceforge.data.samplers import Batch
 
 __all__ = ["BroadFace", "QueueEntries", "build_broadface", "compensate"]
 
@@ -113,8 +116,8 @@ def _all_gather_rows(tensors: list[Tensor]) -> list[Tensor]:
     return gathered
 
 
-class BroadFace(nn.Module):
-    """Wrap `head` (anything with `per_sample_loss` and `weight` (C, D)) with BroadFace's queue, Eq. 7-9.
+class BroadFace(nn.Module, TrainHooks):
+    """Wrap `head` (a `ClassifierHead`: `per_sample_loss` and `weight` (C, D)) with BroadFace's queue, Eq. 7-9.
 
     Args:
         head: the classifier, e.g. `ArcFace(C, D)`; `weight` here is its `weight`.
@@ -138,16 +141,15 @@ class BroadFace(nn.Module):
         diagnostic_samples: int = 1024,
     ) -> None:
         super().__init__()
-        has_rows = callable(getattr(head, "per_sample_loss", None))
-        if not has_rows or not isinstance(getattr(head, "weight", None), Tensor):
+        if not isinstance(head, ClassifierHead) or not isinstance(head.weight, Tensor):
             raise TypeError(
                 f"BroadFace wraps a head with per_sample_loss(embeddings, labels, *, classifier_grad) and a (C, D) "
                 f"weight; got {type(head).__name__}"
             )
-        if getattr(head, "inter_loss_weight", 0.0) > 0:
+        if head.batch_level_loss:
             raise ValueError(
-                f"BroadFace does not apply the inner head's batch-level Eq. 6 regulariser; got inter_loss_weight="
-                f"{head.inter_loss_weight}, expected 0"
+                f"BroadFace does not apply the inner head's batch-level Eq. 6 regulariser; got "
+                f"{type(head).__name__}({head.extra_repr()}); expected a head without one (inter_loss_weight=0)"
             )
         if isinstance(queue_size, bool) or int(queue_size) != queue_size or queue_size < 0:
             raise ValueError(f"queue_size={queue_size!r} must be an integer >= 0")
@@ -239,6 +241,18 @@ class BroadFace(nn.Module):
                 total[i] = self._grad_buffers[i].get(g.shape, g).copy_(g)
             else:
                 total[i].add_(g)
+
+    # --- what the trainer calls (TrainHooks) ---
+
+    provides_diagnostics = True  # Fig. 5a, `diagnostics`
+
+    def on_batch(self, batch: Batch) -> None:
+        """Name the next forward's rows by the batch's view ids (image index and flip) for `diagnostics`."""
+        self.observe_sample_ids(batch.view_ids())
+
+    def verification_threshold(self) -> float | None:
+        """The wrapped head's learned threshold (SphereFace2's), if it has one."""
+        return self.head.verification_threshold() if isinstance(self.head, TrainHooks) else None
 
     # --- the queue ---
 

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 from faceforge.heads.buffers import ReusableBuffer
 from faceforge.heads.margin import MARGIN_GRADS, apply_margin, check_margins, target_logit
 from faceforge.heads.regularizers import inter_class_loss, intra_class_angle
-from faceforge.heads.base import HEADS
+from faceforge.heads.base import HEADS, ClassifierHead
 
 DEFAULT_CHUNK_SIZE = 65536  # classes per block: (B, 65536) float32 temporaries, 32 MiB at B = 128
 
@@ -308,7 +308,7 @@ def _check_inputs(embeddings: Tensor, labels: Tensor, num_classes: int, embeddin
 
 
 @HEADS.register("margin_softmax")
-class MarginSoftmax(nn.Module):
+class MarginSoftmax(nn.Module, ClassifierHead):
     """Combined-margin softmax head, ArcFace Eq. 4: target logit s (cos(m1 theta + m2) - m3), others s cos theta.
 
     Args:
@@ -363,7 +363,14 @@ class MarginSoftmax(nn.Module):
         return (
             f"num_classes={self.num_classes}, embedding_size={self.embedding_size}, s={self.s}, "
             f"m1={self.m1}, m2={self.m2}, m3={self.m3}, margin_grad={self.margin_grad!r}"
+            + "".join(f", {k}={v}" for k, v in (("intra_loss_weight", self.intra_loss_weight),
+                                                 ("inter_loss_weight", self.inter_loss_weight)) if v)
         )
+
+    @property
+    def batch_level_loss(self) -> bool:  # type: ignore[override]
+        """True when the Eq. 6 inter-class regulariser (batch-level) is on (``ClassifierHead``)."""
+        return self.inter_loss_weight > 0
 
     def _target(self, cos_y: Tensor) -> Tensor:
         return self.s * target_logit(cos_y, self.m1, self.m2, self.m3, self.margin_grad)  # s psi(theta_y)
@@ -451,7 +458,7 @@ def _identity(q: Tensor) -> Tensor:
 
 
 @HEADS.register("softmax")
-class Softmax(nn.Module):
+class Softmax(nn.Module, ClassifierHead):
     """Plain softmax cross-entropy over a fully connected layer: logits = x W^T + b (ArcFace Eq. 1).
 
     No normalisation, scale or margin; same chunked, memory-lean loss as `MarginSoftmax`.

@@ -43,7 +43,7 @@ from torch import Tensor, nn
 
 from faceforge.heads.buffers import ReusableBuffer
 from faceforge.heads.margin import MARGIN_GRADS, check_margin_grad, safe_acos
-from faceforge.heads.base import HEADS
+from faceforge.heads.base import HEADS, ClassifierHead, TrainHooks
 from faceforge.heads.softmax import (
     _add_target_grads,
     _check_inputs,
@@ -352,7 +352,7 @@ def _check_number(name: str, value: float, low: float, high: float = math.inf, *
 
 
 @HEADS.register("sphereface2")
-class SphereFace2(nn.Module):
+class SphereFace2(nn.Module, ClassifierHead, TrainHooks):
     """SphereFace2: one binary classifier per class on the hypersphere, Eq. 6 with a shared learnable bias.
 
     Args:

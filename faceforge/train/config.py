@@ -38,6 +38,7 @@ __all__ = [
     "Config",
     "ModelConfig",
     "HeadConfig",
+    "ObjectiveConfig",
     "DataConfig",
     "OptimConfig",
     "ScheduleConfig",
@@ -78,6 +79,17 @@ class HeadConfig:
     """
 
     name: str
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ObjectiveConfig:
+    """What the trainer minimises: ``faceforge.train.objectives.OBJECTIVES.build(name, backbone=..., head=...,
+    amp_dtype=..., **kwargs)``, named loss terms of a batch. ``classification`` (the default) is backbone +
+    head; ``name`` may also be ``"package.module:callable"`` (``docs/extending.md``).
+    """
+
+    name: str = "classification"
     kwargs: dict[str, Any] = field(default_factory=dict)
 
 
@@ -125,6 +137,8 @@ class DataConfig:
     batch_size: int = 128
     num_workers: int = 0
     flip: bool = True  # random horizontal flip, p = 0.5, drawn in the main process
+    sampler: str = "epoch"  # faceforge.data.samplers.SAMPLERS name, or "package.module:callable"
+    sampler_kwargs: dict[str, Any] = field(default_factory=dict)
     eval_pairs: int = 1000  # held-out pairs of unseen (test-split) identities; 0 = no verification
     eval_identities: int = 200
     eval_batch_size: int = 256
@@ -142,7 +156,7 @@ class OptimConfig:
     as in insightface, where weight decay applies to every parameter.
     """
 
-    name: Literal["sgd", "adamw"] = "sgd"
+    name: str = "sgd"  # faceforge.train.optim.OPTIMIZERS: sgd, adamw, or "package.module:callable"
     lr: float = 0.1
     momentum: float = 0.9
     nesterov: bool = False
@@ -162,7 +176,7 @@ class ScheduleConfig:
     min_lr is an absolute learning rate (default 0).
     """
 
-    name: Literal["poly", "cosine", "step", "constant"] = "poly"
+    name: str = "poly"  # faceforge.train.optim.SCHEDULES: poly, cosine, step, constant, or "package.module:callable"
     warmup_steps: int | None = None
     warmup_epochs: float = 0.0
     power: float = 1.0
@@ -204,6 +218,7 @@ class Config:
     model: ModelConfig
     head: HeadConfig
     seed: int = 0
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
@@ -364,6 +379,7 @@ def config_from_dict(data: dict, source: str = "<dict>") -> Config:
         raise ConfigError(f"{source}: expected a mapping at the top level, got {type(data).__name__}: {data!r}")
     cfg = _build(Config, data, "", source)
     _check_ranges(cfg, source)
+    _check_names(cfg, source)
     _check_pairings(cfg, source)
     return cfg
 
@@ -400,6 +416,23 @@ def _check_ranges(cfg: Config, source: str) -> None:
         value = getattr(getattr(cfg, section), name)
         if not ok(value):
             raise ConfigError(f"{source}: {key} = {value!r}: expected {expected}")
+
+
+def _check_names(cfg: Config, source: str) -> None:
+    """The names that select a registered part (``faceforge.registry.Registry``): a registered name or
+    ``"package.module:callable"`` (imported when the part is built). Heads and backbones are checked when built."""
+    from faceforge.data.samplers import SAMPLERS
+    from faceforge.train.data import DATASETS
+    from faceforge.train.objectives import OBJECTIVES
+    from faceforge.train.optim import OPTIMIZERS, SCHEDULES
+
+    for key, value, registry in (
+        ("data.name", cfg.data.name, DATASETS), ("data.sampler", cfg.data.sampler, SAMPLERS),
+        ("optim.name", cfg.optim.name, OPTIMIZERS), ("schedule.name", cfg.schedule.name, SCHEDULES),
+        ("objective.name", cfg.objective.name, OBJECTIVES),
+    ):
+        if not registry.is_known(value):
+            raise ConfigError(f"{source}: {key} = {value!r}: expected {registry.expected()}")
 
 
 def _check_pairings(cfg: Config, source: str) -> None:

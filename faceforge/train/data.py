@@ -1,26 +1,29 @@
 """Training and verification data named by ``data.name``: the built-in synthetic identities, insightface
 RecordIO, an image folder, or rendered font glyphs; and label noise over any of them (``data.label_noise``).
 
-``DATASETS`` maps ``data.name`` to (training set builder, held-out verification sets builder). A training
-set has ``num_classes`` and ``ds[i] -> ((3, H, W) float tensor normalised (x - 127.5) / 127.5, label)``;
-the verification builder returns ``{name: (images uint8 (2N, H, W, 3), issame (N,))}``.
+``DATASETS`` (a ``faceforge.registry.Registry``) maps ``data.name`` to the training set's builder
+``(cfg) -> Dataset``, and ``VERIFICATION_SETS`` the same name to the held-out verification sets' builder
+``(cfg) -> {name: (images uint8 (2N, H, W, 3), issame (N,))}`` (a name without one has no held-out sets;
+``data.name`` may be ``"package.module:callable"``, a training set builder). A training set has
+``num_classes`` and ``ds[i] -> ((3, H, W) float tensor normalised (x - 127.5) / 127.5, label)``.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from faceforge.registry import Registry
 from faceforge.train import distributed as fdist
 from faceforge.train.checkpoint import CHECKPOINT_NAME
 from faceforge.train.config import Config, ConfigError
 
 __all__ = [
-    "DATASETS", "LABEL_MAP_NAME", "LabelNoise", "build_dataset", "build_evaluators", "build_verification_sets",
+    "DATASETS", "VERIFICATION_SETS", "LABEL_MAP_NAME", "LabelNoise", "build_dataset", "build_evaluators", "build_verification_sets",
     "dataset_labels", "glyph_benchmark_of", "shuffled_labels", "synthetic_held_out_pairs",
 ]
 
@@ -164,22 +167,24 @@ def _glyph_eval(cfg: Config) -> dict[str, tuple[Any, Any]]:
     return {"": glyph_benchmark_of(cfg).pairs(cfg.data.eval_pairs)} if cfg.data.eval_pairs > 0 else {}
 
 
-# data.name -> (training set builder, held-out verification sets builder). The training set has
-# ``num_classes`` and ``ds[i] -> ((3, H, W) float tensor, label)``; the verification builder returns
-# ``{name: (images uint8 (2N, H, W, 3), issame (N,))}`` (``{}`` = no verification; metric names are
-# prefixed ``name/`` unless name is "").
-DATASETS: dict[str, tuple[Callable[[Config], Dataset], Callable[[Config], dict[str, tuple[Any, Any]]]]] = {
-    "synthetic": (_synthetic_train, _synthetic_eval),
-    "recordio": (_recordio_train, _bin_eval),
-    "folder": (_folder_train, _bin_eval),
-    "glyphs": (_glyph_train, _glyph_eval),
-}
+# data.name -> the training set builder (cfg) -> Dataset with ``num_classes`` and ``ds[i] -> ((3, H, W) float
+# tensor, label)``; and the held-out verification sets builder (cfg) -> ``{name: (images uint8 (2N, H, W, 3),
+# issame (N,))}`` (``{}`` = no verification; metric names are prefixed ``name/`` unless name is "").
+DATASETS: Registry[Dataset] = Registry("dataset")
+VERIFICATION_SETS: Registry[dict[str, tuple[Any, Any]]] = Registry("verification set")
+for _name, _train, _eval in (
+    ("synthetic", _synthetic_train, _synthetic_eval),
+    ("recordio", _recordio_train, _bin_eval),
+    ("folder", _folder_train, _bin_eval),
+    ("glyphs", _glyph_train, _glyph_eval),
+):
+    DATASETS.register(_name)(_train)
+    VERIFICATION_SETS.register(_name)(_eval)
 
 
-def _dataset_entry(cfg: Config) -> tuple[Callable[[Config], Dataset], Callable[[Config], dict[str, tuple[Any, Any]]]]:
-    if cfg.data.name not in DATASETS:
-        raise ValueError(f"data.name = {cfg.data.name!r}: expected one of {sorted(DATASETS)}")
-    return DATASETS[cfg.data.name]
+def _check_name(cfg: Config) -> None:
+    if not DATASETS.is_known(cfg.data.name):
+        raise ValueError(f"data.name = {cfg.data.name!r}: expected {DATASETS.expected()}")
 
 
 def build_verification_sets(cfg: Config) -> dict[str, tuple[Any, Any]]:
@@ -189,7 +194,8 @@ def build_verification_sets(cfg: Config) -> dict[str, tuple[Any, Any]]:
     named "" of pairs of test characters; recordio and folder: the ``data.eval_bins``, named after their
     files. Empty when there are none. Label noise never touches these.
     """
-    return _dataset_entry(cfg)[1](cfg)
+    _check_name(cfg)
+    return VERIFICATION_SETS.build(cfg.data.name, cfg=cfg) if cfg.data.name in VERIFICATION_SETS else {}
 
 
 def dataset_labels(dataset: Any) -> np.ndarray:
@@ -233,14 +239,6 @@ def shuffled_labels(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.
     return noisy, chosen
 
 
-class WithIndices(_DatasetView):
-    """``ds[i] -> (image, label, i)``: the training set with each image's index (for ``observe_sample_ids``)."""
-
-    def __getitem__(self, index: int) -> tuple[Any, Any, int]:
-        image, label = self.dataset[index]
-        return image, label, index
-
-
 class LabelNoise(_DatasetView):
     """A training set whose labels are :func:`shuffled_labels` of the wrapped one's; images unchanged.
 
@@ -280,5 +278,6 @@ def build_dataset(cfg: Config) -> Dataset:
 
     With ``data.label_noise > 0`` it is wrapped in :class:`LabelNoise` (seeded by ``cfg.seed``).
     """
-    dataset = _dataset_entry(cfg)[0](cfg)
+    _check_name(cfg)
+    dataset = DATASETS.build(cfg.data.name, cfg=cfg)
     return LabelNoise(dataset, cfg.data.label_noise, cfg.seed) if cfg.data.label_noise > 0 else dataset

@@ -3,18 +3,20 @@
 One run = one output folder holding ``config.yaml`` (the resolved config), ``train.log``,
 ``tensorboard/`` and the checkpoints ``last.pt`` (+ ``step_XXXXXXX.pt`` when ``keep_checkpoints``).
 
-Determinism (what makes a killed-and-resumed CPU run bit-identical to an uninterrupted one):
+The loop meets its parts through written seams only (``docs/extending.md``):
 
-* data order: the permutation of epoch ``e`` is a function of ``(seed, e)`` only. Optimiser step
-  ``s`` of the epoch reads the ``grad_accum`` consecutive global micro-batches
-  ``perm[(s*A + a)*B*W : (s*A + a + 1)*B*W]``, and rank ``r`` takes every W-th image of each,
-  starting at ``r``. So 2 ranks x batch B/2 see the same images per step as 1 rank x batch B, and
-  grad_accum=2 x B/2 the same as grad_accum=1 x B. A resumed run builds its sampler at the next
-  micro-batch; nothing is re-read.
-* flips: ``B*W*A`` uniforms per optimiser step from a dedicated ``torch.Generator`` (checkpointed),
-  sliced exactly like the images, in the main process (DataLoader workers never draw).
-* the global torch RNG (dropout) is checkpointed; the DataLoader gets its own generator so that
-  starting an epoch's iterator does not draw from it.
+* a sampler (``data.sampler``, ``faceforge.data.samplers.SAMPLERS``) yields this rank's typed ``Batch`` es;
+* an objective (``objective.name``, ``faceforge.train.objectives.OBJECTIVES``) maps a batch to named loss
+  terms; the loop sums them, logs each and stops on a non-finite one, naming it;
+* the head and the objective may opt into ``faceforge.heads.base.TrainHooks`` (checked once, here);
+* DDP wraps the backbone only; the gradients of the head's replicated parameters are all-reduced
+  explicitly after the last micro-batch (a head with ``sharded_parameters`` opts out and does its own
+  communication; its squared gradient norm is summed over ranks for clipping).
+
+Determinism (what makes a killed-and-resumed CPU run bit-identical to an uninterrupted one): the data
+order and flips are the sampler's (``faceforge.data.samplers``: a function of seed, epoch and world size,
+its generators in ``state_dict``, checkpointed); the global torch RNG (dropout) is checkpointed; a resumed
+run starts the sampler at the next micro-batch, and nothing is re-read.
 
 Steps are optimiser steps, counted from 1 in logs and checkpoints: "step 5" = five updates done.
 """
@@ -22,24 +24,36 @@ Steps are optimiser steps, counted from 1 in logs and checkpoints: "step 5" = fi
 from __future__ import annotations
 
 import contextlib
-import importlib
 import logging
 import math
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
-from torch import nn
-from torch.utils.data import DataLoader, Sampler
+from torch import Tensor, nn
 
+from faceforge.build import FaceModel, build_backbone, build_head, load_class_weights, load_part, wrap_ddp
+from faceforge.data.samplers import (
+    SAMPLERS,
+    Batch,
+    EpochBatchSampler,
+    SamplerContext,
+    decode_sample_ids,
+    encode_sample_ids,
+    epoch_permutation,
+    flip_images,
+    rank_positions,
+)
+from faceforge.heads.base import TrainHooks
 from faceforge.modelfile import write_model_files
 from faceforge.train import distributed as fdist
 from faceforge.train.checkpoint import CHECKPOINT_NAME, THRESHOLD_KEY, load_checkpoint, save_checkpoint
 from faceforge.train.config import Config, to_dict, to_yaml
-from faceforge.train.data import WithIndices, build_dataset, build_evaluators
+from faceforge.train.data import build_dataset, build_evaluators
+from faceforge.train.objectives import OBJECTIVES, Objective
 from faceforge.train.optim import build_optimizer, build_scheduler
 
 __all__ = [
@@ -52,7 +66,10 @@ __all__ = [
     "build_backbone",
     "build_head",
     "build_dataset",
+    "encode_sample_ids",
+    "decode_sample_ids",
     "train",
+    "wrap_ddp",
 ]
 
 logger = logging.getLogger("faceforge.train")
@@ -83,144 +100,6 @@ class NonFiniteLossError(FloatingPointError):
 
 
 # ----------------------------------------------------------------------------------------------
-# Building the parts from the registries
-
-
-def _from_spec(spec: str, registry_build: Callable[..., nn.Module], **kwargs: Any) -> nn.Module:
-    """``"name"`` -> ``registry_build(name, **kwargs)``; ``"pkg.module:callable"`` -> ``callable(**kwargs)``."""
-    if ":" in spec:
-        module_name, _, attr = spec.partition(":")
-        try:
-            factory = getattr(importlib.import_module(module_name), attr)
-        except (ImportError, AttributeError) as e:
-            raise ValueError(f"cannot import {spec!r} (expected 'package.module:callable'): {e}") from e
-        return factory(**kwargs)
-    return registry_build(spec, **kwargs)
-
-
-def build_backbone(cfg: Config) -> nn.Module:
-    """``faceforge.backbones.build(model.backbone, embedding_size, input_size=data.image_size, **model.kwargs)``."""
-    from faceforge import backbones
-
-    kwargs = {"input_size": cfg.data.image_size, **cfg.model.kwargs}
-    return _from_spec(cfg.model.backbone, backbones.build, embedding_size=cfg.model.embedding_size, **kwargs)
-
-
-def build_head(cfg: Config, num_classes: int) -> nn.Module:
-    """``faceforge.heads.build(head.name, num_classes=..., embedding_size=..., **head.kwargs)``."""
-    from faceforge import heads
-
-    return _from_spec(
-        cfg.head.name, heads.build, num_classes=num_classes, embedding_size=cfg.model.embedding_size, **cfg.head.kwargs
-    )
-
-
-class FaceModel(nn.Module):
-    """Backbone + head as one module (what DDP wraps): ``loss = model(images (B,3,H,W), labels (B,))``.
-
-    With ``amp_dtype`` the backbone runs under autocast; the head always sees float32 embeddings.
-    """
-
-    def __init__(self, backbone: nn.Module, head: nn.Module, amp_dtype: torch.dtype | None = None) -> None:
-        super().__init__()
-        self.backbone = backbone
-        self.head = head
-        self.amp_dtype = amp_dtype
-
-    def embed(self, images: torch.Tensor) -> torch.Tensor:
-        """The backbone's embeddings (B, D) of images (B, 3, H, W), under autocast when ``amp_dtype`` is set."""
-        with torch.autocast(images.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
-            return self.backbone(images)
-
-    def forward(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return self.head(self.embed(images).float(), labels)
-
-
-def wrap_ddp(model: FaceModel, device: torch.device) -> nn.Module:
-    """``DistributedDataParallel(model)``, except that the head's buffers are not broadcast from rank 0: a head
-    keeps per-rank state there (BroadFace's queue) and synchronises it itself where it must."""
-    head_buffers = [f"head.{name}" for name, _ in model.head.named_buffers()]
-    nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, head_buffers)
-    return nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
-
-
-def _classifier(head: nn.Module) -> nn.Module:
-    """The module holding the class weights: a wrapper head (BroadFace) keeps the head it wraps at ``.head``."""
-    inner = getattr(head, "head", None)
-    return inner if isinstance(inner, nn.Module) else head
-
-
-def _classifier_state(head_state: dict[str, Any]) -> dict[str, Any]:
-    """A checkpoint's head state without a wrapper's own entries (BroadFace's queue): its ``head.*`` part, if any."""
-    inner = {key.removeprefix("head."): value for key, value in head_state.items() if key.startswith("head.")}
-    return inner or head_state
-
-
-def _load_part(module: nn.Module, state: Any, what: str) -> None:
-    """``module.load_state_dict(state)``; a mismatch is a ValueError naming ``what`` (file and part)."""
-    if not isinstance(state, dict):
-        raise ValueError(f"{what}: no state dict in the checkpoint; expected a `faceforge train` checkpoint")
-    try:
-        module.load_state_dict(state)
-    except RuntimeError as e:
-        raise ValueError(f"{what} does not fit this run's {type(module).__name__}: {e}") from None
-
-
-# ----------------------------------------------------------------------------------------------
-# Data order
-
-
-def epoch_permutation(num_samples: int, seed: int, epoch: int) -> torch.Tensor:
-    """``(num_samples,)`` int64 permutation, a function of ``(seed, epoch)`` only."""
-    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-    return torch.randperm(num_samples, generator=generator)
-
-
-def rank_positions(micro: int, batch_size: int, world_size: int, rank: int) -> range:
-    """Positions in the epoch's permutation of rank ``rank``'s share of global micro-batch ``micro``.
-
-    The global micro-batch is ``[micro*B*W, (micro+1)*B*W)``; the rank takes every W-th from ``rank``.
-    """
-    start = micro * batch_size * world_size
-    return range(start + rank, start + batch_size * world_size, world_size)
-
-
-class EpochBatchSampler(Sampler[list[int]]):
-    """Yields this rank's micro-batches ``start_micro .. num_micro - 1`` of one epoch (drop_last)."""
-
-    def __init__(
-        self, num_samples: int, batch_size: int, world_size: int, rank: int, seed: int, epoch: int,
-        start_micro: int, num_micro: int,
-    ) -> None:
-        self.num_samples, self.batch_size, self.world_size, self.rank = num_samples, batch_size, world_size, rank
-        self.seed, self.epoch, self.start_micro, self.num_micro = seed, epoch, start_micro, num_micro
-
-    def __iter__(self) -> Iterator[list[int]]:
-        perm = epoch_permutation(self.num_samples, self.seed, self.epoch)
-        for micro in range(self.start_micro, self.num_micro):
-            positions = rank_positions(micro, self.batch_size, self.world_size, self.rank)
-            yield perm[positions.start : positions.stop : positions.step].tolist()
-
-    def __len__(self) -> int:
-        return max(0, self.num_micro - self.start_micro)
-
-
-def _flip(images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Horizontally flip the images ``(B,3,H,W)`` where ``mask (B,)`` is True."""
-    return torch.where(mask[:, None, None, None], images.flip(-1), images)
-
-
-def encode_sample_ids(indices: torch.Tensor, flipped: torch.Tensor) -> torch.Tensor:
-    """The id a head is told for each training image: ``2 * dataset index + (1 if flipped)``, int64 ``(B,)``."""
-    return indices.long() * 2 + flipped.long()
-
-
-def decode_sample_ids(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(dataset indices (K,), flipped (K,) bool)`` of :func:`encode_sample_ids`' ids."""
-    return ids // 2, (ids % 2).bool()
-
-
-# ----------------------------------------------------------------------------------------------
 # The run
 
 
@@ -245,13 +124,24 @@ class _Run:
         num_classes = int(self.dataset.num_classes)
         self.backbone = build_backbone(cfg)
         self.head = build_head(cfg, num_classes)
-        if t.diagnostics_every and not callable(getattr(self.head, "diagnostics", None)):
+        self.amp_dtype = self._amp_dtype()
+        self.objective: Objective = OBJECTIVES.build(
+            cfg.objective.name, backbone=self.backbone, head=self.head, amp_dtype=self.amp_dtype, **cfg.objective.kwargs
+        ).to(self.device)
+        # the parts that opted into TrainHooks, by their checkpoint key; checked once, here
+        self.hooks: dict[str, TrainHooks] = {
+            key: part for key, part in (("objective", self.objective), ("head", self.head)) if isinstance(part, TrainHooks)
+        }
+        if t.diagnostics_every and not any(h.provides_diagnostics for h in self.hooks.values()):
             raise ValueError(
                 f"train.diagnostics_every = {t.diagnostics_every}: head {cfg.head.name!r} ({type(self.head).__name__}) "
                 f"has no diagnostics; expected 0 (off) or a head that has them (broadface)"
             )
-        self.amp_dtype = self._amp_dtype()
-        self.model = FaceModel(self.backbone, self.head, self.amp_dtype).to(self.device)
+        self.sharded = [p for h in self.hooks.values() if h.sharded_parameters
+                        for p in h.parameters() if p.requires_grad]  # type: ignore[attr-defined]
+        sharded_ids = {id(p) for p in self.sharded}
+        self.trained = [p for p in (*self.backbone.parameters(), *self.head.parameters()) if id(p) not in sharded_ids]
+        self.replicated_head = [p for p in self.head.parameters() if p.requires_grad and id(p) not in sharded_ids]
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
 
         self.batch = cfg.data.batch_size
@@ -266,7 +156,15 @@ class _Run:
         self.total_steps = t.steps if t.steps is not None else t.epochs * self.steps_per_epoch
         self.optimizer = build_optimizer(cfg.optim, self.backbone, self.head)
         self.scheduler = build_scheduler(cfg.schedule, self.optimizer, self.total_steps, self.steps_per_epoch)
-        self.flip_generator = torch.Generator().manual_seed(cfg.seed + 0x5EED)
+        self.sampler = SAMPLERS.build(
+            cfg.data.sampler,
+            context=SamplerContext(
+                dataset=self.dataset, batch_size=self.batch, world_size=self.world_size, rank=self.rank,
+                seed=cfg.seed, grad_accum=t.grad_accum, micro_per_epoch=self.steps_per_epoch * t.grad_accum,
+                flip=cfg.data.flip, num_workers=cfg.data.num_workers, pin_memory=self.device.type == "cuda",
+            ),
+            **cfg.data.sampler_kwargs,
+        )
         self.step = 0
         self.metrics: dict[str, float] = {}
         self.losses: list[float] = []
@@ -275,7 +173,7 @@ class _Run:
         self.init_from = Path(cfg.model.init_from) if cfg.model.init_from and self.resume_from is None else None
         if self.init_from is not None:
             self._init_from(self.init_from)
-        self.ddp = wrap_ddp(self.model, self.device) if self.world_size > 1 else self.model
+        self.backbone_ddp = self._wrap_backbone() if self.world_size > 1 else None
 
     # --- setup ---
 
@@ -287,6 +185,27 @@ class _Run:
             return None
         return AMP_DTYPES[self.cfg.train.amp_dtype] if on else None
 
+    def _wrap_backbone(self) -> nn.Module:
+        """DDP around the backbone only (it broadcasts the backbone from rank 0); the head's replicated
+        parameters are broadcast here once, and their gradients all-reduced in :meth:`_sync_head_grads`."""
+        device = self.device
+        ddp = nn.parallel.DistributedDataParallel(self.backbone, device_ids=[device] if device.type == "cuda" else None)
+        with torch.no_grad():
+            for p in self.replicated_head:
+                torch.distributed.broadcast(p, 0)
+        self.objective.set_encoder(ddp)
+        return ddp
+
+    def _sync_head_grads(self) -> None:
+        """Average the replicated head parameters' gradients over ranks, as DDP does for the backbone's."""
+        if self.world_size == 1:
+            return
+        for p in self.replicated_head:
+            if p.grad is None:  # every rank must take part; an unused parameter has gradient 0
+                p.grad = torch.zeros_like(p)
+            p.grad.div_(self.world_size)
+            torch.distributed.all_reduce(p.grad)
+
     def _resume(self) -> Path | None:
         if not self.checkpoint_path.is_file():
             logger.warning("resume: no checkpoint at %s; starting from step 0", self.checkpoint_path)
@@ -294,12 +213,17 @@ class _Run:
         state = load_checkpoint(self.checkpoint_path)
         self.backbone.load_state_dict(state["backbone"])
         self.head.load_state_dict(state["head"])
+        if "objective" in state:
+            self.objective.load_owned_state_dict(state["objective"])
+        for key, state_of_part in state.get("extra", {}).items():
+            if key in self.hooks:
+                self.hooks[key].load_extra_state(state_of_part)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         rng = state["rng"]
         torch.set_rng_state(rng["torch"])
-        self.flip_generator.set_state(rng["flip"])
+        self.sampler.load_state_dict(state["sampler"] if "sampler" in state else {"flip": rng["flip"]})
         if self.device.type == "cuda" and rng.get("cuda") is not None:
             torch.cuda.set_rng_state(rng["cuda"], self.device)
         self.step = int(state["step"])
@@ -318,20 +242,20 @@ class _Run:
     def _init_from(self, path: Path) -> None:
         """model.init_from: start from another run's backbone and head class weights (not its optimiser or queue)."""
         state = load_checkpoint(path)
-        _load_part(self.backbone, state.get("backbone"), f"model.init_from {path}: the backbone")
-        head_state = state.get("head")
-        _load_part(
-            _classifier(self.head), _classifier_state(head_state) if isinstance(head_state, dict) else head_state,
+        load_part(self.backbone, state.get("backbone"), f"model.init_from {path}: the backbone")
+        load_class_weights(
+            self.head, state.get("head"),
             f"model.init_from {path}: the head (num_classes {int(self.dataset.num_classes)} from the data here)",
         )
 
     # --- checkpoints ---
 
     def _state(self) -> dict[str, Any]:
-        rng = {"torch": torch.get_rng_state(), "flip": self.flip_generator.get_state(), "cuda": None}
+        """The checkpoint. Built on every rank: a part's ``extra_state`` may communicate; rank 0's is written."""
+        rng = {"torch": torch.get_rng_state(), "cuda": None}
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
-        return {
+        state = {
             "format": 1,
             "step": self.step,
             "epoch": self.step // self.steps_per_epoch,
@@ -344,26 +268,34 @@ class _Run:
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "rng": rng,
+            "sampler": self.sampler.state_dict(),
             "config": to_dict(self.cfg),
             "metrics": dict(self.metrics),
-            # the head's learned decision boundary in cosine terms (SphereFace2), for `faceforge eval`
-            THRESHOLD_KEY: (
-                self.head.verification_threshold() if hasattr(self.head, "verification_threshold") else None
+            # the learned decision boundary in cosine terms (SphereFace2's), for `faceforge eval`
+            THRESHOLD_KEY: next(
+                (t for h in self.hooks.values() if (t := h.verification_threshold()) is not None), None
             ),
         }
+        owned = self.objective.owned_state_dict()
+        if owned:
+            state["objective"] = owned
+        extra = {key: e for key, h in self.hooks.items() if (e := h.extra_state())}
+        if extra:
+            state["extra"] = extra
+        return state
 
     def save(self) -> None:
         """Rank 0 writes last.pt atomically (and a step_XXXXXXX.pt link when keep_checkpoints > 0), and the
         backbone a user takes away: model.safetensors + model.json (:mod:`faceforge.modelfile`)."""
+        state = self._state()
         if self.main:
-            state = self._state()
             save_checkpoint(self.checkpoint_path, state)
             write_model_files(self.output, self.backbone, self.cfg, self.metrics, state[THRESHOLD_KEY], self.step)
-            self._keep_older()
+            self._keep_older(state)
             logger.info("checkpoint: %s (step %d)", self.checkpoint_path, self.step)
         fdist.barrier()
 
-    def _keep_older(self) -> None:
+    def _keep_older(self, state: dict[str, Any]) -> None:
         keep = self.cfg.train.keep_checkpoints
         if keep <= 0:
             return
@@ -372,7 +304,7 @@ class _Run:
         try:
             named.hardlink_to(self.checkpoint_path)  # the same bytes; survives the next os.replace of last.pt
         except OSError:
-            save_checkpoint(named, self._state())
+            save_checkpoint(named, state)
         for old in sorted(self.output.glob("step_*.pt"))[:-keep]:
             old.unlink(missing_ok=True)
 
@@ -405,16 +337,19 @@ class _Run:
     # --- diagnostics ---
 
     def diagnose(self, writer: Any) -> None:
-        """Rank 0: the head's ``diagnostics(embed_fn)`` (BroadFace Fig. 5a), to train.log and TensorBoard."""
+        """Rank 0: the parts' ``diagnostics(embed_fn)`` (BroadFace Fig. 5a), to train.log and TensorBoard."""
         if not self.main:
             return
-        values = self.head.diagnostics(self._embed_samples)
+        values: dict[str, float] = {}
+        for h in self.hooks.values():
+            if h.provides_diagnostics:
+                values.update(h.diagnostics(self._embed_samples))
         logger.info("diagnostics step %d: %s", self.step, " ".join(f"{k} {v:.5g}" for k, v in values.items()) or "none")
         for k, v in values.items():
             writer.add_scalar(f"diagnostics/{k}", v, self.step)
 
     def _embed_samples(self, ids: torch.Tensor) -> torch.Tensor:
-        """Current embeddings (K, D) float32 of the training images named by sample ids (:func:`encode_sample_ids`):
+        """Current embeddings (K, D) float32 of the training images named by view ids (``Batch.view_ids``):
         the same image and flip as when trained, the backbone in eval mode, no gradient."""
         indices, flipped = decode_sample_ids(ids.cpu())
         was_training = self.backbone.training
@@ -425,21 +360,21 @@ class _Run:
                 for k0 in range(0, len(indices), self.cfg.data.eval_batch_size):
                     part = range(k0, min(k0 + self.cfg.data.eval_batch_size, len(indices)))
                     images = torch.stack([self.dataset[int(indices[k])][0] for k in part])
-                    images = _flip(images, flipped[part.start : part.stop]).to(self.device)
-                    embeddings.append(self.model.embed(images).float())
+                    images = flip_images(images, flipped[part.start : part.stop]).to(self.device)
+                    embeddings.append(self.objective.embed(images, synced=False).float())
         finally:
             self.backbone.train(was_training)
         return torch.cat(embeddings)
 
     # --- one optimiser step ---
 
-    def _loss_value(self, loss: torch.Tensor) -> float:
-        """The loss averaged over ranks (every rank learns of a NaN on any rank)."""
-        value = loss.detach().float().clone()
+    def _loss_values(self, terms: dict[str, Tensor]) -> dict[str, float]:
+        """Each loss term averaged over ranks, in one all-reduce (every rank learns of a NaN on any rank)."""
+        values = torch.stack([t.detach().float().reshape(()) for t in terms.values()])
         if self.world_size > 1:
-            torch.distributed.all_reduce(value)
-            value /= self.world_size
-        return float(value)
+            torch.distributed.all_reduce(values)
+            values /= self.world_size
+        return dict(zip(terms, values.tolist()))
 
     def _non_finite(self, what: str, value: float, micro: int) -> NonFiniteLossError:
         last = f"{self.checkpoint_path} (step {self._last_saved})" if self._last_saved is not None else "none written"
@@ -449,57 +384,62 @@ class _Run:
             f"or saving this step; last good checkpoint: {last}"
         )
 
-    def train_step(self, batches: Iterator[tuple[torch.Tensor, torch.Tensor]]) -> tuple[float, float, float]:
-        """Forward/backward ``grad_accum`` micro-batches, clip, update. Returns (mean loss, grad norm, lr used)."""
+    def _grad_norm(self, grads: list[Tensor], sharded: list[Tensor]) -> Tensor:
+        """The global L2 norm of every gradient: the replicated ones as they are, the sharded ones' squares
+        summed over ranks."""
+        norm = nn.utils.get_total_norm(grads)
+        if sharded:
+            square = nn.utils.get_total_norm(sharded).float().square()
+            if self.world_size > 1:
+                torch.distributed.all_reduce(square)
+            norm = (norm.float().square() + square).sqrt()
+        return norm
+
+    def train_step(self, batches: Iterator[Batch]) -> tuple[float, dict[str, float], float, float]:
+        """Forward/backward ``grad_accum`` micro-batches, clip, update.
+
+        Returns (mean loss, mean of each loss term, grad norm, lr used).
+        """
         accum = self.cfg.train.grad_accum
-        flips = torch.rand(self.step_images, generator=self.flip_generator) if self.cfg.data.flip else None
-        total = 0.0
+        total, terms_total = 0.0, {}
         for micro in range(accum):
-            images, labels, indices = next(batches)
-            flipped = torch.zeros(len(indices), dtype=torch.bool)
-            if flips is not None:
-                positions = rank_positions(micro, self.batch, self.world_size, self.rank)
-                flipped = flips[positions.start : positions.stop : positions.step] < 0.5
-                images = _flip(images, flipped)
-            observe = getattr(self.head, "observe_sample_ids", None)
-            if observe is not None:  # a head that keeps past samples (BroadFace) learns whose rows these are
-                observe(encode_sample_ids(indices, flipped))
-            images = images.to(self.device, non_blocking=True)
-            labels = labels.to(self.device, non_blocking=True)
+            batch = next(batches)
+            for h in self.hooks.values():
+                h.on_batch(batch)
+            batch = batch.to(self.device, non_blocking=True)
             last = micro == accum - 1
-            sync = self.ddp.no_sync() if (self.world_size > 1 and not last) else contextlib.nullcontext()
+            ddp = self.backbone_ddp
+            sync = ddp.no_sync() if (ddp is not None and not last) else contextlib.nullcontext()
             with sync:
-                loss = self.ddp(images, labels)
-                value = self._loss_value(loss)
-                if not math.isfinite(value):
-                    raise self._non_finite("loss", value, micro)
+                terms = self.objective(batch)
+                values = self._loss_values(terms)
+                for name, value in values.items():
+                    if not math.isfinite(value):
+                        raise self._non_finite(f"loss term {name!r}" if len(values) > 1 else "loss", value, micro)
+                loss = _sum(terms.values())
                 self.scaler.scale(loss / accum).backward()  # mean over the accumulated micro-batches
-            total += value / accum
+            total += sum(values.values()) / accum
+            for name, value in values.items():
+                terms_total[name] = terms_total.get(name, 0.0) + value / accum
+        self._sync_head_grads()
         self.scaler.unscale_(self.optimizer)
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        norm = nn.utils.get_total_norm([p.grad for p in params])
+        params = [p for p in self.trained if p.grad is not None]
+        sharded = [p for p in self.sharded if p.grad is not None]
+        norm = self._grad_norm([p.grad for p in params], [p.grad for p in sharded])
         if not self.scaler.is_enabled() and not torch.isfinite(norm):
             raise self._non_finite("gradient norm", float(norm), accum - 1)
         if self.cfg.train.clip_grad_norm > 0:
-            nn.utils.clip_grads_with_norm_(params, self.cfg.train.clip_grad_norm, norm)
+            nn.utils.clip_grads_with_norm_(params + sharded, self.cfg.train.clip_grad_norm, norm)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         lr = self.optimizer.param_groups[0]["lr"]
         self.scheduler.step()
-        return total, float(norm), lr
+        for h in self.hooks.values():
+            h.after_optimizer_step(self.step + 1)
+        return total, terms_total, float(norm), lr
 
     # --- the loop ---
-
-    def _loader(self, epoch: int, start_micro: int) -> DataLoader:
-        sampler = EpochBatchSampler(
-            len(self.dataset), self.batch, self.world_size, self.rank, self.cfg.seed, epoch,
-            start_micro, self.steps_per_epoch * self.cfg.train.grad_accum,
-        )
-        return DataLoader(
-            WithIndices(self.dataset), batch_sampler=sampler, num_workers=self.cfg.data.num_workers,
-            pin_memory=self.device.type == "cuda", generator=torch.Generator().manual_seed(self.cfg.seed),
-        )
 
     def fit(self) -> TrainResult:
         t = self.cfg.train
@@ -511,17 +451,17 @@ class _Run:
             while self.step < self.total_steps:
                 epoch = self.step // self.steps_per_epoch
                 first = self.step % self.steps_per_epoch
-                batches = iter(self._loader(epoch, first * t.grad_accum))
+                batches = iter(self.sampler.batches(epoch, first * t.grad_accum))
                 for _ in range(first, self.steps_per_epoch):
                     if self.step >= self.total_steps:
                         break
                     start = time.perf_counter()
-                    loss, grad_norm, lr = self.train_step(batches)
+                    loss, terms, grad_norm, lr = self.train_step(batches)
                     train_time += time.perf_counter() - start
                     images_seen += self.step_images
                     self.step += 1
                     self.losses.append(loss)
-                    window.append(loss)
+                    window.append((loss, terms))
                     self._log_step(writer, bar, window, grad_norm, lr, images_seen / max(train_time, 1e-9))
                     if t.diagnostics_every and self.step % t.diagnostics_every == 0:
                         self.diagnose(writer)
@@ -551,20 +491,29 @@ class _Run:
             losses=list(self.losses),
         )
 
-    def _log_step(self, writer: Any, bar: Any, window: list[float], grad_norm: float, lr: float, ips: float) -> None:
-        """Every log_every steps: mean loss since the last line, the lr this step used, grad norm, images/s."""
+    def _log_step(
+        self, writer: Any, bar: Any, window: list[tuple[float, dict[str, float]]], grad_norm: float, lr: float,
+        ips: float,
+    ) -> None:
+        """Every log_every steps: mean loss since the last line (and of each loss term, when there are several),
+        the lr this step used, grad norm, images/s."""
         bar.update(1)
         if self.step % self.cfg.train.log_every and self.step != self.total_steps:
             return
-        loss = sum(window) / len(window)
+        loss = sum(total for total, _ in window) / len(window)
+        names = list(window[-1][1]) if len(window[-1][1]) > 1 else []
+        terms = {name: sum(t.get(name, 0.0) for _, t in window) / len(window) for name in names}
         window.clear()
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{ips:.0f}")
         if self.main:
             logger.info(
-                "step %d/%d epoch %d loss %.5f lr %.4e grad_norm %.4f images/s %.1f",
-                self.step, self.total_steps, (self.step - 1) // self.steps_per_epoch, loss, lr, grad_norm, ips,
+                "step %d/%d epoch %d loss %.5f%s lr %.4e grad_norm %.4f images/s %.1f",
+                self.step, self.total_steps, (self.step - 1) // self.steps_per_epoch, loss,
+                "".join(f" {name} {value:.5f}" for name, value in terms.items()), lr, grad_norm, ips,
             )
             writer.add_scalar("train/loss", loss, self.step)
+            for name, value in terms.items():
+                writer.add_scalar(f"train/{name}", value, self.step)
             writer.add_scalar("train/lr", lr, self.step)
             writer.add_scalar("train/grad_norm", grad_norm, self.step)
             writer.add_scalar("train/images_per_second", ips, self.step)
@@ -610,6 +559,16 @@ class _Run:
             logger.removeHandler(handler)
             handler.close()
         self._handlers = []
+
+
+def _sum(terms: Iterable[Tensor]) -> Tensor:
+    """The sum of the loss terms (the first term itself when there is one: no ``0 +`` in the graph)."""
+    total: Tensor | None = None
+    for t in terms:
+        total = t if total is None else total + t
+    if total is None:
+        raise ValueError("the objective returned no loss terms; expected {name: scalar tensor}")
+    return total
 
 
 class _NullWriter:

@@ -20,9 +20,10 @@ import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
+from faceforge.registry import Registry
 from faceforge.train.config import Config, OptimConfig, ScheduleConfig
 
-__all__ = ["param_groups", "build_optimizer", "decay_factor", "lr_at", "warmup_steps", "build_scheduler"]
+__all__ = ["OPTIMIZERS", "SCHEDULES", "param_groups", "build_optimizer", "decay_factor", "lr_at", "warmup_steps", "build_scheduler"]
 
 
 def _trainable(module: nn.Module) -> list[nn.Parameter]:
@@ -49,60 +50,67 @@ def param_groups(cfg: OptimConfig, backbone: nn.Module, head: nn.Module) -> list
     return [g for g in groups if g["params"]]
 
 
+# optim.name -> factory(param groups, OptimConfig) -> torch.optim.Optimizer
+OPTIMIZERS: Registry[torch.optim.Optimizer] = Registry("optimizer")
+
+
+@OPTIMIZERS.register("sgd")
 def _sgd(groups: list[dict], cfg: OptimConfig) -> torch.optim.Optimizer:
     return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
 
 
+@OPTIMIZERS.register("adamw")
 def _adamw(groups: list[dict], cfg: OptimConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, weight_decay=cfg.weight_decay)
-
-
-OPTIMIZERS: dict[str, Callable[[list[dict], OptimConfig], torch.optim.Optimizer]] = {"sgd": _sgd, "adamw": _adamw}
 
 
 def build_optimizer(cfg: Config | OptimConfig, backbone: nn.Module, head: nn.Module) -> torch.optim.Optimizer:
     """SGD (momentum, weight decay, optional Nesterov) or AdamW over :func:`param_groups`."""
     optim_cfg = cfg.optim if isinstance(cfg, Config) else cfg
-    if optim_cfg.name not in OPTIMIZERS:
-        raise ValueError(f"optim.name = {optim_cfg.name!r}: expected one of {sorted(OPTIMIZERS)}")
+    if not OPTIMIZERS.is_known(optim_cfg.name):
+        raise ValueError(f"optim.name = {optim_cfg.name!r}: expected {OPTIMIZERS.expected()}")
     groups = param_groups(optim_cfg, backbone, head)
     if not groups:
         raise ValueError("no trainable parameters in the backbone or the head")
-    return OPTIMIZERS[optim_cfg.name](groups, optim_cfg)
+    return OPTIMIZERS.get(optim_cfg.name)(groups, optim_cfg)
 
 
-# --- schedules: decay(t) in [0, 1] after warm-up; p = progress through the decay in [0, 1) ------------
+# --- schedules: decay(p, t, cfg) in [0, 1] after warm-up; p = progress through the decay in [0, 1) ------
 
+# schedule.name -> decay(p, t, ScheduleConfig) -> float in [0, 1]
+SCHEDULES: Registry[float] = Registry("schedule")
+
+
+@SCHEDULES.register("poly")
 def _poly(p: float, t: int, cfg: ScheduleConfig) -> float:
     return (1.0 - p) ** cfg.power  # arcface_torch PolynomialLRWarmup (power 1 = linear to min_lr)
 
 
+@SCHEDULES.register("cosine")
 def _cosine(p: float, t: int, cfg: ScheduleConfig) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * p))  # SGDR (Loshchilov & Hutter), one cycle
 
 
+@SCHEDULES.register("step")
 def _step(p: float, t: int, cfg: ScheduleConfig) -> float:
     return cfg.gamma ** bisect.bisect_right(sorted(cfg.milestones), t)  # x gamma at each milestone reached
 
 
+@SCHEDULES.register("constant")
 def _constant(p: float, t: int, cfg: ScheduleConfig) -> float:
     return 1.0
 
 
-SCHEDULES: dict[str, Callable[[float, int, ScheduleConfig], float]] = {
-    "poly": _poly,
-    "cosine": _cosine,
-    "step": _step,
-    "constant": _constant,
-}
-
-
 def decay_factor(cfg: ScheduleConfig, t: int, total_steps: int, warmup: int) -> float:
     """The decay in [0, 1] at optimiser step ``t >= warmup``; ``p = (t - warmup) / (total_steps - warmup)``."""
-    if cfg.name not in SCHEDULES:
-        raise ValueError(f"schedule.name = {cfg.name!r}: expected one of {sorted(SCHEDULES)}")
+    _check_schedule(cfg)
     p = min(1.0, (t - warmup) / max(1, total_steps - warmup))
-    return SCHEDULES[cfg.name](p, t, cfg)
+    return SCHEDULES.get(cfg.name)(p, t, cfg)
+
+
+def _check_schedule(cfg: ScheduleConfig) -> None:
+    if not SCHEDULES.is_known(cfg.name):
+        raise ValueError(f"schedule.name = {cfg.name!r}: expected {SCHEDULES.expected()}")
 
 
 def lr_at(cfg: ScheduleConfig, t: int, base_lr: float, total_steps: int, warmup: int) -> float:
@@ -132,8 +140,8 @@ def build_scheduler(
     steps_per_epoch: converts ``warmup_epochs`` to steps.
     """
     sched_cfg = cfg.schedule if isinstance(cfg, Config) else cfg
-    if sched_cfg.name not in SCHEDULES:
-        raise ValueError(f"schedule.name = {sched_cfg.name!r}: expected one of {sorted(SCHEDULES)}")
+    _check_schedule(sched_cfg)
+    SCHEDULES.get(sched_cfg.name)  # a "package.module:callable" that does not import fails here, not at step 1
     if total_steps < 1:
         raise ValueError(f"total_steps = {total_steps!r}: expected an int >= 1")
     warmup = warmup_steps(sched_cfg, steps_per_epoch)

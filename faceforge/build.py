@@ -1,0 +1,118 @@
+"""Builders shared by train, eval, demo and export: backbones and heads from a config, models from checkpoints.
+
+- :func:`build_backbone` (``model.backbone``, ``model.embedding_size``, ``data.image_size``, ``model.kwargs``);
+- :func:`build_head` (``head.name``, ``head.kwargs``, the number of classes of the training data);
+- :func:`load_backbone`: a ``faceforge train`` checkpoint -> ``(backbone with its weights, Config)``;
+- :func:`load_class_weights`: another run's head weights into this run's head (``model.init_from``), across a
+  wrapper head (BroadFace keeps the head it wraps as ``head``; its checkpoint entries are ``head.*``);
+- :class:`FaceModel` and :func:`wrap_ddp`: backbone + head as one module, in one DDP (for benchmarks and
+  tests; the trainer wraps the backbone only, ``faceforge.train.engine``).
+
+Backbones and heads are named as their registries name them, or as ``"package.module:callable"``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from faceforge.train.checkpoint import load_checkpoint
+from faceforge.train.config import Config, config_from_dict
+
+__all__ = ["FaceModel", "build_backbone", "build_head", "load_backbone", "load_class_weights", "wrap_ddp"]
+
+
+def build_backbone(cfg: Config) -> nn.Module:
+    """``faceforge.backbones.build(model.backbone, embedding_size, input_size=data.image_size, **model.kwargs)``."""
+    from faceforge.backbones import BACKBONES
+
+    kwargs = {"input_size": cfg.data.image_size, **cfg.model.kwargs}
+    return BACKBONES.build(cfg.model.backbone, embedding_size=cfg.model.embedding_size, **kwargs)
+
+
+def build_head(cfg: Config, num_classes: int) -> nn.Module:
+    """``faceforge.heads.build(head.name, num_classes=..., embedding_size=..., **head.kwargs)``."""
+    from faceforge.heads import HEADS
+
+    return HEADS.build(cfg.head.name, num_classes=num_classes, embedding_size=cfg.model.embedding_size, **cfg.head.kwargs)
+
+
+def load_backbone(
+    checkpoint: str | Path | dict[str, Any], map_location: str | torch.device = "cpu", source: str | None = None
+) -> tuple[nn.Module, Config]:
+    """The backbone of a ``faceforge train`` checkpoint, with its weights, and the run's config.
+
+    checkpoint: a path (read with ``weights_only=True``) or an already loaded checkpoint dict; ``source``
+    names it in errors (default: the path). Raises ``CheckpointError`` for an unreadable file and ValueError
+    (naming the file) for one without ``config`` / ``backbone`` entries or whose weights do not fit the
+    backbone its config names.
+    """
+    source = source or ("<checkpoint>" if isinstance(checkpoint, dict) else str(checkpoint))
+    state = checkpoint if isinstance(checkpoint, dict) else load_checkpoint(checkpoint, map_location)
+    if "config" not in state or "backbone" not in state:
+        raise ValueError(f"{source}: not a `faceforge train` checkpoint (no 'config' / 'backbone' entry)")
+    cfg = config_from_dict(state["config"], source=source)
+    backbone = build_backbone(cfg)  # random init, then every weight loaded
+    load_part(backbone, state["backbone"], f"{source}: the backbone")
+    return backbone, cfg
+
+
+def load_part(module: nn.Module, state: Any, what: str) -> None:
+    """``module.load_state_dict(state)``; a mismatch is a ValueError naming ``what`` (file and part)."""
+    if not isinstance(state, dict):
+        raise ValueError(f"{what}: no state dict in the checkpoint; expected a `faceforge train` checkpoint")
+    try:
+        module.load_state_dict(state)
+    except RuntimeError as e:
+        raise ValueError(f"{what} does not fit this run's {type(module).__name__}: {e}") from None
+
+
+def _classifier(head: nn.Module) -> nn.Module:
+    """The module that holds the class weights: a wrapper head's ``head`` (``heads.base.HeadWrapper``), else ``head``."""
+    from faceforge.heads.base import HeadWrapper
+
+    return head.head if isinstance(head, HeadWrapper) else head
+
+
+def load_class_weights(head: nn.Module, head_state: Any, what: str) -> None:
+    """Load a checkpoint's head class weights into ``head`` (not a wrapper's own state, e.g. BroadFace's queue).
+
+    Works across wrappers: an ArcFace run starts a BroadFace(ArcFace) run and back. ``what`` names the source
+    in errors (ValueError).
+    """
+    if isinstance(head_state, dict):
+        inner = {key.removeprefix("head."): value for key, value in head_state.items() if key.startswith("head.")}
+        head_state = inner or head_state
+    load_part(_classifier(head), head_state, what)
+
+
+class FaceModel(nn.Module):
+    """Backbone + head as one module: ``loss = model(images (B, 3, H, W), labels (B,))``.
+
+    With ``amp_dtype`` the backbone runs under autocast; the head always sees float32 embeddings.
+    """
+
+    def __init__(self, backbone: nn.Module, head: nn.Module, amp_dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+        self.amp_dtype = amp_dtype
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """The backbone's embeddings (B, D) of images (B, 3, H, W), under autocast when ``amp_dtype`` is set."""
+        with torch.autocast(images.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
+            return self.backbone(images)
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self.head(self.embed(images).float(), labels)
+
+
+def wrap_ddp(model: FaceModel, device: torch.device) -> nn.Module:
+    """``DistributedDataParallel(model)``, except that the head's buffers are not broadcast from rank 0: a head
+    keeps per-rank state there (BroadFace's queue) and synchronises it itself where it must."""
+    head_buffers = [f"head.{name}" for name, _ in model.head.named_buffers()]
+    nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, head_buffers)
+    return nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)

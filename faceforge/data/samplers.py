@@ -1,0 +1,243 @@
+"""Training batches: the typed `Batch`, the `SAMPLERS` registry, and the epoch sampler every run used so far.
+
+A sampler turns a training set into this rank's micro-batches of one epoch. The trainer builds it once as
+``SAMPLERS.build(data.sampler, context=SamplerContext(...), **data.sampler_kwargs)`` and then, per epoch,
+iterates ``sampler.batches(epoch, start_micro)``; it checkpoints ``sampler.state_dict()``. A sampler
+satisfies :class:`TrainSampler`. ``data.sampler`` may also be ``"package.module:callable"``.
+
+The epoch sampler ("epoch", :class:`EpochSampler`), and what makes a killed-and-resumed run bit-identical:
+
+* data order: the permutation of epoch ``e`` is a function of ``(seed, e)`` only
+  (:func:`epoch_permutation`). Optimiser step ``s`` of the epoch reads the ``grad_accum`` consecutive global
+  micro-batches ``perm[(s*A + a)*B*W : (s*A + a + 1)*B*W]``, and rank ``r`` takes every W-th image of each,
+  starting at ``r`` (:func:`rank_positions`). So 2 ranks x batch B/2 see the same images per step as
+  1 rank x batch B, and grad_accum=2 x B/2 the same as grad_accum=1 x B. A resumed run starts its
+  iterator at the next micro-batch; nothing is re-read.
+* flips: ``B*W*A`` uniforms per optimiser step from a dedicated ``torch.Generator`` (in ``state_dict``),
+  drawn when the step's first micro-batch is taken and sliced exactly like the images, in the main
+  process (DataLoader workers never draw).
+* the DataLoader gets its own generator, so that starting an epoch's iterator does not draw from the
+  global torch RNG (which the trainer checkpoints for dropout).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any, Iterator, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from faceforge.registry import Registry
+
+__all__ = [
+    "Batch",
+    "EpochBatchSampler",
+    "EpochSampler",
+    "IndexedDataset",
+    "SAMPLERS",
+    "SamplerContext",
+    "TrainSampler",
+    "decode_sample_ids",
+    "encode_sample_ids",
+    "epoch_permutation",
+    "flip_images",
+    "rank_positions",
+]
+
+
+# ----------------------------------------------------------------------------------------------
+# The batch
+
+
+def encode_sample_ids(indices: Tensor, flipped: Tensor) -> Tensor:
+    """The id of a training *view*: ``2 * dataset index + (1 if flipped)``, int64 ``(B,)``."""
+    return indices.long() * 2 + flipped.long()
+
+
+def decode_sample_ids(ids: Tensor) -> tuple[Tensor, Tensor]:
+    """``(dataset indices (K,), flipped (K,) bool)`` of :func:`encode_sample_ids`' ids."""
+    return ids // 2, (ids % 2).bool()
+
+
+def flip_images(images: Tensor, mask: Tensor) -> Tensor:
+    """Horizontally flip the images ``(B, 3, H, W)`` where ``mask (B,)`` is True."""
+    return torch.where(mask[:, None, None, None], images.flip(-1), images)
+
+
+@dataclass
+class Batch:
+    """One rank's micro-batch, as a sampler yields it and an objective reads it.
+
+    Attributes:
+        images: (B, 3, H, W) float32, normalised ``(x - 127.5) / 127.5``, already flipped where ``flipped``.
+        labels: (B,) int64 class labels.
+        sample_ids: (B,) int64 dataset indices of the images.
+        flipped: (B,) bool, True where the image was flipped horizontally.
+        extras: anything more a sampler gives (e.g. k images of the same identity per sample,
+            ``(B, k, 3, H, W)``); tensors only, with the batch on dim 0. Empty for the epoch sampler.
+    """
+
+    images: Tensor
+    labels: Tensor
+    sample_ids: Tensor
+    flipped: Tensor
+    extras: dict[str, Tensor] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def view_ids(self) -> Tensor:
+        """(B,) int64 ids of the views trained on (:func:`encode_sample_ids`: index and flip); a part that
+        keeps past samples (BroadFace's queue) names them so, and the trainer's ``embed_fn`` reads them back."""
+        return encode_sample_ids(self.sample_ids, self.flipped)
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
+        """The batch with images, labels and extras on ``device`` (ids and flip mask stay where they are)."""
+        return replace(
+            self,
+            images=self.images.to(device, non_blocking=non_blocking),
+            labels=self.labels.to(device, non_blocking=non_blocking),
+            extras={k: v.to(device, non_blocking=non_blocking) for k, v in self.extras.items()},
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# The sampler contract
+
+
+@dataclass(frozen=True)
+class SamplerContext:
+    """What the trainer tells a sampler: the training set (``ds[i] -> (image (3, H, W) float, label)``,
+    with ``num_classes``), this rank's micro-batch size, the world, the seed, micro-batches per optimiser
+    step and per epoch, whether to flip, and the DataLoader's workers and pinning."""
+
+    dataset: Dataset
+    batch_size: int
+    world_size: int
+    rank: int
+    seed: int
+    grad_accum: int
+    micro_per_epoch: int
+    flip: bool = True
+    num_workers: int = 0
+    pin_memory: bool = False
+
+
+@runtime_checkable
+class TrainSampler(Protocol):
+    """What the trainer needs of a sampler (a factory in :data:`SAMPLERS` returns one).
+
+    ``batches(epoch, start_micro)``: this rank's micro-batches ``start_micro .. micro_per_epoch - 1`` of
+    ``epoch``, as :class:`Batch` es on the CPU; a pure function of (seed, epoch, world size, rank) and of the
+    sampler's state. ``state_dict()`` / ``load_state_dict(state)``: that state (random generators), saved in
+    every checkpoint, so that a resumed run draws what the uninterrupted one would have.
+    """
+
+    def batches(self, epoch: int, start_micro: int) -> Iterator[Batch]: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+SAMPLERS: Registry[TrainSampler] = Registry("sampler")
+
+
+# ----------------------------------------------------------------------------------------------
+# The epoch sampler
+
+
+def epoch_permutation(num_samples: int, seed: int, epoch: int) -> Tensor:
+    """``(num_samples,)`` int64 permutation, a function of ``(seed, epoch)`` only."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(num_samples, generator=generator)
+
+
+def rank_positions(micro: int, batch_size: int, world_size: int, rank: int) -> range:
+    """Positions in the epoch's permutation of rank ``rank``'s share of global micro-batch ``micro``.
+
+    The global micro-batch is ``[micro*B*W, (micro+1)*B*W)``; the rank takes every W-th from ``rank``.
+    """
+    start = micro * batch_size * world_size
+    return range(start + rank, start + batch_size * world_size, world_size)
+
+
+class EpochBatchSampler(Sampler[list[int]]):
+    """Yields this rank's micro-batches ``start_micro .. num_micro - 1`` of one epoch (drop_last), as index lists."""
+
+    def __init__(
+        self, num_samples: int, batch_size: int, world_size: int, rank: int, seed: int, epoch: int,
+        start_micro: int, num_micro: int,
+    ) -> None:
+        self.num_samples, self.batch_size, self.world_size, self.rank = num_samples, batch_size, world_size, rank
+        self.seed, self.epoch, self.start_micro, self.num_micro = seed, epoch, start_micro, num_micro
+
+    def __iter__(self) -> Iterator[list[int]]:
+        perm = epoch_permutation(self.num_samples, self.seed, self.epoch)
+        for micro in range(self.start_micro, self.num_micro):
+            positions = rank_positions(micro, self.batch_size, self.world_size, self.rank)
+            yield perm[positions.start : positions.stop : positions.step].tolist()
+
+    def __len__(self) -> int:
+        return max(0, self.num_micro - self.start_micro)
+
+
+class IndexedDataset(Dataset):
+    """``ds[i] -> (image, label, i)``: a training set with each image's index."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, index: int) -> tuple[Any, Any, int]:
+        image, label = self.dataset[index]
+        return image, label, index
+
+
+@SAMPLERS.register("epoch")
+class EpochSampler:
+    """Every image once per epoch, in the order of :func:`epoch_permutation`, flipped with p = 0.5 (module doc).
+
+    Args:
+        context: the trainer's :class:`SamplerContext`.
+    """
+
+    def __init__(self, context: SamplerContext) -> None:
+        self.context = context
+        self.flip_generator = torch.Generator().manual_seed(context.seed + 0x5EED)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"flip": self.flip_generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.flip_generator.set_state(state["flip"])
+
+    def loader(self, epoch: int, start_micro: int) -> DataLoader:
+        """The DataLoader of ``(images, labels, indices)`` for micro-batches ``start_micro ..`` of ``epoch``."""
+        c = self.context
+        sampler = EpochBatchSampler(
+            len(c.dataset), c.batch_size, c.world_size, c.rank, c.seed, epoch, start_micro,  # type: ignore[arg-type]
+            c.micro_per_epoch,
+        )
+        return DataLoader(
+            IndexedDataset(c.dataset), batch_sampler=sampler, num_workers=c.num_workers, pin_memory=c.pin_memory,
+            generator=torch.Generator().manual_seed(c.seed),
+        )
+
+    def batches(self, epoch: int, start_micro: int) -> Iterator[Batch]:
+        c = self.context
+        flips: Tensor | None = None
+        for micro, (images, labels, indices) in enumerate(self.loader(epoch, start_micro), start=start_micro):
+            a = micro % c.grad_accum
+            flipped = torch.zeros(len(indices), dtype=torch.bool)
+            if c.flip:
+                if a == 0 or flips is None:  # one draw per optimiser step, in the main process
+                    flips = torch.rand(c.batch_size * c.world_size * c.grad_accum, generator=self.flip_generator)
+                positions = rank_positions(a, c.batch_size, c.world_size, c.rank)
+                flipped = flips[positions.start : positions.stop : positions.step] < 0.5
+                images = flip_images(images, flipped)
+            yield Batch(images=images, labels=labels, sample_ids=indices.long(), flipped=flipped)

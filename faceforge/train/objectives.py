@@ -1,0 +1,83 @@
+"""Objectives: what the trainer minimises, as named loss terms of a batch.
+
+An objective is an ``nn.Module`` (subclass :class:`Objective`) called as ``objective(batch) -> {name: loss}``
+with scalar tensors; the trainer sums the terms, logs each under its name (``train/<name>`` in TensorBoard
+when there is more than one) and stops, naming the term, when one is not finite. It is built by name from
+:data:`OBJECTIVES` (config section ``objective: {name, kwargs}``; ``"package.module:callable"`` works too)
+as ``factory(backbone=..., head=..., amp_dtype=..., **kwargs)``.
+
+What the trainer does with an objective's parts:
+
+- ``backbone`` and ``head``: trained by the optimiser (their parameter groups); the backbone runs under
+  DDP (:meth:`Objective.embed` calls the wrapper the trainer hands over with :meth:`Objective.set_encoder`),
+  the head's replicated gradients are all-reduced explicitly (``TrainHooks.sharded_parameters`` opts out).
+- ``owned``: an ``nn.ModuleDict`` of modules the objective keeps for itself (a distillation teacher, a
+  momentum class encoder). The optimiser never sees them and DDP does not wrap them; their state is saved
+  in checkpoints (key ``"objective"``) when they have any, and restored on resume.
+- an objective may also opt into ``faceforge.heads.base.TrainHooks`` (``on_batch``,
+  ``after_optimizer_step(step)``, ``diagnostics``, ``extra_state``); the trainer calls it like a head's.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+
+from faceforge.data.samplers import Batch
+from faceforge.registry import Registry
+
+__all__ = ["OBJECTIVES", "Classification", "Objective"]
+
+
+class Objective(nn.Module):
+    """The base of every objective: a backbone, a head, modules of its own, and the backbone's runner.
+
+    Args:
+        backbone: images (B, 3, H, W) -> embeddings (B, D); trained.
+        head: the classification head (``faceforge.heads.base.ClassifierHead`` for the margin heads); trained.
+        amp_dtype: run the backbone under autocast with this dtype (None = float32); the head sees float32.
+    """
+
+    def __init__(self, backbone: nn.Module, head: nn.Module, amp_dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+        self.amp_dtype = amp_dtype
+        self.owned = nn.ModuleDict()  # not trained by the optimiser, kept out of DDP, checkpointed
+        self._encoder: Callable[[Tensor], Tensor] | None = None
+
+    def set_encoder(self, encoder: Callable[[Tensor], Tensor] | None) -> None:
+        """What :meth:`embed` runs instead of ``backbone`` (the trainer's DDP wrapper of it); None = the backbone.
+        Kept out of the module tree, so that it is neither a submodule nor in ``state_dict``."""
+        self.__dict__["_encoder"] = encoder
+
+    def embed(self, images: Tensor, *, synced: bool = True) -> Tensor:
+        """The trained backbone's embeddings (B, D) of images (B, 3, H, W), under autocast when ``amp_dtype``
+        is set (so possibly bfloat16/float16: callers convert). ``synced=False`` runs the bare backbone, not
+        its DDP wrapper: for one rank's own forward passes (diagnostics), which must not communicate."""
+        encoder = self._encoder if (synced and self._encoder is not None) else self.backbone
+        with torch.autocast(images.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None):
+            return encoder(images)
+
+    def forward(self, batch: Batch) -> dict[str, Tensor]:  # pragma: no cover - abstract
+        raise NotImplementedError(f"{type(self).__name__}.forward(batch) -> dict[str, Tensor]")
+
+    def owned_state_dict(self) -> dict[str, Any]:
+        """The state of the ``owned`` modules (empty when they have none)."""
+        return self.owned.state_dict()
+
+    def load_owned_state_dict(self, state: dict[str, Any]) -> None:
+        self.owned.load_state_dict(state)
+
+
+OBJECTIVES: Registry[Objective] = Registry("objective")
+
+
+@OBJECTIVES.register("classification")
+class Classification(Objective):
+    """The plain objective: ``{"classification": head(backbone(images), labels)}``."""
+
+    def forward(self, batch: Batch) -> dict[str, Tensor]:
+        return {"classification": self.head(self.embed(batch.images).float(), batch.labels)}

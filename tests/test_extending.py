@@ -1,0 +1,171 @@
+"""The seams of docs/extending.md, through the trainer: a head, a sampler and an objective defined in
+``tests/_extending.py`` and named in the config as ``"_extending:..."``; the registries' import specs.
+
+Runs are tiny (64 synthetic 32x32 images, TinyNet, 4 steps, one thread), so that a resumed run must give the
+same bits as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+
+import _extending
+from faceforge.data.samplers import SAMPLERS, Batch, TrainSampler
+from faceforge.heads.base import ClassifierHead, TrainHooks
+from faceforge.registry import Registry
+from faceforge.train.checkpoint import load_checkpoint
+from faceforge.train.config import ConfigError, config_from_dict
+from faceforge.train.engine import train
+from faceforge.train.objectives import OBJECTIVES, Classification
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+BASE: dict[str, Any] = {
+    "seed": 0,
+    "output": "unset",
+    "model": {"backbone": "_train_worker:TinyNet", "embedding_size": 16, "kwargs": {"dropout": 0.2}},
+    "head": {"name": "arcface", "kwargs": {"s": 16.0}},
+    "data": {"num_identities": 8, "images_per_identity": 8, "image_size": 32, "batch_size": 16, "cache": True,
+             "eval_pairs": 0},
+    "optim": {"name": "sgd", "lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4},
+    "train": {"steps": 4, "log_every": 1, "checkpoint_every": 2, "keep_checkpoints": 5, "progress": False},
+}
+
+
+def make_config(output: Path, **sections: dict[str, Any]):
+    data = yaml.safe_load(yaml.safe_dump(BASE))
+    data["output"] = str(output)
+    for section, values in sections.items():
+        data.setdefault(section, {}).update(values)
+    return config_from_dict(data, "<test>")
+
+
+def assert_same(actual: Any, expected: Any, where: str = "checkpoint") -> None:
+    """Tensors bit for bit, containers recursively, the rest ==."""
+    if isinstance(expected, torch.Tensor):
+        assert isinstance(actual, torch.Tensor) and actual.dtype == expected.dtype, where
+        assert torch.equal(actual, expected), f"{where}: tensors differ"
+    elif isinstance(expected, dict):
+        assert set(actual) == set(expected), f"{where}: keys {set(actual)} != {set(expected)}"
+        for key in expected:
+            assert_same(actual[key], expected[key], f"{where}.{key}")
+    elif isinstance(expected, (list, tuple)):
+        assert len(actual) == len(expected), where
+        for i, (a, e) in enumerate(zip(actual, expected)):
+            assert_same(a, e, f"{where}[{i}]")
+    else:
+        assert actual == expected, f"{where}: {actual!r} != {expected!r}"
+
+
+def resumed_equals_straight(tmp_path: Path, **sections: dict[str, Any]) -> dict[str, Any]:
+    """Train 4 steps straight; resume another folder from the straight run's step-2 checkpoint; the final
+    checkpoints must be equal bit for bit (except the output folder in the config). Returns the final one."""
+    straight = train(make_config(tmp_path / "straight", **sections))
+    resumed_dir = tmp_path / "resumed"
+    resumed_dir.mkdir()
+    shutil.copy(straight.output / "step_0000002.pt", resumed_dir / "last.pt")
+    resumed = train(make_config(resumed_dir, **sections), resume=True)
+    assert resumed.losses == straight.losses[2:]
+    a, e = load_checkpoint(resumed.checkpoint), load_checkpoint(straight.checkpoint)
+    a["config"].pop("output"), e["config"].pop("output")
+    assert_same(a, e)
+    return e
+
+
+# ---------------------------------------------------------------------------------------------- a head
+
+
+def test_example_head_meets_the_contract() -> None:
+    head = _extending.CosineHead(5, 4).double()
+    assert isinstance(head, ClassifierHead) and isinstance(head, TrainHooks) and not head.batch_level_loss
+    x, y = torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 5, (6,))
+    cos = (x / x.norm(dim=1, keepdim=True)) @ (head.weight / head.weight.norm(dim=1, keepdim=True)).T
+    plain = -torch.log_softmax(16.0 * cos, dim=1)[range(6), y]  # NormFace Eq. 2 as written
+    torch.testing.assert_close(head.per_sample_loss(x, y), plain)
+    torch.testing.assert_close(head(x, y), plain.mean())
+
+
+def test_example_head_trains_with_its_hooks_and_resumes(tmp_path: Path) -> None:
+    state = resumed_equals_straight(
+        tmp_path, head={"name": "_extending:CosineHead", "kwargs": {"s": 8.0}}, train={"diagnostics_every": 2}
+    )
+    assert state["extra"] == {"head": {"updates": 4}}  # extra_state, after 4 after_optimizer_step calls
+    norms = state["head"]["weight"].norm(dim=1)
+    torch.testing.assert_close(norms, torch.ones_like(norms))  # renormalised after the last step
+    log = (tmp_path / "straight" / "train.log").read_text()
+    assert "diagnostics step 2: row_norm_max" in log and "diagnostics step 4: row_norm_max" in log
+
+
+# ---------------------------------------------------------------------------------------------- a sampler + an objective
+
+
+def test_example_sampler_yields_extras() -> None:
+    from faceforge.data.samplers import SamplerContext
+    from faceforge.data.synthetic import SyntheticFaces
+
+    dataset = SyntheticFaces(4, 4, image_size=16, seed=0)
+    context = SamplerContext(dataset=dataset, batch_size=4, world_size=1, rank=0, seed=0, grad_accum=1,
+                             micro_per_epoch=4)
+    sampler = SAMPLERS.build("_extending:MirrorSampler", context=context)
+    assert isinstance(sampler, TrainSampler)
+    batches = list(sampler.batches(epoch=0, start_micro=1))
+    assert len(batches) == 3 and all(isinstance(b, Batch) for b in batches)
+    for b in batches:
+        assert torch.equal(b.extras["mirror"], b.images.flip(-1))
+        assert torch.equal(b.view_ids(), 2 * b.sample_ids + b.flipped.long())
+
+
+def test_example_objective_with_an_owned_encoder_through_the_trainer(tmp_path: Path) -> None:
+    sections = {
+        "data": {"sampler": "_extending:MirrorSampler"},
+        "objective": {"name": "_extending:MirrorConsistency", "kwargs": {"weight": 0.5, "momentum": 0.5}},
+    }
+    state = resumed_equals_straight(tmp_path, **sections)
+    ema, backbone = state["objective"], state["backbone"]  # the owned modules' state, saved under "objective"
+    assert set(ema) == {f"ema.{k}" for k in backbone}
+    assert not torch.equal(ema["ema.fc.weight"], backbone["fc.weight"])  # a momentum copy, not the backbone
+    # both named terms are logged each step
+    lines = [line for line in (tmp_path / "straight" / "train.log").read_text().splitlines() if " step " in line
+             and "loss" in line]
+    assert len(lines) == 4 and all(" classification " in line and " consistency " in line for line in lines)
+
+
+def test_objective_terms_sum_to_the_logged_loss(tmp_path: Path) -> None:
+    """The plain objective's one term is the head's loss; the logged loss is the sum of the terms."""
+    sections = {"data": {"sampler": "_extending:MirrorSampler"},
+                "objective": {"name": "_extending:MirrorConsistency", "kwargs": {"weight": 0.0}}}
+    with_zero_term = train(make_config(tmp_path / "zero", train={"steps": 2, "checkpoint_every": 0}, **sections))
+    plain = train(make_config(tmp_path / "plain", train={"steps": 2, "checkpoint_every": 0},
+                              data={"sampler": "_extending:MirrorSampler"}))
+    assert with_zero_term.losses == plain.losses  # + 0 * consistency changes nothing
+    assert OBJECTIVES.get("classification") is Classification
+
+
+# ---------------------------------------------------------------------------------------------- registries
+
+
+def test_registry_names_and_import_specs() -> None:
+    registry: Registry[Any] = Registry("thing")
+    registry.register("one")(lambda **kw: ("one", kw))
+    assert registry.build("ONE", a=1) == ("one", {"a": 1})
+    assert registry.get("_extending:CosineHead") is _extending.CosineHead
+    with pytest.raises(KeyError, match="unknown thing 'two'; expected one of: one"):
+        registry.get("two")
+    with pytest.raises(ValueError, match="cannot import '_extending:Nothing'"):
+        registry.get("_extending:Nothing")
+    with pytest.raises(ValueError, match="registered twice"):
+        registry.register("one")(lambda: None)
+
+
+@pytest.mark.parametrize("key", ["data.name", "data.sampler", "optim.name", "schedule.name", "objective.name"])
+def test_config_names_are_checked_against_their_registries(tmp_path: Path, key: str) -> None:
+    section, name = key.split(".")
+    with pytest.raises(ConfigError, match=rf"{section}\.{name} = 'nope': expected one of: .*'package.module:callable'"):
+        make_config(tmp_path, **{section: {name: "nope"}})
+    make_config(tmp_path, **{section: {name: "somewhere.else:factory"}})  # a spec is imported when built

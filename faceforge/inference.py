@@ -159,6 +159,9 @@ class OnnxBackend:
             options.inter_op_num_threads = 1
         try:
             self.session = ort.InferenceSession(os.fspath(path), options, providers=["CPUExecutionProvider"])
+            if len(self.session.get_inputs()) > 1:  # e.g. SFace int8bq: dangling weight names listed as inputs
+                self.session = ort.InferenceSession(_without_dangling_inputs(path), options,
+                                                    providers=["CPUExecutionProvider"])
         except Exception as e:  # onnxruntime raises its own exception types
             raise ModelFileError(f"{path}: cannot load ONNX model: {e}") from None
         inputs = self.session.get_inputs()
@@ -168,9 +171,31 @@ class OnnxBackend:
         self.input_name = inputs[0].name
         self.input_shape = inputs[0].shape
 
+        batch = self.input_shape[0]
+        self.fixed_batch = batch if isinstance(batch, int) and batch > 0 else None  # SFace: fixed batch 1
+
     def __call__(self, x: np.ndarray) -> np.ndarray:
-        out = self.session.run(None, {self.input_name: x})[0]
-        return np.asarray(out, dtype=np.float32).reshape(len(x), -1)
+        step = self.fixed_batch or max(len(x), 1)
+        if self.fixed_batch and len(x) % step:
+            raise ValueError(f"this ONNX model takes batches of exactly {step} images, got {len(x)}")
+        outs = [self.session.run(None, {self.input_name: np.ascontiguousarray(x[s : s + step])})[0]
+                for s in range(0, len(x), step)]
+        return np.concatenate([np.asarray(o, dtype=np.float32).reshape(len(o), -1) for o in outs])
+
+
+def _without_dangling_inputs(path: str | os.PathLike) -> bytes:
+    """The model with the graph inputs that no node reads (or that a node or an initializer provides)
+    removed, serialised. Some quantised exports (OpenCV Zoo's SFace int8bq) list such names as inputs,
+    which onnxruntime then requires to be fed."""
+    import onnx
+
+    model = onnx.load(os.fspath(path))
+    consumed = {name for node in model.graph.node for name in node.input}
+    provided = {name for node in model.graph.node for name in node.output} | {i.name for i in model.graph.initializer}
+    keep = [i for i in model.graph.input if i.name in consumed and i.name not in provided]
+    del model.graph.input[:]
+    model.graph.input.extend(keep)
+    return model.SerializeToString()
 
 
 # --------------------------------------------------------------------------------------------------

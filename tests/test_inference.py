@@ -59,6 +59,7 @@ def test_each_run_writes_safetensors_and_model_json_that_round_trip(run: Path):
     assert meta["image_size"] == state["config"]["data"]["image_size"] and meta["step"] == state["step"]
     assert meta["mean"] == meta["std"] == [127.5] * 3 and meta["flip_test"] is True
     assert meta["threshold"] == pytest.approx(state["metrics"]["threshold"]) and "best-threshold" in meta["threshold_source"]
+    assert meta["threshold_far"] == pytest.approx(state["metrics"]["threshold_far"])
     # safetensors holds exactly the backbone's state_dict
     from safetensors.torch import load_file
 

@@ -23,8 +23,10 @@ from pathlib import Path
 
 import torch
 
+from faceforge.build import FaceModel, build_backbone, build_head
 from faceforge.train.config import load_config
-from faceforge.train.engine import FaceModel, build_backbone, build_dataset, build_head, train
+from faceforge.train.data import build_dataset
+from faceforge.train.engine import train
 
 REPO = Path(__file__).resolve().parents[1]
 

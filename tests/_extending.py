@@ -101,3 +101,32 @@ class MirrorConsistency(Objective, TrainHooks):
             p_ema.mul_(self.momentum).add_(p, alpha=1.0 - self.momentum)
         for b_ema, b in zip(ema.buffers(), self.backbone.buffers()):
             b_ema.copy_(b)
+
+
+class RankLocalHead(CosineHead):
+    """A head whose parameters are the rank's own (``sharded_parameters``): the trainer does not average their
+    gradients over ranks, and sums their squared norm over ranks for clipping. Its checkpoint state gathers every
+    rank's weight (``extra_state``, a collective: called on every rank), and each rank takes its own back.
+
+    The pattern of a class-sharded head (rank r holds rows [c0, c1) of W), reduced to what the seam needs.
+    """
+
+    sharded_parameters = True
+    provides_diagnostics = False
+
+    def extra_state(self) -> dict[str, Any]:
+        import torch.distributed as dist
+
+        weight = self.weight.detach()
+        if not (dist.is_available() and dist.is_initialized()):
+            return {"weights": weight[None].clone()}
+        parts = [torch.empty_like(weight) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, weight.contiguous())
+        return {"weights": torch.stack(parts)}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        import torch.distributed as dist
+
+        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        with torch.no_grad():
+            self.weight.copy_(state["weights"][rank])

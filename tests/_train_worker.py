@@ -3,6 +3,9 @@
 * ``TinyNet``: a BatchNorm-free backbone (conv, PReLU, linear), so that a 2-rank DDP batch of B/2 per
   rank and an accumulated batch of 2 x B/2 give the same gradient as one batch of B (BatchNorm would
   normalise each half with its own statistics). Configs name it ``model.backbone: _train_worker:TinyNet``.
+  ``dtype="float64"`` makes its parameters float64 (the images are cast on the way in).
+* ``float64_head``: any registered head with float64 class weights, for runs compared with one another in
+  float64 (``head.name: _train_worker:float64_head``, ``head.kwargs.inner``: the registered head, default arcface).
 * ``NaNHead``: ArcFace whose loss turns NaN from its ``nan_at_call``-th training call on.
 * A command line that trains in a subprocess, optionally killing itself (SIGKILL) after a given step or
   inside a checkpoint write, or spawning 2 gloo ranks:
@@ -29,17 +32,30 @@ class TinyNet(nn.Module):
     """(B, 3, S, S) -> (B, D): conv 3x3 stride 2 (8 channels), PReLU, dropout, linear. No BatchNorm.
 
     ``dropout`` (default 0) draws from the global torch RNG, which a resumed run must restore.
+    ``dtype`` (default "float32"): the parameters' dtype; the images are cast to it.
     """
 
-    def __init__(self, embedding_size: int = 16, input_size: int = 32, channels: int = 8, dropout: float = 0.0) -> None:
+    def __init__(
+        self, embedding_size: int = 16, input_size: int = 32, channels: int = 8, dropout: float = 0.0,
+        dtype: str = "float32",
+    ) -> None:
         super().__init__()
         self.conv = nn.Conv2d(3, channels, 3, stride=2, padding=1)
         self.act = nn.PReLU(channels)
         self.dropout = nn.Dropout(dropout)
         self.fc = nn.Linear(channels * ((input_size + 1) // 2) ** 2, embedding_size)
+        self.to(getattr(torch, dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.fc.weight.dtype)
         return self.fc(self.dropout(torch.flatten(self.act(self.conv(x)), 1)))
+
+
+def float64_head(num_classes: int, embedding_size: int, inner: str = "arcface", **kwargs) -> nn.Module:
+    """The registered head ``inner`` with float64 parameters and buffers (its logits then run in float64)."""
+    from faceforge.heads import build
+
+    return build(inner, num_classes=num_classes, embedding_size=embedding_size, **kwargs).double()
 
 
 class NaNHead(nn.Module):
@@ -65,7 +81,7 @@ def _kill_self() -> None:
 
 def _kill_inside_save(n: int) -> None:
     """SIGKILL on the n-th checkpoint write, after the temp file is complete but before os.replace."""
-    import faceforge.train.checkpoint as checkpoint
+    import faceforge.fileio as checkpoint  # the atomic writer that checkpoints go through
 
     real_replace = os.replace
     count = {"calls": 0}

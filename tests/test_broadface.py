@@ -197,6 +197,7 @@ def test_empty_queue_gives_the_heads_gradients_split_in_two():
     assert int(broadface.queue_count) == 0
 
 
+@pytest.mark.equivalence
 def test_chunked_equals_plain():
     """row_chunk 3 < rows and class chunk 4 < C give the same losses and gradients as one block of each."""
     chunked = make_broadface(queue_size=20, row_chunk=3, chunk_size=4)
@@ -468,6 +469,7 @@ def broadface_run(tmp_path_factory, one_thread):
     return cfg, train(cfg)
 
 
+@pytest.mark.equivalence
 def test_resume_with_a_partly_filled_queue_continues_exactly(broadface_run, tmp_path):
     """From the step-2 checkpoint (32 of 40 rows queued) a resumed run gives the uninterrupted run's losses, bit for
     bit; it runs without diagnostics, so the reference's diagnostics did not disturb training either."""
@@ -580,6 +582,7 @@ def _ddp_worker(rank: int, port: int, out: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.equivalence
 def test_ddp_queues_per_rank_and_gathered(tmp_path, one_thread):
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))

@@ -7,76 +7,27 @@ same bits as an uninterrupted one.
 
 from __future__ import annotations
 
-import shutil
+import os
+import socket
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-import yaml
 
 import _extending
+from _runs import make_config, resumed_equals_straight
 from faceforge.data.samplers import SAMPLERS, Batch, TrainSampler
 from faceforge.heads.base import ClassifierHead, TrainHooks
 from faceforge.registry import Registry
 from faceforge.train.checkpoint import load_checkpoint
-from faceforge.train.config import ConfigError, config_from_dict
+from faceforge.train.config import ConfigError, to_yaml
 from faceforge.train.engine import train
 from faceforge.train.objectives import OBJECTIVES, Classification
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-BASE: dict[str, Any] = {
-    "seed": 0,
-    "output": "unset",
-    "model": {"backbone": "_train_worker:TinyNet", "embedding_size": 16, "kwargs": {"dropout": 0.2}},
-    "head": {"name": "arcface", "kwargs": {"s": 16.0}},
-    "data": {"num_identities": 8, "images_per_identity": 8, "image_size": 32, "batch_size": 16, "cache": True,
-             "eval_pairs": 0},
-    "optim": {"name": "sgd", "lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4},
-    "train": {"steps": 4, "log_every": 1, "checkpoint_every": 2, "keep_checkpoints": 5, "progress": False},
-}
-
-
-def make_config(output: Path, **sections: dict[str, Any]):
-    data = yaml.safe_load(yaml.safe_dump(BASE))
-    data["output"] = str(output)
-    for section, values in sections.items():
-        data.setdefault(section, {}).update(values)
-    return config_from_dict(data, "<test>")
-
-
-def assert_same(actual: Any, expected: Any, where: str = "checkpoint") -> None:
-    """Tensors bit for bit, containers recursively, the rest ==."""
-    if isinstance(expected, torch.Tensor):
-        assert isinstance(actual, torch.Tensor) and actual.dtype == expected.dtype, where
-        assert torch.equal(actual, expected), f"{where}: tensors differ"
-    elif isinstance(expected, dict):
-        assert set(actual) == set(expected), f"{where}: keys {set(actual)} != {set(expected)}"
-        for key in expected:
-            assert_same(actual[key], expected[key], f"{where}.{key}")
-    elif isinstance(expected, (list, tuple)):
-        assert len(actual) == len(expected), where
-        for i, (a, e) in enumerate(zip(actual, expected)):
-            assert_same(a, e, f"{where}[{i}]")
-    else:
-        assert actual == expected, f"{where}: {actual!r} != {expected!r}"
-
-
-def resumed_equals_straight(tmp_path: Path, **sections: dict[str, Any]) -> dict[str, Any]:
-    """Train 4 steps straight; resume another folder from the straight run's step-2 checkpoint; the final
-    checkpoints must be equal bit for bit (except the output folder in the config). Returns the final one."""
-    straight = train(make_config(tmp_path / "straight", **sections))
-    resumed_dir = tmp_path / "resumed"
-    resumed_dir.mkdir()
-    shutil.copy(straight.output / "step_0000002.pt", resumed_dir / "last.pt")
-    resumed = train(make_config(resumed_dir, **sections), resume=True)
-    assert resumed.losses == straight.losses[2:]
-    a, e = load_checkpoint(resumed.checkpoint), load_checkpoint(straight.checkpoint)
-    a["config"].pop("output"), e["config"].pop("output")
-    assert_same(a, e)
-    return e
-
 
 # ---------------------------------------------------------------------------------------------- a head
 
@@ -169,3 +120,31 @@ def test_config_names_are_checked_against_their_registries(tmp_path: Path, key: 
     with pytest.raises(ConfigError, match=rf"{section}\.{name} = 'nope': expected one of: .*'package.module:callable'"):
         make_config(tmp_path, **{section: {name: "nope"}})
     make_config(tmp_path, **{section: {name: "somewhere.else:factory"}})  # a spec is imported when built
+
+
+# ---------------------------------------------------------------------------------------------- sharded opt-out
+
+
+def test_sharded_head_is_left_to_itself_on_two_gloo_ranks(tmp_path: Path) -> None:
+    """A head with ``sharded_parameters``: its gradients are not averaged (the ranks' weights part ways, the
+    backbone's stay equal), its extra_state is gathered collectively at each checkpoint and restored per rank."""
+    cfg = make_config(
+        tmp_path / "run", head={"name": "_extending:RankLocalHead", "kwargs": {"s": 8.0}},
+        data={"batch_size": 8}, train={"steps": 2, "checkpoint_every": 0, "clip_grad_norm": 1.0},
+    )
+    config = tmp_path / "run.yaml"
+    config.write_text(to_yaml(cfg))
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
+    worker = Path(__file__).with_name("_train_worker.py")
+    proc = subprocess.run([sys.executable, str(worker), str(config), "--nprocs", "2", "--port", str(port)],
+                          env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    state = load_checkpoint(tmp_path / "run" / "last.pt")
+    weights = state["extra"]["head"]["weights"]
+    assert weights.shape[0] == 2 and torch.equal(weights[0], state["head"]["weight"])
+    assert (weights[0] - weights[1]).abs().max() > 1e-4  # each rank learnt from its own half of the batch

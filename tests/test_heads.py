@@ -107,6 +107,7 @@ def test_softmax_matches_eq1_with_bias():
     assert head.bias.shape == (C,) and head.weight.shape == (C, D)
 
 
+@pytest.mark.equivalence
 @pytest.mark.parametrize("chunk_size", [1, 4, 10, C, C + 5])
 @pytest.mark.parametrize("name", ["arcface", "sphereface", "softmax"])
 def test_chunked_equals_plain_logits_cross_entropy(name, chunk_size):
@@ -200,6 +201,7 @@ def plain_inter(weight, labels):
     return -angles[others].sum() / (math.pi * len(labels) * (n - 1))  # ArcFace Eq. 6 term
 
 
+@pytest.mark.equivalence
 @pytest.mark.parametrize("chunk_size", [1, 5, C])
 def test_inter_class_loss_matches_eq6(chunk_size):
     weight = torch.randn(C, D, dtype=torch.float64, requires_grad=True)
@@ -334,6 +336,7 @@ def test_gradient_memory_is_reused_after_set_to_none():
     torch.testing.assert_close(head.weight.grad, _plain_grads(head, batches[1:]), rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.equivalence
 def test_accumulated_gradients_are_not_overwritten():
     """Without zeroing between backwards (gradient accumulation) the second gradient is added, not written over."""
     head = make_head("arcface", chunk_size=5)

@@ -133,6 +133,7 @@ def test_loss_weight_lambda_and_t_enter_as_in_eq6():
     assert_loss_and_grads(head(x, labels), expected, [x, head.weight, head.bias])
 
 
+@pytest.mark.equivalence
 @pytest.mark.parametrize("chunk_size", [1, 4, 10, C, C + 5])
 @pytest.mark.parametrize("margin_type", ["C", "M"])
 def test_chunked_equals_plain_logits(chunk_size, margin_type):
@@ -296,6 +297,7 @@ def test_per_sample_loss_without_classifier_grad():
     torch.testing.assert_close(head(x, labels), full.mean())
 
 
+@pytest.mark.equivalence
 def test_gradient_memory_is_reused_and_accumulation_adds():
     head = make_head("A", chunk_size=5)
     batches = [make_batch(head, seed=s) for s in (1, 2)]

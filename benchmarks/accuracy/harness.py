@@ -182,7 +182,7 @@ def execute(run: Run, keep_checkpoint: bool = False) -> dict[str, Any]:
     (SphereFace2's learned threshold: ``fixed_threshold`` / ``fixed_threshold_accuracy``).
     """
     from faceforge.train import train
-    from faceforge.train.engine import build_backbone
+    from faceforge.build import build_backbone
 
     start, cpu = time.perf_counter(), time.process_time()
     result = train(run.cfg, resume=(run.folder / CHECKPOINT_NAME).is_file())

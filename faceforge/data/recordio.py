@@ -25,11 +25,12 @@ from __future__ import annotations
 import io
 import os
 import struct
-import tempfile
 from collections import namedtuple
 from typing import Iterable, Iterator
 
 import numpy as np
+
+from faceforge.fileio import atomic_files
 
 MAGIC = 0xCED7230A
 _MAGIC_BYTES = struct.pack("<I", MAGIC)
@@ -464,81 +465,57 @@ def write(
     same folder and renamed into place only when complete.
     """
     prefix = os.fspath(prefix)
-    rec_path, idx_path = prefix + ".rec", prefix + ".idx"
-    folder = os.path.dirname(os.path.abspath(rec_path))
-    base = os.path.basename(prefix)
-    os.makedirs(folder, exist_ok=True)
-    fd_rec, tmp_rec = tempfile.mkstemp(prefix=f".{base}.", suffix=".rec.tmp", dir=folder)
-    fd_idx, tmp_idx = tempfile.mkstemp(prefix=f".{base}.", suffix=".idx.tmp", dir=folder)
-    try:
-        with os.fdopen(fd_rec, "wb") as rec, os.fdopen(fd_idx, "w", encoding="ascii", newline="\n") as idx:
-            meta_placeholder = frame_record(pack(IRHeader(2, [0.0, 0.0], 0, 0), b""))
+    with atomic_files((prefix + ".rec", "wb"), (prefix + ".idx", "w")) as (rec, idx):
+        meta_placeholder = frame_record(pack(IRHeader(2, [0.0, 0.0], 0, 0), b""))
 
-            def put(key: int, payload: bytes) -> None:
-                idx.write(f"{key}\t{rec.tell()}\n")
-                rec.write(frame_record(payload))
+        def put(key: int, payload: bytes) -> None:
+            idx.write(f"{key}\t{rec.tell()}\n")
+            rec.write(frame_record(payload))
 
-            idx.write(f"0\t{rec.tell()}\n")
-            rec.write(meta_placeholder)
-            key = 1
-            ranges: dict[int, list[int]] = {}
-            current = None
-            for n, sample in enumerate(samples):
-                try:
-                    image, label = sample
-                except (TypeError, ValueError):
-                    raise ValueError(f"sample {n}: expected an (image, label) pair, got {type(sample).__name__}") from None
-                cls, stored = _normalise_label(label, n)
-                if cls != current:
-                    if cls in ranges:
-                        raise ValueError(
-                            f"sample {n}: class {cls} appears again after other classes; each class's "
-                            f"samples must be contiguous (insightface stores identities as key ranges)"
-                        )
-                    ranges[cls] = [key, key]
-                    current = cls
-                try:
-                    data = encode_image(image, image_format, quality)
-                except (TypeError, ValueError) as e:
-                    raise type(e)(f"sample {n}: {e}") from None
-                put(key, pack(IRHeader(0, stored, key, 0), data))
-                key += 1
-                ranges[cls][1] = key
-            n_images = key - 1
-            declared = (max(ranges) + 1) if ranges else 0
-            if num_classes is not None:
-                if num_classes < declared:
-                    raise ValueError(f"num_classes={num_classes} but the samples use class {declared - 1}")
-                declared = num_classes
-            a = key
-            for c in range(declared):
-                s, e = ranges.get(c, (a, a))
-                put(key, pack(IRHeader(2, [float(s), float(e)], 0, 0), b""))
-                key += 1
-            meta = frame_record(pack(IRHeader(2, [float(a), float(key)], 0, 0), b""))
-            if len(meta) != len(meta_placeholder):  # floats of keys never contain the magic; be sure
-                raise RuntimeError("meta record changed size; cannot patch it in place")
-            end = rec.tell()
-            rec.seek(0)
-            rec.write(meta)
-            rec.seek(end)
-            rec.flush()
-            os.fsync(rec.fileno())
-            idx.flush()
-            os.fsync(idx.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        for p in (tmp_rec, tmp_idx):  # mkstemp makes 0600 files; give them ordinary permissions
-            os.chmod(p, 0o666 & ~umask)
-        os.replace(tmp_rec, rec_path)
-        os.replace(tmp_idx, idx_path)
-    except BaseException:
-        for p in (tmp_rec, tmp_idx):
+        idx.write(f"0\t{rec.tell()}\n")
+        rec.write(meta_placeholder)
+        key = 1
+        ranges: dict[int, list[int]] = {}
+        current = None
+        for n, sample in enumerate(samples):
             try:
-                os.unlink(p)
-            except FileNotFoundError:
-                pass
-        raise
+                image, label = sample
+            except (TypeError, ValueError):
+                raise ValueError(f"sample {n}: expected an (image, label) pair, got {type(sample).__name__}") from None
+            cls, stored = _normalise_label(label, n)
+            if cls != current:
+                if cls in ranges:
+                    raise ValueError(
+                        f"sample {n}: class {cls} appears again after other classes; each class's "
+                        f"samples must be contiguous (insightface stores identities as key ranges)"
+                    )
+                ranges[cls] = [key, key]
+                current = cls
+            try:
+                data = encode_image(image, image_format, quality)
+            except (TypeError, ValueError) as e:
+                raise type(e)(f"sample {n}: {e}") from None
+            put(key, pack(IRHeader(0, stored, key, 0), data))
+            key += 1
+            ranges[cls][1] = key
+        n_images = key - 1
+        declared = (max(ranges) + 1) if ranges else 0
+        if num_classes is not None:
+            if num_classes < declared:
+                raise ValueError(f"num_classes={num_classes} but the samples use class {declared - 1}")
+            declared = num_classes
+        a = key
+        for c in range(declared):
+            s, e = ranges.get(c, (a, a))
+            put(key, pack(IRHeader(2, [float(s), float(e)], 0, 0), b""))
+            key += 1
+        meta = frame_record(pack(IRHeader(2, [float(a), float(key)], 0, 0), b""))
+        if len(meta) != len(meta_placeholder):  # floats of keys never contain the magic; be sure
+            raise RuntimeError("meta record changed size; cannot patch it in place")
+        end = rec.tell()
+        rec.seek(0)
+        rec.write(meta)
+        rec.seek(end)
     return n_images
 
 

@@ -4,6 +4,7 @@
 "margin_softmax", "arcface", "cosface", "sphereface", "normface", "softmax", "sphereface2", and "broadface",
 which builds its inner head by name too:
 `build("broadface", num_classes=C, embedding_size=D, queue_size=Q, head="arcface", head_kwargs={...})`.
+`ShardedHead("arcface", C, D, **kwargs)` (parallel.py) shards any of the first six by class over torch.distributed.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from torch import nn
 from faceforge.heads.base import HEADS
 from faceforge.heads.broadface import BroadFace
 from faceforge.heads.margin import apply_margin, target_logit
+from faceforge.heads.parallel import ShardedHead
 from faceforge.heads.regularizers import inter_class_loss, intra_class_angle
 from faceforge.heads.softmax import (
     ArcFace,
@@ -41,6 +43,7 @@ __all__ = [
     "CosFace",
     "MarginSoftmax",
     "NormFace",
+    "ShardedHead",
     "Softmax",
     "SphereFace",
     "SphereFace2",

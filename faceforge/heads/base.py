@@ -7,7 +7,7 @@ proxies (pytorch-metric-learning's convention). `heads.build(name, **kwargs)` ma
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, NamedTuple, Protocol, runtime_checkable
 
 from torch import Tensor, nn
 
@@ -49,6 +49,17 @@ class ClassifierHead(Protocol):
     def per_sample_loss(self, embeddings: Tensor, labels: Tensor, *, classifier_grad: bool = True) -> Tensor: ...
 
 
+class RowShard(NamedTuple):
+    """This rank's rows [start, stop) of a logical tensor of ``total`` rows (a class-sharded head's W, parallel.py).
+
+    A checkpoint writes each rank's rows of such a tensor into one logical (total, ...) tensor, and a run with
+    another world size reads back the rows it holds (``faceforge.train.checkpoint``)."""
+
+    start: int
+    stop: int
+    total: int
+
+
 @runtime_checkable
 class TrainHooks(Protocol):
     """What a part (a head, an objective) may ask of the training loop. Opt in by subclassing::
@@ -69,18 +80,18 @@ class TrainHooks(Protocol):
       result is saved) and ``load_extra_state(state)`` when one is read: state a part keeps outside its
       ``state_dict`` (tensors and plain containers only: checkpoints load with ``weights_only=True``);
     - ``verification_threshold() -> float | None``: a learned decision boundary in cosine terms
-      (SphereFace2's bias), saved in the checkpoint for ``faceforge eval``; None = none.
+      (SphereFace2's bias), saved in the checkpoint for ``faceforge eval``; None = none;
+    - ``row_shards() -> {state_dict key: RowShard}``: the part's tensors of which each rank holds its own rows
+      (a class-sharded head's W). The trainer neither all-reduces their gradients nor counts them as replicated
+      in the gradient norm (their squared norm is summed over ranks), and a checkpoint holds each as one logical
+      tensor, with its optimiser state, written by the ranks that hold its rows. Default: none (a head's
+      gradients are all-reduced (averaged) explicitly, as DDP does for the backbone).
 
     Attributes:
         provides_diagnostics: the part's ``diagnostics`` means something (``train.diagnostics_every`` needs one).
-        sharded_parameters: the part's trainable parameters are sharded across ranks (each rank holds its own
-            rows), so the trainer neither all-reduces their gradients nor counts them as replicated in the
-            gradient norm: their squared norm is summed over ranks. Default False: a head's gradients are
-            all-reduced (averaged) explicitly, as DDP does for the backbone.
     """
 
     provides_diagnostics: ClassVar[bool] = False
-    sharded_parameters: ClassVar[bool] = False
 
     def on_batch(self, batch: Batch) -> None:
         return None
@@ -99,6 +110,9 @@ class TrainHooks(Protocol):
 
     def verification_threshold(self) -> float | None:
         return None
+
+    def row_shards(self) -> dict[str, RowShard]:
+        return {}
 
 
 @runtime_checkable

@@ -62,10 +62,14 @@ def _chunks(num_classes: int, chunk_size: int) -> list[tuple[int, int]]:
 
 
 class _ChunkedMarginCE(torch.autograd.Function):
-    """Per-sample loss (B,) = lse_b - t_b + penalty_b, where t_b = target_fn(q_b), penalty_b = penalty_fn(q_b).
+    """(lse (B,), t (B,), penalty (B,)): the per-sample loss is lse_b - t_b + penalty_b, where t_b = target_fn(q_b),
+    penalty_b = penalty_fn(q_b) and lse_b = log sum_j exp(z_bj) with t_b in the target column.
 
     normalize=True:  z_bj = scale * x_b . W_j / |W_j| and q_b = x_b . W_y / |W_y| (x is already unit-norm).
     normalize=False: z_bj = x_b . W_j + bias_j         and q_b = z_{b y_b}   (plain softmax; scale unused).
+
+    A label -1 means "the target class is not among these rows" (a class shard, parallel.py): that row's lse
+    runs over the non-target logits only and its t_b and penalty_b are 0.
     """
 
     @staticmethod
@@ -84,7 +88,7 @@ class _ChunkedMarginCE(torch.autograd.Function):
     ) -> Tensor:
         batch, num_classes = x.shape[0], weight.shape[0]
         dtype = x.dtype
-        rows = torch.arange(batch, device=x.device)
+        all_rows = torch.arange(batch, device=x.device)
         logits = buffers[0].get((batch, num_classes), x) if buffers else x.new_empty(batch, num_classes)
         norms = x.new_empty(num_classes) if normalize else None
         for c0, c1 in _chunks(num_classes, chunk_size):
@@ -97,32 +101,37 @@ class _ChunkedMarginCE(torch.autograd.Function):
                 z_c.mul_(scale / norms[c0:c1])  # s cos(theta_bj)
             elif bias is not None:
                 z_c.add_(bias[c0:c1].to(dtype))
-        q = _target_input(x, weight, bias, labels, normalize)
+        rows, labels = target_rows(labels)
+        q = _target_input(_take_rows(x, rows), weight, bias, labels, normalize)
         target, penalty = _target_terms(q, target_fn, penalty_fn, grad=False)
-        logits[rows, labels] = target
+        logits[_take_rows(all_rows, rows), labels] = target
         workspace = x.new_empty(batch, min(chunk_size, num_classes))  # one (B, chunk) temporary, reused
         lse = _logsumexp_chunked(logits, chunk_size, workspace)
         ctx.save_for_backward(x, weight, bias, labels, logits, lse, norms, q)
+        ctx.rows = rows
         ctx.fns = (target_fn, penalty_fn)
         ctx.scale, ctx.normalize, ctx.chunk_size, ctx.buffers = scale, normalize, chunk_size, buffers
-        return lse - target + penalty  # ArcFace Eq. 4, per sample
+        # lse is returned as a copy: an output saved for backward would keep itself alive under saved-tensor hooks
+        return lse.clone(), _scatter_rows(target, rows, batch), _scatter_rows(penalty, rows, batch)  # Eq. 4 terms
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor):  # type: ignore[override]
+    def backward(ctx: Any, grad: Tensor, grad_target: Tensor, grad_penalty: Tensor):  # type: ignore[override]
         x, weight, bias, labels, logits, lse, norms, q = ctx.saved_tensors
+        rows = ctx.rows
         scale, normalize = ctx.scale, ctx.normalize
         need_x, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
         dtype = x.dtype
-        grad = grad.to(dtype)
-        rows = torch.arange(x.shape[0], device=x.device)
+        grad = grad.to(dtype)  # d L / d lse_b
 
-        # target path: d loss_b / d t_b = p_{b y_b} - 1, d loss_b / d penalty_b = 1, then autograd through psi
+        # target path: d L / d t_b = grad_b p_{b y_b} + grad_target_b, d L / d penalty_b = grad_penalty_b,
+        # then autograd through psi
         q_leaf = q.detach().requires_grad_(True)
         with torch.enable_grad():
             target, penalty = _target_terms(q_leaf, *ctx.fns, grad=True)
-            p_target = torch.exp(target.detach() - lse)
+            p_target = torch.exp(target.detach() - _take_rows(lse, rows))
             outputs = [target] + ([penalty] if penalty.requires_grad else [])
-            grads = [grad * (p_target - 1.0)] + ([grad] if penalty.requires_grad else [])
+            grads = [_take_rows(grad, rows) * p_target + _take_rows(grad_target.to(dtype), rows)]
+            grads += [_take_rows(grad_penalty.to(dtype), rows)] if penalty.requires_grad else []
             (grad_q,) = torch.autograd.grad(outputs, q_leaf, grads, allow_unused=True)
         if grad_q is None:  # the target logit does not depend on q (cannot happen for the presets)
             grad_q = torch.zeros_like(q)
@@ -133,7 +142,7 @@ class _ChunkedMarginCE(torch.autograd.Function):
             grad_w = ctx.buffers[1].get(weight.shape, weight) if ctx.buffers else torch.empty_like(weight)
         grad_b = torch.zeros_like(bias) if (need_b and bias is not None) else None
         # exclude the target column from the non-target softmax: exp(very negative) = 0 and 0 * it stays 0
-        logits[rows, labels] = torch.finfo(dtype).min
+        logits[_take_rows(torch.arange(x.shape[0], device=x.device), rows), labels] = torch.finfo(dtype).min
         workspace = x.new_empty(x.shape[0], min(ctx.chunk_size, weight.shape[0]))
         for c0, c1 in _chunks(weight.shape[0], ctx.chunk_size):
             z_c = logits[:, c0:c1]
@@ -155,8 +164,30 @@ class _ChunkedMarginCE(torch.autograd.Function):
                     _addmm_into(g_c.t(), x, grad_w[c0:c1])  # + sum_b (s / |W_j|) g_bj x_b
                 else:
                     _mm_into(g_c.t(), x, grad_w[c0:c1])
-        _add_target_grads(grad_q, x, weight, labels, normalize, grad_x, grad_w, grad_b)
+        _add_target_grads(grad_q, x, weight, labels, normalize, grad_x, grad_w, grad_b, rows=rows)
         return grad_x, grad_w, grad_b, None, None, None, None, None, None, None
+
+
+def target_rows(labels: Tensor) -> tuple[Tensor | None, Tensor]:
+    """(rows (K,), their labels (K,)): the batch rows whose label is >= 0, i.e. whose target class is among the
+    classes at hand (a label -1 marks a row whose class lives elsewhere, on another shard); rows = None when
+    that is every row (then the labels are returned as they are)."""
+    keep = labels >= 0
+    if bool(keep.all()):
+        return None, labels
+    return keep.nonzero().squeeze(1), labels[keep]
+
+
+def _take_rows(values: Tensor, rows: Tensor | None) -> Tensor:
+    """values[rows] along dim 0 (``values`` itself for rows = None: every row)."""
+    return values if rows is None else values[rows]
+
+
+def _scatter_rows(values: Tensor, rows: Tensor | None, batch: int) -> Tensor:
+    """(batch,) zeros with ``values`` (K,) at ``rows``; ``values`` itself for rows = None (every row)."""
+    if rows is None:
+        return values
+    return values.new_zeros(batch).index_copy_(0, rows, values)
 
 
 def _mm_into(a: Tensor, b: Tensor, out: Tensor) -> None:
@@ -208,8 +239,18 @@ def _add_target_grads(
     grad_x: Tensor | None,
     grad_w: Tensor | None,
     grad_b: Tensor | None,
+    rows: Tensor | None = None,
 ) -> None:
-    """Chain dL/dq_b through q_b = x_b . W_y / |W_y| (or x_b . W_y + b_y) into the gradient tensors, in place."""
+    """Chain dL/dq_b through q_b = x_b . W_y / |W_y| (or x_b . W_y + b_y) into the gradient tensors, in place.
+
+    rows: the batch rows that ``grad_q`` and ``labels`` (K,) belong to (``target_rows``); None = all of them.
+    """
+    if rows is not None:
+        x_rows = torch.zeros_like(grad_x[rows]) if grad_x is not None else None
+        _add_target_grads(grad_q, x[rows], weight, labels, normalize, x_rows, grad_w, grad_b)
+        if grad_x is not None:
+            grad_x.index_add_(0, rows, x_rows)
+        return
     w_y = weight[labels].to(x.dtype)
     g = grad_q.unsqueeze(1)
     if normalize:
@@ -265,6 +306,30 @@ def chunked_margin_cross_entropy(
     Returns:
         (B,) loss_b = logsumexp_j z_bj (target column = t_b) - t_b + penalty_b.
     """
+    lse, target, penalty = chunked_margin_terms(
+        x, weight, labels, target_fn, bias=bias, penalty_fn=penalty_fn, scale=scale, normalize=normalize,
+        chunk_size=chunk_size, buffers=buffers,
+    )
+    return lse - target + penalty  # ArcFace Eq. 4, per sample
+
+
+def chunked_margin_terms(
+    x: Tensor,
+    weight: Tensor,
+    labels: Tensor,
+    target_fn: TargetFn,
+    *,
+    bias: Tensor | None = None,
+    penalty_fn: TargetFn | None = None,
+    scale: float = 1.0,
+    normalize: bool = True,
+    chunk_size: int = DEFAULT_CHUNK_SIZE,
+    buffers: tuple[ReusableBuffer, ReusableBuffer] | None = None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The three terms (lse, t, penalty), each (B,), of :func:`chunked_margin_cross_entropy` (loss = lse - t + penalty),
+    differentiable separately: a class shard (parallel.py) reduces lse across ranks as a logsumexp and t, penalty
+    as sums. Arguments as there; a label -1 means the row's class is not among ``weight``'s rows (then t = penalty
+    = 0 and lse runs over the non-target logits)."""
     dtype = _compute_dtype(x, weight)
     with torch.autocast(device_type=x.device.type, enabled=False):
         return _ChunkedMarginCE.apply(

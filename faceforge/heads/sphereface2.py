@@ -51,7 +51,10 @@ from faceforge.heads.softmax import (
     _chunks,
     _compute_dtype,
     _row_norms,
+    _scatter_rows,
+    _take_rows,
     _target_input,
+    target_rows,
 )
 
 DEFAULT_CHUNK_SIZE = 16384  # classes per block: three (B, 16384) float32 workspaces, 8 MiB each at B = 128
@@ -186,7 +189,11 @@ class _Settings:
 
 
 class _ChunkedSphereFace2(torch.autograd.Function):
-    """Per-sample Eq. 6 (B,) of unit-norm x (B, D), weight (C, D) (rows normalised here) and bias (1,)."""
+    """Per-sample Eq. 6 (B,) of unit-norm x (B, D), weight (C, D) (rows normalised here) and bias (1,).
+
+    A label -1 means the row's class is not among these rows (a class shard, parallel.py): every row is then
+    a negative and the positive term is 0.
+    """
 
     @staticmethod
     def forward(  # type: ignore[override]
@@ -235,15 +242,18 @@ class _ChunkedSphereFace2(torch.autograd.Function):
             column = torch.mv(torch.mul(u, slope, out=z).t(), ones_b, out=radial[c0:c1])
             column.mul_(2.0).sub_(torch.mv(slope.t(), ones_b)).mul_(coef)
             torch.mul(slope, coef, out=u)  # D_bj = d loss_b / d cos_bj / |W_j|, (1 - lambda) / r folded in
-        cos_y = _target_input(x, weight, None, labels, True)
-        positive = s.target_term(cos_y, b)
+        rows, labels = target_rows(labels)
+        cos_y = _target_input(_take_rows(x, rows), weight, None, labels, True)
+        positive = _scatter_rows(s.target_term(cos_y, b), rows, batch)
         ctx.save_for_backward(x, weight, bias, labels, deriv, norms, radial, cos_y, sigmoid_sum)
+        ctx.rows = rows
         ctx.settings, ctx.chunk_size, ctx.buffers = settings, chunk_size, buffers
         return positive + ((1.0 - s.lamb) / s.r) * softplus_sum  # SphereFace2 Eq. 6, per sample
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor):  # type: ignore[override]
         x, weight, bias, labels, deriv, norms, radial, cos_y, sigmoid_sum = ctx.saved_tensors
+        rows = ctx.rows
         s: _Settings = ctx.settings
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         dtype = x.dtype
@@ -253,7 +263,9 @@ class _ChunkedSphereFace2(torch.autograd.Function):
         cos_leaf = cos_y.detach().requires_grad_(True)
         b_leaf = bias.detach().to(dtype).requires_grad_(True)
         with torch.enable_grad():
-            grad_cos_y, grad_b_pos = torch.autograd.grad(s.target_term(cos_leaf, b_leaf), [cos_leaf, b_leaf], grad)
+            grad_cos_y, grad_b_pos = torch.autograd.grad(
+                s.target_term(cos_leaf, b_leaf), [cos_leaf, b_leaf], _take_rows(grad, rows)
+            )
 
         grad_x = torch.zeros_like(x) if need_x else None
         grad_w = None
@@ -272,7 +284,7 @@ class _ChunkedSphereFace2(torch.autograd.Function):
             if grad_w is not None:
                 known = radial[c0:c1] * scale if uniform else None
                 _weight_grad_into(g_c, scale, x, w_c, norms[c0:c1], known, grad_w[c0:c1])
-        _add_target_grads(grad_cos_y, x, weight, labels, True, grad_x, grad_w, None)
+        _add_target_grads(grad_cos_y, x, weight, labels, True, grad_x, grad_w, None, rows=rows)
         grad_b = None
         if need_b:
             grad_neg = ((1.0 - s.lamb) / s.r) * (grad * sigmoid_sum).sum()

@@ -6,13 +6,14 @@ it loads with ``torch.load(..., weights_only=True)``: no pickled classes, no num
 
 from __future__ import annotations
 
-import os
 import pickle
 import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from faceforge.fileio import atomic_open
 
 __all__ = ["CHECKPOINT_NAME", "CheckpointError", "save_checkpoint", "load_checkpoint"]
 
@@ -24,39 +25,16 @@ class CheckpointError(RuntimeError):
     """A checkpoint file that is missing, truncated, corrupt or holds something other than a dict."""
 
 
-def _fsync_dir(directory: Path) -> None:
-    """Make a rename durable (POSIX); a no-op where directories cannot be opened (Windows)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
-    """Write ``state`` to ``path`` atomically: temp file in the same folder, fsync, ``os.replace``.
+    """Write ``state`` to ``path`` atomically (``faceforge.fileio.atomic_open``: temp file in the same folder,
+    fsync, ``os.replace``, fsync of the folder).
 
     A process killed at any moment leaves either the old file or the new one at ``path`` (and at worst
-    a stray ``.<name>.tmp-<pid>`` beside it, which is harmless). Returns ``path``.
+    a stray ``.<name>.tmp-*`` beside it, which is harmless). Returns ``path``.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
+    with atomic_open(path, "wb") as f:
+        torch.save(state, f)
     return path
 
 

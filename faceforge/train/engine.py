@@ -10,8 +10,8 @@ The loop meets its parts through written seams only (``docs/extending.md``):
   terms; the loop sums them, logs each and stops on a non-finite one, naming it;
 * the head and the objective may opt into ``faceforge.heads.base.TrainHooks`` (checked once, here);
 * DDP wraps the backbone only; the gradients of the head's replicated parameters are all-reduced
-  explicitly after the last micro-batch (a head with ``sharded_parameters`` opts out and does its own
-  communication; its squared gradient norm is summed over ranks for clipping).
+  explicitly after the last micro-batch (a head's ``row_shards`` opt out: each rank holds its own rows and
+  the head does its own communication; their squared gradient norm is summed over ranks for clipping).
 
 Determinism (what makes a killed-and-resumed CPU run bit-identical to an uninterrupted one): the data
 order and flips are the sampler's (``faceforge.data.samplers``: a function of seed, epoch and world size,
@@ -36,6 +36,7 @@ import torch
 from torch import Tensor, nn
 
 from faceforge.build import FaceModel, build_backbone, build_head, load_class_weights, load_part, wrap_ddp
+from faceforge.fileio import stale_temporaries
 from faceforge.data.samplers import (
     SAMPLERS,
     Batch,
@@ -137,8 +138,7 @@ class _Run:
                 f"train.diagnostics_every = {t.diagnostics_every}: head {cfg.head.name!r} ({type(self.head).__name__}) "
                 f"has no diagnostics; expected 0 (off) or a head that has them (broadface)"
             )
-        self.sharded = [p for h in self.hooks.values() if h.sharded_parameters
-                        for p in h.parameters() if p.requires_grad]  # type: ignore[attr-defined]
+        self.sharded = [p for h in self.hooks.values() for p in _row_sharded_parameters(h) if p.requires_grad]
         sharded_ids = {id(p) for p in self.sharded}
         self.trained = [p for p in (*self.backbone.parameters(), *self.head.parameters()) if id(p) not in sharded_ids]
         self.replicated_head = [p for p in self.head.parameters() if p.requires_grad and id(p) not in sharded_ids]
@@ -531,7 +531,7 @@ class _Run:
         from torch.utils.tensorboard import SummaryWriter
 
         self.output.mkdir(parents=True, exist_ok=True)
-        for stale in self.output.glob(f".{CHECKPOINT_NAME}.tmp-*"):  # left by a run killed mid-write
+        for stale in stale_temporaries(self.checkpoint_path):  # left by a run killed mid-write
             stale.unlink(missing_ok=True)
         (self.output / "config.yaml").write_text(to_yaml(self.cfg))
         self._handlers = [logging.FileHandler(self.log_path)]
@@ -559,6 +559,12 @@ class _Run:
             logger.removeHandler(handler)
             handler.close()
         self._handlers = []
+
+
+def _row_sharded_parameters(part: TrainHooks) -> list[nn.Parameter]:
+    """The parameters among a part's ``row_shards`` (TrainHooks; the others are buffers)."""
+    params = dict(part.named_parameters())  # type: ignore[attr-defined]
+    return [params[key] for key in part.row_shards() if key in params]
 
 
 def _sum(terms: Iterable[Tensor]) -> Tensor:

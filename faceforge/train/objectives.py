@@ -10,7 +10,7 @@ What the trainer does with an objective's parts:
 
 - ``backbone`` and ``head``: trained by the optimiser (their parameter groups); the backbone runs under
   DDP (:meth:`Objective.embed` calls the wrapper the trainer hands over with :meth:`Objective.set_encoder`),
-  the head's replicated gradients are all-reduced explicitly (``TrainHooks.sharded_parameters`` opts out).
+  the head's replicated gradients are all-reduced explicitly (``TrainHooks.row_shards`` opt out).
 - ``owned``: an ``nn.ModuleDict`` of modules the objective keeps for itself (a distillation teacher, a
   momentum class encoder). The optimiser never sees them and DDP does not wrap them; their state is saved
   in checkpoints (key ``"objective"``) when they have any, and restored on resume.
@@ -72,6 +72,12 @@ class Objective(nn.Module):
         self.owned.load_state_dict(state)
 
 
+def for_head(embeddings: Tensor) -> Tensor:
+    """Embeddings (B, D) as a head takes them: half precision (autocast) up-cast to float32; float64 kept
+    (a float64 backbone, as the equivalence tests train, keeps its precision through the head)."""
+    return embeddings if embeddings.dtype == torch.float64 else embeddings.float()
+
+
 OBJECTIVES: Registry[Objective] = Registry("objective")
 
 
@@ -80,4 +86,4 @@ class Classification(Objective):
     """The plain objective: ``{"classification": head(backbone(images), labels)}``."""
 
     def forward(self, batch: Batch) -> dict[str, Tensor]:
-        return {"classification": self.head(self.embed(batch.images).float(), batch.labels)}
+        return {"classification": self.head(for_head(self.embed(batch.images)), batch.labels)}

@@ -1,0 +1,402 @@
+"""Class-sharded heads over torch.distributed: ArcFace's centre-parallel FC (ArcFace appendix 5.1, Fig. 11).
+
+Rank r of W holds the rows [c0, c1) of the class weights (``shard_range``: C // W rows, one more on the first
+C % W ranks). Each step:
+
+1. the embeddings (and labels) of every rank are all-gathered into the global batch (B_g, D) ("Get feature x");
+   the gather is differentiable: its backward sums the ranks' gradients of the global batch (an all-reduce of
+   (B_g, D)) and hands each rank its own rows;
+2. each rank runs the head's chunked kernel on its rows only ("score = xW" on the centre sub-matrix), with
+   label -1 for the samples whose class lives on another rank;
+3. the per-sample terms are combined across ranks, on (B_g,) vectors only:
+
+   - margin softmax (ArcFace Eq. 4, every preset, and plain softmax): the distributed logsumexp
+     ``LSE_b = M_b + log sum_r exp(lse_rb - M_b)`` with ``M_b = max_r lse_rb`` (all-reduce MAX, then SUM);
+     the target logit t_b and the Eq. 5 term come from the rank that owns y_b (all-reduce SUM);
+     ``loss_b = LSE_b - t_b + penalty_b``;
+   - SphereFace2 (Eq. 6) is a sum of per-class terms: ``loss_b = sum_r loss_rb`` (all-reduce SUM). No
+     communication for W at all (SphereFace2 Sec. 3.4); only the embeddings are gathered.
+
+The loss every rank returns is the mean over the GLOBAL batch, the same number on every rank, and every rank
+calls backward on it. So the backward of each collective above is local: d LSE_b / d lse_rb =
+exp(lse_rb - LSE_b) (the share of the softmax mass on rank r) and the sums pass their gradient through.
+Gradients:
+
+- the class rows: each rank's own, complete (no all-reduce; the trainer leaves them alone, ``row_shards``);
+- the embeddings: ``world_size x`` d loss / d (this rank's rows), because the trainer (DDP) AVERAGES the
+  backbone's gradients over ranks (insightface's AllGatherFunc does the same);
+- a replicated parameter (SphereFace2's bias b): its gradient is summed over ranks in the backward, so every
+  rank holds the true gradient (the trainer's average over ranks leaves it unchanged).
+
+Ranks may hold different numbers of embeddings (the gather pads) and of classes (C % W != 0).
+Nothing assumes CUDA: the collectives are torch.distributed's, on gloo (CPU) or NCCL (GPU).
+Without a process group (one process) the head is the plain head on all C classes.
+
+Initial rows are a function of (seed, row) only (blocks of ``INIT_BLOCK`` rows, each from its own generator),
+so a run starts from the same W at any world size.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from faceforge.heads.base import HEADS, ClassifierHead, RowShard, TrainHooks
+from faceforge.heads.softmax import (
+    MarginSoftmax,
+    Softmax,
+    _check_inputs,
+    _check_size,
+    _compute_dtype,
+    _identity,
+    chunked_margin_terms,
+)
+from faceforge.heads.sphereface2 import SphereFace2, balanced_bias, sphereface2_loss
+
+__all__ = [
+    "INIT_BLOCK",
+    "ShardedHead",
+    "all_gather_rows",
+    "distributed_logsumexp",
+    "shard_range",
+    "sum_over_ranks",
+]
+
+INIT_BLOCK = 4096  # rows per initialisation block: row j's initial value depends on (seed, j // INIT_BLOCK) only
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the layout
+
+
+def shard_range(num_classes: int, world_size: int, rank: int) -> tuple[int, int]:
+    """Rows [c0, c1) of rank ``rank``: C // W each, one more on the first C % W ranks (insightface's layout)."""
+    base, extra = divmod(num_classes, world_size)
+    c0 = rank * base + min(rank, extra)
+    return c0, c0 + base + (1 if rank < extra else 0)
+
+
+def _world(group: Any) -> tuple[int, int]:
+    """(rank, world size) in ``group``; (0, 1) without a process group."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return 0, 1
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the collectives, with their gradients
+
+
+class _GatherRows(torch.autograd.Function):
+    """(n_r, ...) on each rank -> (sum_r n_r, ...) in rank order; backward: sum over ranks, own rows, x grad_scale."""
+
+    @staticmethod
+    def forward(ctx: Any, rows: Tensor, group: Any, sizes: list[int], grad_scale: float) -> Tensor:  # type: ignore[override]
+        rank, world = _world(group)
+        ctx.group, ctx.sizes, ctx.rank, ctx.grad_scale = group, sizes, rank, grad_scale
+        if world == 1:
+            return rows.clone()
+        padded = rows.new_zeros((max(sizes), *rows.shape[1:]))
+        padded[: rows.shape[0]] = rows
+        parts = [torch.empty_like(padded) for _ in range(world)]
+        dist.all_gather(parts, padded.contiguous(), group=group)
+        return torch.cat([p[:n] for p, n in zip(parts, sizes)])
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor):  # type: ignore[override]
+        grad = grad.contiguous()
+        if len(ctx.sizes) > 1:
+            dist.all_reduce(grad, group=ctx.group)  # every rank's d loss / d (global batch), summed
+        start = sum(ctx.sizes[: ctx.rank])
+        own = grad[start : start + ctx.sizes[ctx.rank]]
+        return (own * ctx.grad_scale if ctx.grad_scale != 1.0 else own.clone()), None, None, None
+
+
+def _row_counts(n: int, device: torch.device, group: Any) -> list[int]:
+    rank, world = _world(group)
+    if world == 1:
+        return [n]
+    count = torch.tensor([n], device=device)
+    counts = [torch.empty_like(count) for _ in range(world)]
+    dist.all_gather(counts, count, group=group)
+    return [int(c) for c in counts]
+
+
+def all_gather_rows(rows: Tensor, group: Any = None, grad_scale: float | None = None) -> Tensor:
+    """Every rank's rows (n_r, ...) concatenated in rank order (ranks may hold different n_r), differentiable.
+
+    grad_scale: multiplies the gradient handed back to this rank's rows; default the world size, because the
+    trainer (DDP) averages the backbone's gradients over ranks. Without a process group: ``rows``.
+    """
+    sizes = _row_counts(rows.shape[0], rows.device, group)
+    scale = float(len(sizes)) if grad_scale is None else float(grad_scale)
+    if not rows.requires_grad:
+        with torch.no_grad():
+            return _GatherRows.apply(rows, group, sizes, scale)
+    return _GatherRows.apply(rows, group, sizes, scale)
+
+
+class _DistLogSumExp(torch.autograd.Function):
+    """lse_r (B,) on each rank -> LSE (B,) = log sum_r exp(lse_r): all-reduce MAX, then SUM of exp(lse_r - max)."""
+
+    @staticmethod
+    def forward(ctx: Any, lse: Tensor, group: Any) -> Tensor:  # type: ignore[override]
+        top = lse.detach().clone()
+        dist.all_reduce(top, op=dist.ReduceOp.MAX, group=group)
+        top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+        total = torch.exp(lse.detach() - top)
+        dist.all_reduce(total, group=group)
+        result = total.log_().add_(top)
+        ctx.save_for_backward(lse, result)
+        return result
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor):  # type: ignore[override]
+        lse, result = ctx.saved_tensors
+        return grad * torch.exp(lse - result), None  # the share of the softmax mass on this rank
+
+
+def distributed_logsumexp(lse: Tensor, group: Any = None) -> Tensor:
+    """log sum_r exp(lse_r) over the ranks, elementwise (B,); every rank must backpropagate the same gradient."""
+    return lse if _world(group)[1] == 1 else _DistLogSumExp.apply(lse, group)
+
+
+class _SumOverRanks(torch.autograd.Function):
+    """sum_r v_r (all-reduce SUM); backward: the gradient as it is (every rank backpropagates the same loss)."""
+
+    @staticmethod
+    def forward(ctx: Any, values: Tensor, group: Any) -> Tensor:  # type: ignore[override]
+        total = values.detach().clone()
+        dist.all_reduce(total, group=group)
+        return total
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor):  # type: ignore[override]
+        return grad, None
+
+
+def sum_over_ranks(values: Tensor, group: Any = None) -> Tensor:
+    """The elementwise sum over the ranks of ``values``, differentiable (each rank gets d loss / d total)."""
+    return values if _world(group)[1] == 1 else _SumOverRanks.apply(values, group)
+
+
+class _SumGradOverRanks(torch.autograd.Function):
+    """Identity; backward sums the gradient over the ranks: a replicated parameter's true gradient on every rank."""
+
+    @staticmethod
+    def forward(ctx: Any, value: Tensor, group: Any) -> Tensor:  # type: ignore[override]
+        ctx.group = group
+        return value.view_as(value)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor):  # type: ignore[override]
+        grad = grad.clone()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+def _replicated(value: Tensor, group: Any) -> Tensor:
+    return value if _world(group)[1] == 1 or not value.requires_grad else _SumGradOverRanks.apply(value, group)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the per-head kernels: (head on this rank's rows, gathered embeddings, local labels) -> global per-sample loss
+
+
+def _margin_loss(head: MarginSoftmax, embeddings: Tensor, labels: Tensor, group: Any) -> Tensor:
+    """ArcFace Eq. 4 (+ the weighted Eq. 5 term) per sample of the global batch, this rank's classes + the others'."""
+    dtype = _compute_dtype(embeddings, head.weight)
+    x_hat = F.normalize(embeddings.to(dtype), dim=1)
+    lse, target, penalty = chunked_margin_terms(
+        x_hat, head.weight, labels, head._target, penalty_fn=head._penalty if head.intra_loss_weight > 0 else None,
+        scale=head.s, normalize=True, chunk_size=head.chunk_size, buffers=head.step_buffers,
+    )  # fmt: skip
+    loss = distributed_logsumexp(lse, group) - sum_over_ranks(target, group)
+    return loss + sum_over_ranks(penalty, group) if head.intra_loss_weight > 0 else loss
+
+
+def _softmax_loss(head: Softmax, embeddings: Tensor, labels: Tensor, group: Any) -> Tensor:
+    """ArcFace Eq. 1 per sample: logits x W^T + b, the bias sharded with the rows."""
+    dtype = _compute_dtype(embeddings, head.weight)
+    lse, target, _ = chunked_margin_terms(
+        embeddings.to(dtype), head.weight, labels, _identity, bias=head.bias, normalize=False,
+        chunk_size=head.chunk_size, buffers=head.step_buffers,
+    )  # fmt: skip
+    return distributed_logsumexp(lse, group) - sum_over_ranks(target, group)
+
+
+def _sphereface2_loss(head: SphereFace2, embeddings: Tensor, labels: Tensor, group: Any) -> Tensor:
+    """SphereFace2 Eq. 6 per sample: the sum over ranks of each shard's positive (if it owns y) and negatives."""
+    dtype = _compute_dtype(embeddings, head.weight)
+    x_hat = F.normalize(embeddings.to(dtype), dim=1)
+    partial = sphereface2_loss(
+        x_hat, head.weight, _replicated(head.bias, group), labels, lamb=head.lamb, r=head.r, m=head.m, t=head.t,
+        margin_type=head.margin_type, margin_grad=head.margin_grad, chunk_size=head.chunk_size,
+        buffers=head.step_buffers,
+    )  # fmt: skip
+    return head.loss_weight * sum_over_ranks(partial, group)
+
+
+def _normal_rows(std: float) -> Callable[[Tensor, torch.Generator], None]:
+    def fill(rows: Tensor, generator: torch.Generator) -> None:
+        rows.normal_(0.0, std, generator=generator)
+
+    return fill
+
+
+def _uniform_rows(bound: float) -> Callable[[Tensor, torch.Generator], None]:
+    def fill(rows: Tensor, generator: torch.Generator) -> None:
+        rows.uniform_(-bound, bound, generator=generator)
+
+    return fill
+
+
+# head type -> (loss kernel, {sharded tensor name: initial distribution}); the most derived type first
+_KERNELS: list[tuple[type, Callable[..., Tensor]]] = [
+    (MarginSoftmax, _margin_loss),
+    (Softmax, _softmax_loss),
+    (SphereFace2, _sphereface2_loss),
+]
+
+
+def _initial_rows(head: nn.Module) -> dict[str, Callable[[Tensor, torch.Generator], None]]:
+    """The row-sharded tensors of ``head`` and how each head initialises them (its ``reset_parameters``)."""
+    if isinstance(head, Softmax):
+        bound = 1.0 / math.sqrt(head.embedding_size)
+        return {"weight": _uniform_rows(bound), "bias": _uniform_rows(bound)}
+    return {"weight": _normal_rows(0.01)}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the head
+
+
+class ShardedHead(nn.Module, ClassifierHead, TrainHooks):
+    """A head whose class rows are sharded over the ranks of ``group`` (module docstring).
+
+    Args:
+        head: the name of the head in ``HEADS`` ("arcface", "cosface", "sphereface", "normface",
+            "margin_softmax", "softmax", "sphereface2").
+        num_classes: C, over all ranks (>= the world size). embedding_size: D.
+        seed: the initial rows are a function of (seed, row) (module docstring). Default 0.
+        group: the process group (default: the world). Built after ``torch.distributed.init_process_group``.
+        **kwargs: the head's own arguments (``s``, ``m``, ``lamb`` ...).
+    Call: ``loss = head(embeddings (B_r, D), labels (B_r,))`` on every rank -> the mean over the global batch,
+    the same scalar on every rank. Attributes: ``head`` (the head on this rank's rows), ``weight`` (its rows,
+    (c1 - c0, D)), ``rows`` = (c0, c1), ``num_classes`` = C.
+    """
+
+    def __init__(
+        self,
+        head: str,
+        num_classes: int,
+        embedding_size: int,
+        /,
+        *,
+        seed: int = 0,
+        group: Any = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__()
+        self.num_classes = _check_size("num_classes", num_classes)
+        self.embedding_size = _check_size("embedding_size", embedding_size)
+        self.group = group
+        self.rank, self.world_size = _world(group)
+        if self.num_classes < self.world_size:
+            raise ValueError(
+                f"num_classes={num_classes} < world size {self.world_size}: every rank needs at least one class"
+            )
+        self.rows = shard_range(self.num_classes, self.world_size, self.rank)
+        local = self.rows[1] - self.rows[0]
+        self.head = HEADS.build(head, num_classes=local, embedding_size=self.embedding_size, **kwargs)
+        self.kernel = next((k for t, k in _KERNELS if isinstance(self.head, t)), None)
+        if self.kernel is None:
+            raise ValueError(
+                f"head {head!r} ({type(self.head).__name__}) cannot be sharded by class; expected one of "
+                f"margin_softmax, arcface, cosface, sphereface, normface, softmax, sphereface2"
+            )
+        if getattr(self.head, "inter_loss_weight", 0.0) > 0:
+            raise ValueError(
+                "inter_loss_weight > 0 (ArcFace Eq. 6) needs every class weight on one rank; expected 0 with shard"
+            )
+        self.seed = int(seed)
+        self.name = head
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Row j of every sharded tensor from the generator of (seed, j // INIT_BLOCK); SphereFace2's balanced
+        bias from the global C."""
+        c0, c1 = self.rows
+        with torch.no_grad():
+            for name, fill in _initial_rows(self.head).items():
+                tensor = getattr(self.head, name)
+                for block in range(c0 // INIT_BLOCK, (c1 - 1) // INIT_BLOCK + 1):
+                    b0, b1 = block * INIT_BLOCK, (block + 1) * INIT_BLOCK
+                    values = tensor.new_empty((b1 - b0, *tensor.shape[1:]))
+                    fill(values, torch.Generator(device=tensor.device).manual_seed(self.seed * 1_000_003 + block))
+                    lo, hi = max(b0, c0), min(b1, c1)
+                    tensor[lo - c0 : hi - c0] = values[lo - b0 : hi - b0]
+            if isinstance(self.head, SphereFace2) and self.head.bias_init == "balanced":
+                h = self.head
+                self.head.bias.fill_(balanced_bias(self.num_classes, h.lamb, h.r, h.m, h.t, h.margin_type))
+
+    def extra_repr(self) -> str:
+        return f"num_classes={self.num_classes}, rows={self.rows}, rank={self.rank}, world_size={self.world_size}"
+
+    @property
+    def weight(self) -> Tensor:  # type: ignore[override]
+        """This rank's class rows W[c0:c1] (c1 - c0, D)."""
+        return self.head.weight
+
+    # --- the loss ---
+
+    def gather(self, embeddings: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+        """The global batch: (B_g, D) embeddings (differentiable) and (B_g,) labels, in rank order."""
+        labels = _check_inputs(embeddings, labels, self.num_classes, self.embedding_size)
+        return all_gather_rows(embeddings, self.group), all_gather_rows(labels, self.group)
+
+    def local_labels(self, labels: Tensor) -> Tensor:
+        """Global labels (B,) -> row indices in this rank's shard, -1 where the class lives on another rank."""
+        c0, c1 = self.rows
+        return torch.where((labels >= c0) & (labels < c1), labels - c0, torch.full_like(labels, -1))
+
+    def per_sample_loss(self, embeddings: Tensor, labels: Tensor, *, classifier_grad: bool = True) -> Tensor:
+        """(B_g,) the loss of every sample of the GLOBAL batch (rank order), the same on every rank.
+
+        classifier_grad=False holds the class side fixed (no gradient reaches it)."""
+        x, y = self.gather(embeddings, labels)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            if classifier_grad:
+                return self.kernel(self.head, x, self.local_labels(y), self.group)
+            frozen = _Frozen(self.head)
+            return self.kernel(frozen, x, self.local_labels(y), self.group)
+
+    def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
+        """Scalar: the mean over the global batch of the head's per-sample loss (the same on every rank)."""
+        return self.per_sample_loss(embeddings, labels).mean()
+
+    # --- what the trainer asks (TrainHooks) ---
+
+    def row_shards(self) -> dict[str, RowShard]:
+        """The state_dict entries that are this rank's rows of a logical (C, ...) tensor."""
+        c0, c1 = self.rows
+        return {f"head.{name}": RowShard(c0, c1, self.num_classes) for name in _initial_rows(self.head)}
+
+    def verification_threshold(self) -> float | None:
+        return self.head.verification_threshold() if isinstance(self.head, TrainHooks) else None
+
+
+class _Frozen:
+    """A view of a head whose parameters are detached (classifier_grad=False), for the kernels above."""
+
+    def __init__(self, head: nn.Module) -> None:
+        self.__dict__["_head"] = head
+
+    def __getattr__(self, name: str) -> Any:
+        value = getattr(self._head, name)
+        return value.detach() if isinstance(value, nn.Parameter) else value

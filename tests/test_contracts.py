@@ -1,0 +1,175 @@
+"""The contract every registered head and backbone keeps (timm's test_models.py is the model): parametrised
+over the registries, so a head or backbone added later is tested here without a line of its own.
+
+Heads (``faceforge.heads.HEADS``), built as ``build(name, num_classes=5, embedding_size=4, **HEAD_KWARGS.get(name))``:
+forward and backward finite; ``per_sample_loss`` averages to the loss (``ClassifierHead`` heads without a
+batch-level term); a state_dict round trip gives the same loss; a float64 gradient check of the loss in the
+embeddings and every parameter against central differences; a checkpoint/resume round trip through the trainer, bit for bit.
+
+Backbones (``faceforge.backbones.BACKBONES``), built at 32x32 with an 8-D embedding and the narrowest widths
+(``backbone_kwargs``): forward and backward finite with the right shape, a state_dict round trip.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch.func import functional_call
+
+from _runs import resumed_equals_straight
+from faceforge.backbones import BACKBONES
+from faceforge.heads import HEADS
+from faceforge.heads.base import ClassifierHead
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+C, D, B = 5, 4, 6
+
+# Arguments a head cannot do without (everything else keeps its default).
+HEAD_KWARGS: dict[str, dict[str, Any]] = {"broadface": {"queue_size": 8}}
+
+
+def make_head(name: str, dtype: torch.dtype = torch.float32, seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return HEADS.build(name, num_classes=C, embedding_size=D, **HEAD_KWARGS.get(name, {})).to(dtype)
+
+
+def batch(dtype: torch.dtype = torch.float32, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(B, D, generator=g, dtype=dtype), torch.randint(0, C, (B,), generator=g)
+
+
+@pytest.mark.parametrize("name", HEADS.names())
+def test_head_forward_backward_finite(name: str) -> None:
+    head = make_head(name)
+    x, y = batch()
+    x.requires_grad_(True)
+    for _ in range(2):  # the second call sees any state the first left (a queue)
+        loss = head(x, y)
+        assert loss.shape == () and torch.isfinite(loss), name
+        loss.backward()
+    assert torch.isfinite(x.grad).all()
+    for pname, p in head.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), f"{name}: {pname}"
+
+
+@pytest.mark.parametrize("name", HEADS.names())
+def test_head_per_sample_loss_averages_to_the_loss(name: str) -> None:
+    head = make_head(name, torch.float64)
+    if not isinstance(head, ClassifierHead) or head.batch_level_loss:
+        pytest.skip(f"{name} is not a ClassifierHead without a batch-level term (its loss is not a per-sample mean)")
+    x, y = batch(torch.float64)
+    per_sample = head.per_sample_loss(x, y)
+    assert per_sample.shape == (B,)
+    torch.testing.assert_close(per_sample.mean(), head(x, y), rtol=1e-12, atol=0.0)
+    assert head.weight.shape == (C, D)
+
+
+@pytest.mark.parametrize("name", HEADS.names())
+def test_head_state_dict_round_trip(name: str) -> None:
+    head, other = make_head(name, seed=0), make_head(name, seed=1)
+    x, y = batch()
+    head(x, y)  # a state beyond the initial one (a queue)
+    other.load_state_dict(head.state_dict())
+    for a, b in zip(head.state_dict().values(), other.state_dict().values()):
+        assert torch.equal(a, b)
+    head.eval(), other.eval()
+    assert torch.equal(head(x, y), other(x, y))
+
+
+def numerical_gradient(f: Any, inputs: list[torch.Tensor], eps: float = 1e-6) -> list[torch.Tensor]:
+    """Central differences of the scalar f(*inputs), coordinate by coordinate (float64)."""
+    grads = []
+    with torch.no_grad():
+        for t in inputs:
+            g = torch.zeros_like(t)
+            flat = t.view(-1)
+            for i in range(t.numel()):
+                saved = flat[i].item()
+                flat[i] = saved + eps
+                up = f(*inputs).item()
+                flat[i] = saved - eps
+                down = f(*inputs).item()
+                flat[i] = saved
+                g.view(-1)[i] = (up - down) / (2 * eps)
+            grads.append(g)
+    return grads
+
+
+@pytest.mark.parametrize("name", HEADS.names())
+def test_head_gradient_check_float64(name: str) -> None:
+    """Autograd's gradient of the loss in the embeddings and every parameter = central differences (float64).
+
+    Not torch.autograd.gradcheck: that evaluates the function again while the first graph is alive, and the
+    chunked kernels reuse their buffers from one call to the next (a graph is good until the next forward).
+    Tolerance: central differences at eps = 1e-6 err by O(eps^2) times the third derivative plus O(1e-16 / eps)
+    rounding, about 1e-9 here; rtol 1e-5 / atol 1e-7 leaves room and still fails a wrong term.
+    """
+    head = make_head(name, torch.float64)
+    if not isinstance(head, ClassifierHead):  # BroadFace: Eq. 8 and 9 stop gradients on purpose (test_broadface.py)
+        pytest.skip(f"{name} is not a ClassifierHead: its gradient is not that of its loss value by design")
+    x, y = batch(torch.float64)
+    head.eval()
+    names = [n for n, p in head.named_parameters() if p.requires_grad]
+    inputs = [x.clone()] + [p.detach().clone() for n, p in head.named_parameters() if p.requires_grad]
+
+    def loss(x: torch.Tensor, *values: torch.Tensor) -> torch.Tensor:
+        return functional_call(head, dict(zip(names, values)), (x, y))
+
+    leaves = [t.clone().requires_grad_(True) for t in inputs]
+    analytical = torch.autograd.grad(loss(*leaves), leaves)
+    for what, a, n in zip(["embeddings", *names], analytical, numerical_gradient(loss, inputs)):
+        torch.testing.assert_close(a, n, rtol=1e-5, atol=1e-7, msg=lambda m: f"{name}: d loss / d {what}: {m}")
+
+
+@pytest.mark.parametrize("name", HEADS.names())
+def test_head_checkpoint_resume_through_the_trainer(tmp_path: Path, name: str) -> None:
+    state = resumed_equals_straight(
+        tmp_path, steps=2, head={"name": name, "kwargs": HEAD_KWARGS.get(name, {})},
+        data={"num_identities": 4, "images_per_identity": 8, "batch_size": 8}, model={"kwargs": {"dropout": 0.0}},
+    )
+    assert state["step"] == 2
+
+
+# ---------------------------------------------------------------------------------------------- backbones
+
+
+def backbone_kwargs(name: str) -> dict[str, Any]:
+    """The smallest sensible build of a registered backbone: 32x32 input, 8-D embedding, narrow widths."""
+    kwargs: dict[str, Any] = {"embedding_size": 8, "input_size": 32}
+    factory = BACKBONES.get(name)
+    module = getattr(factory, "__module__", "")
+    if name.startswith(("mbf", "mobilefacenet")) or "mobilefacenet" in module:
+        kwargs["scale"] = 1
+    else:  # IResNet and SFNet take a width multiplier
+        kwargs["width"] = 1 / 16
+    return kwargs
+
+
+# BigFace's deepest IResNets take seconds each to build twice and run; r18 .. r200 run the same code by default.
+DEEP = {"r240", "r600", "r1200"}
+
+
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=pytest.mark.slow) if n in DEEP else n for n in BACKBONES.names()]
+)
+def test_backbone_forward_backward_and_state_dict(name: str) -> None:
+    torch.manual_seed(0)
+    net = BACKBONES.build(name, **backbone_kwargs(name))
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    out = net(images)
+    assert out.shape == (2, 8) and torch.isfinite(out).all(), name
+    out.square().sum().backward()
+    for pname, p in net.named_parameters():
+        if not p.requires_grad:  # frozen by design (IResNet's final BN scale, as in insightface)
+            continue
+        assert p.grad is not None and torch.isfinite(p.grad).all(), f"{name}: {pname}"
+    torch.manual_seed(1)
+    other = BACKBONES.build(name, **backbone_kwargs(name))
+    other.load_state_dict(net.state_dict())
+    net.eval(), other.eval()
+    with torch.no_grad():
+        assert torch.equal(net(images), other(images))

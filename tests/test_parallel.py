@@ -1,0 +1,168 @@
+"""heads/parallel.py: class-sharded heads on 2 and 3 gloo ranks against one process with the whole batch.
+
+Every head (the margin presets, plain softmax, SphereFace2 with its replicated bias) runs several SGD steps
+(momentum, weight decay) in float64 on C = 7 classes, which neither 2 nor 3 divides, with ranks holding
+different numbers of embeddings at one step. The reference is the plain head (``heads.build``) on all C
+classes with the concatenated batch. Only the order of float64 sums differs: agreement to 1e-10 relative
+(float64 epsilon 2.2e-16 times a few hundred terms leaves six orders of magnitude of margin); a gradient off
+by one rank's share or a missed target would be off by > 1e-3.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from faceforge.heads import build
+from faceforge.heads.parallel import ShardedHead, shard_range
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+C, D, STEPS = 7, 5, 3
+SPECS: dict[str, dict] = {  # name -> head kwargs; every margin flavour, the Eq. 5 term, plain softmax, SphereFace2
+    "arcface": {"s": 8.0, "m": 0.5},
+    "cosface": {"s": 8.0, "m": 0.35, "intra_loss_weight": 0.3},
+    "sphereface": {"s": 8.0, "m": 1.35, "margin_grad": "detached"},
+    "softmax": {},
+    "sphereface2": {"r": 6.0, "m": 0.2, "t": 3.0, "lamb": 0.7, "chunk_size": 2},
+}
+
+
+def batch_size(rank: int, step: int) -> int:
+    return 3 if (rank, step) == (1, 1) else 4  # unequal batches at step 1: the gather pads
+
+
+def batch(rank: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1000 * step + rank)
+    n = batch_size(rank, step)
+    return torch.randn(n, D, generator=g, dtype=torch.float64), torch.randint(0, C, (n,), generator=g)
+
+
+def sgd(params) -> torch.optim.Optimizer:
+    return torch.optim.SGD(params, lr=0.5, momentum=0.9, weight_decay=5e-3)
+
+
+def run_sharded(name: str, world: int, rank: int, group=None) -> dict:
+    """STEPS steps of the sharded head on this rank's batches; per step the loss and this rank's embedding grad."""
+    head = ShardedHead(name, C, D, seed=3, group=group, **SPECS[name]).double()
+    optimizer = sgd(head.parameters())
+    losses, grads = [], []
+    for step in range(STEPS):
+        x, y = batch(rank, step)
+        x.requires_grad_(True)
+        loss = head(x, y)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.detach())
+        grads.append(x.grad)
+    return {"losses": torch.stack(losses), "grads": grads, "state": head.state_dict(), "rows": head.rows}
+
+
+def run_reference(name: str, world: int) -> dict:
+    """The plain head on all C classes, the same initial rows, the ranks' batches concatenated in rank order."""
+    initial = ShardedHead(name, C, D, seed=3, **SPECS[name]).double()  # no process group: all C rows, one rank
+    head = build(name, num_classes=C, embedding_size=D, **SPECS[name]).double()
+    head.load_state_dict({k.removeprefix("head."): v for k, v in initial.state_dict().items()})
+    optimizer = sgd(head.parameters())
+    losses, grads = [], []
+    for step in range(STEPS):
+        parts = [batch(r, step) for r in range(world)]
+        x = torch.cat([p[0] for p in parts]).requires_grad_(True)
+        loss = head(x, torch.cat([p[1] for p in parts]))
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.detach())
+        sizes = [batch_size(r, step) for r in range(world)]
+        grads.append(list(x.grad.split(sizes)))
+    return {"losses": torch.stack(losses), "grads": grads, "state": head.state_dict()}
+
+
+def _worker(rank: int, world: int, port: int, out: str) -> None:
+    """3 gloo ranks: every head on all 3, then on the 2-rank group of ranks 0 and 1 (one spawn for both)."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
+    try:
+        pair = dist.new_group([0, 1])
+        results = {(name, world): run_sharded(name, world, rank) for name in SPECS}
+        if rank < 2:
+            results.update({(name, 2): run_sharded(name, 2, rank, group=pair) for name in SPECS})
+        torch.save(results, Path(out) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn(worker, world: int, *args) -> None:
+    # spawn, not fork: a forked rank inherits the parent's OpenMP thread pool and can deadlock in it
+    torch.multiprocessing.start_processes(worker, args=(world, free_port(), *args), nprocs=world, start_method="spawn")
+
+
+def close(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
+    torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-10 * expected.abs().max().item(), msg=what)
+
+
+def test_sharded_heads_on_2_and_3_ranks_equal_one_process_with_the_whole_batch(tmp_path: Path) -> None:
+    spawn(_worker, 3, str(tmp_path))
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(3)]
+    for name, world in [(name, world) for world in (2, 3) for name in SPECS]:
+        ref = run_reference(name, world)
+        for rank, result in enumerate(ranks[:world]):
+            got = result[(name, world)]
+            assert got["rows"] == shard_range(C, world, rank)
+            close(got["losses"], ref["losses"], f"{name}: losses on rank {rank}")
+            for step in range(STEPS):
+                # the gather hands back world_size x the rank's share, since the trainer averages over ranks
+                close(got["grads"][step] / world, ref["grads"][step][rank], f"{name}: embedding grad, step {step}")
+            c0, c1 = got["rows"]
+            for key, value in ref["state"].items():
+                sharded = got["state"][f"head.{key}"]
+                expected = value[c0:c1] if value.shape[0] == C else value  # rows, or SphereFace2's bias
+                close(sharded, expected, f"{name}: {key} after {STEPS} steps, rank {rank}")
+        # the comparison has teeth: the weights moved far beyond the tolerance
+        initial = ShardedHead(name, C, D, seed=3, **SPECS[name]).double().state_dict()["head.weight"]
+        assert (ref["state"]["weight"] - initial).abs().max() > 1e-3
+
+
+def test_shard_layout_covers_every_class_once() -> None:
+    for classes, world in [(7, 2), (7, 3), (10, 4), (3, 3)]:
+        ranges = [shard_range(classes, world, r) for r in range(world)]
+        assert ranges[0][0] == 0 and ranges[-1][1] == classes
+        assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+        sizes = [c1 - c0 for c0, c1 in ranges]
+        assert max(sizes) - min(sizes) <= 1 and sizes == sorted(sizes, reverse=True)
+
+
+def test_initial_rows_do_not_depend_on_the_world_size() -> None:
+    full = ShardedHead("arcface", 10_000, 4, seed=1).state_dict()["head.weight"]  # INIT_BLOCK = 4096: 3 blocks
+    other_seed = ShardedHead("arcface", 10_000, 4, seed=2).state_dict()["head.weight"]
+    assert not torch.equal(full, other_seed)
+    import faceforge.heads.parallel as parallel
+
+    head = ShardedHead("arcface", 10_000, 4, seed=1)
+    for c0, c1 in [(0, 5000), (5000, 10_000), (4095, 4097)]:
+        head.rows = (c0, c1)
+        head.head.weight = torch.nn.Parameter(torch.empty(c1 - c0, 4))
+        head.reset_parameters()
+        assert torch.equal(head.head.weight.detach(), full[c0:c1]), (c0, c1)
+    assert parallel.INIT_BLOCK == 4096
+
+
+def test_bad_sharded_heads_are_refused() -> None:
+    with pytest.raises(ValueError, match="cannot be sharded"):
+        ShardedHead("broadface", 10, 4, queue_size=4, head="arcface")
+    with pytest.raises(ValueError, match="inter_loss_weight"):
+        ShardedHead("arcface", 10, 4, inter_loss_weight=0.1)

@@ -1,7 +1,7 @@
 """Inference speed on this CPU: PyTorch eager vs BN folded vs ONNX Runtime float32 vs int8 (dynamic, static).
 
-For each backbone and batch size: images/s of each variant (best of ``--iters`` timed calls after one
-warm-up) and the ratio against PyTorch eager measured in the same run, plus the cosine agreement of
+For each backbone and batch size: images/s of each variant (best of ``--iters`` timed calls at batch < 16,
+``--large-iters`` at larger batches, after a one-image warm-up) and the ratio against PyTorch eager measured in the same run, plus the cosine agreement of
 each variant with eager on the same batch (random-weight backbones: speed does not depend on the
 weights). Images are the 12 aligned real faces, repeated to the batch size.
 
@@ -31,7 +31,7 @@ from faceforge.modelfile import ModelInfo  # noqa: E402
 
 
 def best_rate(f, n: int, iters: int) -> float:
-    f()  # warm-up
+    """Images/s of ``f`` (one batch of ``n``): best of ``iters`` calls (the caller warmed it up)."""
     return n / min(timed(f)[0] for _ in range(iters))
 
 
@@ -44,11 +44,13 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", nargs="+", default=["r18", "r50", "r100"])
     p.add_argument("--batches", type=int, nargs="+", default=[1, 64])
-    p.add_argument("--iters", type=int, default=3)
+    p.add_argument("--iters", type=int, default=3, help="timed calls per variant at batch < 16 (best kept)")
+    p.add_argument("--large-iters", type=int, default=1, help="timed calls per variant at batch >= 16")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {args.threads} threads, best of {args.iters} after a warm-up; 112 x 112 input")
+    print(f"torch {torch.__version__}, {args.threads} threads, best of {args.iters} calls at batch < 16 and "
+          f"{args.large_iters} at batch >= 16, after a one-image warm-up; 112 x 112 input")
     print("| backbone | batch | PyTorch eager | BN folded | ORT float32 | ORT int8 dynamic | ORT int8 static (QDQ) |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     faces = real_faces(112)
@@ -75,18 +77,24 @@ def main() -> None:
                 crops = faces[np.arange(batch) % len(faces)]
                 x = Recognizer(lambda a: a, info).preprocess(crops)
                 xt = torch.from_numpy(x)
+                iters = args.iters if batch < 16 else args.large_iters
 
-                def eager(m=model):
+                def eager(m=model, inputs=xt):
                     with torch.no_grad():
-                        return m(xt).numpy()
+                        return m(inputs).numpy()
 
+                for m in (model, fused):  # warm-up on one image
+                    eager(m, xt[:1])
+                for sess in sessions.values():
+                    sess(x[:1])
                 ref = eager()
-                rates = {"eager": best_rate(eager, batch, args.iters),
-                         "fused": best_rate(lambda: eager(fused), batch, args.iters)}
+                rates = {"eager": best_rate(eager, batch, iters),
+                         "fused": best_rate(lambda: eager(fused), batch, iters)}
                 agree = {"fused": cosine(ref, eager(fused))}
-                for k, s in sessions.items():
-                    rates[k] = best_rate(lambda s=s: s(x), batch, args.iters)
-                    agree[k] = cosine(ref, s(x))
+                for k, sess in sessions.items():
+                    out = sess(x)
+                    rates[k] = best_rate(lambda sess=sess: sess(x), batch, iters)
+                    agree[k] = cosine(ref, out)
                 cells = [f"{rates['eager']:.1f}"] + [
                     f"{rates[k]:.1f} (x{rates[k] / rates['eager']:.2f}, cos {agree[k]:.4f})"
                     for k in ("fused", "f32", "dyn", "static")]

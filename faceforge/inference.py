@@ -289,7 +289,7 @@ class Recognizer:
 
     def verify(self, a: Any, b: Any, threshold: float | None = None, detect: bool = False) -> Verification:
         """Cosine of two faces and the decision at ``threshold`` (default: the model's own, if it has one)."""
-        e = self.embed([a, b] if not _is_batch(a) else list(a) + list(b), detect=detect)
+        e = self.embed([a, b], detect=detect)
         cosine = float(np.dot(e[0].astype(np.float64), e[1].astype(np.float64)))
         own = threshold is None
         t = self.info.threshold if own else float(threshold)
@@ -304,10 +304,6 @@ class Recognizer:
             raise ValueError(f"{g.folder or 'gallery'}: its embeddings are {g.dim}-D, this model's are "
                              f"{self.info.embedding_size}-D (built with another model?)")
         return g.search(self.embed(probes, detect=detect), top)
-
-
-def _is_batch(x: Any) -> bool:
-    return isinstance(x, np.ndarray) and x.ndim == 4
 
 
 # --------------------------------------------------------------------------------------------------

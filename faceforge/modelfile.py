@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from faceforge.fileio import atomic_open
+from faceforge.fileio import atomic_files
 
 __all__ = [
     "FORMAT",
@@ -176,17 +176,16 @@ def _tensors(backbone: nn.Module) -> dict[str, torch.Tensor]:
 def write_model_files(output: str | os.PathLike, backbone: nn.Module, cfg: Any, metrics: dict[str, float] | None = None,
                       learned_threshold: float | None = None, step: int | None = None) -> tuple[Path, Path]:
     """Write ``output/model.safetensors`` (the backbone's state_dict, the metadata in its header) and
-    ``output/model.json``, each atomically. Returns both paths. Called at every checkpoint save."""
+    ``output/model.json``, atomically and together. Returns both paths. Called at every checkpoint save."""
     from safetensors.torch import save
 
     info = model_info_from_config(cfg, metrics, learned_threshold, step)
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     weights, meta = out / MODEL_WEIGHTS, out / MODEL_JSON
-    with atomic_open(weights, "wb") as f:
-        f.write(save(_tensors(backbone), metadata={META_KEY: info.to_json()}))
-    with atomic_open(meta, "w", encoding="utf-8") as f:
-        f.write(info.to_json())
+    with atomic_files((weights, "wb"), (meta, "w")) as (fw, fm):  # both or neither
+        fw.write(save(_tensors(backbone), metadata={META_KEY: info.to_json()}))
+        fm.write(info.to_json())
     return weights, meta
 
 

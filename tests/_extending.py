@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from faceforge.data.samplers import Batch, EpochSampler, SamplerContext
-from faceforge.heads.base import ClassifierHead, TrainHooks
+from faceforge.heads.base import ClassifierHead, RowShard, TrainHooks
 from faceforge.train.objectives import Objective
 
 
@@ -104,15 +104,21 @@ class MirrorConsistency(Objective, TrainHooks):
 
 
 class RankLocalHead(CosineHead):
-    """A head whose parameters are the rank's own (``sharded_parameters``): the trainer does not average their
+    """A head whose weight is the rank's own (``row_shards``): the trainer does not average its
     gradients over ranks, and sums their squared norm over ranks for clipping. Its checkpoint state gathers every
     rank's weight (``extra_state``, a collective: called on every rank), and each rank takes its own back.
 
     The pattern of a class-sharded head (rank r holds rows [c0, c1) of W), reduced to what the seam needs.
     """
 
-    sharded_parameters = True
     provides_diagnostics = False
+
+    def row_shards(self) -> dict[str, RowShard]:
+        # rank r's (C, D) weight as rows [r C, (r + 1) C) of a logical (W C, D) tensor: the seam, reduced
+        dist = torch.distributed
+        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        rows = self.weight.shape[0]
+        return {"weight": RowShard(rank * rows, (rank + 1) * rows, world * rows)}
 
     def extra_state(self) -> dict[str, Any]:
         import torch.distributed as dist

@@ -8,6 +8,8 @@ embeddings and every parameter against central differences; a checkpoint/resume 
 
 Backbones (``faceforge.backbones.BACKBONES``), built at 32x32 with an 8-D embedding and the narrowest widths
 (``backbone_kwargs``): forward and backward finite with the right shape, a state_dict round trip.
+
+Training sets (``faceforge.train.data.DATASETS``): one item contract, normalised float tensors and int labels.
 """
 
 from __future__ import annotations
@@ -19,10 +21,11 @@ import pytest
 import torch
 from torch.func import functional_call
 
-from _runs import resumed_equals_straight
+from _runs import make_config, resumed_equals_straight
 from faceforge.backbones import BACKBONES
 from faceforge.heads import HEADS
 from faceforge.heads.base import ClassifierHead
+from faceforge.train.data import DATASETS, build_dataset
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -125,6 +128,7 @@ def test_head_gradient_check_float64(name: str) -> None:
         torch.testing.assert_close(a, n, rtol=1e-5, atol=1e-7, msg=lambda m: f"{name}: d loss / d {what}: {m}")
 
 
+@pytest.mark.equivalence
 @pytest.mark.parametrize("name", HEADS.names())
 def test_head_checkpoint_resume_through_the_trainer(tmp_path: Path, name: str) -> None:
     state = resumed_equals_straight(
@@ -173,3 +177,52 @@ def test_backbone_forward_backward_and_state_dict(name: str) -> None:
     net.eval(), other.eval()
     with torch.no_grad():
         assert torch.equal(net(images), other(images))
+
+
+# ---------------------------------------------------------------------------------------------- training sets
+
+
+def _dataset_data(name: str, folder: Path) -> dict[str, Any]:
+    """``data`` keys that make a tiny training set of each registered ``data.name`` (12 images of 3 classes, 16 px)."""
+    import numpy as np
+    from PIL import Image
+
+    from faceforge.data import recordio
+
+    rng = np.random.default_rng(0)
+    images = [(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8), i // 4) for i in range(12)]
+    if name == "synthetic":
+        return {"num_identities": 3, "images_per_identity": 4}
+    if name == "recordio":
+        recordio.write(folder / "train", images)
+        return {"path": str(folder / "train")}
+    if name == "folder":
+        for k, (image, label) in enumerate(images):
+            (folder / "faces" / f"id{label}").mkdir(parents=True, exist_ok=True)
+            Image.fromarray(image).save(folder / "faces" / f"id{label}" / f"{k}.png")
+        return {"path": str(folder / "faces")}
+    if name == "glyphs":
+        import matplotlib
+
+        fonts = Path(matplotlib.__file__).parent / "mpl-data" / "fonts" / "ttf"
+        return {"path": str(fonts), "glyph_charset": "latin_greek_cyrillic", "num_identities": 3,
+                "eval_identities": 2, "eval_pairs": 0}
+    raise AssertionError(f"data.name {name!r}: add a tiny set for it here")
+
+
+# Rendering the glyph set takes seconds; test_glyphs.py checks the same item contract by default.
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=pytest.mark.slow) if n == "glyphs" else n for n in DATASETS.names()]
+)
+def test_training_sets_share_one_item_contract(tmp_path: Path, name: str) -> None:
+    """Every training set: ``ds[i] -> ((3, S, S) float32 in [-1, 1], int label in [0, num_classes))`` (the
+    readers below them return uint8 HWC images; the training set normalises them, ``(x - 127.5) / 127.5``)."""
+    cfg = make_config(tmp_path / "run", data={"name": name, "image_size": 16, "eval_pairs": 0,
+                                              **_dataset_data(name, tmp_path)})
+    dataset = build_dataset(cfg)
+    assert len(dataset) > 0 and int(dataset.num_classes) >= 1
+    for i in (0, len(dataset) - 1):
+        image, label = dataset[i]
+        assert isinstance(image, torch.Tensor) and image.dtype == torch.float32 and image.shape == (3, 16, 16), name
+        assert -1.0 <= float(image.min()) <= float(image.max()) <= 1.0
+        assert isinstance(label, int) and 0 <= label < int(dataset.num_classes)

@@ -24,7 +24,7 @@ from faceforge.heads.base import ClassifierHead, TrainHooks
 from faceforge.registry import Registry
 from faceforge.train.checkpoint import load_checkpoint
 from faceforge.train.config import ConfigError, to_yaml
-from faceforge.train.engine import train
+from faceforge.train.engine import NonFiniteLossError, train
 from faceforge.train.objectives import OBJECTIVES, Classification
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -42,6 +42,7 @@ def test_example_head_meets_the_contract() -> None:
     torch.testing.assert_close(head(x, y), plain.mean())
 
 
+@pytest.mark.equivalence
 def test_example_head_trains_with_its_hooks_and_resumes(tmp_path: Path) -> None:
     state = resumed_equals_straight(
         tmp_path, head={"name": "_extending:CosineHead", "kwargs": {"s": 8.0}}, train={"diagnostics_every": 2}
@@ -72,6 +73,7 @@ def test_example_sampler_yields_extras() -> None:
         assert torch.equal(b.view_ids(), 2 * b.sample_ids + b.flipped.long())
 
 
+@pytest.mark.equivalence
 def test_example_objective_with_an_owned_encoder_through_the_trainer(tmp_path: Path) -> None:
     sections = {
         "data": {"sampler": "_extending:MirrorSampler"},
@@ -87,6 +89,7 @@ def test_example_objective_with_an_owned_encoder_through_the_trainer(tmp_path: P
     assert len(lines) == 4 and all(" classification " in line and " consistency " in line for line in lines)
 
 
+@pytest.mark.equivalence
 def test_objective_terms_sum_to_the_logged_loss(tmp_path: Path) -> None:
     """The plain objective's one term is the head's loss; the logged loss is the sum of the terms."""
     sections = {"data": {"sampler": "_extending:MirrorSampler"},
@@ -126,7 +129,7 @@ def test_config_names_are_checked_against_their_registries(tmp_path: Path, key: 
 
 
 def test_sharded_head_is_left_to_itself_on_two_gloo_ranks(tmp_path: Path) -> None:
-    """A head with ``sharded_parameters``: its gradients are not averaged (the ranks' weights part ways, the
+    """A head with ``row_shards``: its gradients are not averaged (the ranks' weights part ways, the
     backbone's stay equal), its extra_state is gathered collectively at each checkpoint and restored per rank."""
     cfg = make_config(
         tmp_path / "run", head={"name": "_extending:RankLocalHead", "kwargs": {"s": 8.0}},
@@ -148,3 +151,11 @@ def test_sharded_head_is_left_to_itself_on_two_gloo_ranks(tmp_path: Path) -> Non
     weights = state["extra"]["head"]["weights"]
     assert weights.shape[0] == 2 and torch.equal(weights[0], state["head"]["weight"])
     assert (weights[0] - weights[1]).abs().max() > 1e-4  # each rank learnt from its own half of the batch
+
+
+def test_a_non_finite_term_is_named(tmp_path: Path) -> None:
+    cfg = make_config(tmp_path / "nan", data={"sampler": "_extending:MirrorSampler"},
+                      objective={"name": "_extending:MirrorConsistency", "kwargs": {"weight": float("nan")}})
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss term 'consistency' nan at step 1 \(epoch 0"):
+        train(cfg)
+    assert not (tmp_path / "nan" / "last.pt").exists()

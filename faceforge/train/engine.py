@@ -36,7 +36,6 @@ import torch
 from torch import Tensor, nn
 
 from faceforge.build import FaceModel, build_backbone, build_head, load_class_weights, load_part, wrap_ddp
-from faceforge.fileio import stale_temporaries
 from faceforge.data.samplers import (
     SAMPLERS,
     Batch,
@@ -48,6 +47,7 @@ from faceforge.data.samplers import (
     flip_images,
     rank_positions,
 )
+from faceforge.fileio import stale_temporaries
 from faceforge.heads.base import TrainHooks
 from faceforge.modelfile import write_model_files
 from faceforge.train import distributed as fdist
@@ -591,7 +591,8 @@ def train(cfg: Config, resume: bool = False, on_step: Callable[[int], None] | No
     """Train ``cfg``; with ``resume`` continue from ``cfg.output/last.pt`` (from step 0 if there is none).
 
     Under torchrun (WORLD_SIZE > 1) this initialises the process group (gloo on CPU, NCCL on CUDA),
-    wraps backbone + head in DDP and destroys the group at the end; rank 0 logs and checkpoints.
+    wraps the backbone in DDP (the head's replicated gradients are all-reduced explicitly) and destroys the
+    group at the end; rank 0 logs and checkpoints.
     on_step: called with the step number after each optimiser step (and its eval/checkpoint).
     Raises NonFiniteLossError (naming the step) when the loss becomes NaN/inf.
     """

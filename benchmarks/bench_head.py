@@ -3,10 +3,12 @@
     python benchmarks/bench_head.py --classes 1000000 --dim 512 --batch 128
     python benchmarks/bench_head.py --classes 100000              # quick check
     python benchmarks/bench_head.py --classes 1000000 --variants baseline,sphereface2,sphereface2_plain
+    python benchmarks/bench_head.py --classes 1000000 --variants baseline,ours,ours_release
 
 Variants, for ArcFace (s = 64, m = 0.5) with W of shape (classes, dim) in float32:
   baseline  the three matmuls no implementation can avoid: x W^T, g^T x, g W (outputs preallocated)
-  ours      faceforge.heads.ArcFace: chunked custom autograd function
+  ours      faceforge.heads.ArcFace: chunked custom autograd function (buffers="auto": "reuse" on CPU)
+  ours_release  the same head with buffers="release": nothing kept between steps
   plain     F.normalize(W), full logits, margin on the target column, F.cross_entropy, autograd
 and, on request (--variants), for SphereFace2 (lambda = 0.7, r = 30, m = 0.4, t = 3, the same W):
   sphereface2        faceforge.heads.SphereFace2: chunked custom autograd function
@@ -15,8 +17,9 @@ and, on request (--variants), for SphereFace2 (lambda = 0.7, r = 30, m = 0.4, t 
 Times: warm-up, then the median of --repeats runs, all in this process (so `ours` runs in steady state,
 reusing its buffers as a training loop does: faceforge/heads/buffers.py). Memory: each variant in a fresh
 subprocess, peak RSS (VmHWM from /proc/self/status) minus the RSS once W, x and labels exist, as a
-multiple of |W| (the gradient of W counts). Absolute times depend on the machine and its load; only the
-ratios are meant to be compared.
+multiple of |W| (the gradient of W counts), and what stays allocated once the step is over and its
+gradients are dropped (`held`: the head's kept buffers; weight.grad adds 1.0 |W| until zero_grad). Absolute
+times depend on the machine and its load; only the ratios are meant to be compared.
 """
 
 from __future__ import annotations
@@ -29,13 +32,13 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
-from rss import child_json, peak_growth_bytes  # benchmarks/rss.py
+from rss import child_json, held_kib, peak_growth_bytes  # benchmarks/rss.py
 
 from faceforge.heads import ArcFace, SphereFace2, apply_margin
 from faceforge.heads.softmax import DEFAULT_CHUNK_SIZE
 from faceforge.heads.sphereface2 import DEFAULT_CHUNK_SIZE as SF2_CHUNK_SIZE
 
-VARIANTS = ("baseline", "ours", "plain", "sphereface2", "sphereface2_plain")
+VARIANTS = ("baseline", "ours", "ours_release", "plain", "sphereface2", "sphereface2_plain")
 DEFAULT_VARIANTS = ("baseline", "ours", "plain")
 
 
@@ -58,15 +61,28 @@ def sphereface2_sharing(head: ArcFace, chunk_size: int = SF2_CHUNK_SIZE) -> Sphe
     return sf2
 
 
+def release_sharing(head: ArcFace) -> ArcFace:
+    """The same ArcFace head with buffers="release", whose `weight` IS `head.weight` (no second |W|)."""
+    with torch.device("meta"):
+        other = ArcFace(head.num_classes, head.embedding_size, chunk_size=head.chunk_size, buffers="release")
+    other.weight = head.weight
+    return other
+
+
 def make_step(
     variant: str, head: ArcFace, x: torch.Tensor, labels: torch.Tensor, sf2_chunk_size: int = SF2_CHUNK_SIZE
 ) -> Callable[[], None]:
     """A closure running one forward + backward of `variant` (gradients are dropped after each run)."""
     weight = head.weight
     sf2 = sphereface2_sharing(head, sf2_chunk_size) if variant.startswith("sphereface2") else None
+    released = release_sharing(head) if variant == "ours_release" else None
 
     def ours() -> None:
         head(x, labels).backward()
+        weight.grad = x.grad = None
+
+    def ours_release() -> None:
+        released(x, labels).backward()
         weight.grad = x.grad = None
 
     def plain() -> None:
@@ -99,7 +115,7 @@ def make_step(
         torch.mm(grad_logits.t(), xd, out=grad_w)  # g^T x
         torch.mm(grad_logits, w, out=grad_x)  # g W
 
-    steps = {"baseline": baseline, "ours": ours, "plain": plain, "sphereface2": sphereface2,
+    steps = {"baseline": baseline, "ours": ours, "ours_release": ours_release, "plain": plain, "sphereface2": sphereface2,
              "sphereface2_plain": sphereface2_plain}
     return steps[variant]
 
@@ -129,7 +145,10 @@ def measure_memory_here(
     make_step("sphereface2", small_head, small_x, small_labels)()
     head, x, labels = make_inputs(classes, dim, batch, chunk_size=chunk_size)
     step = make_step(variant, head, x, labels, sf2_chunk_size)  # baseline preallocates its outputs here (outside)
-    return {"extra_bytes": peak_growth_bytes(step), "weight_bytes": float(head.weight.numel() * 4)}
+    before = held_kib()
+    extra = peak_growth_bytes(step)
+    held = (held_kib() - before) * 1024.0  # what the step left allocated, its gradients dropped
+    return {"extra_bytes": extra, "held_bytes": held, "weight_bytes": float(head.weight.numel() * 4)}
 
 
 def measure_memory(variant: str, args: argparse.Namespace) -> dict[str, float]:
@@ -182,14 +201,17 @@ def main(argv: list[str] | None = None) -> None:
 
     base = times.get("baseline")
     print(f"|W| = {weight_bytes / 2**30:.3f} GiB")
-    print(f"{'variant':<10}{'median s':>10}{'min s':>8}{'time/baseline':>15}{'peak extra GiB':>16}{'extra/|W|':>11}")
+    print(f"{'variant':<18}{'median s':>10}{'min s':>8}{'time/baseline':>15}{'peak extra GiB':>16}{'extra/|W|':>11}"
+          f"{'held/|W|':>10}")  # fmt: skip
     for variant in variants:
         ratio = f"{times[variant] / base:.2f}" if base else "-"
         mem = memory.get(variant)
         gib = f"{mem['extra_bytes'] / 2**30:.3f}" if mem else "-"
         rel = f"{mem['extra_bytes'] / weight_bytes:.2f}" if mem else "-"
-        print(f"{variant:<10}{times[variant]:>10.3f}{fastest[variant]:>8.3f}{ratio:>15}{gib:>16}{rel:>11}")
-    print("time/baseline is the ratio of medians; memory is measured in one fresh subprocess per variant")
+        held = f"{mem['held_bytes'] / weight_bytes:.2f}" if mem else "-"
+        print(f"{variant:<18}{times[variant]:>10.3f}{fastest[variant]:>8.3f}{ratio:>15}{gib:>16}{rel:>11}{held:>10}")
+    print("time/baseline is the ratio of medians; memory is measured in one fresh subprocess per variant; held is what "
+          "a step leaves allocated once its gradients are dropped (weight.grad adds 1.00 until zero_grad)")
 
 
 if __name__ == "__main__":

@@ -40,3 +40,15 @@ def child_json(argv: Sequence[str]) -> dict:
     """Run ``python argv...`` in a fresh process and read back the JSON object on its last stdout line."""
     done = subprocess.run([sys.executable, *argv], capture_output=True, text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def held_kib() -> int:
+    """``VmRSS`` after returning freed heap memory to the kernel (glibc ``malloc_trim(0)``), in KiB: what this
+    process still holds, not what its allocator keeps cached. Plain ``VmRSS`` where there is no glibc."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+    return status_kib("VmRSS")

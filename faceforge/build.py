@@ -13,14 +13,16 @@ Backbones and heads are named as their registries name them, or as ``"package.mo
 
 from __future__ import annotations
 
+import contextlib
+import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import nn
 
 from faceforge.train.checkpoint import load_checkpoint
-from faceforge.train.config import Config, config_from_dict
+from faceforge.train.config import Config, ConfigError, config_from_dict
 
 __all__ = ["FaceModel", "build_backbone", "build_head", "load_backbone", "load_class_weights", "wrap_ddp"]
 
@@ -30,14 +32,35 @@ def build_backbone(cfg: Config) -> nn.Module:
     from faceforge.backbones import BACKBONES
 
     kwargs = {"input_size": cfg.data.image_size, **cfg.model.kwargs}
-    return BACKBONES.build(cfg.model.backbone, embedding_size=cfg.model.embedding_size, **kwargs)
+    with _naming_kwargs("model", cfg.model.backbone):
+        return BACKBONES.build(cfg.model.backbone, embedding_size=cfg.model.embedding_size, **kwargs)
 
 
 def build_head(cfg: Config, num_classes: int) -> nn.Module:
     """``faceforge.heads.build(head.name, num_classes=..., embedding_size=..., **head.kwargs)``."""
     from faceforge.heads import HEADS
 
-    return HEADS.build(cfg.head.name, num_classes=num_classes, embedding_size=cfg.model.embedding_size, **cfg.head.kwargs)
+    with _naming_kwargs("head", cfg.head.name):
+        return HEADS.build(
+            cfg.head.name, num_classes=num_classes, embedding_size=cfg.model.embedding_size, **cfg.head.kwargs
+        )
+
+
+@contextlib.contextmanager
+def _naming_kwargs(section: str, name: str) -> Iterator[None]:
+    """A factory's TypeError about a keyword argument (unknown, or given twice: ArcFace sets ``m2`` from ``m``)
+    as a ConfigError naming ``<section>.kwargs.<key>``; its ValueError (a value out of range) naming the section."""
+    try:
+        yield
+    except TypeError as e:
+        match = re.search(r"keyword argument '(\w+)'", str(e))
+        if match is None:
+            raise
+        raise ConfigError(f"{section}.kwargs.{match.group(1)}: {name!r} does not take it here ({e})") from None
+    except ValueError as e:
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(f"{section}.kwargs ({section} {name!r}): {e}") from None
 
 
 def load_backbone(

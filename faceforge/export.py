@@ -54,8 +54,8 @@ REAL_FACE_IDENTITIES = ("obama", "obama", "obama", "biden", "hanks", "hanks", "t
                         "t1-5", "t1-6")
 
 
-class ExportError(RuntimeError):
-    """The export failed a check (parity); the message says by how much."""
+class ExportError(ValueError):
+    """The exported model does not match the PyTorch one (parity); the message says by how much."""
 
 
 def real_faces(size: int = 112) -> np.ndarray:

@@ -1,8 +1,9 @@
 """The inference commands of ``faceforge``: ``embed``, ``verify``, ``search`` (and ``search build``), ``export``.
 
-Each is a thin call into :mod:`faceforge.inference` / :mod:`faceforge.export`. Bad input is one line on
-stderr, ``faceforge <cmd>: <file/key>: <what is wrong, what was expected>``, and exit status 2; the
-model and the input paths are checked before any image is embedded.
+Each is a thin call into :mod:`faceforge.inference` / :mod:`faceforge.export`. Their errors are
+ValueError / OSError / ImportError subclasses that name the file or option, which ``faceforge.cli.main``
+prints as one line, ``faceforge <cmd>: <file/key>: <what is wrong, what was expected>``, exit status 2
+(``--debug`` for the traceback); the model and the input paths are checked before any image is embedded.
 """
 
 from __future__ import annotations
@@ -13,34 +14,9 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+from faceforge.cli import UsageError
+
 __all__ = ["add_commands"]
-
-
-class UsageError(ValueError):
-    """Bad command-line input, found before the work starts."""
-
-
-def _fail(command: str, e: BaseException) -> int:
-    print(f"faceforge {command}: {e}", file=sys.stderr)
-    return 2
-
-
-def _errors() -> tuple[type[BaseException], ...]:
-    from faceforge.export import ExportError
-    from faceforge.inference import ImageError
-    from faceforge.modelfile import ModelFileError
-
-    return (UsageError, ModelFileError, ImageError, ExportError, ValueError, OSError, ImportError)
-
-
-def _run(command: str, body: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
-    def run(args: argparse.Namespace) -> int:
-        try:
-            return body(args)
-        except _errors() as e:
-            return _fail(command, e)
-
-    return run
 
 
 # --------------------------------------------------------------------------------------------------
@@ -193,25 +169,22 @@ def _search_build(argv: list[str]) -> int:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     _image_options(p)
     args = p.parse_args(argv)
-    try:
-        if not Path(args.gallery).is_dir():
-            raise UsageError(f"{args.gallery}: not a folder (expected one sub-folder of images per identity)")
-        if args.append and not (Path(args.index) / "gallery.json").is_file():
-            raise UsageError(f"{args.index}: --append: no gallery.json here (expected a folder written by search build)")
-        r = _load(args)
-        _faiss_threads(args.threads)
-        new, skipped = build_gallery(r, args.gallery, kind=args.kind, detect=args.detect, skip_bad=args.skip_bad,
-                                     batch_size=args.batch_size, progress=not args.quiet)
-        if args.append:
-            g = Gallery.load(args.index)
-            if g.dim != new.dim:
-                raise UsageError(f"{args.index}: holds {g.dim}-D embeddings, this model gives {new.dim}-D")
-            g.add(new.embeddings, new.identities, new.files)
-        else:
-            g = new
-        g.save(args.index)
-    except _errors() as e:
-        return _fail("search build", e)
+    if not Path(args.gallery).is_dir():
+        raise UsageError(f"{args.gallery}: not a folder (expected one sub-folder of images per identity)")
+    if args.append and not (Path(args.index) / "gallery.json").is_file():
+        raise UsageError(f"{args.index}: --append: no gallery.json here (expected a folder written by search build)")
+    r = _load(args)
+    _faiss_threads(args.threads)
+    new, skipped = build_gallery(r, args.gallery, kind=args.kind, detect=args.detect, skip_bad=args.skip_bad,
+                                 batch_size=args.batch_size, progress=not args.quiet)
+    if args.append:
+        g = Gallery.load(args.index)
+        if g.dim != new.dim:
+            raise UsageError(f"{args.index}: holds {g.dim}-D embeddings, this model gives {new.dim}-D")
+        g.add(new.embeddings, new.identities, new.files)
+    else:
+        g = new
+    g.save(args.index)
     _report_skipped(skipped)
     print(f"index: {args.index} ({len(g)} images of {len(set(g.identities))} identities, {g.kind}, "
           f"{g.dim}-D){f'; skipped {len(skipped)}' if skipped else ''}")
@@ -234,18 +207,15 @@ def _search_query(argv: list[str]) -> int:
     p.add_argument("--top", type=int, default=5, help="matches per probe (default 5)")
     _image_options(p, skip=False)
     args = p.parse_args(argv)
-    try:
-        from faceforge.inference import Gallery
+    from faceforge.inference import Gallery
 
-        if args.top < 1:
-            raise UsageError(f"--top: got {args.top}, expected an int >= 1")
-        probes = _image_paths(args.probes)
-        g = Gallery.load(args.index)
-        r = _load(args)
-        _faiss_threads(args.threads)
-        results = r.search(g, probes, top=args.top, detect=args.detect)
-    except _errors() as e:
-        return _fail("search", e)
+    if args.top < 1:
+        raise UsageError(f"--top: got {args.top}, expected an int >= 1")
+    probes = _image_paths(args.probes)
+    g = Gallery.load(args.index)
+    r = _load(args)
+    _faiss_threads(args.threads)
+    results = r.search(g, probes, top=args.top, detect=args.detect)
     for probe, matches in zip(probes, results):
         print(probe)
         for rank, m in enumerate(matches, 1):
@@ -299,7 +269,7 @@ def add_commands(sub: Any, commands: dict[str, Callable[[argparse.Namespace], in
     p.add_argument("--out", required=True, help="embeddings .npy (float32 N x D); the file list goes to the .txt beside it")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     _image_options(p)
-    commands["embed"] = _run("embed", _embed)
+    commands["embed"] = _embed
 
     p = sub.add_parser("verify", help="are two faces the same person? faceforge verify MODEL a.jpg b.jpg")
     _model_options(p)
@@ -307,7 +277,7 @@ def add_commands(sub: Any, commands: dict[str, Callable[[argparse.Namespace], in
     p.add_argument("b", help="second image")
     p.add_argument("--threshold", type=float, default=None, help="cosine threshold (default: the model's own)")
     _image_options(p, skip=False)
-    commands["verify"] = _run("verify", _verify)
+    commands["verify"] = _verify
 
     p = sub.add_parser(
         "search", help="face search: 'search build MODEL GALLERY INDEX' or 'search MODEL INDEX PROBE... [--top 5]'",
@@ -327,4 +297,4 @@ def add_commands(sub: Any, commands: dict[str, Callable[[argparse.Namespace], in
     p.add_argument("--eval-folder", default=None,
                    help="identity folder of aligned crops for the int8 vs float comparison (default: 12 real faces)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    commands["export"] = _run("export", _export)
+    commands["export"] = _export

@@ -29,6 +29,7 @@ from faceforge.modelfile import META_KEY, MODEL_JSON, MODEL_WEIGHTS, ModelFileEr
 
 __all__ = [
     "Gallery",
+    "as_backbone",
     "ImageError",
     "Match",
     "Recognizer",
@@ -366,7 +367,8 @@ def load_model(path: str | os.PathLike, device: str | None = None, threads: int 
         threads: onnxruntime intra-op threads (default: onnxruntime's choice).
         foreign: for an ONNX model without faceforge metadata: ``mean``, ``std`` (3 numbers each, 0..255
             scale), optionally ``channel_order`` ("RGB" default or "BGR"), ``image_size``, ``flip_test``
-            (default False), ``threshold``. With faceforge metadata, any of these overrides it.
+            (default False), ``threshold``; or the same keys in ``<model>.json`` beside the ``.onnx``
+            (arguments win). With faceforge metadata, any of these overrides it.
 
     Raises:
         ModelFileError naming the file and what is missing or wrong. Nothing is unpickled: checkpoints
@@ -389,7 +391,7 @@ def load_model(path: str | os.PathLike, device: str | None = None, threads: int 
         backend = OnnxBackend(p, threads)
         info = onnx_model_info(p)
         if info is None:
-            info = _foreign_info(p, backend, foreign)
+            info = _foreign_info(p, backend, {**_sidecar(p), **foreign})
         elif foreign:
             info = ModelInfo.from_dict({**_info_dict(info), **foreign}, f"{p} (metadata with overrides)")
         return Recognizer(backend, info, str(p))
@@ -406,6 +408,56 @@ def load_model(path: str | os.PathLike, device: str | None = None, threads: int 
 
 def _info_dict(info: ModelInfo) -> dict[str, Any]:
     return json.loads(info.to_json())
+
+
+def _sidecar(path: Path) -> dict[str, Any]:
+    """``<model>.json`` beside a foreign ONNX model: its normalisation etc. (the keys of ``model.json``), or {}."""
+    side = path.with_suffix(".json")
+    if not side.is_file():
+        return {}
+    try:
+        data = json.loads(side.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ModelFileError(f"{side}: cannot read JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise ModelFileError(f"{side}: expected a JSON object (mean, std, channel_order, ...), got {type(data).__name__}")
+    return data
+
+
+def as_backbone(recognizer: Recognizer) -> Any:
+    """The recogniser as a faceforge backbone for :mod:`faceforge.eval` (which adds the flip itself):
+    ``(B, 3, S, S)`` float images normalised as ``(x - 127.5) / 127.5`` -> ``(B, D)``. A faceforge torch
+    model is returned as is; any other is wrapped so that each batch is fed the model's own way."""
+    backend = recognizer.backend
+    info = recognizer.info
+    default = info.mean == (127.5,) * 3 and info.std == (127.5,) * 3 and info.channel_order == "RGB"
+    if isinstance(backend, TorchBackend) and default:
+        return backend.module
+    return _RecognizerBackbone(recognizer)
+
+
+def _RecognizerBackbone(recognizer: Recognizer) -> Any:
+    import torch
+
+    class RecognizerBackbone(torch.nn.Module):
+        """A :class:`Recognizer` behind the backbone interface of :func:`as_backbone`."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.recognizer = recognizer
+            self.input_size = recognizer.image_size
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            info = self.recognizer.info
+            u = x.detach().float().cpu().numpy() * 127.5 + 127.5  # back to 0..255 RGB
+            if info.channel_order == "BGR":
+                u = u[:, ::-1]
+            mean = np.asarray(info.mean, np.float32).reshape(1, 3, 1, 1)
+            std = np.asarray(info.std, np.float32).reshape(1, 3, 1, 1)
+            out = self.recognizer.backend(np.ascontiguousarray((u - mean) / std, dtype=np.float32))
+            return torch.from_numpy(out).to(x.device)
+
+    return RecognizerBackbone()
 
 
 # --------------------------------------------------------------------------------------------------

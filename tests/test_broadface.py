@@ -25,7 +25,7 @@ import _train_worker
 from faceforge import heads
 from faceforge.heads import ArcFace, BroadFace, MarginSoftmax, Softmax
 from faceforge.heads.broadface import compensate
-from faceforge.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from faceforge.train.checkpoint import load_checkpoint, save_checkpoint
 from faceforge.train.config import config_from_dict
 from faceforge.train.engine import FaceModel, train, wrap_ddp
 
@@ -526,7 +526,7 @@ def test_init_from_round_trip(tmp_path, one_thread):
 
     missing = make_config(tmp_path / "broadface", model={"init_from": str(tmp_path / "nowhere.pt")}, train={"steps": 3})
     assert train(missing, resume=True).step == 3  # resumed from its own last.pt: init_from is not read
-    with pytest.raises(CheckpointError, match="nowhere.pt"):
+    with pytest.raises(ValueError, match=r"model\.init_from: .*nowhere\.pt"):  # checked before the first step
         train(make_config(tmp_path / "fresh", model={"init_from": str(tmp_path / "nowhere.pt")}))
 
     wrong = tmp_path / "wrong_classes.pt"

@@ -67,6 +67,7 @@ def test_overrides_apply_nested_and_typed(minimal: Path) -> None:
             "optim.lr=0.05",
             "train.amp=false",
             "model.kwargs.width=0.5",
+            "model.backbone=iresnet",
             "model.kwargs.layers=[1,1,1,1]",
             "data.batch_size=32",
             "schedule.milestones=[10, 20]",
@@ -170,7 +171,7 @@ def test_malformed_override(minimal: Path) -> None:
 
 
 def test_round_trip_through_yaml(minimal: Path, tmp_path: Path) -> None:
-    cfg = load_config(minimal, ["model.kwargs.layers=[1,1,1,1]", "optim.betas=[0.8, 0.9]", "schedule.milestones=[3]"])
+    cfg = load_config(minimal, ["model.backbone=iresnet", "model.kwargs.layers=[1,1,1,1]", "optim.betas=[0.8, 0.9]", "schedule.milestones=[3]"])
     saved = tmp_path / "saved.yaml"
     saved.write_text(to_yaml(cfg))
     assert load_config(saved) == cfg

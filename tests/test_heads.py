@@ -376,3 +376,90 @@ def test_copied_head_does_not_share_kept_memory():
     clone.weight.grad = None
     clone(*make_batch(clone, seed=4)).backward()
     assert clone.weight.grad.data_ptr() != head.weight.grad.data_ptr()
+
+
+# ---------------------------------------------------------------------------------------------- tiny losses
+
+
+def _eq4_per_sample_float64(x, weight, labels, s=64.0, m=0.5):
+    """ArcFace Eq. 4 per sample in float64, as log(1 + sum_{j != y} exp(z_j - t)): no cancellation at tiny
+    losses (the textbook -log_softmax is itself 0 below about 1e-16)."""
+    cos = F.normalize(x.double(), dim=1) @ F.normalize(weight.double(), dim=1).t()
+    rows = torch.arange(len(labels))
+    target = s * torch.cos(torch.acos(cos[rows, labels]) + m)  # theta + m < pi for these rows
+    others = (s * cos).index_put((rows, labels), torch.tensor(-math.inf, dtype=torch.float64))
+    return torch.log1p(torch.exp(others - target.unsqueeze(1)).sum(1))
+
+
+def _tiny_to_large_loss_batch():
+    """float32 inputs whose ArcFace losses cover 1e-5 .. 300: x = a W_0^ + sqrt(1 - a^2) u for a sweep of a,
+    u a random unit vector orthogonal to W_0^, the other classes turned away from class 0 (16 classes, D = 8)."""
+    num_classes, dim = 16, 8
+    g = torch.Generator().manual_seed(3)
+    weight = torch.randn(num_classes, dim, generator=g)
+    w0 = F.normalize(weight[0], dim=0)
+    others = weight[1:] - (weight[1:] @ w0).unsqueeze(1) * w0
+    weight[1:] = F.normalize(others, dim=1) - 0.3 * w0  # every other class at cos -0.29 from class 0
+    u = torch.randn(400, dim, generator=g)
+    u = F.normalize(u - (u @ w0).unsqueeze(1) * w0, dim=1)
+    a = torch.linspace(0.999, -0.8, 400).unsqueeze(1)
+    x = (a * w0 + (1 - a.square()).sqrt() * u).float()
+    labels = torch.zeros(400, dtype=torch.long)
+    want = _eq4_per_sample_float64(x, weight, labels)
+    keep = (want > 1e-5) & (want < 300)
+    return weight, x[keep], labels[keep], want[keep]
+
+
+def test_per_sample_loss_is_exact_from_tiny_to_large_losses():
+    """float32 loss within the float32 input rounding of the float64 one, at losses from 1e-4 to 100.
+
+    The loss is log1p(sum_{j != y} exp(z_j - t)); written as lse - t in float32 it would lose its digits to the
+    rounding of lse ~ s (ulp(64) = 7.6e-6, i.e. 8 % of a 1e-4 loss). What float32 inputs cannot avoid: each
+    z_j - t is off by at most about 2 s (D + 2) eps32 (the D-term dot products of unit vectors, the
+    normalisations), which changes a small loss by that factor relative and a large one by that much absolutely:
+    rtol = 2 * 64 * 10 * 1.19e-7 = 1.5e-4.
+    """
+    weight, x, labels, want = _tiny_to_large_loss_batch()
+    assert want.min() < 1e-4 and want.max() > 100 and len(want) > 100  # the range the claim is about
+    head = heads.ArcFace(16, 8, chunk_size=5)
+    with torch.no_grad():
+        head.weight.copy_(weight)
+    xg = x.clone().requires_grad_(True)
+    got = head.per_sample_loss(xg, labels)
+    tol = 2 * 64 * 10 * torch.finfo(torch.float32).eps
+    torch.testing.assert_close(got.detach().double(), want, rtol=tol, atol=0)
+    # the gradient of the smallest loss, where d loss / d t = -sigmoid(lse_neg - t) replaces p_y - 1
+    i = int(want.argmin())
+    (g32,) = torch.autograd.grad(got[i], [xg])
+    x64 = x.double().requires_grad_(True)
+    (g64,) = torch.autograd.grad(_eq4_per_sample_float64(x64, weight, labels)[i], [x64])
+    torch.testing.assert_close(g32.double(), g64, rtol=tol, atol=tol * float(g64.abs().max()))
+
+
+# ---------------------------------------------------------------------------------------------- buffer policy
+
+
+@pytest.mark.parametrize("policy", ["reuse", "release", "auto"])
+def test_buffer_policies_give_the_same_numbers_and_hold_what_they_say(policy):
+    from faceforge.heads.buffers import held_bytes
+
+    head = make_head("arcface", chunk_size=5, buffers=policy)
+    reference = make_head("arcface", chunk_size=5)
+    batches = [make_batch(head, seed=s) for s in (1, 2)]
+    for x, labels in batches:
+        head(x, labels).backward()
+        pointer = head.weight.grad.data_ptr()
+        head.weight.grad = None
+    kept = held_bytes(head.step_buffers)
+    if policy == "release":
+        assert kept == 0
+    else:  # "auto" is "reuse" on CPU: the (B, C) buffer and grad W
+        assert kept == (B * C + C * D) * 8
+        head(*batches[0]).backward()
+        assert head.weight.grad.data_ptr() == pointer
+        head.weight.grad = None
+    head(*batches[1]).backward()
+    reference(*batches[1]).backward()
+    torch.testing.assert_close(head.weight.grad, reference.weight.grad, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="buffers='keep'"):
+        heads.ArcFace(C, D, buffers="keep")

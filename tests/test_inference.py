@@ -386,6 +386,30 @@ def test_a_foreign_onnx_model_loads_given_its_normalisation(tmp_path: Path, caps
     assert "mean, std: missing" in capsys.readouterr().err
 
 
+def test_eval_scores_a_foreign_onnx_beside_its_json_as_it_scores_ours(tmp_path: Path):
+    from faceforge.data.pairs import write_bin
+    from faceforge.evaluate import evaluate_checkpoints
+
+    torch.manual_seed(1)
+    path = tmp_path / "foreign.onnx"
+    torch.onnx.export(ForeignNet().eval(), (torch.zeros(1, 3, 16, 16),), str(path), dynamo=False,
+                      input_names=["data"], output_names=["fea"], dynamic_axes={"data": {0: "n"}, "fea": {0: "n"}})
+    (tmp_path / "foreign.json").write_text(json.dumps({"mean": [100] * 3, "std": [50] * 3, "channel_order": "BGR"}))
+    r = load_model(path)  # normalisation from foreign.json
+    assert (r.info.mean, r.info.channel_order) == ((100.0,) * 3, "BGR")
+    images = np.random.default_rng(3).integers(0, 256, size=(24, 16, 16, 3), dtype=np.uint8)
+    issame = np.array([True, False] * 6)  # 12 pairs: the 10-fold accuracy needs >= 10
+    write_bin(tmp_path / "p.bin", images, issame)
+    results = evaluate_checkpoints([path], output=tmp_path / "out", bins=[str(tmp_path / "p.bin")])
+    ((label, _), scores), = results.items()
+    assert label == "foreign.onnx"
+    r.info.flip_test = True  # faceforge eval's protocol: normalize(f(x) + f(flip(x)))
+    e = r.embed_crops(images).astype(np.float64)
+    np.testing.assert_allclose(scores.pairs[0], np.einsum("nd,nd->n", e[0::2], e[1::2]), atol=1e-5)
+    with pytest.raises(ValueError, match=r"foreign\.onnx: a model file carries no held-out sets"):
+        evaluate_checkpoints([path], output=tmp_path / "out2")
+
+
 def test_real_face_labels_match_the_asset():
     faces = real_faces()
     assert faces.shape == (12, 112, 112, 3) and len(REAL_FACE_IDENTITIES) == 12

@@ -185,7 +185,7 @@ def execute(run: Run, keep_checkpoint: bool = False) -> dict[str, Any]:
     from faceforge.build import build_backbone
 
     start, cpu = time.perf_counter(), time.process_time()
-    result = train(run.cfg, resume=(run.folder / CHECKPOINT_NAME).is_file())
+    result = train(run.cfg, resume=True)  # from its last.pt, or from step 0 in the folder of a run killed before one
     trained, trained_cpu = time.perf_counter() - start, time.process_time() - cpu
     backbone = build_backbone(run.cfg)
     state = load_checkpoint(result.checkpoint)

@@ -14,6 +14,7 @@ listing every name.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -38,6 +39,8 @@ def _preset(
         return cls(layers=layers, **kwargs)
 
     factory.__doc__ = f"{cls.__name__} with {layers} blocks per stage."
+    signature = inspect.signature(cls)  # what the preset accepts: the class's arguments but `layers`
+    factory.__signature__ = signature.replace(parameters=[p for p in signature.parameters.values() if p.name != "layers"])
     return factory
 
 

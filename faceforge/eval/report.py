@@ -164,4 +164,17 @@ def markdown_table(
     return "\n".join([line(columns), rule] + [line(r) for r in cells])
 
 
-__all__ = ["markdown_table", "plot_roc", "save_figure", "score_histogram"]
+def metrics_table(metrics: Mapping[str, float], digits: int = 4) -> str:
+    """Flat metrics ``{"<set>/<metric>": value}`` (as training logs them) as a small Markdown table, one row per
+    set (the part before the last ``/``; "" for unprefixed ones) and one column per metric, in first-seen order."""
+    rows: dict[str, dict[str, object]] = {}
+    columns: list[str] = []
+    for key, value in metrics.items():
+        where, _, metric = key.rpartition("/")
+        rows.setdefault(where, {"set": where or "held-out"})[metric] = value
+        if metric not in columns:
+            columns.append(metric)
+    return markdown_table(list(rows.values()), ["set", *columns], digits=digits)
+
+
+__all__ = ["markdown_table", "metrics_table", "plot_roc", "save_figure", "score_histogram"]

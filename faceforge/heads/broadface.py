@@ -41,9 +41,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from faceforge.heads.base import HEADS, ClassifierHead, TrainHooks, check_buffer_policy, check_size, chunks
 from faceforge.heads.buffers import ReusableBuffer
-from faceforge.heads.base import HEADS, ClassifierHead, TrainHooks
-from faceforge.heads.softmax import _check_size, _chunks
 
 if TYPE_CHECKING:
     from faceforge.data.samplers import Batch
@@ -127,6 +126,8 @@ class BroadFace(nn.Module, TrainHooks):
             rank); default False (one queue per rank).
         row_chunk: queue rows per block of the classifier loss (default 1024).
         diagnostic_samples: queue rows `diagnostics` looks at (default 1024).
+        buffers: "auto" (default), "reuse" or "release": whether the running sum of the classifier gradient
+            is kept between steps (heads/buffers.py).
     Call: `loss = broadface(embeddings (B, D), labels (B,))` -> scalar Eq. 8 + Eq. 9. A training-mode call
     enqueues the batch; `observe_sample_ids(ids (B,))` before it names the batch's rows for `diagnostics`.
     """
@@ -139,6 +140,7 @@ class BroadFace(nn.Module, TrainHooks):
         gather: bool = False,
         row_chunk: int = DEFAULT_ROW_CHUNK,
         diagnostic_samples: int = 1024,
+        buffers: str = "auto",
     ) -> None:
         super().__init__()
         if not isinstance(head, ClassifierHead) or not isinstance(head.weight, Tensor):
@@ -157,8 +159,8 @@ class BroadFace(nn.Module, TrainHooks):
         self.queue_size = int(queue_size)
         self.compensate = bool(compensate)
         self.gather = bool(gather)
-        self.row_chunk = _check_size("row_chunk", row_chunk)
-        self.diagnostic_samples = _check_size("diagnostic_samples", diagnostic_samples)
+        self.row_chunk = check_size("row_chunk", row_chunk)
+        self.diagnostic_samples = check_size("diagnostic_samples", diagnostic_samples)
         num_classes, embedding_size = head.weight.shape
         self.num_classes, self.embedding_size = int(num_classes), int(embedding_size)
         dtype = torch.promote_types(torch.float32, head.weight.dtype)
@@ -171,7 +173,8 @@ class BroadFace(nn.Module, TrainHooks):
         self.register_buffer("queue_count", torch.zeros((), dtype=torch.long, device=device))
         self.register_buffer("queue_pointer", torch.zeros((), dtype=torch.long, device=device))
         self._pending_ids: Tensor | None = None
-        self._grad_buffers: list[ReusableBuffer] = []  # the running sum of the classifier gradient, reused
+        self.buffers = check_buffer_policy(buffers)
+        self._grad_buffers: list[ReusableBuffer] = []  # the running sum of the classifier gradient
 
     @property
     def weight(self) -> Tensor:
@@ -203,7 +206,7 @@ class BroadFace(nn.Module, TrainHooks):
     def _queue_blocks(self) -> Iterator[tuple[Tensor, Tensor]]:
         """The valid queue rows, `row_chunk` at a time: (e* (Eq. 7) or e-, labels), e* from the current W."""
         weight = self.head.weight.detach()
-        for r0, r1 in _chunks(int(self.queue_count), self.row_chunk):
+        for r0, r1 in chunks(int(self.queue_count), self.row_chunk):
             past, labels = self.queue_embeddings[r0:r1], self.queue_labels[r0:r1]
             if self.compensate:
                 past = compensate(past, self.queue_weights[r0:r1], weight[labels].to(past.dtype))
@@ -233,7 +236,7 @@ class BroadFace(nn.Module, TrainHooks):
     def _accumulate(self, total: list[Tensor | None], grads: tuple[Tensor | None, ...]) -> None:
         """total[i] += grads[i], in place; the first gradient is copied into memory kept across steps."""
         while len(self._grad_buffers) < len(grads):
-            self._grad_buffers.append(ReusableBuffer())
+            self._grad_buffers.append(ReusableBuffer(self.buffers))
         for i, g in enumerate(grads):
             if g is None:
                 continue

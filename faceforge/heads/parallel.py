@@ -46,16 +46,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from faceforge.heads.base import HEADS, ClassifierHead, RowShard, TrainHooks
-from faceforge.heads.softmax import (
-    MarginSoftmax,
-    Softmax,
-    _check_inputs,
-    _check_size,
-    _compute_dtype,
-    _identity,
-    chunked_margin_terms,
-)
+from faceforge.heads.base import HEADS, ClassifierHead, RowShard, TrainHooks, check_inputs, check_size, compute_dtype
+from faceforge.heads.softmax import MarginSoftmax, Softmax, _identity, chunked_margin_terms
 from faceforge.heads.sphereface2 import SphereFace2, balanced_bias, sphereface2_loss
 
 __all__ = [
@@ -210,7 +202,7 @@ def _replicated(value: Tensor, group: Any) -> Tensor:
 
 def _margin_loss(head: MarginSoftmax, embeddings: Tensor, labels: Tensor, group: Any) -> Tensor:
     """ArcFace Eq. 4 (+ the weighted Eq. 5 term) per sample of the global batch, this rank's classes + the others'."""
-    dtype = _compute_dtype(embeddings, head.weight)
+    dtype = compute_dtype(embeddings, head.weight)
     x_hat = F.normalize(embeddings.to(dtype), dim=1)
     lse, target, penalty = chunked_margin_terms(
         x_hat, head.weight, labels, head._target, penalty_fn=head._penalty if head.intra_loss_weight > 0 else None,
@@ -222,7 +214,7 @@ def _margin_loss(head: MarginSoftmax, embeddings: Tensor, labels: Tensor, group:
 
 def _softmax_loss(head: Softmax, embeddings: Tensor, labels: Tensor, group: Any) -> Tensor:
     """ArcFace Eq. 1 per sample: logits x W^T + b, the bias sharded with the rows."""
-    dtype = _compute_dtype(embeddings, head.weight)
+    dtype = compute_dtype(embeddings, head.weight)
     lse, target, _ = chunked_margin_terms(
         embeddings.to(dtype), head.weight, labels, _identity, bias=head.bias, normalize=False,
         chunk_size=head.chunk_size, buffers=head.step_buffers,
@@ -232,7 +224,7 @@ def _softmax_loss(head: Softmax, embeddings: Tensor, labels: Tensor, group: Any)
 
 def _sphereface2_loss(head: SphereFace2, embeddings: Tensor, labels: Tensor, group: Any) -> Tensor:
     """SphereFace2 Eq. 6 per sample: the sum over ranks of each shard's positive (if it owns y) and negatives."""
-    dtype = _compute_dtype(embeddings, head.weight)
+    dtype = compute_dtype(embeddings, head.weight)
     x_hat = F.normalize(embeddings.to(dtype), dim=1)
     partial = sphereface2_loss(
         x_hat, head.weight, _replicated(head.bias, group), labels, lamb=head.lamb, r=head.r, m=head.m, t=head.t,
@@ -303,8 +295,8 @@ class ShardedHead(nn.Module, ClassifierHead, TrainHooks):
         **kwargs: Any,
     ) -> None:
         super().__init__()
-        self.num_classes = _check_size("num_classes", num_classes)
-        self.embedding_size = _check_size("embedding_size", embedding_size)
+        self.num_classes = check_size("num_classes", num_classes)
+        self.embedding_size = check_size("embedding_size", embedding_size)
         self.group = group
         self.rank, self.world_size = _world(group)
         if self.num_classes < self.world_size:
@@ -357,7 +349,7 @@ class ShardedHead(nn.Module, ClassifierHead, TrainHooks):
 
     def gather(self, embeddings: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
         """The global batch: (B_g, D) embeddings (differentiable) and (B_g,) labels, in rank order."""
-        labels = _check_inputs(embeddings, labels, self.num_classes, self.embedding_size)
+        labels = check_inputs(embeddings, labels, self.num_classes, self.embedding_size)
         return all_gather_rows(embeddings, self.group), all_gather_rows(labels, self.group)
 
     def local_labels(self, labels: Tensor) -> Tensor:

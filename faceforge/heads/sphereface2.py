@@ -41,21 +41,26 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from faceforge.heads.buffers import ReusableBuffer
-from faceforge.heads.margin import MARGIN_GRADS, check_margin_grad, safe_acos
-from faceforge.heads.base import HEADS, ClassifierHead, TrainHooks
-from faceforge.heads.softmax import (
-    _add_target_grads,
-    _check_inputs,
-    _check_size,
-    _chunks,
-    _compute_dtype,
-    _row_norms,
-    _scatter_rows,
-    _take_rows,
-    _target_input,
+from faceforge.heads.base import (
+    HEADS,
+    ClassifierHead,
+    TrainHooks,
+    add_target_grads,
+    check_buffer_policy,
+    check_inputs,
+    check_size,
+    chunk_rows,
+    chunks,
+    compute_dtype,
+    row_norms,
+    scatter_rows,
+    softplus,
+    take_rows,
+    target_input,
     target_rows,
 )
+from faceforge.heads.buffers import ReusableBuffer, make_step_buffers
+from faceforge.heads.margin import MARGIN_GRADS, check_margin_grad, safe_acos
 
 DEFAULT_CHUNK_SIZE = 16384  # classes per block: three (B, 16384) float32 workspaces, 8 MiB each at B = 128
 
@@ -164,11 +169,6 @@ def balanced_bias(
 # the chunked loss
 
 
-def _softplus(z: Tensor) -> Tensor:
-    """log(1 + exp(z)) without overflow, and without F.softplus's linear cut-off above z = 20."""
-    return torch.logaddexp(z, torch.zeros((), dtype=z.dtype, device=z.device))
-
-
 @dataclass(frozen=True)
 class _Settings:
     lamb: float
@@ -185,7 +185,7 @@ class _Settings:
     def target_term(self, cos_y: Tensor, bias: Tensor) -> Tensor:
         """(lambda / r) softplus(-(r psi(cos_y) + b)), the positive summand of Eq. 6. (B,)."""
         psi = target_similarity(cos_y, self.m, self.t, self.margin_type, "exact" if self.exact else "detached")
-        return (self.lamb / self.r) * _softplus(-(self.r * psi + bias))
+        return (self.lamb / self.r) * softplus(-(self.r * psi + bias))
 
 
 class _ChunkedSphereFace2(torch.autograd.Function):
@@ -219,10 +219,11 @@ class _ChunkedSphereFace2(torch.autograd.Function):
         softplus_sum, sigmoid_sum = x.new_zeros(batch), x.new_zeros(batch)
         zero, half = x.new_zeros(()), x.new_full((), 0.5)
         ones_b, ones_n = x.new_ones(batch), x.new_ones(width)  # sums as matrix-vector products (faster)
+        rows_ws = None if weight.dtype == dtype else x.new_empty(width, weight.shape[1])  # a bf16 W, cast per chunk
         fractional_t = not s.t.is_integer()
-        for c0, c1 in _chunks(num_classes, chunk_size):
+        for c0, c1 in chunks(num_classes, chunk_size):
             n = c1 - c0
-            w_c = weight[c0:c1].to(dtype)
+            w_c = chunk_rows(weight, c0, c1, dtype, rows_ws)
             u = deriv[:, c0:c1]  # the buffer holds u first, then D
             torch.mm(x, w_c.t(), out=u)
             norm_c = torch.linalg.vector_norm(w_c, dim=1, out=norms[c0:c1]).clamp_min_(torch.finfo(dtype).tiny)
@@ -243,8 +244,8 @@ class _ChunkedSphereFace2(torch.autograd.Function):
             column.mul_(2.0).sub_(torch.mv(slope.t(), ones_b)).mul_(coef)
             torch.mul(slope, coef, out=u)  # D_bj = d loss_b / d cos_bj / |W_j|, (1 - lambda) / r folded in
         rows, labels = target_rows(labels)
-        cos_y = _target_input(_take_rows(x, rows), weight, None, labels, True)
-        positive = _scatter_rows(s.target_term(cos_y, b), rows, batch)
+        cos_y = target_input(take_rows(x, rows), weight, None, labels, True)
+        positive = scatter_rows(s.target_term(cos_y, b), rows, batch)
         ctx.save_for_backward(x, weight, bias, labels, deriv, norms, radial, cos_y, sigmoid_sum)
         ctx.rows = rows
         ctx.settings, ctx.chunk_size, ctx.buffers = settings, chunk_size, buffers
@@ -264,7 +265,7 @@ class _ChunkedSphereFace2(torch.autograd.Function):
         b_leaf = bias.detach().to(dtype).requires_grad_(True)
         with torch.enable_grad():
             grad_cos_y, grad_b_pos = torch.autograd.grad(
-                s.target_term(cos_leaf, b_leaf), [cos_leaf, b_leaf], _take_rows(grad, rows)
+                s.target_term(cos_leaf, b_leaf), [cos_leaf, b_leaf], take_rows(grad, rows)
             )
 
         grad_x = torch.zeros_like(x) if need_x else None
@@ -275,16 +276,18 @@ class _ChunkedSphereFace2(torch.autograd.Function):
         # into the matrix products and the radial sums of forward apply as they are
         uniform = bool((grad == grad[0]).all())
         scale = float(grad[0]) if uniform else 1.0
-        work = None if uniform else x.new_empty(x.shape[0], min(ctx.chunk_size, weight.shape[0]))
-        for c0, c1 in _chunks(weight.shape[0], ctx.chunk_size):
+        width = min(ctx.chunk_size, weight.shape[0])
+        work = None if uniform else x.new_empty(x.shape[0], width)
+        rows_ws = None if weight.dtype == dtype else x.new_empty(width, weight.shape[1])
+        for c0, c1 in chunks(weight.shape[0], ctx.chunk_size):
             g_c = deriv[:, c0:c1] if uniform else torch.mul(deriv[:, c0:c1], grad.unsqueeze(1), out=work[:, : c1 - c0])
-            w_c = weight[c0:c1].to(dtype)
+            w_c = chunk_rows(weight, c0, c1, dtype, rows_ws)
             if grad_x is not None:
                 grad_x.addmm_(g_c, w_c, alpha=scale)  # sum_j dL/dcos_bj W_j / |W_j|
             if grad_w is not None:
                 known = radial[c0:c1] * scale if uniform else None
                 _weight_grad_into(g_c, scale, x, w_c, norms[c0:c1], known, grad_w[c0:c1])
-        _add_target_grads(grad_cos_y, x, weight, labels, True, grad_x, grad_w, None, rows=rows)
+        add_target_grads(grad_cos_y, x, weight, labels, True, grad_x, grad_w, None, rows=rows)
         grad_b = None
         if need_b:
             grad_neg = ((1.0 - s.lamb) / s.r) * (grad * sigmoid_sum).sum()
@@ -344,7 +347,7 @@ def sphereface2_loss(
         labels: (B,) int64 in [0, C). lamb, r, m, t, margin_type, margin_grad: as `SphereFace2`.
         buffers: (the (B, C) derivative buffer, the gradient of W) kept between calls; None allocates both.
     """
-    dtype = _compute_dtype(x, weight)
+    dtype = compute_dtype(x, weight)
     settings = _Settings(float(lamb), float(r), float(m), float(t), margin_type, margin_grad == "exact")
     with torch.autocast(device_type=x.device.type, enabled=False):
         return _ChunkedSphereFace2.apply(x.to(dtype), weight, bias, labels, settings, int(chunk_size), buffers)
@@ -381,6 +384,7 @@ class SphereFace2(nn.Module, ClassifierHead, TrainHooks):
         chunk_size: classes per block (default 16384).
         bias_init: "balanced" (closed form balancing the gradients on b at cos = 0, `balanced_bias`) or a
             number.
+        buffers: "auto" (default), "reuse" or "release": what is kept between steps, as for `MarginSoftmax`.
     Call: `loss = head(embeddings (B, D), labels (B,) int64)` -> scalar batch mean.
     Attributes: `weight` (C, D), initialised N(0, 0.01^2), rows normalised on the fly; `bias` (1,).
     """
@@ -398,11 +402,12 @@ class SphereFace2(nn.Module, ClassifierHead, TrainHooks):
         margin_grad: str = "exact",
         chunk_size: int = DEFAULT_CHUNK_SIZE,
         bias_init: str | float = "balanced",
+        buffers: str = "auto",
     ) -> None:
         super().__init__()
-        self.num_classes = _check_size("num_classes", num_classes)
-        self.embedding_size = _check_size("embedding_size", embedding_size)
-        self.chunk_size = _check_size("chunk_size", chunk_size)
+        self.num_classes = check_size("num_classes", num_classes)
+        self.embedding_size = check_size("embedding_size", embedding_size)
+        self.chunk_size = check_size("chunk_size", chunk_size)
         self.lamb = _check_number("lamb", lamb, 0.0, 1.0)
         self.r = _check_number("r", r, 0.0, open_low=True)
         self.t = _check_number("t", t, 1.0)
@@ -415,7 +420,8 @@ class SphereFace2(nn.Module, ClassifierHead, TrainHooks):
         self.margin_type, self.margin_grad, self.bias_init = margin_type, margin_grad, bias_init
         self.weight = nn.Parameter(torch.empty(self.num_classes, self.embedding_size))
         self.bias = nn.Parameter(torch.empty(1))
-        self.step_buffers = (ReusableBuffer(), ReusableBuffer())  # (B, C) derivatives, (C, D) grad W
+        self.buffers = check_buffer_policy(buffers)
+        self.step_buffers = make_step_buffers(buffers)  # (B, C) derivatives, (C, D) grad W (buffers.py)
         self.reset_parameters()
 
     def initial_bias(self) -> float:
@@ -444,9 +450,9 @@ class SphereFace2(nn.Module, ClassifierHead, TrainHooks):
             classifier_grad: False holds `weight` and `bias` fixed: no gradient reaches them (the gradient
                 still reaches the embeddings), as BroadFace's encoder step needs.
         """
-        labels = _check_inputs(embeddings, labels, self.num_classes, self.embedding_size)
+        labels = check_inputs(embeddings, labels, self.num_classes, self.embedding_size)
         weight, bias = (self.weight, self.bias) if classifier_grad else (self.weight.detach(), self.bias.detach())
-        dtype = _compute_dtype(embeddings, weight)
+        dtype = compute_dtype(embeddings, weight)
         with torch.autocast(device_type=embeddings.device.type, enabled=False):
             x_hat = F.normalize(embeddings.to(dtype), dim=1)
             per_sample = sphereface2_loss(
@@ -464,11 +470,11 @@ class SphereFace2(nn.Module, ClassifierHead, TrainHooks):
         """The plain (B, C) z = r psi(cos theta_y) + b in the label column, r (g(cos theta_i) + m_n) + b
         elsewhere (for small C and for checking). Eq. 6 is (lambda/r) softplus(-z_y) + ((1-lambda)/r) sum softplus(z_i).
         """
-        labels = _check_inputs(embeddings, labels, self.num_classes, self.embedding_size)
-        dtype = _compute_dtype(embeddings, self.weight)
+        labels = check_inputs(embeddings, labels, self.num_classes, self.embedding_size)
+        dtype = compute_dtype(embeddings, self.weight)
         with torch.autocast(device_type=embeddings.device.type, enabled=False):
             weight = self.weight.to(dtype)
-            cos = F.normalize(embeddings.to(dtype), dim=1) @ weight.t() / _row_norms(weight)
+            cos = F.normalize(embeddings.to(dtype), dim=1) @ weight.t() / row_norms(weight)
             index = labels.unsqueeze(1)
             args = (self.m, self.t, self.margin_type, self.margin_grad)
             psi = target_similarity(cos.gather(1, index).squeeze(1), *args)

@@ -5,7 +5,7 @@ A config file is a YAML mapping whose sections mirror the dataclasses below::
     seed: 0
     output: runs/r18_arcface
     model: {backbone: r18, embedding_size: 512, kwargs: {width: 0.5}}
-    head: {name: arcface, kwargs: {s: 64.0, m2: 0.5}}
+    head: {name: arcface, kwargs: {s: 64.0, m: 0.5}}
     data: {num_identities: 1000, images_per_identity: 20, batch_size: 128}
     optim: {name: sgd, lr: 0.1}
     schedule: {name: poly, warmup_epochs: 1}
@@ -15,7 +15,9 @@ Every field has a default except ``output``, ``model.backbone`` and ``head.name`
 generic: it reads the dataclasses' type hints, so a new field needs only a typed line here. A wrong
 key, a wrong type (a string for ``optim.lr``, a float for an int field, a bool for a number) or a
 missing required field raises :class:`ConfigError` naming the file, the dotted key, the value and
-the expected type. ``kwargs`` sections are free-form (they go to the backbone / head factories).
+the expected type. Numbers are range-checked (no float may be inf or nan). ``kwargs`` sections go to the
+backbone / head factories: their keys are checked against the factory's signature (``model.kwargs.widht``
+is an error naming the key and the accepted ones), their values by the factory when the run starts.
 
 Overrides are ``dotted.key=value`` strings whose value is parsed as a YAML scalar or flow
 collection: ``optim.lr=0.05``, ``train.amp=false``, ``model.kwargs.layers=[1,1,1,1]``.
@@ -24,6 +26,8 @@ collection: ``optim.lr=0.05``, ``train.amp=false``, ``model.kwargs.layers=[1,1,1
 from __future__ import annotations
 
 import dataclasses
+import inspect
+import math
 import re
 import types
 import typing
@@ -101,10 +105,11 @@ class DataConfig:
     ``batch_size * world_size * train.grad_accum`` images. Images are ``image_size`` pixels square.
 
     name: ``synthetic`` (built-in identities), ``recordio`` (``path`` = the ``.rec``/``.idx`` prefix)
-    or ``folder`` (``path`` = a folder with one sub-folder per identity). For ``recordio``/``folder``
-    the held-out verification sets are ``eval_bins`` (insightface ``.bin`` files; none = no
-    verification); ``num_identities``, ``images_per_identity``, ``difficulty``, ``cache``,
-    ``eval_pairs`` and ``eval_identities`` apply to ``synthetic`` only.
+    or ``folder`` (``path`` = a folder with one sub-folder per identity). Any ``name`` evaluates the
+    ``eval_bins`` (insightface ``.bin`` files, each named after its file), beside its own held-out pairs
+    (``synthetic`` and ``glyphs`` have those; ``recordio``/``folder`` none); ``num_identities``,
+    ``images_per_identity``, ``difficulty``, ``cache``, ``eval_pairs`` and ``eval_identities`` apply to
+    ``synthetic`` only.
 
     ``glyphs`` (rendered font glyphs, ``faceforge.data.glyphs``): ``path`` = a fonts folder (default
     ``/usr/share/fonts``); ``num_identities`` training and ``eval_identities`` test characters (disjoint),
@@ -119,6 +124,11 @@ class DataConfig:
 
     ``label_noise``: this fraction of every class's training labels is shuffled within the training set
     (SphereFace2 Sec. 4.3), deterministically from ``seed``; any ``name``; held-out pairs are untouched.
+
+    ``skip_bad``: a training image that cannot be read or decoded mid-run stops the run, naming the file,
+    the record and its offset (default, False; the last checkpoint is kept); with True it is skipped (the
+    next readable image takes its place in the batch), counted in ``train.log`` and listed in
+    ``bad_records.txt`` in the run folder.
     """
 
     name: str = "synthetic"
@@ -146,6 +156,7 @@ class DataConfig:
     glyph_charset: str = "cjk"
     glyph_held_out_families: int = 0
     glyph_variants: int = 1
+    skip_bad: bool = False
 
 
 @dataclass
@@ -381,6 +392,7 @@ def config_from_dict(data: dict, source: str = "<dict>") -> Config:
     _check_ranges(cfg, source)
     _check_names(cfg, source)
     _check_pairings(cfg, source)
+    _check_kwargs(cfg, source)
     return cfg
 
 
@@ -396,6 +408,19 @@ _RANGES: dict[str, tuple[Any, str]] = {
     "data.glyph_variants": (lambda v: v >= 1, "an int >= 1"),
     "model.embedding_size": (lambda v: v >= 1, "an int >= 1"),
     "optim.lr": (lambda v: v >= 0, "a float >= 0"),
+    "optim.momentum": (lambda v: v >= 0, "a float >= 0"),
+    "optim.weight_decay": (lambda v: v >= 0, "a float >= 0"),
+    "optim.head_lr": (lambda v: v is None or v >= 0, "null (= optim.lr) or a float >= 0"),
+    "optim.head_weight_decay": (lambda v: v is None or v >= 0, "null (= optim.weight_decay) or a float >= 0"),
+    "optim.eps": (lambda v: v > 0, "a float > 0"),
+    "optim.betas": (lambda v: all(0 <= b < 1 for b in v), "two floats in [0, 1)"),
+    "data.eval_identities": (lambda v: v >= 1, "an int >= 1"),
+    "data.eval_batch_size": (lambda v: v >= 1, "an int >= 1"),
+    "data.image_size": (lambda v: v >= 1, "an int >= 1"),
+    "data.difficulty": (lambda v: v >= 0, "a float >= 0"),
+    "schedule.power": (lambda v: v >= 0, "a float >= 0"),
+    "schedule.gamma": (lambda v: v >= 0, "a float >= 0"),
+    "schedule.min_lr": (lambda v: v >= 0, "a float >= 0"),
     "train.epochs": (lambda v: v >= 1, "an int >= 1"),
     "train.steps": (lambda v: v is None or v >= 1, "null or an int >= 1"),
     "train.grad_accum": (lambda v: v >= 1, "an int >= 1"),
@@ -410,7 +435,41 @@ _RANGES: dict[str, tuple[Any, str]] = {
 }
 
 
+def _non_finite(value: Any, key: str) -> str | None:
+    """The dotted key of the first inf/nan float in ``value`` (nested dicts, lists, dataclasses), else None.
+    ``kwargs`` sections are the factories' to check (a test objective may want a NaN on purpose)."""
+    if isinstance(value, float):
+        return None if math.isfinite(value) else key
+    if dataclasses.is_dataclass(value):
+        value = {f.name: getattr(value, f.name) for f in dataclasses.fields(value) if not f.name.endswith("kwargs")}
+    if isinstance(value, dict):
+        items = value.items()
+    elif isinstance(value, (list, tuple)):
+        items = ((f"[{i}]", v) for i, v in enumerate(value))
+    else:
+        return None
+    for name, v in items:
+        found = _non_finite(v, f"{key}{name}" if str(name).startswith("[") else (f"{key}.{name}" if key else name))
+        if found:
+            return found
+    return None
+
+
+def _lookup(cfg: Any, key: str) -> Any:
+    """The value at a dotted key with ``[i]`` indices (as :func:`_non_finite` names them)."""
+    value = cfg
+    for part in re.findall(r"[^.\[\]]+|\[\d+\]", key):
+        if part.startswith("["):
+            value = value[int(part[1:-1])]
+        else:
+            value = value[part] if isinstance(value, dict) else getattr(value, part)
+    return value
+
+
 def _check_ranges(cfg: Config, source: str) -> None:
+    bad = _non_finite(cfg, "")
+    if bad:
+        raise ConfigError(f"{source}: {bad} = {_lookup(cfg, bad)!r}: expected a finite number (not inf or nan)")
     for key, (ok, expected) in _RANGES.items():
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)
@@ -442,6 +501,52 @@ def _check_pairings(cfg: Config, source: str) -> None:
     if (d.eval_probes is None) != (d.eval_distractors is None):
         raise ConfigError(f"{source}: data.eval_probes and data.eval_distractors go together, got "
                           f"{d.eval_probes!r} and {d.eval_distractors!r}")
+
+
+def factory_keywords(factory: Any) -> set[str] | None:
+    """The keyword arguments ``factory`` (a class or a function) accepts, or None when it takes any
+    (``**kwargs`` that cannot be followed). A class's ``**kwargs`` are followed to its base's ``__init__``."""
+    try:
+        params = inspect.signature(factory).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    names = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    if not any(p.kind is p.VAR_KEYWORD for p in params):
+        return names
+    if not isinstance(factory, type):
+        return None
+    for base in factory.__mro__[1:]:
+        if "__init__" in vars(base):
+            if base.__module__.startswith(("torch.", "builtins")):
+                return None
+            inherited = factory_keywords(base)
+            return None if inherited is None else names | inherited
+    return None
+
+
+def _check_kwargs(cfg: Config, source: str) -> None:
+    """``model.kwargs`` and ``head.kwargs`` keys against the signature of the registered factory they go to
+    (``"package.module:callable"`` factories are checked when built). The arguments the trainer passes itself
+    (``embedding_size``, ``num_classes``) are not kwargs."""
+    from faceforge.backbones import BACKBONES
+    from faceforge.heads import HEADS
+
+    for section, name, kwargs, registry, given in (
+        ("model", cfg.model.backbone, cfg.model.kwargs, BACKBONES, {"embedding_size"}),
+        ("head", cfg.head.name, cfg.head.kwargs, HEADS, {"num_classes", "embedding_size"}),
+    ):
+        if ":" in name or name not in registry:
+            continue
+        accepted = factory_keywords(registry.get(name))
+        for key in kwargs:
+            if key in given:
+                raise ConfigError(f"{source}: {section}.kwargs.{key}: set by the trainer (from model.embedding_size "
+                                  f"and the data); remove it from {section}.kwargs")
+            if accepted is not None and key not in accepted:
+                raise ConfigError(
+                    f"{source}: {section}.kwargs.{key}: not an argument of {registry.kind} {name!r}; expected one of: "
+                    f"{', '.join(sorted(accepted - given - {'self'}))}"
+                )
 
 
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:

@@ -23,7 +23,7 @@ from faceforge.train.checkpoint import CHECKPOINT_NAME
 from faceforge.train.config import Config, ConfigError
 
 __all__ = [
-    "DATASETS", "VERIFICATION_SETS", "LABEL_MAP_NAME", "LabelNoise", "build_dataset", "build_evaluators", "build_verification_sets",
+    "BadRecordError", "DATASETS", "VERIFICATION_SETS", "LABEL_MAP_NAME", "LabelNoise", "build_dataset", "build_evaluators", "build_verification_sets",
     "dataset_labels", "glyph_benchmark_of", "shuffled_labels", "synthetic_held_out_pairs",
 ]
 
@@ -77,13 +77,21 @@ class _TrainImages(_DatasetView):
 
     ``ds[i] -> ((3, S, S) float32 normalised (x - 127.5) / 127.5, label)``; an image that is not
     ``image_size`` square raises ValueError naming the file / record (nothing is resized).
+
+    ``bad_records``: None (default) = an unreadable record raises :class:`BadRecordError` naming it (file,
+    key, byte offset); a path (``data.skip_bad``) = it is appended there, one line each, and the next readable
+    index takes its place (so batches keep their size and a resumed run reads the same images).
     """
 
-    def __init__(self, dataset: Any, image_size: int) -> None:
+    MAX_SKIPPED_IN_A_ROW = 64
+
+    def __init__(self, dataset: Any, image_size: int, bad_records: Path | None = None) -> None:
         super().__init__(dataset)
         self.image_size = image_size
+        self.bad_records = bad_records
+        self._reported: set[int] = set()
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    def _load(self, index: int) -> tuple[torch.Tensor, int]:
         from faceforge.data.transforms import to_tensor
 
         image, label = self.dataset[index]
@@ -94,6 +102,34 @@ class _TrainImages(_DatasetView):
                 f"images are not resized (align/crop them to {s}x{s} first)"
             )
         return to_tensor(image), int(label)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        for attempt in range(self.MAX_SKIPPED_IN_A_ROW):
+            i = (index + attempt) % len(self)
+            try:
+                return self._load(i)
+            except (ValueError, OSError) as e:
+                message = " ".join(str(e).split())
+                if self.bad_records is None:
+                    raise BadRecordError(f"data.path: {message}; expected a readable image (data.skip_bad: true "
+                                         f"skips such records)") from e
+                if i not in self._reported:  # one line per record and process (workers append too)
+                    self._reported.add(i)
+                    with open(self.bad_records, "a") as f:
+                        f.write(f"{message}\n")
+        raise BadRecordError(f"data.path: {self.MAX_SKIPPED_IN_A_ROW} unreadable records in a row from "
+                             f"{self.describe(index)} (data.skip_bad); expected mostly readable data")
+
+
+class BadRecordError(ValueError):
+    """A training record that cannot be read or decoded (the message names file, key and offset)."""
+
+
+def _bad_records_path(cfg: Config) -> Path | None:
+    """``output/bad_records.txt`` with ``data.skip_bad``, else None (an unreadable record stops the run)."""
+    from faceforge.train.lifecycle import BAD_RECORDS_NAME
+
+    return Path(cfg.output) / BAD_RECORDS_NAME if cfg.data.skip_bad else None
 
 
 def _require_path(cfg: Config, what: str) -> str:
@@ -106,7 +142,7 @@ def _recordio_train(cfg: Config) -> Dataset:
     from faceforge.data.recordio import RecordIODataset
 
     prefix = _require_path(cfg, "the prefix of the .rec/.idx files")
-    return _TrainImages(RecordIODataset(prefix=prefix), cfg.data.image_size)
+    return _TrainImages(RecordIODataset(prefix=prefix), cfg.data.image_size, _bad_records_path(cfg))
 
 
 LABEL_MAP_NAME = "label_map.json"
@@ -127,7 +163,7 @@ def _folder_train(cfg: Config) -> Dataset:
     dataset = ImageFolderDataset(root, class_to_label=label_map if reuse else None)
     if not reuse and fdist.get_rank() == 0:
         dataset.save_label_map(label_map)
-    return _TrainImages(dataset, cfg.data.image_size)
+    return _TrainImages(dataset, cfg.data.image_size, _bad_records_path(cfg))
 
 
 def _bin_eval(cfg: Config) -> dict[str, tuple[Any, Any]]:
@@ -174,12 +210,13 @@ DATASETS: Registry[Dataset] = Registry("dataset")
 VERIFICATION_SETS: Registry[dict[str, tuple[Any, Any]]] = Registry("verification set")
 for _name, _train, _eval in (
     ("synthetic", _synthetic_train, _synthetic_eval),
-    ("recordio", _recordio_train, _bin_eval),
-    ("folder", _folder_train, _bin_eval),
+    ("recordio", _recordio_train, None),
+    ("folder", _folder_train, None),
     ("glyphs", _glyph_train, _glyph_eval),
 ):
     DATASETS.register(_name)(_train)
-    VERIFICATION_SETS.register(_name)(_eval)
+    if _eval is not None:
+        VERIFICATION_SETS.register(_name)(_eval)
 
 
 def _check_name(cfg: Config) -> None:
@@ -191,11 +228,15 @@ def build_verification_sets(cfg: Config) -> dict[str, tuple[Any, Any]]:
     """The held-out verification sets of ``cfg``: ``{name: (images uint8 (2N, H, W, 3), issame (N,))}``.
 
     Synthetic data: one set named "" of ``data.eval_pairs`` pairs of test-split identities; glyphs: one set
-    named "" of pairs of test characters; recordio and folder: the ``data.eval_bins``, named after their
-    files. Empty when there are none. Label noise never touches these.
+    named "" of pairs of test characters; recordio and folder: none of their own. Then, for any
+    ``data.name``, the ``data.eval_bins``, named after their files. Empty when there are none. Label noise
+    never touches these.
     """
     _check_name(cfg)
-    return VERIFICATION_SETS.build(cfg.data.name, cfg=cfg) if cfg.data.name in VERIFICATION_SETS else {}
+    sets = VERIFICATION_SETS.build(cfg.data.name, cfg=cfg) if cfg.data.name in VERIFICATION_SETS else {}
+    if cfg.data.eval_bins:
+        sets.update(_bin_eval(cfg))
+    return sets
 
 
 def dataset_labels(dataset: Any) -> np.ndarray:
@@ -260,17 +301,12 @@ def build_evaluators(cfg: Config) -> list[Any]:
 
     The held-out verification sets (:func:`build_verification_sets`, TAR@FAR 1e-3 and 1e-4), then
     ``data.eval_ijb`` (named after the release), ``data.eval_probes`` among ``data.eval_distractors``
-    ("identification") and ``data.eval_retrieval`` ("retrieval") when set.
+    ("identification") and ``data.eval_retrieval`` ("retrieval") when set. Errors name the config key and the file (:func:`faceforge.train.preflight.open_evaluators`, which the
+    trainer calls before its first step).
     """
-    from faceforge.eval.sets import DistractorSet, IJBSet, PairSet, RetrievalSet
+    from faceforge.train.preflight import open_evaluators
 
-    d = cfg.data  # data.eval_probes and data.eval_distractors come together (checked when the config was read)
-    sets = [PairSet(name, images, issame, fars=(1e-3, 1e-4))
-            for name, (images, issame) in build_verification_sets(cfg).items()]
-    sets += [IJBSet(d.eval_ijb, d.eval_ijb_name)] if d.eval_ijb else []
-    sets += [DistractorSet(d.eval_probes, d.eval_distractors, name="identification")] if d.eval_probes else []
-    sets += [RetrievalSet(d.eval_retrieval, name="retrieval")] if d.eval_retrieval else []
-    return sets
+    return open_evaluators(cfg)
 
 
 def build_dataset(cfg: Config) -> Dataset:

@@ -53,7 +53,11 @@ from faceforge.modelfile import write_model_files
 from faceforge.train import distributed as fdist
 from faceforge.train.checkpoint import CHECKPOINT_NAME, THRESHOLD_KEY, load_checkpoint, save_checkpoint
 from faceforge.train.config import Config, to_dict, to_yaml
-from faceforge.train.data import build_dataset, build_evaluators
+from faceforge.train.data import build_dataset
+from faceforge.train.lifecycle import (
+    BAD_RECORDS_NAME, StopSignals, TrainingInterrupted, bad_records, config_changes, drop_replayed_steps,
+)
+from faceforge.train.preflight import check_init_from, check_run_folder, open_evaluators
 from faceforge.train.objectives import OBJECTIVES, Objective
 from faceforge.train.optim import build_optimizer, build_scheduler
 
@@ -119,6 +123,12 @@ class _Run:
         self.checkpoint_path = self.output / CHECKPOINT_NAME
         self.log_path = self.output / "train.log"
         t = cfg.train
+        self._notes: list[str] = []  # warnings found before train.log is open (resume), logged once it is
+        check_run_folder(self.output, resume)
+        # every evaluation set read and checked now (rank 0 evaluates), not at the first evaluation
+        self._eval_sets: list[Any] = _agreed(
+            lambda: open_evaluators(cfg) if self.main else [], "evaluation sets", self.device)
+        self.evaluates = _any_rank(bool(self._eval_sets), self.device)  # the same on every rank
 
         torch.manual_seed(cfg.seed)
         self.dataset = build_dataset(cfg)
@@ -167,8 +177,8 @@ class _Run:
         )
         self.step = 0
         self.metrics: dict[str, float] = {}
+        self.metrics_step: int | None = None
         self.losses: list[float] = []
-        self._eval_sets: list[Any] | None = None  # faceforge.eval.sets.EvalSet, built at the first evaluation
         self.resume_from = self._resume() if resume else None
         self.init_from = Path(cfg.model.init_from) if cfg.model.init_from and self.resume_from is None else None
         if self.init_from is not None:
@@ -228,20 +238,24 @@ class _Run:
             torch.cuda.set_rng_state(rng["cuda"], self.device)
         self.step = int(state["step"])
         self.metrics = dict(state.get("metrics", {}))
+        self.metrics_step = state.get("metrics_step")
+        if state.get("world_size") != self.world_size:
+            self._notes.append(f"resume: {self.checkpoint_path} was written by {state.get('world_size')} processes, "
+                               f"this run has {self.world_size}")
         if state.get("steps_per_epoch") != self.steps_per_epoch:
-            logger.warning(
-                "resume: %s was written with %s steps per epoch, this run has %s; the data order changes",
-                self.checkpoint_path, state.get("steps_per_epoch"), self.steps_per_epoch,
+            self._notes.append(
+                f"resume: {self.checkpoint_path} was written with {state.get('steps_per_epoch')} steps per epoch, "
+                f"this run has {self.steps_per_epoch} (data.batch_size x world size x train.grad_accum); "
+                f"the data order changes"
             )
-        saved, current = state.get("config", {}), to_dict(self.cfg)
-        changed = [k for k in current if saved.get(k) != current[k]]
+        changed = config_changes(state.get("config", {}), to_dict(self.cfg))
         if changed:
-            logger.warning("resume: config sections changed since the checkpoint: %s", ", ".join(changed))
+            self._notes.append(f"resume: config changed since the checkpoint: {', '.join(changed)}")
         return self.checkpoint_path
 
     def _init_from(self, path: Path) -> None:
         """model.init_from: start from another run's backbone and head class weights (not its optimiser or queue)."""
-        state = load_checkpoint(path)
+        state = check_init_from(self.cfg)
         load_part(self.backbone, state.get("backbone"), f"model.init_from {path}: the backbone")
         load_class_weights(
             self.head, state.get("head"),
@@ -271,6 +285,7 @@ class _Run:
             "sampler": self.sampler.state_dict(),
             "config": to_dict(self.cfg),
             "metrics": dict(self.metrics),
+            "metrics_step": self.metrics_step,  # the step self.metrics were measured at (None: never)
             # the learned decision boundary in cosine terms (SphereFace2's), for `faceforge eval`
             THRESHOLD_KEY: next(
                 (t for h in self.hooks.values() if (t := h.verification_threshold()) is not None), None
@@ -314,11 +329,6 @@ class _Run:
         """Every evaluation set (rank 0: held-out pairs, IJB, identification, retrieval), logged; the
         others wait at a barrier."""
         if self.main:
-            if self._eval_sets is None:
-                self._eval_sets = build_evaluators(self.cfg)  # data read once
-                if not self._eval_sets:
-                    logger.info("no evaluation sets: data.eval_pairs / eval_bins give no held-out pairs for data.name "
-                                "%r and no eval_ijb, eval_probes or eval_retrieval is set", self.cfg.data.name)
             metrics: dict[str, float] = {}
             for s in self._eval_sets:
                 numbers = s.evaluate(self.backbone, self.cfg.data.image_size,
@@ -332,6 +342,13 @@ class _Run:
                 )
                 for k, v in self.metrics.items():
                     writer.add_scalar(f"eval/{k}", v, self.step)
+                from tqdm import tqdm
+
+                from faceforge.eval.report import metrics_table
+
+                tqdm.write(f"eval step {self.step}:\n{metrics_table(self.metrics)}", file=sys.stderr)
+        if self.evaluates:
+            self.metrics_step = self.step
         fdist.barrier()
 
     # --- diagnostics ---
@@ -447,7 +464,9 @@ class _Run:
         writer = self._open_logs()
         bar = self._progress_bar()
         train_time, images_seen, window = 0.0, 0, []
+        stop = StopSignals()
         try:
+            stop.__enter__()
             while self.step < self.total_steps:
                 epoch = self.step // self.steps_per_epoch
                 first = self.step % self.steps_per_epoch
@@ -466,23 +485,33 @@ class _Run:
                     if t.diagnostics_every and self.step % t.diagnostics_every == 0:
                         self.diagnose(writer)
                     done = self.step == self.total_steps
-                    if done or (t.eval_every and self.step % t.eval_every == 0):
-                        self.evaluate(writer)
-                    if done or (t.checkpoint_every and self.step % t.checkpoint_every == 0):
-                        self.save()
-                        self._last_saved = self.step
+                    self._save_and_evaluate(
+                        writer,
+                        save=done or bool(t.checkpoint_every and self.step % t.checkpoint_every == 0),
+                        evaluate=done or bool(t.eval_every and self.step % t.eval_every == 0),
+                    )
+                    self._log_bad_records()
                     if self.on_step is not None:
                         self.on_step(self.step)
+                    if self._stop_requested(stop) and not done:
+                        self._interrupt(stop.name)
                 del batches
             if self._last_saved != self.step:  # resumed at the very end: nothing left to train
-                self.evaluate(writer)
-                self.save()
+                self._save_and_evaluate(writer, save=True, evaluate=True)
+            elif self.evaluates and self.metrics_step != self.step:  # its final evaluation failed: run it again
+                self._save_and_evaluate(writer, save=True, evaluate=True)
             ips = images_seen / train_time if train_time > 0 else 0.0
             logger.info("done: step %d, %.1f images/s", self.step, ips)  # before the log handlers close
-        except NonFiniteLossError as e:
+        except (NonFiniteLossError, TrainingInterrupted) as e:
             logger.error("%s", e)
             raise
+        except Exception as e:  # the run stops; say which checkpoint survives it
+            logger.error("stopped after step %d: %s; last checkpoint: %s", self.step, e,
+                         f"{self.checkpoint_path} (step {self._last_saved})" if self._last_saved is not None
+                         else "none written")
+            raise
         finally:
+            stop.__exit__()
             bar.close()
             self._close_logs(writer)
         return TrainResult(
@@ -490,6 +519,45 @@ class _Run:
             epoch=self.step // self.steps_per_epoch, metrics=dict(self.metrics), images_per_second=ips,
             losses=list(self.losses),
         )
+
+    def _save_and_evaluate(self, writer: Any, save: bool, evaluate: bool) -> None:
+        """Checkpoint first, then evaluate: a failing evaluation never loses the steps. When both fall on this
+        step the checkpoint is written again after the evaluation, so that it holds the metrics."""
+        if save:
+            self.save()
+            self._last_saved = self.step
+        if evaluate:
+            self.evaluate(writer)
+            if save and self.evaluates:
+                self.save()
+
+    def _stop_requested(self, stop: StopSignals) -> bool:
+        """Whether a stop signal reached this process, or (under torch.distributed) any rank."""
+        if self.world_size == 1:
+            return stop.requested
+        flag = torch.tensor([1.0 if stop.requested else 0.0], device=self.device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def _interrupt(self, name: str) -> None:
+        """Write a checkpoint at this step (unless it was just written) and raise TrainingInterrupted."""
+        if self._last_saved != self.step:
+            self.save()
+            self._last_saved = self.step
+        raise TrainingInterrupted(
+            f"{name or 'a stop signal'} at step {self.step}: checkpoint {self.checkpoint_path} written; continue "
+            f"with `faceforge train CONFIG --resume` (output {self.output})"
+        )
+
+    def _log_bad_records(self) -> None:
+        """With data.skip_bad: a log line when more unreadable training records were skipped (bad_records.txt)."""
+        if not (self.cfg.data.skip_bad and self.main):
+            return
+        count = len(bad_records(self.output / BAD_RECORDS_NAME))
+        if count != getattr(self, "_bad_logged", 0):
+            self._bad_logged = count
+            logger.warning("skipped %d unreadable training records so far (data.skip_bad), listed in %s",
+                           count, self.output / BAD_RECORDS_NAME)
 
     def _log_step(
         self, writer: Any, bar: Any, window: list[tuple[float, dict[str, float]]], grad_norm: float, lr: float,
@@ -534,6 +602,8 @@ class _Run:
         for stale in stale_temporaries(self.checkpoint_path):  # left by a run killed mid-write
             stale.unlink(missing_ok=True)
         (self.output / "config.yaml").write_text(to_yaml(self.cfg))
+        # the killed run's lines of the steps this run replays go (before the log is appended to)
+        replayed = drop_replayed_steps(self.log_path, self.step) if self.resume_from is not None else 0
         self._handlers = [logging.FileHandler(self.log_path)]
         if not (self.cfg.train.progress and sys.stderr.isatty()):
             self._handlers.append(logging.StreamHandler(sys.stderr))
@@ -543,7 +613,14 @@ class _Run:
         if logger.level == logging.NOTSET or logger.level > logging.INFO:
             logger.setLevel(logging.INFO)
         if self.resume_from is not None:
-            logger.info("resumed from %s at step %d", self.resume_from, self.step)
+            logger.info("resumed from %s at step %d%s", self.resume_from, self.step,
+                        f" (the killed run's {replayed} log lines of later steps, replayed now, removed)"
+                        if replayed else "")
+        for note in self._notes:
+            logger.warning("%s", note)
+        if not self._eval_sets:
+            logger.info("no evaluation sets: data.eval_pairs / eval_bins give no held-out pairs for data.name "
+                        "%r and no eval_ijb, eval_probes or eval_retrieval is set", self.cfg.data.name)
         if self.init_from is not None:
             logger.info("initialised from %s (model.init_from): backbone and head class weights", self.init_from)
         logger.info(
@@ -551,7 +628,9 @@ class _Run:
             self.output, len(self.dataset), int(self.dataset.num_classes), self.world_size, self.total_steps,
             self.steps_per_epoch, self.step_images, self.device, self.amp_dtype,
         )
-        return SummaryWriter(log_dir=str(self.output / "tensorboard"))
+        # a resumed run replays the steps after its checkpoint: TensorBoard drops the killed run's events of them
+        purge = self.step + 1 if self.resume_from is not None else None
+        return SummaryWriter(log_dir=str(self.output / "tensorboard"), purge_step=purge)
 
     def _close_logs(self, writer: Any) -> None:
         writer.close()
@@ -585,6 +664,34 @@ class _NullWriter:
 
     def close(self) -> None:
         pass
+
+
+def _any_rank(flag: bool, device: torch.device) -> bool:
+    """``flag`` or'ed over the ranks (itself without torch.distributed)."""
+    if not fdist.is_distributed():
+        return flag
+    value = torch.tensor([1.0 if flag else 0.0], device=device)
+    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def _agreed(build: Callable[[], Any], what: str, device: torch.device) -> Any:
+    """``build()`` on every rank; under torch.distributed, when it fails on one rank the others raise too
+    (instead of waiting at the next collective), naming ``what``."""
+    if not fdist.is_distributed():
+        return build()
+    error: BaseException | None = None
+    try:
+        result = build()
+    except Exception as e:  # re-raised below, after every rank knows
+        error, result = e, None
+    failed = torch.tensor([1.0 if error is not None else 0.0], device=device)
+    torch.distributed.all_reduce(failed, op=torch.distributed.ReduceOp.MAX)
+    if error is not None:
+        raise error
+    if failed.item():
+        raise ValueError(f"{what}: another rank's check failed (its error is in its output)")
+    return result
 
 
 def train(cfg: Config, resume: bool = False, on_step: Callable[[int], None] | None = None) -> TrainResult:

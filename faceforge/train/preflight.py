@@ -1,0 +1,112 @@
+"""What a training run checks before its first step, so that no input error surfaces hours later.
+
+- :func:`check_run_folder`: ``output`` already holding a run is refused unless the run is resumed (a new
+  run would overwrite ``train.log`` and its checkpoint pruning would delete the old run's files).
+- :func:`open_evaluators`: every evaluation set of the config (``data.eval_pairs`` / ``eval_bins``,
+  ``eval_ijb``, ``eval_probes`` + ``eval_distractors``, ``eval_retrieval``) opened and read, and the first
+  image of each image set checked against ``data.image_size``; an error names the config key and the file.
+- :func:`check_init_from`: ``model.init_from`` is a readable ``faceforge train`` checkpoint.
+
+Each raises :class:`faceforge.train.config.ConfigError` (a ValueError) with one line:
+``<key>: <file>: <what is wrong, what was expected>``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+from faceforge.train.checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint
+from faceforge.train.config import Config, ConfigError
+
+__all__ = ["RunFolderError", "check_init_from", "check_run_folder", "open_evaluators", "run_files"]
+
+
+class RunFolderError(ConfigError):
+    """``output`` already holds a run and ``--resume`` was not given."""
+
+
+def run_files(output: Path) -> list[Path]:
+    """The files of a run in ``output``: its checkpoints and its ``train.log`` (sorted; empty = no run)."""
+    if not output.is_dir():
+        return []
+    found = [output / name for name in (CHECKPOINT_NAME, "train.log") if (output / name).exists()]
+    return found + sorted(output.glob("step_*.pt"))
+
+
+def check_run_folder(output: Path, resume: bool) -> None:
+    """Refuse to start a new run in a folder that holds one (``--resume`` continues it)."""
+    if resume:
+        return
+    found = run_files(output)
+    if found:
+        raise RunFolderError(
+            f"output: {output} already holds a run ({found[0].name}); continue it with --resume, "
+            f"or set a new output (output=runs/another)"
+        )
+
+
+def _named(key: str, build: Callable[[], Any]) -> Any:
+    """``build()``, its input errors re-raised as a ConfigError prefixed with the config key."""
+    try:
+        return build()
+    except ConfigError:
+        raise
+    except (ValueError, OSError, LookupError, CheckpointError) as e:
+        text = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+        raise ConfigError(f"{key}: {' '.join(text.split())}") from e
+
+
+def _check_first_image(key: str, image_set: Any, size: int) -> None:
+    """The first image of an :class:`faceforge.eval.sets.ImageSet` is ``size`` square (read, not resized)."""
+    if len(image_set) == 0:
+        raise ConfigError(f"{key}: {image_set.path}: no images; expected at least one")
+    image = _named(key, lambda: image_set.dataset[0][0])
+    if tuple(image.shape) != (size, size, 3):
+        raise ConfigError(
+            f"{key}: {image_set.describe(0)}: image is {image.shape[1]}x{image.shape[0]} but data.image_size is "
+            f"{size}; expected {size}x{size} RGB images (align them first)"
+        )
+
+
+def open_evaluators(cfg: Config) -> list[Any]:
+    """Every evaluation set of ``cfg`` (``faceforge.eval.sets.EvalSet``), read and checked now.
+
+    The held-out verification sets (data.name's own pairs, then ``data.eval_bins``, whose image size is
+    checked when read), ``data.eval_ijb``, ``data.eval_probes`` among ``data.eval_distractors`` and
+    ``data.eval_retrieval``, in that order; as :func:`faceforge.train.data.build_evaluators` builds them.
+    """
+    from faceforge.eval.sets import DistractorSet, IJBSet, PairSet, RetrievalSet
+    from faceforge.train.data import build_verification_sets
+
+    d, size = cfg.data, cfg.data.image_size
+    key = "data.eval_bins" if d.eval_bins else "data.eval_pairs"
+    sets: list[Any] = [PairSet(name, images, issame, fars=(1e-3, 1e-4))
+                       for name, (images, issame) in _named(key, lambda: build_verification_sets(cfg)).items()]
+    if d.eval_ijb:
+        sets.append(_named("data.eval_ijb", lambda: IJBSet(d.eval_ijb, d.eval_ijb_name)))
+    if d.eval_probes:
+        # data.eval_probes and data.eval_distractors come together (checked when the config was read)
+        ident = _named("data.eval_probes", lambda: DistractorSet(d.eval_probes, d.eval_distractors,
+                                                                  name="identification"))
+        _check_first_image("data.eval_probes", ident.probe_set, size)
+        _check_first_image("data.eval_distractors", ident.distractor_set, size)
+        sets.append(ident)
+    if d.eval_retrieval:
+        retrieval = _named("data.eval_retrieval", lambda: RetrievalSet(d.eval_retrieval, name="retrieval"))
+        _check_first_image("data.eval_retrieval", retrieval.images, size)
+        sets.append(retrieval)
+    return sets
+
+
+def check_init_from(cfg: Config) -> dict[str, Any] | None:
+    """``model.init_from`` read (``weights_only``) as a checkpoint holding a backbone and a head; None if unset."""
+    path = cfg.model.init_from
+    if not path:
+        return None
+    state = _named("model.init_from", lambda: load_checkpoint(path))
+    missing = [k for k in ("backbone", "head") if not isinstance(state.get(k), dict)]
+    if missing:
+        raise ConfigError(f"model.init_from: {path}: no {' or '.join(missing)} state in it; expected a checkpoint "
+                          f"written by `faceforge train`")
+    return state

@@ -28,24 +28,24 @@ def _model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="a run folder, last.pt, model.safetensors or an .onnx file")
     g = p.add_argument_group("a foreign ONNX model (no faceforge metadata) needs its normalisation")
     g.add_argument("--mean", type=float, nargs="+", default=None, metavar="M",
-                   help="per-channel mean in 0..255 (1 or 3 numbers); faceforge models: 127.5")
+                   help="per-channel mean in 0..255 (1 or 3 numbers; default: from the model, 127.5 for faceforge models)")
     g.add_argument("--std", type=float, nargs="+", default=None, metavar="S",
-                   help="per-channel std in 0..255 (1 or 3 numbers); faceforge models: 127.5")
-    g.add_argument("--channel-order", choices=("RGB", "BGR"), default=None, help="channel order the model expects")
+                   help="per-channel std in 0..255 (1 or 3 numbers; default: from the model, 127.5 for faceforge models)")
+    g.add_argument("--channel-order", choices=("RGB", "BGR"), default=None, help="channel order the model expects (default: from the model, else RGB)")
     g.add_argument("--image-size", type=int, default=None, help="aligned crop side (default: from the model)")
     g.add_argument("--flip-test", choices=("on", "off"), default=None,
                    help="sum the embedding of the mirrored face (default: from the model; off for foreign models)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch / onnxruntime / faiss")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch / onnxruntime / faiss (default: the libraries' own)")
     p.add_argument("--device", default=None, help="torch device for torch models (default cpu)")
 
 
 def _image_options(p: argparse.ArgumentParser, skip: bool = True) -> None:
     p.add_argument("--detect", action="store_true",
-                   help="detect and align raw photos with YuNet (pip install 'faceforge[detect]'); without it, "
+                   help="detect and align raw photos with YuNet (pip install 'faceforge[detect]'); without it (default), "
                         "images must be aligned crops of the model's image size")
     if skip:
         p.add_argument("--skip-bad", action="store_true",
-                       help="skip images that cannot be decoded or (with --detect) show no face, and count them")
+                       help="skip images that cannot be decoded or (with --detect) show no face, and count them (default: stop at the first)")
     p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
 
 
@@ -165,8 +165,8 @@ def _search_build(argv: list[str]) -> int:
     p.add_argument("index", help="output folder: index.faiss, embeddings.npy, gallery.json")
     p.add_argument("--kind", choices=INDEX_KINDS, default="flat",
                    help="flat: exact inner product (default); ivf / hnsw: approximate, for large galleries")
-    p.add_argument("--append", action="store_true", help="add to an existing index folder instead of replacing it")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--append", action="store_true", help="add to an existing index folder (default: replace it)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar (default: shown)")
     _image_options(p)
     args = p.parse_args(argv)
     if not Path(args.gallery).is_dir():
@@ -266,8 +266,8 @@ def add_commands(sub: Any, commands: dict[str, Callable[[argparse.Namespace], in
     p = sub.add_parser("embed", help="embed faces: faceforge embed MODEL IMAGES_OR_FOLDER... --out feats.npy")
     _model_options(p)
     p.add_argument("images", nargs="+", help="image files and/or folders (searched recursively)")
-    p.add_argument("--out", required=True, help="embeddings .npy (float32 N x D); the file list goes to the .txt beside it")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--out", required=True, help="embeddings .npy (float32 N x D); the file list goes to the .txt beside it (required, no default)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar (default: shown)")
     _image_options(p)
     commands["embed"] = _embed
 
@@ -282,7 +282,7 @@ def add_commands(sub: Any, commands: dict[str, Callable[[argparse.Namespace], in
     p = sub.add_parser(
         "search", help="face search: 'search build MODEL GALLERY INDEX' or 'search MODEL INDEX PROBE... [--top 5]'",
         description=_SEARCH_USAGE, formatter_class=argparse.RawDescriptionHelpFormatter, add_help=False)
-    p.add_argument("-h", "--help", action="store_true", help="show the usage of both forms")
+    p.add_argument("-h", "--help", action="store_true", help="show the usage of both forms (default: off)")
     p.add_argument("rest", nargs=argparse.REMAINDER, help="the arguments of either form")
     commands["search"] = _search
 
@@ -292,9 +292,9 @@ def add_commands(sub: Any, commands: dict[str, Callable[[argparse.Namespace], in
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default 17, the one tested)")
     p.add_argument("--no-fuse", action="store_true", help="keep the BatchNorms (default: folded into the convs)")
     p.add_argument("--quantize", choices=("dynamic", "static"), default=None,
-                   help="also write an int8 model beside it (<name>.int8.onnx), compared with float in the log")
-    p.add_argument("--calibration", default=None, help="--quantize static: folder of aligned face crops")
+                   help="also write an int8 model beside it (<name>.int8.onnx), compared with float in the log (default: none)")
+    p.add_argument("--calibration", default=None, help="--quantize static: folder of aligned face crops (default: none; required for static)")
     p.add_argument("--eval-folder", default=None,
                    help="identity folder of aligned crops for the int8 vs float comparison (default: 12 real faces)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own)")
     commands["export"] = _export

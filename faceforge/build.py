@@ -64,22 +64,35 @@ def _naming_kwargs(section: str, name: str) -> Iterator[None]:
 
 
 def load_backbone(
-    checkpoint: str | Path | dict[str, Any], map_location: str | torch.device = "cpu", source: str | None = None
+    checkpoint: str | Path | dict[str, Any], map_location: str | torch.device = "cpu", source: str | None = None,
+    encoder: str = "backbone",
 ) -> tuple[nn.Module, Config]:
     """The backbone of a ``faceforge train`` checkpoint, with its weights, and the run's config.
 
     checkpoint: a path (read with ``weights_only=True``) or an already loaded checkpoint dict; ``source``
-    names it in errors (default: the path). Raises ``CheckpointError`` for an unreadable file and ValueError
-    (naming the file) for one without ``config`` / ``backbone`` entries or whose weights do not fit the
-    backbone its config names.
+    names it in errors (default: the path). ``encoder``: ``"backbone"`` (the trained one, default) or the
+    name of a module the run's objective owned with the backbone's architecture (a momentum encoder, saved
+    under the checkpoint's ``objective`` key as ``<name>.*``). Raises ``CheckpointError`` for an unreadable
+    file and ValueError (naming the file) for one without ``config`` / ``backbone`` entries, without that
+    encoder, or whose weights do not fit the backbone its config names.
     """
     source = source or ("<checkpoint>" if isinstance(checkpoint, dict) else str(checkpoint))
     state = checkpoint if isinstance(checkpoint, dict) else load_checkpoint(checkpoint, map_location)
     if "config" not in state or "backbone" not in state:
         raise ValueError(f"{source}: not a `faceforge train` checkpoint (no 'config' / 'backbone' entry)")
     cfg = config_from_dict(state["config"], source=source)
+    if encoder == "backbone":
+        weights = state["backbone"]
+    else:
+        prefix = f"{encoder}."
+        owned = state.get("objective", {})
+        weights = {key.removeprefix(prefix): value for key, value in owned.items() if key.startswith(prefix)}
+        if not weights:
+            names = sorted({key.split(".", 1)[0] for key in owned})
+            raise ValueError(f"{source}: no encoder {encoder!r}; expected 'backbone' or one the objective owned: "
+                             f"{', '.join(names) or 'none'}")
     backbone = build_backbone(cfg)  # random init, then every weight loaded
-    load_part(backbone, state["backbone"], f"{source}: the backbone")
+    load_part(backbone, weights, f"{source}: the {encoder}")
     return backbone, cfg
 
 

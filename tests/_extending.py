@@ -136,3 +136,28 @@ class RankLocalHead(CosineHead):
         rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
         with torch.no_grad():
             self.weight.copy_(state["weights"][rank])
+
+
+class SameIdentitySampler(EpochSampler):
+    """The epoch sampler's batches, each with ``extras["same_identity"]`` (B, 3, H, W): for every sample, the
+    next image of its identity in index order (cyclically; an identity with one image gives that image), found
+    from ``context.labels()``. The shape of AttFC's loader of k images per identity, with k = 1."""
+
+    def __init__(self, context: SamplerContext) -> None:
+        super().__init__(context)
+        assert context.labels is not None, "the trainer gives every item's label"
+        labels = context.labels()
+        order = torch.argsort(labels, stable=True)
+        ordered = labels[order]
+        first = torch.searchsorted(ordered, ordered)  # where each identity's run starts in `order`
+        following = torch.arange(1, len(order) + 1)
+        same = torch.zeros(len(order), dtype=torch.bool)
+        same[:-1] = ordered[1:] == ordered[:-1]
+        self.partner = torch.empty_like(order)
+        self.partner[order] = order[torch.where(same, following, first)]
+
+    def batches(self, epoch: int, start_micro: int) -> Iterator[Batch]:
+        for batch in super().batches(epoch, start_micro):
+            partners = self.partner[batch.sample_ids]
+            batch.extras["same_identity"] = torch.stack([self.context.dataset[int(i)][0] for i in partners])
+            yield batch

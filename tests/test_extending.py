@@ -159,3 +159,39 @@ def test_a_non_finite_term_is_named(tmp_path: Path) -> None:
     with pytest.raises(NonFiniteLossError, match=r"non-finite loss term 'consistency' nan at step 1 \(epoch 0"):
         train(cfg)
     assert not (tmp_path / "nan" / "last.pt").exists()
+
+
+def test_load_backbone_reads_the_backbone_or_an_owned_encoder(tmp_path: Path) -> None:
+    from faceforge.build import load_backbone
+
+    result = train(make_config(tmp_path / "run", train={"steps": 1, "checkpoint_every": 0},
+                               data={"sampler": "_extending:MirrorSampler"},
+                               objective={"name": "_extending:MirrorConsistency", "kwargs": {"momentum": 0.5}}))
+    state = load_checkpoint(result.checkpoint)
+    backbone, cfg = load_backbone(result.checkpoint)
+    ema, _ = load_backbone(state, encoder="ema")
+    assert cfg.objective.name == "_extending:MirrorConsistency"
+    for key, value in backbone.state_dict().items():
+        assert torch.equal(value, state["backbone"][key])
+        assert torch.equal(ema.state_dict()[key], state["objective"][f"ema.{key}"])
+    with pytest.raises(ValueError, match="no encoder 'teacher'; expected 'backbone' or one the objective owned: ema"):
+        load_backbone(state, encoder="teacher")
+
+
+def test_a_sampler_reads_the_labels_the_trainer_gives(tmp_path: Path) -> None:
+    """``SamplerContext.labels()`` through the trainer: the example pairs each image with another of its identity."""
+    from faceforge.data.samplers import SamplerContext
+    from faceforge.train.data import build_dataset, dataset_labels
+
+    cfg = make_config(tmp_path / "run", train={"steps": 2, "checkpoint_every": 0},
+                      data={"sampler": "_extending:SameIdentitySampler"})
+    train(cfg)  # the trainer's context has labels(); the sampler asserts it
+    dataset = build_dataset(cfg)
+    labels = torch.from_numpy(dataset_labels(dataset))
+    context = SamplerContext(dataset=dataset, batch_size=16, world_size=1, rank=0, seed=0, grad_accum=1,
+                             micro_per_epoch=4, labels=lambda: labels)
+    sampler = _extending.SameIdentitySampler(context)
+    batch = next(sampler.batches(epoch=0, start_micro=0))
+    partners = sampler.partner[batch.sample_ids]
+    assert torch.equal(labels[partners], batch.labels) and bool((partners != batch.sample_ids).all())
+    assert torch.equal(batch.extras["same_identity"][0], dataset[int(partners[0])][0])

@@ -23,7 +23,7 @@ The epoch sampler ("epoch", :class:`EpochSampler`), and what makes a killed-and-
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Any, Iterator, Protocol, runtime_checkable
+from typing import Any, Callable, Iterator, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -111,7 +111,12 @@ class Batch:
 class SamplerContext:
     """What the trainer tells a sampler: the training set (``ds[i] -> (image (3, H, W) float, label)``,
     with ``num_classes``), this rank's micro-batch size, the world, the seed, micro-batches per optimiser
-    step and per epoch, whether to flip, and the DataLoader's workers and pinning."""
+    step and per epoch, whether to flip, and the DataLoader's workers and pinning.
+
+    ``labels()``: every item's label, int64 ``(N,)``, read on the first call and kept (the trainer reads
+    them without decoding an image where it can, e.g. from RecordIO headers); for a sampler that groups
+    images by identity. None when the trainer gives none (then read ``dataset[i][1]``).
+    """
 
     dataset: Dataset
     batch_size: int
@@ -123,6 +128,7 @@ class SamplerContext:
     flip: bool = True
     num_workers: int = 0
     pin_memory: bool = False
+    labels: Callable[[], Tensor] | None = None
 
 
 @runtime_checkable

@@ -24,6 +24,7 @@ Steps are optimiser steps, counted from 1 in logs and checkpoints: "step 5" = fi
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import sys
@@ -53,7 +54,7 @@ from faceforge.modelfile import write_model_files
 from faceforge.train import distributed as fdist
 from faceforge.train.checkpoint import CHECKPOINT_NAME, THRESHOLD_KEY, load_checkpoint, save_checkpoint
 from faceforge.train.config import Config, to_dict, to_yaml
-from faceforge.train.data import build_dataset
+from faceforge.train.data import build_dataset, dataset_labels
 from faceforge.train.lifecycle import (
     BAD_RECORDS_NAME, StopSignals, TrainingInterrupted, bad_records, config_changes, drop_replayed_steps,
 )
@@ -172,6 +173,7 @@ class _Run:
                 dataset=self.dataset, batch_size=self.batch, world_size=self.world_size, rank=self.rank,
                 seed=cfg.seed, grad_accum=t.grad_accum, micro_per_epoch=self.steps_per_epoch * t.grad_accum,
                 flip=cfg.data.flip, num_workers=cfg.data.num_workers, pin_memory=self.device.type == "cuda",
+                labels=functools.cache(lambda: torch.from_numpy(dataset_labels(self.dataset))),
             ),
             **cfg.data.sampler_kwargs,
         )

@@ -1,11 +1,11 @@
 """Inference speed on this CPU: PyTorch eager vs BN folded vs ONNX Runtime float32 vs int8 (dynamic, static).
 
 For each backbone and batch size: images/s of each variant (best of ``--iters`` timed calls at batch < 16,
-``--large-iters`` at larger batches, after a one-image warm-up) and the ratio against PyTorch eager measured in the same run, plus the cosine agreement of
+``--large-iters`` at larger batches, variants timed round robin, after a one-image warm-up) and the ratio against PyTorch eager measured in the same run, plus the cosine agreement of
 each variant with eager on the same batch (random-weight backbones: speed does not depend on the
 weights). Images are the 12 aligned real faces, repeated to the batch size.
 
-    OMP_NUM_THREADS=2 python benchmarks/bench_export.py --models r18 r50 r100 --batches 1 64 --iters 3
+    OMP_NUM_THREADS=1 python benchmarks/bench_export.py --models r18 r50 r100 --batches 1 64 --iters 3
 """
 
 from __future__ import annotations
@@ -30,11 +30,6 @@ from faceforge.inference import OnnxBackend, Recognizer  # noqa: E402
 from faceforge.modelfile import ModelInfo  # noqa: E402
 
 
-def best_rate(f, n: int, iters: int) -> float:
-    """Images/s of ``f`` (one batch of ``n``): best of ``iters`` calls (the caller warmed it up)."""
-    return n / min(timed(f)[0] for _ in range(iters))
-
-
 def cosine(a: np.ndarray, b: np.ndarray) -> float:
     a, b = a.astype(np.float64), b.astype(np.float64)
     return float((np.einsum("nd,nd->n", a, b) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))).min())
@@ -46,7 +41,8 @@ def main() -> None:
     p.add_argument("--batches", type=int, nargs="+", default=[1, 64])
     p.add_argument("--iters", type=int, default=3, help="timed calls per variant at batch < 16 (best kept)")
     p.add_argument("--large-iters", type=int, default=1, help="timed calls per variant at batch >= 16")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch and onnxruntime threads (default 1: on this shared 2-core machine 2 threads ran 4x slower)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {args.threads} threads, best of {args.iters} calls at batch < 16 and "
@@ -87,14 +83,15 @@ def main() -> None:
                     eager(m, xt[:1])
                 for sess in sessions.values():
                     sess(x[:1])
-                ref = eager()
-                rates = {"eager": best_rate(eager, batch, iters),
-                         "fused": best_rate(lambda: eager(fused), batch, iters)}
-                agree = {"fused": cosine(ref, eager(fused))}
-                for k, sess in sessions.items():
-                    out = sess(x)
-                    rates[k] = best_rate(lambda sess=sess: sess(x), batch, iters)
-                    agree[k] = cosine(ref, out)
+                calls = {"eager": eager, "fused": lambda: eager(fused)}
+                calls |= {k: (lambda sess=sess: sess(x)) for k, sess in sessions.items()}
+                outputs = {k: f() for k, f in calls.items()}
+                agree = {k: cosine(outputs["eager"], out) for k, out in outputs.items()}
+                best = dict.fromkeys(calls, float("inf"))
+                for _ in range(iters):  # round robin: a change of load hits every variant alike
+                    for k, f in calls.items():
+                        best[k] = min(best[k], timed(f)[0])
+                rates = {k: batch / t for k, t in best.items()}
                 cells = [f"{rates['eager']:.1f}"] + [
                     f"{rates[k]:.1f} (x{rates[k] / rates['eager']:.2f}, cos {agree[k]:.4f})"
                     for k in ("fused", "f32", "dyn", "static")]

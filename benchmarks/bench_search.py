@@ -6,7 +6,7 @@ like a same-person pair), so the exact top-1 is almost always its source. Times:
 searched as one batch (ms per query) and single-query latency (mean of 20). Vectors are generated in
 seeded chunks straight into each index, so at most two 1M indexes (4 GB) are alive at once.
 
-    OMP_NUM_THREADS=2 python benchmarks/bench_search.py --sizes 10000 100000 1000000 --threads 2
+    OMP_NUM_THREADS=1 python benchmarks/bench_search.py --sizes 10000 100000 1000000 --threads 1
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
     p.add_argument("--queries", type=int, default=200)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1)
     p.add_argument("--hnsw-max", type=int, default=100_000, help="largest gallery to build HNSW for (slow to build)")
     p.add_argument("--nprobe", type=int, nargs="+", default=[16, 64])
     args = p.parse_args()

@@ -37,9 +37,14 @@ def build_backbone(cfg: Config) -> nn.Module:
 
 
 def build_head(cfg: Config, num_classes: int) -> nn.Module:
-    """``faceforge.heads.build(head.name, num_classes=..., embedding_size=..., **head.kwargs)``."""
+    """``faceforge.heads.build(head.name, num_classes=..., embedding_size=..., **head.kwargs)``; with ``head.shard``
+    the class-sharded ``faceforge.heads.parallel.ShardedHead(head.name, ...)`` (its rows seeded by ``seed``)."""
     from faceforge.heads import HEADS
+    from faceforge.heads.parallel import ShardedHead
 
+    if cfg.head.shard:
+        with _naming_kwargs("head", cfg.head.name):
+            return ShardedHead(cfg.head.name, num_classes, cfg.model.embedding_size, seed=cfg.seed, **cfg.head.kwargs)
     with _naming_kwargs("head", cfg.head.name):
         return HEADS.build(
             cfg.head.name, num_classes=num_classes, embedding_size=cfg.model.embedding_size, **cfg.head.kwargs

@@ -199,8 +199,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="an IJB-B/C release (meta/, loose_crop/): 1:1 TAR@FAR 1e-6..1e-1, and 1:N TPIR@FPIR "
                         "and rank-1/5/10 per gallery when meta/<name>_1N_*.csv are there (default: none)")
     p.add_argument("--ijb-name", default="IJBC", choices=("IJBB", "IJBC"), help="which release (default IJBC)")
-    p.add_argument("--ijb-faceness", action="store_true",
-                   help="weight image features by faceness score (default: off)")
+    p.add_argument("--ijb-faceness", action="store_true", default=None,
+                   help="weight image features by faceness score (default: off; on under --protocol insightface)")
+    p.add_argument("--protocol", dest="ijb_protocol", default="faceforge", choices=("faceforge", "insightface"),
+                   help="how IJB numbers are read: faceforge = TAR the largest with FPR <= FAR, floor(FPIR N) "
+                        "false alarms; insightface = its reference code's choices (the ROC point nearest the "
+                        "FAR, one false alarm fewer, faceness weighting); the report names it (default: faceforge)")
     p.add_argument("--probes", default=None, metavar="PATH",
                    help="identification probes: a folder of identity sub-folders or a .rec (first image of "
                         "each identity enrolled, the others searched); needs --distractors (default: none)")

@@ -8,6 +8,7 @@ checkpoint, the log and the ROC plot were written.
 from __future__ import annotations
 
 import time
+from importlib import resources
 from pathlib import Path
 from typing import Sequence
 
@@ -21,7 +22,9 @@ from faceforge.train.data import synthetic_held_out_pairs
 from faceforge.build import build_backbone
 from faceforge.train.engine import train
 
-DEMO_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+# Package data (pyproject's package-data), so that an installed wheel has it; configs/demo.yaml in the
+# repository is a link to it.
+DEMO_CONFIG = "configs/demo.yaml"
 
 # A seconds-long version of the demo for tests: same code path, toy sizes.
 TINY_OVERRIDES = (
@@ -53,9 +56,29 @@ def _row(name: str, r: VerificationResult) -> dict[str, str]:
     }
 
 
+def load_demo_config(config: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
+    """``config`` (default: the packaged demo config) with ``overrides``."""
+    if config is not None:
+        return load_config(config, overrides)
+    with resources.as_file(resources.files("faceforge").joinpath(DEMO_CONFIG)) as path:
+        return load_config(path, overrides)
+
+
+def fresh_output(cfg: Config) -> Config:
+    """The demo never reuses a run folder (``faceforge train`` refuses to): ``runs/demo``, else the first of
+    ``runs/demo-2``, ``runs/demo-3``, ... that holds no run."""
+    from faceforge.train.preflight import run_files
+
+    base, k = Path(cfg.output), 1
+    while run_files(Path(cfg.output)):
+        k += 1
+        cfg.output = f"{base}-{k}"
+    return cfg
+
+
 def run_demo(config: str | Path | None = None, overrides: Sequence[str] = (), tiny: bool = False) -> dict[str, VerificationResult]:
     """Train the demo model and print the untrained-vs-trained table. Returns both results."""
-    cfg = load_config(config or DEMO_CONFIG, [*(TINY_OVERRIDES if tiny else ()), *overrides])
+    cfg = fresh_output(load_demo_config(config, [*(TINY_OVERRIDES if tiny else ()), *overrides]))
     images, issame = synthetic_held_out_pairs(cfg)
     print(
         f"faceforge demo: {cfg.model.backbone} + {cfg.head.name} on {cfg.data.num_identities} synthetic identities "

@@ -8,8 +8,8 @@ distractors, a retrieval set; with none of these, each checkpoint's own held-out
 synthetic pairs or ``data.eval_bins``). ``EVALUATIONS`` maps each request field to the sets it builds.
 
 Every run writes into its output folder: ``results.md`` (one table per kind of set; printed too),
-``results.json`` (every number, per checkpoint and set), ``roc.png`` (every curve, log FPR; also
-``roc_eval.png``), ``hist_<set>.png`` (positive / negative pair scores; ``hist_<checkpoint>_<set>.png``
+``results.json`` (every number, per checkpoint and set), ``roc.png`` (every curve, log FPR),
+``hist_<set>.png`` (positive / negative pair scores; ``hist_<checkpoint>_<set>.png``
 when comparing) and the features as ``emb_<checkpoint>_<set>_<data>[_<part>].npy``, keyed by the
 checkpoint's content hash and the set's data: a re-run re-scores from them without running the model.
 """
@@ -20,7 +20,6 @@ import hashlib
 import json
 import math
 import re
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -54,8 +53,9 @@ MODEL_FILE_SUFFIXES = (".onnx", ".safetensors")
 class EvalRequest:
     """The sets to evaluate (each field is a ``faceforge eval`` option of the same name).
 
-    bins: insightface ``.bin`` files. ijb / ijb_name / ijb_faceness: an IJB-B/C release root, ``IJBB``
-    or ``IJBC``, faceness-weighted templates. probes / distractors / distractor_counts: identification
+    bins: insightface ``.bin`` files. ijb / ijb_name / ijb_faceness / ijb_protocol: an IJB-B/C release root,
+    ``IJBB`` or ``IJBC``, faceness-weighted templates (default: only under the insightface protocol), and
+    how the numbers are read ("faceforge" or "insightface", :class:`faceforge.eval.sets.IJBSet`). probes / distractors / distractor_counts: identification
     of a labelled image set among distractors (both required together). retrieval /
     retrieval_test_fraction: retrieval on a labelled image set, or on a class-disjoint fraction of it.
     num_pairs: held-out pairs when a checkpoint's own sets are used (none of the above). fars: of the
@@ -65,7 +65,8 @@ class EvalRequest:
     bins: Sequence[str] = ()
     ijb: str | None = None
     ijb_name: str = "IJBC"
-    ijb_faceness: bool = False
+    ijb_faceness: bool | None = None
+    ijb_protocol: str = "faceforge"
     probes: str | None = None
     distractors: str | None = None
     distractor_counts: Sequence[int] = DISTRACTOR_COUNTS
@@ -79,7 +80,9 @@ class EvalRequest:
 def _bin_sets(r: EvalRequest) -> list[EvalSet]:
     from faceforge.data.pairs import load_bins
 
-    return [PairSet(name, images, issame, fars=r.fars) for name, (images, issame) in load_bins(r.bins).items()]
+    sets = load_bins(r.bins)
+    return [PairSet(name, images, issame, fars=r.fars, source=str(path))
+            for path, (name, (images, issame)) in zip(r.bins, sets.items())]
 
 
 def _identification_sets(r: EvalRequest) -> list[EvalSet]:
@@ -92,7 +95,7 @@ def _identification_sets(r: EvalRequest) -> list[EvalSet]:
 # request -> the sets it asks for; built once, shared by every checkpoint
 EVALUATIONS: dict[str, Callable[[EvalRequest], list[EvalSet]]] = {
     "bins": _bin_sets,
-    "ijb": lambda r: [IJBSet(r.ijb, r.ijb_name, faceness=r.ijb_faceness)] if r.ijb else [],
+    "ijb": lambda r: [IJBSet(r.ijb, r.ijb_name, faceness=r.ijb_faceness, protocol=r.ijb_protocol)] if r.ijb else [],
     "identification": _identification_sets,
     "retrieval": lambda r: [RetrievalSet(r.retrieval, r.retrieval_test_fraction)] if r.retrieval else [],
 }
@@ -232,6 +235,18 @@ def _fpr_range(curves: list[PairCounts]) -> tuple[float, float]:
     return min(FPR_RANGE[0], max(1e-6, 10.0 ** math.floor(math.log10(1 / n_neg)))), FPR_RANGE[1]
 
 
+def default_output(paths: Sequence[Path]) -> Path:
+    """``eval/<name>/`` beside the first checkpoint: ``step_XXXXXXX`` (its training step) for one checkpoint
+    (its file stem when it holds no step), ``compare_<a>_vs_<b>...`` for several."""
+    if len(paths) > 1:
+        return paths[0].parent / "eval" / _safe("compare_" + "_vs_".join(p.stem for p in paths))[:120]
+    from faceforge.train.checkpoint import load_checkpoint
+
+    step = load_checkpoint(paths[0]).get("step")
+    name = f"step_{step:07d}" if isinstance(step, int) and not isinstance(step, bool) else _safe(paths[0].stem)
+    return paths[0].parent / "eval" / name
+
+
 def evaluate_checkpoints(
     checkpoints: Sequence[str | Path],
     output: str | Path | None = None,
@@ -240,7 +255,9 @@ def evaluate_checkpoints(
 ) -> dict[tuple[str, str], SetScores]:
     """Evaluate one or more `faceforge train` checkpoints on the sets of ``request`` (or ``options``:
     the fields of :class:`EvalRequest`), side by side; writes the reports listed in the module notes
-    into ``output`` (default: ``eval/`` beside the first checkpoint).
+    into ``output`` (default: a folder per checkpoint beside it, ``eval/step_XXXXXXX/`` after the training
+    step it holds, so that evaluating two checkpoints of one run keeps both reports; when comparing,
+    ``eval/compare_<a>_vs_<b>/`` beside the first).
 
     A checkpoint holding a float ``"verification_threshold"`` (SphereFace2's learned threshold) also
     gets the accuracy at that threshold on pair sets ("accuracy@learned threshold").
@@ -255,7 +272,7 @@ def evaluate_checkpoints(
     for p in paths:
         if not p.is_file():
             raise FileNotFoundError(f"checkpoint not found: {p}")
-    out = Path(output) if output else paths[0].parent / "eval"
+    out = Path(output) if output else default_output(paths)
     out.mkdir(parents=True, exist_ok=True)
     shared = [s for build in EVALUATIONS.values() for s in build(r)]
     data_keys = {id(s): s.key() for s in shared}
@@ -283,8 +300,6 @@ def evaluate_checkpoints(
     title = " vs ".join(_labels(paths)) if compare else str(paths[0])
     roc_path = plot_roc({name: c.rates() for name, c in curves.items()}, out / "roc.png", title=title,
                         fpr_range=_fpr_range(list(curves.values()))) if curves else None
-    if roc_path is not None:
-        shutil.copyfile(roc_path, out / "roc_eval.png")  # the name of earlier versions
     tables = _tables(rows)
     (out / "results.md").write_text(tables + "\n")
     (out / "results.json").write_text(json.dumps(

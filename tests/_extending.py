@@ -104,38 +104,21 @@ class MirrorConsistency(Objective, TrainHooks):
 
 
 class RankLocalHead(CosineHead):
-    """A head whose weight is the rank's own (``row_shards``): the trainer does not average its
-    gradients over ranks, and sums their squared norm over ranks for clipping. Its checkpoint state gathers every
-    rank's weight (``extra_state``, a collective: called on every rank), and each rank takes its own back.
+    """A head whose weight is the rank's own (``row_shards``): the trainer does not average its gradients over
+    ranks, and sums their squared norm over ranks for clipping. A checkpoint holds every rank's weight as the
+    rows of one logical tensor (rank r's at rows [r C, (r + 1) C)), and each rank reads its own back.
 
-    The pattern of a class-sharded head (rank r holds rows [c0, c1) of W), reduced to what the seam needs.
+    The pattern of a class-sharded head (rank r holds rows [c0, c1) of W, ``faceforge.heads.parallel``),
+    reduced to what the seam needs.
     """
 
     provides_diagnostics = False
 
     def row_shards(self) -> dict[str, RowShard]:
-        # rank r's (C, D) weight as rows [r C, (r + 1) C) of a logical (W C, D) tensor: the seam, reduced
         dist = torch.distributed
         rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
         rows = self.weight.shape[0]
         return {"weight": RowShard(rank * rows, (rank + 1) * rows, world * rows)}
-
-    def extra_state(self) -> dict[str, Any]:
-        import torch.distributed as dist
-
-        weight = self.weight.detach()
-        if not (dist.is_available() and dist.is_initialized()):
-            return {"weights": weight[None].clone()}
-        parts = [torch.empty_like(weight) for _ in range(dist.get_world_size())]
-        dist.all_gather(parts, weight.contiguous())
-        return {"weights": torch.stack(parts)}
-
-    def load_extra_state(self, state: dict[str, Any]) -> None:
-        import torch.distributed as dist
-
-        rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-        with torch.no_grad():
-            self.weight.copy_(state["weights"][rank])
 
 
 class SameIdentitySampler(EpochSampler):

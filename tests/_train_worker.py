@@ -11,7 +11,10 @@
   inside a checkpoint write, or spawning 2 gloo ranks:
 
     python tests/_train_worker.py CONFIG [key=value ...] [--resume] [--kill-at-step K]
-        [--kill-in-save N] [--nprocs 2 --port P]
+        [--kill-in-save N] [--nprocs 2 --port P] [--kill-rank R]
+
+  (``--kill-rank R --kill-at-step K``: under torchrun, rank R kills itself at step K once, in the first attempt
+  that reaches it.)
 """
 
 from __future__ import annotations
@@ -105,7 +108,17 @@ def _run(args: argparse.Namespace) -> None:
     torch.set_num_threads(1)
     if args.kill_in_save:
         _kill_inside_save(args.kill_in_save)
-    on_step = (lambda step: _kill_self() if step == args.kill_at_step else None) if args.kill_at_step else None
+    # --kill-rank R: only rank R dies, and only once: in the first attempt of an elastic (torchrun) run that
+    # reaches the step (a marker file beside the config remembers it; an attempt may fail earlier, e.g. to connect)
+    marker = Path(args.config).with_suffix(".killed")
+    dies = args.kill_rank is None or (os.environ.get("RANK", "0") == str(args.kill_rank) and not marker.exists())
+
+    def kill(step: int) -> None:
+        if step == args.kill_at_step:
+            marker.touch()
+            _kill_self()
+
+    on_step = kill if args.kill_at_step and dies else None
     result = train(load_config(args.config, args.overrides), resume=args.resume, on_step=on_step)
     print(f"final step {result.step}")
 
@@ -125,6 +138,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--kill-at-step", type=int, default=0)
     parser.add_argument("--kill-in-save", type=int, default=0)
+    parser.add_argument("--kill-rank", type=int, default=None)
     parser.add_argument("--nprocs", type=int, default=1)
     parser.add_argument("--port", type=int, default=0)
     args = parser.parse_args(argv)

@@ -12,7 +12,7 @@ import pytest
 from faceforge.cli import build_parser, main
 from faceforge.data.pairs import write_bin
 from faceforge.data.synthetic import synthetic_pairs
-from faceforge.demo import DEMO_CONFIG, run_demo
+from faceforge.demo import load_demo_config, run_demo
 from faceforge.train.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -41,11 +41,16 @@ def test_tiny_demo_trains_evaluates_and_reports(tmp_path: Path, capsys: pytest.C
                  "--output", str(tmp_path)]) == 0
     table = capsys.readouterr().out
     assert re.search(r"^\| last\.pt on held_out +\| \d+\.\d\d ±", table, re.M)
-    assert (tmp_path / "roc_eval.png").is_file()
+    assert (tmp_path / "roc.png").is_file() and not (tmp_path / "roc_eval.png").exists()  # no compatibility copy
+
+    # a second demo never reuses the first one's folder
+    run_demo(tiny=True, overrides=[f"output={tmp_path / 'demo'}", "train.progress=false"])
+    assert "demo-2/last.pt" in capsys.readouterr().out and (tmp_path / "demo-2" / "last.pt").is_file()
 
 
 def test_demo_config_is_valid_and_is_arcface_on_an_iresnet() -> None:
-    cfg = load_config(DEMO_CONFIG)
+    cfg = load_demo_config()  # package data, as an installed wheel finds it
+    assert cfg == load_config(REPO / "configs" / "demo.yaml")  # the repository's configs/demo.yaml links to it
     assert cfg.head.name == "arcface" and cfg.model.backbone.startswith("r")
     assert cfg.data.name == "synthetic" and cfg.data.difficulty == 1.0  # the default difficulty
     assert cfg.data.eval_pairs >= 1000

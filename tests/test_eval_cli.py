@@ -20,6 +20,7 @@ from faceforge.data.synthetic import synthetic_pairs
 from faceforge.demo import run_demo
 from faceforge.eval.verify import evaluate_scores, pair_scores
 from faceforge.evaluate import EVAL_FARS
+from faceforge.train.checkpoint import load_checkpoint, save_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +43,8 @@ def test_eval_writes_every_report_and_reuses_the_embeddings(
     assert main(["eval", str(ckpt), "--bin", str(bin_path), "--output", str(out)]) == 0
     text = capsys.readouterr().out
     assert re.search(r"^\| last\.pt on pairs +\| \d+\.\d\d ±", text, re.M)
-    for name in ("results.md", "results.json", "roc.png", "roc_eval.png", "hist_pairs.png"):
+    assert not (out / "roc_eval.png").exists()  # the compatibility copy is gone
+    for name in ("results.md", "results.json", "roc.png", "hist_pairs.png"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     assert "last.pt on pairs" in (out / "results.md").read_text()
 
@@ -72,13 +74,31 @@ def test_eval_writes_every_report_and_reuses_the_embeddings(
     assert {k: v for k, v in again.items() if k != "cached"} == {k: v for k, v in rec.items() if k != "cached"}
 
 
-def test_eval_default_output_is_eval_beside_the_checkpoint(trained: tuple[Path, Path, np.ndarray], tmp_path: Path) -> None:
+def test_eval_default_output_is_a_folder_per_checkpoint(trained: tuple[Path, Path, np.ndarray], tmp_path: Path) -> None:
     ckpt, bin_path, _ = trained
     copy = tmp_path / "ckpt" / "last.pt"
     copy.parent.mkdir()
     shutil.copyfile(ckpt, copy)
+    state = load_checkpoint(copy)
     assert main(["eval", str(copy), "--bin", str(bin_path)]) == 0
-    assert (copy.parent / "eval" / "results.json").is_file() and (copy.parent / "eval" / "roc.png").is_file()
+    first = copy.parent / "eval" / f"step_{state['step']:07d}"
+    assert (first / "results.json").is_file() and (first / "roc.png").is_file()
+    earlier = copy.parent / "step_0000001.pt"  # another checkpoint of the run keeps its own report
+    save_checkpoint(earlier, {**state, "step": 1})
+    assert main(["eval", str(earlier), "--bin", str(bin_path)]) == 0
+    assert (copy.parent / "eval" / "step_0000001" / "results.json").is_file() and (first / "results.json").is_file()
+
+
+def test_eval_errors_are_one_line(trained: tuple[Path, Path, np.ndarray], tmp_path: Path,
+                                  capsys: pytest.CaptureFixture[str]) -> None:
+    ckpt, _, _ = trained
+    images, issame = synthetic_pairs(8, num_identities=10, image_size=24, split="test")
+    write_bin(tmp_path / "small.bin", images, issame)
+    assert main(["eval", str(ckpt), "--bin", str(tmp_path / "small.bin"), "--output", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "small.bin: images are 24x24 but the model takes 32x32" in err
+    assert main(["eval", str(ckpt), "--pairs", "-5"]) == 2
+    assert "--pairs -5: expected an int >= 0" in capsys.readouterr().err
 
 
 def test_compare_puts_every_checkpoint_and_set_in_one_table(
@@ -189,6 +209,56 @@ def test_faceness_weighting_reuses_the_cached_ijb_features(tiny: dict[str, Path]
     # the faceness weighting applies to templates: the same image features, read back, not embedded again
     assert weighted["cached"] is True and weighted["embeddings"] == plain["embeddings"]
     assert weighted["set"] != plain["set"] and weighted["faceness_weight"] is True
+
+
+def test_ijb_insightface_protocol_reproduces_its_conventions(tiny: dict[str, Path], tmp_path: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    from sklearn.metrics import roc_curve
+
+    from faceforge.eval.ijb import ijb_templates
+    from faceforge.eval.metrics import tpir_at_fpir
+    from faceforge.data.ijb import IJBMeta
+
+    out = tmp_path / "ijb_insightface"
+    assert main(["eval", str(tiny["ckpt"]), "--ijb", str(tiny["ijb"]), "--protocol", "insightface",
+                 "--output", str(out)]) == 0
+    table = capsys.readouterr().out
+    rec = _record(out, "ijb")
+    assert rec["protocol"] == "insightface" and rec["faceness_weight"] is True  # insightface's default: D1
+    # every number's row names the protocol
+    rows = [line for line in table.splitlines() if line.startswith("| last.pt")]
+    assert rows and all("insightface" in line for line in rows)
+    # 1:1: the ROC point (sklearn's roc_curve, as insightface calls it) whose FPR is nearest the FAR
+    meta = IJBMeta.load(tiny["ijb"], "IJBC")
+    ids, feats = ijb_templates(np.load(rec["embeddings"]), meta, faceness_weight=True)
+    pos = {t: i for i, t in enumerate(ids.tolist())}
+    scores = np.array([feats[pos[a]] @ feats[pos[b]] for a, b in zip(meta.p1.tolist(), meta.p2.tolist())])
+    fpr, tpr, _ = roc_curve(meta.labels, scores)
+    for far, tar in rec["verification"]["tar_at_far"].items():
+        assert tar == pytest.approx(tpr[np.argmin(np.abs(fpr - float(far)))], abs=1e-12), far
+    # 1:N: one false alarm fewer than the faceforge protocol: k = ceil(FPIR N) non-mated scores at or above the bar
+    sim = np.array([[1.0, 0.2], [0.1, 0.9], [0.8, 0.3], [0.5, 0.95]])  # probes 0, 1 mated; 2, 3 non-mated
+    probe_labels, gallery_labels = np.array([0, 1, 7, 8]), np.array([0, 1])
+    # FPIR 0.5 of 2 non-mated probes: faceforge allows 1 false alarm (bar = 0.8), insightface none (bar = 0.95)
+    assert tpir_at_fpir(sim, probe_labels, gallery_labels, 0.5) == 1.0  # mates 1.0 and 0.9 both beat 0.8
+    assert tpir_at_fpir(sim, probe_labels, gallery_labels, 0.5, protocol="insightface") == 0.5  # 0.9 < 0.95
+
+
+def test_ijb_gallery_naming_missing_templates_keeps_the_1to1_results(tiny: dict[str, Path], tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    release = tmp_path / "IJBC"
+    shutil.copytree(tiny["ijb"], release)
+    gallery = release / "meta" / "ijbc_1N_gallery_G2.csv"
+    gallery.write_text(gallery.read_text() + "999,9,z.png\n998,9,z.png\n")  # two templates the meta file lacks
+    out = tmp_path / "out"
+    assert main(["eval", str(tiny["ckpt"]), "--ijb", str(release), "--output", str(out)]) == 0
+    captured = capsys.readouterr()
+    rec = _record(out, "ijb")
+    assert rec["verification"]["tar_at_far"] and "tpir_at_fpir" in rec["identification"]["G1"]
+    error = rec["identification"]["G2"]["error"]
+    assert "ijbc_1N_gallery_G2.csv: 2 of its 4 templates have no images" in error
+    assert "ijbc_1N_gallery_G2.csv: 2 of its 4 templates" in captured.err
+    assert "2 of its 4 templates" in (out / "results.md").read_text()
 
 
 def test_eval_identification_with_distractors_matches_plain_loops(tiny: dict[str, Path], tmp_path: Path) -> None:

@@ -210,9 +210,9 @@ def test_identification_closed_set_gives_nan_tpir():
 
 def test_identification_unknown_template_is_named():
     feats, meta = id_case([[1, 0, 0, 0]])
-    with pytest.raises(ValueError, match=r"probes .*\[42\]"):
+    with pytest.raises(ValueError, match=r"probes: 1 of its 2 templates .*\[42\]"):
         ijb_identification(feats, meta, GALLERY, {4: 100, 42: 200})
-    with pytest.raises(ValueError, match=r"gallery .*\[77\]"):
+    with pytest.raises(ValueError, match=r"gallery: 1 of its 2 templates .*\[77\]"):
         ijb_identification(feats, meta, {1: 100, 77: 1}, {4: 100})
 
 

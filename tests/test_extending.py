@@ -22,6 +22,7 @@ from _runs import make_config, resumed_equals_straight
 from faceforge.data.samplers import SAMPLERS, Batch, TrainSampler
 from faceforge.heads.base import ClassifierHead, TrainHooks
 from faceforge.registry import Registry
+from faceforge.train import shards
 from faceforge.train.checkpoint import load_checkpoint
 from faceforge.train.config import ConfigError, to_yaml
 from faceforge.train.engine import NonFiniteLossError, train
@@ -130,7 +131,7 @@ def test_config_names_are_checked_against_their_registries(tmp_path: Path, key: 
 
 def test_sharded_head_is_left_to_itself_on_two_gloo_ranks(tmp_path: Path) -> None:
     """A head with ``row_shards``: its gradients are not averaged (the ranks' weights part ways, the
-    backbone's stay equal), its extra_state is gathered collectively at each checkpoint and restored per rank."""
+    backbone's stay equal), and the checkpoint holds both ranks' weights as the rows of one logical tensor."""
     cfg = make_config(
         tmp_path / "run", head={"name": "_extending:RankLocalHead", "kwargs": {"s": 8.0}},
         data={"batch_size": 8}, train={"steps": 2, "checkpoint_every": 0, "clip_grad_norm": 1.0},
@@ -147,10 +148,10 @@ def test_sharded_head_is_left_to_itself_on_two_gloo_ranks(tmp_path: Path) -> Non
     proc = subprocess.run([sys.executable, str(worker), str(config), "--nprocs", "2", "--port", str(port)],
                           env=env, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    state = load_checkpoint(tmp_path / "run" / "last.pt")
-    weights = state["extra"]["head"]["weights"]
-    assert weights.shape[0] == 2 and torch.equal(weights[0], state["head"]["weight"])
-    assert (weights[0] - weights[1]).abs().max() > 1e-4  # each rank learnt from its own half of the batch
+    state = shards.resolve(load_checkpoint(tmp_path / "run" / "last.pt"), tmp_path / "run")
+    weight = state["head"]["weight"]  # rank 0's rows, then rank 1's
+    assert weight.shape == (2 * 8, 16)
+    assert (weight[:8] - weight[8:]).abs().max() > 1e-4  # each rank learnt from its own half of the batch
 
 
 def test_a_non_finite_term_is_named(tmp_path: Path) -> None:

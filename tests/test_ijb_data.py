@@ -1,4 +1,4 @@
-"""faceforge.data.ijb: a miniature IJB-C release written to disk, parsed, aligned, and scored."""
+"""faceforge.data.ijb (read, align) and faceforge.eval.ijb (score): a miniature IJB-C release written to disk."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import torch
 from PIL import Image
 
 from faceforge.data.align import align_face
-from faceforge.data.ijb import IJBMeta, iter_aligned, template_features, verification_scores
+from faceforge.data.ijb import IJBMeta, iter_aligned
+from faceforge.eval.ijb import template_features, verification_scores
 from faceforge.data.synthetic import render_images
 
 # 6 images, 3 templates; template 11 has one media of 2 images, 12 has media 20 (1 image) and 21 (2), 13 one image.

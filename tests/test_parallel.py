@@ -11,6 +11,7 @@ by one rank's share or a missed target would be off by > 1e-3.
 from __future__ import annotations
 
 import datetime
+import re
 import os
 import socket
 from pathlib import Path
@@ -166,3 +167,138 @@ def test_bad_sharded_heads_are_refused() -> None:
         ShardedHead("broadface", 10, 4, queue_size=4, head="arcface")
     with pytest.raises(ValueError, match="inter_loss_weight"):
         ShardedHead("arcface", 10, 4, inter_loss_weight=0.1)
+
+
+# ---------------------------------------------------------------------------------------------- through the trainer
+
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+from _runs import BASE as RUN_BASE  # noqa: E402
+from faceforge.train import shards  # noqa: E402
+from faceforge.train.checkpoint import load_checkpoint  # noqa: E402
+from faceforge.train.config import config_from_dict, to_yaml  # noqa: E402
+from faceforge.train.engine import train  # noqa: E402
+
+WORKER = Path(__file__).with_name("_train_worker.py")
+GLOBAL_BATCH = 12  # 1 x 12, 2 x 6, 3 x 4: the same images per step (faceforge.data.samplers)
+
+
+def sharded_config(output: Path, world: int, steps: int):
+    """A sharded ArcFace (8 classes: 3 + 3 + 2 rows on 3 ranks) on TinyNet; constant lr, so that runs of 2, 4
+    and 6 steps take the same updates; clipping active (global norm over the shards); no dropout."""
+    import copy
+
+    data = copy.deepcopy(RUN_BASE)
+    data["output"] = str(output)
+    data["model"]["kwargs"] = {"dropout": 0.0}
+    data["head"] = {"name": "arcface", "kwargs": {"s": 16.0}, "shard": True}
+    data["data"]["batch_size"] = GLOBAL_BATCH // world
+    data["schedule"] = {"name": "constant", "warmup_steps": 0}
+    data["train"].update(steps=steps, checkpoint_every=2, keep_checkpoints=5, clip_grad_norm=1.0)
+    return config_from_dict(data, "<test>")
+
+
+def worker(config, *args: str, launcher: list[str] | None = None, timeout: float = 240.0) -> None:
+    path = Path(config.output).with_suffix(".yaml")
+    path.write_text(to_yaml(config))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)
+    command = [*(launcher or [sys.executable]), str(WORKER), str(path), *args]
+    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+def resolved(path: Path) -> dict:
+    return shards.resolve(load_checkpoint(path), path.parent)
+
+
+def assert_close_state(actual, expected, where: str) -> None:
+    """Float32 sums in another order (gather, all-reduce, per-shard logsumexp): ~1e-6 of each tensor's scale."""
+    if isinstance(expected, torch.Tensor):
+        if expected.is_floating_point():
+            atol = 1e-5 * max(expected.abs().max().item(), 1e-12)
+            torch.testing.assert_close(actual, expected, rtol=1e-5, atol=atol, msg=lambda m: f"{where}: {m}")
+        else:
+            assert torch.equal(actual, expected), where
+    elif isinstance(expected, dict):
+        assert set(actual) == set(expected), f"{where}: {set(actual)} != {set(expected)}"
+        for key in expected:
+            assert_close_state(actual[key], expected[key], f"{where}.{key}")
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory) -> Path:
+    """The reference: one process, the sharded head holding all 8 rows, 6 steps."""
+    output = tmp_path_factory.mktemp("straight") / "run"
+    train(sharded_config(output, 1, 6))
+    return output
+
+
+@pytest.mark.slow  # 3 trainer launches; the default tests cover its parts: the elastic test (2 ranks write, 2 ranks
+# resume, against 1 process) and test_row_shards_written_by_3_ranks_read_by_2_and_1 (the re-layout)
+def test_resume_on_2_then_3_ranks_then_1_process_continues_the_same_training(straight: Path, tmp_path: Path) -> None:
+    output = tmp_path / "run"
+    worker(sharded_config(output, 2, 2), "--nprocs", "2", "--port", str(free_port()))
+    state = load_checkpoint(output / "last.pt")
+    entry = state["head"]["head.weight"]
+    assert shards.is_placeholder(entry) and entry["shape"] == [8, 16]  # one logical (C, D) W, written by 2 ranks
+    momentum = [v for s in state["optimizer"]["state"].values() for v in s.values() if shards.is_placeholder(v)]
+    assert len(momentum) == 1 and momentum[0]["shape"] == [8, 16]
+    worker(sharded_config(output, 3, 4), "--resume", "--nprocs", "3", "--port", str(free_port()))
+    assert load_checkpoint(output / "last.pt")["world_size"] == 3
+    train(sharded_config(output, 1, 6), resume=True)
+    final, expected = resolved(output / "last.pt"), resolved(straight / "last.pt")
+    for key in ("backbone", "head", "optimizer"):
+        assert_close_state(final[key], expected[key], key)
+    # the comparison has teeth: training moved W beyond the tolerance, and clipping (global norm) was active
+    early = resolved(straight / "step_0000002.pt")["head"]["head.weight"]
+    assert (expected["head"]["head.weight"] - early).abs().max() > 1e-3
+    norms = [float(m) for m in re.findall(r"grad_norm ([0-9.]+)", (straight / "train.log").read_text())]
+    assert max(norms) > 1.0
+    # only the shard folders that a checkpoint names are left
+    assert sorted(p.name for p in (output / "shards").iterdir()) == [f"step_{s:07d}" for s in (2, 4, 6)]
+
+
+@pytest.mark.slow  # torchrun: ~1 min on a loaded 2-core machine, and there one run in 5 hung in a restart's gloo
+# connection (not understood yet). Default coverage of its parts: test_train's kill -9 and resume, test_extending's
+# row shards written by 2 ranks through the trainer, test_row_shards_written_by_3_ranks_read_by_2_and_1.
+def test_elastic_restart_after_a_killed_rank_finishes_the_run(straight: Path, tmp_path: Path) -> None:
+    """torchrun --max-restarts: rank 1 dies (SIGKILL) after step 3; the agent restarts both ranks, which resume
+    from step 2 (``--resume``) and finish: the same training as straight through. (2 restarts allowed: on a
+    loaded machine an attempt may also fail to connect its ranks; the kill happens once.)"""
+    output = tmp_path / "run"
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                "--max-restarts", "2", "--monitor-interval", "0.2"]
+    worker(sharded_config(output, 2, 4), "--resume", "--kill-rank", "1", "--kill-at-step", "3", launcher=torchrun)
+    log = (output / "train.log").read_text()
+    assert "resumed from" in log and "step 4/4" in log
+    assert output.with_suffix(".killed").exists()  # rank 1 did die
+    final, expected = resolved(output / "last.pt"), resolved(straight / "step_0000004.pt")
+    assert final["step"] == 4
+    for key in ("backbone", "head", "optimizer"):
+        assert_close_state(final[key], expected[key], key)
+
+
+def test_row_shards_written_by_3_ranks_read_by_2_and_1(tmp_path: Path) -> None:
+    """A logical (7, 3) tensor written by 3 "ranks" at their offsets reads back whole, and as any other layout's rows."""
+    from faceforge.heads.base import RowShard
+
+    full = torch.arange(21, dtype=torch.float32).reshape(7, 3) / 7
+    file = shards.shard_file(5, "head.head.weight")
+    shards.create(tmp_path, file, [7, 3], full.dtype)
+    for rank in (2, 0, 1):  # in any order
+        c0, c1 = shard_range(7, 3, rank)
+        shards.write_rows(tmp_path, file, RowShard(c0, c1, 7), full[c0:c1])
+    entry = shards.placeholder(file, RowShard(0, 3, 7), full[:3])
+    assert entry == {"__row_shard__": "shards/step_0000005/head.head.weight.bin", "shape": [7, 3], "dtype": "float32"}
+    state = {"head": {"head.weight": entry}, "step": 5}
+    assert torch.equal(shards.resolve(state, tmp_path)["head"]["head.weight"], full)
+    for rank in range(2):
+        rows = shard_range(7, 2, rank)
+        got = shards.resolve(state, tmp_path, lambda key: rows if key == "head.head.weight" else None)
+        assert torch.equal(got["head"]["head.weight"], full[rows[0] : rows[1]])
+    shards.prune(tmp_path, {4})
+    with pytest.raises(FileNotFoundError, match="row-sharded tensor"):
+        shards.resolve(state, tmp_path)

@@ -52,7 +52,9 @@ def plain_eq6(x, weight, bias, labels, lamb=LAMB, r=R, m=0.4, t=T, margin_type="
 
 def make_head(margin_type="C", dtype=torch.float64, **kwargs) -> SphereFace2:
     torch.manual_seed(0)
-    kwargs = {"lamb": LAMB, "r": R, "m": MARGINS[margin_type], "t": T, "margin_type": margin_type, **kwargs}
+    # loss_weight 1 unless given: the plain Eq. 6 references below carry no weight (the default is 10)
+    kwargs = {"lamb": LAMB, "r": R, "m": MARGINS[margin_type], "t": T, "margin_type": margin_type, "loss_weight": 1.0,
+              **kwargs}
     head = heads.build("sphereface2", num_classes=C, embedding_size=D, **kwargs).to(dtype)
     with torch.no_grad():
         head.weight.mul_(torch.rand(C, 1, dtype=dtype) + 0.5)  # rows of different norms
@@ -321,7 +323,7 @@ def test_gradient_memory_is_reused_and_accumulation_adds():
 def test_registry_builds_it_with_the_paper_defaults():
     head = heads.build("SphereFace2", num_classes=5, embedding_size=4)
     assert isinstance(head, SphereFace2) and head.weight.shape == (5, 4)
-    assert (head.lamb, head.r, head.m, head.t, head.loss_weight) == (0.7, 30.0, 0.4, 3.0, 1.0)
+    assert (head.lamb, head.r, head.m, head.t, head.loss_weight) == (0.7, 30.0, 0.4, 3.0, 10.0)  # lw 10: OpenSphere paper configs
     assert (head.margin_type, head.margin_grad) == ("C", "exact")
 
 

@@ -234,8 +234,8 @@ def assert_close_training(actual: Path, expected: Path) -> None:
     assert a["steps_per_epoch"] == e["steps_per_epoch"]
     # Only the order of float64 sums differs. A reordered sum of n terms is off by at most ~n * eps * sum|terms|
     # (eps = 1.1e-16); in float32 (eps = 6e-8) these runs differed by up to 6.7e-5 relative, an amplification of
-    # ~1e3 eps over 10 steps of lr 0.1 and momentum 0.9. The same amplification in float64 is ~1e-13 (measured:
-    # 5e-15 under ATEN_CPU_CAPABILITY=default and avx2), so
+    # ~1e3 eps over 10 steps of lr 0.1 and momentum 0.9. The same amplification in float64 is ~1e-13 (measured,
+    # benchmarks/equivalence_drift.py: up to 1.3e-14 under ATEN_CPU_CAPABILITY=default and avx2), so
     # rel = 1e-9 keeps 4 orders of margin on any CPU kernel, while a wrong gradient (a factor 2 from a missed
     # all-reduce average or accumulation mean) moves the weights by > 1e-3 (asserted in the DDP test).
     for key in ("backbone", "head", "optimizer"):

@@ -12,12 +12,8 @@ are in the loose crop's pixels, in the ArcFace order (eyes, nose tip, mouth corn
 onto the ArcFace template with :func:`faceforge.data.align.align_face`, the similarity transform
 insightface's ``eval_ijbc.py`` uses (its 96x112 template shifted by +8 in x is our 112x112 template).
 
-The 1:1 protocol of ``eval_ijbc.py``: image features (optionally multiplied by the faceness score,
-its "D1" mode) are averaged within each (template, media), the media features of a template are
-**summed**, and the sum is L2-normalised (:func:`template_features`); a pair's score is the cosine of
-its two templates' features (:func:`verification_scores`).
-
-The 1:N gallery/probe CSV files are not read here.
+This module reads (meta files, aligned images); the scoring (template features, pair scores, the 1:1
+and 1:N protocols) is :mod:`faceforge.eval.ijb`'s. The 1:N gallery/probe CSV files are read there too.
 """
 
 from __future__ import annotations
@@ -27,12 +23,11 @@ from pathlib import Path
 from typing import Iterator, NamedTuple
 
 import numpy as np
-import torch
 from PIL import Image
 
 from .align import TEMPLATE_SIZE, align_face
 
-__all__ = ["IJBMeta", "IJBBatch", "meta_paths", "iter_aligned", "template_features", "verification_scores"]
+__all__ = ["IJBMeta", "IJBBatch", "meta_paths", "iter_aligned"]
 
 _NAMES = ("IJBB", "IJBC")
 
@@ -219,102 +214,3 @@ def iter_aligned(meta: IJBMeta, root: str | Path, size: int = TEMPLATE_SIZE, bat
         for k, i in enumerate(range(start, stop)):
             images[k] = align_face(_load_image(folder / meta.image_names[i]), meta.landmarks[i], size)
         yield IJBBatch(images, meta.templates[start:stop], meta.medias[start:stop], meta.faceness[start:stop])
-
-
-def _l2_normalize(x: np.ndarray) -> np.ndarray:
-    """Rows divided by their norm; an all-zero row stays zero (as ``sklearn.preprocessing.normalize``)."""
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return x / np.where(norms > 0, norms, 1)
-
-
-def _group_sum(x: np.ndarray, group: np.ndarray, count: int) -> np.ndarray:
-    """``out[g] = sum of x[i] over group[i] == g`` in float64 (torch's index_add_, far faster than np.add.at)."""
-    out = torch.zeros((count, x.shape[1]), dtype=torch.float64)
-    out.index_add_(0, torch.from_numpy(np.ascontiguousarray(group, dtype=np.int64)),
-                   torch.from_numpy(np.ascontiguousarray(x, dtype=np.float64)))
-    return out.numpy()
-
-
-def template_features(image_features, templates, medias, faceness=None) -> tuple[np.ndarray, np.ndarray]:
-    """Template features by the IJB protocol of insightface's ``eval_ijbc.py``.
-
-    ``image_features`` ``(N, D)`` (numpy or a tensor; times ``faceness[:, None]`` when given) are
-    averaged within each ``(template, media)``; a template's media features are summed, and the sum is
-    L2-normalised (an all-zero sum stays zero). Returns ``(unique_templates int64 (T,) sorted,
-    features (T, D))``, float64 for float64 input, float32 otherwise.
-    """
-    if isinstance(image_features, torch.Tensor):
-        image_features = image_features.detach().cpu().numpy()
-    feats = np.asarray(image_features)
-    if feats.ndim != 2:
-        raise ValueError(f"image_features must be (N, D), got shape {feats.shape}")
-    n = len(feats)
-    templates, medias = np.asarray(templates).ravel(), np.asarray(medias).ravel()
-    if len(templates) != n or len(medias) != n:
-        raise ValueError(f"templates and medias must have one entry per image ({n}), got {len(templates)} and {len(medias)}")
-    out_dtype = np.float64 if feats.dtype == np.float64 else np.float32
-    if n == 0:
-        return np.zeros(0, dtype=np.int64), np.zeros((0, feats.shape[1]), dtype=out_dtype)
-    feats = np.asarray(feats, dtype=np.float64)
-    if faceness is not None:
-        faceness = np.asarray(faceness, dtype=np.float64).ravel()
-        if len(faceness) != n:
-            raise ValueError(f"faceness must have one score per image ({n}), got {len(faceness)}")
-        feats = feats * faceness[:, None]
-    order = np.lexsort((medias, templates))
-    t, m = templates[order], medias[order]
-    new_group = np.ones(n, dtype=bool)
-    new_group[1:] = (t[1:] != t[:-1]) | (m[1:] != m[:-1])
-    group = np.empty(n, dtype=np.int64)
-    group[order] = np.cumsum(new_group) - 1  # (template, media) group of each image, in file order
-    starts = np.flatnonzero(new_group)
-    media_means = _group_sum(feats, group, len(starts)) / np.bincount(group, minlength=len(starts))[:, None]
-    group_t = t[starts]
-    new_template = np.ones(len(starts), dtype=bool)
-    new_template[1:] = group_t[1:] != group_t[:-1]
-    t_starts = np.flatnonzero(new_template)
-    sums = _group_sum(media_means, np.cumsum(new_template) - 1, len(t_starts))
-    return group_t[t_starts].astype(np.int64), _l2_normalize(sums).astype(out_dtype)
-
-
-def verification_scores(template_ids, template_feats, p1, p2, chunk_size: int = 8192) -> np.ndarray:
-    """Cosine similarity of each pair ``(p1[i], p2[i])`` of template ids, computed ``chunk_size`` pairs at a time.
-
-    ``template_ids`` ``(T,)`` name the rows of ``template_feats`` ``(T, D)`` (any order, no repeats).
-    A pair naming a template that has no features is an error naming it. Returns float64 ``(P,)``.
-    """
-    ids = np.asarray(template_ids).ravel()
-    feats = np.asarray(template_feats)
-    if feats.ndim != 2 or len(feats) != len(ids):
-        raise ValueError(f"template_feats must be (T, D) with T = len(template_ids) = {len(ids)}, got {feats.shape}")
-    p1, p2 = np.asarray(p1).ravel(), np.asarray(p2).ravel()
-    if len(p1) != len(p2):
-        raise ValueError(f"p1 and p2 must have the same length, got {len(p1)} and {len(p2)}")
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)) or chunk_size <= 0:
-        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
-    sorter = np.argsort(ids, kind="stable")
-    sorted_ids = ids[sorter]
-    if len(ids) > 1 and (sorted_ids[1:] == sorted_ids[:-1]).any():
-        dup = sorted_ids[1:][sorted_ids[1:] == sorted_ids[:-1]][0]
-        raise ValueError(f"template_ids must not repeat, got {dup} more than once")
-    feats = _l2_normalize(feats.astype(np.float64))
-
-    def rows(p: np.ndarray, which: str, offset: int) -> np.ndarray:
-        if len(ids) == 0:
-            if len(p):
-                raise ValueError(f"{which} names template {p[0]}, which has no features (none given)")
-            return p.astype(np.int64)
-        pos = np.clip(np.searchsorted(sorted_ids, p), 0, len(ids) - 1)
-        bad = sorted_ids[pos] != p
-        if bad.any():
-            raise ValueError(f"{which} names {int(bad.sum())} pair(s) whose template has no features, "
-                             f"first template {p[bad][0]} (pair {offset + int(np.argmax(bad))})")
-        return sorter[pos]
-
-    scores = np.empty(len(p1), dtype=np.float64)
-    for start in range(0, len(p1), chunk_size):
-        stop = start + chunk_size
-        a = feats[rows(p1[start:stop], "p1", start)]
-        b = feats[rows(p2[start:stop], "p2", start)]
-        scores[start:stop] = np.einsum("ij,ij->i", a, b)
-    return scores

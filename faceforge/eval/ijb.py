@@ -6,14 +6,17 @@ Features follow insightface's ``eval_ijbc.py`` (reference notes, section 1.6):
 * the sum is **not** L2-normalised per image ("N1": the norm is kept, so confident images weigh more);
 * optionally the feature is multiplied by the detector's faceness score ("D1", ``faceness_weight``);
 * templates: images averaged within each media, medias summed, the sum L2-normalised
-  (:func:`faceforge.data.ijb.template_features`); scores are cosine similarities.
+  (:func:`template_features`); scores are cosine similarities.
 
 So :func:`ijb_embeddings` returns raw (un-normalised) flip-sums; do not feed it
 :func:`faceforge.eval.verify.embed`, which normalises each image.
 
-Differences from insightface, on purpose: TAR@FAR is :func:`faceforge.eval.metrics.tar_at_far` (the
-largest TPR on the exact ROC with ``FPR <= far``; insightface takes the ROC point whose FPR is closest
-to ``far``, which may exceed it). 1:N TPIR@FPIR and rank-k use :mod:`faceforge.eval.metrics`.
+Differences from insightface, by convention (``protocol="faceforge"``, the default): TAR@FAR is
+:func:`faceforge.eval.metrics.tar_at_far` (the largest TPR on the exact ROC with ``FPR <= far``;
+insightface takes the ROC point whose FPR is closest to ``far``, which may exceed it), and TPIR allows
+``floor(FPIR N)`` false alarms (insightface one fewer). ``protocol="insightface"`` reads the numbers as
+insightface does (``faceforge.eval.metrics.IJB_PROTOCOLS``). 1:N TPIR@FPIR and rank-k use
+:mod:`faceforge.eval.metrics`. (The readers of the meta files and images are :mod:`faceforge.data.ijb`.)
 
 The 1:N gallery / probe CSVs (``ijbc_1N_gallery_G1.csv``, ``ijbc_1N_probe_mixed.csv``, ...) have a
 header ``TEMPLATE_ID,SUBJECT_ID,FILENAME,...`` and one row per image; :func:`read_1n_gallery` and
@@ -32,7 +35,7 @@ import torch
 from torch import nn
 
 from faceforge.data.align import TEMPLATE_SIZE
-from faceforge.data.ijb import IJBMeta, iter_aligned, template_features, verification_scores
+from faceforge.data.ijb import IJBMeta, iter_aligned
 from faceforge.eval import metrics
 from faceforge.eval.verify import embed_batches
 from faceforge.fileio import save_npy
@@ -44,7 +47,113 @@ __all__ = [
     "ijb_verification",
     "read_1n_gallery",
     "read_1n_probes",
+    "template_features",
+    "verification_scores",
 ]
+
+
+# --------------------------------------------------------------------------------------------------
+# Templates and pair scores (insightface's eval_ijbc.py)
+# --------------------------------------------------------------------------------------------------
+
+
+def _l2_normalize(x: np.ndarray) -> np.ndarray:
+    """Rows divided by their norm; an all-zero row stays zero (as ``sklearn.preprocessing.normalize``)."""
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return x / np.where(norms > 0, norms, 1)
+
+
+def _group_sum(x: np.ndarray, group: np.ndarray, count: int) -> np.ndarray:
+    """``out[g] = sum of x[i] over group[i] == g`` in float64 (torch's index_add_, far faster than np.add.at)."""
+    out = torch.zeros((count, x.shape[1]), dtype=torch.float64)
+    out.index_add_(0, torch.from_numpy(np.ascontiguousarray(group, dtype=np.int64)),
+                   torch.from_numpy(np.ascontiguousarray(x, dtype=np.float64)))
+    return out.numpy()
+
+
+def template_features(image_features, templates, medias, faceness=None) -> tuple[np.ndarray, np.ndarray]:
+    """Template features by the IJB protocol of insightface's ``eval_ijbc.py``.
+
+    ``image_features`` ``(N, D)`` (numpy or a tensor; times ``faceness[:, None]`` when given) are
+    averaged within each ``(template, media)``; a template's media features are summed, and the sum is
+    L2-normalised (an all-zero sum stays zero). Returns ``(unique_templates int64 (T,) sorted,
+    features (T, D))``, float64 for float64 input, float32 otherwise.
+    """
+    if isinstance(image_features, torch.Tensor):
+        image_features = image_features.detach().cpu().numpy()
+    feats = np.asarray(image_features)
+    if feats.ndim != 2:
+        raise ValueError(f"image_features must be (N, D), got shape {feats.shape}")
+    n = len(feats)
+    templates, medias = np.asarray(templates).ravel(), np.asarray(medias).ravel()
+    if len(templates) != n or len(medias) != n:
+        raise ValueError(f"templates and medias must have one entry per image ({n}), got {len(templates)} and {len(medias)}")
+    out_dtype = np.float64 if feats.dtype == np.float64 else np.float32
+    if n == 0:
+        return np.zeros(0, dtype=np.int64), np.zeros((0, feats.shape[1]), dtype=out_dtype)
+    feats = np.asarray(feats, dtype=np.float64)
+    if faceness is not None:
+        faceness = np.asarray(faceness, dtype=np.float64).ravel()
+        if len(faceness) != n:
+            raise ValueError(f"faceness must have one score per image ({n}), got {len(faceness)}")
+        feats = feats * faceness[:, None]
+    order = np.lexsort((medias, templates))
+    t, m = templates[order], medias[order]
+    new_group = np.ones(n, dtype=bool)
+    new_group[1:] = (t[1:] != t[:-1]) | (m[1:] != m[:-1])
+    group = np.empty(n, dtype=np.int64)
+    group[order] = np.cumsum(new_group) - 1  # (template, media) group of each image, in file order
+    starts = np.flatnonzero(new_group)
+    media_means = _group_sum(feats, group, len(starts)) / np.bincount(group, minlength=len(starts))[:, None]
+    group_t = t[starts]
+    new_template = np.ones(len(starts), dtype=bool)
+    new_template[1:] = group_t[1:] != group_t[:-1]
+    t_starts = np.flatnonzero(new_template)
+    sums = _group_sum(media_means, np.cumsum(new_template) - 1, len(t_starts))
+    return group_t[t_starts].astype(np.int64), _l2_normalize(sums).astype(out_dtype)
+
+
+def verification_scores(template_ids, template_feats, p1, p2, chunk_size: int = 8192) -> np.ndarray:
+    """Cosine similarity of each pair ``(p1[i], p2[i])`` of template ids, computed ``chunk_size`` pairs at a time.
+
+    ``template_ids`` ``(T,)`` name the rows of ``template_feats`` ``(T, D)`` (any order, no repeats).
+    A pair naming a template that has no features is an error naming it. Returns float64 ``(P,)``.
+    """
+    ids = np.asarray(template_ids).ravel()
+    feats = np.asarray(template_feats)
+    if feats.ndim != 2 or len(feats) != len(ids):
+        raise ValueError(f"template_feats must be (T, D) with T = len(template_ids) = {len(ids)}, got {feats.shape}")
+    p1, p2 = np.asarray(p1).ravel(), np.asarray(p2).ravel()
+    if len(p1) != len(p2):
+        raise ValueError(f"p1 and p2 must have the same length, got {len(p1)} and {len(p2)}")
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)) or chunk_size <= 0:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    sorter = np.argsort(ids, kind="stable")
+    sorted_ids = ids[sorter]
+    if len(ids) > 1 and (sorted_ids[1:] == sorted_ids[:-1]).any():
+        dup = sorted_ids[1:][sorted_ids[1:] == sorted_ids[:-1]][0]
+        raise ValueError(f"template_ids must not repeat, got {dup} more than once")
+    feats = _l2_normalize(feats.astype(np.float64))
+
+    def rows(p: np.ndarray, which: str, offset: int) -> np.ndarray:
+        if len(ids) == 0:
+            if len(p):
+                raise ValueError(f"{which} names template {p[0]}, which has no features (none given)")
+            return p.astype(np.int64)
+        pos = np.clip(np.searchsorted(sorted_ids, p), 0, len(ids) - 1)
+        bad = sorted_ids[pos] != p
+        if bad.any():
+            raise ValueError(f"{which} names {int(bad.sum())} pair(s) whose template has no features, "
+                             f"first template {p[bad][0]} (pair {offset + int(np.argmax(bad))})")
+        return sorter[pos]
+
+    scores = np.empty(len(p1), dtype=np.float64)
+    for start in range(0, len(p1), chunk_size):
+        stop = start + chunk_size
+        a = feats[rows(p1[start:stop], "p1", start)]
+        b = feats[rows(p2[start:stop], "p2", start)]
+        scores[start:stop] = np.einsum("ij,ij->i", a, b)
+    return scores
 
 
 # --------------------------------------------------------------------------------------------------
@@ -112,7 +221,7 @@ def _check_features(image_features, meta: IJBMeta) -> np.ndarray:
 
 def ijb_templates(image_features, meta: IJBMeta, faceness_weight: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """``(template ids int64 (T,) sorted, template features float64 (T, D))`` of ``meta`` from its image
-    features ``(N, D)``: :func:`~faceforge.data.ijb.template_features`, faceness-weighted if asked. Compute
+    features ``(N, D)``: :func:`template_features`, faceness-weighted if asked. Compute
     it once and pass it as ``templates=`` to :func:`ijb_verification` and :func:`ijb_identification`."""
     feats = _check_features(image_features, meta)
     return template_features(feats, meta.templates, meta.medias, meta.faceness if faceness_weight else None)
@@ -125,15 +234,18 @@ def ijb_templates(image_features, meta: IJBMeta, faceness_weight: bool = False) 
 
 def ijb_verification(image_features, meta: IJBMeta, faceness_weight: bool = False,
                      fars: Sequence[float] = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1),
-                     templates: tuple[np.ndarray, np.ndarray] | None = None) -> dict:
+                     templates: tuple[np.ndarray, np.ndarray] | None = None, protocol: str = "faceforge") -> dict:
     """The IJB 1:1 protocol on ``meta``'s template pairs.
 
     ``image_features`` ``(N, D)`` from :func:`ijb_embeddings`; with ``faceness_weight`` each is multiplied
-    by its faceness score (insightface "D1"). Templates by :func:`~faceforge.data.ijb.template_features`,
+    by its faceness score (insightface "D1"). Templates by :func:`template_features`,
     pair scores by cosine. ``templates``: their :func:`ijb_templates`, when already computed (then
     ``image_features`` and ``faceness_weight`` are not used).
 
-    Returns a dict: ``tar_at_far`` ``{far: TAR}`` (exact, ``FPR <= far``; see the module notes),
+    ``protocol``: "faceforge" (default; TAR exact, the largest with ``FPR <= far``) or "insightface" (the ROC
+    point whose FPR is nearest ``far``, possibly above it: ``PairCounts.tar_at_far_nearest``).
+
+    Returns a dict: ``tar_at_far`` ``{far: TAR}`` (by ``protocol``; see the module notes),
     ``auc``, ``scores`` float64 ``(P,)``, ``labels`` int64 ``(P,)``, ``counts`` (their
     :class:`~faceforge.eval.metrics.PairCounts`: ``counts.rates()`` is the ROC, without another sort).
     """
@@ -142,7 +254,10 @@ def ijb_verification(image_features, meta: IJBMeta, faceness_weight: bool = Fals
     labels = np.asarray(meta.labels, dtype=np.int64)
     fars = [float(f) for f in fars]
     counts = metrics.PairCounts.of(scores, labels)  # one sort for every number
-    tars = np.atleast_1d(counts.tar_at_far(fars)) if fars else np.zeros(0)
+    if protocol not in metrics.IJB_PROTOCOLS:
+        raise ValueError(f"protocol={protocol!r}: expected one of {', '.join(metrics.IJB_PROTOCOLS)}")
+    read = counts.tar_at_far_nearest if protocol == "insightface" else counts.tar_at_far
+    tars = np.atleast_1d(read(fars)) if fars else np.zeros(0)
     return {
         "tar_at_far": {far: float(tar) for far, tar in zip(fars, tars)},
         "auc": counts.auc(),
@@ -223,7 +338,8 @@ def _select(ids: np.ndarray, feats: np.ndarray, wanted: dict, what: str) -> tupl
     found = (ids[pos] == keys) if len(ids) else np.zeros(len(keys), dtype=bool)
     if not found.all():
         missing = keys[~found]
-        raise ValueError(f"{what} names {len(missing)} template(s) with no images in meta, first {missing[:5].tolist()}")
+        raise ValueError(f"{what}: {len(missing)} of its {len(keys)} templates have no images in the meta file, "
+                         f"first {missing[:5].tolist()}; expected every template of it in the meta file")
     labels = np.array([int(wanted[k]) for k in keys.tolist()], dtype=np.int64)
     return feats[pos].astype(np.float64), labels
 
@@ -231,11 +347,14 @@ def _select(ids: np.ndarray, feats: np.ndarray, wanted: dict, what: str) -> tupl
 def ijb_identification(image_features, meta: IJBMeta, gallery: dict[int, int], probes: dict[int, int],
                        fpirs: Sequence[float] = (1e-2, 1e-1), ranks: Sequence[int] = (1, 5, 10),
                        faceness_weight: bool = False,
-                       templates: tuple[np.ndarray, np.ndarray] | None = None) -> dict:
+                       templates: tuple[np.ndarray, np.ndarray] | None = None, protocol: str = "faceforge",
+                       gallery_name: str = "gallery", probes_name: str = "probes") -> dict:
     """The IJB 1:N protocol: probe templates searched against gallery templates.
 
     ``gallery`` / ``probes``: ``{template_id: subject_id}`` (:func:`read_1n_gallery`,
-    :func:`read_1n_probes`); every template must have images in ``meta``. Template features as in
+    :func:`read_1n_probes`; ``gallery_name`` / ``probes_name``, their files, name them in errors); every
+    template must have images in ``meta`` (else a ValueError naming the file and how many are missing).
+    ``protocol``: how TPIR is read (:func:`~faceforge.eval.metrics.tpir_at_fpir`). Template features as in
     :func:`ijb_verification` (or ``templates``, as there); similarity = cosine ``(P, G)``. A probe is *mated* when its subject has a
     gallery template.
 
@@ -247,14 +366,14 @@ def ijb_identification(image_features, meta: IJBMeta, gallery: dict[int, int], p
     ``gallery_labels``.
     """
     ids, tfeats = templates if templates is not None else ijb_templates(image_features, meta, faceness_weight)
-    g_feats, g_labels = _select(ids, tfeats, gallery, "gallery")
-    p_feats, p_labels = _select(ids, tfeats, probes, "probes")
+    g_feats, g_labels = _select(ids, tfeats, gallery, gallery_name)
+    p_feats, p_labels = _select(ids, tfeats, probes, probes_name)
     similarity = p_feats @ g_feats.T  # rows already L2-normalised (zero rows stay zero)
     mated = np.isin(p_labels, g_labels)
     n_mated, n_non = int(mated.sum()), int((~mated).sum())
     fpirs = [float(f) for f in fpirs]
     if n_mated and n_non and fpirs:
-        tpirs = np.atleast_1d(metrics.tpir_at_fpir(similarity, p_labels, g_labels, fpirs, rank=1))
+        tpirs = np.atleast_1d(metrics.tpir_at_fpir(similarity, p_labels, g_labels, fpirs, rank=1, protocol=protocol))
     else:
         tpirs = np.full(len(fpirs), np.nan)
     ranks = [int(k) for k in ranks]

@@ -233,6 +233,20 @@ class PairCounts:
         tar = np.where(idx >= 0, self.tps[np.maximum(idx, 0)] / self.n_pos, 0.0)
         return float(tar) if f.ndim == 0 else tar
 
+    def tar_at_far_nearest(self, far: float | Sequence[float]) -> float | np.ndarray:
+        """insightface's IJB convention: the TPR of the ROC point whose FPR is nearest ``far`` (possibly above
+        it), on scikit-learn's ``roc_curve`` points (the origin, then only the corners: collinear points are
+        dropped, ``drop_intermediate=True``); the first such point on a tie."""
+        f = _check_far(far)
+        fps, tps = self.fps.astype(np.float64), self.tps.astype(np.float64)
+        if len(fps) > 2:  # sklearn's drop_intermediate: keep the ends and where the slope changes
+            keep = np.r_[True, np.logical_or(np.diff(fps, 2) != 0, np.diff(tps, 2) != 0), True]
+            fps, tps = fps[keep], tps[keep]
+        fpr, tpr = np.r_[0.0, fps] / self.n_neg, np.r_[0.0, tps] / self.n_pos  # then the origin, as sklearn
+        idx = np.abs(fpr[None, :] - np.atleast_1d(f)[:, None]).argmin(axis=1)
+        tar = tpr[idx]
+        return float(tar[0]) if f.ndim == 0 else tar.reshape(f.shape)
+
     def _point(self, c: int) -> tuple[float, float]:
         """``(fpr, tpr)`` of ROC point ``c`` (``c = 0`` is the origin)."""
         if c == 0:
@@ -612,23 +626,34 @@ def recall_at_k(
     return float(rates[0]) if ks.ndim == 0 else rates
 
 
+# How IJB numbers are read off the curves: "faceforge" (exact: the largest TAR with FPR <= FAR, floor(FPIR N)
+# false alarms) or "insightface" (the ROC point nearest the FAR, ceil(FPIR N) - 1 false alarms).
+IJB_PROTOCOLS = ("faceforge", "insightface")
+
+
 def tpir_at_fpir(
     similarity: np.ndarray,
     probe_labels: np.ndarray | Sequence,
     gallery_labels: np.ndarray | Sequence,
     fpir: float | Sequence[float],
     rank: int = 1,
+    protocol: str = "faceforge",
 ) -> float | np.ndarray:
     """Open-set identification: TPIR at a given FPIR (the IJB-B/C 1:N protocol, Grother et al.).
 
     Probes with a mate in the gallery are *mated*, the others *non-mated*. At threshold ``t`` a
     non-mated probe is a false alarm when its top score is ``>= t``; a mated probe is identified when
     its best mate is within the top ``rank`` (ties count against it) and scores ``>= t``. The threshold
-    is the lowest one whose FPIR is ``<= fpir``, tied scores rejected together, so TPIR is exact.
+    is the lowest one whose FPIR is ``<= fpir``, tied scores rejected together, so TPIR is exact: with N
+    non-mated probes, ``floor(fpir N)`` false alarms are allowed.
+
+    ``protocol="insightface"``: insightface's convention, one false alarm fewer: the threshold is the
+    ``k``-th highest non-mated top score, ``k = ceil(fpir N)``, and a mate must score above it.
 
     Args:
         similarity: ``(P, G)`` probe-to-gallery similarities. probe_labels: ``(P,)``; gallery_labels: ``(G,)``.
         fpir: a float in (0, 1] or a sequence of them. rank: 1-based rank, default 1.
+        protocol: "faceforge" (default) or "insightface".
 
     Returns:
         TPIR in [0, 1]: a float for a float ``fpir``, an array for a sequence.
@@ -652,8 +677,12 @@ def tpir_at_fpir(
     ranks = _first_match_rank(sim[mated], match[mated])
     mate_score = np.where(match[mated], sim[mated], -np.inf).max(axis=1)
     mate_score = np.where(ranks <= rank, mate_score, -np.inf)
+    if protocol not in IJB_PROTOCOLS:
+        raise ValueError(f"protocol={protocol!r}: expected one of {', '.join(IJB_PROTOCOLS)}")
     # the (a + 1)-th highest non-mated score and everything tied with it must be rejected
     allowed = np.floor(f * len(nonmated_top) * (1 + _FAR_RTOL)).astype(np.int64)
+    if protocol == "insightface":  # the k-th highest, k = ceil(fpir N), is the bar: k - 1 false alarms
+        allowed = np.maximum(np.ceil(f * len(nonmated_top) * (1 - _FAR_RTOL)).astype(np.int64) - 1, 0)
     bar = np.where(allowed < len(nonmated_top), nonmated_top[np.minimum(allowed, len(nonmated_top) - 1)], -np.inf)
     tpir = np.where(
         allowed < len(nonmated_top),
@@ -708,6 +737,7 @@ def mean_average_precision(
 
 
 __all__ = [
+    "IJB_PROTOCOLS",
     "PairCounts",
     "accuracy_at_threshold",
     "auc",

@@ -29,6 +29,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -274,8 +275,9 @@ class PairSet(EvalSet):
     kind = "verification"
 
     def __init__(self, name: str, images: np.ndarray, issame: np.ndarray | Sequence[bool],
-                 fars: Sequence[float] = VERIFICATION_FARS) -> None:
+                 fars: Sequence[float] = VERIFICATION_FARS, source: str | None = None) -> None:
         self.name = name
+        self.source = source or f"set {name!r}"  # the file, for error messages
         self.images = images
         self.issame = np.asarray(issame, dtype=bool)
         self.fars = tuple(float(f) for f in fars)
@@ -286,6 +288,10 @@ class PairSet(EvalSet):
         return _hash(np.asarray(self.images), self.issame)
 
     def embed(self, model, image_size, batch_size=256, device=None, progress=False):
+        h, w = self.images.shape[1:3]
+        if (h, w) != (image_size, image_size):
+            raise ValueError(f"{self.source}: images are {w}x{h} but the model takes {image_size}x{image_size} "
+                             f"(its data.image_size); expected a .bin of {image_size}x{image_size} images")
         return {"": embed(model, self.images, batch_size=batch_size, device=device, progress=progress)}
 
     def score(self, features, threshold=None):
@@ -327,19 +333,31 @@ class IJBSet(EvalSet):
     ``IJBB`` or ``IJBC``. 1:N uses ``meta/<name>_1N_probe_mixed.csv`` and every
     ``meta/<name>_1N_gallery_*.csv``. Features: image + flip, summed, not normalised (insightface),
     optionally weighted by faceness (``faceness=True``) when forming templates.
+
+    ``protocol`` (``faceforge.eval.metrics.IJB_PROTOCOLS``): "faceforge" (default: TAR the largest with
+    ``FPR <= FAR``, ``floor(FPIR N)`` false alarms) or "insightface" (its reference code's choices: the ROC
+    point nearest the FAR, one false alarm fewer, and faceness weighting unless ``faceness=False``). Every
+    table row names the protocol. A gallery naming templates the meta file lacks costs that gallery's 1:N
+    numbers only (its row and record say why); the 1:1 numbers are kept.
     """
 
     kind = "ijb"
 
-    def __init__(self, root: str | os.PathLike, name: str = "IJBC", faceness: bool = False,
+    def __init__(self, root: str | os.PathLike, name: str = "IJBC", faceness: bool | None = None,
                  fars: Sequence[float] = IJB_FARS, fpirs: Sequence[float] = IJB_FPIRS,
-                 ranks: Sequence[int] = IJB_RANKS) -> None:
+                 ranks: Sequence[int] = IJB_RANKS, protocol: str = "faceforge") -> None:
+        from faceforge.eval.metrics import IJB_PROTOCOLS
+
         from faceforge.data.ijb import IJBMeta, meta_paths
         from faceforge.eval.ijb import read_1n_gallery, read_1n_probes
 
+        if protocol not in IJB_PROTOCOLS:
+            raise ValueError(f"protocol {protocol!r}: expected one of {', '.join(IJB_PROTOCOLS)}")
+        self.protocol = protocol
+        faceness = (protocol == "insightface") if faceness is None else faceness
         self.root = Path(root)
         self.meta = IJBMeta.load(root, name)
-        self.name = self.meta.name + ("-faceness" if faceness else "")
+        self.name = self.meta.name + ("-faceness" if faceness else "") + ("" if protocol == "faceforge" else f"-{protocol}")
         self.faceness = faceness
         self.fars, self.fpirs, self.ranks = tuple(fars), tuple(fpirs), tuple(ranks)
         self._meta_files = [str(p) for p in meta_paths(root, name).values()]
@@ -350,6 +368,8 @@ class IJBSet(EvalSet):
         self.galleries = {
             g.stem.rsplit("_", 1)[-1]: read_1n_gallery(g) for g in gallery_files
         } if self.probes is not None else {}
+        self.gallery_files = {g.stem.rsplit("_", 1)[-1]: str(g) for g in gallery_files}
+        self.probe_file = str(probes)
 
     @property
     def features_name(self) -> str:  # the faceness weighting applies to templates, not to image features
@@ -368,20 +388,30 @@ class IJBSet(EvalSet):
         from faceforge.eval.ijb import ijb_identification, ijb_templates, ijb_verification
 
         template_feats = ijb_templates(features[""], self.meta, self.faceness)  # once, for 1:1 and every gallery
-        v = ijb_verification(features[""], self.meta, fars=self.fars, templates=template_feats)
+        v = ijb_verification(features[""], self.meta, fars=self.fars, templates=template_feats, protocol=self.protocol)
         numbers = {f"1:1/tar@far={far:.0e}": tar for far, tar in v["tar_at_far"].items()}
         numbers["1:1/auc"] = v["auc"]
         record: dict[str, Any] = {
             "template_pairs": int(len(v["labels"])),
+            "protocol": self.protocol,
             "faceness_weight": self.faceness,
             "verification": {"tar_at_far": {f"{f:.0e}": t for f, t in v["tar_at_far"].items()}, "auc": v["auc"]},
             "identification": {},
         }
-        row = {f"TAR@FAR={far:.0e}": _pct(tar) for far, tar in v["tar_at_far"].items()} | {"AUC": f"{v['auc']:.4f}"}
+        row = ({"protocol": self.protocol} | {f"TAR@FAR={far:.0e}": _pct(tar) for far, tar in v["tar_at_far"].items()}
+               | {"AUC": f"{v['auc']:.4f}"})
         rows = [("IJB 1:1 verification (TAR@FAR)", row)]
         for gallery, members in self.galleries.items():
-            r = ijb_identification(features[""], self.meta, members, self.probes, fpirs=self.fpirs,
-                                   ranks=self.ranks, templates=template_feats)
+            try:
+                r = ijb_identification(features[""], self.meta, members, self.probes, fpirs=self.fpirs,
+                                       ranks=self.ranks, templates=template_feats, protocol=self.protocol,
+                                       gallery_name=self.gallery_files[gallery], probes_name=self.probe_file)
+            except ValueError as e:  # this gallery's 1:N only: the 1:1 numbers and the other galleries stay
+                record["identification"][gallery] = {"error": str(e)}
+                rows.append(("IJB 1:N identification (mixed probes)",
+                             {"gallery": gallery, "protocol": self.protocol, "error": str(e)}))
+                print(f"faceforge eval: {self.name} 1:N {gallery}: {e}", file=sys.stderr)
+                continue
             numbers.update({f"1:N-{gallery}/tpir@fpir={f:.0e}": t for f, t in r["tpir_at_fpir"].items()})
             numbers.update({f"1:N-{gallery}/rank-{k}": rate for k, rate in r["rank"].items()})
             record["identification"][gallery] = {
@@ -390,7 +420,7 @@ class IJBSet(EvalSet):
                 "mated_probes": r["mated"], "non_mated_probes": r["non_mated"],
             }
             rows.append(("IJB 1:N identification (mixed probes)",
-                         {"gallery": gallery}
+                         {"gallery": gallery, "protocol": self.protocol}
                          | {f"TPIR@FPIR={f:.0e}": _pct(t) for f, t in r["tpir_at_fpir"].items()}
                          | {f"rank-{k}": _pct(rate) for k, rate in r["rank"].items()}))
         return SetScores(numbers, record, rows, pairs=(v["scores"], v["labels"]), counts=v["counts"], result=v)

@@ -80,10 +80,15 @@ class HeadConfig:
     """The loss head: ``faceforge.heads.build(name, num_classes, embedding_size, **kwargs)``.
 
     ``name`` may also be ``"package.module:callable"``; num_classes comes from the dataset.
+
+    ``shard``: hold the class weights sharded by class over the ranks (``faceforge.heads.parallel.ShardedHead``:
+    rank r holds rows [c0, c1) of W; embeddings all-gathered; checkpoints hold W as one logical tensor, so a
+    run resumes at any world size). For the margin heads, softmax and sphereface2.
     """
 
     name: str
     kwargs: dict[str, Any] = field(default_factory=dict)
+    shard: bool = False
 
 
 @dataclass

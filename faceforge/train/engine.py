@@ -49,9 +49,10 @@ from faceforge.data.samplers import (
     rank_positions,
 )
 from faceforge.fileio import stale_temporaries
-from faceforge.heads.base import TrainHooks
+from faceforge.heads.base import RowShard, TrainHooks
 from faceforge.modelfile import write_model_files
 from faceforge.train import distributed as fdist
+from faceforge.train import shards
 from faceforge.train.checkpoint import CHECKPOINT_NAME, THRESHOLD_KEY, load_checkpoint, save_checkpoint
 from faceforge.train.config import Config, to_dict, to_yaml
 from faceforge.train.data import build_dataset, dataset_labels
@@ -222,7 +223,7 @@ class _Run:
         if not self.checkpoint_path.is_file():
             logger.warning("resume: no checkpoint at %s; starting from step 0", self.checkpoint_path)
             return None
-        state = load_checkpoint(self.checkpoint_path)
+        state = shards.resolve(load_checkpoint(self.checkpoint_path), self.output, self._shard_rows())
         self.backbone.load_state_dict(state["backbone"])
         self.head.load_state_dict(state["head"])
         if "objective" in state:
@@ -257,7 +258,7 @@ class _Run:
 
     def _init_from(self, path: Path) -> None:
         """model.init_from: start from another run's backbone and head class weights (not its optimiser or queue)."""
-        state = check_init_from(self.cfg)
+        state = shards.resolve(check_init_from(self.cfg), path.parent, self._shard_rows())
         load_part(self.backbone, state.get("backbone"), f"model.init_from {path}: the backbone")
         load_class_weights(
             self.head, state.get("head"),
@@ -302,15 +303,68 @@ class _Run:
         return state
 
     def save(self) -> None:
-        """Rank 0 writes last.pt atomically (and a step_XXXXXXX.pt link when keep_checkpoints > 0), and the
+        """Rank 0 writes last.pt atomically (and a step_XXXXXXX.pt link when keep_checkpoints > 0); the parts'
+        row-sharded tensors (and their optimiser state) go first into one file each, every rank writing its own
+        rows (``faceforge.train.shards``), and last.pt names those files; rank 0 also writes the
         backbone a user takes away: model.safetensors + model.json (:mod:`faceforge.modelfile`)."""
         state = self._state()
+        entries = self._row_shard_entries()
+        for path, (tensor, shard) in entries.items():
+            if self.main:
+                shards.create(self.output, shards.shard_file(self.step, _dotted(path)), [shard.total, *tensor.shape[1:]],
+                              tensor.dtype)
+        if entries:
+            fdist.barrier()  # every file exists at its full size
+        for path, (tensor, shard) in entries.items():
+            file = shards.shard_file(self.step, _dotted(path))
+            shards.write_rows(self.output, file, shard, tensor)
+            _set_path(state, path, shards.placeholder(file, shard, tensor))
+        if entries:
+            fdist.barrier()  # every rank's rows are written and fsync'ed before last.pt names them
         if self.main:
             save_checkpoint(self.checkpoint_path, state)
             write_model_files(self.output, self.backbone, self.cfg, self.metrics, state[THRESHOLD_KEY], self.step)
             self._keep_older(state)
+            if entries:
+                kept = {int(f.stem.removeprefix("step_")) for f in self.output.glob("step_*.pt")}
+                shards.prune(self.output, kept | {self.step})
             logger.info("checkpoint: %s (step %d)", self.checkpoint_path, self.step)
         fdist.barrier()
+
+    def _row_shard_entries(self) -> dict[tuple, tuple[Tensor, RowShard]]:
+        """{path in the checkpoint dict: (this rank's rows, their RowShard)} of every part's ``row_shards``
+        (TrainHooks), and of the optimiser state of each such parameter (the tensors with one row per row)."""
+        entries: dict[tuple, tuple[Tensor, RowShard]] = {}
+        index = {id(p): i for i, p in enumerate(p for g in self.optimizer.param_groups for p in g["params"])}
+        for key, part in self.hooks.items():
+            tensors = part.state_dict(keep_vars=True)  # type: ignore[attr-defined]
+            params = dict(part.named_parameters())  # type: ignore[attr-defined]
+            for name, shard in part.row_shards().items():
+                tensor = tensors[name]
+                entries[(key, name)] = (tensor.detach(), shard)
+                param = params.get(name)
+                for slot, value in self.optimizer.state.get(param, {}).items() if param is not None else ():
+                    if torch.is_tensor(value) and value.dim() >= 1 and value.shape[0] == tensor.shape[0]:
+                        entries[("optimizer", "state", index[id(param)], slot)] = (value, shard)
+        return entries
+
+    def _shard_rows(self) -> Callable[[str], tuple[int, int] | None]:
+        """rows_of for ``shards.resolve``: the rows this rank holds of each row-sharded checkpoint entry."""
+        index = {id(p): i for i, p in enumerate(p for g in self.optimizer.param_groups for p in g["params"])}
+        rows: dict[str, tuple[int, int]] = {}
+        for key, part in self.hooks.items():
+            params = dict(part.named_parameters())  # type: ignore[attr-defined]
+            for name, shard in part.row_shards().items():
+                rows[f"{key}.{name}"] = (shard.start, shard.stop)
+                if name in params:
+                    rows[f"optimizer.state.{index[id(params[name])]}"] = (shard.start, shard.stop)
+
+        def rows_of(key: str) -> tuple[int, int] | None:
+            if key.startswith("optimizer.state."):
+                key = ".".join(key.split(".")[:3])  # optimizer.state.<param index>.<slot>
+            return rows.get(key)
+
+        return rows_of
 
     def _keep_older(self, state: dict[str, Any]) -> None:
         keep = self.cfg.train.keep_checkpoints
@@ -646,6 +700,19 @@ def _row_sharded_parameters(part: TrainHooks) -> list[nn.Parameter]:
     """The parameters among a part's ``row_shards`` (TrainHooks; the others are buffers)."""
     params = dict(part.named_parameters())  # type: ignore[attr-defined]
     return [params[key] for key in part.row_shards() if key in params]
+
+
+def _dotted(path: tuple) -> str:
+    return ".".join(str(k) for k in path)
+
+
+def _set_path(state: dict[str, Any], path: tuple, value: Any) -> None:
+    """state[path[0]][path[1]]... = value, each dict on the way shallow-copied first (the optimiser's
+    ``state_dict`` shares its per-parameter dicts with the live optimiser)."""
+    for key in path[:-1]:
+        state[key] = dict(state[key])
+        state = state[key]
+    state[path[-1]] = value
 
 
 def _sum(terms: Iterable[Tensor]) -> Tensor:

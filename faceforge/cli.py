@@ -14,8 +14,8 @@ import sys
 import traceback
 from typing import Callable, Sequence
 
-# An override on the command line: dotted.key=value (accepted after --resume too).
-_OVERRIDE = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_]\w*)+=")
+# An override on the command line: key=value or dotted.key=value (accepted after --resume too).
+_OVERRIDE = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*=")
 
 
 def _train(args: argparse.Namespace) -> int:

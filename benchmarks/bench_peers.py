@@ -19,7 +19,8 @@ Variants, all on ONE (C, D) float32 weight tensor (no peer gets a copy) and the 
              cross-entropy; the gradient reaches W through the gather
 
 Before any time is printed, every variant's loss must equal the textbook's to 1e-6 relative (partialfc at
-rate 1.0). Each C runs in a fresh child process, one at a time; memory (peak RSS growth of one step, and
+rate 1.0), in float32 or in float64 (at 1M classes the float32 textbook is itself 3e-6 off the float64
+value); each variant's distance from both is printed. Each C runs in a fresh child process, one at a time; memory (peak RSS growth of one step, and
 what stays allocated between steps once the step's gradients are dropped) is measured in one more fresh
 child per variant. At C >= 1,000,000 the peers need about 10 GB each: they run only when `free` reports at
 least --min-free-gib available, otherwise only gemm3 and faceforge run and the table says so.
@@ -129,17 +130,29 @@ def make_steps(
     return steps, losses, notes
 
 
-def check_losses(losses: dict[str, Callable[[], torch.Tensor]], rtol: float = 1e-6) -> dict[str, float]:
-    """Every loss against the textbook's; raises SystemExit naming the variant if one differs by more than rtol."""
+def check_losses(
+    losses: dict[str, Callable[[], torch.Tensor]], reference: float, rtol: float = 1e-6
+) -> tuple[dict[str, float], list[str]]:
+    """Every loss against the textbook's: equal to 1e-6 relative to the float32 textbook OR to the float64 one
+    (`reference`; at C = 1M the float32 textbook itself is 3e-6 off it, its sums over 1M logits rounding).
+    Raises SystemExit naming the variant otherwise; returns the values and one note per variant."""
     with torch.no_grad():
         values = {name: float(fn()) for name, fn in losses.items()}
-    if "textbook" not in values:
-        return values
-    want = values["textbook"]
+    want = values.get("textbook", reference)
+    notes = []
     for name, got in values.items():
-        if abs(got - want) > rtol * abs(want):
-            raise SystemExit(f"bench_peers: {name} loss {got!r} differs from the textbook's {want!r} by more than {rtol}")
-    return values
+        off32, off64 = abs(got - want) / abs(want), abs(got - reference) / abs(reference)
+        notes.append(f"{name}: {off64:.1e} relative from the float64 textbook, {off32:.1e} from the float32 one")
+        if off32 > rtol and off64 > rtol:
+            raise SystemExit(f"bench_peers: {name} loss {got!r} differs from the textbook's {want!r} "
+                             f"(float64: {reference!r}) by more than {rtol}")  # fmt: skip
+    return values, notes
+
+
+def float64_reference(head: ArcFace, x: torch.Tensor, labels: torch.Tensor) -> float:
+    """The textbook loss in float64 (a transient float64 copy of W: 2 |W|)."""
+    with torch.no_grad():
+        return float(textbook_loss(x.detach().double(), head.weight.detach().double(), labels))
 
 
 def free_gib() -> float:
@@ -155,7 +168,8 @@ def timing_child(args: argparse.Namespace, classes: int, variants: list[str]) ->
     torch.set_num_threads(args.threads)
     head, x, labels = make_inputs(classes, args.dim, args.batch)
     steps, losses, notes = make_steps(variants, head, x, labels, args.rate)
-    values = check_losses(losses)
+    values, loss_notes = check_losses(losses, float64_reference(head, x, labels))
+    notes += loss_notes
     names = [v for v in variants if v in steps and v != "gemm3"]
     before = time_variants({"gemm3": steps["gemm3"]}, args.repeats)["gemm3"]
     runs = time_variants({v: steps[v] for v in names}, args.repeats)
@@ -250,8 +264,8 @@ def report(result: dict, memory: dict[str, dict]) -> None:
         loss = f"{result['losses'].get(v, float('nan')):.6f}"
         med = result["median"][v]
         print(f"  {v:<11}{loss:>12}{med:>10.3f}{result['min'][v]:>8.3f}{med / base:>9.2f}{peak:>10}{held:>10}")
-    print("  losses equal the textbook's to 1e-6 relative (checked before timing); held = RSS left after a step "
-          "whose gradients were dropped")
+    print("  losses equal the textbook's (float32 or float64) to 1e-6 relative, checked before timing; held = RSS left "
+          "after a step whose gradients were dropped")
     sys.stdout.flush()
 
 

@@ -26,6 +26,12 @@ BENCHMARKS: list[tuple[str, list[str], list[str]]] = [
     ("bench_recordio.py", ["--images", "2000"], ["--images", "300"]),
     ("bench_eval.py", ["--distractors", "100000"], ["--pairs", "1000000", "--distractors", "20000", "--probes", "200"]),
     ("bench_embed.py", [], ["--images", "64", "--repeats", "1"]),
+    ("bench_attfc.py", ["head", "--threads", "1", "--classes", "100000", "1000000", "--max-gib", "6.5"],
+     ["head", "--threads", "1", "--classes", "30000", "--repeats", "1"]),
+    ("bench_attfc.py", ["limit", "--threads", "1", "--check", "100000", "1000000"],
+     ["limit", "--threads", "1", "--check", "60000", "--ratios", "0.1", "--budget-gib", "0.5", "--reserve-gib", "0.1"]),
+    ("bench_attfc.py", ["k", "--threads", "1", "--repeats", "5"], ["k", "--threads", "1", "--ks", "2", "--repeats", "1",
+                                                                    "--batch-size", "8"]),
 ]
 
 

@@ -24,7 +24,7 @@ from torch import nn
 from faceforge.train.checkpoint import load_checkpoint
 from faceforge.train.config import Config, ConfigError, config_from_dict
 
-__all__ = ["FaceModel", "build_backbone", "build_head", "load_backbone", "load_class_weights", "wrap_ddp"]
+__all__ = ["ENCODERS", "FaceModel", "build_backbone", "build_head", "load_backbone", "load_class_weights", "wrap_ddp"]
 
 
 def build_backbone(cfg: Config) -> nn.Module:
@@ -44,7 +44,8 @@ def build_head(cfg: Config, num_classes: int) -> nn.Module:
 
     if cfg.head.shard:
         with _naming_kwargs("head", cfg.head.name):
-            return ShardedHead(cfg.head.name, num_classes, cfg.model.embedding_size, seed=cfg.seed, **cfg.head.kwargs)
+            return ShardedHead(cfg.head.name, num_classes, cfg.model.embedding_size, seed=cfg.seed,
+                               sample_rate=cfg.head.sample_rate, **cfg.head.kwargs)
     with _naming_kwargs("head", cfg.head.name):
         return HEADS.build(
             cfg.head.name, num_classes=num_classes, embedding_size=cfg.model.embedding_size, **cfg.head.kwargs
@@ -68,6 +69,11 @@ def _naming_kwargs(section: str, name: str) -> Iterator[None]:
         raise ConfigError(f"{section}.kwargs ({section} {name!r}): {e}") from None
 
 
+# `faceforge eval --encoder` names -> load_backbone's encoder: the trained backbone, or AttFC's momentum class
+# encoder (the objective-owned module "momentum", a MomentumEncoder whose backbone copy is "momentum.encoder")
+ENCODERS: dict[str, str] = {"query": "backbone", "momentum": "momentum.encoder"}
+
+
 def load_backbone(
     checkpoint: str | Path | dict[str, Any], map_location: str | torch.device = "cpu", source: str | None = None,
     encoder: str = "backbone",
@@ -77,7 +83,8 @@ def load_backbone(
     checkpoint: a path (read with ``weights_only=True``) or an already loaded checkpoint dict; ``source``
     names it in errors (default: the path). ``encoder``: ``"backbone"`` (the trained one, default) or the
     name of a module the run's objective owned with the backbone's architecture (a momentum encoder, saved
-    under the checkpoint's ``objective`` key as ``<name>.*``). Raises ``CheckpointError`` for an unreadable
+    under the checkpoint's ``objective`` key as ``<name>.*``; "query" and "momentum" are AttFC's names,
+    :data:`ENCODERS`). Raises ``CheckpointError`` for an unreadable
     file and ValueError (naming the file) for one without ``config`` / ``backbone`` entries, without that
     encoder, or whose weights do not fit the backbone its config names.
     """
@@ -86,6 +93,7 @@ def load_backbone(
     if "config" not in state or "backbone" not in state:
         raise ValueError(f"{source}: not a `faceforge train` checkpoint (no 'config' / 'backbone' entry)")
     cfg = config_from_dict(state["config"], source=source)
+    encoder = ENCODERS.get(encoder, encoder)
     if encoder == "backbone":
         weights = state["backbone"]
     else:

@@ -218,6 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--retrieval-test-fraction", type=float, default=None, metavar="F",
                    help="evaluate only a class-disjoint split with this fraction of the classes (default: all classes)")
     p.add_argument("--batch-size", type=int, default=256, help="images per forward pass (default 256)")
+    p.add_argument("--encoder", default="query", choices=("query", "momentum"),
+                   help="embed with the trained backbone (query, default) or AttFC's momentum class encoder")
     commands["eval"] = _eval
 
     p = sub.add_parser("backbones", help="list the registered backbones with parameters and FLOPs")

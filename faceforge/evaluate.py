@@ -59,7 +59,8 @@ class EvalRequest:
     of a labelled image set among distractors (both required together). retrieval /
     retrieval_test_fraction: retrieval on a labelled image set, or on a class-disjoint fraction of it.
     num_pairs: held-out pairs when a checkpoint's own sets are used (none of the above). fars: of the
-    pair sets. batch_size: images per forward pass.
+    pair sets. batch_size: images per forward pass. encoder: which of a checkpoint's encoders embeds,
+    "query" (the trained backbone) or "momentum" (AttFC's class encoder; ``faceforge.build.ENCODERS``).
     """
 
     bins: Sequence[str] = ()
@@ -75,6 +76,7 @@ class EvalRequest:
     num_pairs: int = 3000
     fars: Sequence[float] = EVAL_FARS
     batch_size: int = 256
+    encoder: str = "query"
 
 
 def _bin_sets(r: EvalRequest) -> list[EvalSet]:
@@ -134,6 +136,7 @@ class _Checkpoint:
 
     path: Path
     label: str
+    encoder: str = "query"
     key: str = ""
     state: dict = field(default_factory=dict, repr=False)
     _model: torch.nn.Module | None = field(default=None, repr=False)
@@ -142,7 +145,7 @@ class _Checkpoint:
         from faceforge.train.checkpoint import load_checkpoint
         from faceforge.train.config import config_from_dict
 
-        self.key = _file_key(self.path)
+        self.key = _file_key(self.path) + ("" if self.encoder == "query" else f"-{_safe(self.encoder)}")
         if self.path.suffix.lower() in MODEL_FILE_SUFFIXES:  # model.safetensors, exported or foreign ONNX
             from faceforge.inference import as_backbone, load_model
 
@@ -153,6 +156,8 @@ class _Checkpoint:
         self.state = load_checkpoint(self.path)
         if "config" not in self.state or "backbone" not in self.state:
             raise ValueError(f"{self.path}: not a `faceforge train` checkpoint (no 'config' / 'backbone' entry)")
+        if self.encoder != "query":
+            self.model()  # a checkpoint without that encoder is refused before any work
         self.cfg = config_from_dict(self.state["config"], source=str(self.path))
         t = self.state.get(THRESHOLD_KEY)
         if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t)):
@@ -164,7 +169,7 @@ class _Checkpoint:
         if self._model is None:
             from faceforge.build import load_backbone
 
-            self._model, _ = load_backbone(self.state, source=str(self.path))
+            self._model, _ = load_backbone(self.state, source=str(self.path), encoder=self.encoder)
         return self._model
 
     def held_out_sets(self, r: EvalRequest) -> list[EvalSet]:
@@ -209,7 +214,7 @@ def _features(s: EvalSet, data_key: str, ckpt: _Checkpoint, out: Path,
 
 def _record(ckpt: _Checkpoint, s: EvalSet, scores: SetScores, paths: dict[str, Path], cached: bool) -> dict:
     record = {"checkpoint": ckpt.label, "checkpoint_path": str(ckpt.path), "checkpoint_key": ckpt.key,
-              "set": s.name, "kind": s.kind}
+              "encoder": ckpt.encoder, "set": s.name, "kind": s.kind}
     record.update(scores.record)
     single = list(paths) == [""]
     record["embeddings"] = str(paths[""]) if single else {part: str(p) for part, p in paths.items()}
@@ -281,7 +286,8 @@ def evaluate_checkpoints(
     results: dict[tuple[str, str], SetScores] = {}
     records, rows, hists, curves = [], [], [], {}
     for path, label in zip(paths, _labels(paths)):
-        ckpt = _Checkpoint(path, label)
+        label = label if r.encoder == "query" else f"{label}[{r.encoder}]"  # which encoder, in every table
+        ckpt = _Checkpoint(path, label, r.encoder)
         sets = shared or ckpt.held_out_sets(r)
         for s in sets:
             data_key = data_keys.get(id(s)) or s.key()

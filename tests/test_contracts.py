@@ -1,7 +1,8 @@
 """The contract every registered head and backbone keeps (timm's test_models.py is the model): parametrised
 over the registries, so a head or backbone added later is tested here without a line of its own.
 
-Heads (``faceforge.heads.HEADS``), built as ``build(name, num_classes=5, embedding_size=4, **HEAD_KWARGS.get(name))``:
+Heads (``faceforge.heads.HEADS``), built as ``build(name, num_classes=5, embedding_size=4, **HEAD_KWARGS.get(name))``
+and called as ``head(embeddings, labels, *HEAD_INPUTS[name])`` (AttFC's class features):
 forward and backward finite; ``per_sample_loss`` averages to the loss (``ClassifierHead`` heads without a
 batch-level term); a state_dict round trip gives the same loss; a float64 gradient check of the loss in the
 embeddings and every parameter against central differences; a checkpoint/resume round trip through the trainer, bit for bit.
@@ -32,7 +33,20 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 C, D, B = 5, 4, 6
 
 # Arguments a head cannot do without (everything else keeps its default).
-HEAD_KWARGS: dict[str, dict[str, Any]] = {"broadface": {"queue_size": 8}}
+HEAD_KWARGS: dict[str, dict[str, Any]] = {"broadface": {"queue_size": 8}, "attfc": {"batch_size": B, "container_size": 2 * B}}
+# Inputs a head takes after (embeddings, labels): AttFC's class features (B, k, D) from its momentum encoder.
+HEAD_INPUTS: dict[str, Any] = {
+    "attfc": lambda dtype: (torch.randn(B, 2, D, generator=torch.Generator().manual_seed(2), dtype=dtype),),
+}
+# What the trainer needs beside the head (AttFC: its sampler and objective; the head's global batch).
+HEAD_SECTIONS: dict[str, dict[str, Any]] = {
+    "attfc": {"objective": {"name": "attfc"}, "data": {"sampler": "attfc", "sampler_kwargs": {"k": 2}},
+              "head_kwargs": {"batch_size": 8, "container_size": 16}},
+}
+
+
+def extra_inputs(name: str, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, ...]:
+    return HEAD_INPUTS[name](dtype) if name in HEAD_INPUTS else ()
 
 
 def make_head(name: str, dtype: torch.dtype = torch.float32, seed: int = 0) -> torch.nn.Module:
@@ -51,7 +65,7 @@ def test_head_forward_backward_finite(name: str) -> None:
     x, y = batch()
     x.requires_grad_(True)
     for _ in range(2):  # the second call sees any state the first left (a queue)
-        loss = head(x, y)
+        loss = head(x, y, *extra_inputs(name))
         assert loss.shape == () and torch.isfinite(loss), name
         loss.backward()
     assert torch.isfinite(x.grad).all()
@@ -61,7 +75,8 @@ def test_head_forward_backward_finite(name: str) -> None:
 
 def classifier_heads() -> list[str]:
     """The registered heads that are a ``ClassifierHead`` whose loss is the mean of ``per_sample_loss`` (not
-    BroadFace: Eq. 8 + 9 with stop-gradients on purpose, tested in test_broadface.py)."""
+    BroadFace: Eq. 8 + 9 with stop-gradients on purpose, tested in test_broadface.py; nor AttFC, whose centre w+
+    depends on f through Eq. 8 but takes no gradient, as in the official code: test_attfc.py checks its gradient)."""
     heads = {name: make_head(name) for name in HEADS.names()}
     return [n for n, h in heads.items() if isinstance(h, ClassifierHead) and not h.batch_level_loss]
 
@@ -80,12 +95,13 @@ def test_head_per_sample_loss_averages_to_the_loss(name: str) -> None:
 def test_head_state_dict_round_trip(name: str) -> None:
     head, other = make_head(name, seed=0), make_head(name, seed=1)
     x, y = batch()
-    head(x, y)  # a state beyond the initial one (a queue)
+    more = extra_inputs(name)
+    head(x, y, *more)  # a state beyond the initial one (a queue)
     other.load_state_dict(head.state_dict())
     for a, b in zip(head.state_dict().values(), other.state_dict().values()):
         assert torch.equal(a, b)
     head.eval(), other.eval()
-    assert torch.equal(head(x, y), other(x, y))
+    assert torch.equal(head(x, y, *more), other(x, y, *more))
 
 
 def numerical_gradient(f: Any, inputs: list[torch.Tensor], eps: float = 1e-6) -> list[torch.Tensor]:
@@ -134,9 +150,11 @@ def test_head_gradient_check_float64(name: str) -> None:
 @pytest.mark.equivalence
 @pytest.mark.parametrize("name", HEADS.names())
 def test_head_checkpoint_resume_through_the_trainer(tmp_path: Path, name: str) -> None:
+    sections = dict(HEAD_SECTIONS.get(name, {}))
+    kwargs = {**HEAD_KWARGS.get(name, {}), **sections.pop("head_kwargs", {})}
     state = resumed_equals_straight(
-        tmp_path, steps=2, head={"name": name, "kwargs": HEAD_KWARGS.get(name, {})},
-        data={"num_identities": 4, "images_per_identity": 8, "batch_size": 8}, model={"kwargs": {"dropout": 0.0}},
+        tmp_path, steps=2, head={"name": name, "kwargs": kwargs}, model={"kwargs": {"dropout": 0.0}},
+        data={"num_identities": 4, "images_per_identity": 8, "batch_size": 8, **sections.pop("data", {})}, **sections,
     )
     assert state["step"] == 2
 

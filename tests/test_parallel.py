@@ -70,7 +70,7 @@ def run_reference(name: str, world: int) -> dict:
     """The plain head on all C classes, the same initial rows, the ranks' batches concatenated in rank order."""
     initial = ShardedHead(name, C, D, seed=3, **SPECS[name]).double()  # no process group: all C rows, one rank
     head = build(name, num_classes=C, embedding_size=D, **SPECS[name]).double()
-    head.load_state_dict({k.removeprefix("head."): v for k, v in initial.state_dict().items()})
+    head.load_state_dict({k.removeprefix("head."): v for k, v in initial.state_dict().items() if k.startswith("head.")})
     optimizer = sgd(head.parameters())
     losses, grads = [], []
     for step in range(STEPS):
@@ -177,7 +177,7 @@ import sys  # noqa: E402
 from _runs import BASE as RUN_BASE  # noqa: E402
 from faceforge.train import shards  # noqa: E402
 from faceforge.train.checkpoint import load_checkpoint  # noqa: E402
-from faceforge.train.config import config_from_dict, to_yaml  # noqa: E402
+from faceforge.train.config import config_from_dict, to_dict, to_yaml  # noqa: E402
 from faceforge.train.engine import train  # noqa: E402
 
 WORKER = Path(__file__).with_name("_train_worker.py")
@@ -302,3 +302,142 @@ def test_row_shards_written_by_3_ranks_read_by_2_and_1(tmp_path: Path) -> None:
     shards.prune(tmp_path, {4})
     with pytest.raises(FileNotFoundError, match="row-sharded tensor"):
         shards.resolve(state, tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------- Partial FC
+
+from faceforge.heads.parallel import sample_rows  # noqa: E402
+from faceforge.train.optim import LazyRowSGD  # noqa: E402
+
+
+def test_partial_fc_keeps_every_positive_and_samples_deterministically() -> None:
+    g = torch.Generator().manual_seed(0)
+    for trial in range(20):
+        labels = torch.randint(-1, 50, (16,), generator=g)  # -1: a class on another shard
+        rows = sample_rows(labels, 50, 0.1, torch.Generator().manual_seed(trial))
+        positives = set(labels[labels >= 0].tolist())
+        assert positives <= set(rows.tolist())
+        assert rows.tolist() == sorted(set(rows.tolist()))  # sorted, no repeats
+        assert len(rows) == max(5, len(positives))  # ceil(0.1 x 50) rows, or the positives alone when more
+    head = ShardedHead("arcface", 100, 4, seed=1, sample_rate=0.2)
+    labels = torch.tensor([3, 7, -1, 50])
+    first = head.sampled_rows(labels)
+    assert torch.equal(head.sampled_rows(labels), first)  # a function of (seed, step, micro-batch, rank)
+    head.after_optimizer_step(1)
+    assert not torch.equal(head.sampled_rows(labels), first)
+
+
+def train_steps(head, optimizer, steps: int = 6, lrs=(0.5, 0.3, 0.4, 0.2, 0.35, 0.25)) -> list:
+    """Steps of the head on fixed random batches (float64) with a changing lr; returns the losses."""
+    losses = []
+    for step in range(steps):
+        g = torch.Generator().manual_seed(step)
+        x = torch.randn(6, head.embedding_size, generator=g, dtype=torch.float64)
+        y = torch.randint(0, head.num_classes, (6,), generator=g)
+        for group in optimizer.param_groups:
+            group["lr"] = lrs[step]
+        loss = head(x, y)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        head.after_optimizer_step(step + 1)
+        losses.append(loss.detach())
+    return losses
+
+
+@pytest.mark.parametrize("name", ["arcface", "softmax"])
+def test_sparse_lazy_momentum_equals_dense_sgd(name: str) -> None:
+    """r = 0.3: the sparse rows with lazily caught-up decay and momentum (LazyRowSGD) against torch's dense SGD on
+    the same sampled loss (an unsampled row's gradient 0, insightface's PartialFC_V2). Float64; the catch-up's
+    2 x 2 products round differently from step-by-step updates: agreement to 1e-12 relative."""
+    kwargs = {"s": 8.0} if name == "arcface" else {}
+    sparse = ShardedHead(name, 20, 4, seed=5, sample_rate=0.3, **kwargs).double()
+    dense = ShardedHead(name, 20, 4, seed=5, sample_rate=0.3, sparse_grad=False, **kwargs).double()
+    lazy = LazyRowSGD(sparse.parameters(), lr=0.5, momentum=0.9, weight_decay=0.05)
+    reference = torch.optim.SGD(dense.parameters(), lr=0.5, momentum=0.9, weight_decay=0.05)
+    sparse.use_optimizer(lazy)
+    seen = train_steps(sparse, lazy)
+    expected = train_steps(dense, reference)
+    torch.testing.assert_close(torch.stack(seen), torch.stack(expected), rtol=1e-12, atol=0)
+    stale = sparse.weight.detach().clone()
+    for name_, p in sparse.head.named_parameters():
+        lazy.catch_up(p, torch.arange(p.shape[0]))
+        q = dict(dense.head.named_parameters())[name_]
+        torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(lazy.state[p]["momentum_buffer"], reference.state[q]["momentum_buffer"],
+                                   rtol=1e-12, atol=1e-14)
+    assert (stale - sparse.weight.detach()).abs().max() > 1e-4  # rows left behind were caught up, not untouched
+    touched = lazy.state[sparse.head.weight]["last_step"]
+    assert int(touched.max()) == 6
+
+
+def test_partial_fc_keeping_every_row_equals_the_full_head() -> None:
+    """sample_rate 0.99 of 7 rows keeps all 7 (ceil): the sampled, sparse path with LazyRowSGD gives the plain
+    head's losses, embedding gradients and weights under torch's SGD (float64)."""
+    sampled = ShardedHead("cosface", 7, 4, seed=2, sample_rate=0.99, s=8.0).double()
+    plain = build("cosface", num_classes=7, embedding_size=4, s=8.0).double()
+    plain.load_state_dict({"weight": sampled.weight.detach().clone()})
+    lazy = LazyRowSGD(sampled.parameters(), lr=0.5, momentum=0.9, weight_decay=0.05)
+    sampled.use_optimizer(lazy)
+    reference = torch.optim.SGD(plain.parameters(), lr=0.5, momentum=0.9, weight_decay=0.05)
+    for step in range(4):
+        g = torch.Generator().manual_seed(step)
+        x = torch.randn(6, 4, generator=g, dtype=torch.float64)
+        y = torch.randint(0, 7, (6,), generator=g)
+        x1, x2 = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+        a, b = sampled(x1, y), plain(x2, y)
+        a.backward(), b.backward()
+        assert sampled.weight.grad.is_sparse
+        torch.testing.assert_close(a, b, rtol=1e-13, atol=0)
+        torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-12, atol=1e-15)
+        for opt in (lazy, reference):
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        sampled.after_optimizer_step(step + 1)
+        torch.testing.assert_close(sampled.weight, plain.weight, rtol=1e-12, atol=1e-15)
+
+
+def test_partial_fc_run_resumes_bit_identical_through_the_trainer(tmp_path: Path) -> None:
+    """head.sample_rate 0.5 with a sharded head, sparse rows, lazy SGD and clipping (on one process): 2 steps,
+    then resumed to 4, give the bits of 4 steps straight (sampling keyed on (seed, step, rank); the optimiser's
+    lazy state, last_step per row and the lr history, in the checkpoint)."""
+    def config(output: Path, steps: int):
+        cfg = sharded_config(output, 1, steps)
+        cfg.head.sample_rate = 0.5
+        cfg.data.num_identities, cfg.data.images_per_identity = 32, 2  # a batch of 12 holds at most 12 classes
+        return cfg
+
+    straight = train(config(tmp_path / "straight", 4))
+    train(config(tmp_path / "resumed", 2))
+    resumed = train(config(tmp_path / "resumed", 4), resume=True)
+    assert resumed.losses == straight.losses[2:]
+    a, e = resolved(resumed.checkpoint), resolved(straight.checkpoint)
+    for key in ("backbone", "head", "optimizer"):
+        _assert_equal(a[key], e[key], key)
+    lazy = [s for s in e["optimizer"]["state"].values() if "last_step" in s]
+    assert len(lazy) == 1 and lazy[0]["step"] == 4 and int(lazy[0]["last_step"].min()) < 4  # some rows skipped
+
+
+def _assert_equal(actual, expected, where: str) -> None:
+    if isinstance(expected, torch.Tensor):
+        assert torch.equal(actual, expected), where
+    elif isinstance(expected, dict):
+        assert set(actual) == set(expected), where
+        for key in expected:
+            _assert_equal(actual[key], expected[key], f"{where}.{key}")
+    else:
+        assert actual == expected, where
+
+
+def test_partial_fc_config_needs_shard_and_sgd(tmp_path: Path) -> None:
+    from faceforge.train.config import ConfigError
+
+    cfg = sharded_config(tmp_path / "x", 1, 2)
+    data = {"head": {"name": "arcface", "shard": False, "sample_rate": 0.1}}
+    with pytest.raises(ConfigError, match="head.sample_rate = 0.1 needs head.shard = true"):
+        config_from_dict({**to_dict(cfg), **data}, "<test>")
+    with pytest.raises(ConfigError, match="needs optim.name = 'sgd'"):
+        config_from_dict({**to_dict(cfg), "head": {"name": "arcface", "shard": True, "sample_rate": 0.1},
+                          "optim": {"name": "adamw"}}, "<test>")
+    with pytest.raises(ConfigError, match=r"head.sample_rate = 0.0: expected a float in \(0, 1\]"):
+        config_from_dict({**to_dict(cfg), "head": {"name": "arcface", "shard": True, "sample_rate": 0.0}}, "<test>")

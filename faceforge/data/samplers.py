@@ -33,6 +33,10 @@ from faceforge.registry import Registry
 
 __all__ = [
     "Batch",
+    "CLASS_IMAGES",
+    "ClassImageBatchSampler",
+    "ClassImageSampler",
+    "ClassImagesDataset",
     "EpochBatchSampler",
     "EpochSampler",
     "IndexedDataset",
@@ -42,7 +46,9 @@ __all__ = [
     "decode_sample_ids",
     "encode_sample_ids",
     "epoch_permutation",
+    "class_image_draws",
     "flip_images",
+    "identity_blocks",
     "rank_positions",
 ]
 
@@ -237,7 +243,7 @@ class EpochSampler:
     def batches(self, epoch: int, start_micro: int) -> Iterator[Batch]:
         c = self.context
         flips: Tensor | None = None
-        for micro, (images, labels, indices) in enumerate(self.loader(epoch, start_micro), start=start_micro):
+        for micro, (images, labels, indices, *extras) in enumerate(self.loader(epoch, start_micro), start=start_micro):
             a = micro % c.grad_accum
             flipped = torch.zeros(len(indices), dtype=torch.bool)
             if c.flip:
@@ -246,4 +252,116 @@ class EpochSampler:
                 positions = rank_positions(a, c.batch_size, c.world_size, c.rank)
                 flipped = flips[positions.start : positions.stop : positions.step] < 0.5
                 images = flip_images(images, flipped)
-            yield Batch(images=images, labels=labels, sample_ids=indices.long(), flipped=flipped)
+            yield Batch(images=images, labels=labels, sample_ids=indices.long(), flipped=flipped,
+                        extras=extras[0] if extras else {})  # a subclass's loader may add a dict of extras
+
+
+# ----------------------------------------------------------------------------------------------
+# AttFC's sampler: k class images per sample
+
+
+CLASS_IMAGES = "class_images"  # the Batch.extras key: (B, k, 3, H, W) images of each sample's identity
+_TAG_CLASS_IMAGES = 0xA77FC
+
+
+def identity_blocks(labels: Any) -> tuple[Tensor, Tensor, Tensor]:
+    """``(order, first, count)`` of int64 labels ``(N,)``: ``order`` lists the dataset indices grouped by
+    label (stable); item i's identity is ``order[first[i] : first[i] + count[i]]``. All int64 ``(N,)``."""
+    y = torch.as_tensor(labels, dtype=torch.long)
+    order = torch.sort(y, stable=True).indices
+    _, inverse, counts = torch.unique(y, return_inverse=True, return_counts=True)
+    starts = torch.cumsum(counts, 0) - counts
+    return order, starts[inverse], counts[inverse]
+
+
+def class_image_draws(seed: int, epoch: int, step: int, n: int, k: int) -> tuple[Tensor, Tensor]:
+    """``(choice (n, k) float64, flip (n, k) float32)`` uniforms of optimiser step ``step`` of ``epoch``: a
+    function of ``(seed, epoch, step)`` only, for the step's ``n`` = B W A global samples in epoch order."""
+    key = ((seed * 1_000_003 + epoch) * 1_000_003 + step) * 16 + _TAG_CLASS_IMAGES
+    generator = torch.Generator().manual_seed(key % (2**63))
+    return torch.rand(n, k, dtype=torch.float64, generator=generator), torch.rand(n, k, generator=generator)
+
+
+class ClassImageBatchSampler(EpochBatchSampler):
+    """:class:`EpochBatchSampler`'s micro-batches, each item a key ``(index, ((j, flip), ...))``: the image and
+    k images of its identity, drawn with replacement (the image itself may be drawn; an identity with one
+    image repeats it), each flipped with p = 0.5 when ``flip``. The draws of optimiser step s are
+    :func:`class_image_draws` sliced like the images (:func:`rank_positions`), so W ranks x B/W, A
+    micro-batches x B/A and 1 x B draw the same class images for the same image."""
+
+    def __init__(self, blocks: tuple[Tensor, Tensor, Tensor], k: int, grad_accum: int, flip: bool, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.order, self.first, self.count = blocks
+        self.k, self.grad_accum, self.flip = k, grad_accum, flip
+
+    def __iter__(self) -> Iterator[list[Any]]:
+        per_step = self.batch_size * self.world_size * self.grad_accum
+        draws: tuple[Tensor, Tensor] | None = None
+        for micro, indices in enumerate(super().__iter__(), start=self.start_micro):
+            step, a = divmod(micro, self.grad_accum)
+            if a == 0 or draws is None:
+                draws = class_image_draws(self.seed, self.epoch, step, per_step, self.k)
+            positions = rank_positions(a, self.batch_size, self.world_size, self.rank)
+            choice, flip = (d[positions.start : positions.stop : positions.step] for d in draws)
+            index = torch.tensor(indices, dtype=torch.long)
+            count = self.count[index].unsqueeze(1)
+            offset = torch.minimum((choice * count).long(), count - 1)  # uniform over the identity's images
+            extra = self.order[self.first[index].unsqueeze(1) + offset]
+            flipped = (flip < 0.5) if self.flip else torch.zeros_like(flip, dtype=torch.bool)
+            yield [(i, tuple(zip(extra[b].tolist(), flipped[b].tolist()))) for b, i in enumerate(indices)]
+
+
+class ClassImagesDataset(Dataset):
+    """``ds[(i, ((j, flip), ...))] -> (image i, label i, i, {"class_images": (k, 3, H, W)})``, images j flipped
+    where asked (each class image its own augmentation)."""
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, key: tuple[int, tuple[tuple[int, bool], ...]]) -> tuple[Any, Any, int, dict[str, Tensor]]:
+        index, extra = key
+        image, label = self.dataset[index]
+        images = [self.dataset[j][0] for j, _ in extra]
+        images = [im.flip(-1) if flipped else im for im, (_, flipped) in zip(images, extra)]
+        return image, label, index, {CLASS_IMAGES: torch.stack(images)}
+
+
+@SAMPLERS.register("attfc")
+class ClassImageSampler(EpochSampler):
+    """AttFC's sampler: the epoch sampler's images and flips, plus, per image, ``k`` other images of the same
+    identity in ``Batch.extras["class_images"]`` ``(B, k, 3, H, W)`` (:class:`ClassImageBatchSampler`).
+
+    Deterministic in (seed, epoch) whatever the world size or accumulation; the draws need no state. Works for
+    any training set: the labels come from ``context.labels()`` (the trainer reads recordio headers, folder,
+    synthetic, glyph and label-noise labels without decoding an image), else from ``dataset[i][1]``.
+
+    Args:
+        context: the trainer's :class:`SamplerContext`.
+        k: class images per sample (AttFC Table 3; default 2, the paper's).
+    """
+
+    def __init__(self, context: SamplerContext, k: int = 2) -> None:
+        super().__init__(context)
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"data.sampler_kwargs.k = {k!r}: expected the number of class images per sample, an int >= 1")
+        self.k = k
+        if context.labels is not None:  # the trainer's: read without decoding images where it can
+            labels = context.labels()
+        else:
+            labels = torch.tensor([int(context.dataset[i][1]) for i in range(len(context.dataset))])  # type: ignore[arg-type]
+        self.blocks = identity_blocks(labels)
+
+    def loader(self, epoch: int, start_micro: int) -> DataLoader:
+        c = self.context
+        sampler = ClassImageBatchSampler(
+            self.blocks, self.k, c.grad_accum, c.flip,
+            num_samples=len(c.dataset), batch_size=c.batch_size, world_size=c.world_size,  # type: ignore[arg-type]
+            rank=c.rank, seed=c.seed, epoch=epoch, start_micro=start_micro, num_micro=c.micro_per_epoch,
+        )
+        return DataLoader(
+            ClassImagesDataset(c.dataset), batch_sampler=sampler, num_workers=c.num_workers, pin_memory=c.pin_memory,
+            generator=torch.Generator().manual_seed(c.seed),
+        )

@@ -28,6 +28,7 @@ from faceforge.heads.softmax import (
     chunked_margin_cross_entropy,
 )
 from faceforge.heads.sphereface2 import SphereFace2, balanced_bias
+from faceforge.heads.attfc import AttFC
 
 
 def build(name: str, **kwargs: Any) -> nn.Module:
@@ -38,6 +39,7 @@ def build(name: str, **kwargs: Any) -> nn.Module:
 
 __all__ = [
     "HEADS",
+    "AttFC",
     "ArcFace",
     "BroadFace",
     "CosFace",

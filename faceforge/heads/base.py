@@ -87,6 +87,8 @@ class TrainHooks(Protocol):
       in the gradient norm (their squared norm is summed over ranks), and a checkpoint holds each as one logical
       tensor, with its optimiser state, written by the ranks that hold its rows. Default: none (a head's
       gradients are all-reduced (averaged) explicitly, as DDP does for the backbone).
+    - ``use_optimizer(optimizer)``: once, when the trainer has built the optimiser that updates the part's
+      parameters (a part whose rows are updated lazily keeps it to call ``LazyRows.catch_up``).
 
     Attributes:
         provides_diagnostics: the part's ``diagnostics`` means something (``train.diagnostics_every`` needs one).
@@ -114,6 +116,18 @@ class TrainHooks(Protocol):
 
     def row_shards(self) -> dict[str, RowShard]:
         return {}
+
+    def use_optimizer(self, optimizer: Any) -> None:
+        return None
+
+
+@runtime_checkable
+class LazyRows(Protocol):
+    """An optimiser that updates row-sparse gradients lazily (``faceforge.train.optim.LazyRowSGD``): a part that
+    reads rows of such a parameter (Partial FC's sampled class rows) first brings them up to date with
+    ``catch_up(param, rows (K,) int64)``, so that it sees what a dense optimiser would have left there."""
+
+    def catch_up(self, param: Tensor, rows: Tensor) -> None: ...
 
 
 @runtime_checkable
@@ -167,7 +181,7 @@ def check_buffer_policy(policy: str) -> str:
 
 
 def resolve_buffer_policy(policy: str, device: torch.device) -> str:
-    """"auto" is "reuse" on CPU (fresh pages cost a kernel zeroing pass, benchmarks/RESULTS.md §1 and §13) and
+    """"auto" is "reuse" on CPU (fresh pages cost a kernel zeroing pass, benchmarks/RESULTS.md §1 and §14) and
     "release" elsewhere (a CUDA caching allocator already reuses freed blocks at no cost)."""
     if policy == "auto":
         return "reuse" if device.type == "cpu" else "release"

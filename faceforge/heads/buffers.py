@@ -21,7 +21,7 @@ The policy is the head's ``buffers=`` argument (heads/base.py, ``BUFFER_POLICIES
 - ``"reuse"``: as above;
 - ``"release"``: every step allocates afresh and nothing is kept: between steps the head holds only what
   autograd gave the caller (``weight.grad``, 1.0 |W|). On CPU that costs the zeroing of fresh pages every
-  step (benchmarks/RESULTS.md §13 measures it); on a GPU the caching allocator reuses freed blocks anyway;
+  step (benchmarks/RESULTS.md §14 measures it); on a GPU the caching allocator reuses freed blocks anyway;
 - ``"auto"`` (the heads' default): ``"reuse"`` on CPU, ``"release"`` on other devices.
 """
 

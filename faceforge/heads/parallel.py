@@ -38,6 +38,7 @@ so a run starts from the same W at any world size.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from typing import Any, Callable
 
@@ -46,7 +47,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from faceforge.heads.base import HEADS, ClassifierHead, RowShard, TrainHooks, check_inputs, check_size, compute_dtype
+from faceforge.heads.base import HEADS, ClassifierHead, LazyRows, RowShard, TrainHooks, check_inputs, check_size, compute_dtype
 from faceforge.heads.softmax import MarginSoftmax, Softmax, _identity, chunked_margin_terms
 from faceforge.heads.sphereface2 import SphereFace2, balanced_bias, sphereface2_loss
 
@@ -55,6 +56,7 @@ __all__ = [
     "ShardedHead",
     "all_gather_rows",
     "distributed_logsumexp",
+    "sample_rows",
     "shard_range",
     "sum_over_ranks",
 ]
@@ -265,6 +267,43 @@ def _initial_rows(head: nn.Module) -> dict[str, Callable[[Tensor, torch.Generato
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Partial FC: the rows of one step
+
+def sample_rows(local_labels: Tensor, rows: int, sample_rate: float, generator: torch.Generator) -> Tensor:
+    """Partial FC's rows of one step (K,), sorted: every positive (a class of the global batch on this shard) plus
+    uniformly drawn negatives, ceil(sample_rate x rows) in all (only the positives when they are more).
+
+    local_labels: (B_g,) rows in this shard, -1 for classes elsewhere. generator: a CPU generator.
+    """
+    positives = torch.unique(local_labels[local_labels >= 0]).cpu()
+    count = min(rows, max(1, math.ceil(sample_rate * rows)))
+    if positives.numel() >= count:
+        return positives.to(local_labels.device)
+    scores = torch.rand(rows, generator=generator)
+    scores[positives] = 2.0  # above every uniform draw: the positives are always kept
+    return scores.topk(count).indices.sort().values.to(local_labels.device)
+
+
+class _SelectRows(torch.autograd.Function):
+    """weight[index] (K, ...); backward: the gradient as a sparse COO tensor of those rows (``sparse``) or dense."""
+
+    @staticmethod
+    def forward(ctx: Any, weight: Tensor, index: Tensor, sparse: bool) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(index)
+        ctx.shape, ctx.sparse = weight.shape, sparse
+        return weight.index_select(0, index)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor):  # type: ignore[override]
+        (index,) = ctx.saved_tensors
+        if ctx.sparse:
+            full = torch.sparse_coo_tensor(index.unsqueeze(0), grad, ctx.shape, is_coalesced=True, check_invariants=False)
+        else:
+            full = grad.new_zeros(ctx.shape).index_add_(0, index, grad)
+        return full, None, None
+
+
+# ----------------------------------------------------------------------------------------------------------
 # the head
 
 
@@ -292,6 +331,8 @@ class ShardedHead(nn.Module, ClassifierHead, TrainHooks):
         *,
         seed: int = 0,
         group: Any = None,
+        sample_rate: float = 1.0,
+        sparse_grad: bool = True,
         **kwargs: Any,
     ) -> None:
         super().__init__()
@@ -316,6 +357,12 @@ class ShardedHead(nn.Module, ClassifierHead, TrainHooks):
             raise ValueError(
                 "inter_loss_weight > 0 (ArcFace Eq. 6) needs every class weight on one rank; expected 0 with shard"
             )
+        if not (isinstance(sample_rate, (int, float)) and 0.0 < float(sample_rate) <= 1.0):
+            raise ValueError(f"sample_rate={sample_rate!r}; expected a number in (0, 1]")
+        self.sample_rate, self.sparse_grad = float(sample_rate), bool(sparse_grad)
+        self.register_buffer("sample_step", torch.zeros((), dtype=torch.long))  # optimiser steps done (sampling key)
+        self._micro = 0  # forwards since the last optimiser step (gradient accumulation)
+        self._lazy: LazyRows | None = None
         self.seed = int(seed)
         self.name = head
         self.reset_parameters()
@@ -362,11 +409,36 @@ class ShardedHead(nn.Module, ClassifierHead, TrainHooks):
 
         classifier_grad=False holds the class side fixed (no gradient reaches it)."""
         x, y = self.gather(embeddings, labels)
+        y = self.local_labels(y)
         with torch.autocast(device_type=x.device.type, enabled=False):
-            if classifier_grad:
-                return self.kernel(self.head, x, self.local_labels(y), self.group)
-            frozen = _Frozen(self.head)
-            return self.kernel(frozen, x, self.local_labels(y), self.group)
+            if self.sample_rate < 1.0:
+                return self._sampled_loss(x, y, classifier_grad)
+            return self.kernel(self.head if classifier_grad else _View(self.head, detach=True), x, y, self.group)
+
+    def sampled_rows(self, local_labels: Tensor) -> Tensor:
+        """This forward's Partial FC rows (K,) (``sample_rows``), drawn from the generator of
+        (seed, optimiser step, micro-batch, rank): a resumed run draws what the uninterrupted one did."""
+        key = f"{self.seed},{int(self.sample_step)},{self._micro},{self.rank}".encode()
+        generator = torch.Generator().manual_seed(int.from_bytes(hashlib.blake2b(key, digest_size=7).digest(), "little"))
+        rows = self.rows[1] - self.rows[0]
+        return sample_rows(local_labels, rows, self.sample_rate, generator)
+
+    def _sampled_loss(self, x: Tensor, local_labels: Tensor, classifier_grad: bool) -> Tensor:
+        """Partial FC: the head's loss on the sampled rows only (positives + negatives), their gradient sparse."""
+        index = self.sampled_rows(local_labels)
+        self._micro += 1
+        sharded = {name: getattr(self.head, name) for name in _initial_rows(self.head)}
+        if self._lazy is not None and classifier_grad:
+            for tensor in sharded.values():
+                self._lazy.catch_up(tensor, index)  # what dense SGD would have left in these rows
+        rows = {
+            name: _SelectRows.apply(t if classifier_grad else t.detach(), index, self.sparse_grad)
+            for name, t in sharded.items()
+        }
+        position = torch.searchsorted(index, local_labels.clamp_min(0))
+        found = (local_labels >= 0) & (index[position.clamp_max(index.numel() - 1)] == local_labels)
+        labels = torch.where(found, position, torch.full_like(local_labels, -1))
+        return self.kernel(_View(self.head, detach=not classifier_grad, **rows), x, labels, self.group)
 
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         """Scalar: the mean over the global batch of the head's per-sample loss (the same on every rank)."""
@@ -382,13 +454,24 @@ class ShardedHead(nn.Module, ClassifierHead, TrainHooks):
     def verification_threshold(self) -> float | None:
         return self.head.verification_threshold() if isinstance(self.head, TrainHooks) else None
 
+    def use_optimizer(self, optimizer: Any) -> None:
+        """Partial FC reads its sampled rows through the optimiser's ``catch_up`` when it updates lazily."""
+        self._lazy = optimizer if isinstance(optimizer, LazyRows) else None
 
-class _Frozen:
-    """A view of a head whose parameters are detached (classifier_grad=False), for the kernels above."""
+    def after_optimizer_step(self, step: int) -> None:
+        self.sample_step.fill_(step)
+        self._micro = 0
 
-    def __init__(self, head: nn.Module) -> None:
-        self.__dict__["_head"] = head
+
+class _View:
+    """A head seen by the kernels above with some tensors replaced (Partial FC's sampled rows) and its parameters
+    detached (``detach``: classifier_grad=False)."""
+
+    def __init__(self, head: nn.Module, detach: bool = False, **replaced: Tensor) -> None:
+        self.__dict__.update(_head=head, _detach=detach, _replaced=replaced)
 
     def __getattr__(self, name: str) -> Any:
+        if name in self._replaced:
+            return self._replaced[name]
         value = getattr(self._head, name)
-        return value.detach() if isinstance(value, nn.Parameter) else value
+        return value.detach() if self._detach and isinstance(value, nn.Parameter) else value

@@ -84,11 +84,16 @@ class HeadConfig:
     ``shard``: hold the class weights sharded by class over the ranks (``faceforge.heads.parallel.ShardedHead``:
     rank r holds rows [c0, c1) of W; embeddings all-gathered; checkpoints hold W as one logical tensor, so a
     run resumes at any world size). For the margin heads, softmax and sphereface2.
+
+    ``sample_rate`` r < 1 (Partial FC, needs ``shard``): each step every rank computes the loss on the positives
+    of the global batch that it holds plus uniformly drawn negatives, ceil(r x its rows) in all; the optimiser
+    (``optim.name: sgd``) updates only those rows, catching up the skipped steps' decay and momentum lazily.
     """
 
     name: str
     kwargs: dict[str, Any] = field(default_factory=dict)
     shard: bool = False
+    sample_rate: float = 1.0  # Partial FC (with shard): the positives + uniform negatives up to this fraction of rows
 
 
 @dataclass
@@ -404,6 +409,7 @@ def config_from_dict(data: dict, source: str = "<dict>") -> Config:
 # dotted key -> (test, what is expected); types are already checked, these are the value ranges.
 _RANGES: dict[str, tuple[Any, str]] = {
     "data.batch_size": (lambda v: v >= 1, "an int >= 1"),
+    "head.sample_rate": (lambda v: 0.0 < v <= 1.0, "a float in (0, 1]"),
     "data.num_identities": (lambda v: v >= 1, "an int >= 1"),
     "data.images_per_identity": (lambda v: v >= 1, "an int >= 1"),
     "data.num_workers": (lambda v: v >= 0, "an int >= 0"),
@@ -502,6 +508,12 @@ def _check_names(cfg: Config, source: str) -> None:
 def _check_pairings(cfg: Config, source: str) -> None:
     """Keys that only make sense together: checked when the config is read, not when the first evaluation
     runs (which may be the end of training)."""
+    if cfg.head.sample_rate < 1.0 and not cfg.head.shard:
+        raise ConfigError(f"{source}: head.sample_rate = {cfg.head.sample_rate!r} needs head.shard = true (Partial FC "
+                          f"samples the rows of a class-sharded head)")
+    if cfg.head.sample_rate < 1.0 and (cfg.optim.name != "sgd" or cfg.optim.nesterov):
+        raise ConfigError(f"{source}: head.sample_rate = {cfg.head.sample_rate!r} needs optim.name = 'sgd' without "
+                          f"nesterov (the lazy row-sparse update); got {cfg.optim.name!r}")
     d = cfg.data
     if (d.eval_probes is None) != (d.eval_distractors is None):
         raise ConfigError(f"{source}: data.eval_probes and data.eval_distractors go together, got "

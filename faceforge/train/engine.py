@@ -167,6 +167,8 @@ class _Run:
             )
         self.total_steps = t.steps if t.steps is not None else t.epochs * self.steps_per_epoch
         self.optimizer = build_optimizer(cfg.optim, self.backbone, self.head)
+        for part in self.hooks.values():
+            part.use_optimizer(self.optimizer)
         self.scheduler = build_scheduler(cfg.schedule, self.optimizer, self.total_steps, self.steps_per_epoch)
         self.sampler = SAMPLERS.build(
             cfg.data.sampler,
@@ -498,11 +500,18 @@ class _Run:
         self.scaler.unscale_(self.optimizer)
         params = [p for p in self.trained if p.grad is not None]
         sharded = [p for p in self.sharded if p.grad is not None]
-        norm = self._grad_norm([p.grad for p in params], [p.grad for p in sharded])
+        for p in (*params, *sharded):
+            if p.grad.is_sparse:  # row-sparse (Partial FC): norm and clipping act on its rows' values
+                p.grad = p.grad.coalesce()
+        norm = self._grad_norm([_dense(p.grad) for p in params], [_dense(p.grad) for p in sharded])
         if not self.scaler.is_enabled() and not torch.isfinite(norm):
             raise self._non_finite("gradient norm", float(norm), accum - 1)
         if self.cfg.train.clip_grad_norm > 0:
-            nn.utils.clip_grads_with_norm_(params + sharded, self.cfg.train.clip_grad_norm, norm)
+            clip = self.cfg.train.clip_grad_norm
+            nn.utils.clip_grads_with_norm_([p for p in params + sharded if not p.grad.is_sparse], clip, norm)
+            rows = [p.grad._values() for p in params + sharded if p.grad.is_sparse]
+            if rows:  # the same factor as clip_grads_with_norm_'s, on the sampled rows' values
+                torch._foreach_mul_(rows, (clip / (norm + 1e-6)).clamp(max=1.0))
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
@@ -700,6 +709,11 @@ def _row_sharded_parameters(part: TrainHooks) -> list[nn.Parameter]:
     """The parameters among a part's ``row_shards`` (TrainHooks; the others are buffers)."""
     params = dict(part.named_parameters())  # type: ignore[attr-defined]
     return [params[key] for key in part.row_shards() if key in params]
+
+
+def _dense(grad: Tensor) -> Tensor:
+    """A gradient as a strided tensor whose in-place scaling scales the gradient: a coalesced sparse one's values."""
+    return grad._values() if grad.is_sparse else grad
 
 
 def _dotted(path: tuple) -> str:

@@ -25,10 +25,10 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from faceforge.data.samplers import Batch
+from faceforge.data.samplers import CLASS_IMAGES, Batch
 from faceforge.registry import Registry
 
-__all__ = ["OBJECTIVES", "Classification", "Objective"]
+__all__ = ["OBJECTIVES", "AttFCObjective", "Classification", "Objective"]
 
 
 class Objective(nn.Module):
@@ -87,3 +87,44 @@ class Classification(Objective):
 
     def forward(self, batch: Batch) -> dict[str, Tensor]:
         return {"classification": self.head(for_head(self.embed(batch.images)), batch.labels)}
+
+
+@OBJECTIVES.register("attfc")
+class AttFCObjective(Objective):
+    """AttFC: ``{"attfc": head(backbone(images), labels, K)}`` with K (B, k, D) the class features of the k class
+    images per sample (``batch.extras["class_images"]`` (B, k, 3, H, W), the ``attfc`` sampler) encoded by a
+    momentum copy of the backbone (``owned["momentum"]``, :class:`faceforge.train.momentum.MomentumEncoder`).
+
+    Per forward, as the official code: Eq. 12 first, then the class encoder (train mode, no grad) on the
+    k B class images at once, then the head (which enqueues the batch's generated centres after its loss).
+    The class encoder is checkpointed under ``objective`` (``momentum.encoder.*``); ``faceforge eval
+    --encoder momentum`` embeds with it.
+
+    Args:
+        backbone, head, amp_dtype: as :class:`Objective`; head is ``faceforge.heads.AttFC``.
+        momentum: gamma of Eq. 12 (default 0.999).
+    """
+
+    def __init__(self, backbone: nn.Module, head: nn.Module, amp_dtype: torch.dtype | None = None,
+                 momentum: float = 0.999) -> None:
+        super().__init__(backbone, head, amp_dtype)
+        from faceforge.train.momentum import MomentumEncoder
+
+        self.owned["momentum"] = MomentumEncoder(backbone, momentum)
+
+    def class_features(self, class_images: Tensor) -> Tensor:
+        """(B, k, D) float32 (float64 for a float64 backbone): Eq. 12, then the class encoder on (B, k, 3, H, W) class images."""
+        encoder = self.owned["momentum"]
+        encoder.update(self.backbone)  # before each encoding
+        b, k = class_images.shape[:2]
+        return for_head(encoder.encode(class_images.flatten(0, 1), self.amp_dtype)).view(b, k, -1)
+
+    def forward(self, batch: Batch) -> dict[str, Tensor]:
+        if CLASS_IMAGES not in batch.extras:
+            raise ValueError(
+                f"objective attfc: the batch has no extras[{CLASS_IMAGES!r}] (class images); expected "
+                "data.sampler: attfc"
+            )
+        f = for_head(self.embed(batch.images))
+        K = self.class_features(batch.extras[CLASS_IMAGES])
+        return {"attfc": self.head(f, batch.labels, K)}

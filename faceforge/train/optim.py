@@ -16,6 +16,8 @@ import bisect
 import math
 from typing import Callable, Sequence
 
+from torch import Tensor
+
 import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
@@ -23,7 +25,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from faceforge.registry import Registry
 from faceforge.train.config import Config, OptimConfig, ScheduleConfig
 
-__all__ = ["OPTIMIZERS", "SCHEDULES", "param_groups", "build_optimizer", "decay_factor", "lr_at", "warmup_steps", "build_scheduler"]
+__all__ = ["LazyRowSGD", "OPTIMIZERS", "SCHEDULES", "param_groups", "build_optimizer", "decay_factor", "lr_at", "warmup_steps", "build_scheduler"]
 
 
 def _trainable(module: nn.Module) -> list[nn.Parameter]:
@@ -56,7 +58,8 @@ OPTIMIZERS: Registry[torch.optim.Optimizer] = Registry("optimizer")
 
 @OPTIMIZERS.register("sgd")
 def _sgd(groups: list[dict], cfg: OptimConfig) -> torch.optim.Optimizer:
-    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
+    """torch's SGD; row-sparse gradients (a Partial FC head's sampled rows) updated lazily (:class:`LazyRowSGD`)."""
+    return LazyRowSGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
 
 
 @OPTIMIZERS.register("adamw")
@@ -154,3 +157,119 @@ def build_scheduler(
 
     base_lrs: Sequence[float] = [g.get("initial_lr", g["lr"]) for g in optimizer.param_groups]
     return LambdaLR(optimizer, [factor_for(lr) for lr in base_lrs])
+
+
+# --- SGD with lazily updated row-sparse gradients (Partial FC, faceforge.heads.parallel) ---------------------
+
+
+class LazyRowSGD(torch.optim.SGD):
+    """``torch.optim.SGD``, plus parameters whose gradient is a sparse COO tensor of rows (dim 0), as a Partial FC
+    head gives for its sampled class rows. Such a parameter's step touches only the rows in its gradient:
+
+    1. catch-up: the steps a row skipped since it was last updated are applied now, exactly as dense SGD would
+       have applied them with a zero gradient. Per skipped step t, with its recorded lr_t, (w, v) goes through
+       ``w <- (1 - lr_t wd) w - lr_t mu v``, ``v <- wd w_old + mu v``, i.e. the 2 x 2 matrix
+       M_t = [[1 - lr_t wd, -lr_t mu], [wd, mu]]; the rows last updated at step s get M_now ... M_{s+1} (one
+       product per distinct s, computed once per step in float64);
+    2. the usual update on those rows: ``g += wd w; v = mu v + g; w -= lr v`` (torch's order of operations).
+
+    So after :meth:`catch_up` of every row, the weights and momenta are those of dense SGD on the same loss,
+    where an unsampled row's gradient is 0 (insightface's PartialFC_V2 with its dense optimiser state), up to the
+    rounding of the matrix products. A head that reads rows calls ``catch_up(param, rows)`` first (the trainer
+    hands it the optimiser: ``TrainHooks.use_optimizer``), so its forward sees what dense SGD would have. The cost
+    of a step is that of its rows (times the number of distinct catch-up intervals, a few 2 x 2 products each).
+
+    State per such parameter: ``momentum_buffer`` (rows, ...), ``last_step`` (rows,) int64 (the step each row is
+    up to date with), ``step`` (steps since the state was made) and ``lr_history`` (the lr of each of them).
+    Sparse rows need ``dampening = 0`` and ``nesterov = False``; dense parameters get torch's SGD unchanged.
+    """
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        sparse: list[tuple[dict, nn.Parameter, Tensor]] = []
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None and p.grad.is_sparse:
+                    sparse.append((group, p, p.grad))
+                    p.grad = None  # torch's SGD steps the dense parameters only
+        try:
+            loss = super().step(closure)
+        finally:
+            for _, p, grad in sparse:
+                p.grad = grad
+        gradients = {id(p): grad for _, p, grad in sparse}
+        for group in self.param_groups:
+            for p in group["params"]:
+                if id(p) in gradients:
+                    self._init_lazy(group, p)
+                state = self.state.get(p)
+                if state is None or "last_step" not in state:
+                    continue
+                state["step"] += 1
+                state["lr_history"].append(float(group["lr"]))
+                if id(p) in gradients:
+                    self._sparse_update(group, p, gradients[id(p)].coalesce())
+        return loss
+
+    def _init_lazy(self, group: dict, p: nn.Parameter) -> None:
+        state = self.state[p]
+        if "last_step" in state:
+            return
+        if group.get("nesterov") or group.get("dampening", 0.0) != 0.0 or group.get("maximize"):
+            raise ValueError("row-sparse gradients (head.sample_rate < 1) need SGD without nesterov, dampening or "
+                             "maximize")
+        state["momentum_buffer"] = torch.zeros_like(p) if "momentum_buffer" not in state else state["momentum_buffer"]
+        state["last_step"] = torch.zeros(p.shape[0], dtype=torch.long, device=p.device)
+        state["step"] = 0
+        state["lr_history"] = []
+
+    def _sparse_update(self, group: dict, p: nn.Parameter, grad: Tensor) -> None:
+        rows = grad.indices()[0]
+        state = self.state[p]
+        state["step"] -= 1  # catch up to the step before this one
+        self.catch_up(p, rows)
+        state["step"] += 1
+        mu, wd, lr = group["momentum"], group["weight_decay"], group["lr"]
+        w, g = p[rows], grad.values().to(p.dtype)
+        if wd != 0:
+            g = g.add(w, alpha=wd)
+        if mu != 0:
+            v = state["momentum_buffer"][rows].mul_(mu).add_(g)
+            state["momentum_buffer"][rows] = v
+            g = v
+        p[rows] = w.add_(g, alpha=-lr)
+        state["last_step"][rows] = state["step"]
+
+    @torch.no_grad()
+    def catch_up(self, param: Tensor, rows: Tensor) -> None:
+        """Bring ``rows`` (K,) of a lazily updated parameter up to the last completed step (a no-op for a
+        parameter without row-sparse state, or rows already up to date)."""
+        state = self.state.get(param)
+        if not state or "last_step" not in state:
+            return
+        now = state["step"]
+        last = state["last_step"][rows]
+        behind = last < now
+        if not bool(behind.any()):
+            return
+        rows, last = rows[behind], last[behind]
+        group = next(g for g in self.param_groups if any(p is param for p in g["params"]))
+        mu, wd = float(group["momentum"]), float(group["weight_decay"])
+        if mu != 0 or wd != 0:
+            starts = sorted(set(last.tolist()), reverse=True)
+            products, q, j = {}, (1.0, 0.0, 0.0, 1.0), now
+            for s in starts:  # q = M_now ... M_{j+1}, extended down to s + 1
+                while j > s:
+                    lr = state["lr_history"][j - 1]
+                    m = (1.0 - lr * wd, -lr * mu, wd, mu)  # M_j, row-major
+                    q = (q[0] * m[0] + q[1] * m[2], q[0] * m[1] + q[1] * m[3],
+                         q[2] * m[0] + q[3] * m[2], q[2] * m[1] + q[3] * m[3])
+                    j -= 1
+                products[s] = q
+            table = torch.tensor([products[s] for s in starts[::-1]], dtype=torch.float64, device=param.device)
+            which = torch.searchsorted(torch.tensor(starts[::-1], device=param.device), last)
+            coef = table[which].to(param.dtype).reshape(-1, 4, *([1] * (param.dim() - 1)))
+            w, v = param[rows], state["momentum_buffer"][rows]
+            param[rows] = coef[:, 0] * w + coef[:, 1] * v
+            state["momentum_buffer"][rows] = coef[:, 2] * w + coef[:, 3] * v
+        state["last_step"][rows] = now

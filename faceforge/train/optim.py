@@ -230,15 +230,15 @@ class LazyRowSGD(torch.optim.SGD):
         self.catch_up(p, rows)
         state["step"] += 1
         mu, wd, lr = group["momentum"], group["weight_decay"], group["lr"]
-        w, g = p[rows], grad.values().to(p.dtype)
+        w, g = p.index_select(0, rows), grad.values().to(p.dtype)
         if wd != 0:
             g = g.add(w, alpha=wd)
         if mu != 0:
-            v = state["momentum_buffer"][rows].mul_(mu).add_(g)
-            state["momentum_buffer"][rows] = v
+            v = state["momentum_buffer"].index_select(0, rows).mul_(mu).add_(g)
+            state["momentum_buffer"].index_copy_(0, rows, v)
             g = v
-        p[rows] = w.add_(g, alpha=-lr)
-        state["last_step"][rows] = state["step"]
+        p.index_copy_(0, rows, w.add_(g, alpha=-lr))
+        state["last_step"].index_fill_(0, rows, state["step"])
 
     @torch.no_grad()
     def catch_up(self, param: Tensor, rows: Tensor) -> None:
@@ -248,15 +248,16 @@ class LazyRowSGD(torch.optim.SGD):
         if not state or "last_step" not in state:
             return
         now = state["step"]
-        last = state["last_step"][rows]
+        last = state["last_step"].index_select(0, rows)
         behind = last < now
         if not bool(behind.any()):
             return
-        rows, last = rows[behind], last[behind]
+        if not bool(behind.all()):
+            rows, last = rows[behind], last[behind]
         group = next(g for g in self.param_groups if any(p is param for p in g["params"]))
         mu, wd = float(group["momentum"]), float(group["weight_decay"])
         if mu != 0 or wd != 0:
-            starts = sorted(set(last.tolist()), reverse=True)
+            starts = torch.unique(last).tolist()[::-1]  # descending
             products, q, j = {}, (1.0, 0.0, 0.0, 1.0), now
             for s in starts:  # q = M_now ... M_{j+1}, extended down to s + 1
                 while j > s:
@@ -269,7 +270,7 @@ class LazyRowSGD(torch.optim.SGD):
             table = torch.tensor([products[s] for s in starts[::-1]], dtype=torch.float64, device=param.device)
             which = torch.searchsorted(torch.tensor(starts[::-1], device=param.device), last)
             coef = table[which].to(param.dtype).reshape(-1, 4, *([1] * (param.dim() - 1)))
-            w, v = param[rows], state["momentum_buffer"][rows]
-            param[rows] = coef[:, 0] * w + coef[:, 1] * v
-            state["momentum_buffer"][rows] = coef[:, 2] * w + coef[:, 3] * v
-        state["last_step"][rows] = now
+            w, v = param.index_select(0, rows), state["momentum_buffer"].index_select(0, rows)
+            param.index_copy_(0, rows, coef[:, 0] * w + coef[:, 1] * v)
+            state["momentum_buffer"].index_copy_(0, rows, coef[:, 2] * w + coef[:, 3] * v)
+        state["last_step"].index_fill_(0, rows, now)

@@ -1,3 +1,17 @@
-"""faceforge: train and evaluate face-recognition models (ArcFace, SphereFace2, BroadFace, AttFC, BigFace)."""
+"""faceforge: train and evaluate face-recognition models (ArcFace, SphereFace2, BroadFace, AttFC, BigFace).
+
+``faceforge.load_model(path)`` returns a :class:`faceforge.inference.Recognizer`; it is imported on
+first use, so ``import faceforge`` stays light.
+"""
+
+from typing import Any
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    if name in {"load_model", "Recognizer"}:
+        from faceforge import inference
+
+        return getattr(inference, name)
+    raise AttributeError(f"module 'faceforge' has no attribute {name!r}")

@@ -270,6 +270,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=None, help="image-reading threads (default: number of CPUs)")
     commands["pack-pairs"] = _pack_pairs
 
+    from faceforge.infer_cli import add_commands  # embed, verify, search, export
+
+    add_commands(sub, commands)
+
     for sub_parser in sub.choices.values():
         sub_parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
                                 help="on an error, show the traceback instead of one line (default: off)")

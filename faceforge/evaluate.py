@@ -46,6 +46,8 @@ from faceforge.train.checkpoint import THRESHOLD_KEY
 __all__ = ["EVALUATIONS", "EVAL_FARS", "EvalRequest", "evaluate_checkpoint", "evaluate_checkpoints"]
 
 EVAL_FARS = VERIFICATION_FARS
+# besides `faceforge train` checkpoints: model files that faceforge.load_model reads (docs/inference.md)
+MODEL_FILE_SUFFIXES = (".onnx", ".safetensors")
 
 
 @dataclass
@@ -194,6 +196,13 @@ class _Checkpoint:
         from faceforge.train.config import config_from_dict
 
         self.key = _file_key(self.path) + ("" if self.encoder == "query" else f"-{_safe(self.encoder)}")
+        if self.path.suffix.lower() in MODEL_FILE_SUFFIXES:  # model.safetensors, exported or foreign ONNX
+            from faceforge.inference import as_backbone, load_model
+
+            recognizer = load_model(self.path)
+            self.cfg, self.image_size, self.threshold = None, recognizer.image_size, recognizer.info.threshold
+            self._model = as_backbone(recognizer)
+            return
         self.state = load_checkpoint(self.path)
         if "config" not in self.state or "backbone" not in self.state:
             raise ValueError(f"{self.path}: not a `faceforge train` checkpoint (no 'config' / 'backbone' entry)")
@@ -204,6 +213,7 @@ class _Checkpoint:
         if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t)):
             raise ValueError(f"{self.path}: {THRESHOLD_KEY!r} must be a finite float, got {t!r}")
         self.threshold = None if t is None else float(t)
+        self.image_size = self.cfg.data.image_size
 
     def model(self) -> torch.nn.Module:
         if self._model is None:
@@ -216,6 +226,9 @@ class _Checkpoint:
         """The config's own verification sets (synthetic held-out pairs, or its ``data.eval_bins``)."""
         from faceforge.train.data import build_verification_sets
 
+        if self.cfg is None:
+            raise ValueError(f"{self.path}: a model file carries no held-out sets; pass .bin files with --bin, or "
+                             "--ijb / --probes / --retrieval")
         self.cfg.data.eval_pairs = r.num_pairs
         sets = build_verification_sets(self.cfg)
         if not sets:
@@ -238,7 +251,7 @@ def _features(s: EvalSet, data_key: str, ckpt: _Checkpoint, out: Path,
         print(f"features: {ckpt.label} on {s.name}: cached {', '.join(str(p) for p in paths.values())}")
         return {part: np.load(p, mmap_mode="r", allow_pickle=False) for part, p in paths.items()}, paths, True
     print(f"features: {ckpt.label} on {s.name}: computing")
-    features = s.embed(ckpt.model(), ckpt.cfg.data.image_size, batch_size=batch_size, progress=True)
+    features = s.embed(ckpt.model(), ckpt.image_size, batch_size=batch_size, progress=True)
     for part, p in paths.items():
         save_npy(p, features[part])
     return features, paths, False

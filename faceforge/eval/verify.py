@@ -142,7 +142,8 @@ class VerificationResult:
     best_threshold_accuracy / threshold: one threshold tuned on all pairs (OpenSphere); accept when
     ``score >= threshold``. tar_at_far: ``{far: tar}``, exact (ties together). eer, auc: of the ROC.
     fixed_threshold / fixed_threshold_accuracy: the accuracy at a threshold given in advance (e.g. the
-    one SphereFace2 learns); None when none was given.
+    one SphereFace2 learns); None when none was given. threshold_far: the false accept rate at
+    ``threshold`` (negatives with ``score >= threshold`` / negatives), stored in ``model.json``.
     scores / labels: ``(N,)`` cosine scores and same-identity labels; counts: their
     :class:`~faceforge.eval.metrics.PairCounts` (the one sort), from which :meth:`roc_curve` reads the
     ROC for plots.
@@ -160,6 +161,7 @@ class VerificationResult:
     counts: metrics.PairCounts | None = field(default=None, repr=False)
     fixed_threshold: float | None = None
     fixed_threshold_accuracy: float | None = None
+    threshold_far: float | None = None
 
     def as_dict(self) -> dict[str, float]:
         """Flat scalars for logging: ``tar_at_far`` becomes ``tar@far=1e-03`` keys; no arrays, no Nones."""
@@ -204,6 +206,7 @@ def evaluate_scores(
         counts=counts,
         fixed_threshold=None if fixed_threshold is None else float(fixed_threshold),
         fixed_threshold_accuracy=None if fixed_threshold is None else counts.accuracy_at(float(fixed_threshold)),
+        threshold_far=float(np.count_nonzero(counts.scores[~counts.labels] >= threshold) / max(counts.n_neg, 1)),
     )
 
 

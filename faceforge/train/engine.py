@@ -50,6 +50,7 @@ from faceforge.data.samplers import (
 )
 from faceforge.fileio import stale_temporaries
 from faceforge.heads.base import RowShard, TrainHooks
+from faceforge.modelfile import write_model_files
 from faceforge.train import distributed as fdist
 from faceforge.train import shards
 from faceforge.train.checkpoint import CHECKPOINT_NAME, THRESHOLD_KEY, load_checkpoint, save_checkpoint
@@ -318,7 +319,8 @@ class _Run:
     def save(self) -> None:
         """Rank 0 writes last.pt atomically (and a step_XXXXXXX.pt link when keep_checkpoints > 0); the parts'
         row-sharded tensors (and their optimiser state) go first into one file each, every rank writing its own
-        rows (``faceforge.train.shards``), and last.pt names those files."""
+        rows (``faceforge.train.shards``), and last.pt names those files; rank 0 also writes the
+        backbone a user takes away: model.safetensors + model.json (:mod:`faceforge.modelfile`)."""
         if self.zero:  # every rank sends its shard of the optimiser state to rank 0
             self.optimizer.consolidate_state_dict(to=0)
         state = self._state()
@@ -337,6 +339,7 @@ class _Run:
             fdist.barrier()  # every rank's rows are written and fsync'ed before last.pt names them
         if self.main:
             save_checkpoint(self.checkpoint_path, state)
+            write_model_files(self.output, self.backbone, self.cfg, self.metrics, state[THRESHOLD_KEY], self.step)
             self._keep_older(state)
             if entries:
                 kept = {int(f.stem.removeprefix("step_")) for f in self.output.glob("step_*.pt")}

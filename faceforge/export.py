@@ -1,0 +1,330 @@
+"""``faceforge export``: a trained backbone to ONNX, BN folded, dynamic batch, parity checked.
+
+The backbone (from a run folder, ``last.pt`` or ``model.safetensors``) is put in eval mode, its BNs
+are folded into the convolutions before them (:func:`faceforge.backbones.fuse.fuse_bn`), and it is
+exported with the TorchScript-based exporter (``torch.onnx.export(..., dynamo=False)``, which needs
+no onnxscript) at opset :data:`DEFAULT_OPSET`. Input ``images`` float32 ``(B, 3, S, S)``, normalised
+as ``model.json`` says; output ``embeddings`` ``(B, D)``, not normalised, no flip. ``model.json`` is
+stored in the ONNX metadata (key ``faceforge``) with the opset and the BN counts.
+
+**Parity.** onnxruntime's embeddings of a fixed batch of real aligned faces must match the eval-mode
+PyTorch backbone (before folding) to within ``1 - cos <= 1e-4`` for every image, or the export fails
+and no file is left. The batch is the 12 aligned real photos of ``docs/alignment.md`` (shipped as
+``faceforge/assets/aligned_real.png``), resized to the model's image size if it is not 112.
+
+**int8** (``quantize="dynamic"|"static"``): onnxruntime quantisation, written beside the float model
+as ``<name>.int8.onnx``; static quantisation is calibrated on the images of a given folder. Its agreement
+with the float model is reported (cosine of the embeddings, and verification accuracy and TAR@FAR on
+the real faces or on a labelled folder), never asserted: it depends on the data.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from faceforge.modelfile import META_KEY, MODEL_WEIGHTS, ModelFileError, ModelInfo
+
+__all__ = [
+    "DEFAULT_OPSET",
+    "PARITY_TOLERANCE",
+    "REAL_FACE_IDENTITIES",
+    "ExportError",
+    "ExportReport",
+    "check_parity",
+    "export_backbone",
+    "export_onnx",
+    "load_source",
+    "real_faces",
+]
+
+DEFAULT_OPSET = 17
+PARITY_TOLERANCE = 1e-4  # on 1 - cosine, per image
+ASSET = Path(__file__).with_name("assets") / "aligned_real.png"
+# The 12 crops of assets/aligned_real.png (6 x 2 grid of 112 px tiles, 2 px apart), left to right, top
+# to bottom: face_recognition 1.3.0's obama.jpg, obama2.jpg, obama3.jpg, biden.jpg; insightface 2.1's
+# Tom_Hanks_54745.png and the same crop re-aligned by faceforge; the 6 people of insightface's t1.jpg.
+REAL_FACE_IDENTITIES = ("obama", "obama", "obama", "biden", "hanks", "hanks", "t1-1", "t1-2", "t1-3", "t1-4",
+                        "t1-5", "t1-6")
+
+
+class ExportError(ValueError):
+    """The exported model does not match the PyTorch one (parity); the message says by how much."""
+
+
+def real_faces(size: int = 112) -> np.ndarray:
+    """The 12 aligned real faces as uint8 RGB ``(12, size, size, 3)`` (bilinear resize when size != 112)."""
+    from PIL import Image
+
+    with Image.open(ASSET) as sheet:
+        sheet = sheet.convert("RGB")
+        tiles = [sheet.crop(((i % 6) * 114, (i // 6) * 114, (i % 6) * 114 + 112, (i // 6) * 114 + 112))
+                 for i in range(12)]
+    if size != 112:
+        tiles = [t.resize((size, size), Image.BILINEAR) for t in tiles]
+    return np.stack([np.asarray(t, dtype=np.uint8) for t in tiles])
+
+
+def load_source(source: str | os.PathLike) -> tuple[Any, ModelInfo]:
+    """``(backbone in eval mode, info)`` from a run folder, a checkpoint or ``model.safetensors``."""
+    from faceforge.modelfile import backbone_from_checkpoint, load_backbone
+
+    p = Path(source)
+    if p.is_dir():
+        if (p / MODEL_WEIGHTS).is_file():
+            p = p / MODEL_WEIGHTS
+        elif (p / "last.pt").is_file():
+            p = p / "last.pt"
+        else:
+            raise ModelFileError(f"{source}: no {MODEL_WEIGHTS} or last.pt in this folder (expected a `faceforge train` run)")
+    if not p.is_file():
+        raise ModelFileError(f"{p}: model file not found")
+    if p.suffix.lower() == ".onnx":
+        raise ModelFileError(f"{p}: already ONNX; expected a run folder, last.pt or {MODEL_WEIGHTS}")
+    return load_backbone(p) if p.suffix.lower() == ".safetensors" else backbone_from_checkpoint(p)
+
+
+def _preprocess(info: ModelInfo, crops: np.ndarray) -> np.ndarray:
+    from faceforge.inference import Recognizer
+
+    return Recognizer(lambda x: x, info).preprocess(crops)
+
+
+def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return np.einsum("nd,nd->n", a, b) / np.maximum(np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1), 1e-300)
+
+
+def _session(path: str | os.PathLike) -> Any:
+    import onnxruntime as ort
+
+    return ort.InferenceSession(os.fspath(path), providers=["CPUExecutionProvider"])
+
+
+def check_parity(reference: Callable[[np.ndarray], np.ndarray], onnx_path: str | os.PathLike, x: np.ndarray,
+                 tolerance: float = PARITY_TOLERANCE, name: str | None = None) -> float:
+    """The smallest per-image cosine between ``reference(x)`` and onnxruntime's output on ``x`` (float32
+    ``(B, 3, S, S)``); :class:`ExportError` naming ``name`` (default ``onnx_path``) when ``1 - cosine``
+    exceeds ``tolerance`` for any image."""
+    session = _session(onnx_path)
+    got = session.run(None, {session.get_inputs()[0].name: x})[0]
+    cos = _cosines(reference(x), got)
+    worst = float(cos.min())
+    if not 1.0 - worst <= tolerance:
+        raise ExportError(f"{name or onnx_path}: parity check failed: onnxruntime vs PyTorch cosine {worst:.6f} on image "
+                          f"{int(cos.argmin())} of {len(x)}, expected >= {1 - tolerance:.6f} on every image")
+    return worst
+
+
+@dataclass
+class ExportReport:
+    """What ``faceforge export`` did and measured."""
+
+    path: Path
+    opset: int
+    bn_folded: int
+    bn_left: list[str]
+    parity_min_cosine: float
+    parity_images: int
+    int8_path: Path | None = None
+    int8: dict[str, Any] = field(default_factory=dict)
+
+    def lines(self) -> list[str]:
+        out = [f"onnx:    {self.path} (opset {self.opset}, dynamic batch)",
+               f"BN:      {self.bn_folded} folded into the conv/linear before them, {len(self.bn_left)} left"
+               + (f" ({', '.join(sorted({n.rsplit('.', 1)[-1] for n in self.bn_left}))})" if self.bn_left else ""),
+               f"parity:  onnxruntime vs PyTorch, min cosine {self.parity_min_cosine:.7f} on {self.parity_images} "
+               f"real aligned faces (tolerance 1 - cos <= {PARITY_TOLERANCE:g})"]
+        if self.int8_path is not None:
+            out.append(f"int8:    {self.int8_path} ({self.int8.get('mode')})")
+            for k, v in self.int8.items():
+                if k != "mode":
+                    out.append(f"  {k}: {v:.4f}" if isinstance(v, float) else f"  {k}: {v}")
+        return out
+
+
+def _write_onnx(model: Any, path: Path, size: int, opset: int) -> None:
+    import torch
+
+    example = torch.zeros(2, 3, size, size)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TracerWarnings of the input-shape checks, constant under a trace
+        torch.onnx.export(
+            model, (example,), os.fspath(path), dynamo=False, opset_version=opset, input_names=["images"],
+            output_names=["embeddings"], dynamic_axes={"images": {0: "batch"}, "embeddings": {0: "batch"}},
+            do_constant_folding=True,
+        )
+
+
+def _set_metadata(path: Path, props: dict[str, str]) -> None:
+    import onnx
+
+    model = onnx.load(os.fspath(path))
+    keep = [p for p in model.metadata_props if p.key not in props]
+    del model.metadata_props[:]
+    model.metadata_props.extend(keep)
+    for k, v in props.items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = k, v
+    onnx.save(model, os.fspath(path))
+
+
+def export_onnx(
+    source: str | os.PathLike,
+    output: str | os.PathLike,
+    opset: int = DEFAULT_OPSET,
+    fuse: bool = True,
+    tolerance: float = PARITY_TOLERANCE,
+    quantize: str | None = None,
+    calibration: str | os.PathLike | None = None,
+    eval_folder: str | os.PathLike | None = None,
+    transform: Callable[[Any], Any] | None = None,
+) -> ExportReport:
+    """Export ``source`` (run folder, ``last.pt`` or ``model.safetensors``) to ``output`` (see module notes).
+
+    Args:
+        opset: ONNX opset (default 17). fuse: fold BNs first (default True).
+        tolerance: parity bound on ``1 - cosine`` per image.
+        quantize: None, ``"dynamic"`` or ``"static"`` (needs ``calibration``, a folder of aligned crops).
+        eval_folder: a folder of identity sub-folders of aligned crops on which int8 and float are
+            compared (verification accuracy, TAR@FAR); default the 12 real faces.
+        transform: applied to the (fused) module just before export; for tests that corrupt a weight.
+
+    Raises:
+        ExportError when parity fails (``output`` is removed); ModelFileError for a bad source.
+    """
+    if quantize not in (None, "dynamic", "static"):
+        raise ValueError(f"quantize={quantize!r}: expected 'dynamic' or 'static'")
+    if quantize == "static" and calibration is None:
+        raise ValueError("quantize='static' needs a calibration folder of aligned face crops")
+    reference, info = load_source(source)
+    report = export_backbone(reference, info, output, opset, fuse, tolerance, transform)
+    if quantize:
+        report.int8_path = report.path.with_name(report.path.stem + ".int8.onnx")
+        quantize_onnx(report.path, report.int8_path, quantize, info, calibration)
+        report.int8 = compare_int8(report.path, report.int8_path, info, eval_folder) | {"mode": quantize}
+    return report
+
+
+def export_backbone(
+    reference: Any,
+    info: ModelInfo,
+    output: str | os.PathLike,
+    opset: int = DEFAULT_OPSET,
+    fuse: bool = True,
+    tolerance: float = PARITY_TOLERANCE,
+    transform: Callable[[Any], Any] | None = None,
+) -> ExportReport:
+    """Export a backbone (any ``nn.Module`` ``(B, 3, S, S) -> (B, D)``, S = ``info.image_size``) to
+    ``output`` with ``info`` as metadata: BN folded (``fuse``), then the parity check on the real faces
+    against ``reference`` in eval mode. On failure nothing is left at ``output``."""
+    import torch
+
+    from faceforge.backbones.fuse import batchnorms, fuse_bn
+
+    reference = reference.float().eval()
+    model = fuse_bn(reference) if fuse else reference
+    if transform is not None:
+        model = transform(model)
+    out = Path(output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    out.unlink(missing_ok=True)
+    x = _preprocess(info, real_faces(info.image_size))
+
+    def torch_reference(batch: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return reference(torch.from_numpy(batch)).numpy()
+
+    try:
+        _write_onnx(model, tmp, info.image_size, opset)
+        left = batchnorms(model)
+        folded = len(batchnorms(reference)) - len(left)
+        _set_metadata(tmp, {META_KEY: info.to_json(), "faceforge_opset": str(opset), "faceforge_bn_folded": str(folded),
+                            "faceforge_bn_left": json.dumps(left)})
+        worst = check_parity(torch_reference, tmp, x, tolerance, name=str(out))
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return ExportReport(out, opset, folded, left, worst, len(x))
+
+
+class _Calibration:
+    """onnxruntime's CalibrationDataReader over a folder of aligned crops, in batches of 16."""
+
+    def __init__(self, folder: str | os.PathLike, info: ModelInfo, input_name: str) -> None:
+        from faceforge.inference import load_images
+
+        paths = sorted(str(p) for p in Path(folder).rglob("*") if p.is_file() and _is_image(p))
+        if not paths:
+            raise ValueError(f"{folder}: calibration: no images found (expected aligned {info.image_size}x"
+                             f"{info.image_size} face crops)")
+        crops, _, _ = load_images(paths, info.image_size)
+        x = _preprocess(info, crops)
+        self.batches = iter([{input_name: x[s : s + 16]} for s in range(0, len(x), 16)])
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self.batches, None)
+
+
+def _is_image(path: Path) -> bool:
+    from faceforge.data.folder import IMAGE_EXTENSIONS
+
+    return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".")
+
+
+def quantize_onnx(float_path: Path, int8_path: Path, mode: str, info: ModelInfo,
+                  calibration: str | os.PathLike | None = None) -> Path:
+    """int8 copy of an exported model: ``dynamic`` (weights int8 ahead of time, activations at run time;
+    uint8 weights, the type onnxruntime's CPU ConvInteger runs) or ``static`` (QDQ, per-channel weights,
+    activations calibrated on ``calibration``). The faceforge metadata is kept."""
+    import onnx
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
+
+    metadata = {p.key: p.value for p in onnx.load(os.fspath(float_path)).metadata_props}
+    if mode == "dynamic":
+        quantize_dynamic(os.fspath(float_path), os.fspath(int8_path), weight_type=QuantType.QUInt8)
+    else:
+        reader = _Calibration(calibration, info, "images")
+        quantize_static(os.fspath(float_path), os.fspath(int8_path), reader, quant_format=QuantFormat.QDQ,
+                        per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    _set_metadata(int8_path, metadata | {"faceforge_quantized": mode})
+    return int8_path
+
+
+def compare_int8(float_path: Path, int8_path: Path, info: ModelInfo,
+                 eval_folder: str | os.PathLike | None = None) -> dict[str, Any]:
+    """int8 against float: mean / min cosine of their embeddings, and each one's best-threshold accuracy
+    and TAR@FAR=1e-1 on every pair of the images (``eval_folder`` of identity sub-folders, default the
+    12 real faces)."""
+    from faceforge.eval.metrics import best_threshold_accuracy, tar_at_far
+    from faceforge.inference import Recognizer, gallery_entries, load_images
+
+    if eval_folder is not None:
+        paths, labels = gallery_entries(eval_folder)
+        crops, _, _ = load_images(paths, info.image_size)
+        where = f"{len(paths)} images of {eval_folder}"
+    else:
+        crops, labels, where = real_faces(info.image_size), list(REAL_FACE_IDENTITIES), "the 12 real faces"
+    from faceforge.inference import OnnxBackend
+
+    e_float = Recognizer(OnnxBackend(float_path), info).embed_crops(crops)
+    e_int8 = Recognizer(OnnxBackend(int8_path), info).embed_crops(crops)
+    i, j = np.triu_indices(len(labels), 1)
+    same = np.asarray(labels)[i] == np.asarray(labels)[j]
+    result: dict[str, Any] = {"images": where, "pairs": f"{len(i)} ({int(same.sum())} same-identity)"}
+    cos = _cosines(e_float, e_int8)
+    result["cosine int8 vs float, mean"] = float(cos.mean())
+    result["cosine int8 vs float, min"] = float(cos.min())
+    for name, e in (("float", e_float), ("int8", e_int8)):
+        scores = np.einsum("nd,nd->n", e[i].astype(np.float64), e[j].astype(np.float64))
+        if 0 < same.sum() < len(same):
+            result[f"{name} best-threshold accuracy"] = float(best_threshold_accuracy(scores, same)[0])
+            result[f"{name} TAR@FAR=1e-1"] = float(tar_at_far(scores, same, 0.1))
+    return result

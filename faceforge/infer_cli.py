@@ -1,0 +1,300 @@
+"""The inference commands of ``faceforge``: ``embed``, ``verify``, ``search`` (and ``search build``), ``export``.
+
+Each is a thin call into :mod:`faceforge.inference` / :mod:`faceforge.export`. Their errors are
+ValueError / OSError / ImportError subclasses that name the file or option, which ``faceforge.cli.main``
+prints as one line, ``faceforge <cmd>: <file/key>: <what is wrong, what was expected>``, exit status 2
+(``--debug`` for the traceback); the model and the input paths are checked before any image is embedded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from faceforge.cli import UsageError
+
+__all__ = ["add_commands"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Shared options
+# --------------------------------------------------------------------------------------------------
+
+
+def _model_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="a run folder, last.pt, model.safetensors or an .onnx file")
+    g = p.add_argument_group("a foreign ONNX model (no faceforge metadata) needs its normalisation")
+    g.add_argument("--mean", type=float, nargs="+", default=None, metavar="M",
+                   help="per-channel mean in 0..255 (1 or 3 numbers; default: from the model, 127.5 for faceforge models)")
+    g.add_argument("--std", type=float, nargs="+", default=None, metavar="S",
+                   help="per-channel std in 0..255 (1 or 3 numbers; default: from the model, 127.5 for faceforge models)")
+    g.add_argument("--channel-order", choices=("RGB", "BGR"), default=None, help="channel order the model expects (default: from the model, else RGB)")
+    g.add_argument("--image-size", type=int, default=None, help="aligned crop side (default: from the model)")
+    g.add_argument("--flip-test", choices=("on", "off"), default=None,
+                   help="sum the embedding of the mirrored face (default: from the model; off for foreign models)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch / onnxruntime / faiss (default: the libraries' own)")
+    p.add_argument("--device", default=None, help="torch device for torch models (default cpu)")
+
+
+def _image_options(p: argparse.ArgumentParser, skip: bool = True) -> None:
+    p.add_argument("--detect", action="store_true",
+                   help="detect and align raw photos with YuNet (pip install 'faceforge[detect]'); without it (default), "
+                        "images must be aligned crops of the model's image size")
+    if skip:
+        p.add_argument("--skip-bad", action="store_true",
+                       help="skip images that cannot be decoded or (with --detect) show no face, and count them (default: stop at the first)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
+
+
+def _foreign(args: argparse.Namespace) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key in ("mean", "std"):
+        v = getattr(args, key)
+        if v is not None:
+            if len(v) not in (1, 3):
+                raise UsageError(f"--{key}: got {len(v)} numbers, expected 1 or 3 (per channel, 0..255 scale)")
+            out[key] = v * 3 if len(v) == 1 else v
+    if args.channel_order:
+        out["channel_order"] = args.channel_order
+    if args.image_size is not None:
+        out["image_size"] = args.image_size
+    if args.flip_test is not None:
+        out["flip_test"] = args.flip_test == "on"
+    return out
+
+
+def _threads(n: int | None) -> None:
+    if n is None:
+        return
+    if n < 1:
+        raise UsageError(f"--threads: got {n}, expected an int >= 1")
+    import torch
+
+    torch.set_num_threads(n)
+
+
+def _load(args: argparse.Namespace) -> Any:
+    from faceforge.inference import load_model
+
+    if getattr(args, "batch_size", 1) < 1:
+        raise UsageError(f"--batch-size: got {args.batch_size}, expected an int >= 1")
+    _threads(args.threads)
+    return load_model(args.model, device=args.device, threads=args.threads, **_foreign(args))
+
+
+def _image_paths(inputs: Sequence[str]) -> list[str]:
+    """Files given, and the images anywhere under folders given (sorted); a missing path is an error."""
+    from faceforge.data.folder import IMAGE_EXTENSIONS
+
+    paths: list[str] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            found = sorted(str(f) for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_EXTENSIONS
+                           and not f.name.startswith("."))
+            if not found:
+                raise UsageError(f"{item}: no images in this folder (expected files ending in {', '.join(IMAGE_EXTENSIONS)})")
+            paths += found
+        elif p.is_file():
+            paths.append(item)
+        else:
+            raise UsageError(f"{item}: not found (expected an image file or a folder of images)")
+    return paths
+
+
+def _report_skipped(skipped: list[str]) -> None:
+    if skipped:
+        print(f"skipped {len(skipped)} image(s):", file=sys.stderr)
+        for s in skipped:
+            print(f"  {s}", file=sys.stderr)
+
+
+# --------------------------------------------------------------------------------------------------
+# Commands
+# --------------------------------------------------------------------------------------------------
+
+
+def _embed(args: argparse.Namespace) -> int:
+    from faceforge.fileio import atomic_open, save_npy
+
+    paths = _image_paths(args.images)
+    out = Path(args.out)
+    if out.suffix != ".npy":
+        raise UsageError(f"--out {args.out}: expected a .npy path (the file list goes beside it as .txt)")
+    r = _load(args)
+    emb, kept, skipped = r.embed_files(paths, detect=args.detect, skip_bad=args.skip_bad,
+                                       batch_size=args.batch_size, progress=not args.quiet)
+    save_npy(out, emb)
+    files = out.with_suffix(".txt")
+    with atomic_open(files, "w") as f:
+        f.write("".join(f"{k}\n" for k in kept))
+    _report_skipped(skipped)
+    print(f"embeddings: {out} ({emb.shape[0]} x {emb.shape[1]}, float32, L2-normalised)")
+    print(f"files:      {files}")
+    if skipped:
+        print(f"skipped:    {len(skipped)}")
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    for p in (args.a, args.b):
+        if not Path(p).is_file():
+            raise UsageError(f"{p}: image not found")
+    r = _load(args)
+    v = r.verify(args.a, args.b, threshold=args.threshold, detect=args.detect)
+    print(f"cosine {v.cosine:.4f}")
+    if v.threshold is None:
+        print("no threshold: the model carries none; give --threshold")
+        return 0
+    far = f", FAR {v.threshold_far:.2g}" if v.threshold_far is not None else ""
+    where = f" ({v.threshold_source}{far})" if v.threshold_source else ""
+    print(f"{'same person' if v.same else 'different people'} at threshold {v.threshold:.4f}{where}")
+    return 0
+
+
+def _search_build(argv: list[str]) -> int:
+    from faceforge.inference import INDEX_KINDS, Gallery, build_gallery
+
+    p = argparse.ArgumentParser(prog="faceforge search build",
+                                description="embed an identity folder (one sub-folder per identity) into a faiss index")
+    _model_options(p)
+    p.add_argument("gallery", help="folder with one sub-folder of images per identity")
+    p.add_argument("index", help="output folder: index.faiss, embeddings.npy, gallery.json")
+    p.add_argument("--kind", choices=INDEX_KINDS, default="flat",
+                   help="flat: exact inner product (default); ivf / hnsw: approximate, for large galleries")
+    p.add_argument("--append", action="store_true", help="add to an existing index folder (default: replace it)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar (default: shown)")
+    _image_options(p)
+    args = p.parse_args(argv)
+    if not Path(args.gallery).is_dir():
+        raise UsageError(f"{args.gallery}: not a folder (expected one sub-folder of images per identity)")
+    if args.append and not (Path(args.index) / "gallery.json").is_file():
+        raise UsageError(f"{args.index}: --append: no gallery.json here (expected a folder written by search build)")
+    r = _load(args)
+    _faiss_threads(args.threads)
+    new, skipped = build_gallery(r, args.gallery, kind=args.kind, detect=args.detect, skip_bad=args.skip_bad,
+                                 batch_size=args.batch_size, progress=not args.quiet)
+    if args.append:
+        g = Gallery.load(args.index)
+        if g.dim != new.dim:
+            raise UsageError(f"{args.index}: holds {g.dim}-D embeddings, this model gives {new.dim}-D")
+        g.add(new.embeddings, new.identities, new.files)
+    else:
+        g = new
+    g.save(args.index)
+    _report_skipped(skipped)
+    print(f"index: {args.index} ({len(g)} images of {len(set(g.identities))} identities, {g.kind}, "
+          f"{g.dim}-D){f'; skipped {len(skipped)}' if skipped else ''}")
+    return 0
+
+
+def _faiss_threads(n: int | None) -> None:
+    if n is not None:
+        import faiss
+
+        faiss.omp_set_num_threads(n)
+
+
+def _search_query(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="faceforge search",
+                                description="identities of probe faces from an index built by `faceforge search build`")
+    _model_options(p)
+    p.add_argument("index", help="an index folder written by `faceforge search build`")
+    p.add_argument("probes", nargs="+", help="probe images")
+    p.add_argument("--top", type=int, default=5, help="matches per probe (default 5)")
+    _image_options(p, skip=False)
+    args = p.parse_args(argv)
+    from faceforge.inference import Gallery
+
+    if args.top < 1:
+        raise UsageError(f"--top: got {args.top}, expected an int >= 1")
+    probes = _image_paths(args.probes)
+    g = Gallery.load(args.index)
+    r = _load(args)
+    _faiss_threads(args.threads)
+    results = r.search(g, probes, top=args.top, detect=args.detect)
+    for probe, matches in zip(probes, results):
+        print(probe)
+        for rank, m in enumerate(matches, 1):
+            print(f"  {rank}. {m.identity:<24} {m.score:.4f}  {m.file}")
+    return 0
+
+
+def _search(args: argparse.Namespace) -> int:
+    rest = list(args.rest)
+    if args.help and not rest:
+        print(_SEARCH_USAGE)
+        return 0
+    if args.help:
+        rest.append("--help")
+    if rest and rest[0] == "build":
+        return _search_build(rest[1:])
+    return _search_query(rest)
+
+
+def _export(args: argparse.Namespace) -> int:
+    from faceforge.export import DEFAULT_OPSET, export_onnx
+
+    if not Path(args.source).exists():
+        raise UsageError(f"{args.source}: not found (expected a run folder, last.pt or model.safetensors)")
+    if not args.output.endswith(".onnx"):
+        raise UsageError(f"{args.output}: expected an output path ending in .onnx")
+    if args.quantize == "static" and not args.calibration:
+        raise UsageError("--quantize static: --calibration: missing, expected a folder of aligned face crops")
+    for key in ("calibration", "eval_folder"):
+        v = getattr(args, key)
+        if v and not Path(v).is_dir():
+            raise UsageError(f"--{key.replace('_', '-')} {v}: not a folder")
+    _threads(args.threads)
+    report = export_onnx(args.source, args.output, opset=args.opset or DEFAULT_OPSET, fuse=not args.no_fuse, quantize=args.quantize,
+                         calibration=args.calibration, eval_folder=args.eval_folder)
+    print("\n".join(report.lines()))
+    return 0
+
+
+_SEARCH_USAGE = """usage:
+  faceforge search build MODEL GALLERY_FOLDER INDEX_FOLDER [--kind flat|ivf|hnsw] [--append] [--detect] [--skip-bad]
+  faceforge search MODEL INDEX_FOLDER PROBE... [--top 5] [--detect]
+(faceforge search build --help and faceforge search MODEL --help list every option)"""
+
+
+def add_commands(sub: Any, commands: dict[str, Callable[[argparse.Namespace], int]]) -> None:
+    """Register ``embed``, ``verify``, ``search`` and ``export`` on ``faceforge``'s sub-parsers."""
+    p = sub.add_parser("embed", help="embed faces: faceforge embed MODEL IMAGES_OR_FOLDER... --out feats.npy")
+    _model_options(p)
+    p.add_argument("images", nargs="+", help="image files and/or folders (searched recursively)")
+    p.add_argument("--out", required=True, help="embeddings .npy (float32 N x D); the file list goes to the .txt beside it (required, no default)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar (default: shown)")
+    _image_options(p)
+    commands["embed"] = _embed
+
+    p = sub.add_parser("verify", help="are two faces the same person? faceforge verify MODEL a.jpg b.jpg")
+    _model_options(p)
+    p.add_argument("a", help="first image")
+    p.add_argument("b", help="second image")
+    p.add_argument("--threshold", type=float, default=None, help="cosine threshold (default: the model's own)")
+    _image_options(p, skip=False)
+    commands["verify"] = _verify
+
+    p = sub.add_parser(
+        "search", help="face search: 'search build MODEL GALLERY INDEX' or 'search MODEL INDEX PROBE... [--top 5]'",
+        description=_SEARCH_USAGE, formatter_class=argparse.RawDescriptionHelpFormatter, add_help=False)
+    p.add_argument("-h", "--help", action="store_true", help="show the usage of both forms (default: off)")
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="the arguments of either form")
+    commands["search"] = _search
+
+    p = sub.add_parser("export", help="export to ONNX (BN folded, parity checked): faceforge export RUN model.onnx")
+    p.add_argument("source", help="a run folder, last.pt or model.safetensors")
+    p.add_argument("output", help="the .onnx file to write")
+    p.add_argument("--opset", type=int, default=None, help="ONNX opset (default 17, the one tested)")
+    p.add_argument("--no-fuse", action="store_true", help="keep the BatchNorms (default: folded into the convs)")
+    p.add_argument("--quantize", choices=("dynamic", "static"), default=None,
+                   help="also write an int8 model beside it (<name>.int8.onnx), compared with float in the log (default: none)")
+    p.add_argument("--calibration", default=None, help="--quantize static: folder of aligned face crops (default: none; required for static)")
+    p.add_argument("--eval-folder", default=None,
+                   help="identity folder of aligned crops for the int8 vs float comparison (default: 12 real faces)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own)")
+    commands["export"] = _export

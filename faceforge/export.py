@@ -73,18 +73,9 @@ def real_faces(size: int = 112) -> np.ndarray:
 
 def load_source(source: str | os.PathLike) -> tuple[Any, ModelInfo]:
     """``(backbone in eval mode, info)`` from a run folder, a checkpoint or ``model.safetensors``."""
-    from faceforge.modelfile import backbone_from_checkpoint, load_backbone
+    from faceforge.modelfile import backbone_from_checkpoint, load_backbone, resolve_model_path
 
-    p = Path(source)
-    if p.is_dir():
-        if (p / MODEL_WEIGHTS).is_file():
-            p = p / MODEL_WEIGHTS
-        elif (p / "last.pt").is_file():
-            p = p / "last.pt"
-        else:
-            raise ModelFileError(f"{source}: no {MODEL_WEIGHTS} or last.pt in this folder (expected a `faceforge train` run)")
-    if not p.is_file():
-        raise ModelFileError(f"{p}: model file not found")
+    p = resolve_model_path(source)
     if p.suffix.lower() == ".onnx":
         raise ModelFileError(f"{p}: already ONNX; expected a run folder, last.pt or {MODEL_WEIGHTS}")
     return load_backbone(p) if p.suffix.lower() == ".safetensors" else backbone_from_checkpoint(p)

@@ -374,18 +374,9 @@ def load_model(path: str | os.PathLike, device: str | None = None, threads: int 
         ModelFileError naming the file and what is missing or wrong. Nothing is unpickled: checkpoints
         load with ``weights_only=True``.
     """
-    from faceforge.modelfile import backbone_from_checkpoint, load_backbone
+    from faceforge.modelfile import backbone_from_checkpoint, load_backbone, resolve_model_path
 
-    p = Path(path)
-    if p.is_dir():
-        if (p / MODEL_WEIGHTS).is_file():
-            p = p / MODEL_WEIGHTS
-        elif (p / "last.pt").is_file():
-            p = p / "last.pt"
-        else:
-            raise ModelFileError(f"{path}: no {MODEL_WEIGHTS} or last.pt in this folder (expected a `faceforge train` run)")
-    if not p.is_file():
-        raise ModelFileError(f"{p}: model file not found")
+    p = resolve_model_path(path)
     suffix = p.suffix.lower()
     if suffix == ".onnx":
         backend = OnnxBackend(p, threads)

@@ -233,6 +233,20 @@ def build_backbone_from_info(info: ModelInfo) -> nn.Module:
     return build_backbone(cfg)
 
 
+def resolve_model_path(path: str | os.PathLike) -> Path:
+    """The model file a user named: a run folder gives its ``model.safetensors``, else its ``last.pt``;
+    a file is returned as it is. Raises ModelFileError when the folder holds neither or the file is missing."""
+    p = Path(path)
+    if p.is_dir():
+        for name in (MODEL_WEIGHTS, "last.pt"):
+            if (p / name).is_file():
+                return p / name
+        raise ModelFileError(f"{path}: no {MODEL_WEIGHTS} or last.pt in this folder (expected a `faceforge train` run)")
+    if not p.is_file():
+        raise ModelFileError(f"{p}: model file not found")
+    return p
+
+
 def load_backbone(path: str | os.PathLike) -> tuple[nn.Module, ModelInfo]:
     """``(backbone in eval mode, info)`` from ``model.safetensors`` (+ ``model.json``)."""
     from safetensors.torch import load_file

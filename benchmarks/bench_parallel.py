@@ -1,5 +1,5 @@
 """Class-sharded heads on 2 gloo CPU ranks: per-rank memory and step time against C, the communication per step
-(computed and measured), and Partial FC's sparse optimiser step against a dense one (RESULTS.md section 14).
+(computed and measured), and Partial FC's sparse optimiser step against a dense one (RESULTS.md section 16).
 
     OMP_NUM_THREADS=1 python benchmarks/bench_parallel.py --classes 100000 400000 1000000 --dim 128 --batch 64
 

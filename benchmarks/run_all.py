@@ -32,6 +32,16 @@ BENCHMARKS: list[tuple[str, list[str], list[str]]] = [
      ["limit", "--threads", "1", "--check", "60000", "--ratios", "0.1", "--budget-gib", "0.5", "--reserve-gib", "0.1"]),
     ("bench_attfc.py", ["k", "--threads", "1", "--repeats", "5"], ["k", "--threads", "1", "--ks", "2", "--repeats", "1",
                                                                     "--batch-size", "8"]),
+    ("bench_peers.py", ["--classes", "10000,100000", "--repeats", "3", "--threads", "1"],
+     ["--classes", "10000", "--repeats", "1", "--threads", "1", "--no-memory"]),
+    ("bench_parallel.py", ["--classes", "100000", "400000", "1000000", "--repeats", "2"],
+     ["--classes", "50000", "--repeats", "1"]),
+    ("bench_export.py", ["--models", "r18", "r50", "r100", "--batches", "1", "--iters", "3"],
+     ["--models", "r18", "--batches", "1", "--iters", "1"]),
+    ("bench_search.py", ["--sizes", "10000", "100000", "1000000", "--queries", "200"],
+     ["--sizes", "10000", "--queries", "50"]),
+    ("bench_bigface_memory.py", ["--modes", "off,block"], ["--depths", "r50", "--modes", "off,block"]),
+    ("bench_distill.py", [], ["--images", "64", "--repeats", "1"]),
 ]
 
 

@@ -31,7 +31,12 @@ BASE: dict[str, Any] = {
 
 def make_config(output: Path, **sections: dict[str, Any]) -> Config:
     """BASE with ``output`` and each section's keys replaced (``train={"steps": 2}``)."""
-    data = yaml.safe_load(yaml.safe_dump(BASE))
+    return config_from_base(BASE, output, **sections)
+
+
+def config_from_base(base: dict[str, Any], output: Path, **sections: dict[str, Any]) -> Config:
+    """A deep copy of the config dict ``base`` with ``output`` and each section's keys replaced."""
+    data = yaml.safe_load(yaml.safe_dump(base))
     data["output"] = str(output)
     for section, values in sections.items():
         data.setdefault(section, {}).update(values)

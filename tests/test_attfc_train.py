@@ -11,7 +11,6 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-import yaml
 from torch import nn
 
 from faceforge.build import load_backbone
@@ -19,6 +18,7 @@ from faceforge.data import recordio
 from faceforge.data.samplers import CLASS_IMAGES, SAMPLERS, SamplerContext, identity_blocks
 from faceforge.heads import AttFC
 from faceforge.train.checkpoint import load_checkpoint
+from _runs import config_from_base
 from faceforge.train.config import config_from_dict
 from faceforge.train.data import build_dataset, dataset_labels
 from faceforge.train.engine import train
@@ -198,11 +198,7 @@ BASE: dict[str, Any] = {
 
 
 def make_config(output: Path, **sections: dict[str, Any]):
-    data = yaml.safe_load(yaml.safe_dump(BASE))
-    data["output"] = str(output)
-    for section, values in sections.items():
-        data[section].update(values)
-    return config_from_dict(data, "<test>")
+    return config_from_base(BASE, output, **sections)
 
 
 def test_resume_with_a_partly_filled_container_and_the_class_encoder_is_bit_identical(tmp_path):

@@ -26,7 +26,7 @@ from faceforge import heads
 from faceforge.heads import ArcFace, BroadFace, MarginSoftmax, Softmax
 from faceforge.heads.broadface import compensate
 from faceforge.train.checkpoint import load_checkpoint, save_checkpoint
-from faceforge.train.config import config_from_dict
+from _runs import config_from_base
 from faceforge.train.engine import FaceModel, train, wrap_ddp
 
 C, D, B = 11, 6, 5
@@ -455,11 +455,7 @@ BASE: dict[str, Any] = {
 
 
 def make_config(output: Path, **sections: dict[str, Any]):
-    data = yaml.safe_load(yaml.safe_dump(BASE))
-    data["output"] = str(output)
-    for section, values in sections.items():
-        data[section].update(values)
-    return config_from_dict(data, "<test>")
+    return config_from_base(BASE, output, **sections)
 
 
 @pytest.fixture(scope="module")

@@ -6,6 +6,7 @@
   ``dtype="float64"`` makes its parameters float64 (the images are cast on the way in).
 * ``float64_head``: any registered head with float64 class weights, for runs compared with one another in
   float64 (``head.name: _train_worker:float64_head``, ``head.kwargs.inner``: the registered head, default arcface).
+* ``dumping_attfc``: AttFC (float64) that writes its container after every training forward, per rank.
 * ``NaNHead``: ArcFace whose loss turns NaN from its ``nan_at_call``-th training call on.
 * A command line that trains in a subprocess, optionally killing itself (SIGKILL) after a given step or
   inside a checkpoint write, or spawning 2 gloo ranks:
@@ -20,6 +21,7 @@
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import os
 import signal
 import sys
@@ -59,6 +61,27 @@ def float64_head(num_classes: int, embedding_size: int, inner: str = "arcface", 
     from faceforge.heads import build
 
     return build(inner, num_classes=num_classes, embedding_size=embedding_size, **kwargs).double()
+
+
+def dumping_attfc(num_classes: int, embedding_size: int, dump: str, **kwargs) -> nn.Module:
+    """AttFC with float64 buffers that, after each training forward (its enqueue), writes its ``state_dict``
+    (container, labels, pointer) to ``DUMP/rank<R>_call<N>.pt`` (N from 1): every rank's container, step by step."""
+    import torch.distributed as dist
+
+    from faceforge.heads import build
+
+    head = build("attfc", num_classes=num_classes, embedding_size=embedding_size, **kwargs).double()
+    calls = {"n": 0}
+
+    def save(module: nn.Module, args: object, output: object) -> None:
+        if module.training:
+            calls["n"] += 1
+            rank = dist.get_rank() if dist.is_initialized() else 0
+            state = {k: v.clone() for k, v in module.state_dict().items()}
+            torch.save(state, Path(dump) / f"rank{rank}_call{calls['n']}.pt")
+
+    head.register_forward_hook(save)
+    return head
 
 
 class NaNHead(nn.Module):
@@ -106,6 +129,7 @@ def _run(args: argparse.Namespace) -> None:
     from faceforge.train.engine import train
 
     torch.set_num_threads(1)
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 PID`: where a hung worker waits
     if args.kill_in_save:
         _kill_inside_save(args.kill_in_save)
     # --kill-rank R: only rank R dies, and only once: in the first attempt of an elastic (torchrun) run that

@@ -5,6 +5,7 @@ resumed run bit-identical with a partly filled container and the class encoder, 
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -232,3 +233,92 @@ def test_attfc_objective_needs_the_attfc_sampler_and_eval_a_momentum_encoder(tmp
                               objective={"name": "classification", "kwargs": {}}, train={"steps": 1}))
     with pytest.raises(ValueError, match="no encoder 'momentum.encoder'"):
         load_backbone(plain.checkpoint, encoder="momentum")
+
+
+# ---------------------------------------------------------------------------------------------- 2 gloo ranks
+
+from test_train import TRAINED, assert_same_state, free_port, run_worker  # noqa: E402
+
+from faceforge.train.config import to_yaml  # noqa: E402
+from faceforge.data.samplers import rank_positions  # noqa: E402
+
+GLOBAL = 8  # 2 ranks x 4 or 1 process x 8; the container (32) holds 4 global batches
+
+
+def ddp_config(tmp_path: Path, name: str, world: int) -> tuple[Path, Path]:
+    """(config file, dump folder) of a float64 AttFC run (TinyNet without dropout: one draw per rank would differ)
+    whose head writes its container after every forward on every rank."""
+    dump = tmp_path / f"{name}_dump"
+    dump.mkdir()
+    cfg = make_config(
+        tmp_path / name, model={"kwargs": {"dropout": 0.0, "dtype": "float64"}},
+        head={"name": "_train_worker:dumping_attfc",
+              "kwargs": {"batch_size": GLOBAL, "container_size": 32, "s": 16.0, "dump": str(dump)}},
+        data={"batch_size": GLOBAL // world},
+    )
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(to_yaml(cfg))
+    return path, dump
+
+
+def dumps(folder: Path, rank: int) -> list[dict]:
+    return [torch.load(folder / f"rank{rank}_call{n}.pt", weights_only=True) for n in range(1, STEPS + 1)]
+
+
+def test_two_gloo_ranks_through_the_trainer_hold_one_container_and_resume_bit_identical(tmp_path):
+    """2 ranks x 4 through `train` (DDP, the attfc sampler and objective, the momentum encoder): after every step
+    both ranks hold the same container, bit for bit, and it is one process's with the batch of 8, row for row
+    (rank r's sample b lands at row 2 b + r, where the sampler took it from: global positions 0, 2, 4, 6 on rank
+    0, 1, 3, 5, 7 on rank 1; the gather interleaves them back). The
+    2-rank run killed after step 3 and resumed gives the same bits. Float64: the runs differ only in the order of
+    float64 sums (the DDP average of two halves), 1e-10 relative leaves orders of magnitude over the rounding;
+    a centre in the wrong row or from the wrong image is off by O(1)."""
+    two_config, two_dump = ddp_config(tmp_path, "two", 2)
+    run_worker(str(two_config), "--nprocs", "2", "--port", str(free_port()))
+    one_config, one_dump = ddp_config(tmp_path, "one", 1)
+    from faceforge.train.config import load_config
+
+    train(load_config(str(one_config)))
+    rank0, rank1, one = dumps(two_dump, 0), dumps(two_dump, 1), dumps(one_dump, 0)
+    assert [list(rank_positions(0, GLOBAL // 2, 2, r)) for r in range(2)] == [[0, 2, 4, 6], [1, 3, 5, 7]]
+    for step, (a, b, c) in enumerate(zip(rank0, rank1, one), 1):
+        for key in ("container", "container_labels", "container_ptr"):
+            assert torch.equal(a[key], b[key]), f"step {step}: {key} differs between the ranks"
+        assert int(a["container_ptr"]) == int(c["container_ptr"]) == step * GLOBAL % 32
+        torch.testing.assert_close(a["container"], c["container"], rtol=1e-10, atol=1e-10, msg=f"step {step}")
+        assert torch.equal(a["container_labels"], c["container_labels"]), f"step {step}"
+    assert (rank0[3]["container_labels"] >= 0).all()  # full after 4 steps; then the oldest batch is overwritten
+    assert not torch.allclose(rank0[4]["container"], rank0[0]["container"])
+    final2, final1 = load_checkpoint(tmp_path / "two" / "last.pt"), load_checkpoint(tmp_path / "one" / "last.pt")
+    for key in ("backbone", "objective"):
+        assert_same_state(final2[key], final1[key], key, rel=1e-10)
+
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copy(tmp_path / "two" / "step_0000003.pt", resumed / "last.pt")  # as if killed after step 3
+    resumed_config, _ = ddp_config(tmp_path, "resumed", 2)
+    run_worker(str(resumed_config), "--nprocs", "2", "--port", str(free_port()), "--resume")
+    a = load_checkpoint(resumed / "last.pt")
+    for key in (*TRAINED, "objective", "sampler"):
+        assert_same_state(a[key], final2[key], key)
+
+
+@pytest.mark.parametrize("kwargs, line", [
+    ({"batch_size": 16}, "faceforge train: head.kwargs.batch_size: 16, but one forward of this run enqueues a global "
+                         "batch of 8 (data.batch_size x world size); expected 8"),
+    ({"container_size": 36}, "faceforge train: head.kwargs.container_size: container_size=36: expected a positive "
+                             "multiple of the global batch 8"),
+    ({"container_size": None, "ratio": 0.5}, "faceforge train: head.kwargs.ratio: ratio 0.5 x 8 classes = 4 holds "
+                                             "no full global batch of 8"),
+])
+def test_a_wrong_attfc_batch_or_container_is_refused_before_any_work(tmp_path, capsys, kwargs, line):
+    """Preflight (the head factory's check_training, heads.base.TrainingCheck): one line, exit 2, no run files."""
+    from faceforge.cli import main
+
+    cfg = make_config(tmp_path / "run", head={"name": "attfc", "kwargs": {**BASE["head"]["kwargs"], **kwargs}})
+    path = tmp_path / "run.yaml"
+    path.write_text(to_yaml(cfg))
+    assert main(["train", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(line), err
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())

@@ -1,7 +1,9 @@
-"""ZeRO and gradient compression under DDP with 2 gloo ranks; resume with ZeRO and masks on.
+"""ZeRO and gradient compression under DDP with 2 gloo ranks; resume with ZeRO, masks and distillation on.
 
 The runs are those of tests/test_train.py (TinyNet, 64 synthetic 32x32 images), 6 steps of 2 ranks x 8
-images with half of the images masked (``data.mask_ratio``).
+images with half of the images masked (``data.mask_ratio``), trained with the distillation objective (CosFace-
+style head + lambda x the angular term against a frozen 16-D IResNet teacher with BatchNorm). The head's
+weight decay is 0, so that its momentum after the first step is its all-reduced gradient itself.
 """
 
 from __future__ import annotations
@@ -12,28 +14,55 @@ from pathlib import Path
 import pytest
 import torch
 
-from faceforge.train.checkpoint import load_checkpoint
-from test_train import PLAIN, TRAINED, assert_same_state, free_port, run_worker, write_config
+from faceforge.build import build_backbone
+from faceforge.train.checkpoint import load_checkpoint, save_checkpoint
+from faceforge.train.config import to_dict, to_yaml
+from test_train import PLAIN, TRAINED, assert_same_state, free_port, make_config, run_worker
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-RUN = {"train": {"steps": 6, "checkpoint_every": 3, "clip_grad_norm": 0.0}, "data": {"batch_size": 8, "mask_ratio": 0.5}}
+RUN = {"train": {"steps": 6, "checkpoint_every": 3, "clip_grad_norm": 0.0}, "data": {"batch_size": 8, "mask_ratio": 0.5},
+       "optim": {"head_weight_decay": 0.0}}
+TEACHER_MODEL = {"backbone": "r18", "embedding_size": 16, "kwargs": {"width": 0.125}}
+
+
+def make_teacher(folder: Path) -> Path:
+    """A tiny IResNet (BatchNorm statistics moved off 0 / 1), 16-D like the student: no projection."""
+    cfg = make_config(folder / "teacher", {"model": TEACHER_MODEL})
+    torch.manual_seed(5)
+    backbone = build_backbone(cfg)
+    with torch.no_grad():
+        for m in backbone.modules():
+            if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+                m.running_mean.uniform_(-0.1, 0.1), m.running_var.uniform_(0.5, 1.5)
+    path = folder / "teacher" / "last.pt"
+    path.parent.mkdir(parents=True)
+    save_checkpoint(path, {"config": to_dict(cfg), "backbone": backbone.state_dict()})
+    return path
+
+
+def write_run_config(tmp_path: Path, output: Path, train: dict) -> Path:
+    cfg = make_config(output, PLAIN, RUN, {"train": train})
+    cfg.objective.name, cfg.objective.kwargs = "distillation", {"teacher": str(tmp_path / "teacher" / "last.pt")}
+    path = tmp_path / f"{output.name}.yaml"
+    path.write_text(to_yaml(cfg))
+    return path
 
 
 def two_ranks(tmp_path: Path, name: str, train: dict, *extra: str) -> Path:
     output = tmp_path / name
-    config = write_config(tmp_path, output, PLAIN, RUN, {"train": train})
-    run_worker(str(config), "--nprocs", "2", "--port", str(free_port()), *extra)
+    run_worker(str(write_run_config(tmp_path, output, train)), "--nprocs", "2", "--port", str(free_port()), *extra)
     return output
 
 
 @pytest.fixture(scope="module")
 def ddp_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     tmp = tmp_path_factory.mktemp("zero")
+    make_teacher(tmp)
     return {
         "plain": two_ranks(tmp, "plain", {}),
         "zero": two_ranks(tmp, "zero", {"zero": True}),
-        "fp16": two_ranks(tmp, "fp16", {"ddp_comm_hook": "fp16"}),
+        "fp16": two_ranks(tmp, "fp16", {"ddp_comm_hook": "fp16", "checkpoint_every": 1}),
         "tmp": tmp,
     }
 
@@ -49,16 +78,20 @@ def test_zero_equals_plain_ddp(ddp_runs):
     assert (plain["backbone"]["fc.weight"] - start).abs().max() > 1e-3  # training moved the weights
 
 
-def test_zero_resume_is_bit_identical(ddp_runs):
+def test_zero_resume_with_masks_and_distillation_is_bit_identical(ddp_runs):
     tmp = ddp_runs["tmp"]
     resumed = tmp / "zero_resumed"
     resumed.mkdir()
     shutil.copy(ddp_runs["zero"] / "step_0000003.pt", resumed / "last.pt")  # as if killed after step 3
-    config = write_config(tmp, resumed, PLAIN, RUN, {"train": {"zero": True}})
+    config = write_run_config(tmp, resumed, {"zero": True})
     run_worker(str(config), "--nprocs", "2", "--port", str(free_port()), "--resume")
     a, e = load_checkpoint(resumed / "last.pt"), load_checkpoint(ddp_runs["zero"] / "last.pt")
     for key in TRAINED:
         assert_same_state(a[key], e[key], key)
+    # all three were on: ZeRO (2 ranks), masks (half the images) and the distillation term beside the head's
+    assert a["config"]["train"]["zero"] and a["world_size"] == 2 and a["config"]["data"]["mask_ratio"] == 0.5
+    log = (ddp_runs["zero"] / "train.log").read_text()
+    assert "distillation: " in log and " classification " in log and " distillation " in log
 
 
 def test_fp16_gradient_compression_stays_close(ddp_runs):
@@ -68,3 +101,23 @@ def test_fp16_gradient_compression_stays_close(ddp_runs):
     # float16 keeps 11 significant bits (relative rounding 2^-11 ~ 5e-4 per gradient); over 6 steps of
     # lr 0.1 the weights drift by far less than 1e-2 of their scale.
     torch.testing.assert_close(w_fp16, w_plain, rtol=1e-2, atol=1e-2 * w_plain.abs().max().item())
+
+
+def test_fp16_compression_rounds_the_heads_gradients_too(ddp_runs):
+    """The head's weights are outside DDP (the trainer all-reduces their gradients itself): with
+    train.ddp_comm_hook fp16 they go through the same cast as the backbone's. After step 1 the head's momentum
+    buffer is its averaged gradient (torch's SGD: buf = grad at the first step; head weight decay 0): a float16
+    value cast back to float64, i.e. unchanged by a round trip through float16. The plain run's float64 gradient
+    is not (its values have 53 significant bits, float16 keeps 11)."""
+    def head_momentum(run: Path, step: int) -> torch.Tensor:
+        state = load_checkpoint(run / f"step_{step:07d}.pt")
+        head = state["head"]["weight"]
+        buffers = [s["momentum_buffer"] for s in state["optimizer"]["state"].values()
+                   if s["momentum_buffer"].shape == head.shape]
+        assert len(buffers) == 1 and buffers[0].dtype == torch.float64
+        return buffers[0]
+
+    compressed, plain = head_momentum(ddp_runs["fp16"], 1), head_momentum(ddp_runs["plain"], 3)
+    assert compressed.abs().max() > 0
+    assert torch.equal(compressed.half().double(), compressed)
+    assert not torch.equal(plain.half().double(), plain)

@@ -23,6 +23,7 @@ backward is ``grad f_b = g_b s E_b`` and no (B, S) tensor is kept, whatever S is
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import torch
@@ -30,7 +31,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from faceforge.heads.base import HEADS
+from faceforge.heads.base import HEADS, HeadKwargError
 from faceforge.heads.margin import check_margins, target_logit
 
 __all__ = [
@@ -266,6 +267,21 @@ class AttFC(nn.Module):
     @property
     def container_size(self) -> int:
         return int(self.container.shape[0])
+
+    @classmethod
+    def check_training(cls, kwargs: dict[str, Any], *, num_classes: int, global_batch: int) -> None:
+        """The trainer's preflight (``heads.base.TrainingCheck``): ``batch_size`` is the run's global batch and S
+        a positive multiple of it, checked before any work (else the first enqueue would raise)."""
+        batch = kwargs.get("batch_size")
+        if batch != global_batch:
+            raise HeadKwargError("batch_size", f"{batch!r}, but one forward of this run enqueues a global batch of "
+                                               f"{global_batch} (data.batch_size x world size); expected {global_batch}")
+        size = kwargs.get("container_size")
+        ratio = kwargs.get("ratio", inspect.signature(cls).parameters["ratio"].default)
+        try:
+            container_capacity(num_classes, ratio, global_batch, size)
+        except ValueError as e:
+            raise HeadKwargError("container_size" if size is not None else "ratio", str(e)) from None
 
     def extra_repr(self) -> str:
         return (f"num_classes={self.num_classes}, embedding_size={self.embedding_size}, container_size="

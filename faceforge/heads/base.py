@@ -121,6 +121,27 @@ class TrainHooks(Protocol):
         return None
 
 
+class HeadKwargError(ValueError):
+    """A head's keyword argument that does not fit the run: ``key`` is its name (``batch_size``), the message
+    ``"<key>: <what is wrong, what was expected>"``; the trainer reports it as ``head.kwargs.<key>: ...``."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(f"{key}: {message}")
+        self.key = key
+
+
+@runtime_checkable
+class TrainingCheck(Protocol):
+    """A head factory (the registered class or function) that checks its kwargs against the run before any work:
+    ``check_training(kwargs, num_classes=C, global_batch=B)``, with C the training identities and B the images
+    one forward sees over all ranks (``data.batch_size`` x world size). It raises :class:`HeadKwargError` for a
+    kwarg that cannot work (AttFC's ``batch_size`` must be B, its container a multiple of it); the trainer's
+    preflight (``faceforge.train.preflight.check_head``) calls it before the head is built, once the data's
+    class count and the world size are known. Optional: a factory without it is not checked."""
+
+    def check_training(self, kwargs: dict[str, Any], *, num_classes: int, global_batch: int) -> None: ...
+
+
 @runtime_checkable
 class LazyRows(Protocol):
     """An optimiser that updates row-sparse gradients lazily (``faceforge.train.optim.LazyRowSGD``): a part that

@@ -241,6 +241,10 @@ class TrainConfig:
     (``torch.distributed.optim.ZeroRedundancyOptimizer``); same updates as without it.
     ddp_comm_hook: ``fp16`` / ``bf16`` compress the gradients DDP all-reduces (DDP's default compression
     hooks: cast, all-reduce, divide, cast back); ``none`` sends float32.
+    dist_timeout: seconds that connecting the ranks, and then any collective, waits for the other ranks
+    before raising (default 1800, torch's); under ``torchrun --max-restarts`` the agent then restarts the
+    group from the last checkpoint. Ranks wait at a barrier while rank 0 evaluates or writes a checkpoint:
+    keep it above the longest of those.
     """
 
     epochs: int = 1
@@ -257,6 +261,7 @@ class TrainConfig:
     progress: bool = True
     zero: bool = False
     ddp_comm_hook: Literal["none", "fp16", "bf16"] = "none"
+    dist_timeout: float = 1800.0
 
 
 @dataclass
@@ -473,6 +478,7 @@ _RANGES: dict[str, tuple[Any, str]] = {
     "train.eval_every": (lambda v: v >= 0, "an int >= 0 (0 = only at the end)"),
     "train.keep_checkpoints": (lambda v: v >= 0, "an int >= 0"),
     "train.diagnostics_every": (lambda v: v >= 0, "an int >= 0 (0 = off)"),
+    "train.dist_timeout": (lambda v: v > 0, "seconds > 0"),
     "schedule.warmup_steps": (lambda v: v is None or v >= 0, "null or an int >= 0"),
     "schedule.warmup_epochs": (lambda v: v >= 0, "a float >= 0"),
 }

@@ -2,18 +2,27 @@
 
 ``init_distributed()`` reads the environment torchrun sets (WORLD_SIZE, RANK, LOCAL_RANK, MASTER_ADDR,
 MASTER_PORT). With WORLD_SIZE > 1 it initialises the default group: NCCL when CUDA is available,
-gloo otherwise. Every helper below is safe to call with no process group (it then does nothing).
+gloo otherwise, with a finite timeout (``train.dist_timeout``) on its connection and every collective.
+Every helper below is safe to call with no process group (it then does nothing).
+
+Elastic restarts (``torchrun --max-restarts N``): torchrun's agent hosts one TCPStore for its whole life and
+hands it to the workers of every restart attempt (``TORCHELASTIC_USE_AGENT_STORE=True``), and this torch puts
+no per-attempt prefix on it (pytorch/pytorch#135712). A restarted group then reads the dead group's gloo
+addresses (NCCL: unique ids) and connects to dead ports: refused (the attempt fails), or, when another
+process has bound the port since, accepted by a stranger and waiting for a handshake that never comes (the
+attempt hangs until the timeout). :func:`elastic_attempt_store` gives each attempt its own keys.
 """
 
 from __future__ import annotations
 
+import datetime
 import os
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["register_compression", "DistInfo", "init_distributed", "is_distributed", "is_main", "get_rank", "get_world_size", "barrier", "cleanup"]
+__all__ = ["DEFAULT_TIMEOUT_S", "all_reduce_mean", "register_compression", "DistInfo", "elastic_attempt_store", "init_distributed", "is_distributed", "is_main", "get_rank", "get_world_size", "barrier", "cleanup"]
 
 
 @dataclass(frozen=True)
@@ -38,11 +47,37 @@ def _env_int(name: str, default: int) -> int:
         raise ValueError(f"environment variable {name}={value!r}: expected an int") from None
 
 
-def init_distributed(backend: str | None = None) -> DistInfo:
+DEFAULT_TIMEOUT_S = 1800.0  # torch's own default for gloo: 30 minutes
+
+
+def elastic_attempt_store(world_size: int, timeout: datetime.timedelta) -> dist.Store | None:
+    """Under torchrun's shared agent store, a client of it whose keys belong to this restart attempt alone
+    (prefix ``faceforge/<TORCHELASTIC_RUN_ID>/attempt_<TORCHELASTIC_RESTART_COUNT>/``); None elsewhere (then
+    ``init_process_group`` makes its own store from MASTER_ADDR / MASTER_PORT as usual).
+
+    The restart count is the agent's: on one node (one agent) every attempt has its own. With several nodes, a
+    membership change restarts the group without counting a restart; there set
+    ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1`` for torchrun, which then makes a fresh store per rendezvous round.
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    attempt = _env_int("TORCHELASTIC_RESTART_COUNT", 0)
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID", "none")
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"], _env_int("MASTER_PORT", 0), world_size, is_master=False, timeout=timeout
+    )
+    return dist.PrefixStore(f"faceforge/{run_id}/attempt_{attempt}/", store)
+
+
+def init_distributed(backend: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S) -> DistInfo:
     """Initialise the default process group when WORLD_SIZE > 1 (once); return this process's DistInfo.
 
     backend: default ``"nccl"`` with CUDA, ``"gloo"`` without. The device is ``cuda:LOCAL_RANK`` when
     CUDA is available, else CPU.
+    timeout_s: seconds that connecting the ranks, and then any collective, may wait for the other ranks
+    before raising (default 1800, torch's); under torchrun the agent then restarts the group. Ranks wait
+    for rank 0 at a barrier while it evaluates or writes a checkpoint: keep it above the longest of those.
+    Under torchrun's agent store, each restart attempt gets its own keys (:func:`elastic_attempt_store`).
     """
     world_size = _env_int("WORLD_SIZE", 1)
     rank = _env_int("RANK", 0)
@@ -53,7 +88,13 @@ def init_distributed(backend: str | None = None) -> DistInfo:
     else:
         device = torch.device("cpu")
     if world_size > 1 and not is_distributed():
-        dist.init_process_group(backend=backend or ("nccl" if device.type == "cuda" else "gloo"))
+        if not timeout_s > 0:
+            raise ValueError(f"timeout_s={timeout_s!r}: expected seconds > 0")
+        timeout = datetime.timedelta(seconds=timeout_s)
+        store = elastic_attempt_store(world_size, timeout)
+        where = {"store": store, "rank": rank, "world_size": world_size} if store is not None else {}
+        dist.init_process_group(backend=backend or ("nccl" if device.type == "cuda" else "gloo"), timeout=timeout,
+                                **where)
     if is_distributed():
         rank, world_size = dist.get_rank(), dist.get_world_size()
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
@@ -89,6 +130,30 @@ def cleanup() -> None:
         dist.destroy_process_group()
 
 
+COMPRESSION_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def all_reduce_mean(tensors: list[torch.Tensor], compression: str = "none") -> None:
+    """Average each tensor over the ranks, in place, as DDP averages the backbone's gradients; a no-op without a
+    process group. ``compression`` ``"fp16"`` / ``"bf16"``: the same steps as DDP's compression hooks
+    (``default_hooks.fp16_compress_hook``): cast, divide by the world size, all-reduce, cast back, so that
+    ``train.ddp_comm_hook`` rounds (and halves the traffic of) the head's replicated gradients as the backbone's.
+    """
+    if not is_distributed():
+        return
+    if compression != "none" and compression not in COMPRESSION_DTYPES:
+        raise ValueError(f"train.ddp_comm_hook = {compression!r}: expected one of none, {', '.join(COMPRESSION_DTYPES)}")
+    world = dist.get_world_size()
+    for t in tensors:
+        if compression == "none":
+            t.div_(world)
+            dist.all_reduce(t)
+        else:
+            sent = t.to(COMPRESSION_DTYPES[compression]).div_(world)
+            dist.all_reduce(sent)
+            t.copy_(sent)
+
+
 def register_compression(ddp: torch.nn.parallel.DistributedDataParallel, name: str) -> None:
     """Make ``ddp`` all-reduce its gradients in ``name`` (``"fp16"`` or ``"bf16"``; ``"none"`` does nothing).
 
@@ -99,7 +164,7 @@ def register_compression(ddp: torch.nn.parallel.DistributedDataParallel, name: s
         return
     from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
-    hooks = {"fp16": default_hooks.fp16_compress_hook, "bf16": default_hooks.bf16_compress_hook}
+    hooks = {"fp16": default_hooks.fp16_compress_hook, "bf16": default_hooks.bf16_compress_hook}  # COMPRESSION_DTYPES
     if name not in hooks:
         raise ValueError(f"train.ddp_comm_hook = {name!r}: expected one of none, {', '.join(hooks)}")
     ddp.register_comm_hook(None, hooks[name])

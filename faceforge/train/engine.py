@@ -59,7 +59,7 @@ from faceforge.train.data import build_dataset, build_unlabelled, dataset_labels
 from faceforge.train.lifecycle import (
     BAD_RECORDS_NAME, StopSignals, TrainingInterrupted, bad_records, config_changes, drop_replayed_steps,
 )
-from faceforge.train.preflight import check_init_from, check_run_folder, open_evaluators
+from faceforge.train.preflight import check_head, check_init_from, check_run_folder, open_evaluators
 from faceforge.train.objectives import OBJECTIVES, Objective
 from faceforge.train.optim import build_optimizer, build_scheduler
 
@@ -116,7 +116,7 @@ class _Run:
     def __init__(self, cfg: Config, resume: bool, on_step: Callable[[int], None] | None) -> None:
         self.cfg = cfg
         self.on_step = on_step
-        self.dist = fdist.init_distributed()
+        self.dist = fdist.init_distributed(timeout_s=cfg.train.dist_timeout)
         self.device = self.dist.device
         self.world_size = self.dist.world_size
         self.rank = self.dist.rank
@@ -135,6 +135,7 @@ class _Run:
         torch.manual_seed(cfg.seed)
         self.dataset = build_dataset(cfg)
         num_classes = int(self.dataset.num_classes)
+        check_head(cfg, num_classes, self.world_size)  # the head factory's own check, before anything is built
         self.backbone = build_backbone(cfg)
         self.head = build_head(cfg, num_classes)
         self.amp_dtype = self._amp_dtype()
@@ -223,14 +224,14 @@ class _Run:
         return ddp
 
     def _sync_head_grads(self) -> None:
-        """Average the replicated head parameters' gradients over ranks, as DDP does for the backbone's."""
+        """Average the replicated head parameters' gradients over ranks, as DDP does for the backbone's, and
+        compressed as its (``train.ddp_comm_hook``)."""
         if self.world_size == 1:
             return
         for p in self.replicated_head:
             if p.grad is None:  # every rank must take part; an unused parameter has gradient 0
                 p.grad = torch.zeros_like(p)
-            p.grad.div_(self.world_size)
-            torch.distributed.all_reduce(p.grad)
+        fdist.all_reduce_mean([p.grad for p in self.replicated_head], self.cfg.train.ddp_comm_hook)
 
     def _resume(self) -> Path | None:
         if not self.checkpoint_path.is_file():

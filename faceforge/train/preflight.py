@@ -6,6 +6,8 @@
   ``eval_ijb``, ``eval_probes`` + ``eval_distractors``, ``eval_retrieval``) opened and read, and the first
   image of each image set checked against ``data.image_size``; an error names the config key and the file.
 - :func:`check_init_from`: ``model.init_from`` is a readable ``faceforge train`` checkpoint.
+- :func:`check_head`: the head factory's own check of ``head.kwargs`` against the run (class count, global
+  batch), where the factory has one (``faceforge.heads.base.TrainingCheck``: AttFC's batch and container).
 
 Each raises :class:`faceforge.train.config.ConfigError` (a ValueError) with one line:
 ``<key>: <file>: <what is wrong, what was expected>``.
@@ -19,7 +21,7 @@ from typing import Any, Callable
 from faceforge.train.checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint
 from faceforge.train.config import Config, ConfigError
 
-__all__ = ["RunFolderError", "check_init_from", "check_run_folder", "open_evaluators", "run_files"]
+__all__ = ["RunFolderError", "check_head", "check_init_from", "check_run_folder", "open_evaluators", "run_files"]
 
 
 class RunFolderError(ConfigError):
@@ -110,3 +112,19 @@ def check_init_from(cfg: Config) -> dict[str, Any] | None:
         raise ConfigError(f"model.init_from: {path}: no {' or '.join(missing)} state in it; expected a checkpoint "
                           f"written by `faceforge train`")
     return state
+
+
+def check_head(cfg: Config, num_classes: int, world_size: int) -> None:
+    """``head.kwargs`` checked by the head factory's ``check_training`` (``faceforge.heads.base.TrainingCheck``),
+    if it has one, against ``num_classes`` and the global batch ``data.batch_size x world_size``."""
+    from faceforge.heads import HEADS
+    from faceforge.heads.base import HeadKwargError, TrainingCheck
+
+    factory = _named("head.name", lambda: HEADS.get(cfg.head.name))
+    if not isinstance(factory, TrainingCheck):
+        return
+    try:
+        factory.check_training(dict(cfg.head.kwargs), num_classes=num_classes,
+                               global_batch=cfg.data.batch_size * world_size)
+    except HeadKwargError as e:
+        raise ConfigError(f"head.kwargs.{e}") from None

@@ -12,9 +12,11 @@
   inside a checkpoint write, or spawning 2 gloo ranks:
 
     python tests/_train_worker.py CONFIG [key=value ...] [--resume] [--kill-at-step K]
-        [--kill-in-save N] [--nprocs 2 --port P] [--kill-rank R]
+        [--kill-in-save N] [--nprocs 2 --port P] [--kill-rank R] [--then CONFIG ...]
 
-  (``--kill-rank R --kill-at-step K``: under torchrun, rank R kills itself at step K once, in the first attempt
+  (``--then CONFIG``, repeatable: after CONFIG, train each further config with ``--resume`` in the same
+  processes and process group: a straight run, a cut one and its resumption in one launch.
+  ``--kill-rank R --kill-at-step K``: under torchrun, rank R kills itself at step K once, in the first attempt
   that reaches it.)
 """
 
@@ -145,6 +147,8 @@ def _run(args: argparse.Namespace) -> None:
     on_step = kill if args.kill_at_step and dies else None
     result = train(load_config(args.config, args.overrides), resume=args.resume, on_step=on_step)
     print(f"final step {result.step}")
+    for config in args.then:  # more runs in the same processes (and process group), each with --resume
+        print(f"final step {train(load_config(config), resume=True).step}")
 
 
 def _rank_main(rank: int, args: argparse.Namespace) -> None:
@@ -152,7 +156,16 @@ def _rank_main(rank: int, args: argparse.Namespace) -> None:
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(args.port), WORLD_SIZE=str(args.nprocs),
         RANK=str(rank), LOCAL_RANK=str(rank),
     )
-    _run(args)
+    if not args.then:
+        _run(args)
+        return
+    from faceforge.train import distributed as fdist
+
+    fdist.init_distributed()  # one group for every run: train() leaves a group it did not start
+    try:
+        _run(args)
+    finally:
+        fdist.cleanup()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -165,6 +178,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--kill-rank", type=int, default=None)
     parser.add_argument("--nprocs", type=int, default=1)
     parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--then", action="append", default=[], metavar="CONFIG")
     args = parser.parse_args(argv)
     if args.nprocs > 1:
         torch.multiprocessing.spawn(_rank_main, args=(args,), nprocs=args.nprocs)

@@ -245,16 +245,16 @@ from faceforge.data.samplers import rank_positions  # noqa: E402
 GLOBAL = 8  # 2 ranks x 4 or 1 process x 8; the container (32) holds 4 global batches
 
 
-def ddp_config(tmp_path: Path, name: str, world: int) -> tuple[Path, Path]:
+def ddp_config(tmp_path: Path, name: str, world: int, output: str | None = None, steps: int = STEPS) -> tuple[Path, Path]:
     """(config file, dump folder) of a float64 AttFC run (TinyNet without dropout: one draw per rank would differ)
-    whose head writes its container after every forward on every rank."""
+    whose head writes its container after every forward on every rank; ``output`` default ``name``."""
     dump = tmp_path / f"{name}_dump"
     dump.mkdir()
     cfg = make_config(
-        tmp_path / name, model={"kwargs": {"dropout": 0.0, "dtype": "float64"}},
+        tmp_path / (output or name), model={"kwargs": {"dropout": 0.0, "dtype": "float64"}},
         head={"name": "_train_worker:dumping_attfc",
               "kwargs": {"batch_size": GLOBAL, "container_size": 32, "s": 16.0, "dump": str(dump)}},
-        data={"batch_size": GLOBAL // world},
+        data={"batch_size": GLOBAL // world}, train={"steps": steps},
     )
     path = tmp_path / f"{name}.yaml"
     path.write_text(to_yaml(cfg))
@@ -269,12 +269,15 @@ def test_two_gloo_ranks_through_the_trainer_hold_one_container_and_resume_bit_id
     """2 ranks x 4 through `train` (DDP, the attfc sampler and objective, the momentum encoder): after every step
     both ranks hold the same container, bit for bit, and it is one process's with the batch of 8, row for row
     (rank r's sample b lands at row 2 b + r, where the sampler took it from: global positions 0, 2, 4, 6 on rank
-    0, 1, 3, 5, 7 on rank 1; the gather interleaves them back). The
-    2-rank run killed after step 3 and resumed gives the same bits. Float64: the runs differ only in the order of
-    float64 sums (the DDP average of two halves), 1e-10 relative leaves orders of magnitude over the rounding;
-    a centre in the wrong row or from the wrong image is off by O(1)."""
+    0, 1, 3, 5, 7 on rank 1; the gather interleaves them back). The 2-rank run cut after step 3 and resumed gives
+    the same bits (the three 2-rank runs in one launch). Float64: the runs differ only in the order of float64
+    sums (the DDP average of two halves); 1e-10 relative leaves orders of magnitude over the rounding, and a
+    centre in the wrong row or from the wrong image is off by O(1)."""
     two_config, two_dump = ddp_config(tmp_path, "two", 2)
-    run_worker(str(two_config), "--nprocs", "2", "--port", str(free_port()))
+    cut_config, _ = ddp_config(tmp_path, "cut", 2, output="resumed", steps=3)  # as if killed after step 3
+    resumed_config, _ = ddp_config(tmp_path, "resumed", 2)
+    run_worker(str(two_config), "--nprocs", "2", "--port", str(free_port()), "--then", str(cut_config),
+               "--then", str(resumed_config))
     one_config, one_dump = ddp_config(tmp_path, "one", 1)
     from faceforge.train.config import load_config
 
@@ -294,10 +297,7 @@ def test_two_gloo_ranks_through_the_trainer_hold_one_container_and_resume_bit_id
         assert_same_state(final2[key], final1[key], key, rel=1e-10)
 
     resumed = tmp_path / "resumed"
-    resumed.mkdir()
-    shutil.copy(tmp_path / "two" / "step_0000003.pt", resumed / "last.pt")  # as if killed after step 3
-    resumed_config, _ = ddp_config(tmp_path, "resumed", 2)
-    run_worker(str(resumed_config), "--nprocs", "2", "--port", str(free_port()), "--resume")
+    assert "resumed from" in (resumed / "train.log").read_text()
     a = load_checkpoint(resumed / "last.pt")
     for key in (*TRAINED, "objective", "sampler"):
         assert_same_state(a[key], final2[key], key)

@@ -3,12 +3,12 @@
 The runs are those of tests/test_train.py (TinyNet, 64 synthetic 32x32 images), 6 steps of 2 ranks x 8
 images with half of the images masked (``data.mask_ratio``), trained with the distillation objective (CosFace-
 style head + lambda x the angular term against a frozen 16-D IResNet teacher with BatchNorm). The head's
-weight decay is 0, so that its momentum after the first step is its all-reduced gradient itself.
+weight decay is 0, so that its momentum after the first step is its all-reduced gradient itself. The lr warms up
+for 2 steps and halves at step 4.
 """
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
@@ -22,7 +22,10 @@ from test_train import PLAIN, TRAINED, assert_same_state, free_port, make_config
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 RUN = {"train": {"steps": 6, "checkpoint_every": 3, "clip_grad_norm": 0.0}, "data": {"batch_size": 8, "mask_ratio": 0.5},
-       "optim": {"head_weight_decay": 0.0}}
+       "optim": {"head_weight_decay": 0.0},
+       # warm-up then multi-step: the lr of a step does not depend on train.steps, so a run of 3 steps is the
+       # first half of a run of 6 (the cut run resumed below)
+       "schedule": {"name": "step", "warmup_steps": 2, "milestones": [4], "gamma": 0.5}}
 TEACHER_MODEL = {"backbone": "r18", "embedding_size": 16, "kwargs": {"width": 0.125}}
 
 
@@ -41,30 +44,31 @@ def make_teacher(folder: Path) -> Path:
     return path
 
 
-def write_run_config(tmp_path: Path, output: Path, train: dict) -> Path:
-    cfg = make_config(output, PLAIN, RUN, {"train": train})
+def write_run_config(tmp_path: Path, name: str, train: dict, output: str | None = None) -> Path:
+    """The config file ``<name>.yaml`` of a run (output folder ``output``, default ``name``)."""
+    cfg = make_config(tmp_path / (output or name), PLAIN, RUN, {"train": train})
     cfg.objective.name, cfg.objective.kwargs = "distillation", {"teacher": str(tmp_path / "teacher" / "last.pt")}
-    path = tmp_path / f"{output.name}.yaml"
+    path = tmp_path / f"{name}.yaml"
     path.write_text(to_yaml(cfg))
     return path
 
 
-def two_ranks(tmp_path: Path, name: str, train: dict, *extra: str) -> Path:
-    output = tmp_path / name
-    run_worker(str(write_run_config(tmp_path, output, train)), "--nprocs", "2", "--port", str(free_port()), *extra)
-    return output
-
-
 @pytest.fixture(scope="module")
 def ddp_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Every 2-rank run in one launch (one process group): plain DDP, ZeRO, fp16 compression, and a ZeRO run cut
+    after step 3 ("zero_resumed", as if killed there) then resumed to step 6."""
     tmp = tmp_path_factory.mktemp("zero")
     make_teacher(tmp)
-    return {
-        "plain": two_ranks(tmp, "plain", {}),
-        "zero": two_ranks(tmp, "zero", {"zero": True}),
-        "fp16": two_ranks(tmp, "fp16", {"ddp_comm_hook": "fp16", "checkpoint_every": 1}),
-        "tmp": tmp,
-    }
+    configs = [
+        write_run_config(tmp, "plain", {}),
+        write_run_config(tmp, "zero", {"zero": True}),
+        write_run_config(tmp, "fp16", {"ddp_comm_hook": "fp16", "checkpoint_every": 1}),
+        write_run_config(tmp, "zero_cut", {"zero": True, "steps": 3}, output="zero_resumed"),
+        write_run_config(tmp, "zero_resumed", {"zero": True}),
+    ]
+    then = [arg for config in configs[1:] for arg in ("--then", str(config))]
+    run_worker(str(configs[0]), "--nprocs", "2", "--port", str(free_port()), *then)
+    return {name: tmp / name for name in ("plain", "zero", "fp16", "zero_resumed")} | {"tmp": tmp}
 
 
 def test_zero_equals_plain_ddp(ddp_runs):
@@ -79,12 +83,8 @@ def test_zero_equals_plain_ddp(ddp_runs):
 
 
 def test_zero_resume_with_masks_and_distillation_is_bit_identical(ddp_runs):
-    tmp = ddp_runs["tmp"]
-    resumed = tmp / "zero_resumed"
-    resumed.mkdir()
-    shutil.copy(ddp_runs["zero"] / "step_0000003.pt", resumed / "last.pt")  # as if killed after step 3
-    config = write_run_config(tmp, resumed, {"zero": True})
-    run_worker(str(config), "--nprocs", "2", "--port", str(free_port()), "--resume")
+    resumed = ddp_runs["zero_resumed"]
+    assert "resumed from" in (resumed / "train.log").read_text()
     a, e = load_checkpoint(resumed / "last.pt"), load_checkpoint(ddp_runs["zero"] / "last.pt")
     for key in TRAINED:
         assert_same_state(a[key], e[key], key)

@@ -158,11 +158,14 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
 
 
 def global_inputs(kind: str, world: int, step: int) -> tuple[tuple, list[int]]:
-    """The whole batch of a step (rank order for BroadFace, the sampler's for AttFC) and each rank's size."""
+    """The whole batch of a step (the sampler's order; rank order for unequal batches) and each rank's size."""
     if kind == "attfc":
         return att_global(step), [GLOBAL // world] * world
     parts = [bf_batch(r, step) for r in range(world)]
-    return tuple(torch.cat(t) for t in zip(*parts)), [p[0].shape[0] for p in parts]
+    sizes = [p[0].shape[0] for p in parts]
+    if len(set(sizes)) == 1:  # equal batches: the sampler's order (rank r's row b at b W + r), as the trainer's
+        return tuple(torch.stack(t, 1).flatten(0, 1) for t in zip(*parts)), sizes
+    return tuple(torch.cat(t) for t in zip(*parts)), sizes  # unequal (no sampler gives them): rank order
 
 
 def reference(kind: str, world: int) -> dict:
@@ -181,7 +184,7 @@ def reference(kind: str, world: int) -> dict:
         inputs, sizes = global_inputs(kind, world, step)
         loss, grad = step_of(kind, head, optimizer, inputs)
         losses.append(loss)
-        grads.append([grad[r::world] for r in range(world)] if kind == "attfc" else list(grad.split(sizes)))
+        grads.append([grad[r::world] for r in range(world)] if len(set(sizes)) == 1 else list(grad.split(sizes)))
     return {"losses": torch.stack(losses), "grads": grads, "state": head.state_dict()}
 
 
@@ -261,3 +264,49 @@ def test_checkpoint_of_2_ranks_resumes_on_1_process(kind: str, ranks) -> None:
     saved = shards.resolve(torch.load(out / kind / "head.pt", weights_only=True), out / kind)["head"]
     key = "container" if kind == "attfc" else "head.head.weight"
     assert (saved[key] - got["state"][key]).abs().max() > 1e-3
+
+
+# ---------------------------------------------------------------------------------------------- through the trainer
+
+TRAINER_HEADS = {  # head.shard: true through the config; global batch 8 (2 ranks x 4 or 1 x 8)
+    "broadface": {"head": {"name": "broadface", "shard": True, "kwargs": {
+        "queue_size": 12, "head": "arcface", "head_kwargs": {"s": 16.0}}}},
+    "attfc": {"head": {"name": "attfc", "shard": True, "kwargs": {"batch_size": 8, "container_size": 16, "s": 16.0}},
+              "objective": {"name": "attfc", "kwargs": {"momentum": 0.9}},
+              "data": {"sampler": "attfc", "sampler_kwargs": {"k": 2}}},
+}
+
+
+def trainer_config(kind: str, output: Path, world: int, steps: int):
+    from _runs import BASE as RUN_BASE, config_from_base
+
+    sections = TRAINER_HEADS[kind]
+    data = {**RUN_BASE["data"], **sections.get("data", {}), "batch_size": 8 // world}
+    return config_from_base(
+        RUN_BASE, output, head=sections["head"], data=data, model={"kwargs": {"dropout": 0.0}},
+        objective=sections.get("objective", {"name": "classification", "kwargs": {}}),
+        schedule={"name": "constant", "warmup_steps": 0}, train={"steps": steps, "checkpoint_every": 2},
+    )
+
+
+@pytest.mark.slow  # two trainer launches per head (~1 min loaded); the default tests above cover the heads' state
+# contract (row shards + extra_state written by 2 ranks, read by 1), test_parallel.py the trainer's shard files
+@pytest.mark.parametrize("kind", ["broadface", "attfc"])
+def test_trainer_run_of_2_ranks_resumes_on_1_process_as_one_process_straight(kind: str, tmp_path: Path) -> None:
+    from test_parallel import assert_close_state, free_port, resolved, worker
+    from faceforge.train.checkpoint import load_checkpoint
+    from faceforge.train.engine import train
+
+    straight = train(trainer_config(kind, tmp_path / "straight", 1, 4))
+    output = tmp_path / "run"
+    worker(trainer_config(kind, output, 2, 2), "--nprocs", "2", "--port", str(free_port()))
+    state = load_checkpoint(output / "last.pt")
+    key = "container" if kind == "attfc" else "head.head.weight"
+    assert shards.is_placeholder(state["head"][key]) and state["world_size"] == 2
+    resumed = train(trainer_config(kind, output, 1, 4), resume=True)
+    close_losses = torch.tensor(resumed.losses), torch.tensor(straight.losses[2:])
+    torch.testing.assert_close(*close_losses, rtol=1e-5, atol=1e-6)
+    final, expected = resolved(resumed.checkpoint), resolved(straight.checkpoint)
+    for part in ("backbone", "head", "optimizer", "extra"):
+        if part in expected:
+            assert_close_state(final[part], expected[part], part)

@@ -55,8 +55,9 @@ __all__ = [
     "INIT_BLOCK",
     "ShardedHead",
     "all_gather_rows",
-    "distributed_logsumexp",
     "build_sharded",
+    "distributed_logsumexp",
+    "interleave",
     "sample_rows",
     "seeded_rows",
     "shard_range",
@@ -75,6 +76,12 @@ def shard_range(num_classes: int, world_size: int, rank: int) -> tuple[int, int]
     base, extra = divmod(num_classes, world_size)
     c0 = rank * base + min(rank, extra)
     return c0, c0 + base + (1 if rank < extra else 0)
+
+
+def interleave(rows: Tensor, world: int) -> Tensor:
+    """(W B, ...) in rank order (rank r's B rows together) -> the epoch sampler's order: row b W + r is rank r's
+    row b (``data.samplers.rank_positions``), the order of one process with the whole batch."""
+    return rows.unflatten(0, (world, -1)).transpose(0, 1).flatten(0, 1)
 
 
 def _world(group: Any) -> tuple[int, int]:

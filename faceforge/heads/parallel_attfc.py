@@ -33,14 +33,16 @@ from torch import Tensor
 
 from faceforge.heads.attfc import DEFAULT_CHUNK_SIZE, AttFC, container_capacity, container_lse
 from faceforge.heads.base import RowShard, TrainHooks
-from faceforge.heads.parallel import _world, all_gather_rows, distributed_logsumexp, seeded_rows, shard_range
+from faceforge.heads.parallel import (
+    _world,
+    all_gather_rows,
+    distributed_logsumexp,
+    interleave,
+    seeded_rows,
+    shard_range,
+)
 
-__all__ = ["ShardedAttFC", "interleave"]
-
-
-def interleave(rows: Tensor, world: int) -> Tensor:
-    """(W B, ...) in rank order (rank r's B rows together) -> the epoch sampler's order, row b W + r = rank r's b."""
-    return rows.unflatten(0, (world, -1)).transpose(0, 1).flatten(0, 1)
+__all__ = ["ShardedAttFC"]
 
 
 def _unit_normal(rows: Tensor, generator: torch.Generator) -> None:

@@ -3,7 +3,9 @@
 :class:`ShardedBroadFace` wraps a :class:`faceforge.heads.parallel.ShardedHead` (rank r holds the class rows
 [c0, c1)) with BroadFace's queue (``heads/broadface.py``, Eq. 7-9). Where each part of the queue lives:
 
-- **the embeddings e-, labels and sample ids: on every rank, the whole queue.** The sharded head all-gathers each
+- **the embeddings e-, labels and sample ids: on every rank, the whole queue**, each batch in the epoch
+  sampler's order (rank r's row b at b W + r, ``parallel.interleave``) when the ranks hold equal batches, as the
+  trainer's do, so the queue is row for row that of one process with the whole batch (rank order otherwise). The sharded head all-gathers each
   batch anyway (B_g x D per step), so enqueueing the global batch costs no communication, and every rank needs
   every queued embedding to compute its rows' logits of it. Splitting them over ranks would save Q x D (1 - 1/W)
   per rank but cost an all-gather of them each step (Q x D, the queue is many batches long).
@@ -32,7 +34,7 @@ from torch import Tensor, nn
 
 from faceforge.heads.base import RowShard, chunks
 from faceforge.heads.broadface import DEFAULT_ROW_CHUNK, BroadFace, QueueEntries, compensation
-from faceforge.heads.parallel import ShardedHead, all_gather_rows
+from faceforge.heads.parallel import ShardedHead, _row_counts, all_gather_rows, interleave
 
 __all__ = ["ShardedBroadFace", "build_sharded_broadface"]
 
@@ -78,15 +80,23 @@ class ShardedBroadFace(BroadFace):
         sample_ids, self._pending_ids = self._pending_ids, None
         if sample_ids is None:
             sample_ids = torch.full((embeddings.shape[0],), -1, dtype=torch.long, device=embeddings.device)
-        x, y = self.head.gather(embeddings, labels)  # the global batch (B_g, D), differentiable
+        x, y = self.head.gather(embeddings, labels)  # the global batch (B_g, D), differentiable, rank order
+        sample_ids = all_gather_rows(sample_ids.detach().long(), self.head.group)
+        if self._equal_batches(embeddings.shape[0]):  # the sampler's order: one process's queue, row for row
+            x, y, sample_ids = (interleave(t, self.head.world_size) for t in (x, y, sample_ids))
         loss_encoder = self.head.global_loss(x, y, classifier_grad=False).mean()  # Eq. 8
         with torch.autocast(device_type=x.device.type, enabled=False):
             batch = x.detach().to(self.queue_embeddings.dtype)
             rows = batch.shape[0] + int(self.queue_count)
             loss_classifier = self._classifier_loss(itertools.chain([(batch, y)], self._queue_blocks()), rows)  # Eq. 9
             if self.training:
-                self._enqueue_global(batch, y, all_gather_rows(sample_ids.detach().long(), self.head.group))
+                self._enqueue_global(batch, y, sample_ids)
         return loss_encoder + loss_classifier
+
+    def _equal_batches(self, rows: int) -> bool:
+        """Whether every rank holds ``rows`` embeddings (more than one rank); a collective of one integer."""
+        sizes = _row_counts(rows, self.queue_labels.device, self.head.group)
+        return len(sizes) > 1 and len(set(sizes)) == 1
 
     def _block_loss(self, rows: Tensor, labels: Tensor) -> Tensor:
         return self.head.global_loss(rows, labels, classifier_grad=True)  # the same rows on every rank: no gather

@@ -310,3 +310,24 @@ def test_trainer_run_of_2_ranks_resumes_on_1_process_as_one_process_straight(kin
     for part in ("backbone", "head", "optimizer", "extra"):
         if part in expected:
             assert_close_state(final[part], expected[part], part)
+
+
+def test_head_shard_builds_the_sharded_queue_heads_and_refuses_what_they_cannot_do(tmp_path: Path) -> None:
+    from faceforge.build import build_head
+    from faceforge.heads.parallel_attfc import ShardedAttFC
+    from faceforge.heads.parallel_broadface import ShardedBroadFace
+    from faceforge.train.config import ConfigError
+
+    assert isinstance(build_head(trainer_config("broadface", tmp_path / "b", 1, 2), 8), ShardedBroadFace)
+    attfc = build_head(trainer_config("attfc", tmp_path / "a", 1, 2), 8)
+    assert isinstance(attfc, ShardedAttFC) and attfc.row_shards()["container"] == (0, 16, 16)
+    with pytest.raises(ValueError, match="Partial FC"):
+        build_sharded("broadface", 8, 4, queue_size=4, sample_rate=0.5)
+    with pytest.raises(ValueError, match="gather"):
+        build_sharded("broadface", 8, 4, queue_size=4, gather=True)
+    with pytest.raises(ValueError, match="sample_rate"):
+        build_sharded("attfc", 8, 4, batch_size=2, container_size=4, sample_rate=0.5)
+    cfg = trainer_config("broadface", tmp_path / "c", 1, 2)
+    cfg.head.sample_rate = 0.5
+    with pytest.raises(ConfigError, match="head.kwargs"):
+        build_head(cfg, 8)

@@ -376,7 +376,8 @@ class ShardedHead(nn.Module, ClassifierHead, TrainHooks):
         if self.kernel is None:
             raise ValueError(
                 f"head {head!r} ({type(self.head).__name__}) cannot be sharded by class; expected one of "
-                f"margin_softmax, arcface, cosface, sphereface, normface, softmax, sphereface2"
+                f"margin_softmax, arcface, cosface, sphereface, normface, softmax, sphereface2 (broadface and attfc: "
+                f"build_sharded)"
             )
         if getattr(self.head, "inter_loss_weight", 0.0) > 0:
             raise ValueError(

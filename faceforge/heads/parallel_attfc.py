@@ -62,7 +62,8 @@ class ShardedAttFC(AttFC, TrainHooks):
     -> the mean over the global batch, the same scalar on every rank; the gradient handed back to this rank's
     embeddings is ``world_size x`` its share (the trainer averages the backbone's gradients over ranks).
     Buffers: ``container`` (s1 - s0, D) and ``container_labels`` (s1 - s0,), this rank's slots ``slots``;
-    ``container_ptr``, the global FIFO pointer (the same on every rank).
+    ``container_ptr``, the global FIFO pointer (the same on every rank). ``logits`` (for checks) gives the
+    positive and this rank's entries only.
     """
 
     def __init__(

@@ -332,3 +332,71 @@ def test_broadface_experiments_fine_tune_from_table6_under_one_budget(tmp_path: 
     for seed in (0, 1):  # one budget: only the head (its queue), its diagnostics and the start differ
         same = [_without(r.cfg, "head", "output", "model.init_from", "train.diagnostics_every") for r in runs if r.seed == seed]
         assert all(d == same[0] for d in same)
+
+
+def test_teacher_unlabelled_masked_and_momentum_encoder_runs(tiny: str, tmp_path: Path,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """BigFace's and AttFC's harness parts: a variant taught by another run's checkpoint (the teacher runs first and
+    keeps it; the key names the teacher's key, not OUT), generated unlabelled images for semi-supervised KD, the
+    masked gallery scores, and an AttFC run scored with both of its encoders."""
+    distill = ("objective.name=distillation", "objective.kwargs={lam: 9.0}")
+    teacher = ("table6", "ArcFace")
+    attfc = (*ex._head("attfc", container_size=16, batch_size=16, s=32.0, m2=0.5), "objective.name=attfc",
+             "objective.kwargs={momentum: 0.9}", "data.sampler=attfc", "data.sampler_kwargs={k: 2}")
+    variants = (ex.Variant("plain", ex.COSFACE),
+                ex.Variant("distilled + unlabelled", (*ex.COSFACE, *distill, "data.unlabelled_ratio=0.5"),
+                           teacher=teacher, unlabelled=24),
+                ex.Variant("AttFC", attfc))
+    monkeypatch.setitem(ex.EXPERIMENTS, "kd", ex.Experiment("kd", variants, masked=True,
+                                                            columns=("accuracy", "masked/accuracy")))
+    runs = harness.plan(tiny, ["kd"], ["synthetic"], 1, tmp_path)
+    plain, taught, att = runs
+    arcface = next(v for v in ex.EXPERIMENTS["table6"].variants_for(tiny) if v.label == "ArcFace")
+    assert taught.teacher.key == harness.resolve(tiny, "synthetic", "table6", arcface, 0, tmp_path).key
+    assert taught.cfg.objective.kwargs["teacher"] == str(taught.teacher.folder / "last.pt")
+    assert [r.key for r in harness.plan(tiny, ["kd"], ["synthetic"], 1, tmp_path / "elsewhere")] == [r.key for r in runs]
+    lines: list[str] = []
+    done = dict((run.variant.label, record) for run, record in harness.run_all(runs, log=lines.append))
+    assert "its teacher table6 / synthetic / ArcFace / seed 0" in lines[1]
+    assert (taught.teacher.folder / "last.pt").is_file()  # a teacher keeps its checkpoint
+    pngs = sorted(Path(taught.cfg.data.unlabelled).glob("*.png"))
+    assert len(pngs) == 24
+    log = (taught.folder / "train.log").read_text()
+    assert "distillation" in log
+    for record in done.values():
+        m = record["metrics"]
+        assert 0.0 < m["masked/accuracy"] <= 1.0 and 0.0 < m["accuracy"] <= 1.0
+        assert m["masked/accuracy"] != m["accuracy"]  # the masked side changes the scores
+        assert record["backbone_parameters"] > 0
+    assert "momentum/accuracy" in done["AttFC"]["metrics"] and "momentum/accuracy" not in done["plain"]["metrics"]
+    assert done["AttFC"]["metrics"]["momentum/recall@1"] != done["AttFC"]["metrics"]["recall@1"]
+    # a finished run that lacks masked scores (done before by an experiment without them) is trained again
+    record = json.loads((plain.folder / "result.json").read_text())
+    record["metrics"] = {k: v for k, v in record["metrics"].items() if not k.startswith("masked/")}
+    (plain.folder / "result.json").write_text(json.dumps(record))
+    again: list[str] = []
+    harness.run_all(runs[:1], log=again.append)
+    assert "trained again" in again[0]
+
+
+def test_bigface_widths_match_their_parameter_counts() -> None:
+    """experiments.BACKBONE_WIDTHS (the x axis of the scaling law) are the parameters of the backbones they name."""
+    from faceforge.backbones import BACKBONES
+
+    for width, params in ex.BACKBONE_WIDTHS.items():
+        model = BACKBONES.build("iresnet", embedding_size=128, input_size=32, layers=[1, 1, 1, 1], width=width)
+        assert sum(p.numel() for p in model.parameters()) == params, width
+
+
+def test_power_law_fit_recovers_its_exponent() -> None:
+    """tables.power_law on seed means lying exactly on error = 0.2 x^-0.3 (plus a point's noise-free twin seeds)."""
+    rows = []
+    for x in (0.1, 0.2, 0.4, 0.8, 1.6):
+        acc = 1.0 - 0.2 * x ** -0.3
+        records = {seed: {"metrics": {"accuracy": acc, "eer": 0.5 * x ** -0.1}} for seed in range(2)}
+        rows.append({"variant": ex.Variant(f"x {x}", (), "s", x), "records": records})
+    a, b, r2 = tables.power_law(rows)
+    assert abs(a - 0.2) < 1e-9 and abs(b - 0.3) < 1e-9 and abs(r2 - 1.0) < 1e-12
+    a, b, _ = tables.power_law(rows, "eer")
+    assert abs(a - 0.5) < 1e-9 and abs(b - 0.1) < 1e-9
+    assert tables.power_law(rows[:2]) is None

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-SIZES = ("default", "full")
+SIZES = ("default", "many", "full")
 
 # The equal budget of each size (everything but the head and the data section).
 BASE: dict[str, dict[str, Any]] = {
@@ -23,6 +23,17 @@ BASE: dict[str, dict[str, Any]] = {
         "optim": {"name": "sgd", "lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4},
         "schedule": {"name": "poly", "warmup_steps": 20},
         "train": {"steps": 160, "clip_grad_norm": 5.0, "log_every": 20, "checkpoint_every": 40, "progress": False},
+    },
+    # the many-class regime (issues 14 and 16): the default size's backbone and optimiser at 5,000 classes,
+    # where a batch of 128 sees at most 2.6 % of the classes (the default size: a quarter). 200 steps of 128
+    # = half an epoch of synthetic faces, a fifth of glyphs: each class is seen 5 times on average, the regime
+    # where a class-container method (AttFC), Partial FC or a queue of past embeddings (BroadFace) matters.
+    # A run trains in 60 (glyphs) to 100 s (synthetic) on one thread.
+    "many": {
+        "model": {"backbone": "iresnet", "embedding_size": 128, "kwargs": {"layers": [1, 1, 1, 1], "width": 0.25}},
+        "optim": {"name": "sgd", "lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4},
+        "schedule": {"name": "poly", "warmup_steps": 20},
+        "train": {"steps": 200, "clip_grad_norm": 5.0, "log_every": 20, "checkpoint_every": 50, "progress": False},
     },
     # one GPU: IResNet-18 at 64 px, 40x the images of the default size.
     "full": {
@@ -41,6 +52,10 @@ DATASETS: dict[str, dict[str, dict[str, Any]]] = {
             "name": "synthetic", "num_identities": 500, "images_per_identity": 40, "image_size": 32,
             "difficulty": 0.7, "cache": True, "batch_size": 128, "eval_pairs": 0, "eval_identities": 300,
         },
+        "many": {  # 5,000 identities x 10 images (50,000 images, 150 MB cached)
+            "name": "synthetic", "num_identities": 5000, "images_per_identity": 10, "image_size": 32,
+            "difficulty": 0.7, "cache": True, "batch_size": 128, "eval_pairs": 0, "eval_identities": 300,
+        },
         "full": {
             "name": "synthetic", "num_identities": 5000, "images_per_identity": 40, "image_size": 64,
             "difficulty": 0.7, "cache": False, "batch_size": 256, "eval_pairs": 0, "eval_identities": 1000,
@@ -51,6 +66,12 @@ DATASETS: dict[str, dict[str, dict[str, Any]]] = {
         "default": {
             "name": "glyphs", "path": "/usr/share/fonts", "num_identities": 500, "eval_identities": 200,
             "image_size": 32, "batch_size": 128, "eval_pairs": 0,
+        },
+        # 5,000 training characters x every kept font: the 27 fonts of the default size share 3,331 characters,
+        # so fonts mapping < 0.35 x the best font's characters are dropped: 23 fonts (14 families) sharing 7,244
+        "many": {
+            "name": "glyphs", "path": "/usr/share/fonts", "num_identities": 5000, "eval_identities": 200,
+            "image_size": 32, "batch_size": 128, "eval_pairs": 0, "glyph_min_coverage": 0.35,
         },
         "full": {
             "name": "glyphs", "path": "/usr/share/fonts", "num_identities": 2500, "eval_identities": 600,
@@ -63,6 +84,7 @@ DATASETS: dict[str, dict[str, dict[str, Any]]] = {
 # the number of verification pairs sampled from it (half positive).
 GALLERY: dict[str, dict[str, int]] = {
     "default": {"per_identity": 10, "pairs": 100_000},
+    "many": {"per_identity": 10, "pairs": 100_000},
     "full": {"per_identity": 20, "pairs": 400_000},
 }
 
@@ -70,6 +92,7 @@ GALLERY: dict[str, dict[str, int]] = {
 # Default size: 1000 pairs (2000 test images embedded twice) cost about 2 s of one thread per evaluation.
 CURVE: dict[str, dict[str, int]] = {
     "default": {"every": 40, "pairs": 1000},
+    "many": {"every": 40, "pairs": 1000},
     "full": {"every": 200, "pairs": 6000},
 }
 
@@ -88,6 +111,12 @@ class Variant:
     overrides: tuple[str, ...]
     series: str | None = None
     x: float | None = None
+    # the distillation teacher: (experiment, variant label) of a run of the same size, dataset and seed, whose
+    # checkpoint becomes ``objective.kwargs.teacher`` (the harness runs it first and keeps its checkpoint)
+    teacher: tuple[str, str] | None = None
+    # unlabelled images for semi-supervised KD: this many, of identities that are neither trained nor tested,
+    # written once per (dataset, seed) and given as ``data.unlabelled`` (gallery.UNLABELLED has the datasets)
+    unlabelled: int = 0
 
 
 @dataclass(frozen=True)
@@ -107,12 +136,17 @@ class Experiment:
     init_from: tuple[str, str] | None = None
     columns: tuple[str, ...] = VERIFICATION_COLUMNS
     notes: str = field(default="", compare=False)
+    # score the gallery a second time with one side of every pair masked (``masked/<metric>``; BigFace's MFR)
+    masked: bool = False
+    # fit error = a x (x / 1M)^-b over the variants' x (parameters) and report b (BigFace's scaling law)
+    power_law: bool = False
 
     def variants_for(self, size: str) -> tuple[Variant, ...]:
-        return self.variants[size] if isinstance(self.variants, dict) else self.variants
+        """The variants at ``size``; none when the experiment is not declared at that size."""
+        return self.variants.get(size, ()) if isinstance(self.variants, dict) else self.variants
 
     def overrides_for(self, size: str) -> tuple[str, ...]:
-        return self.overrides[size] if isinstance(self.overrides, dict) else self.overrides
+        return self.overrides.get(size, ()) if isinstance(self.overrides, dict) else self.overrides
 
 
 def _flow(value: Any) -> str:
@@ -151,6 +185,9 @@ NOISE_LEVELS = (0.0, 0.2, 0.4, 0.6)
 FINETUNE: dict[str, tuple[str, ...]] = {
     "default": ("train.steps=320", "optim.lr=0.01", "schedule.name=step", "schedule.warmup_steps=0",
                 "schedule.milestones=[200, 280]", "schedule.gamma=0.1"),
+    # many-class regime: 120 steps, x 0.1 at 75 and 105 (5/8 and 7/8).
+    "many": ("train.steps=120", "optim.lr=0.01", "schedule.name=step", "schedule.warmup_steps=0",
+             "schedule.milestones=[75, 105]", "schedule.gamma=0.1"),
     "full": ("train.steps=2000", "optim.lr=0.01", "schedule.name=step", "schedule.warmup_steps=0",
              "schedule.milestones=[1250, 1750]", "schedule.gamma=0.1"),
 }
@@ -159,7 +196,7 @@ FINETUNE: dict[str, tuple[str, ...]] = {
 # largest queue holds every training image once or twice; it fills at step 256 of 320.
 QUEUES = (2048, 8192, 32768)
 # BroadFace Fig. 5a: the queue's cosine error (train.diagnostics_every) every N steps.
-DIAGNOSTICS_EVERY = {"default": 40, "full": 200}
+DIAGNOSTICS_EVERY = {"default": 40, "many": 40, "full": 200}
 
 
 def _broadface(size: str, queue: int, compensate: bool = True, inner: str = "arcface",
@@ -181,6 +218,9 @@ ARCFACE_FINETUNED = Variant("ArcFace", ARCFACE)
 
 
 def _queue_variants(size: str) -> tuple[Variant, ...]:
+    if size == "many":  # issue 16 section 5: Table 6a again where a batch sees 2.6 % of the classes. The paper's
+        # 8192 (64 iterations) only: a 120-step fine-tune (15,360 embeddings) would never fill a 32k queue.
+        return (ARCFACE_FINETUNED, _arcface_queue(size, QUEUES[1], True), _arcface_queue(size, QUEUES[1], False))
     return (ARCFACE_FINETUNED,) + tuple(_arcface_queue(size, q, c) for q in QUEUES for c in (True, False))
 
 
@@ -189,6 +229,71 @@ def _broadface_experiment(title: str, variants: dict[str, tuple[Variant, ...]],
     """A BroadFace experiment: the fine-tune budget and a learning curve in every run, each run started from
     its dataset's and seed's ``init_from`` run. Experiments that list the same variants share their runs."""
     return Experiment(title, variants, overrides=FINETUNE, curve=True, init_from=init_from, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------------
+# AttFC (issue 14 section 3) and Partial FC (issue 16 section 5): declared at the many-class size only, where
+# 5,000 classes meet a batch of 128. W-size is the number of class centres in the softmax of a step: C for the
+# full FC, the container's S = floor(ratio C / B) B for AttFC (AttFC Table 2), and the sampled rows for Partial
+# FC, whose rate is set so its W-size equals AttFC's at the same ratio (Table 2: "Partial FC-0.3 represents
+# the same W-size as AttFC-0.3").
+MANY_CLASSES = 5000
+MANY_BATCH = 128
+ATTFC_RATIOS = (0.1, 0.2, 0.3)
+ATTFC_KS = (2, 3, 4, 5)
+# gamma of AttFC Eq. 12. The paper's 0.999 is a 1,000-step time constant in a run of about 67,000 steps
+# (MS1MV3, batch 384, 5 epochs): 1.5 % of the run. At 200 steps, 0.999 would leave the class encoder 82 % at
+# its random initialisation; 0.9 (a 10-step time constant, 5 % of the run) keeps the lag a small fraction.
+ATTFC_MOMENTUM = 0.9
+
+
+def container_rows(ratio: float) -> int:
+    """AttFC's S at the many-class size: floor(ratio C / B) B (the official code's rule)."""
+    return int(ratio * MANY_CLASSES / MANY_BATCH) * MANY_BATCH
+
+
+def _attfc(ratio: float, k: int = 2, weighting: str = "attention") -> tuple[str, ...]:
+    """AttFC overrides: the head (ArcFace margin s 32, m 0.5, as the full FC), its objective (the momentum class
+    encoder) and the sampler of k class images per sample."""
+    return (*_head("attfc", ratio=ratio, batch_size=MANY_BATCH, s=32.0, m2=0.5, weighting=weighting),
+            "objective.name=attfc", f"objective.kwargs={_flow({'momentum': ATTFC_MOMENTUM})}",
+            "data.sampler=attfc", f"data.sampler_kwargs={_flow({'k': k})}")
+
+
+def _partial_fc(rows: int) -> tuple[str, ...]:
+    """Partial FC (ArcFace s 32, m 0.5) keeping ``rows`` of the 5,000 class rows per step: positives + negatives."""
+    return (*ARCFACE, "head.shard=true", f"head.sample_rate={rows / MANY_CLASSES}")
+
+
+FULL_FC = Variant(f"Full FC (W {MANY_CLASSES})", ARCFACE)
+ATTFC = {r: Variant(f"AttFC-{r} (W {container_rows(r)})", _attfc(r)) for r in ATTFC_RATIOS}
+PARTIAL_FC = {r: Variant(f"Partial FC-{r} (W {container_rows(r)})", _partial_fc(container_rows(r))) for r in (0.1, 0.3)}
+
+
+# --------------------------------------------------------------------------------------------------
+# BigFace (issue 15 section 5), at the default size: CosFace at BigFace's m = 0.4 (s = 32 as every head here:
+# BigFace's s = 64 is for 2M classes), one budget, backbones from 0.11M to 1.36M parameters.
+BIGFACE_COSFACE = _head("cosface", s=32.0, m=0.4)
+# IResNet with one block per stage at these widths, 128-d at 32 px: width -> parameters (tests check them)
+BACKBONE_WIDTHS = {0.125: 110_968, 0.1875: 223_620, 0.25: 374_512, 0.375: 791_016, 0.5: 1_360_480}
+
+
+def _scaled(width: float) -> Variant:
+    params = BACKBONE_WIDTHS[width]
+    overrides = (*BIGFACE_COSFACE, f"model.kwargs={_flow({'layers': [1, 1, 1, 1], 'width': width})}")
+    return Variant(f"width {width} ({params / 1e6:.2f}M)", overrides, "CosFace m 0.4", params / 1e6)
+
+
+SCALED = {width: _scaled(width) for width in BACKBONE_WIDTHS}
+STUDENT = SCALED[0.25]  # the default size's backbone
+TEACHER = ("bigface_scaling", SCALED[0.5].label)  # 3.6x the student's parameters, trained on the same data
+LAMBDA = 9.0  # BigFace's lambda on ||x̂_t - x̂_s||^2
+DISTILL = ("objective.name=distillation", f"objective.kwargs={_flow({'lam': LAMBDA})}")
+DISTILLED = Variant("distilled from width 0.5", (*STUDENT.overrides, *DISTILL), teacher=TEACHER)
+# semi-supervised KD: 10,000 unlabelled images of 2,000 unseen identities, half of every batch (unlabelled_ratio)
+SEMI_SUPERVISED = Variant("distilled + 10k unlabelled", (*DISTILLED.overrides, "data.unlabelled_ratio=0.5"),
+                          teacher=TEACHER, unlabelled=10_000)
+MASK_RATIOS = (0.0, 0.35, 0.5)
 
 
 EXPERIMENTS: dict[str, Experiment] = {
@@ -265,6 +370,67 @@ EXPERIMENTS: dict[str, Experiment] = {
         {size: (Variant("ArcFace", ARCFACE), _arcface_queue(size, QUEUES[1], True), _arcface_queue(size, QUEUES[1], False))
          for size in SIZES},
         notes="160 steps at lr 0.1 from random weights, like table6; queue of 8192 (64 iterations).",
+    ),
+    # ---- the many-class regime (size "many" only)
+    "attfc_ratio": Experiment(
+        "AttFC Tables 1/2: the full FC against AttFC's container at ratios 0.1, 0.2, 0.3 (k = 2, attention)",
+        {"many": (FULL_FC, *ATTFC.values())},
+        notes=f"W = class centres in the softmax: C = {MANY_CLASSES} for the full FC, the container's S for AttFC. "
+              f"gamma (Eq. 12) = {ATTFC_MOMENTUM}; evaluated with the query encoder (the trained backbone).",
+    ),
+    "attfc_k": Experiment(
+        "AttFC Table 3: k class images per sample (ratio 0.3, attention)",
+        {"many": tuple(Variant(f"AttFC-0.3 k={k}", _attfc(0.3, k), "AttFC-0.3", k) if k != 2 else
+                       Variant(ATTFC[0.3].label, ATTFC[0.3].overrides, "AttFC-0.3", 2) for k in ATTFC_KS)},
+        x_label="k (class images per sample)",
+        notes="Memory per k: benchmarks/RESULTS.md section 15 (bench_attfc.py); images/s: the train s column.",
+    ),
+    "attfc_weighting": Experiment(
+        "AttFC Table 4: generating the class centre from one image (DCQ), constant weights, attention weights",
+        {"many": (Variant("single image (DCQ)", _attfc(0.3, 2, "single")),
+                  Variant("constant 1/k", _attfc(0.3, 2, "constant")),
+                  Variant("attention (Eq. 8)", _attfc(0.3, 2, "attention")))},
+        notes="Ratio 0.3, k = 2 for all three (single uses the first class image).",
+    ),
+    "attfc_encoder": Experiment(
+        "AttFC: evaluation with the query encoder (trained backbone) against the momentum class encoder",
+        {"many": tuple(ATTFC.values())},
+        columns=("accuracy", "momentum/accuracy", "tar@far=1e-03", "momentum/tar@far=1e-03", "recall@1",
+                 "momentum/recall@1"),
+        notes="A view of attfc_ratio's runs: every AttFC run's gallery is also scored with its momentum encoder.",
+    ),
+    "partial_fc": Experiment(
+        "AttFC Table 5 / issue 16: full FC, Partial FC and AttFC at equal W-size",
+        {"many": (FULL_FC, PARTIAL_FC[0.1], ATTFC[0.1], PARTIAL_FC[0.3], ATTFC[0.3])},
+        notes="Partial FC's rate is chosen so that its sampled rows per step equal AttFC's S at the same ratio "
+              "(0.0768 and 0.2816 of 5,000 classes).",
+    ),
+    # ---- BigFace (issue 15 section 5), default size
+    "bigface_masks": Experiment(
+        "BigFace: mask augmentation at ratios 0, 0.35 and 0.5, scored on unmasked and masked pairs",
+        {"default": tuple(Variant(f"mask ratio {r}", (*STUDENT.overrides, f"data.mask_ratio={r}") if r else
+                                  STUDENT.overrides, "CosFace m 0.4", r) for r in MASK_RATIOS)},
+        columns=("accuracy", "masked/accuracy", "tar@far=1e-03", "masked/tar@far=1e-03", "eer", "masked/eer"),
+        x_label="mask ratio (training)",
+        masked=True,
+        notes="Masked: one side of every pair wears a synthetic mask (faceforge.data.masks, MFR style), the other "
+              "not. Synthetic faces only: the masks are drawn from the face template's landmarks.",
+    ),
+    "bigface_scaling": Experiment(
+        "BigFace Fig. 1: verification against backbone parameters at one budget",
+        {"default": tuple(SCALED.values())},
+        x_label="backbone parameters (M)",
+        power_law=True,
+        notes="IResNet with one block per stage, widths 0.125 to 0.5, CosFace (s 32, m 0.4), 160 steps of 128.",
+    ),
+    "bigface_distill": Experiment(
+        "BigFace Table 2: the student alone, distilled from a bigger teacher, and with unlabelled images",
+        {"default": (STUDENT, DISTILLED, SEMI_SUPERVISED)},
+        masked=True,
+        columns=("accuracy", "tar@far=1e-03", "tar@far=1e-04", "eer", "recall@1", "masked/accuracy"),
+        notes=f"Student: width 0.25 (0.37M); teacher: width 0.5 (1.36M), bigface_scaling's run of the same "
+              f"dataset and seed. Loss: CosFace + {LAMBDA:g} x mean ||x̂_t - x̂_s||^2 (BigFace Eq. 1-2), equal "
+              f"student budget (160 steps of 128 labelled images).",
     ),
 }
 

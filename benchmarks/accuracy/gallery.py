@@ -16,6 +16,8 @@ Table 5 (SOP, In-Shop), since no test identity was trained.
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -53,6 +55,63 @@ GALLERIES: dict[str, Callable[[Config, int], tuple[np.ndarray, np.ndarray]]] = {
 }
 
 
+def _synthetic_unlabelled(cfg: Config, count: int) -> np.ndarray:
+    """``count`` images of identities neither trained (another split) nor in the gallery (test-split
+    identities from 1,000,000 on): 5 images each."""
+    from faceforge.data.synthetic import render_images
+
+    d = cfg.data
+    index = np.arange(count)
+    return render_images(1_000_000 + index // 5, index % 5, seed=cfg.seed, split="test", difficulty=d.difficulty,
+                         image_size=d.image_size)
+
+
+def _glyph_unlabelled(cfg: Config, count: int) -> np.ndarray:
+    """``count`` images of characters neither trained nor tested (drawn by seed from the fonts' shared
+    characters), each in every training font."""
+    from faceforge.data.glyphs import render_glyph
+    from faceforge.train.data import glyph_benchmark_of
+
+    bench = glyph_benchmark_of(cfg)
+    used = {*bench.train_chars, *bench.test_chars}
+    spare = [c for c in bench.selection.characters if c not in used]
+    rng = np.random.default_rng([cfg.seed, 7])
+    fonts = [bench.selection.fonts[i].path for i in bench.train_fonts]
+    images: list[np.ndarray] = []
+    for char in rng.permutation(spare):
+        for path in fonts:
+            grey = render_glyph(path, int(char), cfg.data.image_size)
+            if grey is not None and len(images) < count:
+                images.append(np.repeat(grey[..., None], 3, axis=-1))
+        if len(images) == count:
+            return np.stack(images)
+    raise ValueError(f"glyphs: only {len(images)} unlabelled images from {len(spare)} spare characters; asked for {count}")
+
+
+# data.name -> unlabelled images (cfg, count) -> uint8 (count, S, S, 3): semi-supervised KD's extra data
+UNLABELLED: dict[str, Callable[[Config, int], np.ndarray]] = {
+    "synthetic": _synthetic_unlabelled,
+    "glyphs": _glyph_unlabelled,
+}
+
+
+def write_unlabelled(cfg: Config, count: int, folder: Path) -> Path:
+    """Write ``count`` unlabelled images of ``cfg``'s dataset as PNG files into ``folder`` (once: a finished
+    folder is kept; it appears whole, by a rename)."""
+    from PIL import Image
+
+    if folder.is_dir():
+        return folder
+    images = UNLABELLED[cfg.data.name](cfg, count)
+    partial = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    for i, image in enumerate(images):
+        Image.fromarray(image).save(partial / f"{i:06d}.png")
+    partial.rename(folder)
+    return folder
+
+
 def held_out_gallery(cfg: Config, per_identity: int = 10) -> tuple[np.ndarray, np.ndarray]:
     """The test identities of ``cfg``'s dataset: images uint8 ``(N, S, S, 3)`` and labels int64 ``(N,)``."""
     if cfg.data.name not in GALLERIES:
@@ -80,3 +139,23 @@ def evaluate_gallery(
     metrics.update({f"recall@{k}": float(r) for k, r in zip(ks, recall_at_k(embeddings, labels, ks))})
     metrics["pairs"], metrics["gallery"] = float(num_pairs), float(len(labels))
     return metrics
+
+
+# datasets whose images are aligned faces, on which faceforge.data.masks can draw a mask
+MASKABLE = ("synthetic",)
+
+
+def evaluate_masked(
+    backbone: nn.Module, images: np.ndarray, labels: np.ndarray, num_pairs: int, seed: int, batch_size: int = 256,
+) -> dict[str, float]:
+    """Verification over the same pairs as :func:`evaluate_gallery` with the first image of every pair masked
+    (``faceforge.data.masks.mask_images_uint8``: the mask of gallery image n depends on (seed, n) only) and
+    the second not: the MFR protocol of ``faceforge eval --masked``. Returns ``VerificationResult.as_dict()``."""
+    from faceforge.data.masks import mask_images_uint8
+
+    plain = embed(backbone, images, batch_size=batch_size, flip=True).astype(np.float64)
+    masked = embed(backbone, mask_images_uint8(images, seed, np.arange(len(images))), batch_size=batch_size,
+                   flip=True).astype(np.float64)
+    first, second, issame = sample_pairs(labels, num_pairs, seed)
+    scores = np.einsum("nd,nd->n", masked[first], plain[second])
+    return evaluate_scores(scores, issame, fars=FARS).as_dict()

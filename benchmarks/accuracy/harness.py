@@ -3,6 +3,7 @@
     python benchmarks/accuracy/harness.py                          # table6, table3, noise; both datasets; 3 seeds
     python benchmarks/accuracy/harness.py --experiments table6 --datasets glyphs --seeds 1 --only Softmax ArcFace
     python benchmarks/accuracy/harness.py --full                   # the GPU size
+    python benchmarks/accuracy/harness.py --size many --experiments attfc_ratio attfc_k attfc_weighting partial_fc
     python benchmarks/accuracy/harness.py --report-only            # tables and plots from finished runs
     python benchmarks/accuracy/harness.py --list                   # the experiments and their variants
     python benchmarks/accuracy/harness.py --experiments broadface_queue broadface_curve broadface_retrieval broadface_cosface
@@ -63,29 +64,47 @@ class Run:
     gallery: dict[str, int]
     curve: bool
     start: Run | None = None  # the run whose checkpoint this one starts from (Experiment.init_from)
+    teacher: Run | None = None  # the run whose checkpoint teaches this one (Variant.teacher)
+    masked: bool = False  # also score the gallery with one side of every pair masked (Experiment.masked)
 
     @property
     def folder(self) -> Path:
         return Path(self.cfg.output)
 
+    @property
+    def depends(self) -> tuple[Run, ...]:
+        """The runs whose checkpoints this one reads: they run first and keep their checkpoints."""
+        return tuple(run for run in (self.start, self.teacher) if run is not None)
+
     def describe(self) -> str:
         return f"{self.experiment} / {self.dataset} / {self.variant.label} / seed {self.seed}"
 
 
-def start_of(size: str, dataset: str, experiment: str, seed: int, out: Path) -> Run | None:
-    """The run that ``experiment``'s runs start from (its ``init_from``: same size, dataset and seed), or None."""
-    exp = ex.EXPERIMENTS[experiment]
-    if exp.init_from is None:
+def run_of(size: str, dataset: str, experiment: str, seed: int, out: Path, ref: tuple[str, str] | None,
+           what: str = "init_from") -> Run | None:
+    """The run ``ref`` = (experiment, variant label) names (an ``init_from`` or a teacher: same size, dataset and
+    seed), or None when ``ref`` is None."""
+    if ref is None:
         return None
-    name, label = exp.init_from
+    name, label = ref
     if name not in ex.EXPERIMENTS:
-        raise ValueError(f"experiment {experiment!r}: init_from {exp.init_from}: no experiment {name!r}; "
+        raise ValueError(f"experiment {experiment!r}: {what} {ref}: no experiment {name!r}; "
                          f"expected one of {sorted(ex.EXPERIMENTS)}")
     variants = {v.label: v for v in ex.EXPERIMENTS[name].variants_for(size)}
     if label not in variants:
-        raise ValueError(f"experiment {experiment!r}: init_from {exp.init_from}: {name!r} has no variant {label!r} "
+        raise ValueError(f"experiment {experiment!r}: {what} {ref}: {name!r} has no variant {label!r} "
                          f"at size {size!r}; expected one of {sorted(variants)}")
     return resolve(size, dataset, name, variants[label], seed, out)
+
+
+def start_of(size: str, dataset: str, experiment: str, seed: int, out: Path) -> Run | None:
+    """The run that ``experiment``'s runs start from (its ``init_from``: same size, dataset and seed), or None."""
+    return run_of(size, dataset, experiment, seed, out, ex.EXPERIMENTS[experiment].init_from)
+
+
+def unlabelled_folder(out: Path, dataset: str, seed: int, count: int) -> Path:
+    """Where a (dataset, seed)'s ``count`` unlabelled images are written (``gallery.write_unlabelled``)."""
+    return out / "unlabelled" / f"{dataset}-seed{seed}-{count}"
 
 
 def resolve(size: str, dataset: str, experiment: str, variant: ex.Variant, seed: int, out: Path) -> Run:
@@ -93,6 +112,7 @@ def resolve(size: str, dataset: str, experiment: str, variant: ex.Variant, seed:
     its key. A run that starts from another is keyed by that run's key, not by where OUT is."""
     exp = ex.EXPERIMENTS[experiment]
     start = start_of(size, dataset, experiment, seed, out)
+    teacher = run_of(size, dataset, experiment, seed, out, variant.teacher, "teacher")
     data = copy.deepcopy({**ex.BASE[size], "data": ex.DATASETS[dataset][size]})
     overrides = [*exp.overrides_for(size), *variant.overrides, f"seed={seed}"]
     if exp.curve:
@@ -100,16 +120,26 @@ def resolve(size: str, dataset: str, experiment: str, variant: ex.Variant, seed:
         overrides += [f"train.eval_every={curve['every']}", f"data.eval_pairs={curve['pairs']}"]
     if start is not None:
         overrides.append(f"model.init_from={start.folder / CHECKPOINT_NAME}")
+    if teacher is not None:
+        overrides.append(f"objective.kwargs.teacher={teacher.folder / CHECKPOINT_NAME}")
+    if variant.unlabelled:
+        overrides.append(f"data.unlabelled={unlabelled_folder(out, dataset, seed, variant.unlabelled)}")
     data = apply_overrides({"output": "", "head": {"name": "unset"}, **data}, overrides, f"{experiment}/{variant.label}")
     cfg = config_from_dict(data, f"accuracy harness: {experiment} / {dataset} / {variant.label}")
     plain = to_dict(cfg)
     plain.pop("output")
+    # keyed by what the paths hold, not by where OUT is
     if start is not None:
         plain["model"]["init_from"] = f"run {start.key}"
+    if teacher is not None:
+        plain["objective"]["kwargs"]["teacher"] = f"run {teacher.key}"
+    if variant.unlabelled:
+        plain["data"]["unlabelled"] = f"{variant.unlabelled} generated images, seed {seed}"
     blob = json.dumps({"config": plain, "gallery": ex.GALLERY[size], "version": HARNESS_VERSION}, sort_keys=True)
     key = hashlib.sha256(blob.encode()).hexdigest()[:16]
     cfg.output = str(out / "runs" / key)
-    return Run(experiment, dataset, variant, seed, cfg, key, ex.GALLERY[size], exp.curve, start)
+    masked = exp.masked and dataset in gallery.MASKABLE
+    return Run(experiment, dataset, variant, seed, cfg, key, ex.GALLERY[size], exp.curve, start, teacher, masked)
 
 
 def plan(size: str, experiments: Sequence[str], datasets: Sequence[str], seeds: int, out: Path,
@@ -181,25 +211,42 @@ def execute(run: Run, keep_checkpoint: bool = False) -> dict[str, Any]:
     The gallery is also scored at the checkpoint's ``verification_threshold`` when the head has one
     (SphereFace2's learned threshold: ``fixed_threshold`` / ``fixed_threshold_accuracy``).
     """
+    from faceforge.build import ENCODERS, load_backbone
     from faceforge.train import train
-    from faceforge.build import build_backbone
 
+    if run.variant.unlabelled:
+        gallery.write_unlabelled(run.cfg, run.variant.unlabelled, Path(run.cfg.data.unlabelled))
     start, cpu = time.perf_counter(), time.process_time()
     result = train(run.cfg, resume=True)  # from its last.pt, or from step 0 in the folder of a run killed before one
     trained, trained_cpu = time.perf_counter() - start, time.process_time() - cpu
-    backbone = build_backbone(run.cfg)
     state = load_checkpoint(result.checkpoint)
-    backbone.load_state_dict(state["backbone"])
     start = time.perf_counter()
     images, labels = gallery.held_out_gallery(run.cfg, run.gallery["per_identity"])
-    metrics = gallery.evaluate_gallery(backbone, images, labels, run.gallery["pairs"], run.cfg.seed,
-                                       batch_size=run.cfg.data.eval_batch_size,
-                                       threshold=state.get(THRESHOLD_KEY))
+    metrics: dict[str, float] = {}
+    # the trained backbone; then every other encoder the checkpoint holds (AttFC's momentum class encoder),
+    # its metrics under "<encoder>/<metric>"
+    for name, module in ENCODERS.items():
+        owned = module == "backbone" or any(k.startswith(f"{module}.") for k in state.get("objective", {}))
+        if not owned:
+            continue
+        backbone, _ = load_backbone(state, source=str(result.checkpoint), encoder=name)
+        scored = gallery.evaluate_gallery(backbone, images, labels, run.gallery["pairs"], run.cfg.seed,
+                                          batch_size=run.cfg.data.eval_batch_size,
+                                          threshold=state.get(THRESHOLD_KEY))
+        prefix = "" if module == "backbone" else f"{name}/"
+        metrics.update({prefix + key: value for key, value in scored.items()})
+        if run.masked and module == "backbone":
+            masked = gallery.evaluate_masked(backbone, images, labels, run.gallery["pairs"], run.cfg.seed,
+                                             batch_size=run.cfg.data.eval_batch_size)
+            metrics.update({f"masked/{key}": value for key, value in masked.items()})
+        if module == "backbone":
+            parameters = sum(p.numel() for p in backbone.parameters())
     record = {
         "key": run.key,
         "config": to_dict(run.cfg),
         "init_from": run.start.key if run.start is not None else None,
         "metrics": metrics,
+        "backbone_parameters": parameters,
         "trainer_metrics": result.metrics,
         "final_loss": result.losses[-1] if result.losses else None,
         "steps": result.step,
@@ -243,22 +290,24 @@ def run_all(runs: Sequence[Run], keep_checkpoints: bool = False, log=print,
     it is trained again, and so are the runs whose keys are in ``redo`` (to record metrics added since); the
     new result replaces the old and the log says whether the earlier metrics reproduced.
     """
-    keep = {run.start.key for run in runs if run.start is not None}
+    keep = {dep.key for run in runs for dep in run.depends}
     records: dict[str, dict[str, Any] | None] = {}
 
     def finish(run: Run, where: str) -> dict[str, Any] | None:
         if run.key in records:
             return records[run.key]
         records[run.key] = None
-        if run.start is not None and finish(run.start, f"{where}, its init_from {run.start.describe()}") is None:
-            log(f"{where}: skipped, the run it starts from ({run.start.describe()}) did not run")
-            return None
+        for dep in run.depends:
+            if finish(dep, f"{where}, its {'teacher' if dep is run.teacher else 'init_from'} {dep.describe()}") is None:
+                log(f"{where}: skipped, the run it needs ({dep.describe()}) did not run")
+                return None
         missing = missing_heads(run.cfg)
         if missing:
             log(f"{where}: skipped, head {', '.join(map(repr, missing))} is not registered in faceforge.heads")
             return None
         before = read_result(run)
-        again = run.key in redo or (run.key in keep and not (run.folder / CHECKPOINT_NAME).is_file())
+        again = (run.key in redo or (run.key in keep and not (run.folder / CHECKPOINT_NAME).is_file())
+                 or (run.masked and before is not None and "masked/accuracy" not in before["metrics"]))
         if before is not None and not again:
             log(f"{where}: done before ({run.key}): {_summary(run, before)}")
             records[run.key] = before
@@ -289,7 +338,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--experiments", nargs="+", default=list(ex.DEFAULT_EXPERIMENTS), choices=sorted(ex.EXPERIMENTS))
     parser.add_argument("--datasets", nargs="+", default=list(ex.DEFAULT_DATASETS), choices=sorted(ex.DATASETS))
     parser.add_argument("--seeds", type=int, default=ex.DEFAULT_SEEDS, help="seeds 0 .. N-1 (default 3)")
-    parser.add_argument("--full", action="store_true", help="the GPU size (default: the 2-core CPU size)")
+    parser.add_argument("--size", choices=ex.SIZES, default="default",
+                        help="default: 500 classes on a 2-core CPU; many: 5,000 classes (AttFC, Partial FC); "
+                             "full: one GPU")
+    parser.add_argument("--full", action="store_true", help="the GPU size (= --size full)")
     parser.add_argument("--only", nargs="+", default=[], metavar="LABEL", help="run only these variant labels")
     parser.add_argument("--out", type=Path, help="output folder (default runs/accuracy/<size>)")
     parser.add_argument("--keep-checkpoints", action="store_true", help="keep each run's last.pt")
@@ -298,7 +350,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--report-only", action="store_true", help="tabulate finished runs, train nothing")
     parser.add_argument("--list", action="store_true", help="print the experiments and their variants")
     args = parser.parse_args(argv)
-    size = "full" if args.full else "default"
+    size = "full" if args.full else args.size
     if args.list:
         for name, exp in ex.EXPERIMENTS.items():
             print(f"{name}: {exp.title}")

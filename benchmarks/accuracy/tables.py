@@ -34,6 +34,10 @@ METRICS = {
     "recall@30": "Recall@30",
     "fixed_threshold_accuracy": "acc. at learned threshold",
 }
+# The gallery scored again (harness.execute: "<prefix>/<metric>"): with AttFC's momentum class encoder, and with
+# one side of every pair masked (BigFace's MFR protocol)
+METRICS.update({f"{prefix}/{key}": f"{title} ({what})" for prefix, what in (("momentum", "momentum enc."),
+                ("masked", "masked")) for key, title in list(METRICS.items())})
 # Columns a table gains when any of its runs has the metric (SphereFace2's learned threshold).
 OPTIONAL_METRICS = ("fixed_threshold_accuracy",)
 
@@ -88,6 +92,35 @@ def table(rows: list[dict[str, Any]], columns: Sequence[str]) -> str:
             line[METRICS[first]] = "not run"
         lines.append(line)
     return markdown_table(lines, ["variant", "seeds", *(METRICS[k] for k in keys), delta, "train s"])
+
+
+def power_law(rows: list[dict[str, Any]], key: str = "accuracy") -> tuple[float, float, float] | None:
+    """Fit error = a x^-b by least squares on log error against log x over the variants' seed means, where
+    error = 1 - ``key`` (for accuracy / TAR) or ``key`` itself (EER) and x is the variant's ``x`` (parameters
+    in millions). Returns (a, b, R²), or None with fewer than 3 finished variants."""
+    points = [(row["variant"].x, np.mean([r["metrics"][key] for r in _finished(row).values()]))
+              for row in rows if _finished(row) and row["variant"].x is not None]
+    if len(points) < 3:
+        return None
+    x = np.log([p for p, _ in points])
+    err = np.array([v if key == "eer" else 1.0 - v for _, v in points])
+    y = np.log(err)
+    slope, intercept = np.polyfit(x, y, 1)
+    fitted = intercept + slope * x
+    r2 = 1.0 - float(((y - fitted) ** 2).sum() / ((y - y.mean()) ** 2).sum()) if len(set(y)) > 1 else 1.0
+    return float(np.exp(intercept)), float(-slope), r2
+
+
+def power_law_lines(rows: list[dict[str, Any]], keys: Sequence[str]) -> list[str]:
+    """One line per metric: the fitted power law of its error against parameters (BigFace's scaling claim)."""
+    lines = []
+    for key in keys:
+        fit = power_law(rows, key)
+        if fit is not None:
+            a, b, r2 = fit
+            what = METRICS[key] if key == "eer" else f"1 - {METRICS[key]}"
+            lines.append(f"Power law: {what} = {a:.4f} x (parameters / 1M)^-{b:.3f} (R² {r2:.2f}).")
+    return lines
 
 
 def separation(rows: list[dict[str, Any]], key: str = "accuracy") -> str:
@@ -249,6 +282,8 @@ def write_report(done: Sequence[tuple[Any, dict[str, Any] | None]], out: Path, s
         sep = separation(rows, exp.columns[0])
         if sep:
             lines += [sep, ""]
+        if exp.power_law:
+            lines += [*power_law_lines(rows, ("accuracy", "tar@far=1e-03", "eer")), ""]
         stem = f"{name}_{dataset}"
         if any(_finished(r) for r in rows):
             title = f"{exp.title} ({dataset})"

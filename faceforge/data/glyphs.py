@@ -628,8 +628,8 @@ class GlyphBenchmark:
 
 
 @functools.lru_cache(maxsize=4)
-def _cached_selection(source: str, charset: str) -> FontSelection:
-    selection = select_fonts(find_font_files(source), charset)
+def _cached_selection(source: str, charset: str, min_coverage: float = MIN_COVERAGE) -> FontSelection:
+    selection = select_fonts(find_font_files(source), charset, min_coverage)
     logger.info("glyph fonts under %s: %s", source, selection.report())
     return selection
 
@@ -638,12 +638,13 @@ def _cached_selection(source: str, charset: str) -> FontSelection:
 def glyph_benchmark(
     source: str = DEFAULT_FONT_DIR, charset: str = "cjk", num_train: int = 1000, num_test: int = 200,
     held_out_families: int = 0, seed: int = 0, image_size: int = 32, variants: int = 1,
+    min_coverage: float = MIN_COVERAGE,
 ) -> GlyphBenchmark:
     """:class:`GlyphBenchmark` over the fonts under ``source`` (a folder or one file), memoised per process
     (the last two configurations), so that a training set and its verification pairs, or several runs in one
     process, render once. Font files changed on disk during the process are not noticed."""
-    return GlyphBenchmark(_cached_selection(str(source), charset), num_train, num_test, held_out_families, seed,
-                          image_size, variants)
+    return GlyphBenchmark(_cached_selection(str(source), charset, min_coverage), num_train, num_test,
+                          held_out_families, seed, image_size, variants)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -190,7 +190,7 @@ def glyph_benchmark_of(cfg: Config) -> Any:
         raise ConfigError(f"data.glyph_charset = {d.glyph_charset!r}: expected one of {sorted(CHARSETS)}")
     return glyph_benchmark(
         d.path or DEFAULT_FONT_DIR, d.glyph_charset, d.num_identities, d.eval_identities,
-        d.glyph_held_out_families, cfg.seed, d.image_size, d.glyph_variants,
+        d.glyph_held_out_families, cfg.seed, d.image_size, d.glyph_variants, d.glyph_min_coverage,
     )
 
 

@@ -3,6 +3,11 @@
 
     OMP_NUM_THREADS=1 python benchmarks/bench_parallel.py --classes 100000 400000 1000000 --dim 128 --batch 64
 
+``--queues``: the sharded BroadFace queue and the sharded AttFC container instead: per-rank megabytes against one
+process's, and the bytes each rank sends per step (measured), at one C:
+
+    OMP_NUM_THREADS=1 python benchmarks/bench_parallel.py --queues --classes 20000 --queue 4096 --ratio 0.3
+
 Each size runs in 2 fresh spawned ranks (gloo), one thread each. Per rank and step: the head's forward and
 backward on the gathered batch and the optimiser step; the backbone is left out (the embeddings are a leaf),
 as in SphereFace2's Fig. 10. Memory: the growth of each rank's peak RSS over one step after a warm-up
@@ -132,6 +137,71 @@ def _rank(rank: int, port: int, args: argparse.Namespace, out: str) -> None:
         dist.destroy_process_group()
 
 
+def _tensor_mb(*tensors: torch.Tensor) -> float:
+    return sum(t.numel() * t.element_size() for t in tensors) / 2**20
+
+
+def _rank_queues(rank: int, port: int, args: argparse.Namespace, out: str) -> None:
+    """Sharded BroadFace and sharded AttFC: per-rank bytes of the queue / container and the bytes sent per step."""
+    from faceforge.heads.parallel import build_sharded
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=600))
+    try:
+        g = torch.Generator().manual_seed(rank)
+        b, d, b_g = args.batch, args.dim, WORLD * args.batch
+        results = {}
+        bf = build_sharded("broadface", args.classes, d, queue_size=args.queue, head="arcface", head_kwargs={"s": 64.0})
+        for step in range(args.queue // b_g + 2):  # fill the queue, then one measured step
+            x, y = torch.randn(b, d, generator=g, requires_grad=True), torch.randint(0, args.classes, (b,), generator=g)
+            with _Counter() as counter:
+                bf(x, y).backward()
+        results["broadface"] = {
+            "replicated_mb": _tensor_mb(bf.queue_embeddings, bf.queue_labels, bf.queue_sample_ids),
+            "owned_mb": _tensor_mb(bf.queue_owned_weights, bf.queue_owned_slots),
+            "owned_rows": int(bf.queue_owned_slots.numel()), "comm_bytes": counter.bytes,
+        }
+        del bf
+        container = int(args.ratio * args.classes) // b_g * b_g
+        att = build_sharded("attfc", args.classes, d, batch_size=b_g, container_size=container, s=64.0)
+        for step in range(2):
+            x, y = torch.randn(b, d, generator=g, requires_grad=True), torch.randint(0, args.classes, (b,), generator=g)
+            K = torch.randn(b, 2, d, generator=g)
+            with _Counter() as counter:
+                att(x, y, K).backward()
+        results["attfc"] = {"container": container, "slots": list(att.slots),
+                            "container_mb": _tensor_mb(att.container, att.container_labels), "comm_bytes": counter.bytes}
+        Path(out, f"rank{rank}.json").write_text(json.dumps(results))
+    finally:
+        dist.destroy_process_group()
+
+
+def queues(args: argparse.Namespace) -> None:
+    """``--queues``: the sharded BroadFace queue and AttFC container per rank, against one process's (computed)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with tempfile.TemporaryDirectory() as out:
+        torch.multiprocessing.start_processes(_rank_queues, args=(port, args, out), nprocs=WORLD, start_method="spawn")
+        ranks = [json.loads(Path(out, f"rank{r}.json").read_text()) for r in range(WORLD)]
+    q, d, c = args.queue, args.dim, args.classes
+    whole_bf = (2 * q * d * 4 + 2 * q * 8) / 2**20  # e- and W-_y float32, labels and ids int64
+    print(f"C={c:,} D={d} B={args.batch}/rank x {WORLD} ranks; BroadFace Q={q:,}; AttFC ratio {args.ratio}")
+    print("| head | rank | per-rank MB (sharded) | one process MB | rows held | comm bytes / rank / step |")
+    print("|---|---|---|---|---|---|")
+    for r, res in enumerate(ranks):
+        bf = res["broadface"]
+        print(f"| BroadFace queue | {r} | {bf['replicated_mb'] + bf['owned_mb']:.1f} (e- {bf['replicated_mb']:.1f} "
+              f"+ W-_y {bf['owned_mb']:.1f}) | {whole_bf:.1f} | {bf['owned_rows']:,} of {q:,} W-_y rows | "
+              f"{bf['comm_bytes']:,} |")
+    for r, res in enumerate(ranks):
+        att = res["attfc"]
+        whole = att["container"] * (d * 4 + 8) / 2**20
+        print(f"| AttFC container | {r} | {att['container_mb']:.1f} | {whole:.1f} | slots {att['slots']} of "
+              f"{att['container']:,} | {att['comm_bytes']:,} |")
+
+
 def run(args: argparse.Namespace) -> dict:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -148,7 +218,13 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64, help="per rank")
     parser.add_argument("--rate", type=float, default=0.1)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--queues", action="store_true", help="sharded BroadFace queue and AttFC container instead")
+    parser.add_argument("--queue", type=int, default=4096, help="--queues: BroadFace's queue size Q")
+    parser.add_argument("--ratio", type=float, default=0.3, help="--queues: AttFC's S / C")
     args = parser.parse_args()
+    if args.queues:
+        args.classes = args.classes[0]
+        return queues(args)
     b_g = WORLD * args.batch
     # per step and rank: all_gather of the embeddings (B_r x D) and labels, all-reduce of their gradient
     # (B_g x D), all-reduces of (B_g,) vectors (max, sum of exp, target terms) and the two batch-size counts

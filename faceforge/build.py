@@ -46,13 +46,13 @@ def build_backbone(cfg: Config) -> nn.Module:
 
 def build_head(cfg: Config, num_classes: int) -> nn.Module:
     """``faceforge.heads.build(head.name, num_classes=..., embedding_size=..., **head.kwargs)``; with ``head.shard``
-    the class-sharded ``faceforge.heads.parallel.ShardedHead(head.name, ...)`` (its rows seeded by ``seed``)."""
+    the class-sharded ``faceforge.heads.parallel.build_sharded(head.name, ...)`` (its rows seeded by ``seed``)."""
     from faceforge.heads import HEADS
-    from faceforge.heads.parallel import ShardedHead
+    from faceforge.heads.parallel import build_sharded
 
     if cfg.head.shard:
         with _naming_kwargs("head", cfg.head.name):
-            return ShardedHead(cfg.head.name, num_classes, cfg.model.embedding_size, seed=cfg.seed,
+            return build_sharded(cfg.head.name, num_classes, cfg.model.embedding_size, seed=cfg.seed,
                                sample_rate=cfg.head.sample_rate, **cfg.head.kwargs)
     with _naming_kwargs("head", cfg.head.name):
         return HEADS.build(

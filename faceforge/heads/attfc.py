@@ -233,6 +233,8 @@ class AttFC(nn.Module):
         margin_grad: "exact" or "detached" (straight-through, the official code's).
         weighting: "attention" (Eq. 8), "constant" (1/k) or "single" (one image, DCQ): Table 4.
         chunk_size: container rows per block of the negative pass.
+        slots: the entries [s0, s1) of the S this module holds (a container sharded over ranks,
+            ``heads/parallel_attfc.py``); default all.
 
     Buffers (saved in ``state_dict``): ``container`` (S, D) unit rows, initialised from a normal distribution;
     ``container_labels`` (S,) int64, -1 (never a label) until written; ``container_ptr`` () int64, the next row.
@@ -244,6 +246,7 @@ class AttFC(nn.Module):
         self, num_classes: int, embedding_size: int, ratio: float = 0.3, batch_size: int | None = None,
         container_size: int | None = None, s: float = 64.0, m1: float = 1.0, m2: float = 0.5, m3: float = 0.0,
         margin_grad: str = "exact", weighting: str = "attention", chunk_size: int = DEFAULT_CHUNK_SIZE,
+        slots: tuple[int, int] | None = None,
     ) -> None:
         super().__init__()
         if batch_size is None:
@@ -258,15 +261,20 @@ class AttFC(nn.Module):
         self.s, self.m1, self.m2, self.m3, self.margin_grad = float(s), m1, m2, m3, margin_grad
         self.weighting, self.chunk_size = weighting, int(chunk_size)
         size = container_capacity(self.num_classes, ratio, self.batch_size, container_size)
-        container = torch.randn(size, self.embedding_size)
+        self.slots = (0, size) if slots is None else (int(slots[0]), int(slots[1]))
+        if not 0 <= self.slots[0] < self.slots[1] <= size:
+            raise ValueError(f"slots={slots!r}: expected [s0, s1) within the container's {size} entries")
+        self.total_size = size
+        container = torch.randn(self.slots[1] - self.slots[0], self.embedding_size)
         container.div_(torch.linalg.vector_norm(container, dim=1, keepdim=True))  # in place: no second S x D copy
         self.register_buffer("container", container)
-        self.register_buffer("container_labels", torch.full((size,), -1, dtype=torch.long))
+        self.register_buffer("container_labels", torch.full((container.shape[0],), -1, dtype=torch.long))
         self.register_buffer("container_ptr", torch.zeros((), dtype=torch.long))
 
     @property
     def container_size(self) -> int:
-        return int(self.container.shape[0])
+        """S, the whole container's entries (this module holds ``slots`` of them)."""
+        return self.total_size
 
     @classmethod
     def check_training(cls, kwargs: dict[str, Any], *, num_classes: int, global_batch: int) -> None:

@@ -47,7 +47,7 @@ from faceforge.heads.buffers import ReusableBuffer
 if TYPE_CHECKING:
     from faceforge.data.samplers import Batch
 
-__all__ = ["BroadFace", "QueueEntries", "build_broadface", "compensate"]
+__all__ = ["BroadFace", "QueueEntries", "build_broadface", "compensate", "compensation"]
 
 DEFAULT_ROW_CHUNK = 1024  # queue rows per block: a (1024, C) float32 logit buffer, 351 MB at C = 85,742
 
@@ -57,11 +57,16 @@ def compensate(past_embeddings: Tensor, past_weights: Tensor, weights: Tensor) -
 
     past_embeddings e- (M, D), past_weights W-_y (M, D) and the current rows weights W_y (M, D) -> e* (M, D).
     """
+    return past_embeddings + compensation(past_embeddings, past_weights, weights)
+
+
+def compensation(past_embeddings: Tensor, past_weights: Tensor, weights: Tensor) -> Tensor:
+    """The shift of BroadFace Eq. 7, (|e-| / |W-_y|) (W_y - W-_y) (M, D): e* = e- + this (shapes as ``compensate``)."""
     past_norms = torch.linalg.vector_norm(past_weights, dim=1, keepdim=True)
     ratio = torch.linalg.vector_norm(past_embeddings, dim=1, keepdim=True) / past_norms.clamp_min(
         torch.finfo(past_weights.dtype).tiny
     )
-    return past_embeddings + ratio * (weights - past_weights)
+    return ratio * (weights - past_weights)
 
 
 def cosine_error(a: Tensor, b: Tensor) -> Tensor:
@@ -209,7 +214,7 @@ class BroadFace(nn.Module, TrainHooks):
         for r0, r1 in chunks(int(self.queue_count), self.row_chunk):
             past, labels = self.queue_embeddings[r0:r1], self.queue_labels[r0:r1]
             if self.compensate:
-                past = compensate(past, self.queue_weights[r0:r1], weight[labels].to(past.dtype))
+                past = past + compensation(past, self.queue_weights[r0:r1], weight[labels].to(past.dtype))  # Eq. 7
             yield past, labels
 
     def _classifier_loss(self, blocks: Iterable[tuple[Tensor, Tensor]], rows: int) -> Tensor:
@@ -223,7 +228,7 @@ class BroadFace(nn.Module, TrainHooks):
         grads: list[Tensor | None] = [None] * len(params)
         for block_rows, block_labels in blocks:
             with torch.set_grad_enabled(need_grad):
-                block = self.head.per_sample_loss(block_rows, block_labels, classifier_grad=True).sum()
+                block = self._block_loss(block_rows, block_labels).sum()
             if need_grad:
                 self._accumulate(grads, torch.autograd.grad(block, params, allow_unused=True))
             total = block.detach() if total is None else total + block.detach()
@@ -232,6 +237,10 @@ class BroadFace(nn.Module, TrainHooks):
         if not need_grad:
             return value
         return _HandOverGrads.apply(value, [None if g is None else g.div_(rows) for g in grads], *params)
+
+    def _block_loss(self, rows: Tensor, labels: Tensor) -> Tensor:
+        """(n,) the head's per-sample loss of one block of Eq. 9, its class side trained, the rows held fixed."""
+        return self.head.per_sample_loss(rows, labels, classifier_grad=True)
 
     def _accumulate(self, total: list[Tensor | None], grads: tuple[Tensor | None, ...]) -> None:
         """total[i] += grads[i], in place; the first gradient is copied into memory kept across steps."""
@@ -281,19 +290,23 @@ class BroadFace(nn.Module, TrainHooks):
         ids = torch.stack([labels.long(), sample_ids.to(labels.device).long()], dim=1)
         if self.gather and dist.is_available() and dist.is_initialized():
             rows, ids = _all_gather_rows([rows, ids])
-        n, size = rows.shape[0], self.queue_size
-        keep = min(n, size)
-        if keep == 0:
-            return
-        pointer = int(self.queue_pointer)
-        positions = (pointer + n - keep + torch.arange(keep, device=rows.device)) % size
-        rows, ids = rows[n - keep :], ids[n - keep :]
+        positions = self._advance(rows.shape[0])
+        rows, ids = rows[rows.shape[0] - positions.numel() :], ids[ids.shape[0] - positions.numel() :]
         self.queue_embeddings[positions] = rows[:, : self.embedding_size]
         self.queue_weights[positions] = rows[:, self.embedding_size :]
         self.queue_labels[positions] = ids[:, 0]
         self.queue_sample_ids[positions] = ids[:, 1]
-        self.queue_pointer.fill_((pointer + n) % size)
-        self.queue_count.fill_(min(int(self.queue_count) + n, size))
+
+    def _advance(self, n: int) -> Tensor:
+        """Make room for n new rows, oldest first: the buffer positions (keep,) of the last keep = min(n, Q) of them
+        (the earlier ones would be overwritten at once); the pointer and count move on (not for keep = 0)."""
+        keep = min(n, self.queue_size)
+        pointer = int(self.queue_pointer)
+        positions = (pointer + n - keep + torch.arange(keep, device=self.queue_labels.device)) % max(self.queue_size, 1)
+        if keep:
+            self.queue_pointer.fill_((pointer + n) % self.queue_size)
+            self.queue_count.fill_(min(int(self.queue_count) + n, self.queue_size))
+        return positions
 
     def _fifo_order(self) -> Tensor:
         """Buffer positions of the valid rows, oldest first."""
@@ -311,6 +324,14 @@ class BroadFace(nn.Module, TrainHooks):
 
     # --- Fig. 5a ---
 
+    def _diagnosable(self, positions: Tensor) -> Tensor:
+        """(n,) bool: which queue positions the diagnostics may look at (a known sample id)."""
+        return self.queue_sample_ids[positions] >= 0
+
+    def _class_rows(self, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """(W-_y, W_y), each (n, D): the stored and the current class rows of the queue positions."""
+        return self.queue_weights[positions], self.head.weight.detach()[self.queue_labels[positions]]
+
     @torch.no_grad()
     def diagnostics(self, embed_fn: Callable[[Tensor], Tensor]) -> dict[str, float]:
         """BroadFace Fig. 5a: how far the queued embeddings are from the same samples' current embeddings.
@@ -320,14 +341,15 @@ class BroadFace(nn.Module, TrainHooks):
         and of e* (Eq. 7 with the current W, `cos_error_compensated`), and `samples` = K. {} when no row has an id.
         """
         order = self._fifo_order()
-        order = order[self.queue_sample_ids[order] >= 0]
+        order = order[self._diagnosable(order)]
         if order.numel() == 0:
             return {}
         k = min(self.diagnostic_samples, order.numel())
         order = order[torch.arange(k, device=order.device) * (order.numel() - 1) // max(k - 1, 1)]
-        past, past_weights = self.queue_embeddings[order], self.queue_weights[order]
+        past = self.queue_embeddings[order]
+        past_weights, weights = self._class_rows(order)
         now = embed_fn(self.queue_sample_ids[order]).to(past)
-        compensated = compensate(past, past_weights, self.head.weight.detach()[self.queue_labels[order]].to(past))
+        compensated = compensate(past, past_weights.to(past), weights.to(past))
         return {
             "cos_error": float(cosine_error(past, now)),
             "cos_error_compensated": float(cosine_error(compensated, now)),

@@ -55,8 +55,11 @@ __all__ = [
     "INIT_BLOCK",
     "ShardedHead",
     "all_gather_rows",
+    "build_sharded",
     "distributed_logsumexp",
+    "interleave",
     "sample_rows",
+    "seeded_rows",
     "shard_range",
     "sum_over_ranks",
 ]
@@ -73,6 +76,12 @@ def shard_range(num_classes: int, world_size: int, rank: int) -> tuple[int, int]
     base, extra = divmod(num_classes, world_size)
     c0 = rank * base + min(rank, extra)
     return c0, c0 + base + (1 if rank < extra else 0)
+
+
+def interleave(rows: Tensor, world: int) -> Tensor:
+    """(W B, ...) in rank order (rank r's B rows together) -> the epoch sampler's order: row b W + r is rank r's
+    row b (``data.samplers.rank_positions``), the order of one process with the whole batch."""
+    return rows.unflatten(0, (world, -1)).transpose(0, 1).flatten(0, 1)
 
 
 def _world(group: Any) -> tuple[int, int]:
@@ -266,6 +275,22 @@ def _initial_rows(head: nn.Module) -> dict[str, Callable[[Tensor, torch.Generato
     return {"weight": _normal_rows(0.01)}
 
 
+@torch.no_grad()
+def seeded_rows(
+    tensor: Tensor, rows: tuple[int, int], seed: int, fill: Callable[[Tensor, torch.Generator], None]
+) -> None:
+    """Fill ``tensor`` (c1 - c0, ...), the rows [c0, c1) of a logical tensor, in place: row j from the generator of
+    (seed, j // INIT_BLOCK), so the logical tensor is the same at any world size. ``fill(block, generator)``
+    fills one (INIT_BLOCK, ...) block in place."""
+    c0, c1 = rows
+    for block in range(c0 // INIT_BLOCK, (c1 - 1) // INIT_BLOCK + 1):
+        b0, b1 = block * INIT_BLOCK, (block + 1) * INIT_BLOCK
+        values = tensor.new_empty((b1 - b0, *tensor.shape[1:]))
+        fill(values, torch.Generator(device=tensor.device).manual_seed(seed * 1_000_003 + block))
+        lo, hi = max(b0, c0), min(b1, c1)
+        tensor[lo - c0 : hi - c0] = values[lo - b0 : hi - b0]
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Partial FC: the rows of one step
 
@@ -351,7 +376,8 @@ class ShardedHead(nn.Module, ClassifierHead, TrainHooks):
         if self.kernel is None:
             raise ValueError(
                 f"head {head!r} ({type(self.head).__name__}) cannot be sharded by class; expected one of "
-                f"margin_softmax, arcface, cosface, sphereface, normface, softmax, sphereface2"
+                f"margin_softmax, arcface, cosface, sphereface, normface, softmax, sphereface2 (broadface and attfc: "
+                f"build_sharded)"
             )
         if getattr(self.head, "inter_loss_weight", 0.0) > 0:
             raise ValueError(
@@ -370,16 +396,9 @@ class ShardedHead(nn.Module, ClassifierHead, TrainHooks):
     def reset_parameters(self) -> None:
         """Row j of every sharded tensor from the generator of (seed, j // INIT_BLOCK); SphereFace2's balanced
         bias from the global C."""
-        c0, c1 = self.rows
         with torch.no_grad():
             for name, fill in _initial_rows(self.head).items():
-                tensor = getattr(self.head, name)
-                for block in range(c0 // INIT_BLOCK, (c1 - 1) // INIT_BLOCK + 1):
-                    b0, b1 = block * INIT_BLOCK, (block + 1) * INIT_BLOCK
-                    values = tensor.new_empty((b1 - b0, *tensor.shape[1:]))
-                    fill(values, torch.Generator(device=tensor.device).manual_seed(self.seed * 1_000_003 + block))
-                    lo, hi = max(b0, c0), min(b1, c1)
-                    tensor[lo - c0 : hi - c0] = values[lo - b0 : hi - b0]
+                seeded_rows(getattr(self.head, name), self.rows, self.seed, fill)
             if isinstance(self.head, SphereFace2) and self.head.bias_init == "balanced":
                 h = self.head
                 self.head.bias.fill_(balanced_bias(self.num_classes, h.lamb, h.r, h.m, h.t, h.margin_type))
@@ -409,7 +428,13 @@ class ShardedHead(nn.Module, ClassifierHead, TrainHooks):
 
         classifier_grad=False holds the class side fixed (no gradient reaches it)."""
         x, y = self.gather(embeddings, labels)
-        y = self.local_labels(y)
+        return self.global_loss(x, y, classifier_grad=classifier_grad)
+
+    def global_loss(self, embeddings: Tensor, labels: Tensor, *, classifier_grad: bool = True) -> Tensor:
+        """(N,) the loss of rows that every rank already holds, the same (N, D) embeddings and (N,) global labels on
+        every rank (a gathered batch, BroadFace's queue): no gather; the gradient to ``embeddings`` is this rank's
+        share (sum it over the ranks)."""
+        x, y = embeddings, self.local_labels(labels.long())
         with torch.autocast(device_type=x.device.type, enabled=False):
             if self.sample_rate < 1.0:
                 return self._sampled_loss(x, y, classifier_grad)
@@ -475,3 +500,25 @@ class _View:
             return self._replaced[name]
         value = getattr(self._head, name)
         return value.detach() if self._detach and isinstance(value, nn.Parameter) else value
+
+
+# ----------------------------------------------------------------------------------------------------------
+# head.shard: true
+
+
+def build_sharded(name: str, num_classes: int, embedding_size: int, /, **kwargs: Any) -> nn.Module:
+    """The class-sharded form of head ``name`` (``head.shard: true``): ``broadface`` ->
+    :class:`faceforge.heads.parallel_broadface.ShardedBroadFace` (its queue's W rows sharded with W), ``attfc`` ->
+    :class:`faceforge.heads.parallel_attfc.ShardedAttFC` (its container sharded by slot), any other ->
+    :class:`ShardedHead`. kwargs: ``seed``, ``group``, ``sample_rate`` and the head's own."""
+    if name == "broadface":
+        from faceforge.heads.parallel_broadface import build_sharded_broadface
+
+        return build_sharded_broadface(num_classes, embedding_size, **kwargs)
+    if name == "attfc":
+        from faceforge.heads.parallel_attfc import ShardedAttFC
+
+        if kwargs.pop("sample_rate", 1.0) != 1.0:
+            raise ValueError("sample_rate < 1 (Partial FC) samples class rows; AttFC has none; expected 1")
+        return ShardedAttFC(num_classes, embedding_size, **kwargs)
+    return ShardedHead(name, num_classes, embedding_size, **kwargs)

@@ -86,7 +86,8 @@ class HeadConfig:
 
     ``shard``: hold the class weights sharded by class over the ranks (``faceforge.heads.parallel.ShardedHead``:
     rank r holds rows [c0, c1) of W; embeddings all-gathered; checkpoints hold W as one logical tensor, so a
-    run resumes at any world size). For the margin heads, softmax and sphereface2.
+    run resumes at any world size). For the margin heads, softmax and sphereface2; broadface (its queue's W rows
+    with their shard) and attfc (its container split by slot) too (``faceforge.heads.parallel.build_sharded``).
 
     ``sample_rate`` r < 1 (Partial FC, needs ``shard``): each step every rank computes the loss on the positives
     of the global batch that it holds plus uniformly drawn negatives, ceil(r x its rows) in all; the optimiser

@@ -42,6 +42,7 @@ BENCHMARKS: list[tuple[str, list[str], list[str]]] = [
      ["--sizes", "10000", "--queries", "50"]),
     ("bench_bigface_memory.py", ["--modes", "off,block"], ["--depths", "r50", "--modes", "off,block"]),
     ("bench_distill.py", [], ["--images", "64", "--repeats", "1"]),
+    ("bench_elastic.py", ["--runs", "6", "--loops", "2"], ["--runs", "1", "--loops", "1"]),
 ]
 
 

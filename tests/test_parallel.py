@@ -302,6 +302,32 @@ def test_resume_on_2_then_3_ranks_then_1_process_continues_the_same_training(
     assert kept == [f"step_{int(p.stem.removeprefix('step_')):07d}" for p in sorted(output.glob("step_*.pt"))]
 
 
+def test_each_elastic_attempt_has_its_own_keys_in_the_agent_store(monkeypatch) -> None:
+    """torchrun's agent store is shared by every restart attempt: what attempt 0 wrote (a dead rank's gloo address)
+    is invisible to attempt 1, which reads only its own writes; outside torchrun's agent store there is none."""
+    import datetime as dt
+
+    from faceforge.train.distributed import elastic_attempt_store
+
+    timeout = dt.timedelta(seconds=10)
+    server = dist.TCPStore("127.0.0.1", 0, 1, is_master=True, timeout=timeout)  # the agent's
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(server.port))
+    monkeypatch.delenv("TORCHELASTIC_USE_AGENT_STORE", raising=False)
+    assert elastic_attempt_store(2, timeout) is None
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "run7")
+    stores = []
+    for attempt in (0, 1):
+        monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", str(attempt))
+        stores.append(elastic_attempt_store(2, timeout))
+    stores[0].set("rank_1", "127.0.0.1:40327 (dead)")
+    assert stores[1].check(["rank_1"]) is False
+    stores[1].set("rank_1", "127.0.0.1:51111")
+    assert stores[1].get("rank_1") == b"127.0.0.1:51111" and stores[0].get("rank_1") == b"127.0.0.1:40327 (dead)"
+    assert server.get("faceforge/run7/attempt_1/rank_1") == b"127.0.0.1:51111"
+
+
 def test_row_shards_written_by_3_ranks_read_by_2_and_1(tmp_path: Path) -> None:
     """A logical (7, 3) tensor written by 3 "ranks" at their offsets reads back whole, and as any other layout's rows."""
     from faceforge.heads.base import RowShard

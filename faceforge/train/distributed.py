@@ -66,7 +66,7 @@ def elastic_attempt_store(world_size: int, timeout: datetime.timedelta) -> dist.
     store = dist.TCPStore(
         os.environ["MASTER_ADDR"], _env_int("MASTER_PORT", 0), world_size, is_master=False, timeout=timeout
     )
-    return dist.PrefixStore(f"faceforge/{run_id}/attempt_{attempt}/", store)
+    return dist.PrefixStore(f"faceforge/{run_id}/attempt_{attempt}", store)  # keys: <prefix>/<key>
 
 
 def init_distributed(backend: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S) -> DistInfo:

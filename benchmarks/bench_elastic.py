@@ -49,6 +49,20 @@ def config(output: Path, timeout_s: float | None) -> dict:
     }
 
 
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (pgrep -P, recursively)."""
+    found = [int(p) for p in subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()]
+    return [q for p in found for q in (p, *descendants(p))]
+
+
+def signal_all(pids: list[int], signum: int) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signum)
+        except ProcessLookupError:
+            pass
+
+
 def one_run(folder: Path, max_restarts: int, limit: float, timeout_s: float | None) -> dict:
     folder.mkdir(parents=True)
     output = folder / "run"
@@ -62,18 +76,15 @@ def one_run(folder: Path, max_restarts: int, limit: float, timeout_s: float | No
                "--kill-rank", "1", "--kill-at-step", "3"]
     start = time.perf_counter()
     with open(folder / "torchrun.log", "w") as log:
-        proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
         try:
             code: int | str = proc.wait(timeout=limit)
         except subprocess.TimeoutExpired:
-            children = subprocess.run(["pgrep", "-s", str(proc.pid)], capture_output=True, text=True).stdout.split()
-            for pid in children:
-                try:
-                    os.kill(int(pid), signal.SIGUSR1)  # faulthandler: the Python stacks into the log
-                except ProcessLookupError:
-                    pass
+            os.kill(proc.pid, signal.SIGSTOP)  # the agent starts no new attempt meanwhile
+            workers = descendants(proc.pid)  # torchrun starts each worker in a session of its own
+            signal_all(workers, signal.SIGUSR1)  # faulthandler: the workers' Python stacks into the log
             time.sleep(3)
-            os.killpg(proc.pid, signal.SIGKILL)
+            signal_all([proc.pid, *workers], signal.SIGKILL)
             proc.wait()
             code = "hung"
     seconds = time.perf_counter() - start

@@ -140,6 +140,7 @@ def _zero_rank(rank: int, port: int, use_zero: bool, out: str) -> None:
     weights = sum(p.numel() * p.element_size() for p in [*backbone.parameters(), *head.parameters()])
     with open(f"{out}.{int(use_zero)}.{rank}", "w") as f:
         json.dump({"rank": rank, "zero": use_zero, "state": state, "weights": weights}, f)
+    dist.barrier()  # no rank destroys the group while another still uses it
     dist.destroy_process_group()
 
 

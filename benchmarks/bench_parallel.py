@@ -133,6 +133,7 @@ def _rank(rank: int, port: int, args: argparse.Namespace, out: str) -> None:
             results["optimizer"] = _optimizer_only(head_rows, args.dim, args.rate, args.repeats)
             results["rows"] = rows
         Path(out, f"rank{rank}.json").write_text(json.dumps(results))
+        dist.barrier()  # no rank destroys the group while another still uses it
     finally:
         dist.destroy_process_group()
 
@@ -173,6 +174,7 @@ def _rank_queues(rank: int, port: int, args: argparse.Namespace, out: str) -> No
         results["attfc"] = {"container": container, "slots": list(att.slots),
                             "container_mb": _tensor_mb(att.container, att.container_labels), "comm_bytes": counter.bytes}
         Path(out, f"rank{rank}.json").write_text(json.dumps(results))
+        dist.barrier()  # no rank destroys the group while another still uses it
     finally:
         dist.destroy_process_group()
 

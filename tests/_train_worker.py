@@ -162,10 +162,12 @@ def _rank_main(rank: int, args: argparse.Namespace) -> None:
     from faceforge.train import distributed as fdist
 
     fdist.init_distributed()  # one group for every run: train() leaves a group it did not start
+    finished = False
     try:
         _run(args)
+        finished = True
     finally:
-        fdist.cleanup()
+        fdist.cleanup(synchronise=finished)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -226,6 +226,7 @@ def _ddp_worker(rank: int, port: int, out: str) -> None:
             f, y, Kf = ddp_global_batch(step)
             losses.append(head(f[rank::WORLD], y[rank::WORLD], Kf[rank::WORLD]))
         torch.save({"state": head.state_dict(), "losses": torch.stack(losses)}, Path(out) / f"rank{rank}.pt")
+        dist.barrier()  # no rank destroys the group while another still uses it
     finally:
         dist.destroy_process_group()
 

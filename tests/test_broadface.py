@@ -574,6 +574,7 @@ def _ddp_worker(rank: int, port: int, out: str) -> None:
                 optimizer.zero_grad(set_to_none=True)
             result[gather] = head.queued()._asdict()
         torch.save(result, Path(out) / f"rank{rank}.pt")
+        dist.barrier()  # no rank destroys the group while another still uses it
     finally:
         dist.destroy_process_group()
 

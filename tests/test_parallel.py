@@ -97,6 +97,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
         if rank < 2:
             results.update({(name, 2): run_sharded(name, 2, rank, group=pair) for name in SPECS})
         torch.save(results, Path(out) / f"rank{rank}.pt")
+        dist.barrier()  # no rank destroys the group while another still uses it
     finally:
         dist.destroy_process_group()
 

@@ -153,6 +153,7 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
                 folder.mkdir(exist_ok=True)
                 results[(kind, 2)] = run_sharded(kind, 2, rank, pair, folder)
         torch.save(results, Path(out) / f"rank{rank}.pt")
+        dist.barrier()  # no rank destroys the group while another still uses it
     finally:
         dist.destroy_process_group()
 

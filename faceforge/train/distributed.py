@@ -124,9 +124,16 @@ def barrier() -> None:
         dist.barrier()
 
 
-def cleanup() -> None:
-    """Destroy the default process group if one exists."""
+def cleanup(synchronise: bool = False) -> None:
+    """Destroy the default process group if one exists.
+
+    synchronise: barrier first, so that no rank tears the group down (and rank 0, which hosts the TCPStore,
+    exits) while another still uses it; gloo aborts the late rank otherwise ("terminate called without an
+    active exception"). Only on the success path: after an error another rank may never reach the barrier.
+    """
     if is_distributed():
+        if synchronise:
+            dist.barrier()
         dist.destroy_process_group()
 
 

@@ -802,8 +802,11 @@ def train(cfg: Config, resume: bool = False, on_step: Callable[[int], None] | No
     Raises NonFiniteLossError (naming the step) when the loss becomes NaN/inf.
     """
     started_group = not fdist.is_distributed()
+    finished = False
     try:
-        return _Run(cfg, resume, on_step).fit()
+        result = _Run(cfg, resume, on_step).fit()
+        finished = True
+        return result
     finally:
         if started_group:
-            fdist.cleanup()
+            fdist.cleanup(synchronise=finished)

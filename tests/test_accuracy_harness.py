@@ -400,3 +400,30 @@ def test_power_law_fit_recovers_its_exponent() -> None:
     a, b, _ = tables.power_law(rows, "eer")
     assert abs(a - 0.5) < 1e-9 and abs(b - 0.1) < 1e-9
     assert tables.power_law(rows[:2]) is None
+
+
+def test_an_experiment_for_some_datasets_only_skips_the_others(tiny: str, tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Experiment.datasets: bigface_masks (face-template masks) plans synthetic runs only."""
+    monkeypatch.setitem(ex.EXPERIMENTS, "faces_only", ex.Experiment(
+        "faces only", (ex.Variant("ArcFace", ex.ARCFACE),), datasets=("synthetic",)))
+    monkeypatch.setitem(ex.DATASETS["glyphs"], "tiny", ex.DATASETS["synthetic"]["tiny"])  # planned, never run
+    runs = harness.plan(tiny, ["faces_only", "table6"], ["synthetic", "glyphs"], 1, tmp_path, only=["ArcFace"])
+    assert [(r.experiment, r.dataset) for r in runs] == [
+        ("faces_only", "synthetic"), ("table6", "synthetic"), ("table6", "glyphs")]
+    assert ex.EXPERIMENTS["bigface_masks"].datasets == ("synthetic",)
+
+
+def test_plots_and_power_law_lines_with_a_metric_some_runs_lack(tmp_path: Path) -> None:
+    """A run shared with an experiment that scores no masked pairs has no ``masked/`` metric: the plot leaves
+    it out of that panel (it does not fail), and a rising error prints a positive exponent (^+0.100)."""
+    rows = []
+    for x in (0.1, 0.2, 0.4):
+        metrics = {"accuracy": 1.0 - 0.1 * x ** 0.1, "tar@far=1e-03": 0.5}
+        if x > 0.1:
+            metrics["masked/accuracy"] = 0.8
+        rows.append({"variant": ex.Variant(f"x {x}", (), "s", x), "records": {0: {"metrics": metrics}}})
+    assert tables.plot_lines(rows, "t", "x", tmp_path / "lines.png", ("accuracy", "masked/accuracy")).exists()
+    assert tables.plot_bars(rows, "t", tmp_path / "bars.png", ("masked/accuracy", "accuracy")).exists()
+    (line,) = tables.power_law_lines(rows, ["accuracy"])
+    assert "^+0.100 " in line

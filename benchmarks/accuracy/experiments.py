@@ -140,6 +140,8 @@ class Experiment:
     masked: bool = False
     # fit error = a x (x / 1M)^-b over the variants' x (parameters) and report b (BigFace's scaling law)
     power_law: bool = False
+    # the datasets the experiment makes sense on (empty: every dataset asked for)
+    datasets: tuple[str, ...] = ()
 
     def variants_for(self, size: str) -> tuple[Variant, ...]:
         """The variants at ``size``; none when the experiment is not declared at that size."""
@@ -423,6 +425,7 @@ EXPERIMENTS: dict[str, Experiment] = {
         columns=("accuracy", "masked/accuracy", "tar@far=1e-03", "masked/tar@far=1e-03", "eer", "masked/eer"),
         x_label="mask ratio (training)",
         masked=True,
+        datasets=("synthetic",),
         notes="Masked: one side of every pair wears a synthetic mask (faceforge.data.masks, MFR style), the other "
               "not. Synthetic faces only: the masks are drawn from the face template's landmarks.",
     ),

@@ -144,11 +144,13 @@ def resolve(size: str, dataset: str, experiment: str, variant: ex.Variant, seed:
 
 def plan(size: str, experiments: Sequence[str], datasets: Sequence[str], seeds: int, out: Path,
          only: Sequence[str] = ()) -> list[Run]:
-    """Every run, in the order experiments x datasets x seeds x variants (all heads of a seed together)."""
+    """Every run, in the order experiments x datasets x seeds x variants (all heads of a seed together); an
+    experiment declared for some datasets only (``Experiment.datasets``) skips the others."""
     return [
         resolve(size, dataset, name, variant, seed, out)
         for name in experiments
         for dataset in datasets
+        if not ex.EXPERIMENTS[name].datasets or dataset in ex.EXPERIMENTS[name].datasets
         for seed in range(seeds)
         for variant in ex.EXPERIMENTS[name].variants_for(size)
         if not only or variant.label in only

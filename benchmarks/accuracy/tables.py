@@ -119,7 +119,7 @@ def power_law_lines(rows: list[dict[str, Any]], keys: Sequence[str]) -> list[str
         if fit is not None:
             a, b, r2 = fit
             what = METRICS[key] if key == "eer" else f"1 - {METRICS[key]}"
-            lines.append(f"Power law: {what} = {a:.4f} x (parameters / 1M)^-{b:.3f} (R² {r2:.2f}).")
+            lines.append(f"Power law: {what} = {a:.4f} x (parameters / 1M)^{-b:+.3f} (R² {r2:.2f}).")
     return lines
 
 
@@ -145,18 +145,20 @@ DPI = 120
 
 
 def _values(row: dict[str, Any], key: str) -> list[float]:
-    return [100 * r["metrics"][key] for r in _finished(row).values()]
+    """``key`` in % over the row's finished seeds that recorded it (a run shared with an experiment that does
+    not score masked pairs has no ``masked/`` metrics)."""
+    return [100 * r["metrics"][key] for r in _finished(row).values() if key in r["metrics"]]
 
 
 def plot_bars(rows: list[dict[str, Any]], title: str, path: Path, keys: Sequence[str] = ("accuracy", "tar@far=1e-03")) -> Path:
     """Two metrics (default 10-fold accuracy and TAR@FAR=1e-3) per variant, mean with std error bars."""
-    rows = [r for r in rows if _finished(r)]
     fig = Figure(figsize=(4 + 0.9 * len(rows), 4), layout="constrained")
     for i, key in enumerate(keys[:2]):
         ax = fig.add_subplot(1, 2, i + 1)
-        stats = [_mean_std(_values(r, key)) for r in rows]
-        ax.bar(range(len(rows)), [m for m, _ in stats], yerr=[s for _, s in stats], capsize=4, color="C0")
-        ax.set_xticks(range(len(rows)), [r["variant"].label for r in rows], rotation=30, ha="right")
+        shown = [r for r in rows if _values(r, key)]
+        stats = [_mean_std(_values(r, key)) for r in shown]
+        ax.bar(range(len(shown)), [m for m, _ in stats], yerr=[s for _, s in stats], capsize=4, color="C0")
+        ax.set_xticks(range(len(shown)), [r["variant"].label for r in shown], rotation=30, ha="right")
         low = min(m - s for m, s in stats)
         ax.set_ylim(max(0.0, low - 0.15 * (100 - low) - 1), 100)
         ax.set_ylabel(f"{METRICS[key]} (%)")
@@ -176,7 +178,7 @@ def plot_lines(rows: list[dict[str, Any]], title: str, x_label: str, path: Path,
     for i, key in enumerate(keys[:2]):
         ax = fig.add_subplot(1, 2, i + 1)
         series: dict[str, list[dict[str, Any]]] = {}
-        for row in finished:
+        for row in (r for r in finished if _values(r, key)):
             if row["variant"].x is None:
                 mean, std = _mean_std(_values(row, key))
                 line = ax.axhline(mean, linestyle="--", color="k", label=row["variant"].label)

@@ -181,12 +181,7 @@ def _rank_queues(rank: int, port: int, args: argparse.Namespace, out: str) -> No
 
 def queues(args: argparse.Namespace) -> None:
     """``--queues``: the sharded BroadFace queue and AttFC container per rank, against one process's (computed)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    with tempfile.TemporaryDirectory() as out:
-        torch.multiprocessing.start_processes(_rank_queues, args=(port, args, out), nprocs=WORLD, start_method="spawn")
-        ranks = [json.loads(Path(out, f"rank{r}.json").read_text()) for r in range(WORLD)]
+    ranks = _spawn(_rank_queues, args)
     q, d, c = args.queue, args.dim, args.classes
     whole_bf = (2 * q * d * 4 + 2 * q * 8) / 2**20  # e- and W-_y float32, labels and ids int64
     print(f"C={c:,} D={d} B={args.batch}/rank x {WORLD} ranks; BroadFace Q={q:,}; AttFC ratio {args.ratio}")
@@ -204,13 +199,18 @@ def queues(args: argparse.Namespace) -> None:
               f"{att['container']:,} | {att['comm_bytes']:,} |")
 
 
-def run(args: argparse.Namespace) -> dict:
+def _spawn(worker, args: argparse.Namespace) -> list[dict]:
+    """Run ``worker(rank, port, args, out)`` on WORLD spawned ranks; each rank's ``rank<r>.json``, in rank order."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     with tempfile.TemporaryDirectory() as out:
-        torch.multiprocessing.start_processes(_rank, args=(port, args, out), nprocs=WORLD, start_method="spawn")
+        torch.multiprocessing.start_processes(worker, args=(port, args, out), nprocs=WORLD, start_method="spawn")
         return [json.loads(Path(out, f"rank{r}.json").read_text()) for r in range(WORLD)]
+
+
+def run(args: argparse.Namespace) -> list[dict]:
+    return _spawn(_rank, args)
 
 
 def main() -> None:

@@ -39,10 +39,11 @@ def batch_size(rank: int, step: int) -> int:
     return 3 if (rank, step) == (1, 1) else 4  # unequal batches at step 1: the gather pads
 
 
-def batch(rank: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+def batch(rank: int, step: int, num_classes: int = C) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank ``rank``'s float64 (B_r, D) embeddings and (B_r,) labels in [0, num_classes) at ``step``."""
     g = torch.Generator().manual_seed(1000 * step + rank)
     n = batch_size(rank, step)
-    return torch.randn(n, D, generator=g, dtype=torch.float64), torch.randint(0, C, (n,), generator=g)
+    return torch.randn(n, D, generator=g, dtype=torch.float64), torch.randint(0, num_classes, (n,), generator=g)
 
 
 def sgd(params) -> torch.optim.Optimizer:

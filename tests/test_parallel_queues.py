@@ -30,11 +30,11 @@ from faceforge.heads import build
 from faceforge.heads.attfc import AttFC
 from faceforge.heads.parallel import build_sharded, shard_range
 from faceforge.train import shards
-from test_parallel import close, spawn
+from test_parallel import D, batch, close, spawn
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-D, STEPS, SAVED_AT = 5, 4, 2
+STEPS, SAVED_AT = 4, 2  # D: test_parallel's
 BROADFACE = {"queue_size": 10, "row_chunk": 4}
 INNER = {"arcface": {"s": 8.0, "m": 0.5}, "cosface": {"s": 8.0, "m": 0.35}}
 C_BF = 7
@@ -45,14 +45,9 @@ ATTFC = {"batch_size": GLOBAL, "container_size": 12, "s": 8.0, "m2": 0.3}
 # ------------------------------------------------------------------------------------------------- the batches
 
 
-def bf_size(rank: int, step: int) -> int:
-    return 3 if (rank, step) == (1, 1) else 4  # unequal batches at step 1: the gather pads
-
-
 def bf_batch(rank: int, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(1000 * step + rank)
-    n = bf_size(rank, step)
-    return torch.randn(n, D, generator=g, dtype=torch.float64), torch.randint(0, C_BF, (n,), generator=g)
+    """test_parallel's batches (unequal at step 1: the gather pads) over BroadFace's C_BF classes."""
+    return batch(rank, step, num_classes=C_BF)
 
 
 def att_global(step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -127,14 +127,31 @@ def barrier() -> None:
 def cleanup(synchronise: bool = False) -> None:
     """Destroy the default process group if one exists.
 
-    synchronise: barrier first, so that no rank tears the group down (and rank 0, which hosts the TCPStore,
-    exits) while another still uses it; gloo aborts the late rank otherwise ("terminate called without an
-    active exception"). Only on the success path: after an error another rank may never reach the barrier.
+    synchronise: barrier first, then the other ranks destroy their groups before rank 0 (which hosts the
+    TCPStore) destroys its own, so that no rank tears the group down or exits while another still uses it; gloo
+    aborts the late rank otherwise ("terminate called without an active exception"). Only on the success path:
+    after an error another rank may never reach the barrier.
     """
-    if is_distributed():
-        if synchronise:
-            dist.barrier()
+    if not is_distributed():
+        return
+    if not synchronise:
         dist.destroy_process_group()
+        return
+    dist.barrier()
+    # the barrier alone still let rank 0 tear down and exit while rank 1 was inside destroy_process_group (CI
+    # saw the abort once more): the other ranks destroy first and say so in the store, which rank 0 hosts and
+    # keeps alive (this reference) until all have, then rank 0 destroys its own
+    store = dist.distributed_c10d._get_default_store()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if rank != 0:
+        dist.destroy_process_group()
+        store.set(f"faceforge/destroyed/{rank}", b"1")
+        return
+    store.wait([f"faceforge/destroyed/{r}" for r in range(1, world)], datetime.timedelta(seconds=_DESTROY_WAIT_S))
+    dist.destroy_process_group()
+
+
+_DESTROY_WAIT_S = 60.0  # rank 0 waits this long for the others to leave the group
 
 
 COMPRESSION_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}

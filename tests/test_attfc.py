@@ -138,6 +138,30 @@ def test_every_entry_masked_leaves_the_positive_alone():
     assert torch.isfinite(f.grad).all() and f.grad.abs().max() < 1e-12
 
 
+def test_tiny_losses_are_exact_in_float32():
+    """Eq. 10 in float32 against log1p(sum_j exp(z_j - t)) in float64, at losses from about 1e-11 to 0.5.
+
+    f = e_0, its generated centre at cosine 0.95 to f (t = s cos(theta+ + m) = 43.9 at s 64, m 0.5) and every
+    container entry at cosine c to f, so loss = log1p(S exp(64 c - t)). Written as logaddexp(t, lse) - t in
+    float32 the loss would lose its digits to the rounding of t (ulp(43.9) = 3.8e-6: 38 % of a 1e-5 loss). What
+    float32 cannot avoid: each 64 c_j - t is off by a few ulps of 64, i.e. rtol = 2 * 64 * 10 * eps32 = 1.5e-4
+    (as the margin heads', test_heads.py).
+    """
+    s, m, dim, size = 64.0, 0.5, 4, 4
+    head = AttFC(C, dim, batch_size=1, container_size=size, s=s, m2=m).eval()
+    head.container_labels.fill_(1)
+    f = torch.tensor([[1.0, 0.0, 0.0, 0.0]])
+    class_features = torch.tensor([[[0.95, math.sqrt(1 - 0.95**2), 0.0, 0.0]]])  # (1, k = 1, D)
+    t = s * math.cos(math.acos(float(class_features[0, 0, 0].double())) + m)
+    for c in torch.linspace(0.3, 0.66, 7):  # exp(64 c - t) from 1e-11 to 1e-1 per entry
+        entry = torch.tensor([float(c), 0.0, math.sqrt(1 - float(c) ** 2), 0.0])
+        head.container.copy_(entry.expand(size, dim))
+        want = torch.log1p(size * torch.exp(s * entry.double()[0] - t)).reshape(1)
+        got = head.per_sample_loss(f, torch.tensor([0]), class_features)
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got.double(), want, rtol=2 * 64 * 10 * torch.finfo(torch.float32).eps, atol=0)
+
+
 def test_labels_beyond_2_24_are_exact():
     big = 2**24 + 1  # float32(2^24 + 1) == float32(2^24): the official code's float labels would collide
     assert torch.tensor(float(big), dtype=torch.float32) == torch.tensor(float(2**24), dtype=torch.float32)

@@ -391,7 +391,7 @@ def _eq4_per_sample_float64(x, weight, labels, s=64.0, m=0.5):
     return torch.log1p(torch.exp(others - target.unsqueeze(1)).sum(1))
 
 
-def _tiny_to_large_loss_batch():
+def tiny_to_large_loss_batch():
     """float32 inputs whose ArcFace losses cover 1e-5 .. 300: x = a W_0^ + sqrt(1 - a^2) u for a sweep of a,
     u a random unit vector orthogonal to W_0^, the other classes turned away from class 0 (16 classes, D = 8)."""
     num_classes, dim = 16, 8
@@ -419,7 +419,7 @@ def test_per_sample_loss_is_exact_from_tiny_to_large_losses():
     normalisations), which changes a small loss by that factor relative and a large one by that much absolutely:
     rtol = 2 * 64 * 10 * 1.19e-7 = 1.5e-4.
     """
-    weight, x, labels, want = _tiny_to_large_loss_batch()
+    weight, x, labels, want = tiny_to_large_loss_batch()
     assert want.min() < 1e-4 and want.max() > 100 and len(want) > 100  # the range the claim is about
     head = heads.ArcFace(16, 8, chunk_size=5)
     with torch.no_grad():

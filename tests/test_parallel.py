@@ -22,6 +22,7 @@ import torch.distributed as dist
 
 from faceforge.heads import build
 from faceforge.heads.parallel import ShardedHead, shard_range
+from test_heads import tiny_to_large_loss_batch
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -87,6 +88,17 @@ def run_reference(name: str, world: int) -> dict:
     return {"losses": torch.stack(losses), "grads": grads, "state": head.state_dict()}
 
 
+def run_tiny_losses(world: int, rank: int, group=None) -> torch.Tensor:
+    """The float32 per-sample ArcFace losses (1e-5 .. 300, test_heads.py) of the global batch, the batch split
+    over the ranks, W sharded; every label is 0, so every target lives on rank 0 and the others hold negatives."""
+    weight, x, labels, _ = tiny_to_large_loss_batch()
+    head = ShardedHead("arcface", weight.shape[0], weight.shape[1], group=group, chunk_size=3)
+    c0, c1 = head.rows
+    with torch.no_grad():
+        head.weight.copy_(weight[c0:c1])
+    return head.per_sample_loss(x.tensor_split(world)[rank], labels.tensor_split(world)[rank]).detach()
+
+
 def _worker(rank: int, world: int, port: int, out: str) -> None:
     """3 gloo ranks: every head on all 3, then on the 2-rank group of ranks 0 and 1 (one spawn for both)."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -95,8 +107,10 @@ def _worker(rank: int, world: int, port: int, out: str) -> None:
     try:
         pair = dist.new_group([0, 1])
         results = {(name, world): run_sharded(name, world, rank) for name in SPECS}
+        results[("tiny", world)] = run_tiny_losses(world, rank)
         if rank < 2:
             results.update({(name, 2): run_sharded(name, 2, rank, group=pair) for name in SPECS})
+            results[("tiny", 2)] = run_tiny_losses(2, rank, group=pair)
         torch.save(results, Path(out) / f"rank{rank}.pt")
         dist.barrier()  # no rank destroys the group while another still uses it
     finally:
@@ -118,9 +132,16 @@ def close(actual: torch.Tensor, expected: torch.Tensor, what: str) -> None:
     torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-10 * expected.abs().max().item(), msg=what)
 
 
-def test_sharded_heads_on_2_and_3_ranks_equal_one_process_with_the_whole_batch(tmp_path: Path) -> None:
-    spawn(_worker, 3, str(tmp_path))
-    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(3)]
+@pytest.fixture(scope="module")
+def three_ranks(tmp_path_factory) -> list[dict]:
+    """What each of 3 gloo ranks computed in :func:`_worker` (one spawn for the tests below)."""
+    out = tmp_path_factory.mktemp("three_ranks")
+    spawn(_worker, 3, str(out))
+    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(3)]
+
+
+def test_sharded_heads_on_2_and_3_ranks_equal_one_process_with_the_whole_batch(three_ranks: list[dict]) -> None:
+    ranks = three_ranks
     for name, world in [(name, world) for world in (2, 3) for name in SPECS]:
         ref = run_reference(name, world)
         for rank, result in enumerate(ranks[:world]):
@@ -138,6 +159,22 @@ def test_sharded_heads_on_2_and_3_ranks_equal_one_process_with_the_whole_batch(t
         # the comparison has teeth: the weights moved far beyond the tolerance
         initial = ShardedHead(name, C, D, seed=3, **SPECS[name]).double().state_dict()["head.weight"]
         assert (ref["state"]["weight"] - initial).abs().max() > 1e-3
+
+
+def test_sharded_losses_are_exact_from_tiny_to_large_on_2_and_3_ranks(three_ranks: list[dict]) -> None:
+    """The distributed loss softplus(LSE_neg - t) in float32 against the float64 formula, at losses 1e-5 .. 300.
+
+    Tolerance as test_heads.py's single-process test: 2 s (D + 2) eps32 = 1.5e-4 relative (float32 inputs); the
+    ranks' logsumexps meet in one more float32 logaddexp, a few eps32 more. As LSE - t the smallest losses
+    would be off by ulp(64) / 1e-5, nearly 100 %.
+    """
+    _, _, _, want = tiny_to_large_loss_batch()
+    assert want.min() < 1e-4 and want.max() > 100
+    for world in (2, 3):
+        for rank in range(world):
+            got = three_ranks[rank][("tiny", world)]
+            torch.testing.assert_close(got.double(), want, rtol=2 * 64 * 10 * torch.finfo(torch.float32).eps, atol=0,
+                                       msg=f"{world} ranks, rank {rank}")
 
 
 def test_shard_layout_covers_every_class_once() -> None:

@@ -31,7 +31,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from faceforge.heads.base import HEADS, HeadKwargError
+from faceforge.heads.base import HEADS, HeadKwargError, softplus
 from faceforge.heads.margin import check_margins, target_logit
 
 __all__ = [
@@ -322,7 +322,7 @@ class AttFC(nn.Module):
     def _loss(self, f: Tensor, labels: Tensor, centres: Tensor) -> Tensor:
         t = self._positive(f, centres)
         lse = container_lse(f, self.container, self.container_labels, labels, self.s, self.chunk_size)
-        return torch.logaddexp(t, lse) - t  # AttFC Eq. 10, positive at column 0
+        return softplus(lse - t)  # AttFC Eq. 10, positive at column 0: log(exp(t) + sum exp) - t, exact when tiny
 
     def forward(self, embeddings: Tensor, labels: Tensor, class_features: Tensor) -> Tensor:
         f, labels, centres = self._inputs(embeddings, labels, class_features)

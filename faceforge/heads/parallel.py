@@ -12,8 +12,9 @@ C % W ranks). Each step:
 
    - margin softmax (ArcFace Eq. 4, every preset, and plain softmax): the distributed logsumexp
      ``LSE_b = M_b + log sum_r exp(lse_rb - M_b)`` with ``M_b = max_r lse_rb`` (all-reduce MAX, then SUM);
-     the target logit t_b and the Eq. 5 term come from the rank that owns y_b (all-reduce SUM);
-     ``loss_b = LSE_b - t_b + penalty_b``;
+     each rank's lse_rb runs over its NON-target logits, the target logit t_b and the Eq. 5 term come from the
+     rank that owns y_b (all-reduce SUM), and ``loss_b = softplus(LSE_b - t_b) + penalty_b``
+     (= log1p(sum_{j != y} exp(z_j - t)), exact at tiny losses, where LSE - t would cancel two numbers near s);
    - SphereFace2 (Eq. 6) is a sum of per-class terms: ``loss_b = sum_r loss_rb`` (all-reduce SUM). No
      communication for W at all (SphereFace2 Sec. 3.4); only the embeddings are gathered.
 
@@ -47,7 +48,17 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from faceforge.heads.base import HEADS, ClassifierHead, LazyRows, RowShard, TrainHooks, check_inputs, check_size, compute_dtype
+from faceforge.heads.base import (
+    HEADS,
+    ClassifierHead,
+    LazyRows,
+    RowShard,
+    TrainHooks,
+    check_inputs,
+    check_size,
+    compute_dtype,
+    softplus,
+)
 from faceforge.heads.softmax import MarginSoftmax, Softmax, _identity, chunked_margin_terms
 from faceforge.heads.sphereface2 import SphereFace2, balanced_bias, sphereface2_loss
 
@@ -161,7 +172,8 @@ class _DistLogSumExp(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: Tensor):  # type: ignore[override]
         lse, result = ctx.saved_tensors
-        return grad * torch.exp(lse - result), None  # the share of the softmax mass on this rank
+        share = torch.exp(lse - result)  # the share of the softmax mass on this rank
+        return grad * torch.where(torch.isfinite(result), share, torch.zeros_like(share)), None  # 0 if all -inf
 
 
 def distributed_logsumexp(lse: Tensor, group: Any = None) -> Tensor:
@@ -215,22 +227,22 @@ def _margin_loss(head: MarginSoftmax, embeddings: Tensor, labels: Tensor, group:
     """ArcFace Eq. 4 (+ the weighted Eq. 5 term) per sample of the global batch, this rank's classes + the others'."""
     dtype = compute_dtype(embeddings, head.weight)
     x_hat = F.normalize(embeddings.to(dtype), dim=1)
-    lse, target, penalty = chunked_margin_terms(
+    lse_neg, target, penalty = chunked_margin_terms(
         x_hat, head.weight, labels, head._target, penalty_fn=head._penalty if head.intra_loss_weight > 0 else None,
         scale=head.s, normalize=True, chunk_size=head.chunk_size, buffers=head.step_buffers,
     )  # fmt: skip
-    loss = distributed_logsumexp(lse, group) - sum_over_ranks(target, group)
+    loss = softplus(distributed_logsumexp(lse_neg, group) - sum_over_ranks(target, group))  # ArcFace Eq. 4
     return loss + sum_over_ranks(penalty, group) if head.intra_loss_weight > 0 else loss
 
 
 def _softmax_loss(head: Softmax, embeddings: Tensor, labels: Tensor, group: Any) -> Tensor:
     """ArcFace Eq. 1 per sample: logits x W^T + b, the bias sharded with the rows."""
     dtype = compute_dtype(embeddings, head.weight)
-    lse, target, _ = chunked_margin_terms(
+    lse_neg, target, _ = chunked_margin_terms(
         embeddings.to(dtype), head.weight, labels, _identity, bias=head.bias, normalize=False,
         chunk_size=head.chunk_size, buffers=head.step_buffers,
     )  # fmt: skip
-    return distributed_logsumexp(lse, group) - sum_over_ranks(target, group)
+    return softplus(distributed_logsumexp(lse_neg, group) - sum_over_ranks(target, group))  # ArcFace Eq. 1
 
 
 def _sphereface2_loss(head: SphereFace2, embeddings: Tensor, labels: Tensor, group: Any) -> Tensor:

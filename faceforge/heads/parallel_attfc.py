@@ -9,9 +9,10 @@ each. Each step:
    ``attfc.gather_global_batch``);
 2. each rank runs the chunked negative pass (``attfc.container_lse``) over its own entries only, with the
    conflict mask of Alg. 1 (container label == sample label -> left out, exactly);
-3. the ranks' log-sum-exps are combined by the distributed logsumexp (all-reduce MAX, then SUM); the positive
-   logit t_b = s psi(cos(f_b, w+_b)) enters on rank 0 only, so it is counted once:
-   ``loss_b = LSE(logaddexp(t_b, lse_0b), lse_1b, ...) - t_b`` (AttFC Eq. 10);
+3. the ranks' log-sum-exps are combined by the distributed logsumexp (all-reduce MAX, then SUM), and
+   ``loss_b = softplus(LSE(lse_0b, lse_1b, ...) - t_b)`` (AttFC Eq. 10, exact at tiny losses), the positive
+   logit t_b = s psi(cos(f_b, w+_b)) computed on every rank and differentiated on rank 0 only, so its gradient
+   is counted once;
 4. the FIFO enqueue of the global batch's centres (every rank knows the global pointer) writes only the
    positions that fall in the rank's slots, so the union over ranks is the unsharded container exactly.
 
@@ -32,7 +33,7 @@ import torch
 from torch import Tensor
 
 from faceforge.heads.attfc import DEFAULT_CHUNK_SIZE, AttFC, container_capacity, container_lse
-from faceforge.heads.base import RowShard, TrainHooks
+from faceforge.heads.base import RowShard, TrainHooks, softplus
 from faceforge.heads.parallel import (
     _world,
     all_gather_rows,
@@ -102,9 +103,7 @@ class ShardedAttFC(AttFC, TrainHooks):
         if self.rank != 0:
             t = t.detach()  # the value on every rank, the gradient from rank 0 only
         lse = container_lse(f, self.container, self.container_labels, labels, self.s, self.chunk_size)
-        if self.rank == 0:
-            lse = torch.logaddexp(t, lse)  # the positive's mass joins rank 0's share (finite: no -inf everywhere)
-        return distributed_logsumexp(lse, self.group) - t
+        return softplus(distributed_logsumexp(lse, self.group) - t)  # AttFC Eq. 10
 
     def per_sample_loss(self, embeddings: Tensor, labels: Tensor, class_features: Tensor) -> Tensor:
         """(B_g,) the loss of every sample of the GLOBAL batch (sampler order), the same on every rank; no enqueue."""

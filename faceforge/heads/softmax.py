@@ -275,15 +275,12 @@ def chunked_margin_terms(
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     buffers: tuple[ReusableBuffer, ReusableBuffer] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """The three terms (lse, t, penalty), each (B,), of :func:`chunked_margin_cross_entropy` (loss = lse - t + penalty),
-    differentiable separately: a class shard (parallel.py) reduces lse across ranks as a logsumexp and t, penalty
-    as sums. Arguments as there; a label -1 means the row's class is not among ``weight``'s rows (then t = penalty
-    = 0 and lse runs over the non-target logits)."""
-    lse_neg, target, penalty = _margin_terms(
-        x, weight, labels, target_fn, bias, penalty_fn, scale, normalize, chunk_size, buffers
-    )
-    lse = torch.where(labels >= 0, torch.logaddexp(lse_neg, target), lse_neg)  # the target column joins the sum
-    return lse, target, penalty
+    """The three terms (lse_neg, t, penalty), each (B,), of :func:`chunked_margin_cross_entropy`
+    (loss = softplus(lse_neg - t) + penalty), differentiable separately: a class shard (parallel.py) reduces lse_neg
+    across ranks as a logsumexp and t, penalty as sums. lse_neg is the logsumexp of the non-target logits of
+    ``weight``'s rows (-inf if there are none). Arguments as there; a label -1 means the row's class is not among
+    ``weight``'s rows (then t = penalty = 0)."""
+    return _margin_terms(x, weight, labels, target_fn, bias, penalty_fn, scale, normalize, chunk_size, buffers)
 
 
 def _margin_terms(

@@ -317,6 +317,19 @@ def test_gallery_recall_at_k_and_accuracy_at_a_learned_threshold(tiny: str, tmp_
     assert 0.3 < metrics["fixed_threshold_accuracy"] < 1.0
 
 
+def test_broadface_long_fine_tunes_the_many_class_queue_rows_for_1000_steps(tmp_path: Path) -> None:
+    runs = harness.plan("many", ["broadface_long", "broadface_queue"], ["glyphs"], 1, tmp_path)
+    long = [r for r in runs if r.experiment == "broadface_long"]
+    short = {r.variant.label: r for r in runs if r.experiment == "broadface_queue"}
+    assert [r.variant.label for r in long] == list(short)  # the same three variants, trained again for longer
+    for run in long:
+        assert (run.start.experiment, run.start.variant.label) == ("table6", "ArcFace")
+        assert (run.cfg.train.steps, run.cfg.schedule.milestones, run.cfg.optim.lr) == (1000, [625, 875], 0.01)
+        assert run.key != short[run.variant.label].key and run.cfg.data.num_identities == 5000
+        assert _without(run.cfg, "output", "train.steps", "schedule.milestones") == _without(
+            short[run.variant.label].cfg, "output", "train.steps", "schedule.milestones")
+
+
 def test_broadface_experiments_fine_tune_from_table6_under_one_budget(tmp_path: Path) -> None:
     runs = harness.plan("default", list(ex.BROADFACE_EXPERIMENTS), ["synthetic"], 2, tmp_path)
     queue = [r for r in runs if r.experiment == "broadface_queue"]

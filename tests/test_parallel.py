@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from faceforge.heads import build
 from faceforge.heads.parallel import ShardedHead, shard_range
-from test_heads import tiny_to_large_loss_batch
+from test_heads import TINY_LOSS_RTOL, tiny_to_large_loss_batch
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -173,7 +173,7 @@ def test_sharded_losses_are_exact_from_tiny_to_large_on_2_and_3_ranks(three_rank
     for world in (2, 3):
         for rank in range(world):
             got = three_ranks[rank][("tiny", world)]
-            torch.testing.assert_close(got.double(), want, rtol=2 * 64 * 10 * torch.finfo(torch.float32).eps, atol=0,
+            torch.testing.assert_close(got.double(), want, rtol=TINY_LOSS_RTOL, atol=0,
                                        msg=f"{world} ranks, rank {rank}")
 
 

@@ -234,10 +234,12 @@ def _queue_variants(size: str) -> tuple[Variant, ...]:
 
 
 def _broadface_experiment(title: str, variants: dict[str, tuple[Variant, ...]],
-                          init_from: tuple[str, str] = ("table6", "ArcFace"), **kwargs: Any) -> Experiment:
-    """A BroadFace experiment: the fine-tune budget and a learning curve in every run, each run started from
-    its dataset's and seed's ``init_from`` run. Experiments that list the same variants share their runs."""
-    return Experiment(title, variants, overrides=FINETUNE, curve=True, init_from=init_from, **kwargs)
+                          init_from: tuple[str, str] = ("table6", "ArcFace"),
+                          budget: dict[str, tuple[str, ...]] = FINETUNE, **kwargs: Any) -> Experiment:
+    """A BroadFace experiment: the fine-tune ``budget`` (default FINETUNE) and a learning curve in every run, each
+    run started from its dataset's and seed's ``init_from`` run. Experiments that list the same variants and
+    budget share their runs."""
+    return Experiment(title, variants, overrides=budget, curve=True, init_from=init_from, **kwargs)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -350,12 +352,10 @@ EXPERIMENTS: dict[str, Experiment] = {
         x_label="queue size",
     ),
     # Issue 16 section 5 again, with a fine-tune long enough for the queue to act (many-class size only).
-    "broadface_long": Experiment(
+    "broadface_long": _broadface_experiment(
         "BroadFace Table 6a at 5,000 classes, fine-tuned for 1,000 steps (queue 8192, with and without compensation)",
         {"many": _queue_variants("many")},
-        overrides=FINETUNE_LONG,
-        curve=True,
-        init_from=("table6", "ArcFace"),
+        budget=FINETUNE_LONG,
         notes="The same variants and start as broadface_queue's many-class rows, fine-tuned 1,000 steps instead "
               "of 120 (lr 0.01, x 0.1 at 625 and 875).",
     ),

@@ -256,9 +256,10 @@ def chunked_margin_cross_entropy(
         (B,) loss_b = logsumexp_j z_bj (target column = t_b) - t_b + penalty_b, computed as
         log(1 + sum_{j != y_b} exp(z_bj - t_b)) + penalty_b (exact at tiny losses).
     """
-    lse_neg, target, penalty = _margin_terms(
-        x, weight, labels, target_fn, bias, penalty_fn, scale, normalize, chunk_size, buffers
-    )
+    lse_neg, target, penalty = chunked_margin_terms(
+        x, weight, labels, target_fn, bias=bias, penalty_fn=penalty_fn, scale=scale, normalize=normalize,
+        chunk_size=chunk_size, buffers=buffers,
+    )  # fmt: skip
     return softplus(lse_neg - target) + penalty  # ArcFace Eq. 4, per sample
 
 
@@ -279,23 +280,8 @@ def chunked_margin_terms(
     (loss = softplus(lse_neg - t) + penalty), differentiable separately: a class shard (parallel.py) reduces lse_neg
     across ranks as a logsumexp and t, penalty as sums. lse_neg is the logsumexp of the non-target logits of
     ``weight``'s rows (-inf if there are none). Arguments as there; a label -1 means the row's class is not among
-    ``weight``'s rows (then t = penalty = 0)."""
-    return _margin_terms(x, weight, labels, target_fn, bias, penalty_fn, scale, normalize, chunk_size, buffers)
-
-
-def _margin_terms(
-    x: Tensor,
-    weight: Tensor,
-    labels: Tensor,
-    target_fn: TargetFn,
-    bias: Tensor | None,
-    penalty_fn: TargetFn | None,
-    scale: float,
-    normalize: bool,
-    chunk_size: int,
-    buffers: tuple[ReusableBuffer, ReusableBuffer] | None,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """(lse_neg, t, penalty) of `_ChunkedMarginCE`, in float32 (or float64) whatever autocast says."""
+    ``weight``'s rows (then t = penalty = 0). Computed by `_ChunkedMarginCE` in float32 (or float64) whatever
+    autocast says."""
     dtype = compute_dtype(x, weight)
     with torch.autocast(device_type=x.device.type, enabled=False):
         return _ChunkedMarginCE.apply(

@@ -64,7 +64,9 @@ def _as_rgb(item: Any, name: str) -> np.ndarray:
         except DatasetError as e:
             raise ImageError(str(e)) from None
     if hasattr(item, "convert") and hasattr(item, "size"):  # a PIL image
-        return np.asarray(item.convert("RGB"), dtype=np.uint8)
+        from faceforge.data.images import to_rgb
+
+        return to_rgb(item, name, error=ImageError)
     a = np.asarray(item)
     if a.dtype != np.uint8 or a.ndim != 3 or a.shape[2] != 3:
         raise ImageError(f"{name}: expected a path, a PIL image or a uint8 (H, W, 3) RGB array, got "

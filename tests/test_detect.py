@@ -104,7 +104,7 @@ def test_landmarks_for_files_names_a_photo_without_a_face(tmp_path):
 def test_landmarks_for_files_names_an_unreadable_photo(tmp_path):
     bad = tmp_path / "bad.jpg"
     bad.write_bytes(b"not a jpeg")
-    with pytest.raises(ValueError, match=r"bad\.jpg: cannot read image"):
+    with pytest.raises(ValueError, match=r"bad\.jpg: cannot decode image"):
         landmarks_for_files([bad], lambda image: [])
 
 

@@ -183,7 +183,7 @@ def test_bad_issame_and_undecodable(tmp_path):
         load_bin(p)
     with open(p, "wb") as f:
         pickle.dump(([_png(imgs[0]), _png(imgs[1]), _png(imgs[0]), b"not an image"], [True, False]), f, protocol=4)
-    with pytest.raises(PairSetError, match=r"bad\.bin: image 3 could not be decoded"):
+    with pytest.raises(PairSetError, match=r"bad\.bin: image 3: cannot decode image"):
         load_bin(p)
 
 

@@ -11,10 +11,14 @@ and resamples the photo through it with bilinear interpolation.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from faceforge.data.images import BadImageError, decode_image, image_size
+from faceforge.fileio import atomic_open
 
 TEMPLATE_SIZE = 112
 
@@ -130,22 +134,57 @@ def read_landmarks(path: str | Path) -> list[tuple[str, np.ndarray]]:
     return entries
 
 
+def output_names(images: list[str]) -> list[Path]:
+    """Where :func:`align_files` writes each image, relative to its output folder: the image's path relative
+    to the deepest folder that holds every listed image, with a ``.png`` suffix, so identity folders are
+    kept (``a/x.jpg`` and ``b/x.jpg`` -> ``a/x.png`` and ``b/x.png``). Two images that would land on one
+    output (``x.jpg`` and ``x.png`` side by side) are a ValueError naming both."""
+    absolute = [os.path.abspath(p) for p in images]
+    if not absolute:
+        return []
+    common = os.path.commonpath([os.path.dirname(p) for p in absolute])
+    names = [Path(os.path.relpath(p, common)).with_suffix(".png") for p in absolute]
+    seen: dict[Path, str] = {}
+    for name, image in zip(names, images):
+        if name in seen:
+            raise ValueError(f"{image}: would be written to {name}, as {seen[name]} is; expected image paths "
+                             "that differ by more than their suffix")
+        seen[name] = image
+    return names
+
+
 def align_files(landmark_list: str | Path, output: str | Path, size: int = TEMPLATE_SIZE) -> list[Path]:
     """Align every photo of a landmark list (:func:`read_landmarks`) into ``output`` as PNG files.
 
-    Output names are the input file names with a ``.png`` suffix. An unreadable photo is an error naming
-    it (nothing is skipped); crops already written stay. Returns the written paths.
+    Output paths keep the photos' folders below the deepest folder that holds them all
+    (:func:`output_names`). Every photo's header is checked (it exists, is an image, is not an animation,
+    is not a decompression bomb) before the first crop is written; a photo that then fails to decode is
+    an error naming it, and crops already written stay. Each crop is written atomically. Returns the
+    written paths.
     """
     output = Path(output)
-    output.mkdir(parents=True, exist_ok=True)
+    entries = read_landmarks(landmark_list)
+    names = output_names([image for image, _ in entries])
+    for image_path, _ in entries:
+        _readable(image_path, landmark_list)
     written = []
-    for image_path, points in read_landmarks(landmark_list):
+    for (image_path, points), name in zip(entries, names):
         try:
-            with Image.open(image_path) as photo:
-                image = np.asarray(photo.convert("RGB"))
-        except (OSError, ValueError) as e:
-            raise ValueError(f"{image_path}: cannot read image listed in {landmark_list}: {e}") from e
-        target = output / (Path(image_path).stem + ".png")
-        Image.fromarray(align_face(image, points, size)).save(target)
+            image = decode_image(image_path, image_path)
+        except BadImageError as e:
+            raise ValueError(f"{image_path}: cannot read image listed in {landmark_list}: "
+                             f"{str(e).removeprefix(image_path + ': ')}") from None
+        target = output / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_open(target, "wb") as f:
+            Image.fromarray(align_face(image, points, size)).save(f, format="PNG")
         written.append(target)
     return written
+
+
+def _readable(image_path: str, landmark_list: str | Path) -> None:
+    try:
+        image_size(image_path, image_path)
+    except BadImageError as e:
+        raise ValueError(f"{image_path}: cannot read image listed in {landmark_list}: "
+                         f"{str(e).removeprefix(image_path + ': ')}") from None

@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from faceforge.data.images import decode_image
 
 INSTALL_HINT = (
     'pip install "faceforge[detect]"  '
@@ -138,12 +138,8 @@ def best_face(faces: Iterable[Face]) -> Face | None:
 
 
 def load_rgb(path: str | Path) -> np.ndarray:
-    """A photo as uint8 RGB ``(H, W, 3)`` (alpha and grey are converted); an error names the file."""
-    try:
-        with Image.open(path) as photo:
-            return np.asarray(photo.convert("RGB"))
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{path}: cannot read image: {e}") from e
+    """A photo as uint8 RGB ``(H, W, 3)`` (:func:`faceforge.data.images.decode_image`); an error names the file."""
+    return decode_image(path, str(path))
 
 
 def landmarks_for_files(

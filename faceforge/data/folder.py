@@ -6,7 +6,8 @@
   evaluation run uses the labels of the run it continues.
 * :class:`ImageListDataset`: a text file of ``path label`` lines.
 
-Images are decoded with Pillow and converted to RGB: without a ``transform`` an item's image is a
+Images are decoded by :mod:`faceforge.data.images` (EXIF orientation applied, every mode read at its
+range, transparency on white): without a ``transform`` an item's image is a
 uint8 ``(H, W, 3)`` numpy array. Image files are those ending in .jpg, .jpeg, .png, .bmp or .webp
 (any case); other files are ignored. Every error names the path (folder, file or ``file:line``).
 """
@@ -73,19 +74,11 @@ def scan_identity_folders(root: str | os.PathLike) -> tuple[list[str], list[list
 
 
 def decode_image(path: str | os.PathLike, where: str | None = None) -> np.ndarray:
-    """Decode an image file with Pillow -> uint8 RGB ``(H, W, 3)``; :class:`DatasetError` naming the file."""
-    from PIL import Image
+    """Decode an image file -> uint8 RGB ``(H, W, 3)`` (:func:`faceforge.data.images.decode_image`: header
+    checked first, EXIF orientation, every mode); :class:`DatasetError` naming the file."""
+    from faceforge.data.images import decode_image as decode
 
-    where = where or os.fspath(path)
-    try:
-        with Image.open(path) as im:
-            im.load()
-            rgb = im.convert("RGB")
-        return np.asarray(rgb, dtype=np.uint8).copy()
-    except FileNotFoundError:
-        raise DatasetError(f"{where}: image file not found") from None
-    except Exception as e:  # Pillow raises several types (UnidentifiedImageError, OSError, ...)
-        raise DatasetError(f"{where}: cannot decode image: {e}") from e
+    return decode(path, where or os.fspath(path), error=DatasetError)
 
 
 def load_label_map(path: str | os.PathLike) -> dict[str, int]:

@@ -23,9 +23,8 @@ from pathlib import Path
 from typing import Iterator, NamedTuple
 
 import numpy as np
-from PIL import Image
-
 from .align import TEMPLATE_SIZE, align_face
+from .images import decode_image
 
 __all__ = ["IJBMeta", "IJBBatch", "meta_paths", "iter_aligned"]
 
@@ -191,11 +190,7 @@ class IJBBatch(NamedTuple):
 def _load_image(path: Path) -> np.ndarray:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: IJB image not found")
-    try:
-        with Image.open(path) as photo:
-            return np.asarray(photo.convert("RGB"))
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{path}: cannot decode IJB image: {e}") from e
+    return decode_image(path, f"{path}: IJB image")
 
 
 def iter_aligned(meta: IJBMeta, root: str | Path, size: int = TEMPLATE_SIZE, batch_size: int = 128,

@@ -89,28 +89,39 @@ class _Loaded:
     error: str | None = None
 
 
-def _load_encoded(path: str) -> _Loaded:
-    """Read one image file; check it decodes; return JPEG/PNG bytes unchanged, anything else as PNG."""
-    from PIL import Image
+def _read_and_decode(path: str) -> tuple[bytes, np.ndarray, str] | str:
+    """``(raw bytes, RGB array, format)`` of an image file (:func:`faceforge.data.images.decode_image`:
+    header checked first, EXIF orientation, every mode), or the reason it cannot be read."""
+    from faceforge.data.images import BadImageError, decode_image, open_image
 
     try:
         with open(path, "rb") as f:
             raw = f.read()
     except OSError as e:
-        return _Loaded(path, None, None, f"cannot read: {e.strerror or e}")
+        return f"cannot read: {e.strerror or e}"
     try:
-        with Image.open(io.BytesIO(raw)) as im:
+        with open_image(raw, "image") as im:
             fmt = im.format
-            im.load()
-            size = im.size
-            if fmt in _PASS_THROUGH:
-                return _Loaded(path, raw, size)
-            rgb = im.convert("RGB")
-        buf = io.BytesIO()
-        rgb.save(buf, format="PNG")
-        return _Loaded(path, buf.getvalue(), size)
-    except Exception as e:  # Pillow raises many types for bad data
-        return _Loaded(path, None, None, f"cannot decode ({len(raw)} bytes): {type(e).__name__}: {e}")
+        rgb = decode_image(raw, "image")
+    except BadImageError as e:
+        return str(e).removeprefix("image: ")
+    return raw, rgb, fmt
+
+
+def _load_encoded(path: str) -> _Loaded:
+    """Read one image file; check it decodes; return JPEG/PNG bytes unchanged, anything else as PNG."""
+    from PIL import Image
+
+    res = _read_and_decode(path)
+    if isinstance(res, str):
+        return _Loaded(path, None, None, res)
+    raw, rgb, fmt = res
+    size = (rgb.shape[1], rgb.shape[0])
+    if fmt in _PASS_THROUGH:  # stored byte for byte; readers decode them the same way
+        return _Loaded(path, raw, size)
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="PNG")
+    return _Loaded(path, buf.getvalue(), size)
 
 
 def scan_folder(root: str | os.PathLike) -> tuple[list[str], list[list[str]]]:
@@ -248,25 +259,6 @@ def pack_list(
 # --------------------------------------------------------------------------------------------
 
 
-def _load_rgb(path: str) -> tuple[bytes, np.ndarray, str] | str:
-    """``(raw bytes, RGB array, format)`` or an error string."""
-    from PIL import Image
-
-    try:
-        with open(path, "rb") as f:
-            raw = f.read()
-    except OSError as e:
-        return f"cannot read: {e.strerror or e}"
-    try:
-        with Image.open(io.BytesIO(raw)) as im:
-            fmt = im.format
-            im.load()
-            rgb = np.asarray(im.convert("RGB"), dtype=np.uint8)
-        return raw, rgb, fmt
-    except Exception as e:
-        return f"cannot decode ({len(raw)} bytes): {type(e).__name__}: {e}"
-
-
 def pack_pairs(
     pair_list: str | os.PathLike,
     dest: str | os.PathLike,
@@ -293,7 +285,7 @@ def pack_pairs(
     paths = [p for pair in zip(p1, p2) for p in pair]
     target: tuple[int, int] | None = (size, size) if size is not None else None  # (w, h)
     images: list[bytes | np.ndarray] = []
-    for i, (path, res) in enumerate(zip(paths, _ordered_map(_load_rgb, paths, _workers(workers), "pack-pairs", progress))):
+    for i, (path, res) in enumerate(zip(paths, _ordered_map(_read_and_decode, paths, _workers(workers), "pack-pairs", progress))):
         where = f"{path} (pair {i // 2 + 1} of {pair_list})"
         if isinstance(res, str):
             raise PackError(f"{where}: {res}")
@@ -394,13 +386,13 @@ def _sample_indices(n: int, k: int) -> list[int]:
 
 
 def _probe(data: bytes, decode: bool) -> tuple[int, int]:
-    """(width, height) from the header, or from a full decode; raises on bad data."""
-    from PIL import Image
+    """(width, height) from the header, or from a full decode; raises BadImageError on bad data."""
+    from faceforge.data.images import decode_image, image_size
 
-    with Image.open(io.BytesIO(data)) as im:
-        if decode:
-            im.load()
-        return im.size
+    if decode:
+        rgb = decode_image(data, "image")
+        return rgb.shape[1], rgb.shape[0]
+    return image_size(data, "image")
 
 
 def _inspect_rec(prefix: str, decode: bool, sample: int, progress: bool) -> InspectReport:
@@ -455,15 +447,9 @@ def _inspect_folder(root: str, decode: bool, sample: int, progress: bool) -> Ins
 
 
 def _inspect_bin(path: str, decode: bool, sample: int) -> InspectReport:
-    from faceforge.data.pairs import PairSetError, _as_issame, _decode_entry, _restricted_load
+    from faceforge.data.pairs import _restricted_load, decode_entry, entry_size, parse_bin
 
-    obj = _restricted_load(path)
-    if not isinstance(obj, (tuple, list)) or len(obj) != 2:
-        raise PairSetError(f"{path}: expected a pickled tuple (bins, issame_list)")
-    bins, issame_raw = obj
-    if isinstance(bins, np.ndarray) and bins.dtype == np.uint8 and bins.ndim == 4:
-        bins = list(bins)
-    issame = _as_issame(issame_raw, path)
+    bins, issame = parse_bin(_restricted_load(path), path)
     rep = InspectReport(path, "bin", num_images=len(bins), decoded=decode)
     rep.num_pairs, rep.num_positive = len(issame), int(issame.sum())
     if len(bins) != 2 * len(issame):
@@ -471,10 +457,13 @@ def _inspect_bin(path: str, decode: bool, sample: int) -> InspectReport:
     indices = range(len(bins)) if decode else _sample_indices(len(bins), sample)
     for i in indices:
         try:
-            img = _decode_entry(bins[i], i, path)
-            rep.sizes[(img.shape[1], img.shape[0])] += 1
-        except Exception as e:
-            rep.unreadable.append((f"image {i}", str(e)))
+            if decode:
+                img = decode_entry(bins[i], i, path)
+                rep.sizes[(img.shape[1], img.shape[0])] += 1
+            else:
+                rep.sizes[entry_size(bins[i], i, path)] += 1
+        except ValueError as e:
+            rep.unreadable.append((f"image {i}", str(e).removeprefix(f"{path}: image {i}: ")))
         rep.sizes_checked += 1
     return rep
 

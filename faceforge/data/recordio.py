@@ -211,15 +211,9 @@ def read_idx(idx_path: str, rec_size: int | None = None, rec_path: str = "") -> 
 
 
 def _decode_image(data: bytes, where: str) -> np.ndarray:
-    from PIL import Image
+    from faceforge.data.images import decode_image
 
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            im.load()
-            rgb = im.convert("RGB")
-        return np.asarray(rgb, dtype=np.uint8).copy()
-    except Exception as e:  # Pillow raises several types (UnidentifiedImageError, OSError, ...)
-        raise RecordIOError(f"{where}: cannot decode image ({len(data)} bytes): {e}") from e
+    return decode_image(data, where, error=RecordIOError)
 
 
 class RecordIODataset:

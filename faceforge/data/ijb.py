@@ -19,7 +19,7 @@ and 1:N protocols) is :mod:`faceforge.eval.ijb`'s. The 1:N gallery/probe CSV fil
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Iterator, NamedTuple
 
 import numpy as np
@@ -60,12 +60,28 @@ def _open_lines(path: Path) -> list[tuple[int, list[str]]]:
     return rows
 
 
+INT64_MAX = 2**63 - 1
+
+
 def _number(path: Path, number: int, value: str, kind: type, what: str):
     try:
-        return kind(value)
+        out = kind(value)
     except ValueError:
         raise ValueError(f"{path}:{number}: {what} must be {'an integer' if kind is int else 'a number'}, "
-                         f"got {value!r}") from None
+                         f"got {value[:40]!r}") from None
+    if kind is int and not 0 <= out <= INT64_MAX:
+        raise ValueError(f"{path}:{number}: {what} {value[:40]} is out of range; expected an integer in 0..2**63-1")
+    return out
+
+
+def check_image_name(path: Path, number: int, name: str) -> str:
+    """An image name of a meta file, confined to the release: a relative path without ``..`` (an absolute
+    name or ``../../x`` would read outside the release folder); a ValueError naming ``file:line`` otherwise."""
+    parts = PurePosixPath(name).parts
+    if name.startswith(("/", "\\")) or PurePosixPath(name).is_absolute() or ".." in parts or "\\" in name:
+        raise ValueError(f"{path}:{number}: image name {name[:80]!r} leaves the release folder; expected a "
+                         "relative path inside it, without '..'")
+    return name
 
 
 def _read_face_tid_mid(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -74,7 +90,7 @@ def _read_face_tid_mid(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         if len(fields) != 3:
             raise ValueError(f"{path}:{number}: expected 'image_name template_id media_id' (3 fields), "
                              f"got {len(fields)} fields")
-        names.append(fields[0])
+        names.append(check_image_name(path, number, fields[0]))
         templates.append(_number(path, number, fields[1], int, "template_id"))
         medias.append(_number(path, number, fields[2], int, "media_id"))
     return np.array(names, dtype=str), np.array(templates, dtype=np.int64), np.array(medias, dtype=np.int64)
@@ -106,7 +122,7 @@ def _read_pairs(path: Path) -> np.ndarray:
             return np.zeros((0, 3), dtype=np.int64)
         if table.shape[1] == 3 and np.isin(table[:, 2], (0, 1)).all():
             return table
-    except ValueError:
+    except (ValueError, OverflowError):
         pass
     rows = []
     for number, fields in _open_lines(path):

@@ -402,6 +402,8 @@ def _inspect_rec(prefix: str, decode: bool, sample: int, progress: bool) -> Insp
 
     ds = RecordIODataset(prefix)
     rep = InspectReport(prefix + ".rec", "rec", num_images=len(ds), decoded=decode)
+    if decode:  # every header: framing, labels, and labels against the identity records (which raise)
+        ds.check_records(on_bad=lambda message: None)  # a corrupt record is listed by the decode below
     if ds.meta is not None:
         ranges = ds.identity_ranges()
         rep.declared_identities = len(ranges)

@@ -364,8 +364,9 @@ def _check_headers(bins: Sequence[Any], source: str, size: tuple[int, int] | Non
         if target is None:
             target = (h, w)
         elif (h, w) != target and expect is not None:
-            raise PairSetError(f"{source}: image {i} is {w}x{h} but {expect_name} is {target[1]}x{target[0]}; "
-                               "refused before decoding")
+            side = f"{target[1]}" if target[0] == target[1] else f"{target[1]}x{target[0]}"
+            raise PairSetError(f"{source}: verification images are {w}x{h} but {expect_name} is {side} (image {i}, "
+                               "refused before decoding)")
         elif (h, w) != target:
             raise PairSetError(f"{source}: image {i} is {w}x{h} but image 0 is {target[1]}x{target[0]}; "
                                "pass image_size= to resize")

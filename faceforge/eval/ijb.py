@@ -28,14 +28,14 @@ from __future__ import annotations
 import csv
 import math
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
 from faceforge.data.align import TEMPLATE_SIZE
-from faceforge.data.ijb import IJBMeta, iter_aligned
+from faceforge.data.ijb import INT64_MAX, IJBMeta, iter_aligned
 from faceforge.eval import metrics
 from faceforge.eval.verify import embed_batches
 from faceforge.fileio import save_npy
@@ -279,9 +279,9 @@ def _read_1n_csv(path: str | Path, what: str) -> dict[int, int]:
     out: dict[int, int] = {}
     first_line: dict[int, int] = {}
     with open(path, "r", encoding="utf-8-sig", newline="") as f:
-        reader = csv.reader(f)
+        reader = csv.reader(f, strict=True)
         header = None
-        for row in reader:
+        for row in _csv_rows(reader, path):
             number = reader.line_num
             if not any(cell.strip() for cell in row):
                 continue
@@ -299,9 +299,13 @@ def _read_1n_csv(path: str | Path, what: str) -> dict[int, int]:
             values = []
             for col, name in ((t_col, "TEMPLATE_ID"), (s_col, "SUBJECT_ID")):
                 try:
-                    values.append(int(row[col].strip()))
+                    value = int(row[col].strip())
                 except ValueError:
-                    raise ValueError(f"{path}:{number}: {name} must be an integer, got {row[col]!r}") from None
+                    raise ValueError(f"{path}:{number}: {name} must be an integer, got {row[col][:40]!r}") from None
+                if not 0 <= value <= INT64_MAX:  # checked here, before any feature is computed
+                    raise ValueError(f"{path}:{number}: {name} {row[col].strip()[:40]} is out of range; expected an "
+                                     "integer in 0..2**63-1")
+                values.append(value)
             template, subject = values
             if template in out and out[template] != subject:
                 raise ValueError(f"{path}:{number}: template {template} has subject {subject}, but subject "
@@ -313,6 +317,20 @@ def _read_1n_csv(path: str | Path, what: str) -> dict[int, int]:
     if not out:
         raise ValueError(f"{path}: IJB 1:N {what} file has a header but no rows")
     return out
+
+
+def _csv_rows(reader: Any, path: Path) -> Iterator[list[str]]:
+    """The reader's rows; a malformed CSV (an unterminated quote, a field over the csv module's 128 KiB
+    limit, a NUL byte) is a ValueError naming ``file:line``, not ``_csv.Error``."""
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except (csv.Error, UnicodeDecodeError) as e:
+            raise ValueError(f"{path}:{reader.line_num}: not a readable CSV line: {' '.join(str(e).split())[:120]}; "
+                             "expected TEMPLATE_ID,SUBJECT_ID,... rows") from None
+        yield row
 
 
 def read_1n_gallery(path: str | Path) -> dict[int, int]:

@@ -142,7 +142,22 @@ def _recordio_train(cfg: Config) -> Dataset:
     from faceforge.data.recordio import RecordIODataset
 
     prefix = _require_path(cfg, "the prefix of the .rec/.idx files")
-    return _TrainImages(RecordIODataset(prefix=prefix), cfg.data.image_size, _bad_records_path(cfg))
+    dataset = RecordIODataset(prefix=prefix)
+    _check_record_headers(dataset, skip_bad=cfg.data.skip_bad)
+    return _TrainImages(dataset, cfg.data.image_size, _bad_records_path(cfg))
+
+
+def _check_record_headers(dataset: Any, skip_bad: bool) -> None:
+    """Every record's framing and label, before step 1 (``RecordIODataset.check_records``): a corrupt
+    record stops here naming it, unless ``data.skip_bad`` (then it is skipped, and listed, when read).
+    An image whose bytes do not decode is found when it is read."""
+    from faceforge.data.recordio import RecordIOError
+
+    try:
+        dataset.check_records(on_bad=(lambda message: None) if skip_bad else None)
+    except RecordIOError as e:
+        raise BadRecordError(f"data.path: {' '.join(str(e).split())}; expected a readable record (data.skip_bad: "
+                             "true skips such records)") from None
 
 
 LABEL_MAP_NAME = "label_map.json"
@@ -170,8 +185,8 @@ def _bin_eval(cfg: Config) -> dict[str, tuple[Any, Any]]:
     """``{name: (images, issame)}`` for every ``data.eval_bins`` file (name = file stem, made unique)."""
     from faceforge.data.pairs import load_bins
 
-    sets = load_bins(cfg.data.eval_bins)
     s = cfg.data.image_size
+    sets = load_bins(cfg.data.eval_bins, expect_size=s, expect_name="data.image_size")  # headers checked first
     for path, (images, _) in zip(cfg.data.eval_bins, sets.values()):
         if images.shape[1:3] != (s, s):
             raise ValueError(

@@ -159,6 +159,9 @@ def test_exif_orientation_6_is_applied(tmp_path: Path) -> None:
     exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to display
     path = saved(tmp_path, Image.fromarray(blocks), "turned.jpg", exif=exif, quality=95, subsampling=0)
     out = decode_image(path)
+    from faceforge.data.images import image_size
+
+    assert image_size(path, "turned.jpg") == (H, W)  # the header's size, turned as decoded
     shown = np.rot90(blocks, k=-1)  # what a viewer shows
     assert out.shape == shown.shape == (W, H, 3)  # the old decoder gave (H, W, 3), unrotated
     # JPEG error on flat blocks at quality 95 is a few levels; the unrotated or wrongly turned picture is far

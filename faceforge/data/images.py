@@ -114,13 +114,17 @@ def _check_header(im: Image.Image, where: str, max_pixels: int) -> None:
 
 def image_size(source: bytes | bytearray | memoryview | str | os.PathLike, where: str,
                max_pixels: int = MAX_PIXELS, error: type[Exception] = BadImageError) -> tuple[int, int]:
-    """``(width, height)`` from the header alone (nothing decoded), with :func:`open_image`'s checks.
-
-    The size is the stored one; EXIF orientation 5 to 8 swaps it when decoded.
-    """
+    """``(width, height)`` from the header alone (nothing decoded), with :func:`open_image`'s checks: the
+    size :func:`decode_image` gives, swapped for an EXIF orientation of 5 to 8 that the header carries (a
+    JPEG's; a PNG's eXIf chunk after the pixels is not read here)."""
     try:
         with open_image(source, where, max_pixels) as im:
-            return im.size
+            w, h = im.size
+            try:
+                turned = im.getexif().get(0x0112) in (5, 6, 7, 8)
+            except Exception:  # a corrupt EXIF block: decode_image names it
+                turned = False
+            return (h, w) if turned else (w, h)
     except BadImageError as e:
         raise error(str(e)) from None
 

@@ -277,6 +277,28 @@ def test_every_record_header_is_checked_before_step_1(tmp_path: Path) -> None:
     assert len(build_dataset(config(True))) == 16  # data.skip_bad: left to the reader, which skips it
 
 
+def test_a_training_record_far_larger_than_the_crop_is_refused_from_its_header(tmp_path: Path, monkeypatch) -> None:
+    from faceforge.data import images
+    from faceforge.train.config import config_from_dict
+    from faceforge.train.data import BadRecordError, build_dataset
+
+    faces = list(render_images([0, 0, 1, 1], [0, 1, 0, 1], image_size=16))
+    faces[2] = np.zeros((400, 400, 3), np.uint8)  # 160,000 pixels: no 16x16 crop
+    recordio.write(tmp_path / "train", zip(faces, [0, 0, 1, 1]))
+    cfg = config_from_dict({"seed": 0, "output": str(tmp_path / "run"), "model": {"backbone": "r18", "embedding_size": 16},
+                            "head": {"name": "arcface"}, "train": {"steps": 1},
+                            "data": {"name": "recordio", "path": str(tmp_path / "train"), "image_size": 16,
+                                     "batch_size": 2, "eval_pairs": 0}}, "<test>")
+    dataset = build_dataset(cfg)
+    loads = []
+    real_to_rgb = images.to_rgb
+    monkeypatch.setattr(images, "to_rgb", lambda im, *a, **k: loads.append(im.size) or real_to_rgb(im, *a, **k))
+    with pytest.raises(BadRecordError, match=r"train\.rec: key 3 .*image declares 400x400 = 160000 pixels, more than "
+                                             r"the 1024 allowed here; refused before decoding"):
+        dataset[2]  # was: decoded whole, then refused for its size
+    assert loads == []
+
+
 # ----------------------------------------------------------------------------------------------
 # IJB
 

@@ -250,10 +250,10 @@ def read_idx(idx_path: str, rec_size: int | None = None, rec_path: str = "") -> 
 # --------------------------------------------------------------------------------------------
 
 
-def _decode_image(data: bytes, where: str) -> np.ndarray:
-    from faceforge.data.images import decode_image
+def _decode_image(data: bytes, where: str, max_pixels: int | None = None) -> np.ndarray:
+    from faceforge.data.images import MAX_PIXELS, decode_image
 
-    return decode_image(data, where, error=RecordIOError)
+    return decode_image(data, where, MAX_PIXELS if max_pixels is None else max_pixels, error=RecordIOError)
 
 
 class RecordIODataset:
@@ -262,10 +262,13 @@ class RecordIODataset:
     ``ds[i] -> (image, label)``: ``image`` is the decoded RGB uint8 ``(H, W, 3)`` array, passed
     through ``transform`` when one is given; ``label`` is the int class (``label[0]`` for label
     arrays). File handles are opened lazily, one per process (safe with DataLoader workers).
+    ``max_pixels`` caps each image, checked on its header before it is decoded (default
+    :data:`faceforge.data.images.MAX_PIXELS`; training passes ``4 * image_size ** 2``).
     """
 
-    def __init__(self, prefix: str | os.PathLike, transform=None) -> None:
+    def __init__(self, prefix: str | os.PathLike, transform=None, max_pixels: int | None = None) -> None:
         prefix = os.fspath(prefix)
+        self.max_pixels = max_pixels
         self.rec_path = prefix + ".rec"
         self.idx_path = prefix + ".idx"
         self.transform = transform
@@ -395,7 +398,7 @@ class RecordIODataset:
         key = self.keys[index]
         header, data = self.read_key(key)
         label = self._label(key, header)
-        image = _decode_image(data, self._where(key))
+        image = _decode_image(data, self._where(key), self.max_pixels)
         if self.transform is not None:
             image = self.transform(image)
         return image, label

@@ -142,7 +142,9 @@ def _recordio_train(cfg: Config) -> Dataset:
     from faceforge.data.recordio import RecordIODataset
 
     prefix = _require_path(cfg, "the prefix of the .rec/.idx files")
-    dataset = RecordIODataset(prefix=prefix)
+    # an image of more than 4 crops of pixels is refused from its header (a bomb is never decoded); smaller
+    # ones of the wrong size are named by _TrainImages
+    dataset = RecordIODataset(prefix=prefix, max_pixels=4 * cfg.data.image_size**2)
     _check_record_headers(dataset, skip_bad=cfg.data.skip_bad)
     return _TrainImages(dataset, cfg.data.image_size, _bad_records_path(cfg))
 

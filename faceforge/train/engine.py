@@ -57,9 +57,11 @@ from faceforge.train.checkpoint import CHECKPOINT_NAME, THRESHOLD_KEY, load_chec
 from faceforge.train.config import Config, to_dict, to_yaml
 from faceforge.train.data import build_dataset, build_unlabelled, dataset_labels
 from faceforge.train.lifecycle import (
-    BAD_RECORDS_NAME, StopSignals, TrainingInterrupted, bad_records, config_changes, drop_replayed_steps,
+    BAD_RECORDS_NAME, ConfigChange, StopSignals, TrainingInterrupted, bad_records, drop_replayed_steps,
 )
-from faceforge.train.preflight import check_head, check_init_from, check_run_folder, open_evaluators
+from faceforge.train.preflight import (
+    check_backbone, check_head, check_init_from, check_resume, check_run_folder, open_evaluators,
+)
 from faceforge.train.objectives import OBJECTIVES, Objective
 from faceforge.train.optim import build_optimizer, build_scheduler
 
@@ -127,6 +129,10 @@ class _Run:
         t = cfg.train
         self._notes: list[str] = []  # warnings found before train.log is open (resume), logged once it is
         check_run_folder(self.output, resume)
+        check_backbone(cfg)
+        # a resumed run's checkpoint is read first: a change the resume policy refuses stops here, before any work
+        saved = load_checkpoint(self.checkpoint_path) if resume and self.checkpoint_path.is_file() else None
+        changes = check_resume(cfg, self.checkpoint_path, saved.get("config", {})) if saved is not None else []
         # every evaluation set read and checked now (rank 0 evaluates), not at the first evaluation
         self._eval_sets: list[Any] = _agreed(
             lambda: open_evaluators(cfg) if self.main else [], "evaluation sets", self.device)
@@ -195,7 +201,10 @@ class _Run:
         self.metrics: dict[str, float] = {}
         self.metrics_step: int | None = None
         self.losses: list[float] = []
-        self.resume_from = self._resume() if resume else None
+        if resume and saved is None:
+            logger.warning("resume: no checkpoint at %s; starting from step 0", self.checkpoint_path)
+        self.resume_from = self._resume(saved, changes) if saved is not None else None
+        del saved
         self.init_from = Path(cfg.model.init_from) if cfg.model.init_from and self.resume_from is None else None
         if self.init_from is not None:
             self._init_from(self.init_from)
@@ -233,11 +242,10 @@ class _Run:
                 p.grad = torch.zeros_like(p)
         fdist.all_reduce_mean([p.grad for p in self.replicated_head], self.cfg.train.ddp_comm_hook)
 
-    def _resume(self) -> Path | None:
-        if not self.checkpoint_path.is_file():
-            logger.warning("resume: no checkpoint at %s; starting from step 0", self.checkpoint_path)
-            return None
-        state = shards.resolve(load_checkpoint(self.checkpoint_path), self.output, self._shard_rows())
+    def _resume(self, saved: dict[str, Any], changes: list[ConfigChange]) -> Path:
+        """Load the checkpoint ``saved`` (read, its config checked by ``check_resume``) into every part; the
+        ``changes`` of the config since it (the ones the resume policy applies) take effect from this step."""
+        state = shards.resolve(saved, self.output, self._shard_rows())
         self.backbone.load_state_dict(state["backbone"])
         self.head.load_state_dict(state["head"])
         if "objective" in state:
@@ -245,8 +253,7 @@ class _Run:
         for key, state_of_part in state.get("extra", {}).items():
             if key in self.hooks:
                 self.hooks[key].load_extra_state(state_of_part)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        self._load_optimizer_and_schedule(state["optimizer"], state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         rng = state["rng"]
         torch.set_rng_state(rng["torch"])
@@ -257,7 +264,7 @@ class _Run:
         self.metrics = dict(state.get("metrics", {}))
         self.metrics_step = state.get("metrics_step")
         if state.get("world_size") != self.world_size:
-            self._notes.append(f"resume: {self.checkpoint_path} was written by {state.get('world_size')} processes, "
+            self._notes.append(f"resume: {self.checkpoint_path} was written by {_count(state.get('world_size'), 'process')}, "
                                f"this run has {self.world_size}")
         if state.get("steps_per_epoch") != self.steps_per_epoch:
             self._notes.append(
@@ -265,10 +272,32 @@ class _Run:
                 f"this run has {self.steps_per_epoch} (data.batch_size x world size x train.grad_accum); "
                 f"the data order changes"
             )
-        changed = config_changes(state.get("config", {}), to_dict(self.cfg))
+        changed = [c for c in changes if c.key != "output"]
         if changed:
-            self._notes.append(f"resume: config changed since the checkpoint: {', '.join(changed)}")
+            self._notes.append(
+                f"resume: config changed since the checkpoint: "
+                f"{', '.join(f'{c.key} ({c.old!r} -> {c.new!r})' for c in changed)}; applied from step {self.step + 1}"
+            )
         return self.checkpoint_path
+
+    def _load_optimizer_and_schedule(self, optimizer_state: dict[str, Any], scheduler_state: dict[str, Any]) -> None:
+        """The checkpoint's optimiser state (momenta, ...) and schedule position, with this config's hyperparameters.
+
+        torch's ``load_state_dict`` would bring back the checkpoint's lr, momentum, weight decay (every group key)
+        and the schedule's base rates; the groups keep the ones built from this config instead, and the lr of the
+        next step is this config's schedule at the resumed step: equal to the checkpoint's when nothing changed,
+        and what a run started with the new config would use at this step when something did."""
+        built = [{k: v for k, v in g.items() if k != "params"} for g in self.optimizer.param_groups]
+        base_lrs = list(self.scheduler.base_lrs)
+        self.optimizer.load_state_dict(optimizer_state)
+        for group, hyper in zip(self.optimizer.param_groups, built):
+            group.update(hyper)
+        self.scheduler.load_state_dict({**scheduler_state, "base_lrs": base_lrs})
+        t = self.scheduler.last_epoch
+        lrs = [base * factor(t) for base, factor in zip(base_lrs, self.scheduler.lr_lambdas)]  # LambdaLR's get_lr
+        for group, lr in zip(self.optimizer.param_groups, lrs):
+            group["lr"] = lr
+        self.scheduler._last_lr = lrs  # what get_last_lr() reports until the next step
 
     def _init_from(self, path: Path) -> None:
         """model.init_from: start from another run's backbone and head class weights (not its optimiser or queue)."""
@@ -317,7 +346,7 @@ class _Run:
             state["extra"] = extra
         return state
 
-    def save(self) -> None:
+    def save(self, announce: bool = True) -> None:
         """Rank 0 writes last.pt atomically (and a step_XXXXXXX.pt link when keep_checkpoints > 0); the parts'
         row-sharded tensors (and their optimiser state) go first into one file each, every rank writing its own
         rows (``faceforge.train.shards``), and last.pt names those files; rank 0 also writes the
@@ -345,7 +374,8 @@ class _Run:
             if entries:
                 kept = {int(f.stem.removeprefix("step_")) for f in self.output.glob("step_*.pt")}
                 shards.prune(self.output, kept | {self.step})
-            logger.info("checkpoint: %s (step %d)", self.checkpoint_path, self.step)
+            if announce:
+                logger.info("checkpoint: %s (step %d)", self.checkpoint_path, self.step)
         fdist.barrier()
 
     def _row_shard_entries(self) -> dict[tuple, tuple[Tensor, RowShard]]:
@@ -419,7 +449,8 @@ class _Run:
 
                 from faceforge.eval.report import metrics_table
 
-                tqdm.write(f"eval step {self.step}:\n{metrics_table(self.metrics)}", file=sys.stderr)
+                if self.step != self.total_steps:  # the final one is the run's result: its caller shows it
+                    tqdm.write(f"eval step {self.step}:\n{metrics_table(self.metrics)}", file=sys.stderr)
         if self.evaluates:
             self.metrics_step = self.step
         fdist.barrier()
@@ -581,7 +612,10 @@ class _Run:
             elif self.evaluates and self.metrics_step != self.step:  # its final evaluation failed: run it again
                 self._save_and_evaluate(writer, save=True, evaluate=True)
             ips = images_seen / train_time if train_time > 0 else 0.0
-            logger.info("done: step %d, %.1f images/s", self.step, ips)  # before the log handlers close
+            if images_seen:  # before the log handlers close
+                logger.info("done: step %d, %.1f images/s", self.step, ips)
+            else:
+                logger.info("done: step %d (no step left to train; resumed at the end)", self.step)
         except (NonFiniteLossError, TrainingInterrupted) as e:
             logger.error("%s", e)
             raise
@@ -603,12 +637,13 @@ class _Run:
     def _save_and_evaluate(self, writer: Any, save: bool, evaluate: bool) -> None:
         """Checkpoint first, then evaluate: a failing evaluation never loses the steps. When both fall on this
         step the checkpoint is written again after the evaluation, so that it holds the metrics."""
+        again = save and evaluate and self.evaluates  # announced once, when written the second time
         if save:
-            self.save()
+            self.save(announce=not again)
             self._last_saved = self.step
         if evaluate:
             self.evaluate(writer)
-            if save and self.evaluates:
+            if again:
                 self.save()
 
     def _stop_requested(self, stop: StopSignals) -> bool:
@@ -626,7 +661,7 @@ class _Run:
             self._last_saved = self.step
         raise TrainingInterrupted(
             f"{name or 'a stop signal'} at step {self.step}: checkpoint {self.checkpoint_path} written; continue "
-            f"with `faceforge train CONFIG --resume` (output {self.output})"
+            f"with `faceforge train {self.output / 'config.yaml'} --resume`"
         )
 
     def _log_bad_records(self) -> None:
@@ -698,6 +733,10 @@ class _Run:
                         if replayed else "")
         for note in self._notes:
             logger.warning("%s", note)
+            if len(self._handlers) == 1:  # train.log only (a progress bar owns the terminal): say it there too
+                from tqdm import tqdm
+
+                tqdm.write(f"faceforge train: {note}", file=sys.stderr)
         if not self._eval_sets:
             logger.info("no evaluation sets: data.eval_pairs / eval_bins give no held-out pairs for data.name "
                         "%r and no eval_ijb, eval_probes or eval_retrieval is set", self.cfg.data.name)
@@ -718,6 +757,11 @@ class _Run:
             logger.removeHandler(handler)
             handler.close()
         self._handlers = []
+
+
+def _count(n: Any, noun: str) -> str:
+    """``1 process``, ``2 processes`` (``noun`` + ``es`` after s, else ``s``)."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}{'es' if noun.endswith('s') else 's'}"
 
 
 def _row_sharded_parameters(part: TrainHooks) -> list[nn.Parameter]:

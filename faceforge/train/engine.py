@@ -202,7 +202,7 @@ class _Run:
         self.metrics_step: int | None = None
         self.losses: list[float] = []
         if resume and saved is None:
-            logger.warning("resume: no checkpoint at %s; starting from step 0", self.checkpoint_path)
+            self._notes.append(f"resume: no checkpoint at {self.checkpoint_path}; starting from step 0")
         self.resume_from = self._resume(saved, changes) if saved is not None else None
         del saved
         self.init_from = Path(cfg.model.init_from) if cfg.model.init_from and self.resume_from is None else None
@@ -264,8 +264,8 @@ class _Run:
         self.metrics = dict(state.get("metrics", {}))
         self.metrics_step = state.get("metrics_step")
         if state.get("world_size") != self.world_size:
-            self._notes.append(f"resume: {self.checkpoint_path} was written by {_count(state.get('world_size'), 'process')}, "
-                               f"this run has {self.world_size}")
+            writers = _count(state.get("world_size"), "process")
+            self._notes.append(f"resume: {self.checkpoint_path} was written by {writers}, this run has {self.world_size}")
         if state.get("steps_per_epoch") != self.steps_per_epoch:
             self._notes.append(
                 f"resume: {self.checkpoint_path} was written with {state.get('steps_per_epoch')} steps per epoch, "

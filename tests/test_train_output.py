@@ -52,8 +52,10 @@ def test_resume_notes_reach_the_terminal(tmp_path: Path, capsys, monkeypatch) ->
 
 
 def test_one_process_is_singular() -> None:
-    assert engine._count(1, "process") == "1 process"
-    assert engine._count(3, "process") == "3 processes"
+    from faceforge.train.checkpointing import count
+
+    assert count(1, "process") == "1 process"
+    assert count(3, "process") == "3 processes"
 
 
 def test_the_interrupt_message_is_the_exact_command(tmp_path: Path, monkeypatch, capsys) -> None:

@@ -113,10 +113,13 @@ def _one_line(e: BaseException) -> str:
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    """The exceptions that are the user's to fix: a config, a file, a value, a checkpoint, a diverged run."""
+    """The exceptions that are the user's to fix: a config, a file, a value, a checkpoint, a diverged run, a
+    pickle (a ``.bin`` pair set) that is corrupt or asks for more than data (``UnsafePickleError``)."""
+    import pickle
+
     from faceforge.train.checkpoint import CheckpointError
 
-    return (ValueError, OSError, LookupError, ImportError, CheckpointError, FloatingPointError)
+    return (ValueError, OSError, LookupError, ImportError, CheckpointError, FloatingPointError, pickle.UnpicklingError)
 
 
 def _pack(args: argparse.Namespace) -> int:

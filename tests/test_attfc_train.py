@@ -245,11 +245,13 @@ from faceforge.data.samplers import rank_positions  # noqa: E402
 GLOBAL = 8  # 2 ranks x 4 or 1 process x 8; the container (32) holds 4 global batches
 
 
-def ddp_config(tmp_path: Path, name: str, world: int, output: str | None = None, steps: int = STEPS) -> tuple[Path, Path]:
+def ddp_config(tmp_path: Path, name: str, world: int, output: str | None = None, steps: int = STEPS,
+               dump_name: str | None = None) -> tuple[Path, Path]:
     """(config file, dump folder) of a float64 AttFC run (TinyNet without dropout: one draw per rank would differ)
-    whose head writes its container after every forward on every rank; ``output`` default ``name``."""
-    dump = tmp_path / f"{name}_dump"
-    dump.mkdir()
+    whose head writes its container after every forward on every rank; ``output`` and ``dump_name`` default
+    ``name``."""
+    dump = tmp_path / f"{dump_name or name}_dump"
+    dump.mkdir(exist_ok=True)
     cfg = make_config(
         tmp_path / (output or name), model={"kwargs": {"dropout": 0.0, "dtype": "float64"}},
         head={"name": "_train_worker:dumping_attfc",
@@ -275,7 +277,7 @@ def test_two_gloo_ranks_through_the_trainer_hold_one_container_and_resume_bit_id
     centre in the wrong row or from the wrong image is off by O(1)."""
     two_config, two_dump = ddp_config(tmp_path, "two", 2)
     cut_config, _ = ddp_config(tmp_path, "cut", 2, output="resumed", steps=3)  # as if killed after step 3
-    resumed_config, _ = ddp_config(tmp_path, "resumed", 2)
+    resumed_config, _ = ddp_config(tmp_path, "resumed", 2, dump_name="cut")  # --resume refuses another head.kwargs
     run_worker(str(two_config), "--nprocs", "2", "--port", str(free_port()), "--then", str(cut_config),
                "--then", str(resumed_config))
     one_config, one_dump = ddp_config(tmp_path, "one", 1)

@@ -520,8 +520,13 @@ def test_init_from_round_trip(tmp_path, one_thread):
     ))
     assert torch.equal(load_checkpoint(back.checkpoint)["head"]["weight"], source["head"]["weight"])
 
+    plain.checkpoint.rename(tmp_path / "moved.pt")  # the run's init_from is gone: a resume does not read it
+    same = make_config(tmp_path / "broadface", model={"init_from": str(plain.checkpoint)}, optim=frozen,
+                       train={"steps": 3})
+    assert train(same, resume=True).step == 3  # resumed from its own last.pt: init_from is not read
     missing = make_config(tmp_path / "broadface", model={"init_from": str(tmp_path / "nowhere.pt")}, train={"steps": 3})
-    assert train(missing, resume=True).step == 3  # resumed from its own last.pt: init_from is not read
+    with pytest.raises(ValueError, match=r"model\.init_from: .*was trained with .*arcface/last\.pt"):
+        train(missing, resume=True)  # another init_from on resume acts on nothing: refused (docs/training.md)
     with pytest.raises(ValueError, match=r"model\.init_from: .*nowhere\.pt"):  # checked before the first step
         train(make_config(tmp_path / "fresh", model={"init_from": str(tmp_path / "nowhere.pt")}))
 

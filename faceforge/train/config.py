@@ -444,6 +444,11 @@ def config_from_dict(data: dict, source: str = "<dict>") -> Config:
     return cfg
 
 
+# The largest learning rate and weight decay accepted: SGD at lr 100 already diverges in a step on these models,
+# and a larger one (1e308) overflows float32 inside the optimiser instead of naming the key.
+MAX_LR = 100.0
+MAX_WEIGHT_DECAY = 1.0
+
 # dotted key -> (test, what is expected); types are already checked, these are the value ranges.
 _RANGES: dict[str, tuple[Any, str]] = {
     "data.batch_size": (lambda v: v >= 1, "an int >= 1"),
@@ -459,13 +464,14 @@ _RANGES: dict[str, tuple[Any, str]] = {
     "data.glyph_variants": (lambda v: v >= 1, "an int >= 1"),
     "data.glyph_min_coverage": (lambda v: 0.0 <= v <= 1.0, "a float in [0, 1]"),
     "model.embedding_size": (lambda v: v >= 1, "an int >= 1"),
-    "optim.lr": (lambda v: v >= 0, "a float >= 0"),
+    "optim.lr": (lambda v: 0 <= v <= MAX_LR, f"a float in [0, {MAX_LR:g}]"),
     "optim.trust_coefficient": (lambda v: v > 0, "a float > 0"),
     "optim.reference_batch": (lambda v: v is None or v >= 1, "null or an int >= 1"),
-    "optim.momentum": (lambda v: v >= 0, "a float >= 0"),
-    "optim.weight_decay": (lambda v: v >= 0, "a float >= 0"),
-    "optim.head_lr": (lambda v: v is None or v >= 0, "null (= optim.lr) or a float >= 0"),
-    "optim.head_weight_decay": (lambda v: v is None or v >= 0, "null (= optim.weight_decay) or a float >= 0"),
+    "optim.momentum": (lambda v: 0 <= v < 1, "a float in [0, 1)"),
+    "optim.weight_decay": (lambda v: 0 <= v <= MAX_WEIGHT_DECAY, f"a float in [0, {MAX_WEIGHT_DECAY:g}]"),
+    "optim.head_lr": (lambda v: v is None or 0 <= v <= MAX_LR, f"null (= optim.lr) or a float in [0, {MAX_LR:g}]"),
+    "optim.head_weight_decay": (lambda v: v is None or 0 <= v <= MAX_WEIGHT_DECAY,
+                                f"null (= optim.weight_decay) or a float in [0, {MAX_WEIGHT_DECAY:g}]"),
     "optim.eps": (lambda v: v > 0, "a float > 0"),
     "optim.betas": (lambda v: all(0 <= b < 1 for b in v), "two floats in [0, 1)"),
     "data.eval_identities": (lambda v: v >= 1, "an int >= 1"),
@@ -474,7 +480,7 @@ _RANGES: dict[str, tuple[Any, str]] = {
     "data.difficulty": (lambda v: v >= 0, "a float >= 0"),
     "schedule.power": (lambda v: v >= 0, "a float >= 0"),
     "schedule.gamma": (lambda v: v >= 0, "a float >= 0"),
-    "schedule.min_lr": (lambda v: v >= 0, "a float >= 0"),
+    "schedule.min_lr": (lambda v: 0 <= v <= MAX_LR, f"a float in [0, {MAX_LR:g}]"),
     "train.epochs": (lambda v: v >= 1, "an int >= 1"),
     "train.steps": (lambda v: v is None or v >= 1, "null or an int >= 1"),
     "train.grad_accum": (lambda v: v >= 1, "an int >= 1"),
@@ -487,6 +493,16 @@ _RANGES: dict[str, tuple[Any, str]] = {
     "train.dist_timeout": (lambda v: v > 0, "seconds > 0"),
     "schedule.warmup_steps": (lambda v: v is None or v >= 0, "null or an int >= 0"),
     "schedule.warmup_epochs": (lambda v: v >= 0, "a float >= 0"),
+}
+
+
+# dotted key -> (when it applies, in words, test, what is expected): ranges that hold for some configs only.
+_CONDITIONAL_RANGES: dict[str, tuple[Any, str, Any, str]] = {
+    "data.eval_identities": (lambda c: c.data.eval_pairs > 0 and c.data.name in ("synthetic", "glyphs"),
+                             "held-out pairs (data.eval_pairs > 0)",
+                             lambda v: v >= 2, "an int >= 2 (negative pairs need two people)"),
+    "data.image_size": (lambda c: c.data.name == "synthetic", "data.name 'synthetic'",
+                        lambda v: v >= 16, "an int >= 16 (the smallest face the renderer draws)"),
 }
 
 
@@ -530,6 +546,10 @@ def _check_ranges(cfg: Config, source: str) -> None:
         value = getattr(getattr(cfg, section), name)
         if not ok(value):
             raise ConfigError(f"{source}: {key} = {value!r}: expected {expected}")
+    for key, (applies, when, ok, expected) in _CONDITIONAL_RANGES.items():
+        value = _lookup(cfg, key)
+        if applies(cfg) and not ok(value):
+            raise ConfigError(f"{source}: {key} = {value!r}: expected {expected} with {when}")
 
 
 def _check_names(cfg: Config, source: str) -> None:
@@ -567,11 +587,26 @@ def _check_pairings(cfg: Config, source: str) -> None:
 def factory_keywords(factory: Any) -> set[str] | None:
     """The keyword arguments ``factory`` (a class or a function) accepts, or None when it takes any
     (``**kwargs`` that cannot be followed). A class's ``**kwargs`` are followed to its base's ``__init__``."""
+    params = factory_parameters(factory)
+    return None if params is None else set(params)
+
+
+def _hints(function: Any) -> dict[str, Any]:
+    try:
+        return typing.get_type_hints(function)
+    except Exception:  # a hint that does not resolve: no type checks for this factory  # noqa: BLE001
+        return {}
+
+
+def factory_parameters(factory: Any) -> dict[str, Any] | None:
+    """{keyword argument: its type hint (``Any`` when none)} of ``factory``, as :func:`factory_keywords` follows
+    it, or None when it takes any keyword."""
     try:
         params = inspect.signature(factory).parameters.values()
     except (TypeError, ValueError):
         return None
-    names = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    hints = _hints(factory.__init__ if isinstance(factory, type) else factory)
+    names = {p.name: hints.get(p.name, Any) for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
     if not any(p.kind is p.VAR_KEYWORD for p in params):
         return names
     if not isinstance(factory, type):
@@ -580,9 +615,17 @@ def factory_keywords(factory: Any) -> set[str] | None:
         if "__init__" in vars(base):
             if base.__module__.startswith(("torch.", "builtins")):
                 return None
-            inherited = factory_keywords(base)
-            return None if inherited is None else names | inherited
+            inherited = factory_parameters(base)
+            return None if inherited is None else {**inherited, **names}
     return None
+
+
+_SIMPLE = (float, int, str, bool, type(None))
+
+
+def _checkable(hint: Any) -> bool:
+    """A hint :func:`_convert` checks as the factory would want: float, int, str, bool, None or a union of them."""
+    return hint in _SIMPLE or (_is_union(hint) and all(a in _SIMPLE for a in typing.get_args(hint)))
 
 
 def _check_kwargs(cfg: Config, source: str) -> None:
@@ -598,8 +641,9 @@ def _check_kwargs(cfg: Config, source: str) -> None:
     ):
         if ":" in name or name not in registry:
             continue
-        accepted = factory_keywords(registry.get(name))
-        for key in kwargs:
+        params = factory_parameters(registry.get(name))
+        accepted = None if params is None else set(params)
+        for key, value in kwargs.items():
             if key in given:
                 raise ConfigError(f"{source}: {section}.kwargs.{key}: set by the trainer (from model.embedding_size "
                                   f"and the data); remove it from {section}.kwargs")
@@ -608,6 +652,8 @@ def _check_kwargs(cfg: Config, source: str) -> None:
                     f"{source}: {section}.kwargs.{key}: not an argument of {registry.kind} {name!r}; expected one of: "
                     f"{', '.join(sorted(accepted - given - {'self'}))}"
                 )
+            if params is not None and key in params and _checkable(params[key]):
+                _convert(value, params[key], f"{section}.kwargs.{key}", source)  # a string for a float names its key
 
 
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:

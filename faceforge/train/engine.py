@@ -19,6 +19,9 @@ its generators in ``state_dict``, checkpointed); the global torch RNG (dropout) 
 run starts the sampler at the next micro-batch, and nothing is re-read.
 
 Steps are optimiser steps, counted from 1 in logs and checkpoints: "step 5" = five updates done.
+
+What a checkpoint holds, how it is written and how a run resumes or starts from another run's weights is
+``faceforge.train.checkpointing``; ``train.log``, the terminal and TensorBoard are ``faceforge.train.runlog``.
 """
 
 from __future__ import annotations
@@ -27,7 +30,6 @@ import contextlib
 import functools
 import logging
 import math
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +38,7 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 from torch import Tensor, nn
 
-from faceforge.build import FaceModel, build_backbone, build_head, load_class_weights, load_part, wrap_ddp
+from faceforge.build import FaceModel, build_backbone, build_head, wrap_ddp
 from faceforge.data.samplers import (
     SAMPLERS,
     Batch,
@@ -49,17 +51,15 @@ from faceforge.data.samplers import (
     rank_positions,
 )
 from faceforge.fileio import stale_temporaries
-from faceforge.heads.base import RowShard, TrainHooks
-from faceforge.modelfile import write_model_files
+from faceforge.heads.base import TrainHooks
 from faceforge.train import distributed as fdist
-from faceforge.train import shards
-from faceforge.train.checkpoint import CHECKPOINT_NAME, THRESHOLD_KEY, load_checkpoint, save_checkpoint
-from faceforge.train.config import Config, to_dict, to_yaml
+from faceforge.train.checkpoint import CHECKPOINT_NAME, load_checkpoint
+from faceforge.train.checkpointing import Checkpointer, RunParts
+from faceforge.train.config import Config
 from faceforge.train.data import build_dataset, build_unlabelled, dataset_labels
-from faceforge.train.lifecycle import (
-    BAD_RECORDS_NAME, StopSignals, TrainingInterrupted, bad_records, config_changes, drop_replayed_steps,
-)
-from faceforge.train.preflight import check_head, check_init_from, check_run_folder, open_evaluators
+from faceforge.train.lifecycle import StopSignals, TrainingInterrupted
+from faceforge.train.preflight import check_backbone, check_head, check_resume, check_run_folder, open_evaluators
+from faceforge.train.runlog import LOG_NAME, RunLog
 from faceforge.train.objectives import OBJECTIVES, Objective
 from faceforge.train.optim import build_optimizer, build_scheduler
 
@@ -122,11 +122,15 @@ class _Run:
         self.rank = self.dist.rank
         self.main = self.dist.is_main
         self.output = Path(cfg.output)
-        self.checkpoint_path = self.output / CHECKPOINT_NAME
-        self.log_path = self.output / "train.log"
+        self.log_path = self.output / LOG_NAME
         t = cfg.train
         self._notes: list[str] = []  # warnings found before train.log is open (resume), logged once it is
         check_run_folder(self.output, resume)
+        check_backbone(cfg)
+        # a resumed run's checkpoint is read first: a change the resume policy refuses stops here, before any work
+        self.checkpoint_path = self.output / CHECKPOINT_NAME
+        saved = load_checkpoint(self.checkpoint_path) if resume and self.checkpoint_path.is_file() else None
+        changes = check_resume(cfg, self.checkpoint_path, saved.get("config", {})) if saved is not None else []
         # every evaluation set read and checked now (rank 0 evaluates), not at the first evaluation
         self._eval_sets: list[Any] = _agreed(
             lambda: open_evaluators(cfg) if self.main else [], "evaluation sets", self.device)
@@ -191,14 +195,29 @@ class _Run:
         )
         self.sampler = SAMPLERS.build(cfg.data.sampler, context=context, **cfg.data.sampler_kwargs)
         self.objective.bind(context)
+        self.checkpoints = Checkpointer(RunParts(
+            cfg=cfg, output=self.output, backbone=self.backbone, head=self.head, objective=self.objective,
+            hooks=self.hooks, optimizer=self.optimizer, scheduler=self.scheduler, scaler=self.scaler,
+            sampler=self.sampler, device=self.device, world_size=self.world_size, main=self.main, zero=self.zero,
+            steps_per_epoch=self.steps_per_epoch,
+        ))
+        self.log = RunLog(cfg, self.main, self.total_steps, self.steps_per_epoch)
         self.step = 0
         self.metrics: dict[str, float] = {}
         self.metrics_step: int | None = None
         self.losses: list[float] = []
-        self.resume_from = self._resume() if resume else None
+        self.resume_from: Path | None = None
+        if resume and saved is None:
+            self._notes.append(f"resume: no checkpoint at {self.checkpoint_path}; starting from step 0")
+        if saved is not None:
+            resumed = self.checkpoints.resume(saved, changes)
+            self.step, self.metrics, self.metrics_step = resumed.step, resumed.metrics, resumed.metrics_step
+            self._notes += resumed.notes
+            self.resume_from = self.checkpoint_path
+        del saved
         self.init_from = Path(cfg.model.init_from) if cfg.model.init_from and self.resume_from is None else None
         if self.init_from is not None:
-            self._init_from(self.init_from)
+            self.checkpoints.init_from(self.init_from, num_classes)
         self.backbone_ddp = self._wrap_backbone() if self.world_size > 1 else None
 
     # --- setup ---
@@ -233,172 +252,17 @@ class _Run:
                 p.grad = torch.zeros_like(p)
         fdist.all_reduce_mean([p.grad for p in self.replicated_head], self.cfg.train.ddp_comm_hook)
 
-    def _resume(self) -> Path | None:
-        if not self.checkpoint_path.is_file():
-            logger.warning("resume: no checkpoint at %s; starting from step 0", self.checkpoint_path)
-            return None
-        state = shards.resolve(load_checkpoint(self.checkpoint_path), self.output, self._shard_rows())
-        self.backbone.load_state_dict(state["backbone"])
-        self.head.load_state_dict(state["head"])
-        if "objective" in state:
-            self.objective.load_owned_state_dict(state["objective"])
-        for key, state_of_part in state.get("extra", {}).items():
-            if key in self.hooks:
-                self.hooks[key].load_extra_state(state_of_part)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
-        rng = state["rng"]
-        torch.set_rng_state(rng["torch"])
-        self.sampler.load_state_dict(state["sampler"] if "sampler" in state else {"flip": rng["flip"]})
-        if self.device.type == "cuda" and rng.get("cuda") is not None:
-            torch.cuda.set_rng_state(rng["cuda"], self.device)
-        self.step = int(state["step"])
-        self.metrics = dict(state.get("metrics", {}))
-        self.metrics_step = state.get("metrics_step")
-        if state.get("world_size") != self.world_size:
-            self._notes.append(f"resume: {self.checkpoint_path} was written by {state.get('world_size')} processes, "
-                               f"this run has {self.world_size}")
-        if state.get("steps_per_epoch") != self.steps_per_epoch:
-            self._notes.append(
-                f"resume: {self.checkpoint_path} was written with {state.get('steps_per_epoch')} steps per epoch, "
-                f"this run has {self.steps_per_epoch} (data.batch_size x world size x train.grad_accum); "
-                f"the data order changes"
-            )
-        changed = config_changes(state.get("config", {}), to_dict(self.cfg))
-        if changed:
-            self._notes.append(f"resume: config changed since the checkpoint: {', '.join(changed)}")
-        return self.checkpoint_path
-
-    def _init_from(self, path: Path) -> None:
-        """model.init_from: start from another run's backbone and head class weights (not its optimiser or queue)."""
-        state = shards.resolve(check_init_from(self.cfg), path.parent, self._shard_rows())
-        load_part(self.backbone, state.get("backbone"), f"model.init_from {path}: the backbone")
-        load_class_weights(
-            self.head, state.get("head"),
-            f"model.init_from {path}: the head (num_classes {int(self.dataset.num_classes)} from the data here)",
-        )
-
     # --- checkpoints ---
 
-    def _state(self) -> dict[str, Any]:
-        """The checkpoint. Built on every rank: a part's ``extra_state`` may communicate; rank 0's is written."""
-        rng = {"torch": torch.get_rng_state(), "cuda": None}
-        if self.device.type == "cuda":
-            rng["cuda"] = torch.cuda.get_rng_state(self.device)
-        state = {
-            "format": 1,
-            "step": self.step,
-            "epoch": self.step // self.steps_per_epoch,
-            "batch": (self.step % self.steps_per_epoch) * self.cfg.train.grad_accum,  # next micro-batch of the epoch
-            "steps_per_epoch": self.steps_per_epoch,
-            "world_size": self.world_size,
-            "backbone": self.backbone.state_dict(),
-            "head": self.head.state_dict(),
-            # ZeRO: consolidated on rank 0 only (save()); the other ranks' copy is never written
-            "optimizer": self.optimizer.state_dict() if self.main or not self.zero else {},
-            "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "rng": rng,
-            "sampler": self.sampler.state_dict(),
-            "config": to_dict(self.cfg),
-            "metrics": dict(self.metrics),
-            "metrics_step": self.metrics_step,  # the step self.metrics were measured at (None: never)
-            # the learned decision boundary in cosine terms (SphereFace2's), for `faceforge eval`
-            THRESHOLD_KEY: next(
-                (t for h in self.hooks.values() if (t := h.verification_threshold()) is not None), None
-            ),
-        }
-        owned = self.objective.owned_state_dict()
-        if owned:
-            state["objective"] = owned
-        extra = {key: e for key, h in self.hooks.items() if (e := h.extra_state())}
-        if extra:
-            state["extra"] = extra
-        return state
-
-    def save(self) -> None:
-        """Rank 0 writes last.pt atomically (and a step_XXXXXXX.pt link when keep_checkpoints > 0); the parts'
-        row-sharded tensors (and their optimiser state) go first into one file each, every rank writing its own
-        rows (``faceforge.train.shards``), and last.pt names those files; rank 0 also writes the
-        backbone a user takes away: model.safetensors + model.json (:mod:`faceforge.modelfile`)."""
-        if self.zero:  # every rank sends its shard of the optimiser state to rank 0
-            self.optimizer.consolidate_state_dict(to=0)
-        state = self._state()
-        entries = self._row_shard_entries()
-        for path, (tensor, shard) in entries.items():
-            if self.main:
-                shards.create(self.output, shards.shard_file(self.step, _dotted(path)), [shard.total, *tensor.shape[1:]],
-                              tensor.dtype)
-        if entries:
-            fdist.barrier()  # every file exists at its full size
-        for path, (tensor, shard) in entries.items():
-            file = shards.shard_file(self.step, _dotted(path))
-            shards.write_rows(self.output, file, shard, tensor)
-            _set_path(state, path, shards.placeholder(file, shard, tensor))
-        if entries:
-            fdist.barrier()  # every rank's rows are written and fsync'ed before last.pt names them
-        if self.main:
-            save_checkpoint(self.checkpoint_path, state)
-            write_model_files(self.output, self.backbone, self.cfg, self.metrics, state[THRESHOLD_KEY], self.step)
-            self._keep_older(state)
-            if entries:
-                kept = {int(f.stem.removeprefix("step_")) for f in self.output.glob("step_*.pt")}
-                shards.prune(self.output, kept | {self.step})
-            logger.info("checkpoint: %s (step %d)", self.checkpoint_path, self.step)
-        fdist.barrier()
-
-    def _row_shard_entries(self) -> dict[tuple, tuple[Tensor, RowShard]]:
-        """{path in the checkpoint dict: (this rank's rows, their RowShard)} of every part's ``row_shards``
-        (TrainHooks), and of the optimiser state of each such parameter (the tensors with one row per row)."""
-        entries: dict[tuple, tuple[Tensor, RowShard]] = {}
-        index = {id(p): i for i, p in enumerate(p for g in self.optimizer.param_groups for p in g["params"])}
-        for key, part in self.hooks.items():
-            tensors = part.state_dict(keep_vars=True)  # type: ignore[attr-defined]
-            params = dict(part.named_parameters())  # type: ignore[attr-defined]
-            for name, shard in part.row_shards().items():
-                tensor = tensors[name]
-                entries[(key, name)] = (tensor.detach(), shard)
-                param = params.get(name)
-                for slot, value in self.optimizer.state.get(param, {}).items() if param is not None else ():
-                    if torch.is_tensor(value) and value.dim() >= 1 and value.shape[0] == tensor.shape[0]:
-                        entries[("optimizer", "state", index[id(param)], slot)] = (value, shard)
-        return entries
-
-    def _shard_rows(self) -> Callable[[str], tuple[int, int] | None]:
-        """rows_of for ``shards.resolve``: the rows this rank holds of each row-sharded checkpoint entry."""
-        index = {id(p): i for i, p in enumerate(p for g in self.optimizer.param_groups for p in g["params"])}
-        rows: dict[str, tuple[int, int]] = {}
-        for key, part in self.hooks.items():
-            params = dict(part.named_parameters())  # type: ignore[attr-defined]
-            for name, shard in part.row_shards().items():
-                rows[f"{key}.{name}"] = (shard.start, shard.stop)
-                if name in params:
-                    rows[f"optimizer.state.{index[id(params[name])]}"] = (shard.start, shard.stop)
-
-        def rows_of(key: str) -> tuple[int, int] | None:
-            if key.startswith("optimizer.state."):
-                key = ".".join(key.split(".")[:3])  # optimizer.state.<param index>.<slot>
-            return rows.get(key)
-
-        return rows_of
-
-    def _keep_older(self, state: dict[str, Any]) -> None:
-        keep = self.cfg.train.keep_checkpoints
-        if keep <= 0:
-            return
-        named = self.output / f"step_{self.step:07d}.pt"
-        named.unlink(missing_ok=True)
-        try:
-            named.hardlink_to(self.checkpoint_path)  # the same bytes; survives the next os.replace of last.pt
-        except OSError:
-            save_checkpoint(named, state)
-        for old in sorted(self.output.glob("step_*.pt"))[:-keep]:
-            old.unlink(missing_ok=True)
+    def save(self, announce: bool = True) -> None:
+        """A checkpoint of this step (``Checkpointer.save``, every rank), and its line in the log."""
+        self.checkpoints.save(self.step, self.metrics, self.metrics_step)
+        if announce:
+            self.log.checkpoint(self.checkpoint_path, self.step)
 
     # --- evaluation ---
 
-    def evaluate(self, writer: Any) -> None:
+    def evaluate(self) -> None:
         """Every evaluation set (rank 0: held-out pairs, IJB, identification, retrieval), logged; the
         others wait at a barrier."""
         if self.main:
@@ -410,23 +274,14 @@ class _Run:
                 metrics.update({f"{prefix}{k}": float(v) for k, v in numbers.items()})
             if self._eval_sets:
                 self.metrics = metrics
-                logger.info(
-                    "eval step %d: %s", self.step, " ".join(f"{k} {v:.4f}" for k, v in self.metrics.items())
-                )
-                for k, v in self.metrics.items():
-                    writer.add_scalar(f"eval/{k}", v, self.step)
-                from tqdm import tqdm
-
-                from faceforge.eval.report import metrics_table
-
-                tqdm.write(f"eval step {self.step}:\n{metrics_table(self.metrics)}", file=sys.stderr)
+                self.log.evaluation(self.step, self.metrics)
         if self.evaluates:
             self.metrics_step = self.step
         fdist.barrier()
 
     # --- diagnostics ---
 
-    def diagnose(self, writer: Any) -> None:
+    def diagnose(self) -> None:
         """Rank 0: the parts' ``diagnostics(embed_fn)`` (BroadFace Fig. 5a), to train.log and TensorBoard."""
         if not self.main:
             return
@@ -434,9 +289,7 @@ class _Run:
         for h in self.hooks.values():
             if h.provides_diagnostics:
                 values.update(h.diagnostics(self._embed_samples))
-        logger.info("diagnostics step %d: %s", self.step, " ".join(f"{k} {v:.5g}" for k, v in values.items()) or "none")
-        for k, v in values.items():
-            writer.add_scalar(f"diagnostics/{k}", v, self.step)
+        self.log.diagnostics(self.step, values)
 
     def _embed_samples(self, ids: torch.Tensor) -> torch.Tensor:
         """Current embeddings (K, D) float32 of the training images named by view ids (``Batch.view_ids``):
@@ -541,8 +394,7 @@ class _Run:
     def fit(self) -> TrainResult:
         t = self.cfg.train
         self._last_saved = self.step if self.resume_from is not None else None
-        writer = self._open_logs()
-        bar = self._progress_bar()
+        self._open_log()
         train_time, images_seen, window = 0.0, 0, []
         stop = StopSignals()
         try:
@@ -561,27 +413,25 @@ class _Run:
                     self.step += 1
                     self.losses.append(loss)
                     window.append((loss, terms))
-                    self._log_step(writer, bar, window, grad_norm, lr, images_seen / max(train_time, 1e-9))
+                    self.log.step(self.step, window, grad_norm, lr, images_seen / max(train_time, 1e-9))
                     if t.diagnostics_every and self.step % t.diagnostics_every == 0:
-                        self.diagnose(writer)
+                        self.diagnose()
                     done = self.step == self.total_steps
                     self._save_and_evaluate(
-                        writer,
                         save=done or bool(t.checkpoint_every and self.step % t.checkpoint_every == 0),
                         evaluate=done or bool(t.eval_every and self.step % t.eval_every == 0),
                     )
-                    self._log_bad_records()
+                    self.log.skipped_records()
                     if self.on_step is not None:
                         self.on_step(self.step)
                     if self._stop_requested(stop) and not done:
                         self._interrupt(stop.name)
                 del batches
             if self._last_saved != self.step:  # resumed at the very end: nothing left to train
-                self._save_and_evaluate(writer, save=True, evaluate=True)
+                self._save_and_evaluate(save=True, evaluate=True)
             elif self.evaluates and self.metrics_step != self.step:  # its final evaluation failed: run it again
-                self._save_and_evaluate(writer, save=True, evaluate=True)
-            ips = images_seen / train_time if train_time > 0 else 0.0
-            logger.info("done: step %d, %.1f images/s", self.step, ips)  # before the log handlers close
+                self._save_and_evaluate(save=True, evaluate=True)
+            ips = self.log.done(self.step, images_seen, train_time)  # before the log handlers close
         except (NonFiniteLossError, TrainingInterrupted) as e:
             logger.error("%s", e)
             raise
@@ -592,23 +442,23 @@ class _Run:
             raise
         finally:
             stop.__exit__()
-            bar.close()
-            self._close_logs(writer)
+            self.log.close()
         return TrainResult(
             output=self.output, checkpoint=self.checkpoint_path, log=self.log_path, step=self.step,
             epoch=self.step // self.steps_per_epoch, metrics=dict(self.metrics), images_per_second=ips,
             losses=list(self.losses),
         )
 
-    def _save_and_evaluate(self, writer: Any, save: bool, evaluate: bool) -> None:
+    def _save_and_evaluate(self, save: bool, evaluate: bool) -> None:
         """Checkpoint first, then evaluate: a failing evaluation never loses the steps. When both fall on this
         step the checkpoint is written again after the evaluation, so that it holds the metrics."""
+        again = save and evaluate and self.evaluates  # announced once, when written the second time
         if save:
-            self.save()
+            self.save(announce=not again)
             self._last_saved = self.step
         if evaluate:
-            self.evaluate(writer)
-            if save and self.evaluates:
+            self.evaluate()
+            if again:
                 self.save()
 
     def _stop_requested(self, stop: StopSignals) -> bool:
@@ -626,98 +476,27 @@ class _Run:
             self._last_saved = self.step
         raise TrainingInterrupted(
             f"{name or 'a stop signal'} at step {self.step}: checkpoint {self.checkpoint_path} written; continue "
-            f"with `faceforge train CONFIG --resume` (output {self.output})"
+            f"with `faceforge train {self.output / 'config.yaml'} --resume`"
         )
 
-    def _log_bad_records(self) -> None:
-        """With data.skip_bad: a log line when more unreadable training records were skipped (bad_records.txt)."""
-        if not (self.cfg.data.skip_bad and self.main):
-            return
-        count = len(bad_records(self.output / BAD_RECORDS_NAME))
-        if count != getattr(self, "_bad_logged", 0):
-            self._bad_logged = count
-            logger.warning("skipped %d unreadable training records so far (data.skip_bad), listed in %s",
-                           count, self.output / BAD_RECORDS_NAME)
-
-    def _log_step(
-        self, writer: Any, bar: Any, window: list[tuple[float, dict[str, float]]], grad_norm: float, lr: float,
-        ips: float,
-    ) -> None:
-        """Every log_every steps: mean loss since the last line (and of each loss term, when there are several),
-        the lr this step used, grad norm, images/s."""
-        bar.update(1)
-        if self.step % self.cfg.train.log_every and self.step != self.total_steps:
-            return
-        loss = sum(total for total, _ in window) / len(window)
-        names = list(window[-1][1]) if len(window[-1][1]) > 1 else []
-        terms = {name: sum(t.get(name, 0.0) for _, t in window) / len(window) for name in names}
-        window.clear()
-        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", img_s=f"{ips:.0f}")
+    def _open_log(self) -> None:
+        """Rank 0: the stale temporaries of a killed checkpoint write go; the run log opens, with the resume
+        notes and what this run is."""
         if self.main:
-            logger.info(
-                "step %d/%d epoch %d loss %.5f%s lr %.4e grad_norm %.4f images/s %.1f",
-                self.step, self.total_steps, (self.step - 1) // self.steps_per_epoch, loss,
-                "".join(f" {name} {value:.5f}" for name, value in terms.items()), lr, grad_norm, ips,
-            )
-            writer.add_scalar("train/loss", loss, self.step)
-            for name, value in terms.items():
-                writer.add_scalar(f"train/{name}", value, self.step)
-            writer.add_scalar("train/lr", lr, self.step)
-            writer.add_scalar("train/grad_norm", grad_norm, self.step)
-            writer.add_scalar("train/images_per_second", ips, self.step)
-
-    def _progress_bar(self) -> Any:
-        from tqdm import tqdm
-
-        enabled = self.main and self.cfg.train.progress and sys.stderr.isatty()
-        return tqdm(total=self.total_steps, initial=self.step, disable=not enabled, desc="train", unit="step", dynamic_ncols=True)
-
-    def _open_logs(self) -> Any:
-        """Rank 0: train.log handler, config.yaml, a SummaryWriter; other ranks get a no-op writer."""
-        if not self.main:
-            return _NullWriter()
-        from torch.utils.tensorboard import SummaryWriter
-
-        self.output.mkdir(parents=True, exist_ok=True)
-        for stale in stale_temporaries(self.checkpoint_path):  # left by a run killed mid-write
-            stale.unlink(missing_ok=True)
-        (self.output / "config.yaml").write_text(to_yaml(self.cfg))
-        # the killed run's lines of the steps this run replays go (before the log is appended to)
-        replayed = drop_replayed_steps(self.log_path, self.step) if self.resume_from is not None else 0
-        self._handlers = [logging.FileHandler(self.log_path)]
-        if not (self.cfg.train.progress and sys.stderr.isatty()):
-            self._handlers.append(logging.StreamHandler(sys.stderr))
-        for handler in self._handlers:
-            handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
-            logger.addHandler(handler)
-        if logger.level == logging.NOTSET or logger.level > logging.INFO:
-            logger.setLevel(logging.INFO)
-        if self.resume_from is not None:
-            logger.info("resumed from %s at step %d%s", self.resume_from, self.step,
-                        f" (the killed run's {replayed} log lines of later steps, replayed now, removed)"
-                        if replayed else "")
-        for note in self._notes:
-            logger.warning("%s", note)
+            for stale in stale_temporaries(self.checkpoint_path):  # left by a run killed mid-write
+                stale.unlink(missing_ok=True)
+        lines = []
         if not self._eval_sets:
-            logger.info("no evaluation sets: data.eval_pairs / eval_bins give no held-out pairs for data.name "
-                        "%r and no eval_ijb, eval_probes or eval_retrieval is set", self.cfg.data.name)
+            lines.append(f"no evaluation sets: data.eval_pairs / eval_bins give no held-out pairs for data.name "
+                         f"{self.cfg.data.name!r} and no eval_ijb, eval_probes or eval_retrieval is set")
         if self.init_from is not None:
-            logger.info("initialised from %s (model.init_from): backbone and head class weights", self.init_from)
-        logger.info(
-            "run %s: %d images, %d classes, world size %d, %d steps (%d per epoch, %d images each), device %s, amp %s",
-            self.output, len(self.dataset), int(self.dataset.num_classes), self.world_size, self.total_steps,
-            self.steps_per_epoch, self.step_images, self.device, self.amp_dtype,
+            lines.append(f"initialised from {self.init_from} (model.init_from): backbone and head class weights")
+        lines.append(
+            f"run {self.output}: {len(self.dataset)} images, {int(self.dataset.num_classes)} classes, world size "
+            f"{self.world_size}, {self.total_steps} steps ({self.steps_per_epoch} per epoch, {self.step_images} images "
+            f"each), device {self.device}, amp {self.amp_dtype}"
         )
-        # a resumed run replays the steps after its checkpoint: TensorBoard drops the killed run's events of them
-        purge = self.step + 1 if self.resume_from is not None else None
-        return SummaryWriter(log_dir=str(self.output / "tensorboard"), purge_step=purge)
-
-    def _close_logs(self, writer: Any) -> None:
-        writer.close()
-        for handler in getattr(self, "_handlers", []):
-            logger.removeHandler(handler)
-            handler.close()
-        self._handlers = []
+        self.log.open(self.step, self.resume_from, self._notes, lines)
 
 
 def _row_sharded_parameters(part: TrainHooks) -> list[nn.Parameter]:
@@ -731,19 +510,6 @@ def _dense(grad: Tensor) -> Tensor:
     return grad._values() if grad.is_sparse else grad
 
 
-def _dotted(path: tuple) -> str:
-    return ".".join(str(k) for k in path)
-
-
-def _set_path(state: dict[str, Any], path: tuple, value: Any) -> None:
-    """state[path[0]][path[1]]... = value, each dict on the way shallow-copied first (the optimiser's
-    ``state_dict`` shares its per-parameter dicts with the live optimiser)."""
-    for key in path[:-1]:
-        state[key] = dict(state[key])
-        state = state[key]
-    state[path[-1]] = value
-
-
 def _sum(terms: Iterable[Tensor]) -> Tensor:
     """The sum of the loss terms (the first term itself when there is one: no ``0 +`` in the graph)."""
     total: Tensor | None = None
@@ -752,16 +518,6 @@ def _sum(terms: Iterable[Tensor]) -> Tensor:
     if total is None:
         raise ValueError("the objective returned no loss terms; expected {name: scalar tensor}")
     return total
-
-
-class _NullWriter:
-    """SummaryWriter stand-in on ranks other than 0."""
-
-    def add_scalar(self, *args: Any, **kwargs: Any) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
 
 
 def _any_rank(flag: bool, device: torch.device) -> bool:

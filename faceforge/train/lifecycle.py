@@ -6,21 +6,24 @@ and the training records skipped as unreadable.
   signal acts at once (the default handlers are back).
 - :func:`drop_replayed_steps`: a resumed run replays the steps after its last checkpoint; their lines of
   the killed run leave ``train.log`` so that no step shows twice (TensorBoard: ``purge_step``).
-- :func:`config_changes`: the dotted config keys whose values differ from the checkpoint's config.
+- :func:`config_changes`: the dotted config keys whose values differ from the checkpoint's config;
+  :data:`RESUME_POLICY` and :func:`resume_policy`: which of them a resumed run applies and which it refuses.
 - :func:`bad_records`: the entries of ``bad_records.txt`` (``data.skip_bad``).
 """
 
 from __future__ import annotations
 
+import fnmatch
 import re
 import signal
 import threading
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, Literal, NamedTuple
 
 __all__ = [
-    "BAD_RECORDS_NAME", "StopSignals", "TrainingInterrupted", "bad_records", "config_changes", "drop_replayed_steps",
+    "APPLIED", "BAD_RECORDS_NAME", "REFUSED", "RESUME_POLICY", "ConfigChange", "ResumeRule", "StopSignals",
+    "TrainingInterrupted", "bad_records", "config_changes", "config_diff", "drop_replayed_steps", "resume_policy",
 ]
 
 BAD_RECORDS_NAME = "bad_records.txt"
@@ -82,16 +85,83 @@ def drop_replayed_steps(log: Path, step: int) -> int:
     return dropped
 
 
-def config_changes(saved: dict[str, Any], current: dict[str, Any], prefix: str = "") -> list[str]:
-    """The dotted keys whose values differ between two config dicts (``optim.lr``, ``data.batch_size``)."""
-    changed: list[str] = []
+MISSING: Any = type("Missing", (), {"__repr__": lambda self: "(not set)"})()  # a key one config dict lacks
+
+
+class ConfigChange(NamedTuple):
+    """One dotted key whose value differs: ``old`` (the checkpoint's) and ``new`` (this run's), MISSING if absent."""
+
+    key: str
+    old: Any
+    new: Any
+
+
+def config_diff(saved: dict[str, Any], current: dict[str, Any], prefix: str = "") -> list[ConfigChange]:
+    """The dotted keys whose values differ between two config dicts, with both values, in ``current``'s order."""
+    changed: list[ConfigChange] = []
     for key in [*current, *(k for k in saved if k not in current)]:
-        a, b = saved.get(key), current.get(key)
+        a, b = saved.get(key, MISSING), current.get(key, MISSING)
         if isinstance(a, dict) and isinstance(b, dict):
-            changed += config_changes(a, b, f"{prefix}{key}.")
+            changed += config_diff(a, b, f"{prefix}{key}.")
         elif a != b:
-            changed.append(f"{prefix}{key}")
+            changed.append(ConfigChange(f"{prefix}{key}", a, b))
     return changed
+
+
+def config_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """The dotted keys whose values differ between two config dicts (``optim.lr``, ``data.batch_size``)."""
+    return [change.key for change in config_diff(saved, current)]
+
+
+# --- what a resumed run does with a changed key ---------------------------------------------------------------
+
+APPLIED: Literal["applied"] = "applied"
+REFUSED: Literal["refused"] = "refused"
+
+
+class ResumeRule(NamedTuple):
+    """Keys matching ``pattern`` (a dotted key, a section, or an ``fnmatch`` pattern) are applied or refused."""
+
+    pattern: str
+    policy: Literal["applied", "refused"]
+    why: str
+
+
+# The first matching rule decides (specific keys before their section). ``docs/training.md`` shows this table.
+# applied: the run is built from the new config and the optimiser's groups and the schedule take the new values
+# from the resumed step (the lr of step k is the one a run started with the new config would use at step k).
+# refused: the checkpoint's weights, optimiser state or data order would not mean the same thing.
+RESUME_POLICY: tuple[ResumeRule, ...] = (
+    ResumeRule("output", APPLIED, "the run folder is where the checkpoint is"),
+    ResumeRule("seed", REFUSED, "it draws the data order, the flips and the synthetic identities"),
+    ResumeRule("model.grad_checkpointing", APPLIED, "memory only: the same gradients"),
+    ResumeRule("model", REFUSED, "the backbone's weights are built from it; init_from acts at step 0 only"),
+    ResumeRule("head.shard", APPLIED, "sharding is a strategy: the checkpoint holds W as one logical tensor"),
+    ResumeRule("head", REFUSED, "the class weights and the loss are the head's"),
+    ResumeRule("objective", REFUSED, "the objective's own state (teacher, learned terms) is its"),
+    ResumeRule("data.batch_size", APPLIED, "from the resumed step (the data order of later epochs changes)"),
+    ResumeRule("data.eval_identities", REFUSED, "glyphs draw the test characters with the training ones"),
+    ResumeRule("data.eval_*", APPLIED, "evaluation only"),
+    ResumeRule("data.num_workers", APPLIED, "loading only"),
+    ResumeRule("data.cache", APPLIED, "loading only"),
+    ResumeRule("data.flip", APPLIED, "augmentation, drawn per step"),
+    ResumeRule("data.mask_ratio", APPLIED, "augmentation, drawn per step"),
+    ResumeRule("data.skip_bad", APPLIED, "what an unreadable record does"),
+    ResumeRule("data", REFUSED, "the training images and classes (the head's rows) and the sampler's state"),
+    ResumeRule("optim.name", REFUSED, "the optimiser state is this optimiser's"),
+    ResumeRule("optim.no_decay_bn_bias", REFUSED, "it changes the optimiser's parameter groups"),
+    ResumeRule("optim", APPLIED, "written into the optimiser's groups at the resumed step"),
+    ResumeRule("schedule", APPLIED, "the schedule is recomputed: step k gets the new config's lr of step k"),
+    ResumeRule("train", APPLIED, "from the resumed step (train.steps / epochs recompute the schedule)"),
+)
+
+
+def resume_policy(key: str) -> ResumeRule:
+    """The rule of :data:`RESUME_POLICY` for a dotted config key (a key no rule names is refused)."""
+    for rule in RESUME_POLICY:
+        if key == rule.pattern or key.startswith(rule.pattern + ".") or fnmatch.fnmatchcase(key, rule.pattern):
+            return rule
+    return ResumeRule(key, REFUSED, "no resume rule names it")
 
 
 def bad_records(path: Path) -> list[str]:

@@ -6,6 +6,8 @@
   ``eval_ijb``, ``eval_probes`` + ``eval_distractors``, ``eval_retrieval``) opened and read, and the first
   image of each image set checked against ``data.image_size``; an error names the config key and the file.
 - :func:`check_init_from`: ``model.init_from`` is a readable ``faceforge train`` checkpoint.
+- :func:`check_resume`: a resumed run's config against its checkpoint's: a change of a key that
+  :data:`faceforge.train.lifecycle.RESUME_POLICY` refuses (embedding size, classes, head, ...) stops here.
 - :func:`check_head`: the head factory's own check of ``head.kwargs`` against the run (class count, global
   batch), where the factory has one (``faceforge.heads.base.TrainingCheck``: AttFC's batch and container).
 
@@ -15,13 +17,18 @@ Each raises :class:`faceforge.train.config.ConfigError` (a ValueError) with one 
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 from typing import Any, Callable
 
 from faceforge.train.checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint
-from faceforge.train.config import Config, ConfigError
+from faceforge.train.config import Config, ConfigError, to_dict
+from faceforge.train.lifecycle import APPLIED, MISSING, ConfigChange, config_diff, resume_policy
 
-__all__ = ["RunFolderError", "check_head", "check_init_from", "check_run_folder", "open_evaluators", "run_files"]
+__all__ = [
+    "RunFolderError", "check_backbone", "check_head", "check_init_from", "check_resume", "check_run_folder",
+    "open_evaluators", "run_files",
+]
 
 
 class RunFolderError(ConfigError):
@@ -54,7 +61,7 @@ def _named(key: str, build: Callable[[], Any]) -> Any:
         return build()
     except ConfigError:
         raise
-    except (ValueError, OSError, LookupError, CheckpointError) as e:
+    except (ValueError, OSError, LookupError, CheckpointError, pickle.UnpicklingError) as e:
         text = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
         raise ConfigError(f"{key}: {' '.join(text.split())}") from e
 
@@ -128,3 +135,26 @@ def check_head(cfg: Config, num_classes: int, world_size: int) -> None:
                                global_batch=cfg.data.batch_size * world_size)
     except HeadKwargError as e:
         raise ConfigError(f"head.kwargs.{e}") from None
+
+
+def check_resume(cfg: Config, checkpoint: Path, saved: dict[str, Any]) -> list[ConfigChange]:
+    """The changes of ``cfg`` since ``saved`` (the checkpoint's config dict) that a resumed run applies; the first
+    change that :func:`faceforge.train.lifecycle.resume_policy` refuses raises ConfigError naming the key and both
+    values. A key the checkpoint's config lacks (written by an older faceforge) is applied."""
+    changes = config_diff(saved, to_dict(cfg))
+    for change in changes:
+        rule = resume_policy(change.key)
+        if rule.policy != APPLIED and change.old is not MISSING:
+            raise ConfigError(
+                f"{change.key}: {checkpoint} was trained with {change.old!r}, this run asks for {change.new!r}; "
+                f"expected the same value on --resume ({rule.why}); to change it, start a new run (model.init_from "
+                f"keeps the weights)"
+            )
+    return changes
+
+
+def check_backbone(cfg: Config) -> None:
+    """``model.backbone`` names a registered backbone (or imports as ``package.module:callable``)."""
+    from faceforge.backbones import BACKBONES
+
+    _named("model.backbone", lambda: BACKBONES.get(cfg.model.backbone))

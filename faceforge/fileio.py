@@ -7,19 +7,29 @@ target, flushed and fsynced, and renamed onto the target with ``os.replace`` onl
 cleanly; the folder is then fsynced so that the rename survives a power cut. If the block raises, the
 targets keep their old content and the temporary files are removed; a killed process may leave a
 ``.<name>.tmp-*`` file, which is harmless (``stale_temporaries`` finds them).
+
+No write follows a link. A temporary comes from ``tempfile.mkstemp`` (a new file, ``O_CREAT | O_EXCL``: a
+link planted at a guessable name cannot be opened through), and ``os.replace`` renames it over the
+destination name itself: a symlink planted at the destination is replaced, its target never touched.
+Writers that take a file name rather than a handle (``torch.onnx.export``, onnxruntime's quantizers,
+``faiss.write_index``) write into :func:`atomic_path`'s fresh temporary; a file that is updated in place
+(an appended log, a memory-mapped cache) is opened with :func:`open_nofollow`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import tempfile
 from pathlib import Path
 from typing import IO, Iterator
 
 import numpy as np
+from PIL import Image
 
-__all__ = ["atomic_files", "atomic_open", "save_npy", "stale_temporaries"]
+__all__ = ["atomic_files", "atomic_open", "atomic_path", "append_text", "open_nofollow", "save_image", "save_npy",
+           "stale_temporaries", "write_bytes", "write_text"]
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -46,6 +56,30 @@ def stale_temporaries(path: str | os.PathLike) -> list[Path]:
     return sorted(path.parent.glob(f"{_temporary_prefix(path)}*"))
 
 
+def _umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask
+
+
+def _publish(temporaries: list[str], paths: list[Path]) -> None:
+    """Give the finished temporaries ordinary permissions (mkstemp makes 0600 files) and rename each onto its
+    path (a link at the path is replaced, not followed); then make the renames durable."""
+    umask = _umask()
+    for tmp in temporaries:
+        os.chmod(tmp, 0o666 & ~umask)
+    for tmp, path in zip(temporaries, paths):
+        os.replace(tmp, path)
+    for folder in dict.fromkeys(p.parent for p in paths):
+        _fsync_dir(folder)
+
+
+def _new_temporary(path: Path) -> tuple[int, str]:
+    """``(fd, name)`` of a new, empty file beside ``path`` (folders made): unique, created exclusively."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return tempfile.mkstemp(prefix=_temporary_prefix(path), dir=path.parent)
+
+
 @contextlib.contextmanager
 def atomic_files(*targets: tuple[str | os.PathLike, str]) -> Iterator[list[IO]]:
     """Write several files as one: ``with atomic_files((a, "wb"), (b, "w")) as (fa, fb): ...``.
@@ -62,8 +96,7 @@ def atomic_files(*targets: tuple[str | os.PathLike, str]) -> Iterator[list[IO]]:
             if mode not in ("wb", "w"):
                 raise ValueError(f"mode={mode!r}: expected 'wb' or 'w'")
             path = Path(target)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=_temporary_prefix(path), dir=path.parent)
+            fd, tmp = _new_temporary(path)
             temporaries.append(tmp)
             paths.append(path)
             handles.append(os.fdopen(fd, mode, **({"encoding": "utf-8", "newline": "\n"} if mode == "w" else {})))
@@ -72,14 +105,7 @@ def atomic_files(*targets: tuple[str | os.PathLike, str]) -> Iterator[list[IO]]:
             f.flush()
             os.fsync(f.fileno())
             f.close()
-        umask = os.umask(0)
-        os.umask(umask)
-        for tmp in temporaries:  # mkstemp makes 0600 files
-            os.chmod(tmp, 0o666 & ~umask)
-        for tmp, path in zip(temporaries, paths):
-            os.replace(tmp, path)
-        for folder in dict.fromkeys(p.parent for p in paths):
-            _fsync_dir(folder)
+        _publish(temporaries, paths)
     except BaseException:
         for f in handles:
             with contextlib.suppress(OSError):
@@ -104,3 +130,74 @@ def save_npy(path: str | os.PathLike, array: np.ndarray) -> None:
     """Write ``array`` to the ``.npy`` file ``path`` atomically (no pickles; the name is kept as given)."""
     with atomic_open(path, "wb") as f:  # a file handle: np.save must not append ".npy" to the name
         np.save(f, np.ascontiguousarray(array), allow_pickle=False)
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically (:func:`atomic_open`); returns the path."""
+    with atomic_open(path, "wb") as f:
+        f.write(data)
+    return Path(path)
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` (UTF-8, ``"\\n"`` line ends) to ``path`` atomically; returns the path."""
+    with atomic_open(path, "w") as f:
+        f.write(text)
+    return Path(path)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """A fresh temporary file name beside ``path`` for a writer that takes a name (ONNX export, faiss); on a
+    clean exit the file it wrote replaces ``path``, on an exception it is removed and ``path`` is untouched.
+
+    The temporary exists (empty, created exclusively by ``mkstemp``) when the block starts: a writer that
+    truncates and writes it writes this new file, never a planted link.
+    """
+    target = Path(path)
+    fd, tmp = _new_temporary(target)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        with open(tmp, "rb+") as f:  # durable before the rename
+            os.fsync(f.fileno())
+        _publish([tmp], [target])
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def open_nofollow(path: str | os.PathLike, mode: str) -> IO:
+    """Open ``path`` for an in-place update without following a link at it: ``"ab"``/``"a"`` (append, created
+    if missing) or ``"r+b"`` (an existing file). A symlink at ``path`` is an OSError (ELOOP) naming it."""
+    flags = {"a": os.O_WRONLY | os.O_APPEND | os.O_CREAT, "ab": os.O_WRONLY | os.O_APPEND | os.O_CREAT,
+             "r+b": os.O_RDWR}.get(mode)
+    if flags is None:
+        raise ValueError(f"mode={mode!r}: expected 'a', 'ab' or 'r+b'")
+    try:
+        fd = os.open(path, flags | getattr(os, "O_NOFOLLOW", 0), 0o666)
+    except OSError as e:
+        if Path(path).is_symlink():
+            raise OSError(e.errno, f"{path}: is a symbolic link; faceforge does not write through links") from None
+        raise
+    return os.fdopen(fd, mode, **({"encoding": "utf-8"} if "b" not in mode else {}))
+
+
+def save_image(path: str | os.PathLike, image: "np.ndarray | Image.Image") -> Path:
+    """Write an image (uint8 ``(H, W)`` / ``(H, W, 3)`` array or PIL image) atomically, in the format its
+    suffix names (``.png``, ``.jpg``, ...); returns the path."""
+    path = Path(path)
+    picture = image if isinstance(image, Image.Image) else Image.fromarray(np.asarray(image))
+    formats = Image.registered_extensions()
+    if path.suffix.lower() not in formats:
+        raise ValueError(f"{path}: unknown image suffix {path.suffix!r}; expected one of .png, .jpg, ...")
+    buffer = io.BytesIO()
+    picture.save(buffer, format=formats[path.suffix.lower()])
+    return write_bytes(path, buffer.getvalue())
+
+
+def append_text(path: str | os.PathLike, text: str) -> None:
+    """Append ``text`` to the log ``path`` (created if missing) without following a link at it."""
+    with open_nofollow(path, "a") as f:
+        f.write(text)

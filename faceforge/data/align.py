@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from faceforge.fileio import save_image
+
 TEMPLATE_SIZE = 112
 
 # insightface `arcface_dst`: (x, y) in a 112x112 crop.
@@ -146,6 +148,6 @@ def align_files(landmark_list: str | Path, output: str | Path, size: int = TEMPL
         except (OSError, ValueError) as e:
             raise ValueError(f"{image_path}: cannot read image listed in {landmark_list}: {e}") from e
         target = output / (Path(image_path).stem + ".png")
-        Image.fromarray(align_face(image, points, size)).save(target)
+        save_image(target, align_face(image, points, size))
         written.append(target)
     return written

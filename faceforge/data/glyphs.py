@@ -55,6 +55,7 @@ import torch
 from torch.utils.data import Dataset
 
 from faceforge.data.transforms import to_tensor
+from faceforge.fileio import save_image
 
 __all__ = [
     "CHARSETS",
@@ -662,7 +663,7 @@ def montage(bench: GlyphBenchmark, path: str, characters: int = 8, gap: int = 2)
     for r in range(rows):
         for c in range(cols):
             grid[r * (s + gap):r * (s + gap) + s, c * (s + gap):c * (s + gap) + s] = imgs[r, c]
-    Image.fromarray(grid).save(path)
+    save_image(path, grid)
     return grid
 
 

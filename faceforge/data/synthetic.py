@@ -37,6 +37,7 @@ import torch
 from torch.utils.data import Dataset
 
 from faceforge.data.align import ARCFACE_TEMPLATE, TEMPLATE_SIZE
+from faceforge.fileio import save_image
 from faceforge.data.transforms import to_tensor
 
 __all__ = [
@@ -760,7 +761,7 @@ def montage(path: str, num_identities: int = 8, images_per_identity: int = 8, se
     for k, im in enumerate(imgs):
         r, c = divmod(k, images_per_identity)
         grid[r * step:r * step + image_size, c * step:c * step + image_size] = im
-    Image.fromarray(grid).save(path)
+    save_image(path, grid)
     return grid
 
 

@@ -6,6 +6,7 @@ headless machines and inside other programs without side effects.
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 from typing import Collection, Mapping, Sequence
 
@@ -14,6 +15,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from faceforge.eval.metrics import check_pairs
+from faceforge.fileio import write_bytes
 
 FPR_RANGE = (1e-4, 1.0)
 
@@ -21,10 +23,10 @@ FPR_RANGE = (1e-4, 1.0)
 def save_figure(fig: Figure, path: str | Path, dpi: int) -> Path:
     """Render ``fig`` on the Agg canvas (no pyplot) and write it to ``path`` (folders made), tight bounds."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     FigureCanvasAgg(fig)
-    fig.savefig(path, dpi=dpi, bbox_inches="tight")
-    return path
+    buffer = io.BytesIO()  # rendered in memory, then one atomic write that never follows a link at `path`
+    fig.savefig(buffer, format=path.suffix.lstrip(".").lower() or "png", dpi=dpi, bbox_inches="tight")
+    return write_bytes(path, buffer.getvalue())
 
 
 def _thin(fpr: np.ndarray, tpr: np.ndarray, points: int) -> tuple[np.ndarray, np.ndarray]:

@@ -19,6 +19,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from faceforge.fileio import write_text
+
 __all__ = [
     "BAD_RECORDS_NAME", "StopSignals", "TrainingInterrupted", "bad_records", "config_changes", "drop_replayed_steps",
 ]
@@ -78,7 +80,7 @@ def drop_replayed_steps(log: Path, step: int) -> int:
         else:
             kept.append(line)
     if dropped:
-        log.write_text("".join(kept))
+        write_text(log, "".join(kept))
     return dropped
 
 

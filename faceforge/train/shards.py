@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from faceforge.fileio import atomic_path, open_nofollow
 from faceforge.heads.base import RowShard
 
 __all__ = ["PLACEHOLDER_KEY", "SHARDS_FOLDER", "is_placeholder", "placeholder", "prune", "read_rows", "resolve",
@@ -69,10 +70,8 @@ def _row_bytes(shape: list[int], dtype: torch.dtype) -> int:
 
 def create(folder: Path, file: str, shape: list[int], dtype: torch.dtype) -> None:
     """Rank 0: make the (empty, full-size) shard file, before any rank writes into it."""
-    path = folder / file
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "wb") as f:
-        f.truncate(shape[0] * _row_bytes(shape, dtype))
+    with atomic_path(folder / file) as tmp:  # a new file: a link planted at the name is replaced, not followed
+        os.truncate(tmp, shape[0] * _row_bytes(shape, dtype))
 
 
 def write_rows(folder: Path, file: str, shard: RowShard, tensor: Tensor) -> None:
@@ -81,14 +80,11 @@ def write_rows(folder: Path, file: str, shard: RowShard, tensor: Tensor) -> None
     raw = data.view(torch.uint8) if data.dtype != torch.bool else data.to(torch.uint8)
     buffer = raw.numpy().tobytes() if data.numel() else b""
     offset = shard.start * _row_bytes([shard.total, *data.shape[1:]], data.dtype)
-    fd = os.open(folder / file, os.O_WRONLY)
-    try:
-        written = 0
+    with open_nofollow(folder / file, "r+b") as f:
+        fd, written = f.fileno(), 0
         while written < len(buffer):
             written += os.pwrite(fd, buffer[written:], offset + written)
         os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def read_rows(folder: Path, entry: dict[str, Any], start: int = 0, stop: int | None = None) -> Tensor:

@@ -19,8 +19,11 @@ Writers that take a file name rather than a handle (``torch.onnx.export``, onnxr
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import hmac
 import io
 import os
+import secrets
 import tempfile
 from pathlib import Path
 from typing import IO, Iterator
@@ -28,8 +31,11 @@ from typing import IO, Iterator
 import numpy as np
 from PIL import Image
 
-__all__ = ["atomic_files", "atomic_open", "atomic_path", "append_text", "open_nofollow", "save_image", "save_npy",
-           "stale_temporaries", "write_bytes", "write_text"]
+__all__ = ["atomic_files", "atomic_open", "atomic_path", "append_text", "installation_key", "is_signed",
+           "open_nofollow", "save_image", "save_npy", "sign_file", "stale_temporaries", "write_bytes", "write_text"]
+
+KEY_FILE = "key"  # under $XDG_CACHE_HOME/faceforge (default ~/.cache/faceforge)
+SIGNATURE_SUFFIX = ".hmac"
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -169,12 +175,12 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 
 def open_nofollow(path: str | os.PathLike, mode: str) -> IO:
-    """Open ``path`` for an in-place update without following a link at it: ``"ab"``/``"a"`` (append, created
-    if missing) or ``"r+b"`` (an existing file). A symlink at ``path`` is an OSError (ELOOP) naming it."""
+    """Open ``path`` without following a link at it: ``"ab"``/``"a"`` (append, created if missing), ``"r+b"``
+    (update an existing file) or ``"rb"``. A symlink at ``path`` is an OSError (ELOOP) naming it."""
     flags = {"a": os.O_WRONLY | os.O_APPEND | os.O_CREAT, "ab": os.O_WRONLY | os.O_APPEND | os.O_CREAT,
-             "r+b": os.O_RDWR}.get(mode)
+             "r+b": os.O_RDWR, "rb": os.O_RDONLY}.get(mode)
     if flags is None:
-        raise ValueError(f"mode={mode!r}: expected 'a', 'ab' or 'r+b'")
+        raise ValueError(f"mode={mode!r}: expected 'a', 'ab', 'r+b' or 'rb'")
     try:
         fd = os.open(path, flags | getattr(os, "O_NOFOLLOW", 0), 0o666)
     except OSError as e:
@@ -201,3 +207,70 @@ def append_text(path: str | os.PathLike, text: str) -> None:
     """Append ``text`` to the log ``path`` (created if missing) without following a link at it."""
     with open_nofollow(path, "a") as f:
         f.write(text)
+
+
+# --------------------------------------------------------------------------------------------------
+# Caches this installation wrote
+# --------------------------------------------------------------------------------------------------
+
+
+def _key_path() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "faceforge" / KEY_FILE
+
+
+def installation_key() -> bytes:
+    """This installation's secret: 32 random bytes in ``$XDG_CACHE_HOME/faceforge/key`` (default
+    ``~/.cache``), made on first use, readable by the user only (0600). It signs the caches faceforge writes,
+    so that a cache shipped in someone else's run folder is never taken for one of ours."""
+    path = _key_path()
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd, tmp = _new_temporary(path)  # 0600, written whole, then linked in: a reader never sees a short key
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(secrets.token_bytes(32))
+                f.flush()
+                os.fsync(f.fileno())
+            with contextlib.suppress(FileExistsError):  # another process made it first: use theirs
+                os.link(tmp, path)
+        finally:
+            os.unlink(tmp)
+    with open_nofollow(path, "rb") as f:
+        key = f.read()
+    if len(key) < 32:
+        raise OSError(f"{path}: a faceforge cache key of {len(key)} bytes; expected 32 (delete it to make a new one)")
+    return key
+
+
+def _mac(path: Path) -> str:
+    """HMAC-SHA256 (installation key) of the file's name and content."""
+    mac = hmac.new(installation_key(), path.name.encode() + b"\0", hashlib.sha256)
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            mac.update(chunk)
+    return mac.hexdigest()
+
+
+def _signature_path(path: Path) -> Path:
+    return path.with_name(path.name + SIGNATURE_SUFFIX)
+
+
+def sign_file(path: str | os.PathLike) -> None:
+    """Record that this installation wrote ``path``: ``<path>.hmac``, a keyed hash (:func:`installation_key`) of
+    its name and content."""
+    path = Path(path)
+    write_text(_signature_path(path), _mac(path) + "\n")
+
+
+def is_signed(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a file this installation wrote and signed (:func:`sign_file`), unchanged since: a file
+    without a signature, with a forged one or a changed content is not."""
+    path = Path(path)
+    signature = _signature_path(path)
+    if not (path.is_file() and signature.is_file()) or path.is_symlink() or signature.is_symlink():
+        return False
+    try:
+        recorded = signature.read_text(encoding="ascii", errors="strict").strip()
+    except (OSError, ValueError):
+        return False
+    return hmac.compare_digest(recorded, _mac(path))

@@ -406,6 +406,18 @@ def default_output(paths: Sequence[Path], request: EvalRequest | None = None) ->
     return paths[0].parent / "eval" / name / sets
 
 
+def _unlinked(out: Path, run: Path) -> Path:
+    """``out`` (a folder under ``run``) when no folder between them is a symlink: a run folder from someone else
+    may ship ``eval -> ~/`` to make the reports land elsewhere. ValueError naming the link otherwise."""
+    for folder in [out, *out.parents]:
+        if folder == run:
+            return out
+        if folder.is_symlink():
+            raise ValueError(f"{folder}: a symbolic link inside the run folder; faceforge writes its reports only "
+                             "into real folders (remove it, or give --output)")
+    return out
+
+
 def _remove_stale_plots(out: Path, written: set[Path]) -> None:
     """Remove the plots an earlier run listed in ``out/results.json`` that this run did not write again, so
     that a folder never shows a plot of sets its results.md does not hold (only ``roc.png``/``hist_*.png``
@@ -445,7 +457,7 @@ def evaluate_checkpoints(
         raise ValueError("no checkpoint given")
     r = request if request is not None else EvalRequest(**options)
     paths = [resolve_checkpoint(c) for c in checkpoints]
-    out = Path(output) if output else default_output(paths, r)
+    out = Path(output) if output else _unlinked(default_output(paths, r), paths[0].parent)
     out.mkdir(parents=True, exist_ok=True)
     shared = [s for build in EVALUATIONS.values() for s in build(r)]
     shared = _with_masked(shared, r) if shared else shared

@@ -152,3 +152,16 @@ def test_in_place_writers_refuse_a_link(tmp_path: Path) -> None:
         tmp.write_bytes(b"new")
     _untouched([victim, tmp_path / "v2"])
     assert (tmp_path / "out.bin").read_bytes() == b"new" and not (tmp_path / "out.bin").is_symlink()
+
+
+def test_eval_refuses_a_linked_report_folder_in_the_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A shipped run folder with eval -> elsewhere would make the default reports land there."""
+    ckpt = T.tiny_run(tmp_path / "run", model_files=False)
+    bin_path, _ = T.pairs_bin(tmp_path / "pairs.bin", pairs=24, seed=1)
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "run" / "eval").symlink_to(tmp_path / "elsewhere")
+    capsys.readouterr()
+    assert main(["eval", str(ckpt), "--bin", str(bin_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "symbolic link inside the run folder" in err
+    assert list((tmp_path / "elsewhere").iterdir()) == []

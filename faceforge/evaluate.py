@@ -258,11 +258,13 @@ class _Checkpoint:
         self.cfg = config_from_dict(self.state["config"], source=str(self.path))
         t = self.state.get(THRESHOLD_KEY)
         if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t)):
-            raise ValueError(f"{self.path}: {THRESHOLD_KEY!r} must be a finite float, got {t!r}")
+            raise ValueError(f"{self.path}: {THRESHOLD_KEY!r} must be a finite float, got {repr(t)[:100]}")
         from faceforge.modelfile import threshold_from_run
 
         metrics = self.state.get("metrics")  # as `faceforge export` / model.json take it: every format, one threshold
         self.threshold, self.threshold_source, _ = threshold_from_run(metrics if isinstance(metrics, dict) else None, t)
+        if self.threshold is not None and not math.isfinite(self.threshold):
+            raise ValueError(f"{self.path}: metrics: threshold {self.threshold!r}; expected a finite cosine")
         self.image_size = self.cfg.data.image_size
 
     def model(self) -> torch.nn.Module:

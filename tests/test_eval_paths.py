@@ -128,3 +128,13 @@ def test_eval_report_shows_the_dash_and_the_footnote(run: dict[str, Path], tmp_p
     assert row.count(UNRESOLVED) == 3  # 1e-4, 1e-3 and 1e-2 need 10,000 / 1,000 / 100 negative pairs; 1e-1 needs 10
     assert f"— TAR@FAR=1e-04 on a: needs at least 10,000 negative pairs (one false accept in 1/FAR), there are " \
            f"{negatives:,} (last.pt)" in table
+
+
+def test_tar_cells_of_every_table_share_the_rule() -> None:
+    """IJB 1:1 and identification rows use the same cells: a dash and its note below 1 / FAR negatives."""
+    from faceforge.eval.report import tar_cells
+
+    cells, notes = tar_cells({1e-6: 0.5, 1e-3: 0.75}, 999_999, "IJBC 1:1", lambda t: f"{100 * t:.2f} %", " @1M")
+    assert cells == {"TAR@FAR=1e-06 @1M": "—", "TAR@FAR=1e-03 @1M": "75.00 %"}
+    assert notes == ["— TAR@FAR=1e-06 on IJBC 1:1: needs at least 1,000,000 negative pairs (one false accept in "
+                     "1/FAR), there are 999,999"]

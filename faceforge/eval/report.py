@@ -184,16 +184,16 @@ def unresolved_note(far: float, negatives: int, where: str) -> str:
 
 
 def tar_cells(tar_at_far: Mapping[float, float], negatives: int, where: str,
-              fmt: Callable[[float], object] = lambda tar: tar) -> tuple[dict[str, object], list[str]]:
-    """``({"TAR@FAR=1e-04": cell}, notes)``: ``fmt(tar)`` where ``negatives`` resolve the FAR, else
+              fmt: Callable[[float], object] = lambda tar: tar, suffix: str = "") -> tuple[dict[str, object], list[str]]:
+    """``({"TAR@FAR=1e-04<suffix>": cell}, notes)``: ``fmt(tar)`` where ``negatives`` resolve the FAR, else
     :data:`UNRESOLVED` and a footnote line (:func:`unresolved_note`) saying why."""
     cells: dict[str, object] = {}
     notes = []
     for far, tar in tar_at_far.items():
         if far_resolved(far, negatives):
-            cells[f"TAR@FAR={far:.0e}"] = fmt(tar)
+            cells[f"TAR@FAR={far:.0e}{suffix}"] = fmt(tar)
         else:
-            cells[f"TAR@FAR={far:.0e}"] = UNRESOLVED
+            cells[f"TAR@FAR={far:.0e}{suffix}"] = UNRESOLVED
             notes.append(unresolved_note(far, negatives, where))
     return cells, notes
 

@@ -413,8 +413,10 @@ class IJBSet(EvalSet):
             "verification": {"tar_at_far": {f"{f:.0e}": t for f, t in v["tar_at_far"].items()}, "auc": v["auc"]},
             "identification": {},
         }
-        row = ({"protocol": self.protocol} | {f"TAR@FAR={far:.0e}": _pct(tar) for far, tar in v["tar_at_far"].items()}
-               | {"AUC": f"{v['auc']:.4f}"})
+        negatives = int(np.count_nonzero(~np.asarray(v["labels"], dtype=bool)))
+        record["verification"]["negative_pairs"] = negatives
+        tars, notes = tar_cells(v["tar_at_far"], negatives, f"{self.name} 1:1", _pct)
+        row = {"protocol": self.protocol} | tars | {"AUC": f"{v['auc']:.4f}"}
         rows = [("IJB 1:1 verification (TAR@FAR)", row)]
         for gallery, members in self.galleries.items():
             try:
@@ -438,7 +440,8 @@ class IJBSet(EvalSet):
                          {"gallery": gallery, "protocol": self.protocol}
                          | {f"TPIR@FPIR={f:.0e}": _pct(t) for f, t in r["tpir_at_fpir"].items()}
                          | {f"rank-{k}": _pct(rate) for k, rate in r["rank"].items()}))
-        return SetScores(numbers, record, rows, pairs=(v["scores"], v["labels"]), counts=v["counts"], result=v)
+        return SetScores(numbers, record, rows, pairs=(v["scores"], v["labels"]), counts=v["counts"], result=v,
+                         notes=notes)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -528,12 +531,14 @@ class DistractorSet(EvalSet):
             row[f"rank-1 @{_count_name(n)}"] = _pct(r.rank_k.get(1, float("nan")))
         n = self.counts[-1]  # every distractor: the other ranks and the TAR
         row.update({f"rank-{k} @{_count_name(n)}": _pct(v) for k, v in r.rank_k.items() if k != 1})
-        row.update({f"TAR@FAR={f:.0e} @{_count_name(n)}": _pct(t) for f, t in r.tar_at_far.items()})
+        tars, notes = tar_cells(r.tar_at_far, r.num_negative_pairs, f"{self.name} with {_count_name(n)}", _pct,
+                                suffix=f" @{_count_name(n)}")
+        row.update(tars)
         record = {"probes": int(len(self.probe_idx)), "gallery": int(len(self.gallery_idx)),
                   "distractors": int(len(features["distractors"])), "by_distractors": per_count}
         return SetScores(numbers, record, [("Identification with distractors (MegaFace style)", row)],
                          pairs=self._sample_pairs(probe, p_lab, gallery, g_lab, features["distractors"]),
-                         sampled=True, result=r)
+                         sampled=True, result=r, notes=notes)
 
     @staticmethod
     def _sample_pairs(probe, p_lab, gallery, g_lab, distractors) -> tuple[np.ndarray, np.ndarray]:

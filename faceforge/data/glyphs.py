@@ -655,8 +655,6 @@ def glyph_benchmark(
 
 def montage(bench: GlyphBenchmark, path: str, characters: int = 8, gap: int = 2) -> np.ndarray:
     """Write a PNG grid: rows = training characters, columns = their training images. Returns it (H, W)."""
-    from PIL import Image
-
     imgs = bench.train_images[:characters]
     rows, cols, s = imgs.shape[0], imgs.shape[1], bench.image_size
     grid = np.full((rows * (s + gap) - gap, cols * (s + gap) - gap), 255, dtype=np.uint8)

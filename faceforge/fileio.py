@@ -231,10 +231,15 @@ def installation_key() -> bytes:
                 f.write(secrets.token_bytes(32))
                 f.flush()
                 os.fsync(f.fileno())
-            with contextlib.suppress(FileExistsError):  # another process made it first: use theirs
-                os.link(tmp, path)
+            try:
+                os.link(tmp, path)  # fails if another process made it first: use theirs
+            except FileExistsError:
+                pass
+            except OSError:  # a file system without hard links: rename (the last writer's key wins)
+                os.replace(tmp, path)
         finally:
-            os.unlink(tmp)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
     with open_nofollow(path, "rb") as f:
         key = f.read()
     if len(key) < 32:

@@ -185,19 +185,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "eval", help="evaluate checkpoints: .bin sets, IJB-B/C, identification with distractors, retrieval",
-        description="Without a set option, each checkpoint's own held-out sets. Set options combine; every "
-                    "run writes results.md/.json, roc.png, hist_<set>.png and caches the features as .npy.")
-    p.add_argument("checkpoint", nargs="?", default=None, help="a checkpoint written by `faceforge train` (last.pt)")
+        description="Without a set option, each checkpoint's own held-out sets (files inside its run folder only). "
+                    "Set options combine; every run writes results.md/.json, roc.png, hist_<set>.png and caches the "
+                    "features as .npy (read back only if this installation wrote them).")
+    p.add_argument("checkpoint", nargs="?", default=None,
+                   help="a model: a `faceforge train` run folder or checkpoint (last.pt), model.safetensors or .onnx")
     p.add_argument("--compare", nargs="+", default=None, metavar="CKPT",
                    help="several checkpoints side by side: one table (checkpoint x set) and one ROC plot (default: none)")
     p.add_argument("--output", default=None,
                    help="folder for results.md/.json, roc.png, hist_<set>.png and the cached features "
-                        "(default: eval/ beside the (first) checkpoint)")
+                        "(default: eval/<step>/<sets>/ beside the (first) checkpoint: one folder per sets)")
     p.add_argument("--bin", dest="bins", action="append", default=[], metavar="BIN",
                    help="an insightface .bin pair set (lfw.bin, cfp_fp.bin, ...): 10-fold accuracy; repeatable "
                         "(default: none)")
-    p.add_argument("--pairs", dest="num_pairs", type=int, default=3000,
-                   help="held-out pairs when the checkpoint's own sets are used (default 3000)")
+    p.add_argument("--pairs", dest="num_pairs", type=int, default=None,
+                   help="held-out pairs when the checkpoint's own sets are used (default: the run's data.eval_pairs)")
     p.add_argument("--ijb", default=None, metavar="ROOT",
                    help="an IJB-B/C release (meta/, loose_crop/): 1:1 TAR@FAR 1e-6..1e-1, and 1:N TPIR@FPIR "
                         "and rank-1/5/10 per gallery when meta/<name>_1N_*.csv are there (default: none)")

@@ -12,6 +12,13 @@ Every run writes into its output folder: ``results.md`` (one table per kind of s
 ``hist_<set>.png`` (positive / negative pair scores; ``hist_<checkpoint>_<set>.png``
 when comparing) and the features as ``emb_<checkpoint>_<set>_<data>[_<part>].npy``, keyed by the
 checkpoint's content hash and the set's data: a re-run re-scores from them without running the model.
+A cache is read only when this installation wrote it (``<file>.hmac``, a keyed hash with the key in the
+user's own cache folder, :func:`faceforge.fileio.is_signed`); one that came with a run folder is ignored,
+and the report says which features came from a cache.
+
+A checkpoint is data: evaluating one reads only the sets named on the command line, or the held-out sets
+of its config whose files lie inside its own run folder (``data.eval_bins`` elsewhere, or a glyph font
+folder elsewhere, is refused with the ``--bin`` to use instead).
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ import numpy as np
 import torch
 
 from faceforge.eval.metrics import PairCounts
-from faceforge.eval.report import FPR_RANGE, markdown_table, plot_roc, score_histogram
+from faceforge.eval.report import FPR_RANGE, UNRESOLVED, far_resolved, markdown_table, plot_roc, score_histogram
 from faceforge.eval.sets import (
     DISTRACTOR_COUNTS,
     VERIFICATION_FARS,
@@ -40,8 +47,9 @@ from faceforge.eval.sets import (
     SetScores,
     _pct,
 )
-from faceforge.fileio import save_npy
-from faceforge.train.checkpoint import THRESHOLD_KEY
+from faceforge.eval.finite import require_finite
+from faceforge.fileio import is_signed, save_npy, sign_file, write_text
+from faceforge.train.checkpoint import CHECKPOINT_NAME, THRESHOLD_KEY
 
 __all__ = ["EVALUATIONS", "EVAL_FARS", "EvalRequest", "evaluate_checkpoint", "evaluate_checkpoints"]
 
@@ -59,7 +67,8 @@ class EvalRequest:
     how the numbers are read ("faceforge" or "insightface", :class:`faceforge.eval.sets.IJBSet`). probes / distractors / distractor_counts: identification
     of a labelled image set among distractors (both required together). retrieval /
     retrieval_test_fraction: retrieval on a labelled image set, or on a class-disjoint fraction of it.
-    num_pairs: held-out pairs when a checkpoint's own sets are used (none of the above). fars: of the
+    num_pairs: held-out pairs when a checkpoint's own sets are used (none of the above); None: the run's
+    own ``data.eval_pairs``, so that eval and training report the same pairs. fars: of the
     pair sets. batch_size: images per forward pass. encoder: which of a checkpoint's encoders embeds,
     "query" (the trained backbone) or "momentum" (AttFC's class encoder; ``faceforge.build.ENCODERS``).
     masked: every 1:1 pair set is also scored with the second image of each pair masked
@@ -76,7 +85,7 @@ class EvalRequest:
     distractor_counts: Sequence[int] = DISTRACTOR_COUNTS
     retrieval: str | None = None
     retrieval_test_fraction: float | None = None
-    num_pairs: int = 3000
+    num_pairs: int | None = None
     fars: Sequence[float] = EVAL_FARS
     batch_size: int = 256
     encoder: str = "query"
@@ -121,9 +130,10 @@ def _masked_rows(results: dict[tuple[str, str], SetScores]) -> list[tuple[str, d
             "10-fold accuracy, masked": f"{100 * b.accuracy:.2f} %",
         }
         for far in (1e-3, 1e-2):
-            if far in a.tar_at_far:
-                row[f"TAR@FAR={far:.0e}, unmasked"] = _pct(a.tar_at_far[far])
-                row[f"TAR@FAR={far:.0e}, masked"] = _pct(b.tar_at_far[far])
+            if far in a.tar_at_far:  # unresolved below 1 / FAR negative pairs: "—", the pair table says why
+                resolved = far_resolved(far, a.negative_pairs)
+                row[f"TAR@FAR={far:.0e}, unmasked"] = _pct(a.tar_at_far[far]) if resolved else UNRESOLVED
+                row[f"TAR@FAR={far:.0e}, masked"] = _pct(b.tar_at_far[far]) if resolved else UNRESOLVED
         row.update({"EER, unmasked": _pct(a.eer), "EER, masked": _pct(b.eer)})
         rows.append((title, row))
     return rows
@@ -167,6 +177,41 @@ def _file_key(path: Path) -> str:
     return h.hexdigest()
 
 
+def resolve_checkpoint(path: str | Path) -> Path:
+    """The file a user named as a model to evaluate: a run folder gives its ``last.pt`` (its config brings the
+    held-out sets), else its ``model.safetensors``; a file is itself (``last.pt``, ``.safetensors``, ``.onnx``).
+    FileNotFoundError when neither exists."""
+    from faceforge.modelfile import ModelFileError, resolve_model_path
+
+    p = Path(path)
+    if p.is_dir() and (p / CHECKPOINT_NAME).is_file():
+        return p / CHECKPOINT_NAME
+    try:
+        return resolve_model_path(p)
+    except ModelFileError as e:
+        raise FileNotFoundError(f"checkpoint not found: {e}") from None
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    """Whether ``path`` (links resolved) lies inside ``folder``."""
+    return path.resolve().is_relative_to(folder.resolve())
+
+
+def confine_to_run(cfg: object, checkpoint: Path) -> None:
+    """Refuse a checkpoint config that names data outside its own run folder (``data.eval_bins``; a glyph
+    ``data.path``): a downloaded checkpoint must not make eval read files it chose. ValueError naming the key."""
+    run = checkpoint.parent
+    d = cfg.data
+    for path in d.eval_bins or ():
+        if not _inside(Path(path), run):
+            raise ValueError(f"{checkpoint}: data.eval_bins names {str(path)[:200]!r}, outside the run folder {run}; "
+                             "eval reads only sets given on the command line or inside the run: pass it with --bin")
+    if d.name == "glyphs" and d.path and not _inside(Path(d.path), run):
+        raise ValueError(f"{checkpoint}: data.path names the font folder {str(d.path)[:200]!r}, outside the run "
+                         f"folder {run}; eval reads only sets given on the command line or inside the run: "
+                         "pass pairs with --bin")
+
+
 def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_") or "set"
 
@@ -182,7 +227,8 @@ def _labels(checkpoints: Sequence[Path]) -> list[str]:
 
 @dataclass
 class _Checkpoint:
-    """A checkpoint file: its config, content key, learned threshold and (built on demand) backbone."""
+    """A checkpoint file: its config, content key, the model's threshold (``threshold``, with where it came from:
+    ``threshold_source``; the one its ``model.json`` carries) and (built on demand) backbone."""
 
     path: Path
     label: str
@@ -201,6 +247,7 @@ class _Checkpoint:
 
             recognizer = load_model(self.path)
             self.cfg, self.image_size, self.threshold = None, recognizer.image_size, recognizer.info.threshold
+            self.threshold_source = recognizer.info.threshold_source
             self._model = as_backbone(recognizer)
             return
         self.state = load_checkpoint(self.path)
@@ -211,8 +258,13 @@ class _Checkpoint:
         self.cfg = config_from_dict(self.state["config"], source=str(self.path))
         t = self.state.get(THRESHOLD_KEY)
         if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t)):
-            raise ValueError(f"{self.path}: {THRESHOLD_KEY!r} must be a finite float, got {t!r}")
-        self.threshold = None if t is None else float(t)
+            raise ValueError(f"{self.path}: {THRESHOLD_KEY!r} must be a finite float, got {repr(t)[:100]}")
+        from faceforge.modelfile import threshold_from_run
+
+        metrics = self.state.get("metrics")  # as `faceforge export` / model.json take it: every format, one threshold
+        self.threshold, self.threshold_source, _ = threshold_from_run(metrics if isinstance(metrics, dict) else None, t)
+        if self.threshold is not None and not math.isfinite(self.threshold):
+            raise ValueError(f"{self.path}: metrics: threshold {self.threshold!r}; expected a finite cosine")
         self.image_size = self.cfg.data.image_size
 
     def model(self) -> torch.nn.Module:
@@ -229,7 +281,9 @@ class _Checkpoint:
         if self.cfg is None:
             raise ValueError(f"{self.path}: a model file carries no held-out sets; pass .bin files with --bin, or "
                              "--ijb / --probes / --retrieval")
-        self.cfg.data.eval_pairs = r.num_pairs
+        confine_to_run(self.cfg, self.path)
+        if r.num_pairs is not None:
+            self.cfg.data.eval_pairs = r.num_pairs
         sets = build_verification_sets(self.cfg)
         if not sets:
             raise ValueError(f"{self.path}: its config (data.name = {self.cfg.data.name!r}) has no verification "
@@ -242,18 +296,46 @@ class _Checkpoint:
 # --------------------------------------------------------------------------------------------------
 
 
+class _ImageNames(Sequence[str]):
+    """The images behind the rows of one feature part, named on demand (for a NaN embedding's message)."""
+
+    def __init__(self, s: EvalSet, part: str, n: int) -> None:
+        self.s, self.part, self.n = s, part, n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index):  # type: ignore[override]
+        return self.s.image_name(self.part, int(index))
+
+
+def _check_finite(features: dict[str, np.ndarray], s: EvalSet, ckpt: _Checkpoint) -> None:
+    """NonFiniteEmbeddingError (exit 2) naming the model and the first image whose embedding is NaN or inf."""
+    for part, x in features.items():
+        if not np.isfinite(x).all():  # the cheap check first: a cache is a read-only memory map
+            require_finite(np.array(x), str(ckpt.path), _ImageNames(s, part, len(x)))
+
+
 def _features(s: EvalSet, data_key: str, ckpt: _Checkpoint, out: Path,
               batch_size: int) -> tuple[dict[str, np.ndarray], dict[str, Path], bool]:
-    """``(features, paths, cached)``: the set's features for this checkpoint, from ``out`` or the model."""
+    """``(features, paths, cached)``: the set's features for this checkpoint, from a cache in ``out`` that this
+    installation wrote and signed (:func:`faceforge.fileio.is_signed`), or from the model."""
     stem = f"emb_{ckpt.key}_{_safe(s.features_name)}_{data_key}"
     paths = {part: out / (f"{stem}_{part}.npy" if part else f"{stem}.npy") for part in s.parts}
     if all(p.is_file() for p in paths.values()):
-        print(f"features: {ckpt.label} on {s.name}: cached {', '.join(str(p) for p in paths.values())}")
-        return {part: np.load(p, mmap_mode="r", allow_pickle=False) for part, p in paths.items()}, paths, True
+        if all(is_signed(p) for p in paths.values()):
+            print(f"features: {ckpt.label} on {s.name}: cached {', '.join(str(p) for p in paths.values())}")
+            features = {part: np.load(p, mmap_mode="r", allow_pickle=False) for part, p in paths.items()}
+            _check_finite(features, s, ckpt)
+            return features, paths, True
+        print(f"features: {ckpt.label} on {s.name}: ignoring {', '.join(p.name for p in paths.values())} "
+              "(not written by this installation)")
     print(f"features: {ckpt.label} on {s.name}: computing")
     features = s.embed(ckpt.model(), ckpt.image_size, batch_size=batch_size, progress=True)
+    _check_finite(features, s, ckpt)
     for part, p in paths.items():
         save_npy(p, features[part])
+        sign_file(p)
     return features, paths, False
 
 
@@ -266,21 +348,25 @@ def _record(ckpt: _Checkpoint, s: EvalSet, scores: SetScores, paths: dict[str, P
     record = {"checkpoint": ckpt.label, "checkpoint_path": str(ckpt.path), "checkpoint_key": ckpt.key,
               "encoder": ckpt.encoder, "set": s.name, "kind": s.kind}
     record.update(scores.record)
+    if "model_threshold" in record:
+        record["model_threshold_source"] = ckpt.threshold_source
     single = list(paths) == [""]
     record["embeddings"] = str(paths[""]) if single else {part: str(p) for part, p in paths.items()}
     record["cached"] = bool(cached)
     return record
 
 
-def _tables(rows: list[tuple[str, dict[str, object]]]) -> str:
-    """One Markdown table per title, in first-seen order; columns are every row's keys, in order."""
+def _tables(rows: list[tuple[str, dict[str, object]]], notes: dict[str, list[str]] | None = None) -> str:
+    """One Markdown table per title, in first-seen order; columns are every row's keys, in order; each table
+    followed by its footnote lines (``notes[title]``, e.g. why a cell shows "—")."""
     by_title: dict[str, list[dict[str, object]]] = {}
     for title, row in rows:
         by_title.setdefault(title, []).append(row)
     parts = []
     for title, table_rows in by_title.items():
         columns = list(dict.fromkeys(c for row in table_rows for c in row))
-        parts.append(f"## {title}\n\n{markdown_table(table_rows, columns)}")
+        lines = list(dict.fromkeys((notes or {}).get(title, ())))
+        parts.append(f"## {title}\n\n{markdown_table(table_rows, columns)}" + "".join(f"\n{n}" for n in lines))
     return "\n\n".join(parts)
 
 
@@ -290,16 +376,62 @@ def _fpr_range(curves: list[PairCounts]) -> tuple[float, float]:
     return min(FPR_RANGE[0], max(1e-6, 10.0 ** math.floor(math.log10(1 / n_neg)))), FPR_RANGE[1]
 
 
-def default_output(paths: Sequence[Path]) -> Path:
-    """``eval/<name>/`` beside the first checkpoint: ``step_XXXXXXX`` (its training step) for one checkpoint
-    (its file stem when it holds no step), ``compare_<a>_vs_<b>...`` for several."""
-    if len(paths) > 1:
-        return paths[0].parent / "eval" / _safe("compare_" + "_vs_".join(p.stem for p in paths))[:120]
-    from faceforge.train.checkpoint import load_checkpoint
+def sets_label(r: EvalRequest) -> str:
+    """A folder name for the sets of ``r``: their names (``held-out`` for a checkpoint's own) and a short hash
+    of every option that changes a number, so that other sets (or other options) get another folder."""
+    names = [Path(b).stem for b in r.bins] + ([r.ijb_name] if r.ijb else [])
+    names += [f"{Path(r.probes).name}+{Path(r.distractors or '').name}"] if r.probes else []
+    names += [Path(r.retrieval).name] if r.retrieval else []
+    names = (names or ["held-out"] + ([f"{r.num_pairs}-pairs"] if r.num_pairs is not None else []))
+    names += ["masked"] if r.masked else []
+    options = {k: v for k, v in vars(r).items() if k != "batch_size"}
+    options.update(bins=[str(Path(b).resolve()) for b in r.bins],
+                   **{k: str(Path(v).resolve()) for k in ("ijb", "probes", "distractors", "retrieval")
+                      if (v := getattr(r, k))})
+    digest = hashlib.blake2b(repr(sorted(options.items())).encode(), digest_size=4).hexdigest()
+    return f"{_safe('+'.join(names))[:80]}-{digest}"
 
-    step = load_checkpoint(paths[0]).get("step")
-    name = f"step_{step:07d}" if isinstance(step, int) and not isinstance(step, bool) else _safe(paths[0].stem)
-    return paths[0].parent / "eval" / name
+
+def default_output(paths: Sequence[Path], request: EvalRequest | None = None) -> Path:
+    """``eval/<name>/<sets>/`` beside the first checkpoint. ``<name>``: ``step_XXXXXXX`` (its training step) for
+    one checkpoint (its file name when it holds no step, as model files do), ``compare_<a>_vs_<b>...`` for
+    several; ``<sets>``: :func:`sets_label`, so that evaluating on other sets never replaces a report."""
+    sets = sets_label(request or EvalRequest())
+    if len(paths) > 1:
+        return paths[0].parent / "eval" / _safe("compare_" + "_vs_".join(p.stem for p in paths))[:120] / sets
+    step = None
+    if paths[0].suffix.lower() not in MODEL_FILE_SUFFIXES:
+        from faceforge.train.checkpoint import load_checkpoint
+
+        step = load_checkpoint(paths[0]).get("step")
+    name = f"step_{step:07d}" if isinstance(step, int) and not isinstance(step, bool) else _safe(paths[0].name)
+    return paths[0].parent / "eval" / name / sets
+
+
+def _unlinked(out: Path, run: Path) -> Path:
+    """``out`` (a folder under ``run``) when no folder between them is a symlink: a run folder from someone else
+    may ship ``eval -> ~/`` to make the reports land elsewhere. ValueError naming the link otherwise."""
+    for folder in [out, *out.parents]:
+        if folder == run:
+            return out
+        if folder.is_symlink():
+            raise ValueError(f"{folder}: a symbolic link inside the run folder; faceforge writes its reports only "
+                             "into real folders (remove it, or give --output)")
+    return out
+
+
+def _remove_stale_plots(out: Path, written: set[Path]) -> None:
+    """Remove the plots an earlier run listed in ``out/results.json`` that this run did not write again, so
+    that a folder never shows a plot of sets its results.md does not hold (only ``roc.png``/``hist_*.png``
+    inside ``out``; a link is removed, never followed)."""
+    try:
+        earlier = json.loads((out / "results.json").read_text()).get("plots", [])
+    except (OSError, ValueError, AttributeError):
+        return
+    for name in earlier if isinstance(earlier, list) else []:
+        p = out / Path(str(name)).name
+        if p not in written and (p.name == "roc.png" or (p.name.startswith("hist_") and p.suffix == ".png")):
+            p.unlink(missing_ok=True)
 
 
 def evaluate_checkpoints(
@@ -314,8 +446,11 @@ def evaluate_checkpoints(
     step it holds, so that evaluating two checkpoints of one run keeps both reports; when comparing,
     ``eval/compare_<a>_vs_<b>/`` beside the first).
 
-    A checkpoint holding a float ``"verification_threshold"`` (SphereFace2's learned threshold) also
-    gets the accuracy at that threshold on pair sets ("accuracy@learned threshold").
+    Pair sets also get the accuracy at the model's own threshold ("accuracy@model threshold"): the one its
+    ``model.json`` carries, for every format of one model (SphereFace2's learned threshold, else the
+    best-threshold accuracy's threshold on the run's first evaluation set; its source in ``results.json``).
+
+    ``checkpoints``: ``last.pt`` files, run folders, ``model.safetensors`` or ``.onnx`` files.
 
     Returns:
         ``{(checkpoint label, set name): SetScores}``; labels are file names (made distinct if needed).
@@ -323,11 +458,8 @@ def evaluate_checkpoints(
     if not checkpoints:
         raise ValueError("no checkpoint given")
     r = request if request is not None else EvalRequest(**options)
-    paths = [Path(c) for c in checkpoints]
-    for p in paths:
-        if not p.is_file():
-            raise FileNotFoundError(f"checkpoint not found: {p}")
-    out = Path(output) if output else default_output(paths)
+    paths = [resolve_checkpoint(c) for c in checkpoints]
+    out = Path(output) if output else _unlinked(default_output(paths, r), paths[0].parent)
     out.mkdir(parents=True, exist_ok=True)
     shared = [s for build in EVALUATIONS.values() for s in build(r)]
     shared = _with_masked(shared, r) if shared else shared
@@ -335,7 +467,7 @@ def evaluate_checkpoints(
     compare = len(paths) > 1
 
     results: dict[tuple[str, str], SetScores] = {}
-    records, rows, hists, curves = [], [], [], {}
+    records, rows, hists, curves, notes = [], [], [], {}, {}
     for path, label in zip(paths, _labels(paths)):
         label = label if r.encoder == "query" else f"{label}[{r.encoder}]"  # which encoder, in every table
         ckpt = _Checkpoint(path, label, r.encoder)
@@ -347,6 +479,11 @@ def evaluate_checkpoints(
             results[(label, s.name)] = scores
             records.append(_record(ckpt, s, scores, feature_paths, cached))
             rows += [(title, {"model": f"{label} on {s.name}"} | row) for title, row in scores.rows]
+            for title, _ in scores.rows:
+                notes.setdefault(title, []).extend(f"{n} ({label})" for n in scores.notes)
+                if cached:
+                    notes[title].append(f"{label} on {s.name}: features read from this installation's cache "
+                                        f"({', '.join(p.name for p in feature_paths.values())}), not recomputed")
             if scores.pairs is None:
                 continue
             name = f"{label} on {s.name}" + (" (sampled pairs)" if scores.sampled else "")
@@ -357,11 +494,13 @@ def evaluate_checkpoints(
     title = " vs ".join(_labels(paths)) if compare else str(paths[0])
     roc_path = plot_roc({name: c.rates() for name, c in curves.items()}, out / "roc.png", title=title,
                         fpr_range=_fpr_range(list(curves.values()))) if curves else None
-    tables = _tables(rows + (_masked_rows(results) if r.masked else []))
-    (out / "results.md").write_text(tables + "\n")
-    (out / "results.json").write_text(json.dumps(
+    tables = _tables(rows + (_masked_rows(results) if r.masked else []), notes)
+    plots = ([roc_path] if roc_path is not None else []) + hists
+    _remove_stale_plots(out, set(plots))
+    write_text(out / "results.md", tables + "\n")
+    write_text(out / "results.json", json.dumps(
         {"checkpoints": dict(zip(_labels(paths), map(str, paths))), "fars": [float(f) for f in r.fars],
-         "results": records}, indent=2) + "\n")
+         "results": records, "plots": [p.name for p in plots]}, indent=2) + "\n")
     print(tables)
     print(f"results:    {out / 'results.md'}, {out / 'results.json'}")
     if roc_path is not None:

@@ -29,6 +29,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from faceforge.fileio import atomic_path
 from faceforge.modelfile import META_KEY, MODEL_WEIGHTS, ModelFileError, ModelInfo
 
 __all__ = [
@@ -225,7 +226,6 @@ def export_backbone(
         model = transform(model)
     out = Path(output)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
     out.unlink(missing_ok=True)
     x = _preprocess(info, real_faces(info.image_size))
 
@@ -233,16 +233,13 @@ def export_backbone(
         with torch.no_grad():
             return reference(torch.from_numpy(batch)).numpy()
 
-    try:
+    with atomic_path(out) as tmp:  # a fresh temporary, renamed onto `out` only when parity holds
         _write_onnx(model, tmp, info.image_size, opset)
         left = batchnorms(model)
         folded = len(batchnorms(reference)) - len(left)
         _set_metadata(tmp, {META_KEY: info.to_json(), "faceforge_opset": str(opset), "faceforge_bn_folded": str(folded),
                             "faceforge_bn_left": json.dumps(left)})
         worst = check_parity(torch_reference, tmp, x, tolerance, name=str(out))
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
     return ExportReport(out, opset, folded, left, worst, len(x))
 
 
@@ -279,13 +276,14 @@ def quantize_onnx(float_path: Path, int8_path: Path, mode: str, info: ModelInfo,
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
 
     metadata = {p.key: p.value for p in onnx.load(os.fspath(float_path)).metadata_props}
-    if mode == "dynamic":
-        quantize_dynamic(os.fspath(float_path), os.fspath(int8_path), weight_type=QuantType.QUInt8)
-    else:
-        reader = _Calibration(calibration, info, "images")
-        quantize_static(os.fspath(float_path), os.fspath(int8_path), reader, quant_format=QuantFormat.QDQ,
-                        per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
-    _set_metadata(int8_path, metadata | {"faceforge_quantized": mode})
+    with atomic_path(int8_path) as tmp:  # never written in place: a link at int8_path is replaced, not followed
+        if mode == "dynamic":
+            quantize_dynamic(os.fspath(float_path), os.fspath(tmp), weight_type=QuantType.QUInt8)
+        else:
+            reader = _Calibration(calibration, info, "images")
+            quantize_static(os.fspath(float_path), os.fspath(tmp), reader, quant_format=QuantFormat.QDQ,
+                            per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+        _set_metadata(tmp, metadata | {"faceforge_quantized": mode})
     return int8_path
 
 

@@ -561,7 +561,7 @@ class Gallery:
                 for srow, rrow in zip(scores, rows)]
 
     def save(self, folder: str | os.PathLike) -> Path:
-        from faceforge.fileio import atomic_open, save_npy
+        from faceforge.fileio import atomic_open, atomic_path, save_npy
 
         out = Path(folder)
         out.mkdir(parents=True, exist_ok=True)
@@ -571,8 +571,8 @@ class Gallery:
         with atomic_open(out / "gallery.json", "w") as f:
             json.dump(meta, f, indent=1)
         faiss = _faiss()
-        faiss.write_index(self.index, os.fspath(out / ".index.faiss.tmp"))
-        os.replace(out / ".index.faiss.tmp", out / "index.faiss")
+        with atomic_path(out / "index.faiss") as tmp:
+            faiss.write_index(self.index, os.fspath(tmp))
         self.folder = os.fspath(out)
         return out
 

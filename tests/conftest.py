@@ -15,3 +15,18 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _own_faceforge_cache_key(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """faceforge signs the caches it writes with a key in $XDG_CACHE_HOME/faceforge (faceforge.fileio): the tests
+    make theirs in a temporary folder, never in the user's home."""
+    import os
+
+    old = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("xdg_cache"))
+    yield
+    if old is None:
+        os.environ.pop("XDG_CACHE_HOME", None)
+    else:
+        os.environ["XDG_CACHE_HOME"] = old

@@ -81,12 +81,13 @@ def test_eval_default_output_is_a_folder_per_checkpoint(trained: tuple[Path, Pat
     shutil.copyfile(ckpt, copy)
     state = load_checkpoint(copy)
     assert main(["eval", str(copy), "--bin", str(bin_path)]) == 0
-    first = copy.parent / "eval" / f"step_{state['step']:07d}"
+    (first,) = (copy.parent / "eval" / f"step_{state['step']:07d}").glob("pairs-*")  # one folder per sets
     assert (first / "results.json").is_file() and (first / "roc.png").is_file()
     earlier = copy.parent / "step_0000001.pt"  # another checkpoint of the run keeps its own report
     save_checkpoint(earlier, {**state, "step": 1})
     assert main(["eval", str(earlier), "--bin", str(bin_path)]) == 0
-    assert (copy.parent / "eval" / "step_0000001" / "results.json").is_file() and (first / "results.json").is_file()
+    (second,) = (copy.parent / "eval" / "step_0000001").glob("pairs-*")
+    assert (second / "results.json").is_file() and (first / "results.json").is_file()
 
 
 def test_eval_errors_are_one_line(trained: tuple[Path, Path, np.ndarray], tmp_path: Path,
@@ -337,13 +338,14 @@ def test_eval_combines_sets_compares_and_reports_the_learned_threshold(tiny: dic
         ("b/last.pt", "retrieval"), ("b/last.pt", "verification"),
     ]
     verification = {r["checkpoint"]: r for r in records if r["kind"] == "verification"}
-    assert "accuracy_at_learned_threshold" not in verification["a/last.pt"]
+    assert "accuracy_at_model_threshold" not in verification["a/last.pt"]  # no learned one, no run metrics
     learned = verification["b/last.pt"]
     scores = pair_scores(np.load(learned["embeddings"]))
-    assert learned["learned_threshold"] == 0.25
-    assert learned["accuracy_at_learned_threshold"] == pytest.approx(np.mean((scores >= 0.25) == issame))
+    assert learned["model_threshold"] == 0.25
+    assert learned["model_threshold_source"] == "learned by the head (SphereFace2)"
+    assert learned["accuracy_at_model_threshold"] == pytest.approx(np.mean((scores >= 0.25) == issame))
     table = (out / "results.md").read_text()
-    assert "accuracy@learned threshold" in table and "## Retrieval (class-disjoint)" in table
+    assert "accuracy@model threshold" in table and "## Retrieval (class-disjoint)" in table
     assert len(list(out.glob("hist_*.png"))) == 4
 
 

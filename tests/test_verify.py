@@ -149,7 +149,8 @@ def test_evaluate_scores_and_as_dict():
     assert result.auc == pytest.approx(np.trapezoid(tpr, fpr))
     d = result.as_dict()
     assert set(d) == {"accuracy", "accuracy_std", "best_threshold_accuracy", "threshold", "threshold_far", "eer", "auc",
-                      "tar@far=2e-01"}
+                      "tar@far=2e-01", "negative_pairs"}
+    assert d["negative_pairs"] == 5.0  # which TAR@FAR the pairs resolve (report.metrics_table)
     # FAR at the best threshold: accept >= .65 lets no negative through (the highest is .6)
     assert d["threshold_far"] == np.mean(scores[~labels] >= result.threshold) == 0.0
     assert evaluate_scores(scores, labels, fars=(0.2,), folds=5).threshold_far == 0.0

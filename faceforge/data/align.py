@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image
 
 from faceforge.data.images import BadImageError, decode_image, image_size
-from faceforge.fileio import atomic_open
+from faceforge.fileio import save_image
 
 TEMPLATE_SIZE = 112
 
@@ -176,8 +176,7 @@ def align_files(landmark_list: str | Path, output: str | Path, size: int = TEMPL
                              f"{str(e).removeprefix(image_path + ': ')}") from None
         target = output / name
         target.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_open(target, "wb") as f:
-            Image.fromarray(align_face(image, points, size)).save(f, format="PNG")
+        save_image(target, align_face(image, points, size))
         written.append(target)
     return written
 

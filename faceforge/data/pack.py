@@ -26,7 +26,7 @@ from typing import Callable, Iterable, Iterator, Sequence, TypeVar
 
 import numpy as np
 
-from faceforge.fileio import atomic_open
+from faceforge.fileio import write_text
 
 _PASS_THROUGH = ("JPEG", "PNG")
 
@@ -205,9 +205,7 @@ def _pack(
         os.unlink(report)  # a stale report would describe another run
     n = write(prefix, samples(), num_classes=num_classes)
     if skipped:
-        with atomic_open(report, "w") as f:
-            for p, err in skipped:
-                f.write(f"{p}\t{err}\n")
+        write_text(report, "".join(f"{p}\t{err}\n" for p, err in skipped))
     return PackResult(prefix, n, len(kept), skipped, None, report if skipped else None)
 
 
@@ -231,9 +229,7 @@ def pack_folder(
     items = [(p, label) for label, paths in enumerate(files) for p in paths]
     result = _pack(dest, items, workers=workers, skip_bad=skip_bad, progress=progress, num_classes=len(names))
     label_map = result.prefix + ".labels.json"
-    with atomic_open(label_map, "w") as f:  # never through a link planted at the destination
-        json.dump({name: i for i, name in enumerate(names)}, f, indent=1, ensure_ascii=False)
-        f.write("\n")
+    write_text(label_map, json.dumps({name: i for i, name in enumerate(names)}, indent=1, ensure_ascii=False) + "\n")
     result.label_map = label_map
     return result
 

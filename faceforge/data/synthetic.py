@@ -38,6 +38,7 @@ from torch.utils.data import Dataset
 
 from faceforge.data.align import ARCFACE_TEMPLATE, TEMPLATE_SIZE
 from faceforge.data.transforms import to_tensor
+from faceforge.fileio import save_image
 
 __all__ = [
     "SPLITS",
@@ -750,8 +751,6 @@ def synthetic_pairs(num_pairs: int, num_identities: int = 1000, seed: int = 0, d
 def montage(path: str, num_identities: int = 8, images_per_identity: int = 8, seed: int = 0,
             difficulty: float = 1.0, image_size: int = 112, split: str = "train", gap: int = 2) -> np.ndarray:
     """Write a PNG grid (rows = identities, columns = images of that identity) with Pillow; returns it (H, W, 3)."""
-    from PIL import Image
-
     ids = np.repeat(np.arange(num_identities), images_per_identity)
     samples = np.tile(np.arange(images_per_identity), num_identities)
     imgs = render_images(ids, samples, seed=seed, split=split, difficulty=difficulty, image_size=image_size)
@@ -760,7 +759,7 @@ def montage(path: str, num_identities: int = 8, images_per_identity: int = 8, se
     for k, im in enumerate(imgs):
         r, c = divmod(k, images_per_identity)
         grid[r * step:r * step + image_size, c * step:c * step + image_size] = im
-    Image.fromarray(grid).save(path)
+    save_image(path, grid)
     return grid
 
 

@@ -6,14 +6,18 @@ headless machines and inside other programs without side effects.
 
 from __future__ import annotations
 
+import io
+import math
+import re
 from pathlib import Path
-from typing import Collection, Mapping, Sequence
+from typing import Callable, Collection, Mapping, Sequence
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from faceforge.eval.metrics import check_pairs
+from faceforge.fileio import write_bytes
 
 FPR_RANGE = (1e-4, 1.0)
 
@@ -21,10 +25,10 @@ FPR_RANGE = (1e-4, 1.0)
 def save_figure(fig: Figure, path: str | Path, dpi: int) -> Path:
     """Render ``fig`` on the Agg canvas (no pyplot) and write it to ``path`` (folders made), tight bounds."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     FigureCanvasAgg(fig)
-    fig.savefig(path, dpi=dpi, bbox_inches="tight")
-    return path
+    buffer = io.BytesIO()  # rendered in memory, then one atomic write that never follows a link at `path`
+    fig.savefig(buffer, format=path.suffix.lstrip(".").lower() or "png", dpi=dpi, bbox_inches="tight")
+    return write_bytes(path, buffer.getvalue())
 
 
 def _thin(fpr: np.ndarray, tpr: np.ndarray, points: int) -> tuple[np.ndarray, np.ndarray]:
@@ -164,9 +168,45 @@ def markdown_table(
     return "\n".join([line(columns), rule] + [line(r) for r in cells])
 
 
+UNRESOLVED = "—"  # a TAR@FAR the pairs cannot resolve, as IJB tables show it
+
+
+def far_resolved(far: float, negatives: int) -> bool:
+    """Whether ``negatives`` negative pairs resolve FAR ``far``: one false accept is at most ``far`` of them,
+    i.e. ``negatives >= 1 / far`` (10,000 for 1e-4). Below it TAR@FAR is TAR at zero false accepts, not at FAR."""
+    return negatives * far >= 1 - 1e-9  # 1e-9: 1 / far is not exact in binary (1e-4 * 10_000 may round below 1)
+
+
+def unresolved_note(far: float, negatives: int, where: str) -> str:
+    """The footnote of an unresolved TAR@FAR cell (:data:`UNRESOLVED`)."""
+    return (f"{UNRESOLVED} TAR@FAR={far:.0e} on {where}: needs at least {math.ceil(1 / far - 1e-9):,} negative pairs "
+            f"(one false accept in 1/FAR), there are {negatives:,}")
+
+
+def tar_cells(tar_at_far: Mapping[float, float], negatives: int, where: str,
+              fmt: Callable[[float], object] = lambda tar: tar, suffix: str = "") -> tuple[dict[str, object], list[str]]:
+    """``({"TAR@FAR=1e-04<suffix>": cell}, notes)``: ``fmt(tar)`` where ``negatives`` resolve the FAR, else
+    :data:`UNRESOLVED` and a footnote line (:func:`unresolved_note`) saying why."""
+    cells: dict[str, object] = {}
+    notes = []
+    for far, tar in tar_at_far.items():
+        if far_resolved(far, negatives):
+            cells[f"TAR@FAR={far:.0e}{suffix}"] = fmt(tar)
+        else:
+            cells[f"TAR@FAR={far:.0e}{suffix}"] = UNRESOLVED
+            notes.append(unresolved_note(far, negatives, where))
+    return cells, notes
+
+
+_TAR_METRIC = re.compile(r"^tar@far=(.+)$")
+
+
 def metrics_table(metrics: Mapping[str, float], digits: int = 4) -> str:
     """Flat metrics ``{"<set>/<metric>": value}`` (as training logs them) as a small Markdown table, one row per
-    set (the part before the last ``/``; "" for unprefixed ones) and one column per metric, in first-seen order."""
+    set (the part before the last ``/``; "" for unprefixed ones) and one column per metric, in first-seen order.
+
+    A ``tar@far=F`` value of a set whose ``negative_pairs`` are fewer than ``1 / F`` shows :data:`UNRESOLVED`,
+    with a footnote line under the table (:func:`unresolved_note`)."""
     rows: dict[str, dict[str, object]] = {}
     columns: list[str] = []
     for key, value in metrics.items():
@@ -174,7 +214,17 @@ def metrics_table(metrics: Mapping[str, float], digits: int = 4) -> str:
         rows.setdefault(where, {"set": where or "held-out"})[metric] = value
         if metric not in columns:
             columns.append(metric)
-    return markdown_table(list(rows.values()), ["set", *columns], digits=digits)
+    notes = []
+    for row in rows.values():
+        negatives = row.get("negative_pairs")
+        for metric in list(row):
+            match = _TAR_METRIC.match(metric)
+            if match and negatives is not None and not far_resolved(float(match.group(1)), int(negatives)):
+                row[metric] = UNRESOLVED
+                notes.append(unresolved_note(float(match.group(1)), int(negatives), str(row["set"])))
+    table = markdown_table(list(rows.values()), ["set", *columns], digits=digits)
+    return "\n".join([table, *([""] + notes if notes else [])])
 
 
-__all__ = ["markdown_table", "metrics_table", "plot_roc", "save_figure", "score_histogram"]
+__all__ = ["UNRESOLVED", "far_resolved", "markdown_table", "metrics_table", "plot_roc", "save_figure",
+           "score_histogram", "tar_cells", "unresolved_note"]

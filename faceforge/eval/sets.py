@@ -40,6 +40,7 @@ from torch import nn
 
 from faceforge.eval import metrics
 from faceforge.eval.identify import identify_with_distractors
+from faceforge.eval.report import tar_cells
 from faceforge.eval.retrieval import class_disjoint_split, retrieval_map, retrieval_recall
 from faceforge.eval.verify import embed, embed_batches, evaluate_scores, pair_scores
 
@@ -67,6 +68,8 @@ DISTRACTOR_COUNTS = (10, 100, 1_000, 10_000, 100_000, 1_000_000)  # MegaFace's c
 DISTRACTOR_FARS = (1e-6,)
 # SOP / In-shop report Recall@1/10/100/1000 and Recall@1/10/20/30 (BroadFace Tables 4-5)
 RETRIEVAL_KS = (1, 10, 20, 30, 100, 1000)
+# the column of the accuracy at the model's own threshold (the one `faceforge verify` and model.json use)
+MODEL_THRESHOLD_COLUMN = "accuracy@model threshold"
 # The histogram / ROC of sets without a natural pair list use at most about this many sampled pairs
 SAMPLED_PAIRS = 2_000_000
 
@@ -97,6 +100,7 @@ class SetScores:
     pairs: ``(scores, labels)`` behind the score histogram and ROC; ``sampled`` when they are a sample
     (identification, retrieval) rather than the protocol's own pairs. counts: their
     :class:`~faceforge.eval.metrics.PairCounts` when already computed. result: the library's result.
+    notes: footnote lines for the table (e.g. why a TAR@FAR cell shows "—").
     """
 
     numbers: dict[str, float]
@@ -106,6 +110,7 @@ class SetScores:
     sampled: bool = False
     counts: metrics.PairCounts | None = field(default=None, repr=False)
     result: Any = field(default=None, repr=False)
+    notes: list[str] = field(default_factory=list)
 
 
 class EvalSet:
@@ -124,6 +129,10 @@ class EvalSet:
         """A short hash of the data the features depend on (not of the model)."""
         raise NotImplementedError
 
+    def image_name(self, part: str, index: int) -> str:
+        """The image behind row ``index`` of feature part ``part``, for messages (a NaN embedding names it)."""
+        return f"{self.name}{f' {part}' if part else ''} image {index}"
+
     def embed(self, model: nn.Module, image_size: int, batch_size: int = 256,
               device: torch.device | str | None = None, progress: bool = False) -> dict[str, np.ndarray]:
         """Run ``model`` (``(B, 3, S, S) -> (B, D)``, ``S = image_size``) on the set's images, in eval mode:
@@ -132,7 +141,8 @@ class EvalSet:
 
     def score(self, features: dict[str, np.ndarray], threshold: float | None = None) -> SetScores:
         """Every number of the protocol from ``features`` (as :meth:`embed` returns them, or read back from
-        a cache). ``threshold``: a learned verification threshold whose accuracy pair sets also report."""
+        a cache). ``threshold``: the model's own verification threshold (learned by its head, or chosen at
+        training time; what ``model.json`` carries), whose accuracy pair sets also report."""
         raise NotImplementedError
 
     def evaluate(self, model: nn.Module, image_size: int, batch_size: int = 256,
@@ -287,6 +297,9 @@ class PairSet(EvalSet):
     def key(self) -> str:
         return _hash(np.asarray(self.images), self.issame)
 
+    def image_name(self, part: str, index: int) -> str:
+        return f"{self.source} image {index} (pair {index // 2})"
+
     def embed(self, model, image_size, batch_size=256, device=None, progress=False):
         h, w = self.images.shape[1:3]
         if (h, w) != (image_size, image_size):
@@ -311,13 +324,15 @@ class PairSet(EvalSet):
             "10-fold accuracy": f"{100 * r.accuracy:.2f} ± {100 * r.accuracy_std:.2f} %",
             "best-threshold accuracy": f"{100 * r.best_threshold_accuracy:.2f} % @ {r.threshold:.3f}",
         }
+        record["negative_pairs"] = r.negative_pairs
         if threshold is not None:
-            record.update(learned_threshold=r.fixed_threshold, accuracy_at_learned_threshold=r.fixed_threshold_accuracy)
-            row["accuracy@learned threshold"] = f"{_pct(r.fixed_threshold_accuracy)} @ {r.fixed_threshold:.3f}"
-        row.update({f"TAR@FAR={far:.0e}": _pct(tar) for far, tar in r.tar_at_far.items()})
+            record.update(model_threshold=r.fixed_threshold, accuracy_at_model_threshold=r.fixed_threshold_accuracy)
+            row[MODEL_THRESHOLD_COLUMN] = f"{_pct(r.fixed_threshold_accuracy)} @ {r.fixed_threshold:.3f}"
+        tars, notes = tar_cells(r.tar_at_far, r.negative_pairs, self.name or "held-out pairs", _pct)
+        row.update(tars)
         row.update({"EER": _pct(r.eer), "AUC": f"{r.auc:.4f}"})
         return SetScores(r.as_dict(), record, [("Verification (.bin / held-out pairs)", row)],
-                         pairs=(r.scores, r.labels), counts=r.counts, result=r)
+                         pairs=(r.scores, r.labels), counts=r.counts, result=r, notes=notes)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -398,8 +413,10 @@ class IJBSet(EvalSet):
             "verification": {"tar_at_far": {f"{f:.0e}": t for f, t in v["tar_at_far"].items()}, "auc": v["auc"]},
             "identification": {},
         }
-        row = ({"protocol": self.protocol} | {f"TAR@FAR={far:.0e}": _pct(tar) for far, tar in v["tar_at_far"].items()}
-               | {"AUC": f"{v['auc']:.4f}"})
+        negatives = int(np.count_nonzero(~np.asarray(v["labels"], dtype=bool)))
+        record["verification"]["negative_pairs"] = negatives
+        tars, notes = tar_cells(v["tar_at_far"], negatives, f"{self.name} 1:1", _pct)
+        row = {"protocol": self.protocol} | tars | {"AUC": f"{v['auc']:.4f}"}
         rows = [("IJB 1:1 verification (TAR@FAR)", row)]
         for gallery, members in self.galleries.items():
             try:
@@ -423,7 +440,8 @@ class IJBSet(EvalSet):
                          {"gallery": gallery, "protocol": self.protocol}
                          | {f"TPIR@FPIR={f:.0e}": _pct(t) for f, t in r["tpir_at_fpir"].items()}
                          | {f"rank-{k}": _pct(rate) for k, rate in r["rank"].items()}))
-        return SetScores(numbers, record, rows, pairs=(v["scores"], v["labels"]), counts=v["counts"], result=v)
+        return SetScores(numbers, record, rows, pairs=(v["scores"], v["labels"]), counts=v["counts"], result=v,
+                         notes=notes)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -484,6 +502,9 @@ class DistractorSet(EvalSet):
     def key(self) -> str:
         return _hash(self.probe_set.key, self.distractor_set.key)
 
+    def image_name(self, part: str, index: int) -> str:
+        return (self.probe_set if part == "probes" else self.distractor_set).describe(index)
+
     def embed(self, model, image_size, batch_size=256, device=None, progress=False):
         everything = np.arange(len(self.probe_set))
         return {
@@ -510,12 +531,14 @@ class DistractorSet(EvalSet):
             row[f"rank-1 @{_count_name(n)}"] = _pct(r.rank_k.get(1, float("nan")))
         n = self.counts[-1]  # every distractor: the other ranks and the TAR
         row.update({f"rank-{k} @{_count_name(n)}": _pct(v) for k, v in r.rank_k.items() if k != 1})
-        row.update({f"TAR@FAR={f:.0e} @{_count_name(n)}": _pct(t) for f, t in r.tar_at_far.items()})
+        tars, notes = tar_cells(r.tar_at_far, r.num_negative_pairs, f"{self.name} with {_count_name(n)}", _pct,
+                                suffix=f" @{_count_name(n)}")
+        row.update(tars)
         record = {"probes": int(len(self.probe_idx)), "gallery": int(len(self.gallery_idx)),
                   "distractors": int(len(features["distractors"])), "by_distractors": per_count}
         return SetScores(numbers, record, [("Identification with distractors (MegaFace style)", row)],
                          pairs=self._sample_pairs(probe, p_lab, gallery, g_lab, features["distractors"]),
-                         sampled=True, result=r)
+                         sampled=True, result=r, notes=notes)
 
     @staticmethod
     def _sample_pairs(probe, p_lab, gallery, g_lab, distractors) -> tuple[np.ndarray, np.ndarray]:
@@ -555,6 +578,9 @@ class RetrievalSet(EvalSet):
 
     def key(self) -> str:
         return _hash(self.images.key, self.indices)
+
+    def image_name(self, part: str, index: int) -> str:
+        return self.images.describe(int(self.indices[index]))
 
     def embed(self, model, image_size, batch_size=256, device=None, progress=False):
         return {"": self.images.embed(model, self.indices, image_size, batch_size, device, progress, self.name)}

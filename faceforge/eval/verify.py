@@ -163,12 +163,20 @@ class VerificationResult:
     fixed_threshold_accuracy: float | None = None
     threshold_far: float | None = None
 
+    @property
+    def negative_pairs(self) -> int:
+        """How many pairs show two identities: TAR@FAR is resolved only for FAR >= 1 / negative_pairs."""
+        return int(np.count_nonzero(~np.asarray(self.labels, dtype=bool)))
+
     def as_dict(self) -> dict[str, float]:
-        """Flat scalars for logging: ``tar_at_far`` becomes ``tar@far=1e-03`` keys; no arrays, no Nones."""
+        """Flat scalars for logging: ``tar_at_far`` becomes ``tar@far=1e-03`` keys, and ``negative_pairs`` (a
+        float count) says which of them the pairs resolve (:func:`faceforge.eval.report.metrics_table`); no
+        arrays, no Nones."""
         scalars = {f.name: getattr(self, f.name) for f in fields(self)
                    if f.name not in ("scores", "labels", "counts", "tar_at_far")}
         out = {k: v for k, v in scalars.items() if v is not None}
         out.update({f"tar@far={far:.0e}": tar for far, tar in self.tar_at_far.items()})
+        out["negative_pairs"] = float(self.negative_pairs)
         return out
 
     def roc_curve(self) -> tuple[np.ndarray, np.ndarray]:

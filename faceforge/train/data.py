@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from faceforge.fileio import append_text
 from faceforge.registry import Registry
 from faceforge.train import distributed as fdist
 from faceforge.train.checkpoint import CHECKPOINT_NAME
@@ -115,8 +116,7 @@ class _TrainImages(_DatasetView):
                                          f"skips such records)") from e
                 if i not in self._reported:  # one line per record and process (workers append too)
                     self._reported.add(i)
-                    with open(self.bad_records, "a") as f:
-                        f.write(f"{message}\n")
+                    append_text(self.bad_records, f"{message}\n")
         raise BadRecordError(f"data.path: {self.MAX_SKIPPED_IN_A_ROW} unreadable records in a row from "
                              f"{self.describe(index)} (data.skip_bad); expected mostly readable data")
 

@@ -21,6 +21,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, Literal, NamedTuple
 
+from faceforge.fileio import write_text
+
 __all__ = [
     "APPLIED", "BAD_RECORDS_NAME", "REFUSED", "RESUME_POLICY", "ConfigChange", "ResumeRule", "StopSignals",
     "TrainingInterrupted", "bad_records", "config_changes", "config_diff", "drop_replayed_steps", "resume_policy",
@@ -81,7 +83,7 @@ def drop_replayed_steps(log: Path, step: int) -> int:
         else:
             kept.append(line)
     if dropped:
-        log.write_text("".join(kept))
+        write_text(log, "".join(kept))
     return dropped
 
 

@@ -30,9 +30,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from faceforge.fileio import atomic_path, open_nofollow
 from faceforge.heads.base import RowShard
 
-__all__ = ["PLACEHOLDER_KEY", "SHARDS_FOLDER", "is_placeholder", "placeholder", "prune", "read_rows", "resolve",
+__all__ = ["PLACEHOLDER_KEY", "SHARDS_FOLDER", "confined", "is_placeholder", "placeholder", "prune", "read_rows", "resolve",
            "shard_file", "write_rows"]
 
 PLACEHOLDER_KEY = "__row_shard__"
@@ -69,10 +70,8 @@ def _row_bytes(shape: list[int], dtype: torch.dtype) -> int:
 
 def create(folder: Path, file: str, shape: list[int], dtype: torch.dtype) -> None:
     """Rank 0: make the (empty, full-size) shard file, before any rank writes into it."""
-    path = folder / file
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "wb") as f:
-        f.truncate(shape[0] * _row_bytes(shape, dtype))
+    with atomic_path(folder / file) as tmp:  # a new file: a link planted at the name is replaced, not followed
+        os.truncate(tmp, shape[0] * _row_bytes(shape, dtype))
 
 
 def write_rows(folder: Path, file: str, shard: RowShard, tensor: Tensor) -> None:
@@ -81,26 +80,45 @@ def write_rows(folder: Path, file: str, shard: RowShard, tensor: Tensor) -> None
     raw = data.view(torch.uint8) if data.dtype != torch.bool else data.to(torch.uint8)
     buffer = raw.numpy().tobytes() if data.numel() else b""
     offset = shard.start * _row_bytes([shard.total, *data.shape[1:]], data.dtype)
-    fd = os.open(folder / file, os.O_WRONLY)
-    try:
-        written = 0
+    with open_nofollow(folder / file, "r+b") as f:
+        fd, written = f.fileno(), 0
         while written < len(buffer):
             written += os.pwrite(fd, buffer[written:], offset + written)
         os.fsync(fd)
-    finally:
-        os.close(fd)
+
+
+def confined(folder: Path, name: Any) -> Path:
+    """``folder / name`` for a shard file a checkpoint names: a relative name inside the checkpoint's own folder
+    (no absolute path, no ``..``, no link out of it), so that a checkpoint cannot make faceforge read any file.
+    ValueError naming the entry otherwise."""
+    shown = repr(name)[:200]
+    if not isinstance(name, str) or not name or "\0" in name:
+        raise ValueError(f"{folder}: row shard {shown}: expected a file name relative to the checkpoint's folder")
+    parts = Path(name).parts
+    if Path(name).is_absolute() or "\\" in name or ".." in parts or (parts and ":" in parts[0]):
+        raise ValueError(f"{folder}: row shard {shown}: expected a relative file name inside the checkpoint's folder "
+                         "(no absolute path, no '..'); a checkpoint may name only its own shard files")
+    path = folder / name
+    if not path.resolve().is_relative_to(folder.resolve()):
+        raise ValueError(f"{folder}: row shard {shown} leads out of the checkpoint's folder (a link); expected a file "
+                         "inside it")
+    return path
 
 
 def read_rows(folder: Path, entry: dict[str, Any], start: int = 0, stop: int | None = None) -> Tensor:
     """Rows [start, stop) (default all) of the logical tensor a placeholder names, read from its file."""
-    shape, dtype = list(entry["shape"]), _DTYPES.get(entry.get("dtype", ""))
+    shape, dtype = entry.get("shape"), _DTYPES.get(str(entry.get("dtype", "")))
+    if not (isinstance(shape, (list, tuple)) and shape and all(type(n) is int and n >= 0 for n in shape)):
+        raise ValueError(f"{folder}: row shard {str(entry[PLACEHOLDER_KEY])[:200]!r}: shape {repr(shape)[:100]}; "
+                         "expected a list of ints >= 0")
+    shape = list(shape)
     if dtype is None:
         raise ValueError(f"{folder}: row shard {entry[PLACEHOLDER_KEY]!r} of dtype {entry.get('dtype')!r}; "
                          f"expected one of {sorted(_DTYPES)}")
     stop = shape[0] if stop is None else stop
     if not 0 <= start <= stop <= shape[0]:
         raise ValueError(f"rows [{start}, {stop}) of {entry[PLACEHOLDER_KEY]!r}, which has {shape[0]} rows")
-    path = folder / entry[PLACEHOLDER_KEY]
+    path = confined(folder, entry[PLACEHOLDER_KEY])
     row_bytes = _row_bytes(shape, dtype)
     if not path.is_file() or path.stat().st_size != shape[0] * row_bytes:
         raise FileNotFoundError(

@@ -31,6 +31,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from faceforge.fileio import atomic_path, open_nofollow, write_text
+
 __all__ = ["TeacherCache", "dataset_fingerprint"]
 
 
@@ -42,6 +44,21 @@ def dataset_fingerprint(dataset: Any) -> dict[str, Any] | None:
     describe = getattr(dataset, "describe", None)
     names = [describe(0), describe(n - 1)] if describe is not None and n else []
     return {"type": type(dataset).__name__, "length": n, "classes": int(getattr(dataset, "num_classes", 0)), "items": names}
+
+
+def _create(path: Path, dtype: type, shape: tuple[int, ...]) -> None:
+    """A zero-filled ``.npy`` of ``shape`` made in a fresh temporary and renamed onto ``path`` (no link followed)."""
+    with atomic_path(path) as tmp:
+        np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=shape).flush()
+
+
+def _open(path: Path) -> np.memmap:
+    """The ``.npy`` at ``path`` memory-mapped for update; a symlink there is refused (``open_nofollow``)."""
+    with open_nofollow(path, "r+b") as f:
+        version = np.lib.format.read_magic(f)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read_header(f)
+        return np.memmap(f, dtype=dtype, mode="r+", offset=f.tell(), shape=shape, order="F" if fortran else "C")
 
 
 class TeacherCache:
@@ -58,12 +75,12 @@ class TeacherCache:
         if fdist.is_main():
             self.folder.mkdir(parents=True, exist_ok=True)
             if not (emb_path.is_file() and flag_path.is_file()):
-                np.lib.format.open_memmap(emb_path, mode="w+", dtype=np.float32, shape=(rows, dim)).flush()
-                np.lib.format.open_memmap(flag_path, mode="w+", dtype=np.uint8, shape=(rows,)).flush()
-                Path(f"{self.base}.json").write_text(json.dumps(self.key, indent=1, sort_keys=True))
+                _create(emb_path, np.float32, (rows, dim))
+                _create(flag_path, np.uint8, (rows,))
+                write_text(f"{self.base}.json", json.dumps(self.key, indent=1, sort_keys=True))
         fdist.barrier()
-        self.embeddings = np.lib.format.open_memmap(emb_path, mode="r+")
-        self.filled = np.lib.format.open_memmap(flag_path, mode="r+")
+        self.embeddings = _open(emb_path)
+        self.filled = _open(flag_path)
         if self.embeddings.shape != (rows, dim) or self.filled.shape != (rows,):
             raise ValueError(f"{emb_path}: cache shaped {self.embeddings.shape}, expected ({rows}, {dim}); delete it")
         self.hits = 0

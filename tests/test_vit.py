@@ -19,7 +19,7 @@ import yaml
 from torch import nn
 
 from faceforge.backbones import BACKBONES, build, count_flops, count_parameters
-from faceforge.backbones.fuse import batchnorms, foldable_pairs, fuse_bn
+from faceforge.backbones.fuse import batchnorms, foldable_pairs, fuse_bn, unfoldable
 from faceforge.backbones.vit import VisionTransformer, kept_tokens, random_token_order
 
 # arcface_torch's presets: (width C, depth, heads), 9x9 patches, 112x112 -> 12 x 12 = 144 tokens.
@@ -285,6 +285,50 @@ def test_bn_folding_folds_both_feature_bns_and_leaves_layernorms():
     assert batchnorms(fused) == []
     # float64: folding changes rounding only (~1e-15 relative)
     torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+
+
+class _Unfoldable(nn.Module):
+    """One BN of each kind that cannot be folded, and one that can."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 1)
+        self.shared = nn.BatchNorm2d(3)  # its conv output is also added to the result
+        self.after_relu = nn.BatchNorm2d(3)  # follows a ReLU, not a conv
+        self.conv2 = nn.Conv2d(3, 3, 1)
+        self.batch_stats = nn.BatchNorm2d(3, track_running_stats=False)  # no running statistics
+        self.conv3 = nn.Conv2d(3, 3, 1)
+        self.folds = nn.BatchNorm2d(3)
+        self.unused = nn.BatchNorm2d(3)  # never called
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        return (self.shared(y) + y + self.after_relu(torch.relu(x)) + self.batch_stats(self.conv2(x))
+                + self.folds(self.conv3(x)))
+
+
+def test_bn_folding_names_what_it_skips_and_why():
+    from test_fuse import randomise_batchnorms
+
+    model = _Unfoldable().double().eval()
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d) and m.track_running_stats:
+            randomise_batchnorms(m)
+    x = torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    reasons = unfoldable(model, x)
+    assert list(reasons) == ["shared", "after_relu", "batch_stats", "unused"]
+    assert "output of conv is also read elsewhere" in reasons["shared"]
+    assert "not the output of a conv / Linear" in reasons["after_relu"]
+    assert "no running statistics" in reasons["batch_stats"]
+    assert "never ran it" in reasons["unused"]
+    fused = fuse_bn(model, x)
+    assert batchnorms(fused) == list(reasons)  # exactly the skipped ones stay
+    torch.testing.assert_close(fused(x), model(x), rtol=1e-12, atol=1e-12)
+    # an IResNet: each block's bn1 and the output bn2 stay, each with its reason; a ViT: nothing stays
+    r = unfoldable(build("iresnet", layers=(1, 1, 1, 1), input_size=32, width=0.125, embedding_size=8))
+    assert set(r) == {"bn2", *(f"layer{i}.0.bn1" for i in range(1, 5))}
+    assert all("not the output of a conv / Linear" in why for why in r.values())
+    assert unfoldable(small_vit()) == {}
 
 
 def test_onnx_export_parity_and_recognizer(tmp_path: Path, one_thread):

@@ -9,6 +9,7 @@ module structure (insightface recognition/arcface_torch/backbones/vit.py), indep
 from __future__ import annotations
 
 import copy
+import json
 import math
 from pathlib import Path
 
@@ -401,3 +402,114 @@ def test_a_tiny_vit_trains_through_faceforge_train(mask_ratio, tmp_path: Path, o
     e_file, e_ckpt = r.embed(crops), Recognizer(TorchBackend(backbone), info).embed(crops)
     assert np.isfinite(e_file).all() and e_file.shape == (12, 32)
     np.testing.assert_allclose(e_file, e_ckpt, rtol=0, atol=1e-6)  # same weights, same float32 forward
+
+
+# ---------------------------------------------------------------------------------------------- import-weights
+
+
+def arcface_torch_iresnet_shapes(layers: tuple[int, ...], d: int = 512) -> dict[str, tuple]:
+    """Key -> shape of arcface_torch's IResNet (iresnet.py): conv1/bn1/prelu stem, IBasicBlocks
+    (bn1, conv1, bn2, prelu, conv2, bn3, downsample.0/1 in each stage's first block), bn2, fc, features."""
+    def bn(prefix: str, c: int) -> dict[str, tuple]:
+        return {f"{prefix}.{k}": (() if k == "num_batches_tracked" else (c,)) for k in BN_KEYS}
+
+    shapes = {"conv1.weight": (64, 3, 3, 3), **bn("bn1", 64), "prelu.weight": (64,)}
+    c_in = 64
+    for stage, (c, n) in enumerate(zip((64, 128, 256, 512), layers), start=1):
+        for j in range(n):
+            p, ci = f"layer{stage}.{j}", (c_in if j == 0 else c)
+            shapes |= {**bn(f"{p}.bn1", ci), f"{p}.conv1.weight": (c, ci, 3, 3), **bn(f"{p}.bn2", c),
+                       f"{p}.prelu.weight": (c,), f"{p}.conv2.weight": (c, c, 3, 3), **bn(f"{p}.bn3", c)}
+            if j == 0:
+                shapes |= {f"{p}.downsample.0.weight": (c, ci, 1, 1), **bn(f"{p}.downsample.1", c)}
+        c_in = c
+    return shapes | bn("bn2", 512) | {"fc.weight": (d, 512 * 7 * 7), "fc.bias": (d,)} | bn("features", d)
+
+
+def random_state(shapes: dict[str, tuple], seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {k: (torch.tensor(3) if k.endswith("num_batches_tracked") else
+                0.5 + torch.rand(s, generator=g) if k.endswith("running_var") else 0.05 * torch.randn(s, generator=g))
+            for k, s in shapes.items()}
+
+
+def imported(out: Path) -> dict[str, torch.Tensor]:
+    from faceforge.modelfile import load_backbone
+
+    backbone, info = load_backbone(out / "model.safetensors")
+    assert info.image_size == 112
+    return backbone.state_dict()
+
+
+def assert_same_tensors(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    assert set(got) == set(expected)
+    for k, v in expected.items():
+        assert torch.equal(got[k], v), k
+
+
+def test_import_weights_vit_t_into_a_model_file_that_eval_and_embed_take(tmp_path: Path, capsys, one_thread):
+    from faceforge.cli import main
+    from faceforge.data.pairs import write_bin
+    from faceforge.export import real_faces
+    from faceforge.inference import load_model
+
+    state = arcface_torch_state_dict(256, 12)
+    torch.save(state, tmp_path / "model.pt")
+    out = tmp_path / "vit_t"
+    assert main(["import-weights", str(tmp_path / "model.pt"), "--backbone", "vit_t", "--out", str(out)]) == 0
+    assert "model.json" in capsys.readouterr().out
+    assert_same_tensors(imported(out), state)
+    assert json.loads((out / "model.json").read_text())["backbone"] == "vit_t"
+    crops = real_faces(112)
+    e = load_model(out).embed(crops)
+    assert e.shape == (12, 512) and np.isfinite(e).all()
+    # faceforge eval scores the imported model on a .bin pair set
+    write_bin(tmp_path / "pairs.bin", [crops[i % 12] for i in range(20)], [i % 2 == 0 for i in range(10)])  # 10 folds
+    assert main(["eval", str(out / "model.safetensors"), "--bin", str(tmp_path / "pairs.bin"),
+                 "--output", str(tmp_path / "eval")]) == 0
+    assert (tmp_path / "eval" / "results.json").is_file()
+
+
+def test_import_weights_reads_training_checkpoints_and_ddp_prefixes(tmp_path: Path):
+    from faceforge.import_weights import import_weights
+
+    r18 = random_state(arcface_torch_iresnet_shapes((2, 2, 2, 2)))
+    # arcface_torch's checkpoint_gpu_<rank>.pt: the backbone under state_dict_backbone beside the rest
+    torch.save({"epoch": 3, "global_step": 1000, "state_dict_backbone": r18,
+                "state_dict_softmax_fc": {"weight": torch.zeros(4, 512)}}, tmp_path / "ckpt.pt")
+    import_weights(tmp_path / "ckpt.pt", "r18", tmp_path / "r18")
+    assert_same_tensors(imported(tmp_path / "r18"), r18)
+
+    with torch.device("meta"):
+        mbf_keys = {k: tuple(v.shape) for k, v in build("mbf").state_dict().items()}  # arcface_torch's names:
+    mbf = random_state(mbf_keys)                                                   # test_backbones checks them
+    torch.save({f"module.{k}": v for k, v in mbf.items()}, tmp_path / "mbf.pth")  # a DDP-wrapped save
+    import_weights(tmp_path / "mbf.pth", "mbf", tmp_path / "mbf")
+    assert_same_tensors(imported(tmp_path / "mbf"), mbf)
+
+
+def test_import_weights_names_the_keys_that_do_not_map_in_one_line(tmp_path: Path, capsys):
+    from faceforge.cli import main
+
+    state = arcface_torch_state_dict(256, 12)
+    state["head.weight"] = torch.zeros(3)  # only in the file
+    del state["blocks.11.mlp.fc2.bias"]  # missing from the file
+    torch.save(state, tmp_path / "bad.pt")
+    out = tmp_path / "out"
+    assert main(["import-weights", str(tmp_path / "bad.pt"), "--backbone", "vit_t", "--out", str(out),
+                 "--embedding-size", "128"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("faceforge import-weights: ")
+    assert "keys that do not map: not in the backbone (1): head.weight" in err
+    assert "missing from the file (1): blocks.11.mlp.fc2.bias" in err
+    assert "feature.2.weight (512, 256) vs (128, 256)" in err  # a 512-D checkpoint is no 128-D backbone
+    assert not out.exists()  # nothing written
+
+    class Hostile:
+        def __reduce__(self):
+            return (print, ("ran",))
+
+    torch.save({"x": Hostile()}, tmp_path / "hostile.pt")
+    assert main(["import-weights", str(tmp_path / "hostile.pt"), "--backbone", "vit_t", "--out", str(out)]) == 2
+    captured = capsys.readouterr()
+    assert "ran" not in captured.out and "not a torch state dict of tensors" in captured.err

@@ -106,20 +106,24 @@ def format_table(rows: Sequence[tuple[str, str, str, float, float]]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def preset_names() -> list[str]:
+    """The rows of the presets table: every registered name except the generic "iresnet" and the alias
+    "mbf"; the IResNets first and the ViTs last, each in size order."""
     from faceforge.backbones import BACKBONES
     from faceforge.backbones.iresnet import IRESNET_LAYERS
     from faceforge.backbones.vit import VIT_PRESETS
 
+    skip = {*IRESNET_LAYERS, *VIT_PRESETS, "iresnet", "mbf"}
+    return [*IRESNET_LAYERS, *(name for name in BACKBONES.names() if name not in skip), *VIT_PRESETS]
+
+
+def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Print parameters and GFLOPs of every registered backbone.")
     parser.add_argument("--input-size", type=int, default=112, help="image side of the presets (112)")
     parser.add_argument("--demo-size", type=int, default=56, help="image side of the demo nets (56)")
     args = parser.parse_args(argv)
 
-    # every registered name except the generic "iresnet" and the alias "mbf"; IResNets and ViTs in size order
-    skip = {*IRESNET_LAYERS, *VIT_PRESETS, "iresnet", "mbf"}
-    presets = [*IRESNET_LAYERS, *(name for name in BACKBONES.names() if name not in skip), *VIT_PRESETS]
-    rows = [(name, "", *complexity_row(name, args.input_size)) for name in presets]
+    rows = [(name, "", *complexity_row(name, args.input_size)) for name in preset_names()]
     print(f"Presets at {args.input_size}x{args.input_size}, 512-D embedding:\n")
     print(format_table(rows))
     demo = [

@@ -336,7 +336,7 @@ def test_onnx_export_parity_and_recognizer(tmp_path: Path, one_thread):
     pytest.importorskip("onnxruntime")
     from test_inference import small_backbone
 
-    from faceforge.export import export_backbone, real_faces
+    from faceforge.export import compare_int8, export_backbone, quantize_onnx, real_faces
     from faceforge.inference import Recognizer, TorchBackend, load_model
 
     model, info = small_backbone("vit_t", 112)
@@ -350,6 +350,9 @@ def test_onnx_export_parity_and_recognizer(tmp_path: Path, one_thread):
     cos = np.einsum("nd,nd->n", e_onnx.astype(np.float64), e_torch.astype(np.float64))
     assert cos.min() >= 1 - 1e-4  # float32 ONNX vs float32 PyTorch, different kernels: ~1e-6 typical
     assert r.embed(np.concatenate([crops, crops[:3]])).shape == (15, 16)  # dynamic batch
+    # dynamic int8: weights rounded to 1/255 of their range, the embedding direction stays (measured 0.99993)
+    quantize_onnx(tmp_path / "vit.onnx", tmp_path / "vit.int8.onnx", "dynamic", info)
+    assert compare_int8(tmp_path / "vit.onnx", tmp_path / "vit.int8.onnx", info)["cosine int8 vs float, min"] > 0.99
 
 
 # ---------------------------------------------------------------------------------------------- training

@@ -358,10 +358,10 @@ def test_onnx_export_parity_and_recognizer(tmp_path: Path, one_thread):
 # ---------------------------------------------------------------------------------------------- training
 
 
-def vit_config(output: Path, mask_ratio: float) -> dict:
+def vit_config(output: Path, mask_ratio: float, checkpointing: str | bool) -> dict:
     return {
         "seed": 0, "output": str(output),
-        "model": {"backbone": "vit_t", "embedding_size": 32,
+        "model": {"backbone": "vit_t", "embedding_size": 32, "grad_checkpointing": checkpointing,
                   "kwargs": {"width": 0.125, "mask_ratio": mask_ratio, "drop_path": 0.1}},
         "head": {"name": "arcface", "kwargs": {"s": 16.0}},
         "data": {"num_identities": 8, "images_per_identity": 4, "image_size": 112, "batch_size": 16, "cache": True,
@@ -371,8 +371,8 @@ def vit_config(output: Path, mask_ratio: float) -> dict:
     }
 
 
-@pytest.mark.parametrize("mask_ratio", [0.1, 0.0])
-def test_a_tiny_vit_trains_through_faceforge_train(mask_ratio, tmp_path: Path, one_thread):
+@pytest.mark.parametrize(("mask_ratio", "checkpointing"), [(0.1, "block"), (0.0, False)])
+def test_a_tiny_vit_trains_through_faceforge_train(mask_ratio, checkpointing, tmp_path: Path, one_thread):
     from faceforge.build import build_backbone
     from faceforge.cli import main
     from faceforge.export import real_faces
@@ -382,7 +382,7 @@ def test_a_tiny_vit_trains_through_faceforge_train(mask_ratio, tmp_path: Path, o
     from faceforge.train.config import config_from_dict
 
     run = tmp_path / "run"
-    data = vit_config(run, mask_ratio)
+    data = vit_config(run, mask_ratio, checkpointing)
     (tmp_path / "vit.yaml").write_text(yaml.safe_dump(data))
     assert main(["train", str(tmp_path / "vit.yaml")]) == 0
 

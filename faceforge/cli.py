@@ -278,6 +278,9 @@ def build_parser() -> argparse.ArgumentParser:
     from faceforge.infer_cli import add_commands  # embed, verify, search, export
 
     add_commands(sub, commands)
+    from faceforge.import_weights import add_command  # import-weights
+
+    add_command(sub, commands)
 
     for sub_parser in sub.choices.values():
         sub_parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,

@@ -31,7 +31,7 @@ def small(name: str, **extra) -> nn.Module:
     kwargs = {"embedding_size": 16, "input_size": SIZE, **extra}
     if name == "iresnet":
         kwargs["layers"] = (1, 2, 1, 1)
-    if name.startswith(("r", "iresnet", "sfnet")):
+    if name.startswith(("r", "iresnet", "sfnet", "vit")):
         kwargs["width"] = 0.125
     torch.manual_seed(0)
     return randomise_batchnorms(build(name, **kwargs).double()).eval()

@@ -150,7 +150,7 @@ def small_backbone(name: str, size: int, **extra) -> tuple[nn.Module, ModelInfo]
     kwargs = {"embedding_size": 16, "input_size": size, **extra}
     if name == "iresnet":
         kwargs["layers"] = (1, 1, 1, 1)
-    if name.startswith(("r", "iresnet", "sfnet")):
+    if name.startswith(("r", "iresnet", "sfnet", "vit")):
         kwargs["width"] = 0.125
     torch.manual_seed(0)
     model = randomise_batchnorms(build(name, **kwargs)).eval()

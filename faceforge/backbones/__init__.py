@@ -8,8 +8,8 @@ Embeddings come out unnormalised; the heads normalise them. Build one by name:
     >>> deep = build("iresnet", layers=(3, 25, 88, 3))       # any stage depths (BigFace r240)
 
 Registered names: r18, r34, r50, r100, r120, r140, r200, r240, r600, r1200, iresnet (takes `layers`),
-mobilefacenet (alias mbf), mbf_large, and SphereFace's sfnet20 and sfnet64. Unknown names raise KeyError
-listing every name.
+mobilefacenet (alias mbf), mbf_large, SphereFace's sfnet20 and sfnet64, and arcface_torch's Vision
+Transformers vit_t, vit_s, vit_b, vit_l. Unknown names raise KeyError listing every name.
 """
 
 from __future__ import annotations
@@ -23,9 +23,12 @@ from torch import nn
 from faceforge.backbones.iresnet import IRESNET_LAYERS, IResNet
 from faceforge.backbones.mobilefacenet import MobileFaceNet
 from faceforge.backbones.sfnet import SFNET_LAYERS, SFNet
+from faceforge.backbones.vit import VIT_PRESETS, VisionTransformer, vit_preset
 from faceforge.registry import Registry
 
-__all__ = ["BACKBONES", "IResNet", "MobileFaceNet", "SFNet", "build", "count_flops", "count_parameters"]
+__all__ = [
+    "BACKBONES", "IResNet", "MobileFaceNet", "SFNet", "VisionTransformer", "build", "count_flops", "count_parameters",
+]
 
 BACKBONES: Registry[nn.Module] = Registry("backbone")
 
@@ -51,6 +54,8 @@ for _name, _layers in SFNET_LAYERS.items():
 BACKBONES.register("iresnet")(IResNet)
 BACKBONES.register("mobilefacenet")(MobileFaceNet)
 BACKBONES.register("mbf")(MobileFaceNet)
+for _name in VIT_PRESETS:
+    BACKBONES.register(_name)(vit_preset(_name))
 
 
 @BACKBONES.register("mbf_large")

@@ -33,11 +33,19 @@ def _linear_macs(module: nn.Linear, output: torch.Tensor) -> int:
 _MAC_RULES = {nn.Conv2d: _conv_macs, nn.Linear: _linear_macs}
 
 
+def _counted(module: nn.Module) -> bool:
+    """Counted by a rule of its type, or by its own ``macs(inputs, output)`` method (the products a
+    module computes outside Conv2d / Linear children, such as attention's q k^T and attn v)."""
+    return isinstance(module, tuple(_MAC_RULES)) or callable(getattr(module, "macs", None))
+
+
 def count_flops(model: nn.Module, input_size: int | None = None) -> int:
-    """Multiply-accumulates of every Conv2d and Linear for ONE (1, 3, S, S) image.
+    """Multiply-accumulates of every Conv2d and Linear, and of every module with a ``macs(inputs, output)``
+    method (a ViT's attention products), for ONE (1, 3, S, S) image.
 
     "FLOPs" here means multiply-accumulates (MACs), the unit insightface calls "GFLOPs" (r50 6.3 G,
-    r100 12.1 G, mbf 0.45 G at 112x112). BN, PReLU, additions and biases are not counted.
+    r100 12.1 G, mbf 0.45 G, ViT-T 1.5 G, ViT-B 11 G at 112x112). BN, LayerNorm, PReLU, softmax,
+    additions and biases are not counted.
     `input_size` defaults to `model.input_size` if the model has one, else 112. The dummy forward runs
     in eval mode under no_grad, on the model's device (meta works); the train/eval mode is restored.
     """
@@ -48,12 +56,12 @@ def count_flops(model: nn.Module, input_size: int | None = None) -> int:
     dtype = first.dtype if first is not None and first.is_floating_point() else torch.float32
     total = 0
 
-    def hook(module: nn.Module, _inputs: tuple, output: torch.Tensor) -> None:
+    def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
         nonlocal total
-        rule = next(fn for kind, fn in _MAC_RULES.items() if isinstance(module, kind))
-        total += rule(module, output)
+        rule = next((fn for kind, fn in _MAC_RULES.items() if isinstance(module, kind)), None)
+        total += rule(module, output) if rule is not None else module.macs(inputs, output)
 
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, tuple(_MAC_RULES))]
+    handles = [m.register_forward_hook(hook) for m in model.modules() if _counted(m)]
     was_training = model.training
     try:
         model.eval()
@@ -76,6 +84,7 @@ DEMO_CONFIGS: list[tuple[str, dict]] = [
     ("r50", {"width": 0.25}),
     ("r100", {"width": 0.25}),
     ("mobilefacenet", {"scale": 1}),
+    ("vit_t", {"width": 0.25}),
 ]
 
 
@@ -97,19 +106,24 @@ def format_table(rows: Sequence[tuple[str, str, str, float, float]]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def preset_names() -> list[str]:
+    """The rows of the presets table: every registered name except the generic "iresnet" and the alias
+    "mbf"; the IResNets first and the ViTs last, each in size order."""
     from faceforge.backbones import BACKBONES
     from faceforge.backbones.iresnet import IRESNET_LAYERS
+    from faceforge.backbones.vit import VIT_PRESETS
 
+    skip = {*IRESNET_LAYERS, *VIT_PRESETS, "iresnet", "mbf"}
+    return [*IRESNET_LAYERS, *(name for name in BACKBONES.names() if name not in skip), *VIT_PRESETS]
+
+
+def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Print parameters and GFLOPs of every registered backbone.")
     parser.add_argument("--input-size", type=int, default=112, help="image side of the presets (112)")
     parser.add_argument("--demo-size", type=int, default=56, help="image side of the demo nets (56)")
     args = parser.parse_args(argv)
 
-    # every registered name except the generic "iresnet" and the alias "mbf", in depth order
-    skip = {*IRESNET_LAYERS, "iresnet", "mbf"}
-    presets = [*IRESNET_LAYERS, *(name for name in BACKBONES.names() if name not in skip)]
-    rows = [(name, "", *complexity_row(name, args.input_size)) for name in presets]
+    rows = [(name, "", *complexity_row(name, args.input_size)) for name in preset_names()]
     print(f"Presets at {args.input_size}x{args.input_size}, 512-D embedding:\n")
     print(format_table(rows))
     demo = [

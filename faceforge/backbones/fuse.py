@@ -13,9 +13,11 @@ input while counting, for every tensor, the operations that consume it (module h
 ``TorchFunctionMode``), so it works on any backbone without per-architecture code, and never folds a
 BN whose convolution output is also read elsewhere (a residual branch, say).
 
-BNs that stay (they do not follow a convolution): IResNet's ``bn1`` at the start of every block (it
-comes before a padded 3x3 conv; folding it forward would change the zero padding) and ``bn2`` before
-the dropout-flatten-FC output. See ``docs/backbones.md``.
+BNs that stay are skipped, not forced: :func:`unfoldable` names each with its reason. IResNet's ``bn1``
+at the start of every block (it comes before a padded 3x3 conv; folding it forward would change the zero
+padding) and ``bn2`` before the dropout-flatten-FC output stay. A ViT's two feature BN1d fold into their
+Linears; its LayerNorms are no BatchNorm (they normalise each token by its own statistics) and stay as
+they are. See ``docs/backbones.md``.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
-__all__ = ["FOLDABLE_LAYERS", "batchnorms", "fold_into", "foldable_pairs", "fuse_bn"]
+__all__ = ["FOLDABLE_LAYERS", "batchnorms", "fold_into", "foldable_pairs", "fuse_bn", "unfoldable"]
 
 FOLDABLE_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 _BN = nn.modules.batchnorm._BatchNorm
@@ -71,10 +73,24 @@ def foldable_pairs(model: nn.Module, example: torch.Tensor | None = None) -> lis
     """``[(layer name, BN name)]``: BNs (in eval mode, with running statistics) whose input is the output
     of a conv / Linear layer that nothing else reads, in forward order. Runs ``model`` once in eval mode
     on ``example`` (default: zeros ``(1, 3, S, S)`` with ``S = model.input_size``); modes are restored."""
+    return _trace(model, example)[0]
+
+
+def unfoldable(model: nn.Module, example: torch.Tensor | None = None) -> dict[str, str]:
+    """``{BN name: why it cannot be folded}`` for every BN of ``model`` that :func:`fuse_bn` leaves, in
+    module order: its input is not a conv / Linear output, that output is also read elsewhere, it keeps no
+    running statistics, it normalises another dimension than the layer's channels, or the forward on
+    ``example`` never ran it. Empty when every BN folds (MobileFaceNet, SFNet-BN, the ViTs)."""
+    return _trace(model, example)[1]
+
+
+def _trace(model: nn.Module, example: torch.Tensor | None) -> tuple[list[tuple[str, str]], dict[str, str]]:
+    """The foldable pairs and the reason each other BN stays, from one eval-mode forward on ``example``."""
     x = _example_input(model) if example is None else example
     names = {m: n for n, m in model.named_modules()}
     produced: dict[int, str] = {}  # id(output tensor) -> the conv/linear that made it
     candidates: list[tuple[str, str, int]] = []
+    reasons: dict[str, str] = {}
 
     def after(module: nn.Module, args: Any, output: Any) -> None:
         if isinstance(module, FOLDABLE_LAYERS) and isinstance(output, torch.Tensor):
@@ -82,10 +98,20 @@ def foldable_pairs(model: nn.Module, example: torch.Tensor | None = None) -> lis
             counter.alive.append(output)
 
     def before(module: nn.Module, args: Any) -> None:
-        if isinstance(module, _BN) and len(args) == 1 and id(args[0]) in produced:
-            layer = model.get_submodule(produced[id(args[0])])
-            if module.track_running_stats and module.running_mean is not None and _shapes_fit(layer, module, args[0]):
-                candidates.append((produced[id(args[0])], names[module], id(args[0])))
+        if not isinstance(module, _BN):
+            return
+        name = names[module]
+        if len(args) != 1 or id(args[0]) not in produced:
+            reasons[name] = "its input is not the output of a conv / Linear layer"
+            return
+        layer_name = produced[id(args[0])]
+        layer = model.get_submodule(layer_name)
+        if not (module.track_running_stats and module.running_mean is not None):
+            reasons[name] = "it keeps no running statistics (batch statistics even in eval mode)"
+        elif not _shapes_fit(layer, module, args[0]):
+            reasons[name] = f"it does not normalise the output channels of {layer_name} (another dimension)"
+        else:
+            candidates.append((layer_name, name, id(args[0])))
 
     modes = {m: m.training for m in model.modules()}
     handles = [h for m in model.modules() if m is not model
@@ -106,7 +132,12 @@ def foldable_pairs(model: nn.Module, example: torch.Tensor | None = None) -> lis
         if counter.uses.get(tensor_id, 0) == 1 and layer not in seen_layers:  # the BN is its only reader
             pairs.append((layer, bn))
             seen_layers.add(layer)
-    return pairs
+        else:
+            reasons[bn] = f"the output of {layer} is also read elsewhere (folding would change that reader too)"
+    for bn in batchnorms(model):
+        reasons.setdefault(bn, "the forward pass on the example input never ran it")
+    folded = {bn for _, bn in pairs}
+    return pairs, {bn: reasons[bn] for bn in batchnorms(model) if bn not in folded}
 
 
 def _shapes_fit(layer: nn.Module, bn: nn.Module, output: torch.Tensor) -> bool:
@@ -152,7 +183,8 @@ def fuse_bn(model: nn.Module, example: torch.Tensor | None = None, inplace: bool
         inplace: fold into ``model`` itself instead of a deep copy.
 
     Returns:
-        The fused model, in eval mode; ``batchnorms(result)`` names the BNs that could not be folded.
+        The fused model, in eval mode; ``batchnorms(result)`` names the BNs that could not be folded, and
+        :func:`unfoldable` on ``model`` says why each stays.
     """
     fused = model if inplace else copy.deepcopy(model)
     for layer, bn in foldable_pairs(fused, example):

@@ -3,6 +3,7 @@
     PYTHONPATH=. python3 benchmarks/gpu_check.py                      # the GPU machine's own python, no install
     python benchmarks/gpu_check.py --device cpu --quick              # every step at tiny sizes (the smoke test)
     PYTHONPATH=. python3 benchmarks/gpu_check.py --steps head,export # only some steps (a rerun)
+    PYTHONUNBUFFERED=1 make gpu-check GPU_CHECK_ARGS="--out $OUT"     # on a lent GPU machine: results come back
 
 Steps, in this order, each timed; every result is appended to runs/gpu_check/results.json (rewritten whole,
 atomically, after each result) and runs/gpu_check/results.md (one line per result, appended), so that a run
@@ -94,12 +95,12 @@ class Sizes:
     export_batches: tuple[int, ...] = (1, 64)
     export_repeats: int = 5
     pytest_timeout_s: float = 150.0
-    reserve_s: float = 150.0  # kept from the grid for steps 3 to 5
+    reserve_s: float = 200.0  # kept from the grid for steps 3 to 5 (5 compiles an r100 twice: ~1 to 2 min)
 
 
 FULL = Sizes()
 QUICK = Sizes(  # one cell per head, float32 only: bf16 convolutions are emulated (slow) on most CPUs
-    backbones=("r50",), backbone_kwargs={"width": 0.0625}, image_size=32, dtypes=("fp32",),
+    backbones=("r18",), backbone_kwargs={"width": 0.0625}, image_size=32, dtypes=("fp32",),
     batches=(4,), classes=(2000,), embedding=32, warmup=1, steps=1, cell_guess_s=1.0,
     head_classes=(2000, 20000), head_dtypes=("fp32",), head_batch=16, head_repeats=1, gemm_chunk=8192, data_images=48,
     data_workers=(0, 1), data_batch=16, export_model="r18", export_batches=(1, 4), export_repeats=1,
@@ -203,8 +204,12 @@ def seconds_per_call(fn: Callable[[], Any], device: torch.device, warmup: int, r
     return (time.perf_counter() - t0) / repeats
 
 
+OOM_ERRORS = tuple(t for t in (getattr(torch, "OutOfMemoryError", None), getattr(torch.cuda, "OutOfMemoryError", None)) if t)
+
+
 def is_oom(e: BaseException) -> bool:
-    return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
+    """A CUDA out-of-memory error (by type where torch has one, else by its message)."""
+    return isinstance(e, OOM_ERRORS) or "out of memory" in str(e).lower()
 
 
 def gib(n: int | None) -> float | None:
@@ -261,8 +266,9 @@ class PartialFCStyleHead(nn.Module):
         return F.cross_entropy(arcface_logits(cos, labels), labels)
 
 
-def make_head(kind: str, num_classes: int, embedding: int, device: torch.device, lr: float) -> nn.Module:
-    """One of HEADS on ``device``."""
+def make_head(kind: str, num_classes: int, embedding: int, device: torch.device, lr: float,
+              gemm_dtype: torch.dtype | None = None) -> nn.Module:
+    """One of HEADS on ``device`` (``gemm_dtype``: the fused head's GEMMs from a copy of W in that dtype)."""
     if kind == "faceforge":
         return ArcFace(num_classes, embedding, s=S, m=M).to(device)
     if kind == "textbook":
@@ -271,7 +277,7 @@ def make_head(kind: str, num_classes: int, embedding: int, device: torch.device,
         return PartialFCStyleHead(num_classes, embedding, float(kind[3:])).to(device)
     if kind == "fused":
         return FusedSGDSoftmax(num_classes, embedding, margin_target(S, m2=M), scale=S, lr=lr, momentum=0.9,
-                               weight_decay=5e-4, device=device)
+                               weight_decay=5e-4, device=device, gemm_dtype=gemm_dtype)
     raise ValueError(f"head {kind!r}: expected one of {HEADS}")
 
 
@@ -371,7 +377,7 @@ def run_cell(cell: Cell, sizes: Sizes, device: torch.device, backbones: dict[str
         reset_peak(device)
         backbone = backbones[cell.backbone]
         images, labels = synthetic_batch(cell.batch, cell.classes, sizes.image_size, device)
-        head = make_head(cell.head, cell.classes, sizes.embedding, device, lr=0.1)
+        head = make_head(cell.head, cell.classes, sizes.embedding, device, lr=0.1, gemm_dtype=DTYPES[cell.dtype])
         step = training_step(backbone, head, DTYPES[cell.dtype], device, images, labels)
         seconds = seconds_per_call(step, device, sizes.warmup, sizes.steps)
         return {"status": "ok", "images_per_s": round(cell.batch / seconds, 1), "step_s": round(seconds, 4),

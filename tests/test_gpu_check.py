@@ -96,3 +96,17 @@ def test_load_watch_marks_a_result_taken_above_the_core_count(monkeypatch: pytes
         pass
     assert not quiet.under_load and quiet.note() == ""
     timing.refuse_under_load(quiet, "RESULTS")
+
+
+def test_each_result_is_on_disk_as_soon_as_it_is_recorded(tmp_path: Path) -> None:
+    """A run cut off after any result keeps it: results.json is rewritten whole (atomically) and results.md
+    appended at every add."""
+    rec = gpu_check.Recorder(tmp_path, {"device": "cpu"})
+    with timing.LoadWatch() as load:
+        pass
+    rec.add("throughput", "cell 1", load, images_per_s=12.5)
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert data["results"][0]["images_per_s"] == 12.5 and "under_load" in data["results"][0]
+    rec.add("head", "cell 2", status="OOM")
+    assert [r["name"] for r in json.loads((tmp_path / "results.json").read_text())["results"]] == ["cell 1", "cell 2"]
+    assert (tmp_path / "results.md").read_text().count("\n- **") == 2

@@ -268,16 +268,18 @@ class PartialFCStyleHead(nn.Module):
 
 def make_head(kind: str, num_classes: int, embedding: int, device: torch.device, lr: float,
               gemm_dtype: torch.dtype | None = None) -> nn.Module:
-    """One of HEADS on ``device`` (``gemm_dtype``: the fused head's GEMMs from a copy of W in that dtype)."""
-    if kind == "faceforge":
-        return ArcFace(num_classes, embedding, s=S, m=M).to(device)
-    if kind == "textbook":
-        return TextbookHead(num_classes, embedding).to(device)
-    if kind.startswith("pfc"):
-        return PartialFCStyleHead(num_classes, embedding, float(kind[3:])).to(device)
-    if kind == "fused":
-        return FusedSGDSoftmax(num_classes, embedding, margin_target(S, m2=M), scale=S, lr=lr, momentum=0.9,
-                               weight_decay=5e-4, device=device, gemm_dtype=gemm_dtype)
+    """One of HEADS, built on ``device`` (W initialised there: 5G values at 10M classes would take half a minute
+    on the CPU); ``gemm_dtype``: the fused head's GEMMs from a copy of W in that dtype."""
+    with torch.device(device):
+        if kind == "faceforge":
+            return ArcFace(num_classes, embedding, s=S, m=M)
+        if kind == "textbook":
+            return TextbookHead(num_classes, embedding)
+        if kind.startswith("pfc"):
+            return PartialFCStyleHead(num_classes, embedding, float(kind[3:]))
+        if kind == "fused":
+            return FusedSGDSoftmax(num_classes, embedding, margin_target(S, m2=M), scale=S, lr=lr, momentum=0.9,
+                                   weight_decay=5e-4, device=device, gemm_dtype=gemm_dtype)
     raise ValueError(f"head {kind!r}: expected one of {HEADS}")
 
 
@@ -450,10 +452,10 @@ def head_call(kind: str, classes: int, dtype_name: str, sizes: Sizes, device: to
     copy for its GEMMs in bf16."""
     dtype = DTYPES[dtype_name] or torch.float32
     if kind == "faceforge":
-        head = ArcFace(classes, sizes.embedding, s=S, m=M).to(device=device, dtype=dtype)
+        head = make_head("faceforge", classes, sizes.embedding, device, lr=0.1).to(dtype=dtype)
     else:
-        head = FusedSGDSoftmax(classes, sizes.embedding, margin_target(S, m2=M), scale=S, lr=0.1, momentum=0.9,
-                               device=device, gemm_dtype=None if dtype == torch.float32 else dtype)
+        head = make_head("fused", classes, sizes.embedding, device, lr=0.1,
+                         gemm_dtype=None if dtype == torch.float32 else dtype)
     x = torch.randn(sizes.head_batch, sizes.embedding, device=device, dtype=dtype, requires_grad=True)
     labels = torch.randint(0, classes, (sizes.head_batch,), device=device)
 

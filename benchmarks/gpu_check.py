@@ -157,7 +157,7 @@ def environment(device: torch.device) -> dict[str, Any]:
     """What ran it: the GPU, driver, torch, CUDA and cuDNN versions, python, cores."""
     meta: dict[str, Any] = {"date_utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()), "device": str(device),
                             "torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version(),
-                            "cpu_cores": os.cpu_count()}
+                            "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads()}
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         meta |= {"gpu": props.name, "gpu_memory_gib": round(props.total_memory / 2**30, 1),
@@ -691,6 +691,8 @@ def main(argv: list[str] | None = None) -> int:
     sizes = QUICK if args.quick else FULL
     budget = args.budget if args.budget is not None else (120.0 if args.quick else 420.0)
     device = pick_device(args.device)
+    if device.type == "cpu" and args.quick:
+        torch.set_num_threads(1)  # tiny ops on a shared CPU: OpenMP threads spin against other processes (10x slower)
     path = run(steps, sizes, device, Path(args.out), budget)
     print(f"results: {path} and {path.with_suffix('.md')}")
     return 0

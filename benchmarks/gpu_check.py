@@ -88,7 +88,7 @@ class Sizes:
     head_batch: int = 512
     head_repeats: int = 3
     gemm_chunk: int = 1_000_000
-    data_images: int = 3072
+    data_images: int = 2048
     data_workers: tuple[int, ...] = (0, 4, 8, 15)
     data_batch: int = 128
     export_model: str = "r100"

@@ -94,7 +94,7 @@ class Sizes:
     export_model: str = "r100"
     export_batches: tuple[int, ...] = (1, 64)
     export_repeats: int = 5
-    pytest_timeout_s: float = 150.0
+    pytest_timeout_s: float = 180.0
     reserve_s: float = 200.0  # kept from the grid for steps 3 to 5 (5 compiles an r100 twice: ~1 to 2 min)
 
 
@@ -288,21 +288,25 @@ def make_head(kind: str, num_classes: int, embedding: int, device: torch.device,
 
 
 def step_pytest(rec: Recorder, sizes: Sizes, device: torch.device, budget: "Budget") -> None:
-    command = [sys.executable, "-m", "pytest", "-m", "cuda", "-q", "-p", "no:cacheprovider", "tests/test_cuda.py"]
+    """``pytest -m cuda -v`` into ``pytest.log`` beside the results, so that a run stopped at its timeout still
+    tells which tests passed and failed."""
+    command = [sys.executable, "-m", "pytest", "-m", "cuda", "-v", "-p", "no:cacheprovider", "tests/test_cuda.py"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
     timeout = min(sizes.pytest_timeout_s, max(5.0, budget.left()))
-    with LoadWatch() as load:
+    log = rec.json_path.with_name("pytest.log")
+    with LoadWatch() as load, open(log, "w") as out:
         t0 = time.perf_counter()
         try:
-            done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-            code, output = done.returncode, done.stdout + done.stderr
-        except subprocess.TimeoutExpired as e:
-            code, output = "timeout", (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
-    lines = [line for line in output.strip().splitlines() if line.strip()]
-    summary = lines[-1] if lines else ""
-    failures = [line for line in lines if line.startswith(("FAILED", "ERROR"))]
-    rec.add("pytest", "pytest -m cuda", load, exit_code=code, summary=summary, failures=failures[:20],
-            seconds=round(time.perf_counter() - t0, 1))
+            code: int | str = subprocess.run(command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                             timeout=timeout).returncode
+        except subprocess.TimeoutExpired:
+            code = f"timeout after {timeout:.0f} s"
+    lines = [line.strip() for line in log.read_text(errors="replace").splitlines() if line.strip()]
+    outcomes = {word: [line.split(" ")[0].split("::")[-1] for line in lines if "::" in line and f" {word}" in line]
+                for word in ("PASSED", "FAILED", "ERROR", "SKIPPED")}
+    rec.add("pytest", "pytest -m cuda", load, exit_code=code, summary=lines[-1] if lines else "",
+            passed=len(outcomes["PASSED"]), skipped=len(outcomes["SKIPPED"]),
+            failed=outcomes["FAILED"] + outcomes["ERROR"], log=log.name, seconds=round(time.perf_counter() - t0, 1))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -70,27 +70,31 @@ class SGDHyper:
 
 def sgd_rows_(rows: Tensor, buf: Tensor, grad: Tensor, hyper: SGDHyper, first: bool) -> None:
     """torch.optim.SGD's step on a block of rows, in place: ``rows`` (c, D) parameters, ``buf`` (c, D) their
-    momentum (written on the first step, as torch's lazily created buffer), ``grad`` (c, D) their gradient."""
-    d_p = grad.add(rows, alpha=hyper.weight_decay) if hyper.weight_decay else grad
+    momentum (written on the first step, as torch's lazily created buffer), ``grad`` (c, D) their gradient,
+    used as scratch (overwritten)."""
+    d_p = grad.add_(rows, alpha=hyper.weight_decay) if hyper.weight_decay else grad
     if hyper.momentum:
         if first:
             buf.copy_(d_p)
         else:
             buf.mul_(hyper.momentum).add_(d_p, alpha=1.0 - hyper.dampening)
-        d_p = d_p.add(buf, alpha=hyper.momentum) if hyper.nesterov else buf
+        d_p = d_p.add_(buf, alpha=hyper.momentum) if hyper.nesterov else buf
     rows.add_(d_p, alpha=-hyper.lr)
 
 
-def _chunk_cos(x_hat: Tensor, rows: Tensor, gemm_dtype: torch.dtype | None) -> tuple[Tensor, Tensor, Tensor]:
-    """(cos (B, c), w_hat (c, D), |w| (c,)) of one chunk of rows, in x_hat's dtype; the GEMM in ``gemm_dtype``."""
-    dtype = x_hat.dtype
-    norms = row_norms(rows.to(dtype))
-    w_hat = rows.to(dtype) / norms.unsqueeze(1)
+def _gemm(a: Tensor, b: Tensor, dtype: torch.dtype, gemm_dtype: torch.dtype | None) -> Tensor:
+    """a @ b in ``gemm_dtype`` (when given and different), returned in ``dtype``."""
     if gemm_dtype is None or gemm_dtype == dtype:
-        cos = x_hat @ w_hat.t()
-    else:
-        cos = (x_hat.to(gemm_dtype) @ rows.to(gemm_dtype).t()).to(dtype) / norms
-    return cos, w_hat, norms
+        return a.to(dtype) @ b.to(dtype)
+    return (a.to(gemm_dtype) @ b.to(gemm_dtype)).to(dtype)
+
+
+def _chunk_cos(x_hat: Tensor, rows: Tensor, gemm_dtype: torch.dtype | None) -> tuple[Tensor, Tensor]:
+    """(cos (B, c), |w| (c,)) of one chunk of rows, in x_hat's dtype, without a normalised copy of the rows:
+    cos = (x_hat @ w^T) / |w|, the GEMM in ``gemm_dtype`` (GEMM 1)."""
+    dtype = x_hat.dtype
+    norms = torch.linalg.vector_norm(rows, dim=1, dtype=dtype).clamp_min(torch.finfo(dtype).tiny)
+    return _gemm(x_hat, rows.t(), dtype, gemm_dtype).div_(norms), norms
 
 
 def _chunk_logits(cos: Tensor, labels: Tensor, target: Tensor, c0: int, c1: int, scale: float) -> tuple[Tensor, Tensor, Tensor]:
@@ -119,7 +123,7 @@ def fused_sgd_softmax_forward(
     target = target.detach()
     lse = torch.full_like(target, -math.inf)
     for c0, c1 in chunks(gemm_weight.shape[0], chunk_size):
-        cos, _, _ = _chunk_cos(x_hat, gemm_weight[c0:c1], gemm_dtype)
+        cos, _ = _chunk_cos(x_hat, gemm_weight[c0:c1], gemm_dtype)
         logits, _, _ = _chunk_logits(cos, labels, target, c0, c1, scale)
         lse = torch.logaddexp(lse, torch.logsumexp(logits, dim=1))
     return lse - target, lse, dtarget
@@ -134,23 +138,25 @@ def fused_sgd_softmax_backward(
     chunk by chunk (``gemm_weight``, a low-precision copy the GEMMs read, refreshed from the updated rows).
 
     grad_loss (B,): the upstream gradient of each sample's loss (1/B for a batch mean).
+    With cos_bj = x_b . w_j / |w_j| and g_bj = dL/dcos_bj:
+        dL/dx_b = sum_j g_bj w_j / |w_j|                                    (GEMM 2)
+        dL/dw_j = sum_b g_bj x_b / |w_j|  -  (sum_b g_bj cos_bj) w_j / |w_j|^2   (GEMM 3, then one pass)
     """
+    dtype = x_hat.dtype
     gemm_weight = weight if gemm_weight is None else gemm_weight
     grad_x_hat = torch.zeros_like(x_hat)
     for c0, c1 in chunks(weight.shape[0], chunk_size):
-        cos, w_hat, norms = _chunk_cos(x_hat, gemm_weight[c0:c1], gemm_dtype)
+        rows = gemm_weight[c0:c1]
+        cos, norms = _chunk_cos(x_hat, rows, gemm_dtype)
         logits, here, cols = _chunk_logits(cos, labels, target, c0, c1, scale)
-        dcos = torch.exp(logits - lse.unsqueeze(1)).mul_(grad_loss.unsqueeze(1))  # dL/dlogit = p g
-        dcos[here, cols] = (dcos[here, cols] - grad_loss[here]) * dtarget[here] / scale  # (p - 1) g t'(cos)
-        dcos.mul_(scale)  # dlogit/dcos = s off the target
-        if gemm_dtype is None or gemm_dtype == x_hat.dtype:
-            grad_x_hat.addmm_(dcos, w_hat)  # GEMM 2
-            grad_w_hat = dcos.t() @ x_hat  # GEMM 3
-        else:
-            grad_x_hat += (dcos.to(gemm_dtype) @ w_hat.to(gemm_dtype)).to(x_hat.dtype)
-            grad_w_hat = (dcos.t().to(gemm_dtype) @ x_hat.to(gemm_dtype)).to(x_hat.dtype)
-        # w_hat = w / |w|: d/dw = (g - (g . w_hat) w_hat) / |w|
-        grad_w = (grad_w_hat - (grad_w_hat * w_hat).sum(1, keepdim=True) * w_hat) / norms.unsqueeze(1)
+        g = torch.exp(logits.sub_(lse.unsqueeze(1))).mul_(grad_loss.unsqueeze(1))  # dL/dlogit = p g
+        g[here, cols] = (g[here, cols] - grad_loss[here]) * dtarget[here] / scale  # (p - 1) g t'(cos)
+        g.mul_(scale)  # dL/dcos: dlogit/dcos = s off the target
+        along = (g * cos).sum(0)  # (c,) sum_b g_bj cos_bj
+        g.div_(norms)
+        grad_x_hat += _gemm(g, rows, dtype, gemm_dtype)  # GEMM 2
+        grad_w = _gemm(g.t(), x_hat, dtype, gemm_dtype)  # GEMM 3
+        grad_w.addcmul_(rows, (along / norms.square()).unsqueeze(1), value=-1.0)
         sgd_rows_(weight[c0:c1], momentum[c0:c1], grad_w.to(weight.dtype), hyper, first)
         if gemm_weight is not weight:
             gemm_weight[c0:c1].copy_(weight[c0:c1])

@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install demo test test-all bench bench-accuracy clean
+.PHONY: install demo test test-all bench bench-accuracy gpu-check clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,12 @@ bench: $(STAMP)
 bench-accuracy: $(STAMP)
 	bash benchmarks/accuracy/install_fonts.sh
 	$(BIN)/python benchmarks/accuracy/harness.py
+
+# The GPU check (issue 28), on a GPU machine with its own python3 + torch: nothing installed, faceforge run from
+# this checkout; < 8 min on one H100. Results: runs/gpu_check/results.{json,md}. Smoke run on a CPU:
+#   python benchmarks/gpu_check.py --device cpu --quick
+gpu-check:
+	PYTHONPATH=. $(PYTHON) benchmarks/gpu_check.py $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf $(VENV) runs build *.egg-info

@@ -4,7 +4,9 @@
     python benchmarks/run_all.py --quick    # small sizes, a minute or two
 
 Each benchmark prints ratios against a baseline it measures in the same run; copy a run's output into
-RESULTS.md together with the command and the date when you record it.
+RESULTS.md together with the command and the date when you record it. The load average is printed before and
+after each benchmark (timing.LoadWatch); one run at a load above the core count is marked TAKEN UNDER LOAD,
+and with --refuse-under-load the command then fails (exit 3), so that its figures are not recorded.
 """
 
 from __future__ import annotations
@@ -16,6 +18,9 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from timing import LoadWatch  # noqa: E402
 
 # (script, full-size arguments, quick arguments)
 BENCHMARKS: list[tuple[str, list[str], list[str]]] = [
@@ -49,18 +54,29 @@ BENCHMARKS: list[tuple[str, list[str], list[str]]] = [
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small sizes (a smoke run, not for RESULTS.md)")
+    parser.add_argument("--refuse-under-load", action="store_true",
+                        help="exit 3 if any benchmark ran at a load above the core count")
     args = parser.parse_args(argv)
-    failed = []
+    failed, loaded = [], []
     for script, full, quick in BENCHMARKS:
         command = [sys.executable, str(HERE / script), *(quick if args.quick else full)]
         print(f"\n$ python benchmarks/{script} {' '.join(command[2:])}", flush=True)
         start = time.perf_counter()
-        if subprocess.run(command).returncode != 0:
+        with LoadWatch() as load:
+            code = subprocess.run(command).returncode
+        if code != 0:
             failed.append(script)
-        print(f"({time.perf_counter() - start:.0f} s)", flush=True)
+        print(f"({time.perf_counter() - start:.0f} s; load average {load.before:.2f} before, {load.after:.2f} after, "
+              f"{load.cores} cores)", flush=True)
+        if load.under_load:
+            loaded.append(script)
+            print(load.note(), flush=True)
     if failed:
         print(f"\nfailed: {', '.join(failed)}", file=sys.stderr)
         return 1
+    if loaded:
+        print(f"\ntaken under load (not for RESULTS.md): {', '.join(loaded)}", file=sys.stderr)
+        return 3 if args.refuse_under_load else 0
     return 0
 
 

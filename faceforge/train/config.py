@@ -76,6 +76,8 @@ class ModelConfig:
     kwargs: dict[str, Any] = field(default_factory=dict)
     init_from: str | None = None
     grad_checkpointing: bool | Literal["block", "stage"] = False
+    # GPUs (faceforge.train.device): torch.compile the backbone's forward in place (same loss as eager)
+    compile: bool = False
 
 
 @dataclass
@@ -267,6 +269,11 @@ class TrainConfig:
     zero: bool = False
     ddp_comm_hook: Literal["none", "fp16", "bf16"] = "none"
     dist_timeout: float = 1800.0
+    # GPUs (faceforge.train.device): "auto" = CUDA when present; "cuda" without one is an error before any work;
+    # channels_last: NHWC backbone weights and inputs; cudnn_benchmark: torch.backends.cudnn.benchmark
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    channels_last: bool = False
+    cudnn_benchmark: bool = False
 
 
 @dataclass

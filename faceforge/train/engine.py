@@ -57,6 +57,7 @@ from faceforge.train.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from faceforge.train.checkpointing import Checkpointer, RunParts
 from faceforge.train.config import Config
 from faceforge.train.data import build_dataset, build_unlabelled, dataset_labels
+from faceforge.train.device import check_device, configure_backends, dist_backend, prepare_backbone, run_device
 from faceforge.train.lifecycle import StopSignals, TrainingInterrupted
 from faceforge.train.preflight import check_backbone, check_head, check_resume, check_run_folder, open_evaluators
 from faceforge.train.runlog import LOG_NAME, RunLog
@@ -116,8 +117,10 @@ class _Run:
     def __init__(self, cfg: Config, resume: bool, on_step: Callable[[int], None] | None) -> None:
         self.cfg = cfg
         self.on_step = on_step
-        self.dist = fdist.init_distributed(timeout_s=cfg.train.dist_timeout)
-        self.device = self.dist.device
+        check_device(cfg.train.device)  # train.device = cuda without CUDA: one error line, before any work
+        self.dist = fdist.init_distributed(backend=dist_backend(cfg.train.device), timeout_s=cfg.train.dist_timeout)
+        self.device = run_device(cfg.train.device, self.dist.device)
+        configure_backends(cfg.train.cudnn_benchmark)
         self.world_size = self.dist.world_size
         self.rank = self.dist.rank
         self.main = self.dist.is_main
@@ -140,7 +143,7 @@ class _Run:
         self.dataset = build_dataset(cfg)
         num_classes = int(self.dataset.num_classes)
         check_head(cfg, num_classes, self.world_size)  # the head factory's own check, before anything is built
-        self.backbone = build_backbone(cfg)
+        self.backbone = prepare_backbone(build_backbone(cfg), channels_last=t.channels_last, compile=cfg.model.compile)
         self.head = build_head(cfg, num_classes)
         self.amp_dtype = self._amp_dtype()
         self.objective: Objective = OBJECTIVES.build(

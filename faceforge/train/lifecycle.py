@@ -137,6 +137,7 @@ RESUME_POLICY: tuple[ResumeRule, ...] = (
     ResumeRule("output", APPLIED, "the run folder is where the checkpoint is"),
     ResumeRule("seed", REFUSED, "it draws the data order, the flips and the synthetic identities"),
     ResumeRule("model.grad_checkpointing", APPLIED, "memory only: the same gradients"),
+    ResumeRule("model.compile", APPLIED, "execution only: the same weights and checkpoint keys"),
     ResumeRule("model", REFUSED, "the backbone's weights are built from it; init_from acts at step 0 only"),
     ResumeRule("head.shard", APPLIED, "sharding is a strategy: the checkpoint holds W as one logical tensor"),
     ResumeRule("head", REFUSED, "the class weights and the loss are the head's"),

@@ -229,7 +229,8 @@ class _Checkpoint:
         if self.cfg is None:
             raise ValueError(f"{self.path}: a model file carries no held-out sets; pass .bin files with --bin, or "
                              "--ijb / --probes / --retrieval")
-        self.cfg.data.eval_pairs = r.num_pairs
+        if "eval_pairs" in self.cfg.data.kwargs:  # a source with held-out pairs of its own
+            self.cfg.data.kwargs["eval_pairs"] = r.num_pairs
         sets = build_verification_sets(self.cfg)
         if not sets:
             raise ValueError(f"{self.path}: its config (data.name = {self.cfg.data.name!r}) has no verification "

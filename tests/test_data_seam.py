@@ -227,3 +227,13 @@ def test_an_out_of_tree_source_trains_through_faceforge_train(tmp_path: Path, ca
     line = _error_line(capsys, ["train", str(bad)])
     assert "data.kwargs.clases: not an argument of data source '_extending_data:Stripes'; expected one of: " \
            "classes, per_class" in line
+
+
+def test_a_kwargs_override_beats_the_config_files_flat_key(tmp_path: Path, caplog) -> None:
+    path = _write(tmp_path / "c.yaml", _config(tmp_path / "run", {"name": "synthetic", "num_identities": 5}))
+    assert load_config(path, ["data.kwargs.num_identities=30"]).data.kwargs["num_identities"] == 30
+    assert load_config(path, ["data.num_identities=31"]).data.kwargs["num_identities"] == 31
+    with caplog.at_level(logging.WARNING, logger="faceforge"):  # both in one file: the flat key wins, and says so
+        both = _config(tmp_path, {"name": "synthetic", "num_identities": 5, "kwargs": {"num_identities": 6}})
+        assert config_from_dict(both, "<test>").data.kwargs["num_identities"] == 5
+    assert "<test>: data.num_identities = 5 overrides data.kwargs.num_identities = 6" in caplog.text

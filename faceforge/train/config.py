@@ -632,6 +632,9 @@ def _map_flat_data_keys(data: dict, source: str) -> tuple[dict, dict[str, str]]:
     kwargs = dict(kwargs)
     spelled = {}
     for key in [k for k in section if k in FLAT_DATA_KEYS]:
+        if key in kwargs and kwargs[key] != section[key]:
+            logging.getLogger("faceforge").warning("%s: data.%s = %r overrides data.kwargs.%s = %r", source, key,
+                                                   section[key], key, kwargs[key])
         kwargs[key] = section.pop(key)
         spelled[key] = f"data.{key}"
         if key not in _noted_flat_keys:
@@ -640,6 +643,18 @@ def _map_flat_data_keys(data: dict, source: str) -> tuple[dict, dict[str, str]]:
                                                    source, key, key)
     section["kwargs"] = kwargs
     return {**data, "data": section}, spelled
+
+
+def _drop_overridden_flat_keys(data: dict, overrides: Sequence[str]) -> None:
+    """A ``data.kwargs.<key>=`` override supersedes the config file's old flat ``data.<key>`` (removed, in place),
+    which would otherwise win when it is moved into ``data.kwargs``."""
+    section = data.get("data")
+    if not isinstance(section, dict):
+        return
+    for item in overrides:
+        key = item.partition("=")[0].strip()
+        if key.startswith("data.kwargs.") and key.removeprefix("data.kwargs.") in FLAT_DATA_KEYS:
+            section.pop(key.removeprefix("data.kwargs."), None)
 
 
 def _check_data_kwargs(cfg: Config, source: str, spelled: dict[str, str]) -> None:
@@ -681,6 +696,7 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: expected a mapping at the top level, got {type(data).__name__}: {data!r}")
+    _drop_overridden_flat_keys(data, overrides)
     apply_overrides(data, list(overrides), source)
     return config_from_dict(data, source)
 

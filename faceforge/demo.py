@@ -81,8 +81,8 @@ def run_demo(config: str | Path | None = None, overrides: Sequence[str] = (), ti
     cfg = fresh_output(load_demo_config(config, [*(TINY_OVERRIDES if tiny else ()), *overrides]))
     images, issame = synthetic_held_out_pairs(cfg)
     print(
-        f"faceforge demo: {cfg.model.backbone} + {cfg.head.name} on {cfg.data.num_identities} synthetic identities "
-        f"x {cfg.data.images_per_identity} images ({cfg.data.image_size}x{cfg.data.image_size}); "
+        f"faceforge demo: {cfg.model.backbone} + {cfg.head.name} on {cfg.data.kwargs['num_identities']} synthetic identities "
+        f"x {cfg.data.kwargs['images_per_identity']} images ({cfg.data.image_size}x{cfg.data.image_size}); "
         f"held-out: {len(issame)} pairs of unseen identities"
     )
     untrained = verify_pairs(_untrained_backbone(cfg), images, issame, fars=(1e-3,))

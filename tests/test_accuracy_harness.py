@@ -170,7 +170,7 @@ def test_report_tables_plots_and_curves(tiny: str, tmp_path: Path) -> None:
 def test_learning_curve_from_the_trainer_log(tiny: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(ex.EXPERIMENTS, "curve", ex.Experiment("a curve", (ex.Variant("ArcFace", ex.ARCFACE),), curve=True))
     run, = harness.plan(tiny, ["curve"], ["synthetic"], 1, tmp_path)
-    assert run.cfg.train.eval_every == 2 and run.cfg.data.eval_pairs == 20
+    assert run.cfg.train.eval_every == 2 and run.cfg.data.kwargs["eval_pairs"] == 20
     record = harness.execute(run)
     assert [p["step"] for p in record["curve"]] == [2.0, 4.0]
     assert all(0.0 <= p["accuracy"] <= 1.0 for p in record["curve"])
@@ -325,7 +325,7 @@ def test_broadface_long_fine_tunes_the_many_class_queue_rows_for_1000_steps(tmp_
     for run in long:
         assert (run.start.experiment, run.start.variant.label) == ("table6", "ArcFace")
         assert (run.cfg.train.steps, run.cfg.schedule.milestones, run.cfg.optim.lr) == (1000, [625, 875], 0.01)
-        assert run.key != short[run.variant.label].key and run.cfg.data.num_identities == 5000
+        assert run.key != short[run.variant.label].key and run.cfg.data.kwargs["num_identities"] == 5000
         assert _without(run.cfg, "output", "train.steps", "schedule.milestones") == _without(
             short[run.variant.label].cfg, "output", "train.steps", "schedule.milestones")
 

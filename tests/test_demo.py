@@ -52,8 +52,8 @@ def test_demo_config_is_valid_and_is_arcface_on_an_iresnet() -> None:
     cfg = load_demo_config()  # package data, as an installed wheel finds it
     assert cfg == load_config(REPO / "configs" / "demo.yaml")  # the repository's configs/demo.yaml links to it
     assert cfg.head.name == "arcface" and cfg.model.backbone.startswith("r")
-    assert cfg.data.name == "synthetic" and cfg.data.difficulty == 1.0  # the default difficulty
-    assert cfg.data.eval_pairs >= 1000
+    assert cfg.data.name == "synthetic" and cfg.data.kwargs["difficulty"] == 1.0  # the default difficulty
+    assert cfg.data.kwargs["eval_pairs"] >= 1000
 
 
 def test_help_lists_every_subcommand() -> None:

@@ -490,7 +490,7 @@ def test_partial_fc_run_resumes_bit_identical_through_the_trainer(tmp_path: Path
     def config(output: Path, steps: int):
         cfg = sharded_config(output, 1, steps)
         cfg.head.sample_rate = 0.5
-        cfg.data.num_identities, cfg.data.images_per_identity = 32, 2  # a batch of 12 holds at most 12 classes
+        cfg.data.kwargs.update(num_identities=32, images_per_identity=2)  # a batch of 12 holds at most 12 classes
         return cfg
 
     straight = train(config(tmp_path / "straight", 4))

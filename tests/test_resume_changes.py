@@ -166,7 +166,7 @@ def test_the_policy_decides_by_the_first_matching_rule() -> None:
     assert resume_policy("optim.lr").policy == APPLIED
     assert resume_policy("optim.name").policy == REFUSED
     assert resume_policy("data.eval_pairs").policy == APPLIED
-    assert resume_policy("data.eval_identities").policy == REFUSED
+    assert resume_policy("data.kwargs.eval_identities").policy == REFUSED
     assert resume_policy("model.kwargs.width").policy == REFUSED
     assert resume_policy("head.kwargs.m").policy == REFUSED
     assert resume_policy("head.shard").policy == APPLIED

@@ -36,9 +36,9 @@ def _synthetic_gallery(cfg: Config, per_identity: int) -> tuple[np.ndarray, np.n
     from faceforge.data.synthetic import render_images
 
     d = cfg.data
-    labels = np.repeat(np.arange(d.eval_identities), per_identity)
-    samples = np.tile(np.arange(per_identity), d.eval_identities)
-    images = render_images(labels, samples, seed=cfg.seed, split="test", difficulty=d.difficulty, image_size=d.image_size)
+    labels = np.repeat(np.arange(d.kwargs['eval_identities']), per_identity)
+    samples = np.tile(np.arange(per_identity), d.kwargs['eval_identities'])
+    images = render_images(labels, samples, seed=cfg.seed, split="test", difficulty=d.kwargs['difficulty'], image_size=d.image_size)
     return images, labels
 
 
@@ -62,7 +62,7 @@ def _synthetic_unlabelled(cfg: Config, count: int) -> np.ndarray:
 
     d = cfg.data
     index = np.arange(count)
-    return render_images(1_000_000 + index // 5, index % 5, seed=cfg.seed, split="test", difficulty=d.difficulty,
+    return render_images(1_000_000 + index // 5, index % 5, seed=cfg.seed, split="test", difficulty=d.kwargs['difficulty'],
                          image_size=d.image_size)
 
 

@@ -329,7 +329,7 @@ def _write_font_report(cfg: Config, out: Path) -> None:
     report = bench.selection.report()
     split = (f"training: {len(bench.train_chars)} characters x {bench.images_per_character} images; test: "
              f"{len(bench.test_chars)} characters x {len(bench.test_fonts)} fonts "
-             f"({'held-out families' if cfg.data.glyph_held_out_families else 'the training fonts'}); "
+             f"({'held-out families' if cfg.data.kwargs['glyph_held_out_families'] else 'the training fonts'}); "
              f"skipped characters: {bench.skipped}")
     with atomic_open(out / "glyph_fonts.txt", "w") as f:
         f.write(f"{report}\n{split}\n")

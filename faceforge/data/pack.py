@@ -26,6 +26,7 @@ from typing import Callable, Iterable, Iterator, Sequence, TypeVar
 
 import numpy as np
 
+from faceforge.data.source import SourceError, open_source
 from faceforge.fileio import write_text
 
 _PASS_THROUGH = ("JPEG", "PNG")
@@ -475,15 +476,15 @@ def inspect_path(path: str | os.PathLike, *, decode: bool = False, sample: int =
     image sizes seen. With ``decode`` every image is decoded and each failure is listed (key or
     path + error); otherwise only the headers of ``sample`` evenly spaced images are read.
     """
-    p = os.fspath(path)
-    if os.path.isdir(p):
-        return _inspect_folder(p, decode, sample, progress)
-    if p.endswith(".bin") and os.path.isfile(p):
-        return _inspect_bin(p, decode, sample)
-    prefix = p[:-4] if p.endswith((".rec", ".idx")) else p
-    if os.path.isfile(prefix + ".rec") or os.path.isfile(prefix + ".idx"):
-        return _inspect_rec(prefix, decode, sample, progress)
-    raise PackError(f"{p}: not a folder, a .bin, or a .rec/.idx prefix")
+    try:
+        found = open_source(path)
+    except SourceError as e:
+        raise PackError(str(e)) from None
+    if found.format == "folder":
+        return _inspect_folder(found.path, decode, sample, progress)
+    if found.format == "bin":
+        return _inspect_bin(found.path, decode, sample)
+    return _inspect_rec(found.path, decode, sample, progress)
 
 
 __all__ = [

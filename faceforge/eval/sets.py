@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from faceforge.data.source import open_source
 from faceforge.eval import metrics
 from faceforge.eval.identify import identify_with_distractors
 from faceforge.eval.report import tar_cells
@@ -225,13 +226,6 @@ class ImageSet:
                              device=device, normalize=True)
 
 
-def _rec_prefix(path: Path) -> Path | None:
-    for candidate in (path, path.with_suffix("")):
-        if Path(f"{candidate}.rec").is_file() and Path(f"{candidate}.idx").is_file():
-            return candidate
-    return None
-
-
 def open_images(path: str | os.PathLike, labelled: bool = True) -> ImageSet:
     """An image folder or an insightface ``.rec`` as an :class:`ImageSet`.
 
@@ -244,13 +238,14 @@ def open_images(path: str | os.PathLike, labelled: bool = True) -> ImageSet:
     from faceforge.data.recordio import RecordIODataset
 
     p = Path(path)
-    prefix = _rec_prefix(p)
-    if prefix is not None:
+    found = open_source(p)  # the one rule for .rec / folder / .bin (faceforge.data.source)
+    if found.format == "rec":
+        prefix = found.path
         ds = RecordIODataset(prefix)
         labels = np.array([ds.label_of(i) for i in range(len(ds))], dtype=np.int64) if labelled else None
         return ImageSet(str(path), ds, labels, _stat_key([f"{prefix}.rec", f"{prefix}.idx"]))
-    if not p.is_dir():
-        raise FileNotFoundError(f"{path}: neither an image folder nor a .rec/.idx pair")
+    if found.format != "folder":
+        raise FileNotFoundError(f"{path}: a .bin holds verification pairs; expected an image folder or a .rec/.idx pair")
     if labelled:
         ds = ImageFolderDataset(p)
         return ImageSet(str(path), ds, ds.labels, _stat_key([s for s, _ in ds.samples]))

@@ -6,7 +6,7 @@ A config file is a YAML mapping whose sections mirror the dataclasses below::
     output: runs/r18_arcface
     model: {backbone: r18, embedding_size: 512, kwargs: {width: 0.5}}
     head: {name: arcface, kwargs: {s: 64.0, m: 0.5}}
-    data: {num_identities: 1000, images_per_identity: 20, batch_size: 128}
+    data: {name: synthetic, kwargs: {num_identities: 1000, images_per_identity: 20}, batch_size: 128}
     optim: {name: sgd, lr: 0.1}
     schedule: {name: poly, warmup_epochs: 1}
     train: {epochs: 20}
@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import logging
 import math
 import re
 import types
@@ -49,6 +50,8 @@ __all__ = [
     "TrainConfig",
     "load_config",
     "config_from_dict",
+    "check_value",
+    "FLAT_DATA_KEYS",
     "apply_overrides",
     "to_dict",
     "to_yaml",
@@ -120,22 +123,29 @@ class DataConfig:
     batch_size is per process and per micro-batch: one optimiser step sees
     ``batch_size * world_size * train.grad_accum`` images. Images are ``image_size`` pixels square.
 
-    name: ``synthetic`` (built-in identities), ``recordio`` (``path`` = the ``.rec``/``.idx`` prefix)
-    or ``folder`` (``path`` = a folder with one sub-folder per identity). Any ``name`` evaluates the
-    ``eval_bins`` (insightface ``.bin`` files, each named after its file), beside its own held-out pairs
-    (``synthetic`` and ``glyphs`` have those; ``recordio``/``folder`` none); ``num_identities``,
-    ``images_per_identity``, ``difficulty``, ``cache``, ``eval_pairs`` and ``eval_identities`` apply to
-    ``synthetic`` only.
+    name: a ``faceforge.train.data.DATASETS`` name or ``"package.module:callable"``; ``kwargs``: that source's
+    own keyword arguments, checked against its factory's signature, type hints and declared ranges when the
+    config is read (registered names; an out-of-tree one when it is built), the factory's defaults filling the
+    rest. ``synthetic`` (built-in identities): ``num_identities``, ``images_per_identity``, ``difficulty``,
+    ``cache``, ``eval_pairs``, ``eval_identities``. ``recordio`` (``path`` = the ``.rec``/``.idx`` prefix) and
+    ``folder`` (``path`` = a folder with one sub-folder per identity): none. Any ``name`` evaluates the
+    ``eval_bins`` (insightface ``.bin`` files, each named after its file), beside its own held-out pairs.
+    The old flat keys (``data.num_identities``, ``data.glyph_charset``, ...) still work: they are moved into
+    ``kwargs`` with a one-line deprecation note (:data:`FLAT_DATA_KEYS`).
 
     ``glyphs`` (rendered font glyphs, ``faceforge.data.glyphs``): ``path`` = a fonts folder (default
-    ``/usr/share/fonts``); ``num_identities`` training and ``eval_identities`` test characters (disjoint),
-    each drawn in every font (``images_per_identity`` is ignored); ``eval_pairs`` pairs of test characters;
+    ``/usr/share/fonts``); kwargs ``num_identities`` training and ``eval_identities`` test characters (disjoint),
+    each drawn in every font; ``eval_pairs`` pairs of test characters;
     ``glyph_charset``, ``glyph_held_out_families`` (font families kept for the test pairs only; 0 = the
     test pairs use the training fonts), ``glyph_variants`` (images per character and font: 1 = clean,
     more adds jittered copies) and ``glyph_min_coverage`` (drop fonts that map fewer than this fraction of
     the best font's characters, default 0.25; raise it to share more characters among fewer fonts: at 0.35
     the Debian fonts of ``install_fonts.sh`` keep 23 fonts sharing 7,244 CJK characters, at 0.25 27 sharing
     3,331).
+
+    The keys here are those every source shares: where images are (``path``), how they are batched, sized,
+    flipped, masked and sampled, the evaluation sets any source can have, unlabelled images, label noise and
+    bad-record handling.
 
     Beside those held-out sets, any ``data.name`` can evaluate ``eval_ijb`` (an IJB-B/C release,
     ``eval_ijb_name``), ``eval_probes`` among ``eval_distractors`` (identification) and ``eval_retrieval``
@@ -159,6 +169,7 @@ class DataConfig:
     """
 
     name: str = "synthetic"
+    kwargs: dict[str, Any] = field(default_factory=dict)  # the source's own arguments (see above)
     path: str | None = None
     eval_bins: list[str] = field(default_factory=list)
     eval_ijb: str | None = None  # an IJB-B/C release root: 1:1 TAR@FAR (+ 1:N when its CSVs are there)
@@ -166,27 +177,17 @@ class DataConfig:
     eval_probes: str | None = None  # identification: these probes (folder / .rec) among eval_distractors
     eval_distractors: str | None = None
     eval_retrieval: str | None = None  # Recall@K and mAP on this labelled image set (folder / .rec)
-    num_identities: int = 1000
-    images_per_identity: int = 20
     image_size: int = 112
-    difficulty: float = 1.0
-    cache: bool = False
     batch_size: int = 128
     num_workers: int = 0
     flip: bool = True  # random horizontal flip, p = 0.5, drawn in the main process
     sampler: str = "epoch"  # faceforge.data.samplers.SAMPLERS name, or "package.module:callable"
     sampler_kwargs: dict[str, Any] = field(default_factory=dict)
-    eval_pairs: int = 1000  # held-out pairs of unseen (test-split) identities; 0 = no verification
-    eval_identities: int = 200
     eval_batch_size: int = 256
     label_noise: float = 0.0
     mask_ratio: float = 0.0
     unlabelled: str | None = None
     unlabelled_ratio: float = 0.5
-    glyph_charset: str = "cjk"
-    glyph_held_out_families: int = 0
-    glyph_variants: int = 1
-    glyph_min_coverage: float = 0.25  # faceforge.data.glyphs.MIN_COVERAGE
     skip_bad: bool = False
 
 
@@ -443,11 +444,13 @@ def config_from_dict(data: dict, source: str = "<dict>") -> Config:
     """Validate a nested dict (as read from YAML or a checkpoint) into a :class:`Config`."""
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: expected a mapping at the top level, got {type(data).__name__}: {data!r}")
+    data, spelled = _map_flat_data_keys(data, source)
     cfg = _build(Config, data, "", source)
     _check_ranges(cfg, source)
     _check_names(cfg, source)
     _check_pairings(cfg, source)
     _check_kwargs(cfg, source)
+    _check_data_kwargs(cfg, source, spelled)
     return cfg
 
 
@@ -460,16 +463,10 @@ MAX_WEIGHT_DECAY = 1.0
 _RANGES: dict[str, tuple[Any, str]] = {
     "data.batch_size": (lambda v: v >= 1, "an int >= 1"),
     "head.sample_rate": (lambda v: 0.0 < v <= 1.0, "a float in (0, 1]"),
-    "data.num_identities": (lambda v: v >= 1, "an int >= 1"),
-    "data.images_per_identity": (lambda v: v >= 1, "an int >= 1"),
     "data.num_workers": (lambda v: v >= 0, "an int >= 0"),
-    "data.eval_pairs": (lambda v: v >= 0, "an int >= 0"),
     "data.label_noise": (lambda v: 0.0 <= v <= 1.0, "a float in [0, 1]"),
     "data.mask_ratio": (lambda v: 0.0 <= v <= 1.0, "a float in [0, 1]"),
     "data.unlabelled_ratio": (lambda v: v > 0, "a float > 0 (unlabelled images per labelled image)"),
-    "data.glyph_held_out_families": (lambda v: v >= 0, "an int >= 0"),
-    "data.glyph_variants": (lambda v: v >= 1, "an int >= 1"),
-    "data.glyph_min_coverage": (lambda v: 0.0 <= v <= 1.0, "a float in [0, 1]"),
     "model.embedding_size": (lambda v: v >= 1, "an int >= 1"),
     "optim.lr": (lambda v: 0 <= v <= MAX_LR, f"a float in [0, {MAX_LR:g}]"),
     "optim.trust_coefficient": (lambda v: v > 0, "a float > 0"),
@@ -481,10 +478,8 @@ _RANGES: dict[str, tuple[Any, str]] = {
                                 f"null (= optim.weight_decay) or a float in [0, {MAX_WEIGHT_DECAY:g}]"),
     "optim.eps": (lambda v: v > 0, "a float > 0"),
     "optim.betas": (lambda v: all(0 <= b < 1 for b in v), "two floats in [0, 1)"),
-    "data.eval_identities": (lambda v: v >= 1, "an int >= 1"),
     "data.eval_batch_size": (lambda v: v >= 1, "an int >= 1"),
     "data.image_size": (lambda v: v >= 1, "an int >= 1"),
-    "data.difficulty": (lambda v: v >= 0, "a float >= 0"),
     "schedule.power": (lambda v: v >= 0, "a float >= 0"),
     "schedule.gamma": (lambda v: v >= 0, "a float >= 0"),
     "schedule.min_lr": (lambda v: 0 <= v <= MAX_LR, f"a float in [0, {MAX_LR:g}]"),
@@ -505,9 +500,6 @@ _RANGES: dict[str, tuple[Any, str]] = {
 
 # dotted key -> (when it applies, in words, test, what is expected): ranges that hold for some configs only.
 _CONDITIONAL_RANGES: dict[str, tuple[Any, str, Any, str]] = {
-    "data.eval_identities": (lambda c: c.data.eval_pairs > 0 and c.data.name in ("synthetic", "glyphs"),
-                             "held-out pairs (data.eval_pairs > 0)",
-                             lambda v: v >= 2, "an int >= 2 (negative pairs need two people)"),
     "data.image_size": (lambda c: c.data.name == "synthetic", "data.name 'synthetic'",
                         lambda v: v >= 16, "an int >= 16 (the smallest face the renderer draws)"),
 }
@@ -663,6 +655,82 @@ def _check_kwargs(cfg: Config, source: str) -> None:
                 _convert(value, params[key], f"{section}.kwargs.{key}", source)  # a string for a float names its key
 
 
+# the data keys that were flat fields of DataConfig before data.kwargs, and their old defaults: such a key is moved
+# into data.kwargs (with a one-line note, once per process), where it is checked as a kwarg; it wins over the same
+# key in data.kwargs (so a command line ``data.num_identities=30`` still overrides a config's kwargs). One the source
+# does not take was ignored before (``eval_pairs: 0`` for recordio): it is dropped, with a note unless it holds its
+# old default (a config saved by an older version lists every field)
+FLAT_DATA_KEYS: dict[str, Any] = {
+    "num_identities": 1000, "images_per_identity": 20, "difficulty": 1.0, "cache": False, "eval_pairs": 1000,
+    "eval_identities": 200, "glyph_charset": "cjk", "glyph_held_out_families": 0, "glyph_variants": 1,
+    "glyph_min_coverage": 0.25,
+}
+_noted_flat_keys: set[str] = set()
+
+
+def _map_flat_data_keys(data: dict, source: str) -> tuple[dict, dict[str, str]]:
+    """``data.<old flat key>`` moved into ``data.kwargs`` (a new dict; ``data`` is not changed).
+
+    Returns ``(data, {key: "data.<key>"})``, the second naming the moved keys as the user wrote them."""
+    section = data.get("data")
+    if not isinstance(section, dict) or not any(k in FLAT_DATA_KEYS for k in section):
+        return data, {}
+    section = dict(section)
+    kwargs = section.get("kwargs") or {}
+    if not isinstance(kwargs, dict):
+        return data, {}  # _build names the wrong type of data.kwargs
+    kwargs = dict(kwargs)
+    spelled = {}
+    for key in [k for k in section if k in FLAT_DATA_KEYS]:
+        if key in kwargs and kwargs[key] != section[key]:
+            logging.getLogger("faceforge").warning("%s: data.%s = %r overrides data.kwargs.%s = %r", source, key,
+                                                   section[key], key, kwargs[key])
+        kwargs[key] = section.pop(key)
+        spelled[key] = f"data.{key}"
+        if key not in _noted_flat_keys:
+            _noted_flat_keys.add(key)
+            logging.getLogger("faceforge").warning("%s: data.%s is deprecated; it now reads data.kwargs.%s",
+                                                   source, key, key)
+    section["kwargs"] = kwargs
+    return {**data, "data": section}, spelled
+
+
+def _drop_overridden_flat_keys(data: dict, overrides: Sequence[str]) -> None:
+    """A ``data.kwargs.<key>=`` override supersedes the config file's old flat ``data.<key>`` (removed, in place),
+    which would otherwise win when it is moved into ``data.kwargs``."""
+    section = data.get("data")
+    if not isinstance(section, dict):
+        return
+    for item in overrides:
+        key = item.partition("=")[0].strip()
+        if key.startswith("data.kwargs.") and key.removeprefix("data.kwargs.") in FLAT_DATA_KEYS:
+            section.pop(key.removeprefix("data.kwargs."), None)
+
+
+def _check_data_kwargs(cfg: Config, source: str, spelled: dict[str, str]) -> None:
+    """``data.kwargs`` of a registered ``data.name`` checked and completed with its factories' defaults
+    (``faceforge.train.data.resolve_data_kwargs``); an old flat key the source does not take is dropped only
+    while it holds its old default."""
+    from faceforge.train.data import DATASETS, resolve_data_kwargs
+
+    if ":" in cfg.data.name or cfg.data.name not in DATASETS:
+        return
+    kwargs = dict(cfg.data.kwargs)
+    accepted = resolve_data_kwargs(cfg.data.name, {}, source)  # the defaults: the keys the source takes
+    for key in [k for k in spelled if k not in accepted]:
+        value = kwargs.pop(key)
+        if not (type(value) is type(FLAT_DATA_KEYS[key]) and value == FLAT_DATA_KEYS[key]):
+            logging.getLogger("faceforge").warning("%s: data.%s = %r is ignored: data source %r does not take it",
+                                                   source, key, value, cfg.data.name)
+    cfg.data.kwargs = resolve_data_kwargs(cfg.data.name, kwargs, source, spelled)
+
+
+def check_value(value: Any, tp: Any, key: str, source: str) -> Any:
+    """``value`` checked (and converted, e.g. an int for a float) against the type hint ``tp``, as config fields
+    are; raises :class:`ConfigError` naming ``key``. For the parts' kwargs (``data.kwargs``)."""
+    return _convert(value, tp, key, source)
+
+
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
     """Read a YAML config, apply dotted overrides, validate. Raises :class:`ConfigError`."""
     path = Path(path)
@@ -678,6 +746,7 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: expected a mapping at the top level, got {type(data).__name__}: {data!r}")
+    _drop_overridden_flat_keys(data, overrides)
     apply_overrides(data, list(overrides), source)
     return config_from_dict(data, source)
 

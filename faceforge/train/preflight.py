@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from faceforge.train.checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint
-from faceforge.train.config import Config, ConfigError, to_dict
+from faceforge.train.config import Config, ConfigError, config_from_dict, to_dict
 from faceforge.train.lifecycle import APPLIED, MISSING, ConfigChange, config_diff, resume_policy
 
 __all__ = [
@@ -141,6 +141,10 @@ def check_resume(cfg: Config, checkpoint: Path, saved: dict[str, Any]) -> list[C
     """The changes of ``cfg`` since ``saved`` (the checkpoint's config dict) that a resumed run applies; the first
     change that :func:`faceforge.train.lifecycle.resume_policy` refuses raises ConfigError naming the key and both
     values. A key the checkpoint's config lacks (written by an older faceforge) is applied."""
+    try:  # a checkpoint of an older faceforge: its flat data keys read as data.kwargs, like a user's old YAML
+        saved = to_dict(config_from_dict(saved, str(checkpoint)))
+    except ConfigError:
+        pass  # compared as written: every differing key is then named by the policy below
     changes = config_diff(saved, to_dict(cfg))
     for change in changes:
         rule = resume_policy(change.key)

@@ -28,11 +28,11 @@ DEMO_CONFIG = "configs/demo.yaml"
 
 # A seconds-long version of the demo for tests: same code path, toy sizes.
 TINY_OVERRIDES = (
-    "data.num_identities=16",
-    "data.images_per_identity=8",
+    "data.kwargs.num_identities=16",
+    "data.kwargs.images_per_identity=8",
     "data.image_size=32",
     "data.batch_size=16",
-    "data.eval_pairs=64",
+    "data.kwargs.eval_pairs=64",
     "train.epochs=1",
     "train.eval_every=0",
     "train.checkpoint_every=4",

@@ -282,8 +282,8 @@ class _Checkpoint:
             raise ValueError(f"{self.path}: a model file carries no held-out sets; pass .bin files with --bin, or "
                              "--ijb / --probes / --retrieval")
         confine_to_run(self.cfg, self.path)
-        if r.num_pairs is not None and \"eval_pairs\" in self.cfg.data.kwargs:  # a source with held-out pairs of its own
-            self.cfg.data.kwargs[\"eval_pairs\"] = r.num_pairs
+        if r.num_pairs is not None and "eval_pairs" in self.cfg.data.kwargs:  # a source with held-out pairs of its own
+            self.cfg.data.kwargs["eval_pairs"] = r.num_pairs
         sets = build_verification_sets(self.cfg)
         if not sets:
             raise ValueError(f"{self.path}: its config (data.name = {self.cfg.data.name!r}) has no verification "

@@ -142,7 +142,7 @@ def folder_state(folder: Path) -> dict[str, tuple[bytes, int]]:
     ("override", "key", "old", "new"),
     [
         ("model.embedding_size=64", "model.embedding_size", "16", "64"),
-        ("data.num_identities=30", "data.num_identities", "8", "30"),
+        ("data.num_identities=30", "data.kwargs.num_identities", "8", "30"),  # an old flat key is named as it is stored
         ("head.name=cosface", "head.name", "'arcface'", "'cosface'"),
     ],
 )

@@ -13,7 +13,7 @@ from typing import Any
 
 from torch import nn
 
-from faceforge.heads.base import HEADS
+from faceforge.heads.base import HEADS, MarginContext, margin_context
 from faceforge.heads.broadface import BroadFace
 from faceforge.heads.margin import apply_margin, target_logit
 from faceforge.heads.parallel import ShardedHead
@@ -21,6 +21,7 @@ from faceforge.heads.regularizers import inter_class_loss, intra_class_angle
 from faceforge.heads.softmax import (
     ArcFace,
     CosFace,
+    MarginHead,
     MarginSoftmax,
     NormFace,
     Softmax,
@@ -29,6 +30,7 @@ from faceforge.heads.softmax import (
 )
 from faceforge.heads.sphereface2 import SphereFace2, balanced_bias
 from faceforge.heads.attfc import AttFC
+from faceforge.heads import parallel_attfc, parallel_broadface  # noqa: F401  (register their sharded forms)
 
 
 def build(name: str, **kwargs: Any) -> nn.Module:
@@ -43,6 +45,8 @@ __all__ = [
     "ArcFace",
     "BroadFace",
     "CosFace",
+    "MarginContext",
+    "MarginHead",
     "MarginSoftmax",
     "NormFace",
     "ShardedHead",
@@ -54,6 +58,7 @@ __all__ = [
     "build",
     "chunked_margin_cross_entropy",
     "inter_class_loss",
+    "margin_context",
     "intra_class_angle",
     "target_logit",
 ]

@@ -197,6 +197,7 @@ class BroadFace(nn.Module, TrainHooks):
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         """Scalar L_encoder (Eq. 8) + L_classifier (Eq. 9). embeddings (B, D) raw, labels (B,) int64."""
         sample_ids, self._pending_ids = self._pending_ids, None
+        self.head.observe_batch(embeddings, labels)  # the batch, once, before any of its losses
         loss_encoder = self.head.per_sample_loss(embeddings, labels, classifier_grad=False).mean()  # Eq. 8
         labels = labels.long()
         with torch.autocast(device_type=embeddings.device.type, enabled=False):

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from faceforge.heads.base import RowShard, chunks
+from faceforge.heads.base import SHARDED_HEADS, RowShard, chunks
 from faceforge.heads.broadface import DEFAULT_ROW_CHUNK, BroadFace, QueueEntries, compensation
 from faceforge.heads.parallel import ShardedHead, _row_counts, all_gather_rows, interleave
 
@@ -84,6 +84,7 @@ class ShardedBroadFace(BroadFace):
         sample_ids = all_gather_rows(sample_ids.detach().long(), self.head.group)
         if self._equal_batches(embeddings.shape[0]):  # the sampler's order: one process's queue, row for row
             x, y, sample_ids = (interleave(t, self.head.world_size) for t in (x, y, sample_ids))
+        self.head.observe_batch(x, y)  # the global batch, once, before any of its losses
         loss_encoder = self.head.global_loss(x, y, classifier_grad=False).mean()  # Eq. 8
         with torch.autocast(device_type=x.device.type, enabled=False):
             batch = x.detach().to(self.queue_embeddings.dtype)
@@ -204,6 +205,7 @@ class ShardedBroadFace(BroadFace):
         self.queue_owned_weights = full.to(self.queue_owned_weights)[slots]
 
 
+@SHARDED_HEADS.register("broadface")
 def build_sharded_broadface(
     num_classes: int,
     embedding_size: int,

@@ -43,7 +43,10 @@ from torch import Tensor, nn
 
 from faceforge.heads.base import (
     HEADS,
+    LOCAL,
     ClassifierHead,
+    Reduction,
+    RowFill,
     TrainHooks,
     add_target_grads,
     check_buffer_policy,
@@ -52,6 +55,7 @@ from faceforge.heads.base import (
     chunk_rows,
     chunks,
     compute_dtype,
+    normal_rows,
     row_norms,
     scatter_rows,
     softplus,
@@ -427,14 +431,58 @@ class SphereFace2(nn.Module, ClassifierHead, TrainHooks):
 
     def initial_bias(self) -> float:
         """b at initialisation: `balanced_bias(...)` for bias_init="balanced", else the number given."""
+        return self._initial_bias(self.num_classes)
+
+    def _initial_bias(self, num_classes: int) -> float:
         if self.bias_init == "balanced":
-            return balanced_bias(self.num_classes, self.lamb, self.r, self.m, self.t, self.margin_type)
+            return balanced_bias(num_classes, self.lamb, self.r, self.m, self.t, self.margin_type)
         return _check_number("bias_init", self.bias_init, -math.inf)
 
     def reset_parameters(self) -> None:
         nn.init.normal_(self.weight, std=0.01)
+        self.reset_shared(self.num_classes)
+
+    # --- the class-row interface the execution strategies use (heads.base.ClassRows) ---
+
+    def class_rows(self) -> dict[str, RowFill]:
+        """``weight`` (C, D), N(0, 0.01^2) row by row; the bias b is shared by every class, not a class row."""
+        return {"weight": normal_rows(0.01)}
+
+    def reset_shared(self, num_classes: int) -> None:
+        """b as for a head of ``num_classes`` classes (the balanced bias depends on C: a shard sets the whole run's)."""
         with torch.no_grad():
-            self.bias.fill_(self.initial_bias())
+            self.bias.fill_(self._initial_bias(num_classes))
+
+    def sharded_refusal(self) -> str | None:
+        return None  # a sum of per-class terms: any split of the classes works (SphereFace2 Sec. 3.4)
+
+    def observe_batch(self, embeddings: Tensor, labels: Tensor) -> None:
+        return None
+
+    def class_loss(
+        self,
+        embeddings: Tensor,
+        labels: Tensor,
+        *,
+        local_labels: Tensor | None = None,
+        reduce: Reduction = LOCAL,
+        classifier_grad: bool = True,
+        rows: dict[str, Tensor] | None = None,
+    ) -> Tensor:
+        """loss_weight x Eq. 6 per sample (N,): this head's (or ``rows``'s) per-class terms summed over the row sets
+        by ``reduce``; the shared bias is ``reduce.replicated`` (heads.base.ClassRows)."""
+        local = labels if local_labels is None else local_labels
+        weight = (rows or {}).get("weight", self.weight)
+        weight, bias = (weight, self.bias) if classifier_grad else (weight.detach(), self.bias.detach())
+        dtype = compute_dtype(embeddings, weight)
+        with torch.autocast(device_type=embeddings.device.type, enabled=False):
+            x_hat = F.normalize(embeddings.to(dtype), dim=1)
+            per_sample = sphereface2_loss(
+                x_hat, weight, reduce.replicated(bias), local, lamb=self.lamb, r=self.r, m=self.m, t=self.t,
+                margin_type=self.margin_type, margin_grad=self.margin_grad, chunk_size=self.chunk_size,
+                buffers=self.step_buffers,
+            )  # fmt: skip
+            return self.loss_weight * reduce.sum(per_sample)
 
     def extra_repr(self) -> str:
         return (
@@ -452,16 +500,7 @@ class SphereFace2(nn.Module, ClassifierHead, TrainHooks):
                 still reaches the embeddings), as BroadFace's encoder step needs.
         """
         labels = check_inputs(embeddings, labels, self.num_classes, self.embedding_size)
-        weight, bias = (self.weight, self.bias) if classifier_grad else (self.weight.detach(), self.bias.detach())
-        dtype = compute_dtype(embeddings, weight)
-        with torch.autocast(device_type=embeddings.device.type, enabled=False):
-            x_hat = F.normalize(embeddings.to(dtype), dim=1)
-            per_sample = sphereface2_loss(
-                x_hat, weight, bias, labels, lamb=self.lamb, r=self.r, m=self.m, t=self.t,
-                margin_type=self.margin_type, margin_grad=self.margin_grad, chunk_size=self.chunk_size,
-                buffers=self.step_buffers,
-            )  # fmt: skip
-            return self.loss_weight * per_sample
+        return self.class_loss(embeddings, labels, classifier_grad=classifier_grad)
 
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         """Scalar: loss_weight x the batch mean of Eq. 6. embeddings (B, D), labels (B,) int64."""

@@ -21,6 +21,10 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
+from faceforge.heads import HEADS
+from faceforge.heads.base import HeadKwargError, HeadWrapper, check_kwarg_ranges, unopted_hooks
+from faceforge.heads.parallel import build_sharded
+from faceforge.heads.softmax import check_margin_head
 from faceforge.train.checkpoint import load_checkpoint
 from faceforge.train.config import Config, ConfigError, config_from_dict
 
@@ -46,18 +50,50 @@ def build_backbone(cfg: Config) -> nn.Module:
 
 def build_head(cfg: Config, num_classes: int) -> nn.Module:
     """``faceforge.heads.build(head.name, num_classes=..., embedding_size=..., **head.kwargs)``; with ``head.shard``
-    the class-sharded ``faceforge.heads.parallel.build_sharded(head.name, ...)`` (its rows seeded by ``seed``)."""
-    from faceforge.heads import HEADS
-    from faceforge.heads.parallel import build_sharded
+    the class-sharded ``faceforge.heads.parallel.build_sharded(head.name, ...)`` (its rows seeded by ``seed``).
 
+    Before it is built, ``head.kwargs`` are checked against the ranges the head declares (``KWARG_RANGES``,
+    ``heads.base.check_kwarg_ranges``); once built, a head (or a head it wraps) that defines a ``TrainHooks``
+    member without opting in, or a margin hook no strategy applies, is refused. Each a ``ConfigError`` naming
+    ``head.kwargs.<key>`` or ``head.name``."""
+    factory = HEADS.get(cfg.head.name)
+    try:
+        check_kwarg_ranges(factory, cfg.head.kwargs)
+    except HeadKwargError as e:
+        raise ConfigError(f"head.kwargs.{e}") from None
     if cfg.head.shard:
         with _naming_kwargs("head", cfg.head.name):
-            return build_sharded(cfg.head.name, num_classes, cfg.model.embedding_size, seed=cfg.seed,
-                               sample_rate=cfg.head.sample_rate, **cfg.head.kwargs)
-    with _naming_kwargs("head", cfg.head.name):
-        return HEADS.build(
-            cfg.head.name, num_classes=num_classes, embedding_size=cfg.model.embedding_size, **cfg.head.kwargs
-        )
+            head = build_sharded(cfg.head.name, num_classes, cfg.model.embedding_size, seed=cfg.seed,
+                                 sample_rate=cfg.head.sample_rate, **cfg.head.kwargs)
+    else:
+        with _naming_kwargs("head", cfg.head.name):
+            head = HEADS.build(
+                cfg.head.name, num_classes=num_classes, embedding_size=cfg.model.embedding_size, **cfg.head.kwargs
+            )
+    check_built_head(head, cfg.head.name)
+    return head
+
+
+def check_built_head(head: nn.Module, name: str) -> None:
+    """Refuse (ConfigError naming ``head.name`` and the member) a head, or a head it wraps, that defines a
+    ``TrainHooks`` member without subclassing ``TrainHooks`` (the trainer would never call it), or that declares
+    a margin hook no execution strategy applies (``heads.softmax.check_margin_head``)."""
+    part: Any = head
+    while True:
+        members = unopted_hooks(part)
+        if members:
+            raise ConfigError(
+                f"head.name: {name!r}: {type(part).__name__}.{members[0]} is a TrainHooks member, but "
+                f"{type(part).__name__} does not subclass faceforge.heads.base.TrainHooks, so the trainer would never "
+                f"call it; expected class {type(part).__name__}(nn.Module, TrainHooks)"
+            )
+        try:
+            check_margin_head(part)
+        except ValueError as e:
+            raise ConfigError(f"head.name: {name!r}: {e}") from None
+        if not isinstance(part, HeadWrapper):
+            return
+        part = part.head
 
 
 @contextlib.contextmanager
@@ -74,6 +110,8 @@ def _naming_kwargs(section: str, name: str) -> Iterator[None]:
     except ValueError as e:
         if isinstance(e, ConfigError):
             raise
+        if isinstance(e, HeadKwargError):  # a nested kwarg a head names itself (broadface's head_kwargs.m)
+            raise ConfigError(f"{section}.kwargs.{e}") from None
         raise ConfigError(f"{section}.kwargs ({section} {name!r}): {e}") from None
 
 
@@ -129,8 +167,6 @@ def load_part(module: nn.Module, state: Any, what: str) -> None:
 
 def _classifier(head: nn.Module) -> nn.Module:
     """The module that holds the class weights: a wrapper head's ``head`` (``heads.base.HeadWrapper``), else ``head``."""
-    from faceforge.heads.base import HeadWrapper
-
     return head.head if isinstance(head, HeadWrapper) else head
 
 

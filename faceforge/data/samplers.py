@@ -32,7 +32,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from faceforge.data.masks import MaskAugmentation
-from faceforge.registry import Registry
+from faceforge.registry import Registry, unknown_kwargs
 
 __all__ = [
     "Batch",
@@ -44,6 +44,7 @@ __all__ = [
     "EpochSampler",
     "IndexedDataset",
     "SAMPLERS",
+    "build_sampler",
     "SamplerContext",
     "TrainSampler",
     "decode_sample_ids",
@@ -408,3 +409,14 @@ class ClassImageSampler(EpochSampler):
             ClassImagesDataset(c.dataset), batch_sampler=sampler, num_workers=c.num_workers, pin_memory=c.pin_memory,
             generator=torch.Generator().manual_seed(c.seed),
         )
+
+
+def build_sampler(name: str, context: SamplerContext, kwargs: dict[str, Any]) -> TrainSampler:
+    """``SAMPLERS.build(name, context=context, **kwargs)``, with ``data.sampler_kwargs`` first checked against the
+    factory's signature: a key it does not take is a ValueError ``data.sampler_kwargs.<key>: ...`` (one line)."""
+    factory = SAMPLERS.get(name)
+    unknown = unknown_kwargs(factory, kwargs, fixed=("context",))
+    if unknown:
+        raise ValueError(f"data.sampler_kwargs.{unknown[0]}: sampler {name!r} does not take it; expected the keyword "
+                         f"arguments of {getattr(factory, '__qualname__', name)}")
+    return factory(context=context, **kwargs)

@@ -31,7 +31,16 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from faceforge.heads.base import HEADS, HeadKwargError, softplus
+from faceforge.heads.base import (
+    ANGULAR_MARGIN_RANGE,
+    COSINE_MARGIN_RANGE,
+    HEADS,
+    MULTIPLICATIVE_MARGIN_RANGE,
+    SCALE_RANGE,
+    HeadKwargError,
+    KwargRange,
+    softplus,
+)
 from faceforge.heads.margin import check_margins, target_logit
 
 __all__ = [
@@ -240,6 +249,8 @@ class AttFC(nn.Module):
     ``container_labels`` (S,) int64, -1 (never a label) until written; ``container_ptr`` () int64, the next row.
     """
 
+    KWARG_RANGES = {"ratio": KwargRange(0.0, 1.0, open_low=True), "s": SCALE_RANGE,
+                    "m1": MULTIPLICATIVE_MARGIN_RANGE, "m2": ANGULAR_MARGIN_RANGE, "m3": COSINE_MARGIN_RANGE}
     batch_level_loss = False
 
     def __init__(

@@ -7,6 +7,7 @@ proxies (pytorch-metric-learning's convention). `heads.build(name, **kwargs)` ma
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, NamedTuple, Protocol, runtime_checkable
 
 import torch
@@ -260,6 +261,53 @@ class HeadKwargError(ValueError):
         self.key = key
 
 
+class KwargRange(NamedTuple):
+    """The documented range of one numeric head kwarg: low .. high, each end closed unless ``open_low`` /
+    ``open_high``. A head declares its ranges as data beside its signature (``KWARG_RANGES``)."""
+
+    low: float
+    high: float
+    open_low: bool = False
+    open_high: bool = False
+
+    def holds(self, value: Any) -> bool:
+        """Whether ``value`` is a real number (not a bool) inside the range."""
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(float(value)):
+            return False
+        above = value > self.low if self.open_low else value >= self.low
+        below = value < self.high if self.open_high else value <= self.high
+        return above and below
+
+    def describe(self) -> str:
+        """``"a number in (0, 1024]"``."""
+        return f"a number in {'(' if self.open_low else '['}{self.low:g}, {self.high:g}{')' if self.open_high else ']'}"
+
+
+@runtime_checkable
+class DeclaresRanges(Protocol):
+    """A head factory that declares the documented range of its numeric kwargs (margins, scale) as data:
+    ``KWARG_RANGES = {"s": KwargRange(0, 1024, open_low=True), "m": KwargRange(0, math.pi / 2)}``, checked once,
+    by :func:`check_kwarg_ranges`, before the head is built."""
+
+    KWARG_RANGES: ClassVar[dict[str, KwargRange]]
+
+
+SCALE_RANGE = KwargRange(0.0, 1024.0, open_low=True)  # s: the feature scale (ArcFace 64, CosFace 30 to 64)
+ANGULAR_MARGIN_RANGE = KwargRange(0.0, math.pi / 2)  # m2 (radians): ArcFace 0.5; a negative margin is a bonus
+COSINE_MARGIN_RANGE = KwargRange(0.0, 1.0)  # m3: CosFace 0.35
+MULTIPLICATIVE_MARGIN_RANGE = KwargRange(0.5, 8.0)  # m1: SphereFace 1.35, ArcFace Table 1 uses 0.9 with m2 = 0.4
+
+
+def check_kwarg_ranges(factory: Any, kwargs: dict[str, Any], prefix: str = "") -> None:
+    """Raise :class:`HeadKwargError` ``"<prefix><key>: <value>; expected a number in [a, b]"`` for the first kwarg
+    outside the range the factory declares (:class:`DeclaresRanges`); a factory that declares none is not checked."""
+    if not isinstance(factory, DeclaresRanges):
+        return
+    for key, allowed in factory.KWARG_RANGES.items():
+        if key in kwargs and not allowed.holds(kwargs[key]):
+            raise HeadKwargError(f"{prefix}{key}", f"{kwargs[key]!r}; expected {allowed.describe()}")
+
+
 @runtime_checkable
 class TrainingCheck(Protocol):
     """A head factory (the registered class or function) that checks its kwargs against the run before any work:
@@ -288,6 +336,24 @@ class HeadWrapper(Protocol):
     run from another run's class weights (``model.init_from``) loads into the wrapped head."""
 
     head: nn.Module
+
+
+CLASSIFIER_MEMBERS = ("weight", "batch_level_loss", "per_sample_loss", "observe_batch")  # ClassifierHead's
+TRAIN_HOOK_MEMBERS = ("on_batch", "after_optimizer_step", "diagnostics", "extra_state", "load_extra_state",
+                      "verification_threshold", "row_shards", "use_optimizer", "provides_diagnostics")
+
+
+def missing_classifier_member(head: object) -> str | None:
+    """The first :class:`ClassifierHead` member ``head`` lacks (``CLASSIFIER_MEMBERS``); None when it has them all."""
+    return next((name for name in CLASSIFIER_MEMBERS if not hasattr(head, name)), None)
+
+
+def unopted_hooks(part: object) -> list[str]:
+    """The :class:`TrainHooks` members that ``part``'s class defines without opting in (not a TrainHooks): the
+    trainer would never call them. Empty for a part that opted in."""
+    if isinstance(part, TrainHooks):
+        return []
+    return [name for name in TRAIN_HOOK_MEMBERS if any(name in vars(cls) for cls in type(part).__mro__[:-1])]
 
 
 def train_hooks(*parts: object) -> list[TrainHooks]:

@@ -41,7 +41,15 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from faceforge.heads.base import HEADS, ClassifierHead, TrainHooks, check_buffer_policy, check_size, chunks
+from faceforge.heads.base import (
+    HEADS,
+    ClassifierHead,
+    TrainHooks,
+    check_buffer_policy,
+    check_kwarg_ranges,
+    check_size,
+    chunks,
+)
 from faceforge.heads.buffers import ReusableBuffer
 
 if TYPE_CHECKING:
@@ -370,5 +378,6 @@ def build_broadface(
 ) -> BroadFace:
     """`heads.build("broadface", num_classes=C, embedding_size=D, queue_size=Q, head="arcface", head_kwargs={...},
     compensate=True, gather=False, row_chunk=1024)`: the inner head is built by name from the same registry."""
+    check_kwarg_ranges(HEADS.get(head), head_kwargs or {}, prefix="head_kwargs.")
     inner = HEADS.build(head, num_classes=num_classes, embedding_size=embedding_size, **(head_kwargs or {}))
     return BroadFace(inner, queue_size, **kwargs)

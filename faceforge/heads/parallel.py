@@ -450,6 +450,8 @@ class ShardedHead(nn.Module, ClassifierHead, TrainHooks):
     def after_optimizer_step(self, step: int) -> None:
         self.sample_step.fill_(step)
         self._micro = 0
+        if isinstance(self.head, TrainHooks):  # a head that keeps the step itself (a step-dependent margin)
+            self.head.after_optimizer_step(step)
 
 
 # ----------------------------------------------------------------------------------------------------------

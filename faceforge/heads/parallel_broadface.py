@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from faceforge.heads.base import SHARDED_HEADS, RowShard, chunks
+from faceforge.heads.base import HEADS, SHARDED_HEADS, RowShard, check_kwarg_ranges, chunks
 from faceforge.heads.broadface import DEFAULT_ROW_CHUNK, BroadFace, QueueEntries, compensation
 from faceforge.heads.parallel import ShardedHead, _row_counts, all_gather_rows, interleave
 
@@ -222,6 +222,7 @@ def build_sharded_broadface(
     compensate=True, row_chunk=1024)``: the inner head is ``ShardedHead(head, C, D, **head_kwargs)``."""
     if "gather" in kwargs:
         raise ValueError("gather: a sharded BroadFace always keeps the global queue; expected no gather")
+    check_kwarg_ranges(HEADS.get(head), head_kwargs or {}, prefix="head_kwargs.")
     inner = ShardedHead(head, num_classes, embedding_size, seed=seed, group=group, sample_rate=sample_rate,
                         **(head_kwargs or {}))
     return ShardedBroadFace(inner, queue_size, **kwargs)

@@ -42,8 +42,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from faceforge.heads.base import (
+    ANGULAR_MARGIN_RANGE,
+    COSINE_MARGIN_RANGE,
     HEADS,
     LOCAL,
+    MULTIPLICATIVE_MARGIN_RANGE,
+    SCALE_RANGE,
+    KwargRange,
     ClassifierHead,
     MarginContext,
     Reduction,
@@ -454,7 +459,12 @@ class MarginSoftmax(MarginHead):
     Call: `loss = head(embeddings (B, D), labels (B,) int64)` -> scalar batch mean;
     `head.per_sample_loss(embeddings, labels, classifier_grad=True)` -> the (B,) rows of that mean (no Eq. 6).
     Attributes: `weight` (C, D) parameter, initialised N(0, 0.01^2); rows are normalised on the fly.
+    Ranges (``KWARG_RANGES``, checked before a run builds the head): s in (0, 1024], m1 in [0.5, 8], m2 in
+    [0, pi/2], m3 in [0, 1].
     """
+
+    KWARG_RANGES = {"s": SCALE_RANGE, "m1": MULTIPLICATIVE_MARGIN_RANGE, "m2": ANGULAR_MARGIN_RANGE,
+                    "m3": COSINE_MARGIN_RANGE}
 
     def __init__(
         self,
@@ -546,6 +556,8 @@ class MarginSoftmax(MarginHead):
 class ArcFace(MarginSoftmax):
     """ArcFace: additive angular margin, s = 64, m2 = 0.5 rad (ArcFace Eq. 3)."""
 
+    KWARG_RANGES = {"s": SCALE_RANGE, "m": ANGULAR_MARGIN_RANGE}
+
     def __init__(self, num_classes: int, embedding_size: int, s: float = 64.0, m: float = 0.5, **kwargs: Any) -> None:
         super().__init__(num_classes, embedding_size, s=s, m1=1.0, m2=m, m3=0.0, **kwargs)
 
@@ -553,6 +565,8 @@ class ArcFace(MarginSoftmax):
 @HEADS.register("cosface")
 class CosFace(MarginSoftmax):
     """CosFace: additive cosine margin, s = 64, m3 = 0.35."""
+
+    KWARG_RANGES = {"s": SCALE_RANGE, "m": COSINE_MARGIN_RANGE}
 
     def __init__(self, num_classes: int, embedding_size: int, s: float = 64.0, m: float = 0.35, **kwargs: Any) -> None:
         super().__init__(num_classes, embedding_size, s=s, m1=1.0, m2=0.0, m3=m, **kwargs)
@@ -563,6 +577,8 @@ class SphereFace(MarginSoftmax):
     """SphereFace in the arccos form of ArcFace Section 2.2: multiplicative margin m1 = 1.35, s = 64,
     continued monotonically where m1 theta > pi."""
 
+    KWARG_RANGES = {"s": SCALE_RANGE, "m": MULTIPLICATIVE_MARGIN_RANGE}
+
     def __init__(self, num_classes: int, embedding_size: int, s: float = 64.0, m: float = 1.35, **kwargs: Any) -> None:
         super().__init__(num_classes, embedding_size, s=s, m1=m, m2=0.0, m3=0.0, **kwargs)
 
@@ -570,6 +586,8 @@ class SphereFace(MarginSoftmax):
 @HEADS.register("normface")
 class NormFace(MarginSoftmax):
     """NormFace: normalised features and weights, scale s = 64, no margin (ArcFace Eq. 2)."""
+
+    KWARG_RANGES = {"s": SCALE_RANGE}
 
     def __init__(self, num_classes: int, embedding_size: int, s: float = 64.0, **kwargs: Any) -> None:
         super().__init__(num_classes, embedding_size, s=s, m1=1.0, m2=0.0, m3=0.0, **kwargs)

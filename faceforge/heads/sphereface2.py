@@ -44,6 +44,8 @@ from torch import Tensor, nn
 from faceforge.heads.base import (
     HEADS,
     LOCAL,
+    SCALE_RANGE,
+    KwargRange,
     ClassifierHead,
     Reduction,
     RowFill,
@@ -390,9 +392,14 @@ class SphereFace2(nn.Module, ClassifierHead, TrainHooks):
         bias_init: "balanced" (closed form balancing the gradients on b at cos = 0, `balanced_bias`) or a
             number.
         buffers: "auto" (default), "reuse" or "release": what is kept between steps, as for `MarginSoftmax`.
+    Ranges (``KWARG_RANGES``, checked before a run builds the head): lamb in [0, 1], r in (0, 1024], m in [0, 4]
+    (cosine units, radians or a factor by margin_type), t in [1, 16], loss_weight in [0, 1000].
     Call: `loss = head(embeddings (B, D), labels (B,) int64)` -> scalar batch mean.
     Attributes: `weight` (C, D), initialised N(0, 0.01^2), rows normalised on the fly; `bias` (1,).
     """
+
+    KWARG_RANGES = {"lamb": KwargRange(0.0, 1.0), "r": SCALE_RANGE, "m": KwargRange(0.0, 4.0),
+                    "t": KwargRange(1.0, 16.0), "loss_weight": KwargRange(0.0, 1000.0)}
 
     def __init__(
         self,

@@ -38,10 +38,10 @@ from torch import Tensor, nn
 
 from faceforge.build import FaceModel, build_backbone, build_head, load_class_weights, load_part, wrap_ddp
 from faceforge.data.samplers import (
-    SAMPLERS,
     Batch,
     EpochBatchSampler,
     SamplerContext,
+    build_sampler,
     decode_sample_ids,
     encode_sample_ids,
     epoch_permutation,
@@ -60,7 +60,7 @@ from faceforge.train.lifecycle import (
     BAD_RECORDS_NAME, StopSignals, TrainingInterrupted, bad_records, config_changes, drop_replayed_steps,
 )
 from faceforge.train.preflight import check_head, check_init_from, check_run_folder, open_evaluators
-from faceforge.train.objectives import OBJECTIVES, Objective
+from faceforge.train.objectives import Objective, build_objective
 from faceforge.train.optim import build_optimizer, build_scheduler
 
 __all__ = [
@@ -139,8 +139,8 @@ class _Run:
         self.backbone = build_backbone(cfg)
         self.head = build_head(cfg, num_classes)
         self.amp_dtype = self._amp_dtype()
-        self.objective: Objective = OBJECTIVES.build(
-            cfg.objective.name, backbone=self.backbone, head=self.head, amp_dtype=self.amp_dtype, **cfg.objective.kwargs
+        self.objective: Objective = build_objective(
+            cfg.objective.name, cfg.objective.kwargs, backbone=self.backbone, head=self.head, amp_dtype=self.amp_dtype
         ).to(self.device)
         # the parts that opted into TrainHooks, by their checkpoint key; checked once, here
         self.hooks: dict[str, TrainHooks] = {
@@ -189,7 +189,7 @@ class _Run:
             mask_ratio=cfg.data.mask_ratio, unlabelled=unlabelled,
             unlabelled_per_batch=max(1, round(cfg.data.unlabelled_ratio * self.batch)) if unlabelled is not None else 0,
         )
-        self.sampler = SAMPLERS.build(cfg.data.sampler, context=context, **cfg.data.sampler_kwargs)
+        self.sampler = build_sampler(cfg.data.sampler, context, cfg.data.sampler_kwargs)
         self.objective.bind(context)
         self.step = 0
         self.metrics: dict[str, float] = {}

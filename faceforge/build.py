@@ -22,8 +22,8 @@ import torch
 from torch import nn
 
 from faceforge.heads import HEADS
-from faceforge.heads.base import HeadKwargError, HeadWrapper, check_kwarg_ranges, unopted_hooks
-from faceforge.heads.parallel import build_sharded
+from faceforge.heads.base import ClassRows, HeadKwargError, HeadWrapper, check_kwarg_ranges, unopted_hooks
+from faceforge.heads.parallel import build_sharded, seed_class_rows
 from faceforge.heads.softmax import check_margin_head
 from faceforge.train.checkpoint import load_checkpoint
 from faceforge.train.config import Config, ConfigError, config_from_dict
@@ -70,8 +70,23 @@ def build_head(cfg: Config, num_classes: int) -> nn.Module:
             head = HEADS.build(
                 cfg.head.name, num_classes=num_classes, embedding_size=cfg.model.embedding_size, **cfg.head.kwargs
             )
+        seed_every_class_row(head, cfg.seed)
     check_built_head(head, cfg.head.name)
     return head
+
+
+def seed_every_class_row(head: nn.Module, seed: int) -> None:
+    """The class rows of an unsharded head (or of the head a wrapper holds) from (seed, row), as a class-sharded
+    run seeds its shards (``heads.parallel.seed_class_rows``): ``head.shard`` true or false, any world size,
+    starts from the same W. A head without class rows (``heads.base.ClassRows``) keeps its own init."""
+    part: Any = head
+    while True:
+        if isinstance(part, ClassRows):
+            with torch.no_grad():
+                seed_class_rows(part, (0, int(part.weight.shape[0])), seed)
+        if not isinstance(part, HeadWrapper):
+            return
+        part = part.head
 
 
 def check_built_head(head: nn.Module, name: str) -> None:

@@ -128,7 +128,7 @@ def _all_gather_rows(tensors: list[Tensor]) -> list[Tensor]:
     return gathered
 
 
-class BroadFace(nn.Module, TrainHooks):
+class BroadFace(nn.Module, ClassifierHead, TrainHooks):
     """Wrap `head` (a `ClassifierHead`: `per_sample_loss` and `weight` (C, D)) with BroadFace's queue, Eq. 7-9.
 
     Args:
@@ -193,6 +193,13 @@ class BroadFace(nn.Module, TrainHooks):
     def weight(self) -> Tensor:
         """The inner head's class weights (C, D)."""
         return self.head.weight
+
+    # ClassifierHead: the loss adds Eq. 9's queue term to the batch's per-sample mean, so it is batch-level
+    batch_level_loss = True
+
+    def per_sample_loss(self, embeddings: Tensor, labels: Tensor, *, classifier_grad: bool = True) -> Tensor:
+        """(B,) the inner head's per-sample loss of the batch (Eq. 8's rows; the queue's Eq. 9 is batch-level)."""
+        return self.head.per_sample_loss(embeddings, labels, classifier_grad=classifier_grad)
 
     def extra_repr(self) -> str:
         return (

@@ -70,6 +70,7 @@ __all__ = [
     "distributed_logsumexp",
     "interleave",
     "sample_rows",
+    "seed_class_rows",
     "seeded_rows",
     "shard_range",
     "sum_over_ranks",
@@ -250,6 +251,28 @@ def seeded_rows(
         tensor[lo - c0 : hi - c0] = values[lo - b0 : hi - b0]
 
 
+def seed_class_rows(head: ClassRows, rows: tuple[int, int], seed: int) -> None:
+    """Every class-row tensor of ``head`` (``class_rows``), holding the rows [c0, c1) of the logical tensor, from
+    (seed, row) (:func:`seeded_rows`): the same W whether a head holds every row (one process, ``head.shard``
+    false: ``faceforge.build.build_head``) or a shard of them."""
+    for name, fill in head.class_rows().items():
+        seeded_rows(getattr(head, name), rows, seed, fill)
+
+
+def _unwrap_keys(module: nn.Module, state: dict[str, Any], prefix: str, metadata: Any) -> None:
+    """State-dict hook: the inner head's entries under their own names (``weight``, not ``head.weight``), the keys
+    of the unsharded head."""
+    inner = f"{prefix}head."
+    for key in [k for k in state if k.startswith(inner)]:
+        state[prefix + key[len(inner):]] = state.pop(key)
+
+
+def _wrap_keys(state: dict[str, Any], prefix: str, *args: Any) -> None:
+    """Load pre-hook: the unsharded head's keys back under ``head.`` (the inner module holds them)."""
+    for key in [k for k in state if k.startswith(prefix)]:
+        state[f"{prefix}head.{key[len(prefix):]}"] = state.pop(key)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Partial FC: the rows of one step
 
@@ -344,20 +367,22 @@ class ShardedHead(nn.Module, ClassifierHead, TrainHooks):
         if not (isinstance(sample_rate, (int, float)) and 0.0 < float(sample_rate) <= 1.0):
             raise ValueError(f"sample_rate={sample_rate!r}; expected a number in (0, 1]")
         self.sample_rate, self.sparse_grad = float(sample_rate), bool(sparse_grad)
-        self.register_buffer("sample_step", torch.zeros((), dtype=torch.long))  # optimiser steps done (sampling key)
+        # optimiser steps done (Partial FC's sampling key): kept in extra_state, not in the state dict, whose keys
+        # are the unsharded head's (a checkpoint moves between shard=true/false and any world size)
+        self.register_buffer("sample_step", torch.zeros((), dtype=torch.long), persistent=False)
         self._micro = 0  # forwards since the last optimiser step (gradient accumulation)
         self._lazy: LazyRows | None = None
         self.seed = int(seed)
         self.name = head
         self.reset_parameters()
+        self._register_state_dict_hook(_unwrap_keys)
+        self._register_load_state_dict_pre_hook(_wrap_keys)
 
     def reset_parameters(self) -> None:
         """Row j of every class-row tensor from the generator of (seed, j // INIT_BLOCK); the head's other
         tensors as for the whole run's C (``reset_shared``: SphereFace2's balanced bias)."""
-        with torch.no_grad():
-            for name, fill in self.head.class_rows().items():
-                seeded_rows(getattr(self.head, name), self.rows, self.seed, fill)
-            self.head.reset_shared(self.num_classes)
+        seed_class_rows(self.head, self.rows, self.seed)
+        self.head.reset_shared(self.num_classes)
 
     def extra_repr(self) -> str:
         return f"num_classes={self.num_classes}, rows={self.rows}, rank={self.rank}, world_size={self.world_size}"
@@ -438,7 +463,7 @@ class ShardedHead(nn.Module, ClassifierHead, TrainHooks):
     def row_shards(self) -> dict[str, RowShard]:
         """The state_dict entries that are this rank's rows of a logical (C, ...) tensor."""
         c0, c1 = self.rows
-        return {f"head.{name}": RowShard(c0, c1, self.num_classes) for name in self.head.class_rows()}
+        return {name: RowShard(c0, c1, self.num_classes) for name in self.head.class_rows()}
 
     def verification_threshold(self) -> float | None:
         return self.head.verification_threshold() if isinstance(self.head, TrainHooks) else None
@@ -446,6 +471,13 @@ class ShardedHead(nn.Module, ClassifierHead, TrainHooks):
     def use_optimizer(self, optimizer: Any) -> None:
         """Partial FC reads its sampled rows through the optimiser's ``catch_up`` when it updates lazily."""
         self._lazy = optimizer if isinstance(optimizer, LazyRows) else None
+
+    def extra_state(self) -> dict[str, Any]:
+        """{"sample_step": optimiser steps done}: Partial FC's sampling key, so a resumed run draws the same rows."""
+        return {"sample_step": int(self.sample_step)}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        self.sample_step.fill_(int(state.get("sample_step", 0)))
 
     def after_optimizer_step(self, step: int) -> None:
         self.sample_step.fill_(step)

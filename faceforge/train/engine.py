@@ -355,7 +355,7 @@ class _Run:
         index = {id(p): i for i, p in enumerate(p for g in self.optimizer.param_groups for p in g["params"])}
         for key, part in self.hooks.items():
             tensors = part.state_dict(keep_vars=True)  # type: ignore[attr-defined]
-            params = dict(part.named_parameters())  # type: ignore[attr-defined]
+            params = _parameters_by_key(part)
             for name, shard in part.row_shards().items():
                 tensor = tensors[name]
                 entries[(key, name)] = (tensor.detach(), shard)
@@ -370,7 +370,7 @@ class _Run:
         index = {id(p): i for i, p in enumerate(p for g in self.optimizer.param_groups for p in g["params"])}
         rows: dict[str, tuple[int, int]] = {}
         for key, part in self.hooks.items():
-            params = dict(part.named_parameters())  # type: ignore[attr-defined]
+            params = _parameters_by_key(part)
             for name, shard in part.row_shards().items():
                 rows[f"{key}.{name}"] = (shard.start, shard.stop)
                 if name in params:
@@ -720,9 +720,15 @@ class _Run:
         self._handlers = []
 
 
+def _parameters_by_key(part: Any) -> dict[str, nn.Parameter]:
+    """A part's parameters by their ``state_dict`` key, the key ``row_shards`` names (a sharded head keeps the
+    unsharded head's keys, which are not its module paths)."""
+    return {k: v for k, v in part.state_dict(keep_vars=True).items() if isinstance(v, nn.Parameter)}
+
+
 def _row_sharded_parameters(part: TrainHooks) -> list[nn.Parameter]:
     """The parameters among a part's ``row_shards`` (TrainHooks; the others are buffers)."""
-    params = dict(part.named_parameters())  # type: ignore[attr-defined]
+    params = _parameters_by_key(part)
     return [params[key] for key in part.row_shards() if key in params]
 
 

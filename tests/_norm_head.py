@@ -17,7 +17,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from faceforge.heads import MarginContext, MarginHead
+from faceforge.heads import MarginContext, MarginHead, SphereFace2
 
 EPS = 1e-3
 
@@ -55,3 +55,12 @@ class NormMarginHead(MarginHead):
 
     def target_logit(self, cos_y: Tensor, context: MarginContext) -> Tensor:
         return norm_margin_target(cos_y, self.standardised(context.norms).to(cos_y.dtype), self.scale, self.m)
+
+
+class NormSphereFace2(SphereFace2):
+    """SphereFace2's one-vs-all family with a norm-dependent positive margin through its hook ``positive_logit``:
+    r (g(cos_y) - m (1 + z_b)), z_b = clip((|x_b| - 1) / 4, -1, 1) (a fixed standardisation: the hook alone)."""
+
+    def positive_logit(self, cos_y: Tensor, context: MarginContext) -> Tensor:
+        z = ((context.norms.to(cos_y.dtype) - 1.0) / 4.0).clamp(-1.0, 1.0)
+        return self.r * (2.0 * ((cos_y + 1.0) / 2.0) ** self.t - 1.0 - self.m * (1.0 + z))

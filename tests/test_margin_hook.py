@@ -25,8 +25,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from _norm_head import EPS, NormMarginHead
-from faceforge.heads import BroadFace
+from _norm_head import EPS, NormMarginHead, NormSphereFace2
+from faceforge.heads import BroadFace, SphereFace2
 from faceforge.heads.parallel import ShardedHead, all_gather_rows, build_sharded
 from test_parallel import D, batch, batch_size, close, spawn
 
@@ -192,7 +192,29 @@ def run_broadface(world: int, rank: int, group) -> dict:
             "stats": torch.stack([inner.norm_mean, inner.norm_std])}
 
 
-RUNS = {"sharded": run_sharded, "partial_fc": run_partial_fc, "broadface": run_broadface}
+BINARY = "_norm_head:NormSphereFace2"
+BINARY_KWARGS = {"r": 6.0, "m": 0.2, "t": 2.0, "lamb": 0.7, "chunk_size": 3}
+
+
+def run_binary(world: int, rank: int, group) -> dict:
+    """SphereFace2's family with its own margin hook, class-sharded (its shared bias replicated)."""
+    head = ShardedHead(BINARY, C, D, seed=3, group=group, **BINARY_KWARGS).double()
+    optimizer = torch.optim.SGD(head.parameters(), lr=LR, momentum=0.9, weight_decay=5e-3)
+    losses, grads = [], []
+    for step in range(STEPS):
+        x, y = batch(rank, step)
+        x.requires_grad_(True)
+        loss = head(x, y)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.detach())
+        grads.append(x.grad)
+    return {"losses": torch.stack(losses), "grads": grads, "weight": head.weight.detach(), "rows": head.rows,
+            "stats": head.head.bias.detach()}
+
+
+RUNS = {"sharded": run_sharded, "partial_fc": run_partial_fc, "broadface": run_broadface, "binary": run_binary}
 
 
 def _worker(rank: int, world: int, port: int, out: str) -> None:
@@ -283,3 +305,55 @@ def test_broadface_around_the_norm_head_sharded_equals_one_process(ranks: list[d
     check_ranks(ranks, "broadface", world, ref, steps=STEPS + 2)
     assert (ref["weight"] - initial_weight(C)).abs().max() > 1e-3
     assert torch.isfinite(ref["losses"]).all()
+
+
+# ------------------------------------------------------------------------------------------ the binary family
+
+
+def binary_formula(x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(B,) loss_weight x SphereFace2 Eq. 6 with the norm-dependent positive of _norm_head.NormSphereFace2, plainly:
+    (lamb / r) softplus(-(r (g(cos_y) - m (1 + z)) + b)) + ((1 - lamb) / r) sum_{j != y} softplus(r (g(cos_j) + m) + b),
+    g(c) = 2 ((c + 1) / 2)^t - 1, z = clip((|x| - 1) / 4, -1, 1); loss_weight 10 (the default)."""
+    r, m, t, lamb = (BINARY_KWARGS[k] for k in ("r", "m", "t", "lamb"))
+    z = ((x.detach().norm(dim=1) - 1.0) / 4.0).clamp(-1.0, 1.0)
+    g = 2.0 * ((F.normalize(x, dim=1) @ F.normalize(w, dim=1).T + 1.0) / 2.0) ** t - 1.0
+    own = F.one_hot(y, w.shape[0]).bool()
+    positive = (lamb / r) * F.softplus(-(r * (g[own] - m * (1.0 + z)) + b))
+    negative = ((1.0 - lamb) / r) * F.softplus(r * (g + m) + b).masked_fill(own, 0.0).sum(1)
+    return 10.0 * (positive + negative)
+
+
+def binary_reference(world: int) -> dict:
+    """The formula in one process on the ranks' batches; W and the bias b trained by SGD."""
+    initial = ShardedHead(BINARY, C, D, seed=3, **BINARY_KWARGS).double()
+    w = initial.weight.detach().clone().requires_grad_(True)
+    b = initial.head.bias.detach().clone().requires_grad_(True)
+    optimizer = torch.optim.SGD([w, b], lr=LR, momentum=0.9, weight_decay=5e-3)
+    losses, grads = [], []
+    for step in range(STEPS):
+        parts = [batch(r, step) for r in range(world)]
+        x = torch.cat([p[0] for p in parts]).requires_grad_(True)
+        loss = binary_formula(x, torch.cat([p[1] for p in parts]), w, b).mean()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.detach())
+        grads.append(list(x.grad.split([batch_size(r, step) for r in range(world)])))
+    return {"losses": torch.stack(losses), "grads": grads, "weight": w.detach(), "stats": b.detach()}
+
+
+def test_the_binary_family_hook_is_its_formula_in_one_process() -> None:
+    head = NormSphereFace2(C, D, **BINARY_KWARGS).double()
+    x, y = batch(0, 0)
+    want = binary_formula(x, y, head.weight.detach(), head.bias.detach())
+    close(head.per_sample_loss(x, y), want, "per-sample loss")
+    plain = SphereFace2(C, D, **BINARY_KWARGS).double()
+    plain.load_state_dict(head.state_dict())
+    assert (plain.per_sample_loss(x, y) - want).abs().max() > 1e-3  # the hook is what changed the loss
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_class_sharded_binary_family_with_its_own_hook_equals_one_process(ranks: list[dict], world: int) -> None:
+    ref = binary_reference(world)
+    check_ranks(ranks, "binary", world, ref)
+    assert (ref["weight"] - ShardedHead(BINARY, C, D, seed=3, **BINARY_KWARGS).double().weight).abs().max() > 1e-3

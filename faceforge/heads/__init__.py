@@ -4,7 +4,13 @@
 "margin_softmax", "arcface", "cosface", "sphereface", "normface", "softmax", "sphereface2", and "broadface",
 which builds its inner head by name too:
 `build("broadface", num_classes=C, embedding_size=D, queue_size=Q, head="arcface", head_kwargs={...})`.
-`ShardedHead("arcface", C, D, **kwargs)` (parallel.py) shards any of the first six by class over torch.distributed.
+`ShardedHead("arcface", C, D, **kwargs)` (parallel.py) shards any head with class rows (``base.ClassRows``: the
+margin heads, ``MarginHead`` subclasses written anywhere, and sphereface2) by class over torch.distributed.
+
+A margin head is its class rows plus the public margin hook of ``MarginHead`` (softmax.py): ``target_logit(cos_y,
+context)`` and, where needed, ``observe``, ``loss_term``, ``class_rows``. A new head module must be imported here
+to register (its ``@HEADS.register`` runs on import); a head with its own sharded form registers it in
+``base.SHARDED_HEADS`` (parallel_broadface.py, parallel_attfc.py, imported below for that).
 """
 
 from __future__ import annotations

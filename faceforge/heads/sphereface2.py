@@ -46,6 +46,7 @@ from faceforge.heads.base import (
     LOCAL,
     SCALE_RANGE,
     KwargRange,
+    MarginContext,
     ClassifierHead,
     Reduction,
     RowFill,
@@ -57,6 +58,7 @@ from faceforge.heads.base import (
     chunk_rows,
     chunks,
     compute_dtype,
+    margin_context,
     normal_rows,
     row_norms,
     scatter_rows,
@@ -183,6 +185,7 @@ class _Settings:
     t: float
     margin_type: str
     exact: bool  # margin_grad == "exact"
+    positive: Callable[[Tensor], Tensor] | None = None  # cos_y (K,) -> r psi(cos_y) (K,); None: the formula's
 
     @property
     def m_n(self) -> float:
@@ -190,6 +193,8 @@ class _Settings:
 
     def target_term(self, cos_y: Tensor, bias: Tensor) -> Tensor:
         """(lambda / r) softplus(-(r psi(cos_y) + b)), the positive summand of Eq. 6. (B,)."""
+        if self.positive is not None:
+            return (self.lamb / self.r) * softplus(-(self.positive(cos_y) + bias))
         psi = target_similarity(cos_y, self.m, self.t, self.margin_type, "exact" if self.exact else "detached")
         return (self.lamb / self.r) * softplus(-(self.r * psi + bias))
 
@@ -344,6 +349,7 @@ def sphereface2_loss(
     margin_grad: str = "exact",
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     buffers: tuple[ReusableBuffer, ReusableBuffer] | None = None,
+    positive_logit: Callable[[Tensor], Tensor] | None = None,
 ) -> Tensor:
     """Per-sample SphereFace2 loss (B,) (Eq. 6, without the loss weight), the classes processed in chunks.
 
@@ -352,9 +358,12 @@ def sphereface2_loss(
         weight: (C, D) class weights; rows are normalised on the fly. bias: (1,) the shared bias b.
         labels: (B,) int64 in [0, C). lamb, r, m, t, margin_type, margin_grad: as `SphereFace2`.
         buffers: (the (B, C) derivative buffer, the gradient of W) kept between calls; None allocates both.
+        positive_logit: the family's hook, target cosines (K,) of the rows whose class is among ``weight``'s ->
+            r psi(cos_y) (K,), before the bias; None: the formula of m, t, margin_type, margin_grad.
     """
     dtype = compute_dtype(x, weight)
-    settings = _Settings(float(lamb), float(r), float(m), float(t), margin_type, margin_grad == "exact")
+    settings = _Settings(float(lamb), float(r), float(m), float(t), margin_type, margin_grad == "exact",
+                         positive_logit)
     with torch.autocast(device_type=x.device.type, enabled=False):
         return _ChunkedSphereFace2.apply(x.to(dtype), weight, bias, labels, settings, int(chunk_size), buffers)
 
@@ -460,6 +469,12 @@ class SphereFace2(nn.Module, ClassifierHead, TrainHooks):
         with torch.no_grad():
             self.bias.fill_(self._initial_bias(num_classes))
 
+    def positive_logit(self, cos_y: Tensor, context: MarginContext) -> Tensor:
+        """The binary family's margin hook: r psi(cos_y) (K,), the scaled, margined similarity of each row to its
+        own class before the bias (SphereFace2 Eq. 6's positive; psi per ``margin_type``). A one-vs-all head with
+        another margin overrides only this; ``context`` holds the rows' embedding norms and labels."""
+        return self.r * target_similarity(cos_y, self.m, self.t, self.margin_type, self.margin_grad)
+
     def sharded_refusal(self) -> str | None:
         return None  # a sum of per-class terms: any split of the classes works (SphereFace2 Sec. 3.4)
 
@@ -484,10 +499,11 @@ class SphereFace2(nn.Module, ClassifierHead, TrainHooks):
         dtype = compute_dtype(embeddings, weight)
         with torch.autocast(device_type=embeddings.device.type, enabled=False):
             x_hat = F.normalize(embeddings.to(dtype), dim=1)
+            context = margin_context(embeddings, labels).take(target_rows(local)[0])  # the rows whose class is here
             per_sample = sphereface2_loss(
                 x_hat, weight, reduce.replicated(bias), local, lamb=self.lamb, r=self.r, m=self.m, t=self.t,
                 margin_type=self.margin_type, margin_grad=self.margin_grad, chunk_size=self.chunk_size,
-                buffers=self.step_buffers,
+                buffers=self.step_buffers, positive_logit=lambda cos_y: self.positive_logit(cos_y, context),
             )  # fmt: skip
             return self.loss_weight * reduce.sum(per_sample)
 

@@ -48,7 +48,6 @@ from faceforge.heads.base import (
     LOCAL,
     MULTIPLICATIVE_MARGIN_RANGE,
     SCALE_RANGE,
-    KwargRange,
     ClassifierHead,
     MarginContext,
     Reduction,

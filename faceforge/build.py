@@ -22,7 +22,14 @@ import torch
 from torch import nn
 
 from faceforge.heads import HEADS
-from faceforge.heads.base import ClassRows, HeadKwargError, HeadWrapper, check_kwarg_ranges, unopted_hooks
+from faceforge.heads.base import (
+    ClassRows,
+    HeadKwargError,
+    HeadWrapper,
+    check_kwarg_ranges,
+    unopted_hooks,
+    with_run_facts,
+)
 from faceforge.heads.parallel import build_sharded, seed_class_rows
 from faceforge.heads.softmax import check_margin_head
 from faceforge.train.checkpoint import load_checkpoint
@@ -48,28 +55,29 @@ def build_backbone(cfg: Config) -> nn.Module:
     return backbone
 
 
-def build_head(cfg: Config, num_classes: int) -> nn.Module:
+def build_head(cfg: Config, num_classes: int, global_batch: int | None = None) -> nn.Module:
     """``faceforge.heads.build(head.name, num_classes=..., embedding_size=..., **head.kwargs)``; with ``head.shard``
     the class-sharded ``faceforge.heads.parallel.build_sharded(head.name, ...)`` (its rows seeded by ``seed``).
 
     Before it is built, ``head.kwargs`` are checked against the ranges the head declares (``KWARG_RANGES``,
     ``heads.base.check_kwarg_ranges``); once built, a head (or a head it wraps) that defines a ``TrainHooks``
     member without opting in, or a margin hook no strategy applies, is refused. Each a ``ConfigError`` naming
-    ``head.kwargs.<key>`` or ``head.name``."""
+    ``head.kwargs.<key>`` or ``head.name``. ``global_batch`` (images per forward over all ranks) is a run fact
+    passed to a head that declares it (``heads.base.TakesRunFacts``: AttFC's ``batch_size``) when the config
+    leaves it out."""
     factory = HEADS.get(cfg.head.name)
     try:
         check_kwarg_ranges(factory, cfg.head.kwargs)
     except HeadKwargError as e:
         raise ConfigError(f"head.kwargs.{e}") from None
+    kwargs = with_run_facts(factory, cfg.head.kwargs, {"global_batch": global_batch})
     if cfg.head.shard:
         with _naming_kwargs("head", cfg.head.name):
             head = build_sharded(cfg.head.name, num_classes, cfg.model.embedding_size, seed=cfg.seed,
-                                 sample_rate=cfg.head.sample_rate, **cfg.head.kwargs)
+                                 sample_rate=cfg.head.sample_rate, **kwargs)
     else:
         with _naming_kwargs("head", cfg.head.name):
-            head = HEADS.build(
-                cfg.head.name, num_classes=num_classes, embedding_size=cfg.model.embedding_size, **cfg.head.kwargs
-            )
+            head = HEADS.build(cfg.head.name, num_classes=num_classes, embedding_size=cfg.model.embedding_size, **kwargs)
         seed_every_class_row(head, cfg.seed)
     check_built_head(head, cfg.head.name)
     return head

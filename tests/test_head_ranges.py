@@ -173,3 +173,40 @@ def test_objective_and_sampler_kwargs_are_checked_against_their_signatures() -> 
         build_objective("classification", {"head": "x"}, backbone=backbone, head=ArcFace(C, D), amp_dtype=None)
     with pytest.raises(ValueError, match=r"^data\.sampler_kwargs\.k: sampler 'epoch' does not take it"):
         build_sampler("epoch", None, {"k": 2})  # k is the attfc sampler's
+
+
+# ------------------------------------------------------------------------------------------ run facts
+
+
+def test_the_trainer_passes_the_global_batch_to_attfc(tmp_path: Path) -> None:
+    """AttFC's ``batch_size`` is the run's global batch: a config may leave it out (the trainer passes it in,
+    ``RUN_FACTS``); one it sets is still checked against the run (before: required, restated by the user)."""
+    from test_attfc_train import make_config as attfc_config
+
+    from faceforge.train.engine import train
+    from faceforge.train.preflight import check_head
+
+    cfg = attfc_config(tmp_path / "run", head={"name": "attfc", "kwargs": {"container_size": 32, "s": 16.0}},
+                       train={"steps": 2, "checkpoint_every": 2})
+    check_head(cfg, C, world_size=2)  # left out: nothing to contradict
+    head = build_head(cfg, C, global_batch=16)
+    assert head.batch_size == 16
+    result = train(cfg)  # one process: data.batch_size 8 x 1
+    assert result.step == 2 and torch.isfinite(torch.as_tensor(result.losses)).all()
+    cfg.head.kwargs["batch_size"] = 16
+    with pytest.raises(ConfigError, match=r"^head\.kwargs\.batch_size: 16, but one forward of this run enqueues a "
+                                          r"global batch of 8"):
+        check_head(cfg, C, world_size=1)
+
+
+def test_a_sampler_without_the_objectives_extras_is_refused_before_step_1(tmp_path: Path) -> None:
+    """objective attfc with data.sampler epoch: one line naming data.sampler, before any step (before: at step 1)."""
+    from test_attfc_train import make_config as attfc_config
+
+    from faceforge.train.engine import train
+
+    cfg = attfc_config(tmp_path / "run", data={"sampler": "epoch", "sampler_kwargs": {}}, train={"steps": 1})
+    with pytest.raises(ValueError, match=r"^data\.sampler: 'epoch': objective attfc: the batch has no "
+                                         r"extras\['class_images'\]"):
+        train(cfg)
+    assert not (Path(cfg.output) / "last.pt").exists()

@@ -309,6 +309,28 @@ def check_kwarg_ranges(factory: Any, kwargs: dict[str, Any], prefix: str = "") -
 
 
 @runtime_checkable
+class TakesRunFacts(Protocol):
+    """A head factory that takes facts of the run as kwargs, so that users need not restate them:
+    ``RUN_FACTS = {"batch_size": "global_batch"}`` maps a kwarg to a fact the trainer knows (``global_batch``:
+    ``data.batch_size`` x world size; ``world_size``). The builder (``faceforge.build.build_head``) fills each
+    kwarg the config leaves out; one the config sets is checked against the fact (``check_training``)."""
+
+    RUN_FACTS: ClassVar[dict[str, str]]
+
+
+def with_run_facts(factory: Any, kwargs: dict[str, Any], facts: dict[str, Any]) -> dict[str, Any]:
+    """``kwargs`` with the run facts the factory declares (:class:`TakesRunFacts`) filled where absent; a fact
+    missing from ``facts`` (None) leaves the kwarg to its default."""
+    if not isinstance(factory, TakesRunFacts):
+        return dict(kwargs)
+    filled = dict(kwargs)
+    for key, fact in factory.RUN_FACTS.items():
+        if key not in filled and facts.get(fact) is not None:
+            filled[key] = facts[fact]
+    return filled
+
+
+@runtime_checkable
 class TrainingCheck(Protocol):
     """A head factory (the registered class or function) that checks its kwargs against the run before any work:
     ``check_training(kwargs, num_classes=C, global_batch=B)``, with C the training identities and B the images

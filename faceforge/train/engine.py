@@ -137,7 +137,7 @@ class _Run:
         num_classes = int(self.dataset.num_classes)
         check_head(cfg, num_classes, self.world_size)  # the head factory's own check, before anything is built
         self.backbone = build_backbone(cfg)
-        self.head = build_head(cfg, num_classes)
+        self.head = build_head(cfg, num_classes, global_batch=cfg.data.batch_size * self.world_size)
         self.amp_dtype = self._amp_dtype()
         self.objective: Objective = build_objective(
             cfg.objective.name, cfg.objective.kwargs, backbone=self.backbone, head=self.head, amp_dtype=self.amp_dtype
@@ -189,7 +189,8 @@ class _Run:
             mask_ratio=cfg.data.mask_ratio, unlabelled=unlabelled,
             unlabelled_per_batch=max(1, round(cfg.data.unlabelled_ratio * self.batch)) if unlabelled is not None else 0,
         )
-        self.sampler = build_sampler(cfg.data.sampler, context, cfg.data.sampler_kwargs)
+        self.sampler = build_sampler(cfg.data.sampler, context, cfg.data.sampler_kwargs,
+                                     needs=self.objective.needs_extras, needed_by=f"objective {cfg.objective.name}")
         self.objective.bind(context)
         self.step = 0
         self.metrics: dict[str, float] = {}

@@ -62,6 +62,8 @@ class Objective(nn.Module):
     uses_unlabelled: ClassVar[bool] = False
     # the head this objective drives (checked by build_objective): a ClassifierHead, called head(embeddings, labels)
     head_contract: ClassVar[type] = ClassifierHead
+    # the Batch.extras keys it reads (the sampler must give them: data.samplers.build_sampler checks)
+    needs_extras: ClassVar[tuple[str, ...]] = ()
 
     def bind(self, context: SamplerContext) -> None:
         """Learn the training set, seed and augmentation the run uses (called once; default: nothing)."""
@@ -127,6 +129,7 @@ class AttFCObjective(Objective):
     """
 
     head_contract = AttFC  # called head(embeddings, labels, class_features)
+    needs_extras = (CLASS_IMAGES,)  # the attfc sampler's class images
 
     def __init__(self, backbone: nn.Module, head: nn.Module, amp_dtype: torch.dtype | None = None,
                  momentum: float = 0.999) -> None:

@@ -318,8 +318,8 @@ class ShardedHead(nn.Module, ClassifierHead, TrainHooks):
     """A head whose class rows are sharded over the ranks of ``group`` (module docstring).
 
     Args:
-        head: the name of the head in ``HEADS`` ("arcface", "cosface", "sphereface", "normface",
-            "margin_softmax", "softmax", "sphereface2").
+        head: the name of a head in ``HEADS``, or ``"package.module:Class"``, with class rows
+            (``heads.base.ClassRows``: every margin head, ``MarginHead`` subclasses written anywhere, sphereface2).
         num_classes: C, over all ranks (>= the world size). embedding_size: D.
         seed: the initial rows are a function of (seed, row) (module docstring). Default 0.
         group: the process group (default: the world). Built after ``torch.distributed.init_process_group``.

@@ -21,6 +21,17 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
+from faceforge.heads import HEADS
+from faceforge.heads.base import (
+    ClassRows,
+    HeadKwargError,
+    HeadWrapper,
+    check_kwarg_ranges,
+    unopted_hooks,
+    with_run_facts,
+)
+from faceforge.heads.parallel import build_sharded, seed_class_rows
+from faceforge.heads.softmax import check_margin_head
 from faceforge.train.checkpoint import load_checkpoint
 from faceforge.train.config import Config, ConfigError, config_from_dict
 
@@ -44,20 +55,68 @@ def build_backbone(cfg: Config) -> nn.Module:
     return backbone
 
 
-def build_head(cfg: Config, num_classes: int) -> nn.Module:
+def build_head(cfg: Config, num_classes: int, global_batch: int | None = None) -> nn.Module:
     """``faceforge.heads.build(head.name, num_classes=..., embedding_size=..., **head.kwargs)``; with ``head.shard``
-    the class-sharded ``faceforge.heads.parallel.build_sharded(head.name, ...)`` (its rows seeded by ``seed``)."""
-    from faceforge.heads import HEADS
-    from faceforge.heads.parallel import build_sharded
+    the class-sharded ``faceforge.heads.parallel.build_sharded(head.name, ...)`` (its rows seeded by ``seed``).
 
+    Before it is built, ``head.kwargs`` are checked against the ranges the head declares (``KWARG_RANGES``,
+    ``heads.base.check_kwarg_ranges``); once built, a head (or a head it wraps) that defines a ``TrainHooks``
+    member without opting in, or a margin hook no strategy applies, is refused. Each a ``ConfigError`` naming
+    ``head.kwargs.<key>`` or ``head.name``. ``global_batch`` (images per forward over all ranks) is a run fact
+    passed to a head that declares it (``heads.base.TakesRunFacts``: AttFC's ``batch_size``) when the config
+    leaves it out."""
+    factory = HEADS.get(cfg.head.name)
+    try:
+        check_kwarg_ranges(factory, cfg.head.kwargs)
+    except HeadKwargError as e:
+        raise ConfigError(f"head.kwargs.{e}") from None
+    kwargs = with_run_facts(factory, cfg.head.kwargs, {"global_batch": global_batch})
     if cfg.head.shard:
         with _naming_kwargs("head", cfg.head.name):
-            return build_sharded(cfg.head.name, num_classes, cfg.model.embedding_size, seed=cfg.seed,
-                               sample_rate=cfg.head.sample_rate, **cfg.head.kwargs)
-    with _naming_kwargs("head", cfg.head.name):
-        return HEADS.build(
-            cfg.head.name, num_classes=num_classes, embedding_size=cfg.model.embedding_size, **cfg.head.kwargs
-        )
+            head = build_sharded(cfg.head.name, num_classes, cfg.model.embedding_size, seed=cfg.seed,
+                                 sample_rate=cfg.head.sample_rate, **kwargs)
+    else:
+        with _naming_kwargs("head", cfg.head.name):
+            head = HEADS.build(cfg.head.name, num_classes=num_classes, embedding_size=cfg.model.embedding_size, **kwargs)
+        seed_every_class_row(head, cfg.seed)
+    check_built_head(head, cfg.head.name)
+    return head
+
+
+def seed_every_class_row(head: nn.Module, seed: int) -> None:
+    """The class rows of an unsharded head (or of the head a wrapper holds) from (seed, row), as a class-sharded
+    run seeds its shards (``heads.parallel.seed_class_rows``): ``head.shard`` true or false, any world size,
+    starts from the same W. A head without class rows (``heads.base.ClassRows``) keeps its own init."""
+    part: Any = head
+    while True:
+        if isinstance(part, ClassRows):
+            with torch.no_grad():
+                seed_class_rows(part, (0, int(part.weight.shape[0])), seed)
+        if not isinstance(part, HeadWrapper):
+            return
+        part = part.head
+
+
+def check_built_head(head: nn.Module, name: str) -> None:
+    """Refuse (ConfigError naming ``head.name`` and the member) a head, or a head it wraps, that defines a
+    ``TrainHooks`` member without subclassing ``TrainHooks`` (the trainer would never call it), or that declares
+    a margin hook no execution strategy applies (``heads.softmax.check_margin_head``)."""
+    part: Any = head
+    while True:
+        members = unopted_hooks(part)
+        if members:
+            raise ConfigError(
+                f"head.name: {name!r}: {type(part).__name__}.{members[0]} is a TrainHooks member, but "
+                f"{type(part).__name__} does not subclass faceforge.heads.base.TrainHooks, so the trainer would never "
+                f"call it; expected class {type(part).__name__}(nn.Module, TrainHooks)"
+            )
+        try:
+            check_margin_head(part)
+        except ValueError as e:
+            raise ConfigError(f"head.name: {name!r}: {e}") from None
+        if not isinstance(part, HeadWrapper):
+            return
+        part = part.head
 
 
 @contextlib.contextmanager
@@ -74,6 +133,8 @@ def _naming_kwargs(section: str, name: str) -> Iterator[None]:
     except ValueError as e:
         if isinstance(e, ConfigError):
             raise
+        if isinstance(e, HeadKwargError):  # a nested kwarg a head names itself (broadface's head_kwargs.m)
+            raise ConfigError(f"{section}.kwargs.{e}") from None
         raise ConfigError(f"{section}.kwargs ({section} {name!r}): {e}") from None
 
 
@@ -129,8 +190,6 @@ def load_part(module: nn.Module, state: Any, what: str) -> None:
 
 def _classifier(head: nn.Module) -> nn.Module:
     """The module that holds the class weights: a wrapper head's ``head`` (``heads.base.HeadWrapper``), else ``head``."""
-    from faceforge.heads.base import HeadWrapper
-
     return head.head if isinstance(head, HeadWrapper) else head
 
 

@@ -11,6 +11,7 @@ outside faceforge, imported when it is asked for (nothing is imported at registr
 from __future__ import annotations
 
 import importlib
+import inspect
 from typing import Any, Callable, Generic, TypeVar
 
 T = TypeVar("T")
@@ -87,3 +88,17 @@ class Registry(Generic[T]):
 
     def build(self, name: str, **kwargs: Any) -> T:
         return self.get(name)(**kwargs)
+
+
+def unknown_kwargs(factory: Callable[..., Any], kwargs: dict[str, Any], fixed: tuple[str, ...] = ()) -> list[str]:
+    """The keys of ``kwargs`` that ``factory``'s signature does not take (none when it takes ``**kwargs``), and
+    those among ``fixed``, which the caller passes itself (``context``, ``backbone``, ``head``): sorted."""
+    try:
+        parameters = inspect.signature(factory).parameters.values()
+    except (TypeError, ValueError):  # a builtin without a signature: nothing to check against
+        return sorted(k for k in kwargs if k in fixed)
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        return sorted(k for k in kwargs if k in fixed)
+    names = {p.name for p in parameters if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                                       inspect.Parameter.KEYWORD_ONLY)}
+    return sorted(k for k in kwargs if k not in names or k in fixed)

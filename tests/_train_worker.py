@@ -32,6 +32,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from faceforge.heads.base import ClassifierHead
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
@@ -86,8 +88,15 @@ def dumping_attfc(num_classes: int, embedding_size: int, dump: str, **kwargs) ->
     return head
 
 
-class NaNHead(nn.Module):
+class NaNHead(nn.Module, ClassifierHead):
     """ArcFace, except that training call number ``nan_at_call`` (1-based) and later return NaN."""
+
+    @property
+    def weight(self) -> torch.Tensor:  # type: ignore[override]
+        return self.inner.weight
+
+    def per_sample_loss(self, embeddings: torch.Tensor, labels: torch.Tensor, *, classifier_grad: bool = True):
+        return self.inner.per_sample_loss(embeddings, labels, classifier_grad=classifier_grad)
 
     def __init__(self, num_classes: int, embedding_size: int, nan_at_call: int = 3, **kwargs) -> None:
         super().__init__()

@@ -72,7 +72,7 @@ def run_reference(name: str, world: int) -> dict:
     """The plain head on all C classes, the same initial rows, the ranks' batches concatenated in rank order."""
     initial = ShardedHead(name, C, D, seed=3, **SPECS[name]).double()  # no process group: all C rows, one rank
     head = build(name, num_classes=C, embedding_size=D, **SPECS[name]).double()
-    head.load_state_dict({k.removeprefix("head."): v for k, v in initial.state_dict().items() if k.startswith("head.")})
+    head.load_state_dict(initial.state_dict())  # the same keys, sharded or not
     optimizer = sgd(head.parameters())
     losses, grads = [], []
     for step in range(STEPS):
@@ -153,11 +153,11 @@ def test_sharded_heads_on_2_and_3_ranks_equal_one_process_with_the_whole_batch(t
                 close(got["grads"][step] / world, ref["grads"][step][rank], f"{name}: embedding grad, step {step}")
             c0, c1 = got["rows"]
             for key, value in ref["state"].items():
-                sharded = got["state"][f"head.{key}"]
+                sharded = got["state"][key]
                 expected = value[c0:c1] if value.shape[0] == C else value  # rows, or SphereFace2's bias
                 close(sharded, expected, f"{name}: {key} after {STEPS} steps, rank {rank}")
         # the comparison has teeth: the weights moved far beyond the tolerance
-        initial = ShardedHead(name, C, D, seed=3, **SPECS[name]).double().state_dict()["head.weight"]
+        initial = ShardedHead(name, C, D, seed=3, **SPECS[name]).double().state_dict()["weight"]
         assert (ref["state"]["weight"] - initial).abs().max() > 1e-3
 
 
@@ -187,8 +187,8 @@ def test_shard_layout_covers_every_class_once() -> None:
 
 
 def test_initial_rows_do_not_depend_on_the_world_size() -> None:
-    full = ShardedHead("arcface", 10_000, 4, seed=1).state_dict()["head.weight"]  # INIT_BLOCK = 4096: 3 blocks
-    other_seed = ShardedHead("arcface", 10_000, 4, seed=2).state_dict()["head.weight"]
+    full = ShardedHead("arcface", 10_000, 4, seed=1).state_dict()["weight"]  # INIT_BLOCK = 4096: 3 blocks
+    other_seed = ShardedHead("arcface", 10_000, 4, seed=2).state_dict()["weight"]
     assert not torch.equal(full, other_seed)
     import faceforge.heads.parallel as parallel
 
@@ -320,7 +320,7 @@ def test_resume_on_2_then_3_ranks_then_1_process_continues_the_same_training(
     output = tmp_path / "run"
     shutil.copytree(elastic, output)
     state = load_checkpoint(output / "last.pt")
-    entry = state["head"]["head.weight"]
+    entry = state["head"]["weight"]
     assert shards.is_placeholder(entry) and entry["shape"] == [8, 16]  # one logical (C, D) W, written by 2 ranks
     momentum = [v for s in state["optimizer"]["state"].values() for v in s.values() if shards.is_placeholder(v)]
     assert len(momentum) == 1 and momentum[0]["shape"] == [8, 16]
@@ -332,8 +332,8 @@ def test_resume_on_2_then_3_ranks_then_1_process_continues_the_same_training(
     for key in ("backbone", "head", "optimizer"):
         assert_close_state(final[key], expected[key], key)
     # the comparison has teeth: training moved W beyond the tolerance, and clipping (global norm) was active
-    early = resolved(straight / "step_0000004.pt")["head"]["head.weight"]
-    assert (expected["head"]["head.weight"] - early).abs().max() > 1e-3
+    early = resolved(straight / "step_0000004.pt")["head"]["weight"]
+    assert (expected["head"]["weight"] - early).abs().max() > 1e-3
     norms = [float(m) for m in re.findall(r"grad_norm ([0-9.]+)", (straight / "train.log").read_text())]
     assert max(norms) > 1.0
     # only the shard folders that a checkpoint names are left

@@ -115,7 +115,7 @@ def write_checkpoint(head, optimizer, folder: Path, rank: int, group) -> None:
     if optimizer is not None:  # state_dict() shares the per-parameter dicts with the live optimiser: copies
         packed = optimizer.state_dict()
         state["optimizer"] = {**packed, "state": {i: dict(v) for i, v in packed["state"].items()}}
-    params = dict(head.named_parameters())
+    params = {k: v for k, v in head.state_dict(keep_vars=True).items() if isinstance(v, torch.nn.Parameter)}
     for name, shard in head.row_shards().items():
         places = [(state["head"], name, name)]
         if name in params and optimizer is not None:  # the head's only parameter: index 0
@@ -173,7 +173,7 @@ def reference(kind: str, world: int) -> dict:
     else:
         head = build("broadface", num_classes=C_BF, embedding_size=D, head=kind, head_kwargs=INNER[kind],
                      **BROADFACE).double()
-        head.head.load_state_dict({"weight": initial["head.head.weight"]})
+        head.head.load_state_dict({"weight": initial["head.weight"]})
     optimizer = sgd(head.parameters()) if kind != "attfc" else None
     losses, grads = [], []
     for step in range(STEPS):
@@ -222,7 +222,7 @@ def test_sharded_queue_heads_on_2_and_3_ranks_equal_one_process_with_the_whole_b
                 if kind != "attfc" and key == "queue_weights":  # with the owners: the logical (Q, D) in extra_state
                     close(got["extra"]["queue_weights"], value, f"{kind}: W-_y rows on rank {rank} of {world}")
                     continue
-                name = {"head.weight": "head.head.weight"}.get(key, key)  # BroadFace's W is the ShardedHead's
+                name = key  # the sharded head keeps the unsharded head's keys
                 mine = got["state"][name]
                 if name in got["shards"]:  # a logical tensor: this rank's rows
                     start, stop, total = got["shards"][name]
@@ -234,7 +234,7 @@ def test_sharded_queue_heads_on_2_and_3_ranks_equal_one_process_with_the_whole_b
                     assert torch.equal(mine, value), f"{kind}: {key}, rank {rank} of {world}"
         # the comparison has teeth: the state moved far beyond the tolerance
         initial = make(kind).state_dict()
-        key = "container" if kind == "attfc" else "head.head.weight"
+        key = "container" if kind == "attfc" else "head.weight"
         ref_key = "container" if kind == "attfc" else "head.weight"
         assert (ref["state"][ref_key] - initial[key]).abs().max() > 1e-3
 
@@ -258,7 +258,7 @@ def test_checkpoint_of_2_ranks_resumes_on_1_process(kind: str, ranks) -> None:
         close(got["extra"]["queue_weights"], pair[0]["extra"]["queue_weights"], "W-_y rows after the resume")
     # the resumed steps wrote new entries (the state after the checkpoint differs from it)
     saved = shards.resolve(torch.load(out / kind / "head.pt", weights_only=True), out / kind)["head"]
-    key = "container" if kind == "attfc" else "head.head.weight"
+    key = "container" if kind == "attfc" else "head.weight"
     assert (saved[key] - got["state"][key]).abs().max() > 1e-3
 
 
@@ -297,7 +297,7 @@ def test_trainer_run_of_2_ranks_resumes_on_1_process_as_one_process_straight(kin
     output = tmp_path / "run"
     worker(trainer_config(kind, output, 2, 2), "--nprocs", "2", "--port", str(free_port()))
     state = load_checkpoint(output / "last.pt")
-    key = "container" if kind == "attfc" else "head.head.weight"
+    key = "container" if kind == "attfc" else "head.weight"
     assert shards.is_placeholder(state["head"][key]) and state["world_size"] == 2
     resumed = train(trainer_config(kind, output, 1, 4), resume=True)
     close_losses = torch.tensor(resumed.losses), torch.tensor(straight.losses[2:])

@@ -25,6 +25,7 @@ import yaml
 from torch import nn
 
 import _train_worker
+from faceforge.heads.base import ClassifierHead
 from faceforge.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from faceforge.train.config import Config, OptimConfig, ScheduleConfig, config_from_dict, load_config, to_yaml
 from faceforge.train.engine import NonFiniteLossError, TrainResult, train
@@ -330,12 +331,15 @@ class _InfGrad(torch.autograd.Function):
         return torch.full_like(grad, math.inf)
 
 
-class InfGradHead(nn.Module):
+class InfGradHead(nn.Module, ClassifierHead):
     """A finite loss (1.0) whose gradient for ``weight`` is inf; the backbone's gradient is 0."""
 
     def __init__(self) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(()))
+
+    def per_sample_loss(self, embeddings: torch.Tensor, labels: torch.Tensor, *, classifier_grad: bool = True):
+        return (_InfGrad.apply(self.weight) + 0.0 * embeddings.mean()).expand(embeddings.shape[0])
 
     def forward(self, embeddings: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return _InfGrad.apply(self.weight) + 0.0 * embeddings.mean()
@@ -344,7 +348,7 @@ class InfGradHead(nn.Module):
 def test_non_finite_gradient_norm_stops(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from faceforge.train import engine
 
-    monkeypatch.setattr(engine, "build_head", lambda cfg, num_classes: InfGradHead())
+    monkeypatch.setattr(engine, "build_head", lambda cfg, num_classes, **facts: InfGradHead())
     cfg = make_config(tmp_path / "infgrad")
     with pytest.raises(NonFiniteLossError, match=r"non-finite gradient norm inf at step 1\b"):
         train(cfg)

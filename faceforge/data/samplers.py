@@ -32,7 +32,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from faceforge.data.masks import MaskAugmentation
-from faceforge.registry import Registry
+from faceforge.registry import Registry, unknown_kwargs
 
 __all__ = [
     "Batch",
@@ -44,6 +44,8 @@ __all__ = [
     "EpochSampler",
     "IndexedDataset",
     "SAMPLERS",
+    "DeclaresExtras",
+    "build_sampler",
     "SamplerContext",
     "TrainSampler",
     "decode_sample_ids",
@@ -228,6 +230,8 @@ class EpochSampler:
         context: the trainer's :class:`SamplerContext`.
     """
 
+    provides_extras: tuple[str, ...] = ()  # Batch.extras keys (DeclaresExtras)
+
     def __init__(self, context: SamplerContext) -> None:
         self.context = context
         self.flip_generator = torch.Generator().manual_seed(context.seed + 0x5EED)
@@ -386,6 +390,8 @@ class ClassImageSampler(EpochSampler):
         k: class images per sample (AttFC Table 3; default 2, the paper's).
     """
 
+    provides_extras = (CLASS_IMAGES,)
+
     def __init__(self, context: SamplerContext, k: int = 2) -> None:
         super().__init__(context)
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
@@ -408,3 +414,30 @@ class ClassImageSampler(EpochSampler):
             ClassImagesDataset(c.dataset), batch_sampler=sampler, num_workers=c.num_workers, pin_memory=c.pin_memory,
             generator=torch.Generator().manual_seed(c.seed),
         )
+
+
+@runtime_checkable
+class DeclaresExtras(Protocol):
+    """A sampler that says which ``Batch.extras`` keys its batches carry (``provides_extras``), so that an
+    objective that needs one (AttFC's class images) is refused before step 1 with another sampler."""
+
+    provides_extras: tuple[str, ...]
+
+
+def build_sampler(name: str, context: SamplerContext, kwargs: dict[str, Any], *, needs: tuple[str, ...] = (),
+                  needed_by: str = "the objective") -> TrainSampler:
+    """``SAMPLERS.build(name, context=context, **kwargs)``, with ``data.sampler_kwargs`` first checked against the
+    factory's signature: a key it does not take is a ValueError ``data.sampler_kwargs.<key>: ...`` (one line).
+    ``needs``: the extras the objective reads (``needed_by`` names it); a sampler that declares its extras
+    (:class:`DeclaresExtras`) without one of them is a ValueError ``data.sampler: ...``."""
+    factory = SAMPLERS.get(name)
+    unknown = unknown_kwargs(factory, kwargs, fixed=("context",))
+    if unknown:
+        raise ValueError(f"data.sampler_kwargs.{unknown[0]}: sampler {name!r} does not take it; expected the keyword "
+                         f"arguments of {getattr(factory, '__qualname__', name)}")
+    sampler = factory(context=context, **kwargs)
+    missing = [key for key in needs if isinstance(sampler, DeclaresExtras) and key not in sampler.provides_extras]
+    if missing:
+        raise ValueError(f"data.sampler: {name!r}: {needed_by}: the batch has no extras[{missing[0]!r}] from this "
+                         f"sampler; expected a sampler that gives it (attfc for class images)")
+    return sampler

@@ -4,7 +4,13 @@
 "margin_softmax", "arcface", "cosface", "sphereface", "normface", "softmax", "sphereface2", and "broadface",
 which builds its inner head by name too:
 `build("broadface", num_classes=C, embedding_size=D, queue_size=Q, head="arcface", head_kwargs={...})`.
-`ShardedHead("arcface", C, D, **kwargs)` (parallel.py) shards any of the first six by class over torch.distributed.
+`ShardedHead("arcface", C, D, **kwargs)` (parallel.py) shards any head with class rows (``base.ClassRows``: the
+margin heads, ``MarginHead`` subclasses written anywhere, and sphereface2) by class over torch.distributed.
+
+A margin head is its class rows plus the public margin hook of ``MarginHead`` (softmax.py): ``target_logit(cos_y,
+context)`` and, where needed, ``observe``, ``loss_term``, ``class_rows``. A new head module must be imported here
+to register (its ``@HEADS.register`` runs on import); a head with its own sharded form registers it in
+``base.SHARDED_HEADS`` (parallel_broadface.py, parallel_attfc.py, imported below for that).
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ from typing import Any
 
 from torch import nn
 
-from faceforge.heads.base import HEADS
+from faceforge.heads.base import HEADS, MarginContext, margin_context
 from faceforge.heads.broadface import BroadFace
 from faceforge.heads.margin import apply_margin, target_logit
 from faceforge.heads.parallel import ShardedHead
@@ -21,6 +27,7 @@ from faceforge.heads.regularizers import inter_class_loss, intra_class_angle
 from faceforge.heads.softmax import (
     ArcFace,
     CosFace,
+    MarginHead,
     MarginSoftmax,
     NormFace,
     Softmax,
@@ -29,6 +36,7 @@ from faceforge.heads.softmax import (
 )
 from faceforge.heads.sphereface2 import SphereFace2, balanced_bias
 from faceforge.heads.attfc import AttFC
+from faceforge.heads import parallel_attfc, parallel_broadface  # noqa: F401  (register their sharded forms)
 
 
 def build(name: str, **kwargs: Any) -> nn.Module:
@@ -43,6 +51,8 @@ __all__ = [
     "ArcFace",
     "BroadFace",
     "CosFace",
+    "MarginContext",
+    "MarginHead",
     "MarginSoftmax",
     "NormFace",
     "ShardedHead",
@@ -54,6 +64,7 @@ __all__ = [
     "build",
     "chunked_margin_cross_entropy",
     "inter_class_loss",
+    "margin_context",
     "intra_class_angle",
     "target_logit",
 ]

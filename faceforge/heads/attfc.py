@@ -31,7 +31,16 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from faceforge.heads.base import HEADS, HeadKwargError, softplus
+from faceforge.heads.base import (
+    ANGULAR_MARGIN_RANGE,
+    COSINE_MARGIN_RANGE,
+    HEADS,
+    MULTIPLICATIVE_MARGIN_RANGE,
+    SCALE_RANGE,
+    HeadKwargError,
+    KwargRange,
+    softplus,
+)
 from faceforge.heads.margin import check_margins, target_logit
 
 __all__ = [
@@ -240,6 +249,9 @@ class AttFC(nn.Module):
     ``container_labels`` (S,) int64, -1 (never a label) until written; ``container_ptr`` () int64, the next row.
     """
 
+    RUN_FACTS = {"batch_size": "global_batch"}  # filled by the trainer when the config leaves it out
+    KWARG_RANGES = {"ratio": KwargRange(0.0, 1.0, open_low=True), "s": SCALE_RANGE,
+                    "m1": MULTIPLICATIVE_MARGIN_RANGE, "m2": ANGULAR_MARGIN_RANGE, "m3": COSINE_MARGIN_RANGE}
     batch_level_loss = False
 
     def __init__(
@@ -280,7 +292,7 @@ class AttFC(nn.Module):
     def check_training(cls, kwargs: dict[str, Any], *, num_classes: int, global_batch: int) -> None:
         """The trainer's preflight (``heads.base.TrainingCheck``): ``batch_size`` is the run's global batch and S
         a positive multiple of it, checked before any work (else the first enqueue would raise)."""
-        batch = kwargs.get("batch_size")
+        batch = kwargs.get("batch_size", global_batch)  # left out: the trainer passes it in (RUN_FACTS)
         if batch != global_batch:
             raise HeadKwargError("batch_size", f"{batch!r}, but one forward of this run enqueues a global batch of "
                                                f"{global_batch} (data.batch_size x world size); expected {global_batch}")

@@ -7,6 +7,7 @@ proxies (pytorch-metric-learning's convention). `heads.build(name, **kwargs)` ma
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Any, Callable, ClassVar, NamedTuple, Protocol, runtime_checkable
 
 import torch
@@ -18,6 +19,9 @@ if TYPE_CHECKING:  # a type only: heads/ imports nothing of data/ or train/ at r
     from faceforge.data.samplers import Batch
 
 HEADS: Registry[nn.Module] = Registry("head")
+# head name -> the factory of its own class-sharded form (``head.shard: true``), for the heads that are not
+# sharded by ``heads.parallel.ShardedHead`` around them (BroadFace's queue, AttFC's container)
+SHARDED_HEADS: Registry[nn.Module] = Registry("sharded head")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -35,6 +39,8 @@ class ClassifierHead(Protocol):
       ``classifier_grad=False`` the class side (W, a bias) is held fixed, so only the embeddings get a
       gradient (what a wrapper such as BroadFace needs for its Eq. 8).
 
+    - ``observe_batch(embeddings, labels)``: the training batch once per forward, before any loss (a head that keeps
+      statistics of the batch, AdaFace's norms); inherited as a no-op by subclassing;
     - ``batch_level_loss``: True when the loss adds a batch-level term to that mean (ArcFace's Eq. 6
       inter-class regulariser); a wrapper that recombines per-sample losses (BroadFace) refuses such a head.
 
@@ -48,6 +54,131 @@ class ClassifierHead(Protocol):
     def __call__(self, embeddings: Tensor, labels: Tensor) -> Tensor: ...
 
     def per_sample_loss(self, embeddings: Tensor, labels: Tensor, *, classifier_grad: bool = True) -> Tensor: ...
+
+    def observe_batch(self, embeddings: Tensor, labels: Tensor) -> None:
+        """The batch a training forward trains on (B, D), (B,), once, before its loss; a wrapper that calls
+        ``per_sample_loss`` itself (BroadFace) calls this first. Default: nothing (``MarginHead.observe``)."""
+        return None
+
+
+class MarginContext(NamedTuple):
+    """The per-sample facts a margin may depend on, beside the target cosine (the margin hook's second argument).
+
+    norms: (B,) |x_b| of the embeddings as the backbone gave them (before normalisation), detached: AdaFace's
+        and MagFace's margins depend on them (a margin is a function of the norm, not a path for its gradient);
+    labels: (B,) int64 global class indices y_b.
+
+    A strategy builds it once per forward over the rows it computes the loss of (the global batch when the
+    classes are sharded, a block of BroadFace's queue) with :func:`margin_context`, and hands the hook the rows
+    whose target it computes (:meth:`take`). A head whose margin depends on the training step keeps the step
+    itself through ``TrainHooks.after_optimizer_step``.
+    """
+
+    norms: Tensor
+    labels: Tensor
+
+    def take(self, rows: Tensor | None) -> "MarginContext":
+        """The context of ``rows`` (K,) of the batch (``target_rows``); itself for rows = None (every row)."""
+        return self if rows is None else MarginContext(self.norms[rows], self.labels[rows])
+
+
+def margin_context(embeddings: Tensor, labels: Tensor) -> MarginContext:
+    """The :class:`MarginContext` of embeddings (B, D) (any norm) and their global labels (B,)."""
+    return MarginContext(torch.linalg.vector_norm(embeddings.detach(), dim=1), labels)
+
+
+class Reduction(Protocol):
+    """How the per-sample terms of one set of class rows combine with those of the other rows (an execution
+    strategy's side of the head's ``class_loss``): in one process every term is already whole (:data:`LOCAL`);
+    class-sharded (``heads/parallel.py``), each is reduced over the ranks. All differentiable, (B,) -> (B,)."""
+
+    def logsumexp(self, lse: Tensor) -> Tensor:
+        """log sum over the row sets of exp(lse): the softmax family's non-target logsumexp."""
+        ...
+
+    def sum(self, values: Tensor) -> Tensor:
+        """The sum over the row sets (the target logit lives in one set, 0 elsewhere; per-class binary terms)."""
+        ...
+
+    def replicated(self, param: Tensor) -> Tensor:
+        """A parameter that every row set holds whole (SphereFace2's bias): its gradient summed over the sets."""
+        ...
+
+
+class _Local:
+    """:class:`Reduction` of one process holding every class row: each term as it is."""
+
+    def logsumexp(self, lse: Tensor) -> Tensor:
+        return lse
+
+    def sum(self, values: Tensor) -> Tensor:
+        return values
+
+    def replicated(self, param: Tensor) -> Tensor:
+        return param
+
+
+LOCAL: Reduction = _Local()
+
+RowFill = Callable[[Tensor, 'torch.Generator | None'], None]  # fill(rows, generator) in place (None: the global one)
+
+
+def normal_rows(std: float) -> RowFill:
+    """A class-row init: N(0, std^2)."""
+
+    def fill(rows: Tensor, generator: torch.Generator) -> None:
+        rows.normal_(0.0, std, generator=generator)
+
+    return fill
+
+
+def uniform_rows(bound: float) -> RowFill:
+    """A class-row init: U(-bound, bound) (``nn.Linear``'s)."""
+
+    def fill(rows: Tensor, generator: torch.Generator) -> None:
+        rows.uniform_(-bound, bound, generator=generator)
+
+    return fill
+
+
+@runtime_checkable
+class ClassRows(Protocol):
+    """A head whose class-indexed tensors an execution strategy may split by row (class sharding, Partial FC).
+
+    - ``class_rows() -> {attribute: RowFill}``: the (C, ...) parameters indexed by class (``weight``, plain
+      softmax's ``bias``) and how each is initialised, row by row (a strategy seeds row j by (seed, j));
+    - ``class_loss(embeddings (N, D), labels (N,), *, local_labels=None, reduce=LOCAL, classifier_grad=True,
+      rows=None) -> (N,)``: the per-sample loss of ``embeddings`` against the class rows this head holds, or
+      against ``rows`` ({attribute: the selected rows}, Partial FC) in their place, with ``local_labels`` the row
+      of each sample's class among them (-1: held elsewhere; default ``labels``), its per-sample terms combined
+      with the other row sets' by ``reduce``. ``labels`` are the global classes (the margin's context).
+    - ``observe_batch(embeddings, labels)``: once per training forward, the batch it trains on (the global batch
+      when sharded), before any loss: a head that keeps statistics of the batch (AdaFace's norm mean/std) updates
+      them here; the default does nothing.
+    - ``sharded_refusal() -> str | None``: why the head cannot be split by class (ArcFace Eq. 6 needs every row at
+      once), None if it can;
+    - ``reset_shared(num_classes)``: initialise what is not a class row as a head of the whole run's C classes
+      would (SphereFace2's balanced bias); a shard holds fewer rows than C.
+    """
+
+    def class_rows(self) -> dict[str, RowFill]: ...
+
+    def class_loss(
+        self,
+        embeddings: Tensor,
+        labels: Tensor,
+        *,
+        local_labels: Tensor | None = None,
+        reduce: Reduction = LOCAL,
+        classifier_grad: bool = True,
+        rows: dict[str, Tensor] | None = None,
+    ) -> Tensor: ...
+
+    def observe_batch(self, embeddings: Tensor, labels: Tensor) -> None: ...
+
+    def sharded_refusal(self) -> str | None: ...
+
+    def reset_shared(self, num_classes: int) -> None: ...
 
 
 class RowShard(NamedTuple):
@@ -130,6 +261,75 @@ class HeadKwargError(ValueError):
         self.key = key
 
 
+class KwargRange(NamedTuple):
+    """The documented range of one numeric head kwarg: low .. high, each end closed unless ``open_low`` /
+    ``open_high``. A head declares its ranges as data beside its signature (``KWARG_RANGES``)."""
+
+    low: float
+    high: float
+    open_low: bool = False
+    open_high: bool = False
+
+    def holds(self, value: Any) -> bool:
+        """Whether ``value`` is a real number (not a bool) inside the range."""
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(float(value)):
+            return False
+        above = value > self.low if self.open_low else value >= self.low
+        below = value < self.high if self.open_high else value <= self.high
+        return above and below
+
+    def describe(self) -> str:
+        """``"a number in (0, 1024]"``."""
+        return f"a number in {'(' if self.open_low else '['}{self.low:g}, {self.high:g}{')' if self.open_high else ']'}"
+
+
+@runtime_checkable
+class DeclaresRanges(Protocol):
+    """A head factory that declares the documented range of its numeric kwargs (margins, scale) as data:
+    ``KWARG_RANGES = {"s": KwargRange(0, 1024, open_low=True), "m": KwargRange(0, math.pi / 2)}``, checked once,
+    by :func:`check_kwarg_ranges`, before the head is built."""
+
+    KWARG_RANGES: ClassVar[dict[str, KwargRange]]
+
+
+SCALE_RANGE = KwargRange(0.0, 1024.0, open_low=True)  # s: the feature scale (ArcFace 64, CosFace 30 to 64)
+ANGULAR_MARGIN_RANGE = KwargRange(0.0, math.pi / 2)  # m2 (radians): ArcFace 0.5; a negative margin is a bonus
+COSINE_MARGIN_RANGE = KwargRange(0.0, 1.0)  # m3: CosFace 0.35
+MULTIPLICATIVE_MARGIN_RANGE = KwargRange(0.5, 8.0)  # m1: SphereFace 1.35, ArcFace Table 1 uses 0.9 with m2 = 0.4
+
+
+def check_kwarg_ranges(factory: Any, kwargs: dict[str, Any], prefix: str = "") -> None:
+    """Raise :class:`HeadKwargError` ``"<prefix><key>: <value>; expected a number in [a, b]"`` for the first kwarg
+    outside the range the factory declares (:class:`DeclaresRanges`); a factory that declares none is not checked."""
+    if not isinstance(factory, DeclaresRanges):
+        return
+    for key, allowed in factory.KWARG_RANGES.items():
+        if key in kwargs and not allowed.holds(kwargs[key]):
+            raise HeadKwargError(f"{prefix}{key}", f"{kwargs[key]!r}; expected {allowed.describe()}")
+
+
+@runtime_checkable
+class TakesRunFacts(Protocol):
+    """A head factory that takes facts of the run as kwargs, so that users need not restate them:
+    ``RUN_FACTS = {"batch_size": "global_batch"}`` maps a kwarg to a fact the trainer knows (``global_batch``:
+    ``data.batch_size`` x world size; ``world_size``). The builder (``faceforge.build.build_head``) fills each
+    kwarg the config leaves out; one the config sets is checked against the fact (``check_training``)."""
+
+    RUN_FACTS: ClassVar[dict[str, str]]
+
+
+def with_run_facts(factory: Any, kwargs: dict[str, Any], facts: dict[str, Any]) -> dict[str, Any]:
+    """``kwargs`` with the run facts the factory declares (:class:`TakesRunFacts`) filled where absent; a fact
+    missing from ``facts`` (None) leaves the kwarg to its default."""
+    if not isinstance(factory, TakesRunFacts):
+        return dict(kwargs)
+    filled = dict(kwargs)
+    for key, fact in factory.RUN_FACTS.items():
+        if key not in filled and facts.get(fact) is not None:
+            filled[key] = facts[fact]
+    return filled
+
+
 @runtime_checkable
 class TrainingCheck(Protocol):
     """A head factory (the registered class or function) that checks its kwargs against the run before any work:
@@ -158,6 +358,24 @@ class HeadWrapper(Protocol):
     run from another run's class weights (``model.init_from``) loads into the wrapped head."""
 
     head: nn.Module
+
+
+CLASSIFIER_MEMBERS = ("weight", "batch_level_loss", "per_sample_loss", "observe_batch")  # ClassifierHead's
+TRAIN_HOOK_MEMBERS = ("on_batch", "after_optimizer_step", "diagnostics", "extra_state", "load_extra_state",
+                      "verification_threshold", "row_shards", "use_optimizer", "provides_diagnostics")
+
+
+def missing_classifier_member(head: object) -> str | None:
+    """The first :class:`ClassifierHead` member ``head`` lacks (``CLASSIFIER_MEMBERS``); None when it has them all."""
+    return next((name for name in CLASSIFIER_MEMBERS if not hasattr(head, name)), None)
+
+
+def unopted_hooks(part: object) -> list[str]:
+    """The :class:`TrainHooks` members that ``part``'s class defines without opting in (not a TrainHooks): the
+    trainer would never call them. Empty for a part that opted in."""
+    if isinstance(part, TrainHooks):
+        return []
+    return [name for name in TRAIN_HOOK_MEMBERS if any(name in vars(cls) for cls in type(part).__mro__[:-1])]
 
 
 def train_hooks(*parts: object) -> list[TrainHooks]:

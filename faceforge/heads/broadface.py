@@ -34,14 +34,22 @@ holds the same global queue.
 from __future__ import annotations
 
 import itertools
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, NamedTuple
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable, Iterator, NamedTuple
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from faceforge.heads.base import HEADS, ClassifierHead, TrainHooks, check_buffer_policy, check_size, chunks
+from faceforge.heads.base import (
+    HEADS,
+    ClassifierHead,
+    TrainHooks,
+    check_buffer_policy,
+    check_kwarg_ranges,
+    check_size,
+    chunks,
+)
 from faceforge.heads.buffers import ReusableBuffer
 
 if TYPE_CHECKING:
@@ -120,7 +128,7 @@ def _all_gather_rows(tensors: list[Tensor]) -> list[Tensor]:
     return gathered
 
 
-class BroadFace(nn.Module, TrainHooks):
+class BroadFace(nn.Module, ClassifierHead, TrainHooks):
     """Wrap `head` (a `ClassifierHead`: `per_sample_loss` and `weight` (C, D)) with BroadFace's queue, Eq. 7-9.
 
     Args:
@@ -173,7 +181,8 @@ class BroadFace(nn.Module, TrainHooks):
         q, d = self.queue_size, self.embedding_size
         self.register_buffer("queue_embeddings", torch.zeros(q, d, dtype=dtype, device=device))
         self.register_buffer("queue_labels", torch.zeros(q, dtype=torch.long, device=device))
-        self.register_buffer("queue_weights", torch.zeros(q, d, dtype=dtype, device=device))
+        if self.stores_class_rows:  # W-_y here; a class-sharded queue keeps them with their shard
+            self.register_buffer("queue_weights", torch.zeros(q, d, dtype=dtype, device=device))
         self.register_buffer("queue_sample_ids", torch.full((q,), -1, dtype=torch.long, device=device))
         self.register_buffer("queue_count", torch.zeros((), dtype=torch.long, device=device))
         self.register_buffer("queue_pointer", torch.zeros((), dtype=torch.long, device=device))
@@ -181,10 +190,23 @@ class BroadFace(nn.Module, TrainHooks):
         self.buffers = check_buffer_policy(buffers)
         self._grad_buffers: list[ReusableBuffer] = []  # the running sum of the classifier gradient
 
+    # Where the queue's W-_y rows live: in the ``queue_weights`` buffer (one process, or replicated heads); a
+    # queue around a class-sharded head keeps each with the shard that owns its class (ShardedBroadFace: False).
+    # Its public extension points: block_loss, queue_blocks, classifier_loss, advance, fifo_order, queued,
+    # diagnosable, past_and_current_rows, take_pending_ids.
+    stores_class_rows: ClassVar[bool] = True
+
     @property
     def weight(self) -> Tensor:
         """The inner head's class weights (C, D)."""
         return self.head.weight
+
+    # ClassifierHead: the loss adds Eq. 9's queue term to the batch's per-sample mean, so it is batch-level
+    batch_level_loss = True
+
+    def per_sample_loss(self, embeddings: Tensor, labels: Tensor, *, classifier_grad: bool = True) -> Tensor:
+        """(B,) the inner head's per-sample loss of the batch (Eq. 8's rows; the queue's Eq. 9 is batch-level)."""
+        return self.head.per_sample_loss(embeddings, labels, classifier_grad=classifier_grad)
 
     def extra_repr(self) -> str:
         return (
@@ -196,19 +218,20 @@ class BroadFace(nn.Module, TrainHooks):
 
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         """Scalar L_encoder (Eq. 8) + L_classifier (Eq. 9). embeddings (B, D) raw, labels (B,) int64."""
-        sample_ids, self._pending_ids = self._pending_ids, None
+        sample_ids = self.take_pending_ids()
+        self.head.observe_batch(embeddings, labels)  # the batch, once, before any of its losses
         loss_encoder = self.head.per_sample_loss(embeddings, labels, classifier_grad=False).mean()  # Eq. 8
         labels = labels.long()
         with torch.autocast(device_type=embeddings.device.type, enabled=False):
             batch = embeddings.detach().to(self.queue_embeddings.dtype)
             rows = batch.shape[0] + int(self.queue_count)
-            blocks = itertools.chain([(batch, labels)], self._queue_blocks())
-            loss_classifier = self._classifier_loss(blocks, rows)  # Eq. 9
+            blocks = itertools.chain([(batch, labels)], self.queue_blocks())
+            loss_classifier = self.classifier_loss(blocks, rows)  # Eq. 9
             if self.training:
                 self.enqueue(batch, labels, self.head.weight.detach()[labels], sample_ids)
         return loss_encoder + loss_classifier
 
-    def _queue_blocks(self) -> Iterator[tuple[Tensor, Tensor]]:
+    def queue_blocks(self) -> Iterator[tuple[Tensor, Tensor]]:
         """The valid queue rows, `row_chunk` at a time: (e* (Eq. 7) or e-, labels), e* from the current W."""
         weight = self.head.weight.detach()
         for r0, r1 in chunks(int(self.queue_count), self.row_chunk):
@@ -217,7 +240,7 @@ class BroadFace(nn.Module, TrainHooks):
                 past = past + compensation(past, self.queue_weights[r0:r1], weight[labels].to(past.dtype))  # Eq. 7
             yield past, labels
 
-    def _classifier_loss(self, blocks: Iterable[tuple[Tensor, Tensor]], rows: int) -> Tensor:
+    def classifier_loss(self, blocks: Iterable[tuple[Tensor, Tensor]], rows: int) -> Tensor:
         """Mean over `rows` of per_sample_loss(block, classifier_grad=True): BroadFace Eq. 9 with the embeddings fixed.
 
         The gradient of the head's parameters is taken block by block here and handed to autograd at the end.
@@ -228,7 +251,7 @@ class BroadFace(nn.Module, TrainHooks):
         grads: list[Tensor | None] = [None] * len(params)
         for block_rows, block_labels in blocks:
             with torch.set_grad_enabled(need_grad):
-                block = self._block_loss(block_rows, block_labels).sum()
+                block = self.block_loss(block_rows, block_labels).sum()
             if need_grad:
                 self._accumulate(grads, torch.autograd.grad(block, params, allow_unused=True))
             total = block.detach() if total is None else total + block.detach()
@@ -238,7 +261,7 @@ class BroadFace(nn.Module, TrainHooks):
             return value
         return _HandOverGrads.apply(value, [None if g is None else g.div_(rows) for g in grads], *params)
 
-    def _block_loss(self, rows: Tensor, labels: Tensor) -> Tensor:
+    def block_loss(self, rows: Tensor, labels: Tensor) -> Tensor:
         """(n,) the head's per-sample loss of one block of Eq. 9, its class side trained, the rows held fixed."""
         return self.head.per_sample_loss(rows, labels, classifier_grad=True)
 
@@ -268,6 +291,11 @@ class BroadFace(nn.Module, TrainHooks):
 
     # --- the queue ---
 
+    def take_pending_ids(self) -> Tensor | None:
+        """The sample ids named for this forward (``observe_sample_ids``), once; None if none were."""
+        ids, self._pending_ids = self._pending_ids, None
+        return ids
+
     def observe_sample_ids(self, sample_ids: Tensor) -> None:
         """Name the rows of the next forward: (B,) int64 ids >= 0 that the caller maps back to images (-1 = unknown)."""
         self._pending_ids = sample_ids.detach().long()
@@ -290,14 +318,14 @@ class BroadFace(nn.Module, TrainHooks):
         ids = torch.stack([labels.long(), sample_ids.to(labels.device).long()], dim=1)
         if self.gather and dist.is_available() and dist.is_initialized():
             rows, ids = _all_gather_rows([rows, ids])
-        positions = self._advance(rows.shape[0])
+        positions = self.advance(rows.shape[0])
         rows, ids = rows[rows.shape[0] - positions.numel() :], ids[ids.shape[0] - positions.numel() :]
         self.queue_embeddings[positions] = rows[:, : self.embedding_size]
         self.queue_weights[positions] = rows[:, self.embedding_size :]
         self.queue_labels[positions] = ids[:, 0]
         self.queue_sample_ids[positions] = ids[:, 1]
 
-    def _advance(self, n: int) -> Tensor:
+    def advance(self, n: int) -> Tensor:
         """Make room for n new rows, oldest first: the buffer positions (keep,) of the last keep = min(n, Q) of them
         (the earlier ones would be overwritten at once); the pointer and count move on (not for keep = 0)."""
         keep = min(n, self.queue_size)
@@ -308,7 +336,7 @@ class BroadFace(nn.Module, TrainHooks):
             self.queue_count.fill_(min(int(self.queue_count) + n, self.queue_size))
         return positions
 
-    def _fifo_order(self) -> Tensor:
+    def fifo_order(self) -> Tensor:
         """Buffer positions of the valid rows, oldest first."""
         count = int(self.queue_count)
         start = int(self.queue_pointer) if count == self.queue_size else 0
@@ -316,7 +344,7 @@ class BroadFace(nn.Module, TrainHooks):
 
     def queued(self) -> QueueEntries:
         """The valid queue rows, oldest first (copies)."""
-        order = self._fifo_order()
+        order = self.fifo_order()
         return QueueEntries(
             self.queue_embeddings[order], self.queue_labels[order], self.queue_weights[order],
             self.queue_sample_ids[order],
@@ -324,11 +352,11 @@ class BroadFace(nn.Module, TrainHooks):
 
     # --- Fig. 5a ---
 
-    def _diagnosable(self, positions: Tensor) -> Tensor:
+    def diagnosable(self, positions: Tensor) -> Tensor:
         """(n,) bool: which queue positions the diagnostics may look at (a known sample id)."""
         return self.queue_sample_ids[positions] >= 0
 
-    def _class_rows(self, positions: Tensor) -> tuple[Tensor, Tensor]:
+    def past_and_current_rows(self, positions: Tensor) -> tuple[Tensor, Tensor]:
         """(W-_y, W_y), each (n, D): the stored and the current class rows of the queue positions."""
         return self.queue_weights[positions], self.head.weight.detach()[self.queue_labels[positions]]
 
@@ -340,14 +368,14 @@ class BroadFace(nn.Module, TrainHooks):
         known ids, evenly spaced from oldest to newest, give the mean cosine error 1 - cos of e- (`cos_error`)
         and of e* (Eq. 7 with the current W, `cos_error_compensated`), and `samples` = K. {} when no row has an id.
         """
-        order = self._fifo_order()
-        order = order[self._diagnosable(order)]
+        order = self.fifo_order()
+        order = order[self.diagnosable(order)]
         if order.numel() == 0:
             return {}
         k = min(self.diagnostic_samples, order.numel())
         order = order[torch.arange(k, device=order.device) * (order.numel() - 1) // max(k - 1, 1)]
         past = self.queue_embeddings[order]
-        past_weights, weights = self._class_rows(order)
+        past_weights, weights = self.past_and_current_rows(order)
         now = embed_fn(self.queue_sample_ids[order]).to(past)
         compensated = compensate(past, past_weights.to(past), weights.to(past))
         return {
@@ -369,5 +397,6 @@ def build_broadface(
 ) -> BroadFace:
     """`heads.build("broadface", num_classes=C, embedding_size=D, queue_size=Q, head="arcface", head_kwargs={...},
     compensate=True, gather=False, row_chunk=1024)`: the inner head is built by name from the same registry."""
+    check_kwarg_ranges(HEADS.get(head), head_kwargs or {}, prefix="head_kwargs.")
     inner = HEADS.build(head, num_classes=num_classes, embedding_size=embedding_size, **(head_kwargs or {}))
     return BroadFace(inner, queue_size, **kwargs)

@@ -6,9 +6,11 @@ C % W ranks). Each step:
 1. the embeddings (and labels) of every rank are all-gathered into the global batch (B_g, D) ("Get feature x");
    the gather is differentiable: its backward sums the ranks' gradients of the global batch (an all-reduce of
    (B_g, D)) and hands each rank its own rows;
-2. each rank runs the head's chunked kernel on its rows only ("score = xW" on the centre sub-matrix), with
-   label -1 for the samples whose class lives on another rank;
-3. the per-sample terms are combined across ranks, on (B_g,) vectors only:
+2. each rank calls the head's public ``class_loss`` (``heads.base.ClassRows``: the margin hook of
+   ``heads.softmax.MarginHead``, or SphereFace2's binary family) on its rows only ("score = xW" on the centre
+   sub-matrix), with label -1 for the samples whose class lives on another rank, and a :class:`RankReduction`;
+   no head type is named here: any head with that interface shards, its own margin included;
+3. the head's per-sample terms are combined across ranks by that reduction, on (B_g,) vectors only:
 
    - margin softmax (ArcFace Eq. 4, every preset, and plain softmax): the distributed logsumexp
      ``LSE_b = M_b + log sum_r exp(lse_rb - M_b)`` with ``M_b = max_r lse_rb`` (all-reduce MAX, then SUM);
@@ -45,31 +47,30 @@ from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from faceforge.heads.base import (
     HEADS,
+    SHARDED_HEADS,
     ClassifierHead,
+    ClassRows,
     LazyRows,
     RowShard,
     TrainHooks,
     check_inputs,
     check_size,
-    compute_dtype,
-    softplus,
 )
-from faceforge.heads.softmax import MarginSoftmax, Softmax, _identity, chunked_margin_terms
-from faceforge.heads.sphereface2 import SphereFace2, balanced_bias, sphereface2_loss
 
 __all__ = [
     "INIT_BLOCK",
+    "RankReduction",
     "ShardedHead",
     "all_gather_rows",
     "build_sharded",
     "distributed_logsumexp",
     "interleave",
     "sample_rows",
+    "seed_class_rows",
     "seeded_rows",
     "shard_range",
     "sum_over_ranks",
@@ -215,76 +216,23 @@ class _SumGradOverRanks(torch.autograd.Function):
         return grad, None
 
 
-def _replicated(value: Tensor, group: Any) -> Tensor:
-    return value if _world(group)[1] == 1 or not value.requires_grad else _SumGradOverRanks.apply(value, group)
+class RankReduction:
+    """The class-sharded :class:`faceforge.heads.base.Reduction`: each rank's per-sample terms combined over the
+    ranks of ``group`` (the distributed logsumexp, all-reduce sums, a replicated parameter's summed gradient)."""
 
+    def __init__(self, group: Any = None) -> None:
+        self.group = group
 
-# ----------------------------------------------------------------------------------------------------------
-# the per-head kernels: (head on this rank's rows, gathered embeddings, local labels) -> global per-sample loss
+    def logsumexp(self, lse: Tensor) -> Tensor:
+        return distributed_logsumexp(lse, self.group)
 
+    def sum(self, values: Tensor) -> Tensor:
+        return sum_over_ranks(values, self.group)
 
-def _margin_loss(head: MarginSoftmax, embeddings: Tensor, labels: Tensor, group: Any) -> Tensor:
-    """ArcFace Eq. 4 (+ the weighted Eq. 5 term) per sample of the global batch, this rank's classes + the others'."""
-    dtype = compute_dtype(embeddings, head.weight)
-    x_hat = F.normalize(embeddings.to(dtype), dim=1)
-    lse_neg, target, penalty = chunked_margin_terms(
-        x_hat, head.weight, labels, head._target, penalty_fn=head._penalty if head.intra_loss_weight > 0 else None,
-        scale=head.s, normalize=True, chunk_size=head.chunk_size, buffers=head.step_buffers,
-    )  # fmt: skip
-    loss = softplus(distributed_logsumexp(lse_neg, group) - sum_over_ranks(target, group))  # ArcFace Eq. 4
-    return loss + sum_over_ranks(penalty, group) if head.intra_loss_weight > 0 else loss
-
-
-def _softmax_loss(head: Softmax, embeddings: Tensor, labels: Tensor, group: Any) -> Tensor:
-    """ArcFace Eq. 1 per sample: logits x W^T + b, the bias sharded with the rows."""
-    dtype = compute_dtype(embeddings, head.weight)
-    lse_neg, target, _ = chunked_margin_terms(
-        embeddings.to(dtype), head.weight, labels, _identity, bias=head.bias, normalize=False,
-        chunk_size=head.chunk_size, buffers=head.step_buffers,
-    )  # fmt: skip
-    return softplus(distributed_logsumexp(lse_neg, group) - sum_over_ranks(target, group))  # ArcFace Eq. 1
-
-
-def _sphereface2_loss(head: SphereFace2, embeddings: Tensor, labels: Tensor, group: Any) -> Tensor:
-    """SphereFace2 Eq. 6 per sample: the sum over ranks of each shard's positive (if it owns y) and negatives."""
-    dtype = compute_dtype(embeddings, head.weight)
-    x_hat = F.normalize(embeddings.to(dtype), dim=1)
-    partial = sphereface2_loss(
-        x_hat, head.weight, _replicated(head.bias, group), labels, lamb=head.lamb, r=head.r, m=head.m, t=head.t,
-        margin_type=head.margin_type, margin_grad=head.margin_grad, chunk_size=head.chunk_size,
-        buffers=head.step_buffers,
-    )  # fmt: skip
-    return head.loss_weight * sum_over_ranks(partial, group)
-
-
-def _normal_rows(std: float) -> Callable[[Tensor, torch.Generator], None]:
-    def fill(rows: Tensor, generator: torch.Generator) -> None:
-        rows.normal_(0.0, std, generator=generator)
-
-    return fill
-
-
-def _uniform_rows(bound: float) -> Callable[[Tensor, torch.Generator], None]:
-    def fill(rows: Tensor, generator: torch.Generator) -> None:
-        rows.uniform_(-bound, bound, generator=generator)
-
-    return fill
-
-
-# head type -> (loss kernel, {sharded tensor name: initial distribution}); the most derived type first
-_KERNELS: list[tuple[type, Callable[..., Tensor]]] = [
-    (MarginSoftmax, _margin_loss),
-    (Softmax, _softmax_loss),
-    (SphereFace2, _sphereface2_loss),
-]
-
-
-def _initial_rows(head: nn.Module) -> dict[str, Callable[[Tensor, torch.Generator], None]]:
-    """The row-sharded tensors of ``head`` and how each head initialises them (its ``reset_parameters``)."""
-    if isinstance(head, Softmax):
-        bound = 1.0 / math.sqrt(head.embedding_size)
-        return {"weight": _uniform_rows(bound), "bias": _uniform_rows(bound)}
-    return {"weight": _normal_rows(0.01)}
+    def replicated(self, param: Tensor) -> Tensor:
+        if _world(self.group)[1] == 1 or not param.requires_grad:
+            return param
+        return _SumGradOverRanks.apply(param, self.group)
 
 
 @torch.no_grad()
@@ -301,6 +249,28 @@ def seeded_rows(
         fill(values, torch.Generator(device=tensor.device).manual_seed(seed * 1_000_003 + block))
         lo, hi = max(b0, c0), min(b1, c1)
         tensor[lo - c0 : hi - c0] = values[lo - b0 : hi - b0]
+
+
+def seed_class_rows(head: ClassRows, rows: tuple[int, int], seed: int) -> None:
+    """Every class-row tensor of ``head`` (``class_rows``), holding the rows [c0, c1) of the logical tensor, from
+    (seed, row) (:func:`seeded_rows`): the same W whether a head holds every row (one process, ``head.shard``
+    false: ``faceforge.build.build_head``) or a shard of them."""
+    for name, fill in head.class_rows().items():
+        seeded_rows(getattr(head, name), rows, seed, fill)
+
+
+def _unwrap_keys(module: nn.Module, state: dict[str, Any], prefix: str, metadata: Any) -> None:
+    """State-dict hook: the inner head's entries under their own names (``weight``, not ``head.weight``), the keys
+    of the unsharded head."""
+    inner = f"{prefix}head."
+    for key in [k for k in state if k.startswith(inner)]:
+        state[prefix + key[len(inner):]] = state.pop(key)
+
+
+def _wrap_keys(state: dict[str, Any], prefix: str, *args: Any) -> None:
+    """Load pre-hook: the unsharded head's keys back under ``head.`` (the inner module holds them)."""
+    for key in [k for k in state if k.startswith(prefix)]:
+        state[f"{prefix}head.{key[len(prefix):]}"] = state.pop(key)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -348,8 +318,8 @@ class ShardedHead(nn.Module, ClassifierHead, TrainHooks):
     """A head whose class rows are sharded over the ranks of ``group`` (module docstring).
 
     Args:
-        head: the name of the head in ``HEADS`` ("arcface", "cosface", "sphereface", "normface",
-            "margin_softmax", "softmax", "sphereface2").
+        head: the name of a head in ``HEADS``, or ``"package.module:Class"``, with class rows
+            (``heads.base.ClassRows``: every margin head, ``MarginHead`` subclasses written anywhere, sphereface2).
         num_classes: C, over all ranks (>= the world size). embedding_size: D.
         seed: the initial rows are a function of (seed, row) (module docstring). Default 0.
         group: the process group (default: the world). Built after ``torch.distributed.init_process_group``.
@@ -384,36 +354,35 @@ class ShardedHead(nn.Module, ClassifierHead, TrainHooks):
         self.rows = shard_range(self.num_classes, self.world_size, self.rank)
         local = self.rows[1] - self.rows[0]
         self.head = HEADS.build(head, num_classes=local, embedding_size=self.embedding_size, **kwargs)
-        self.kernel = next((k for t, k in _KERNELS if isinstance(self.head, t)), None)
-        if self.kernel is None:
+        if not isinstance(self.head, ClassRows):
             raise ValueError(
-                f"head {head!r} ({type(self.head).__name__}) cannot be sharded by class; expected one of "
-                f"margin_softmax, arcface, cosface, sphereface, normface, softmax, sphereface2 (broadface and attfc: "
-                f"build_sharded)"
+                f"head {head!r} ({type(self.head).__name__}) cannot be sharded by class: it has no class_rows / "
+                f"class_loss (heads.base.ClassRows); expected a margin head (heads.softmax.MarginHead) or "
+                f"sphereface2 (broadface and attfc have their own sharded forms, build_sharded)"
             )
-        if getattr(self.head, "inter_loss_weight", 0.0) > 0:
-            raise ValueError(
-                "inter_loss_weight > 0 (ArcFace Eq. 6) needs every class weight on one rank; expected 0 with shard"
-            )
+        refusal = self.head.sharded_refusal()
+        if refusal is not None:
+            raise ValueError(f"head {head!r} cannot be sharded by class: {refusal}")
+        self.reduce = RankReduction(group)
         if not (isinstance(sample_rate, (int, float)) and 0.0 < float(sample_rate) <= 1.0):
             raise ValueError(f"sample_rate={sample_rate!r}; expected a number in (0, 1]")
         self.sample_rate, self.sparse_grad = float(sample_rate), bool(sparse_grad)
-        self.register_buffer("sample_step", torch.zeros((), dtype=torch.long))  # optimiser steps done (sampling key)
+        # optimiser steps done (Partial FC's sampling key): kept in extra_state, not in the state dict, whose keys
+        # are the unsharded head's (a checkpoint moves between shard=true/false and any world size)
+        self.register_buffer("sample_step", torch.zeros((), dtype=torch.long), persistent=False)
         self._micro = 0  # forwards since the last optimiser step (gradient accumulation)
         self._lazy: LazyRows | None = None
         self.seed = int(seed)
         self.name = head
         self.reset_parameters()
+        self._register_state_dict_hook(_unwrap_keys)
+        self._register_load_state_dict_pre_hook(_wrap_keys)
 
     def reset_parameters(self) -> None:
-        """Row j of every sharded tensor from the generator of (seed, j // INIT_BLOCK); SphereFace2's balanced
-        bias from the global C."""
-        with torch.no_grad():
-            for name, fill in _initial_rows(self.head).items():
-                seeded_rows(getattr(self.head, name), self.rows, self.seed, fill)
-            if isinstance(self.head, SphereFace2) and self.head.bias_init == "balanced":
-                h = self.head
-                self.head.bias.fill_(balanced_bias(self.num_classes, h.lamb, h.r, h.m, h.t, h.margin_type))
+        """Row j of every class-row tensor from the generator of (seed, j // INIT_BLOCK); the head's other
+        tensors as for the whole run's C (``reset_shared``: SphereFace2's balanced bias)."""
+        seed_class_rows(self.head, self.rows, self.seed)
+        self.head.reset_shared(self.num_classes)
 
     def extra_repr(self) -> str:
         return f"num_classes={self.num_classes}, rows={self.rows}, rank={self.rank}, world_size={self.world_size}"
@@ -446,11 +415,12 @@ class ShardedHead(nn.Module, ClassifierHead, TrainHooks):
         """(N,) the loss of rows that every rank already holds, the same (N, D) embeddings and (N,) global labels on
         every rank (a gathered batch, BroadFace's queue): no gather; the gradient to ``embeddings`` is this rank's
         share (sum it over the ranks)."""
-        x, y = embeddings, self.local_labels(labels.long())
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            if self.sample_rate < 1.0:
-                return self._sampled_loss(x, y, classifier_grad)
-            return self.kernel(self.head if classifier_grad else _View(self.head, detach=True), x, y, self.group)
+        labels = labels.long()
+        local = self.local_labels(labels)
+        if self.sample_rate < 1.0:
+            return self._sampled_loss(embeddings, labels, local, classifier_grad)
+        return self.head.class_loss(embeddings, labels, local_labels=local, reduce=self.reduce,
+                                    classifier_grad=classifier_grad)
 
     def sampled_rows(self, local_labels: Tensor) -> Tensor:
         """This forward's Partial FC rows (K,) (``sample_rows``), drawn from the generator of
@@ -460,11 +430,11 @@ class ShardedHead(nn.Module, ClassifierHead, TrainHooks):
         rows = self.rows[1] - self.rows[0]
         return sample_rows(local_labels, rows, self.sample_rate, generator)
 
-    def _sampled_loss(self, x: Tensor, local_labels: Tensor, classifier_grad: bool) -> Tensor:
+    def _sampled_loss(self, x: Tensor, labels: Tensor, local_labels: Tensor, classifier_grad: bool) -> Tensor:
         """Partial FC: the head's loss on the sampled rows only (positives + negatives), their gradient sparse."""
         index = self.sampled_rows(local_labels)
         self._micro += 1
-        sharded = {name: getattr(self.head, name) for name in _initial_rows(self.head)}
+        sharded = {name: getattr(self.head, name) for name in self.head.class_rows()}
         if self._lazy is not None and classifier_grad:
             for tensor in sharded.values():
                 self._lazy.catch_up(tensor, index)  # what dense SGD would have left in these rows
@@ -474,19 +444,26 @@ class ShardedHead(nn.Module, ClassifierHead, TrainHooks):
         }
         position = torch.searchsorted(index, local_labels.clamp_min(0))
         found = (local_labels >= 0) & (index[position.clamp_max(index.numel() - 1)] == local_labels)
-        labels = torch.where(found, position, torch.full_like(local_labels, -1))
-        return self.kernel(_View(self.head, detach=not classifier_grad, **rows), x, labels, self.group)
+        sampled = torch.where(found, position, torch.full_like(local_labels, -1))
+        return self.head.class_loss(x, labels, local_labels=sampled, reduce=self.reduce,
+                                    classifier_grad=classifier_grad, rows=rows)
+
+    def observe_batch(self, embeddings: Tensor, labels: Tensor) -> None:
+        """The head's ``observe_batch`` of the GLOBAL batch (embeddings (N, D), labels (N,), the same on every rank)."""
+        self.head.observe_batch(embeddings, labels)
 
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         """Scalar: the mean over the global batch of the head's per-sample loss (the same on every rank)."""
-        return self.per_sample_loss(embeddings, labels).mean()
+        x, y = self.gather(embeddings, labels)
+        self.observe_batch(x, y)
+        return self.global_loss(x, y).mean()
 
     # --- what the trainer asks (TrainHooks) ---
 
     def row_shards(self) -> dict[str, RowShard]:
         """The state_dict entries that are this rank's rows of a logical (C, ...) tensor."""
         c0, c1 = self.rows
-        return {f"head.{name}": RowShard(c0, c1, self.num_classes) for name in _initial_rows(self.head)}
+        return {name: RowShard(c0, c1, self.num_classes) for name in self.head.class_rows()}
 
     def verification_threshold(self) -> float | None:
         return self.head.verification_threshold() if isinstance(self.head, TrainHooks) else None
@@ -495,23 +472,18 @@ class ShardedHead(nn.Module, ClassifierHead, TrainHooks):
         """Partial FC reads its sampled rows through the optimiser's ``catch_up`` when it updates lazily."""
         self._lazy = optimizer if isinstance(optimizer, LazyRows) else None
 
+    def extra_state(self) -> dict[str, Any]:
+        """{"sample_step": optimiser steps done}: Partial FC's sampling key, so a resumed run draws the same rows."""
+        return {"sample_step": int(self.sample_step)}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        self.sample_step.fill_(int(state.get("sample_step", 0)))
+
     def after_optimizer_step(self, step: int) -> None:
         self.sample_step.fill_(step)
         self._micro = 0
-
-
-class _View:
-    """A head seen by the kernels above with some tensors replaced (Partial FC's sampled rows) and its parameters
-    detached (``detach``: classifier_grad=False)."""
-
-    def __init__(self, head: nn.Module, detach: bool = False, **replaced: Tensor) -> None:
-        self.__dict__.update(_head=head, _detach=detach, _replaced=replaced)
-
-    def __getattr__(self, name: str) -> Any:
-        if name in self._replaced:
-            return self._replaced[name]
-        value = getattr(self._head, name)
-        return value.detach() if self._detach and isinstance(value, nn.Parameter) else value
+        if isinstance(self.head, TrainHooks):  # a head that keeps the step itself (a step-dependent margin)
+            self.head.after_optimizer_step(step)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -519,18 +491,10 @@ class _View:
 
 
 def build_sharded(name: str, num_classes: int, embedding_size: int, /, **kwargs: Any) -> nn.Module:
-    """The class-sharded form of head ``name`` (``head.shard: true``): ``broadface`` ->
-    :class:`faceforge.heads.parallel_broadface.ShardedBroadFace` (its queue's W rows sharded with W), ``attfc`` ->
-    :class:`faceforge.heads.parallel_attfc.ShardedAttFC` (its container sharded by slot), any other ->
-    :class:`ShardedHead`. kwargs: ``seed``, ``group``, ``sample_rate`` and the head's own."""
-    if name == "broadface":
-        from faceforge.heads.parallel_broadface import build_sharded_broadface
-
-        return build_sharded_broadface(num_classes, embedding_size, **kwargs)
-    if name == "attfc":
-        from faceforge.heads.parallel_attfc import ShardedAttFC
-
-        if kwargs.pop("sample_rate", 1.0) != 1.0:
-            raise ValueError("sample_rate < 1 (Partial FC) samples class rows; AttFC has none; expected 1")
-        return ShardedAttFC(num_classes, embedding_size, **kwargs)
+    """The class-sharded form of head ``name`` (``head.shard: true``): the form registered for it in
+    :data:`faceforge.heads.base.SHARDED_HEADS` (``broadface``: its queue's W rows sharded with W; ``attfc``: its
+    container sharded by slot), else :class:`ShardedHead` around it. kwargs: ``seed``, ``group``, ``sample_rate``
+    and the head's own."""
+    if name in SHARDED_HEADS:
+        return SHARDED_HEADS.build(name, num_classes=num_classes, embedding_size=embedding_size, **kwargs)
     return ShardedHead(name, num_classes, embedding_size, **kwargs)

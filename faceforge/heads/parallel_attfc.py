@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from faceforge.heads.attfc import DEFAULT_CHUNK_SIZE, AttFC, container_capacity, container_lse
-from faceforge.heads.base import RowShard, TrainHooks, softplus
+from faceforge.heads.base import SHARDED_HEADS, RowShard, TrainHooks, softplus
 from faceforge.heads.parallel import (
     _world,
     all_gather_rows,
@@ -146,3 +146,12 @@ class ShardedAttFC(AttFC, TrainHooks):
         """The container and its labels: this rank's entries of logical (S, D) and (S,) tensors."""
         s0, s1 = self.slots
         return {name: RowShard(s0, s1, self.total_size) for name in ("container", "container_labels")}
+
+
+@SHARDED_HEADS.register("attfc")
+def build_sharded_attfc(num_classes: int, embedding_size: int, *, sample_rate: float = 1.0, **kwargs: Any) -> ShardedAttFC:
+    """``build_sharded("attfc", C, D, seed=..., group=..., **AttFC kwargs)``; Partial FC (``sample_rate`` < 1) is
+    refused: AttFC has no class rows to sample."""
+    if sample_rate != 1.0:
+        raise ValueError("sample_rate < 1 (Partial FC) samples class rows; AttFC has none; expected 1")
+    return ShardedAttFC(num_classes, embedding_size, **kwargs)

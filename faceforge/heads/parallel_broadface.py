@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from faceforge.heads.base import RowShard, chunks
+from faceforge.heads.base import HEADS, SHARDED_HEADS, RowShard, check_kwarg_ranges, chunks
 from faceforge.heads.broadface import DEFAULT_ROW_CHUNK, BroadFace, QueueEntries, compensation
 from faceforge.heads.parallel import ShardedHead, _row_counts, all_gather_rows, interleave
 
@@ -49,6 +49,8 @@ class ShardedBroadFace(BroadFace):
     Call: ``loss = head(embeddings (B_r, D), labels (B_r,))`` on every rank -> Eq. 8 + Eq. 9 over the global batch
     and the queue, the same scalar on every rank.
     """
+
+    stores_class_rows = False
 
     def __init__(
         self,
@@ -69,7 +71,7 @@ class ShardedBroadFace(BroadFace):
         super().__init__(head, queue_size, compensate, True, row_chunk, diagnostic_samples, buffers)
         self.num_classes = head.num_classes
         dtype = self.queue_embeddings.dtype
-        del self.queue_weights  # the W-_y rows live with their class's shard:
+        # the W-_y rows live with their class's shard (stores_class_rows = False: no queue_weights buffer)
         self.register_buffer("queue_owned_slots", torch.zeros(0, dtype=torch.long), persistent=False)
         self.register_buffer("queue_owned_weights", torch.zeros(0, self.embedding_size, dtype=dtype), persistent=False)
 
@@ -77,18 +79,19 @@ class ShardedBroadFace(BroadFace):
 
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         """Scalar L_encoder (Eq. 8) + L_classifier (Eq. 9) over the global batch and the queue."""
-        sample_ids, self._pending_ids = self._pending_ids, None
+        sample_ids = self.take_pending_ids()
         if sample_ids is None:
             sample_ids = torch.full((embeddings.shape[0],), -1, dtype=torch.long, device=embeddings.device)
         x, y = self.head.gather(embeddings, labels)  # the global batch (B_g, D), differentiable, rank order
         sample_ids = all_gather_rows(sample_ids.detach().long(), self.head.group)
         if self._equal_batches(embeddings.shape[0]):  # the sampler's order: one process's queue, row for row
             x, y, sample_ids = (interleave(t, self.head.world_size) for t in (x, y, sample_ids))
+        self.head.observe_batch(x, y)  # the global batch, once, before any of its losses
         loss_encoder = self.head.global_loss(x, y, classifier_grad=False).mean()  # Eq. 8
         with torch.autocast(device_type=x.device.type, enabled=False):
             batch = x.detach().to(self.queue_embeddings.dtype)
             rows = batch.shape[0] + int(self.queue_count)
-            loss_classifier = self._classifier_loss(itertools.chain([(batch, y)], self._queue_blocks()), rows)  # Eq. 9
+            loss_classifier = self.classifier_loss(itertools.chain([(batch, y)], self.queue_blocks()), rows)  # Eq. 9
             if self.training:
                 self._enqueue_global(batch, y, sample_ids)
         return loss_encoder + loss_classifier
@@ -98,10 +101,10 @@ class ShardedBroadFace(BroadFace):
         sizes = _row_counts(rows, self.queue_labels.device, self.head.group)
         return len(sizes) > 1 and len(set(sizes)) == 1
 
-    def _block_loss(self, rows: Tensor, labels: Tensor) -> Tensor:
+    def block_loss(self, rows: Tensor, labels: Tensor) -> Tensor:
         return self.head.global_loss(rows, labels, classifier_grad=True)  # the same rows on every rank: no gather
 
-    def _queue_blocks(self):
+    def queue_blocks(self):
         """The valid queue rows, ``row_chunk`` at a time: (e* (Eq. 7) or e-, labels)."""
         count = int(self.queue_count)
         shift = self._compensations(count) if self.compensate and count else None
@@ -131,7 +134,7 @@ class ShardedBroadFace(BroadFace):
     @torch.no_grad()
     def _enqueue_global(self, batch: Tensor, labels: Tensor, sample_ids: Tensor) -> None:
         """FIFO append of the global batch (B_g, D), labels and ids on every rank; this rank keeps W-_y of its classes."""
-        positions = self._advance(batch.shape[0])
+        positions = self.advance(batch.shape[0])
         keep = positions.numel()
         if keep == 0:
             return
@@ -150,7 +153,7 @@ class ShardedBroadFace(BroadFace):
 
     def queued(self) -> QueueEntries:
         """The valid queue rows, oldest first (copies); class_weights NaN for the classes of other ranks."""
-        order = self._fifo_order()
+        order = self.fifo_order()
         stored = self._stored_weights()
         return QueueEntries(
             self.queue_embeddings[order], self.queue_labels[order], stored[order], self.queue_sample_ids[order]
@@ -164,10 +167,10 @@ class ShardedBroadFace(BroadFace):
 
     # --- Fig. 5a: rank 0 alone (no communication), on the entries of the classes it holds ---
 
-    def _diagnosable(self, positions: Tensor) -> Tensor:
-        return super()._diagnosable(positions) & (self.head.local_labels(self.queue_labels[positions]) >= 0)
+    def diagnosable(self, positions: Tensor) -> Tensor:
+        return super().diagnosable(positions) & (self.head.local_labels(self.queue_labels[positions]) >= 0)
 
-    def _class_rows(self, positions: Tensor) -> tuple[Tensor, Tensor]:
+    def past_and_current_rows(self, positions: Tensor) -> tuple[Tensor, Tensor]:
         return self._stored_weights()[positions], self.head.weight.detach()[self.head.local_labels(self.queue_labels[positions])]
 
     # --- what the trainer asks (TrainHooks) ---
@@ -204,6 +207,7 @@ class ShardedBroadFace(BroadFace):
         self.queue_owned_weights = full.to(self.queue_owned_weights)[slots]
 
 
+@SHARDED_HEADS.register("broadface")
 def build_sharded_broadface(
     num_classes: int,
     embedding_size: int,
@@ -220,6 +224,7 @@ def build_sharded_broadface(
     compensate=True, row_chunk=1024)``: the inner head is ``ShardedHead(head, C, D, **head_kwargs)``."""
     if "gather" in kwargs:
         raise ValueError("gather: a sharded BroadFace always keeps the global queue; expected no gather")
+    check_kwarg_ranges(HEADS.get(head), head_kwargs or {}, prefix="head_kwargs.")
     inner = ShardedHead(head, num_classes, embedding_size, seed=seed, group=group, sample_rate=sample_rate,
                         **(head_kwargs or {}))
     return ShardedBroadFace(inner, queue_size, **kwargs)

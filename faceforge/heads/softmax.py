@@ -42,8 +42,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from faceforge.heads.base import (
+    ANGULAR_MARGIN_RANGE,
+    COSINE_MARGIN_RANGE,
     HEADS,
+    LOCAL,
+    MULTIPLICATIVE_MARGIN_RANGE,
+    SCALE_RANGE,
     ClassifierHead,
+    MarginContext,
+    Reduction,
+    RowFill,
     add_target_grads,
     check_buffer_policy,
     check_inputs,
@@ -51,12 +59,15 @@ from faceforge.heads.base import (
     chunk_rows,
     chunks,
     compute_dtype,
+    margin_context,
+    normal_rows,
     row_norms,
     scatter_rows,
     softplus,
     take_rows,
     target_input,
     target_rows,
+    uniform_rows,
 )
 from faceforge.heads.buffers import ReusableBuffer, make_step_buffers
 from faceforge.heads.margin import MARGIN_GRADS, apply_margin, check_margins, target_logit
@@ -291,11 +302,147 @@ def chunked_margin_terms(
 
 
 # ----------------------------------------------------------------------------------------------------------
+# the margin hook and the family's one loss
+
+
+class MarginHead(nn.Module, ClassifierHead):
+    """The margin-softmax family: a head is its class rows plus a public hook on the target logit.
+
+        loss_b = log(1 + sum_{j != y_b} exp(z_bj - t_b)) + extra_b,     z_bj = scale cos(theta_bj)  (or x_b W_j + b_j)
+
+    A head of the family sets ``num_classes``, ``embedding_size``, ``scale`` (s), ``weight`` (C, D) (and may set
+    ``chunk_size``, ``step_buffers``), calls ``reset_parameters()``, and overrides only what its method changes:
+
+    - ``target_logit(cos_y (K,), context: MarginContext) -> (K,)``: the SCALED target logit t_b (ArcFace:
+      s cos(theta + m)); context holds each row's embedding norm and label (``heads.base.MarginContext``);
+    - ``loss_term(cos_y, context) -> (K,)`` with ``has_loss_term = True``: a per-sample term outside the
+      softmax (ArcFace Eq. 5's intra-class angle, MagFace's regulariser), added where the target lives;
+    - ``observe(context)``: the whole batch's context once per training forward, before the loss (AdaFace's
+      running norm statistics); default nothing;
+    - ``nontarget_logits``: a per-sample transform of the non-target logits (CurricularFace) is declared here
+      for the heads that need it; no strategy applies one yet, so a head that sets it is refused when built
+      (``check_margin_head``) rather than trained without it;
+    - ``class_rows()``: the class-indexed tensors and their init (default ``weight`` ~ N(0, 0.01^2));
+      ``normalized = False`` for plain logits x W^T + b (``Softmax``, with ``bias`` among its class rows);
+    - ``batch_level_loss`` / ``batch_loss(labels)``: a term over the whole batch (ArcFace Eq. 6).
+
+    Every execution strategy reaches the head through :meth:`class_loss` (one process: ``per_sample_loss``; the
+    class-sharded FC and Partial FC: ``heads.parallel.ShardedHead``; BroadFace's queue: ``per_sample_loss`` or
+    the sharded ``global_loss`` per block), so a head written against this hook in one file runs in all of them.
+    """
+
+    normalized: bool = True
+    has_loss_term: bool = False
+    nontarget_logits: Callable[..., Tensor] | None = None
+    chunk_size: int = DEFAULT_CHUNK_SIZE
+    step_buffers: tuple[ReusableBuffer, ReusableBuffer] | None = None  # None: fresh per call (buffers.py)
+
+    def target_logit(self, cos_y: Tensor, context: MarginContext) -> Tensor:
+        """(K,) the scaled target logit of the target cosines cos_y (K,) (the plain target logit when not
+        ``normalized``). Default: no margin, ``scale * cos_y``."""
+        return self.scale * cos_y
+
+    def loss_term(self, cos_y: Tensor, context: MarginContext) -> Tensor:
+        """(K,) a per-sample term outside the softmax; read only when ``has_loss_term`` is True."""
+        return torch.zeros_like(cos_y)
+
+    def observe(self, context: MarginContext) -> None:
+        """The context (B,) of the whole batch, once per training forward, before its loss. Default: nothing."""
+        return None
+
+    def class_rows(self) -> dict[str, RowFill]:
+        """{attribute: init}: the class-indexed tensors (``weight``, N(0, 0.01^2) row by row)."""
+        return {"weight": normal_rows(0.01)}
+
+    def batch_loss(self, labels: Tensor) -> Tensor | None:
+        """A batch-level term added to the mean (``batch_level_loss``); None: none."""
+        return None
+
+    def sharded_refusal(self) -> str | None:
+        """Why the head cannot be split by class; None: it can (a batch-level term needs every row at once)."""
+        if self.batch_level_loss:
+            return "its batch-level loss term needs every class row on one rank; expected it off with shard"
+        return None
+
+    def reset_shared(self, num_classes: int) -> None:
+        """Nothing: every tensor of the family's presets is a class row."""
+        return None
+
+    def reset_parameters(self) -> None:
+        """Every class row from its init (``class_rows``), from the global random generator."""
+        with torch.no_grad():
+            for name, fill in self.class_rows().items():
+                fill(getattr(self, name), None)
+
+    def observe_batch(self, embeddings: Tensor, labels: Tensor) -> None:
+        """``observe`` the batch's context when training (the strategies call this once per forward)."""
+        if self.training:
+            self.observe(margin_context(embeddings, labels))
+
+    def class_loss(
+        self,
+        embeddings: Tensor,
+        labels: Tensor,
+        *,
+        local_labels: Tensor | None = None,
+        reduce: Reduction = LOCAL,
+        classifier_grad: bool = True,
+        rows: dict[str, Tensor] | None = None,
+    ) -> Tensor:
+        """(N,) softplus(LSE_neg - t) + extra per sample, each term reduced over the row sets by ``reduce``
+        (``heads.base.ClassRows``). embeddings (N, D) any norm; labels (N,) global classes."""
+        local = labels if local_labels is None else local_labels
+        tensors = {name: getattr(self, name) for name in self.class_rows()}
+        tensors.update(rows or {})
+        if not classifier_grad:
+            tensors = {name: t.detach() for name, t in tensors.items()}
+        dtype = compute_dtype(embeddings, tensors["weight"])
+        with torch.autocast(device_type=embeddings.device.type, enabled=False):
+            x = embeddings.to(dtype)
+            context = margin_context(x, labels).take(target_rows(local)[0])  # the rows whose target is here
+            lse_neg, target, extra = chunked_margin_terms(
+                F.normalize(x, dim=1) if self.normalized else x,
+                tensors["weight"],
+                local,
+                lambda cos_y: self.target_logit(cos_y, context),
+                bias=tensors.get("bias"),
+                penalty_fn=(lambda cos_y: self.loss_term(cos_y, context)) if self.has_loss_term else None,
+                scale=self.scale,
+                normalize=self.normalized,
+                chunk_size=self.chunk_size,
+                buffers=self.step_buffers,
+            )
+            loss = softplus(reduce.logsumexp(lse_neg) - reduce.sum(target))  # ArcFace Eq. 4 (Eq. 1 unnormalised)
+            return loss + reduce.sum(extra) if self.has_loss_term else loss
+
+    def per_sample_loss(self, embeddings: Tensor, labels: Tensor, *, classifier_grad: bool = True) -> Tensor:
+        """(B,) each sample's loss, the rows of the batch mean (no batch-level term). classifier_grad=False holds
+        the class rows fixed: only the embeddings (B, D) get a gradient."""
+        labels = check_inputs(embeddings, labels, self.num_classes, self.embedding_size)
+        return self.class_loss(embeddings, labels, classifier_grad=classifier_grad)
+
+    def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
+        """Scalar: the batch mean of ``per_sample_loss`` (+ the batch-level term). embeddings (B, D), labels (B,)."""
+        labels = check_inputs(embeddings, labels, self.num_classes, self.embedding_size)
+        self.observe_batch(embeddings, labels)
+        loss = self.per_sample_loss(embeddings, labels).mean()
+        extra = self.batch_loss(labels) if self.batch_level_loss else None
+        return loss if extra is None else loss + extra
+
+
+def check_margin_head(head: nn.Module) -> None:
+    """Refuse a margin head that declares what no strategy applies yet (``nontarget_logits``): ValueError."""
+    if getattr(head, "nontarget_logits", None) is not None:
+        raise ValueError(f"{type(head).__name__}.nontarget_logits: no execution strategy applies a transform of "
+                         "the non-target logits yet; expected None")
+
+
+# ----------------------------------------------------------------------------------------------------------
 # the heads
 
 
 @HEADS.register("margin_softmax")
-class MarginSoftmax(nn.Module, ClassifierHead):
+class MarginSoftmax(MarginHead):
     """Combined-margin softmax head, ArcFace Eq. 4: target logit s (cos(m1 theta + m2) - m3), others s cos theta.
 
     Args:
@@ -303,7 +450,7 @@ class MarginSoftmax(nn.Module, ClassifierHead):
         s: feature scale (> 0). m1, m2, m3: margins (m1 > 0; m2 in radians).
         margin_grad: "exact" (autograd of the formula, default) or "detached" (straight-through, as
             insightface arcface_torch / OpenSphere).
-        chunk_size: classes per block in the memory-lean loss (default 65536).
+        chunk_size: classes per block in the memory-lean loss (default 4096).
         intra_loss_weight: weight of the Eq. 5 term (1/(pi N)) sum theta_y (0 = off).
         inter_loss_weight: weight of the Eq. 6 term (0 = off; costs one extra (C, D) gradient tensor).
         buffers: "auto" (default: "reuse" on CPU, "release" on GPU), "reuse" (keep the (B, C) buffer and the
@@ -311,7 +458,12 @@ class MarginSoftmax(nn.Module, ClassifierHead):
     Call: `loss = head(embeddings (B, D), labels (B,) int64)` -> scalar batch mean;
     `head.per_sample_loss(embeddings, labels, classifier_grad=True)` -> the (B,) rows of that mean (no Eq. 6).
     Attributes: `weight` (C, D) parameter, initialised N(0, 0.01^2); rows are normalised on the fly.
+    Ranges (``KWARG_RANGES``, checked before a run builds the head): s in (0, 1024], m1 in [0.5, 8], m2 in
+    [0, pi/2], m3 in [0, 1].
     """
+
+    KWARG_RANGES = {"s": SCALE_RANGE, "m1": MULTIPLICATIVE_MARGIN_RANGE, "m2": ANGULAR_MARGIN_RANGE,
+                    "m3": COSINE_MARGIN_RANGE}
 
     def __init__(
         self,
@@ -347,8 +499,10 @@ class MarginSoftmax(nn.Module, ClassifierHead):
         self.step_buffers = make_step_buffers(buffers)  # (B, C) logits, (C, D) grad W (buffers.py)
         self.reset_parameters()
 
-    def reset_parameters(self) -> None:
-        nn.init.normal_(self.weight, std=0.01)
+    @property
+    def scale(self) -> float:
+        """s, the scale of the non-target cosines (the margin hook's ``scale``)."""
+        return self.s
 
     def extra_repr(self) -> str:
         return (
@@ -363,43 +517,29 @@ class MarginSoftmax(nn.Module, ClassifierHead):
         """True when the Eq. 6 inter-class regulariser (batch-level) is on (``ClassifierHead``)."""
         return self.inter_loss_weight > 0
 
-    def _target(self, cos_y: Tensor) -> Tensor:
-        return self.s * target_logit(cos_y, self.m1, self.m2, self.m3, self.margin_grad)  # s psi(theta_y)
+    @property
+    def has_loss_term(self) -> bool:  # type: ignore[override]
+        """True when the Eq. 5 intra-class term is on."""
+        return self.intra_loss_weight > 0
 
-    def _penalty(self, cos_y: Tensor) -> Tensor:
-        return self.intra_loss_weight * intra_class_angle(cos_y)  # ArcFace Eq. 5 summand, weighted
+    def target_logit(self, cos_y: Tensor, context: MarginContext) -> Tensor:
+        """s psi(theta_y) = s (cos(m1 theta_y + m2) - m3) (ArcFace Eq. 4), (K,)."""
+        return self.s * target_logit(cos_y, self.m1, self.m2, self.m3, self.margin_grad)
 
-    def per_sample_loss(self, embeddings: Tensor, labels: Tensor, *, classifier_grad: bool = True) -> Tensor:
-        """(B,) per-row summand of ArcFace Eq. 4 (+ the weighted Eq. 5 term), whose batch mean is the loss.
+    def loss_term(self, cos_y: Tensor, context: MarginContext) -> Tensor:
+        """The weighted ArcFace Eq. 5 summand theta_y / pi, (K,)."""
+        return self.intra_loss_weight * intra_class_angle(cos_y)
 
-        The batch-level Eq. 6 regulariser (`inter_loss_weight`) is not in it: `forward` adds that to the mean.
-        classifier_grad=False holds `weight` fixed: no gradient reaches it, the embeddings (B, D) still get theirs.
-        """
-        labels = check_inputs(embeddings, labels, self.num_classes, self.embedding_size)
-        dtype = compute_dtype(embeddings, self.weight)
-        with torch.autocast(device_type=embeddings.device.type, enabled=False):
-            x_hat = F.normalize(embeddings.to(dtype), dim=1)
-            return chunked_margin_cross_entropy(
-                x_hat,
-                self.weight if classifier_grad else self.weight.detach(),
-                labels,
-                self._target,
-                penalty_fn=self._penalty if self.intra_loss_weight > 0 else None,
-                scale=self.s,
-                normalize=True,
-                chunk_size=self.chunk_size,
-                buffers=self.step_buffers,
-            )
-
-    def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
-        """Scalar batch mean of ArcFace Eq. 4 (+ weighted Eq. 5 / Eq. 6 terms). embeddings (B, D), labels (B,)."""
-        loss = self.per_sample_loss(embeddings, labels).mean()
+    def sharded_refusal(self) -> str | None:
         if self.inter_loss_weight > 0:
-            dtype = compute_dtype(embeddings, self.weight)
-            with torch.autocast(device_type=embeddings.device.type, enabled=False):
-                regularizer = inter_class_loss(self.weight.to(dtype), labels.long(), self.chunk_size)
-            loss = loss + self.inter_loss_weight * regularizer
-        return loss
+            return "inter_loss_weight > 0 (ArcFace Eq. 6) needs every class weight on one rank; expected 0 with shard"
+        return None
+
+    def batch_loss(self, labels: Tensor) -> Tensor | None:
+        """The weighted ArcFace Eq. 6 inter-class regulariser of the batch's classes."""
+        dtype = compute_dtype(self.weight)
+        with torch.autocast(device_type=self.weight.device.type, enabled=False):
+            return self.inter_loss_weight * inter_class_loss(self.weight.to(dtype), labels.long(), self.chunk_size)
 
     def logits(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         """The full (B, C) margin-adjusted, scaled logits, plainly computed (for small C): s * apply_margin(cos)."""
@@ -415,6 +555,8 @@ class MarginSoftmax(nn.Module, ClassifierHead):
 class ArcFace(MarginSoftmax):
     """ArcFace: additive angular margin, s = 64, m2 = 0.5 rad (ArcFace Eq. 3)."""
 
+    KWARG_RANGES = {"s": SCALE_RANGE, "m": ANGULAR_MARGIN_RANGE}
+
     def __init__(self, num_classes: int, embedding_size: int, s: float = 64.0, m: float = 0.5, **kwargs: Any) -> None:
         super().__init__(num_classes, embedding_size, s=s, m1=1.0, m2=m, m3=0.0, **kwargs)
 
@@ -422,6 +564,8 @@ class ArcFace(MarginSoftmax):
 @HEADS.register("cosface")
 class CosFace(MarginSoftmax):
     """CosFace: additive cosine margin, s = 64, m3 = 0.35."""
+
+    KWARG_RANGES = {"s": SCALE_RANGE, "m": COSINE_MARGIN_RANGE}
 
     def __init__(self, num_classes: int, embedding_size: int, s: float = 64.0, m: float = 0.35, **kwargs: Any) -> None:
         super().__init__(num_classes, embedding_size, s=s, m1=1.0, m2=0.0, m3=m, **kwargs)
@@ -432,6 +576,8 @@ class SphereFace(MarginSoftmax):
     """SphereFace in the arccos form of ArcFace Section 2.2: multiplicative margin m1 = 1.35, s = 64,
     continued monotonically where m1 theta > pi."""
 
+    KWARG_RANGES = {"s": SCALE_RANGE, "m": MULTIPLICATIVE_MARGIN_RANGE}
+
     def __init__(self, num_classes: int, embedding_size: int, s: float = 64.0, m: float = 1.35, **kwargs: Any) -> None:
         super().__init__(num_classes, embedding_size, s=s, m1=m, m2=0.0, m3=0.0, **kwargs)
 
@@ -440,21 +586,23 @@ class SphereFace(MarginSoftmax):
 class NormFace(MarginSoftmax):
     """NormFace: normalised features and weights, scale s = 64, no margin (ArcFace Eq. 2)."""
 
+    KWARG_RANGES = {"s": SCALE_RANGE}
+
     def __init__(self, num_classes: int, embedding_size: int, s: float = 64.0, **kwargs: Any) -> None:
         super().__init__(num_classes, embedding_size, s=s, m1=1.0, m2=0.0, m3=0.0, **kwargs)
 
 
-def _identity(q: Tensor) -> Tensor:
-    return q
-
-
 @HEADS.register("softmax")
-class Softmax(nn.Module, ClassifierHead):
+class Softmax(MarginHead):
     """Plain softmax cross-entropy over a fully connected layer: logits = x W^T + b (ArcFace Eq. 1).
 
-    No normalisation, scale or margin; same chunked, memory-lean loss as `MarginSoftmax` (same `buffers` policy).
+    No normalisation, scale or margin (the margin hook with ``normalized = False`` and the identity target);
+    same chunked, memory-lean loss as `MarginSoftmax` (same `buffers` policy).
     Attributes: `weight` (C, D) and `bias` (C,), initialised like `nn.Linear`.
     """
+
+    normalized = False
+    scale = 1.0
 
     def __init__(
         self, num_classes: int, embedding_size: int, chunk_size: int = DEFAULT_CHUNK_SIZE, buffers: str = "auto"
@@ -469,30 +617,17 @@ class Softmax(nn.Module, ClassifierHead):
         self.step_buffers = make_step_buffers(buffers)
         self.reset_parameters()
 
-    def reset_parameters(self) -> None:
+    def class_rows(self) -> dict[str, RowFill]:
+        """``weight`` and ``bias``, U(-1/sqrt(D), 1/sqrt(D)) like ``nn.Linear``."""
         bound = 1.0 / math.sqrt(self.embedding_size)
-        nn.init.uniform_(self.weight, -bound, bound)
-        nn.init.uniform_(self.bias, -bound, bound)
+        return {"weight": uniform_rows(bound), "bias": uniform_rows(bound)}
+
+    def target_logit(self, cos_y: Tensor, context: MarginContext) -> Tensor:
+        """The plain target logit x_y W_y + b_y as it is (no margin)."""
+        return cos_y
 
     def extra_repr(self) -> str:
         return f"num_classes={self.num_classes}, embedding_size={self.embedding_size}"
-
-    def per_sample_loss(self, embeddings: Tensor, labels: Tensor, *, classifier_grad: bool = True) -> Tensor:
-        """(B,) per-row softmax cross-entropy (ArcFace Eq. 1 summand), whose batch mean is the loss.
-
-        classifier_grad=False holds `weight` and `bias` fixed: no gradient reaches them, the embeddings still get
-        theirs.
-        """
-        labels = check_inputs(embeddings, labels, self.num_classes, self.embedding_size)
-        weight, bias = (self.weight, self.bias) if classifier_grad else (self.weight.detach(), self.bias.detach())
-        return chunked_margin_cross_entropy(
-            embeddings, weight, labels, _identity, bias=bias, normalize=False, chunk_size=self.chunk_size,
-            buffers=self.step_buffers,
-        )
-
-    def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
-        """Scalar batch mean of the softmax cross-entropy. embeddings (B, D), labels (B,) int64."""
-        return self.per_sample_loss(embeddings, labels).mean()
 
     def logits(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         """The full (B, C) logits x W^T + b (labels only checked: no margin)."""
@@ -507,6 +642,7 @@ __all__ = [
     "MARGIN_GRADS",
     "ArcFace",
     "CosFace",
+    "MarginHead",
     "MarginSoftmax",
     "NormFace",
     "Softmax",

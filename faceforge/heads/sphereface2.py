@@ -43,7 +43,13 @@ from torch import Tensor, nn
 
 from faceforge.heads.base import (
     HEADS,
+    LOCAL,
+    SCALE_RANGE,
+    KwargRange,
+    MarginContext,
     ClassifierHead,
+    Reduction,
+    RowFill,
     TrainHooks,
     add_target_grads,
     check_buffer_policy,
@@ -52,6 +58,8 @@ from faceforge.heads.base import (
     chunk_rows,
     chunks,
     compute_dtype,
+    margin_context,
+    normal_rows,
     row_norms,
     scatter_rows,
     softplus,
@@ -177,6 +185,7 @@ class _Settings:
     t: float
     margin_type: str
     exact: bool  # margin_grad == "exact"
+    positive: Callable[[Tensor], Tensor] | None = None  # cos_y (K,) -> r psi(cos_y) (K,); None: the formula's
 
     @property
     def m_n(self) -> float:
@@ -184,6 +193,8 @@ class _Settings:
 
     def target_term(self, cos_y: Tensor, bias: Tensor) -> Tensor:
         """(lambda / r) softplus(-(r psi(cos_y) + b)), the positive summand of Eq. 6. (B,)."""
+        if self.positive is not None:
+            return (self.lamb / self.r) * softplus(-(self.positive(cos_y) + bias))
         psi = target_similarity(cos_y, self.m, self.t, self.margin_type, "exact" if self.exact else "detached")
         return (self.lamb / self.r) * softplus(-(self.r * psi + bias))
 
@@ -338,6 +349,7 @@ def sphereface2_loss(
     margin_grad: str = "exact",
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     buffers: tuple[ReusableBuffer, ReusableBuffer] | None = None,
+    positive_logit: Callable[[Tensor], Tensor] | None = None,
 ) -> Tensor:
     """Per-sample SphereFace2 loss (B,) (Eq. 6, without the loss weight), the classes processed in chunks.
 
@@ -346,9 +358,12 @@ def sphereface2_loss(
         weight: (C, D) class weights; rows are normalised on the fly. bias: (1,) the shared bias b.
         labels: (B,) int64 in [0, C). lamb, r, m, t, margin_type, margin_grad: as `SphereFace2`.
         buffers: (the (B, C) derivative buffer, the gradient of W) kept between calls; None allocates both.
+        positive_logit: the family's hook, target cosines (K,) of the rows whose class is among ``weight``'s ->
+            r psi(cos_y) (K,), before the bias; None: the formula of m, t, margin_type, margin_grad.
     """
     dtype = compute_dtype(x, weight)
-    settings = _Settings(float(lamb), float(r), float(m), float(t), margin_type, margin_grad == "exact")
+    settings = _Settings(float(lamb), float(r), float(m), float(t), margin_type, margin_grad == "exact",
+                         positive_logit)
     with torch.autocast(device_type=x.device.type, enabled=False):
         return _ChunkedSphereFace2.apply(x.to(dtype), weight, bias, labels, settings, int(chunk_size), buffers)
 
@@ -386,9 +401,14 @@ class SphereFace2(nn.Module, ClassifierHead, TrainHooks):
         bias_init: "balanced" (closed form balancing the gradients on b at cos = 0, `balanced_bias`) or a
             number.
         buffers: "auto" (default), "reuse" or "release": what is kept between steps, as for `MarginSoftmax`.
+    Ranges (``KWARG_RANGES``, checked before a run builds the head): lamb in [0, 1], r in (0, 1024], m in [0, 4]
+    (cosine units, radians or a factor by margin_type), t in [1, 16], loss_weight in [0, 1000].
     Call: `loss = head(embeddings (B, D), labels (B,) int64)` -> scalar batch mean.
     Attributes: `weight` (C, D), initialised N(0, 0.01^2), rows normalised on the fly; `bias` (1,).
     """
+
+    KWARG_RANGES = {"lamb": KwargRange(0.0, 1.0), "r": SCALE_RANGE, "m": KwargRange(0.0, 4.0),
+                    "t": KwargRange(1.0, 16.0), "loss_weight": KwargRange(0.0, 1000.0)}
 
     def __init__(
         self,
@@ -427,14 +447,65 @@ class SphereFace2(nn.Module, ClassifierHead, TrainHooks):
 
     def initial_bias(self) -> float:
         """b at initialisation: `balanced_bias(...)` for bias_init="balanced", else the number given."""
+        return self._initial_bias(self.num_classes)
+
+    def _initial_bias(self, num_classes: int) -> float:
         if self.bias_init == "balanced":
-            return balanced_bias(self.num_classes, self.lamb, self.r, self.m, self.t, self.margin_type)
+            return balanced_bias(num_classes, self.lamb, self.r, self.m, self.t, self.margin_type)
         return _check_number("bias_init", self.bias_init, -math.inf)
 
     def reset_parameters(self) -> None:
         nn.init.normal_(self.weight, std=0.01)
+        self.reset_shared(self.num_classes)
+
+    # --- the class-row interface the execution strategies use (heads.base.ClassRows) ---
+
+    def class_rows(self) -> dict[str, RowFill]:
+        """``weight`` (C, D), N(0, 0.01^2) row by row; the bias b is shared by every class, not a class row."""
+        return {"weight": normal_rows(0.01)}
+
+    def reset_shared(self, num_classes: int) -> None:
+        """b as for a head of ``num_classes`` classes (the balanced bias depends on C: a shard sets the whole run's)."""
         with torch.no_grad():
-            self.bias.fill_(self.initial_bias())
+            self.bias.fill_(self._initial_bias(num_classes))
+
+    def positive_logit(self, cos_y: Tensor, context: MarginContext) -> Tensor:
+        """The binary family's margin hook: r psi(cos_y) (K,), the scaled, margined similarity of each row to its
+        own class before the bias (SphereFace2 Eq. 6's positive; psi per ``margin_type``). A one-vs-all head with
+        another margin overrides only this; ``context`` holds the rows' embedding norms and labels."""
+        return self.r * target_similarity(cos_y, self.m, self.t, self.margin_type, self.margin_grad)
+
+    def sharded_refusal(self) -> str | None:
+        return None  # a sum of per-class terms: any split of the classes works (SphereFace2 Sec. 3.4)
+
+    def observe_batch(self, embeddings: Tensor, labels: Tensor) -> None:
+        return None
+
+    def class_loss(
+        self,
+        embeddings: Tensor,
+        labels: Tensor,
+        *,
+        local_labels: Tensor | None = None,
+        reduce: Reduction = LOCAL,
+        classifier_grad: bool = True,
+        rows: dict[str, Tensor] | None = None,
+    ) -> Tensor:
+        """loss_weight x Eq. 6 per sample (N,): this head's (or ``rows``'s) per-class terms summed over the row sets
+        by ``reduce``; the shared bias is ``reduce.replicated`` (heads.base.ClassRows)."""
+        local = labels if local_labels is None else local_labels
+        weight = (rows or {}).get("weight", self.weight)
+        weight, bias = (weight, self.bias) if classifier_grad else (weight.detach(), self.bias.detach())
+        dtype = compute_dtype(embeddings, weight)
+        with torch.autocast(device_type=embeddings.device.type, enabled=False):
+            x_hat = F.normalize(embeddings.to(dtype), dim=1)
+            context = margin_context(embeddings, labels).take(target_rows(local)[0])  # the rows whose class is here
+            per_sample = sphereface2_loss(
+                x_hat, weight, reduce.replicated(bias), local, lamb=self.lamb, r=self.r, m=self.m, t=self.t,
+                margin_type=self.margin_type, margin_grad=self.margin_grad, chunk_size=self.chunk_size,
+                buffers=self.step_buffers, positive_logit=lambda cos_y: self.positive_logit(cos_y, context),
+            )  # fmt: skip
+            return self.loss_weight * reduce.sum(per_sample)
 
     def extra_repr(self) -> str:
         return (
@@ -452,16 +523,7 @@ class SphereFace2(nn.Module, ClassifierHead, TrainHooks):
                 still reaches the embeddings), as BroadFace's encoder step needs.
         """
         labels = check_inputs(embeddings, labels, self.num_classes, self.embedding_size)
-        weight, bias = (self.weight, self.bias) if classifier_grad else (self.weight.detach(), self.bias.detach())
-        dtype = compute_dtype(embeddings, weight)
-        with torch.autocast(device_type=embeddings.device.type, enabled=False):
-            x_hat = F.normalize(embeddings.to(dtype), dim=1)
-            per_sample = sphereface2_loss(
-                x_hat, weight, bias, labels, lamb=self.lamb, r=self.r, m=self.m, t=self.t,
-                margin_type=self.margin_type, margin_grad=self.margin_grad, chunk_size=self.chunk_size,
-                buffers=self.step_buffers,
-            )  # fmt: skip
-            return self.loss_weight * per_sample
+        return self.class_loss(embeddings, labels, classifier_grad=classifier_grad)
 
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         """Scalar: loss_weight x the batch mean of Eq. 6. embeddings (B, D), labels (B,) int64."""

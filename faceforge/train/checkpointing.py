@@ -158,7 +158,7 @@ class Checkpointer:
         index = {id(p): i for i, p in enumerate(p for g in optimizer.param_groups for p in g["params"])}
         for key, part in self.parts.hooks.items():
             tensors = part.state_dict(keep_vars=True)  # type: ignore[attr-defined]
-            params = dict(part.named_parameters())  # type: ignore[attr-defined]
+            params = parameters_by_key(part)
             for name, shard in part.row_shards().items():
                 tensor = tensors[name]
                 entries[(key, name)] = (tensor.detach(), shard)
@@ -174,7 +174,7 @@ class Checkpointer:
         index = {id(p): i for i, p in enumerate(p for g in optimizer.param_groups for p in g["params"])}
         rows: dict[str, tuple[int, int]] = {}
         for key, part in self.parts.hooks.items():
-            params = dict(part.named_parameters())  # type: ignore[attr-defined]
+            params = parameters_by_key(part)
             for name, shard in part.row_shards().items():
                 rows[f"{key}.{name}"] = (shard.start, shard.stop)
                 if name in params:
@@ -276,3 +276,9 @@ def _set_path(state: dict[str, Any], path: tuple, value: Any) -> None:
         state[key] = dict(state[key])
         state = state[key]
     state[path[-1]] = value
+
+
+def parameters_by_key(part: Any) -> dict[str, nn.Parameter]:
+    """A part's parameters by their ``state_dict`` key, the key ``row_shards`` names (a sharded head keeps the
+    unsharded head's keys, which are not its module paths)."""
+    return {k: v for k, v in part.state_dict(keep_vars=True).items() if isinstance(v, nn.Parameter)}

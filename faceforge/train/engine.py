@@ -40,10 +40,10 @@ from torch import Tensor, nn
 
 from faceforge.build import FaceModel, build_backbone, build_head, wrap_ddp
 from faceforge.data.samplers import (
-    SAMPLERS,
     Batch,
     EpochBatchSampler,
     SamplerContext,
+    build_sampler,
     decode_sample_ids,
     encode_sample_ids,
     epoch_permutation,
@@ -54,14 +54,14 @@ from faceforge.fileio import stale_temporaries
 from faceforge.heads.base import TrainHooks
 from faceforge.train import distributed as fdist
 from faceforge.train.checkpoint import CHECKPOINT_NAME, load_checkpoint
-from faceforge.train.checkpointing import Checkpointer, RunParts
+from faceforge.train.checkpointing import Checkpointer, RunParts, parameters_by_key
 from faceforge.train.config import Config
 from faceforge.train.data import build_dataset, build_unlabelled, dataset_labels
 from faceforge.train.device import check_device, configure_backends, dist_backend, prepare_backbone, run_device
 from faceforge.train.lifecycle import StopSignals, TrainingInterrupted
 from faceforge.train.preflight import check_backbone, check_head, check_resume, check_run_folder, open_evaluators
 from faceforge.train.runlog import LOG_NAME, RunLog
-from faceforge.train.objectives import OBJECTIVES, Objective
+from faceforge.train.objectives import Objective, build_objective
 from faceforge.train.optim import build_optimizer, build_scheduler
 
 __all__ = [
@@ -144,10 +144,10 @@ class _Run:
         num_classes = int(self.dataset.num_classes)
         check_head(cfg, num_classes, self.world_size)  # the head factory's own check, before anything is built
         self.backbone = prepare_backbone(build_backbone(cfg), channels_last=t.channels_last, compile=cfg.model.compile)
-        self.head = build_head(cfg, num_classes)
+        self.head = build_head(cfg, num_classes, global_batch=cfg.data.batch_size * self.world_size)
         self.amp_dtype = self._amp_dtype()
-        self.objective: Objective = OBJECTIVES.build(
-            cfg.objective.name, backbone=self.backbone, head=self.head, amp_dtype=self.amp_dtype, **cfg.objective.kwargs
+        self.objective: Objective = build_objective(
+            cfg.objective.name, cfg.objective.kwargs, backbone=self.backbone, head=self.head, amp_dtype=self.amp_dtype
         ).to(self.device)
         # the parts that opted into TrainHooks, by their checkpoint key; checked once, here
         self.hooks: dict[str, TrainHooks] = {
@@ -196,7 +196,8 @@ class _Run:
             mask_ratio=cfg.data.mask_ratio, unlabelled=unlabelled,
             unlabelled_per_batch=max(1, round(cfg.data.unlabelled_ratio * self.batch)) if unlabelled is not None else 0,
         )
-        self.sampler = SAMPLERS.build(cfg.data.sampler, context=context, **cfg.data.sampler_kwargs)
+        self.sampler = build_sampler(cfg.data.sampler, context, cfg.data.sampler_kwargs,
+                                     needs=self.objective.needs_extras, needed_by=f"objective {cfg.objective.name}")
         self.objective.bind(context)
         self.checkpoints = Checkpointer(RunParts(
             cfg=cfg, output=self.output, backbone=self.backbone, head=self.head, objective=self.objective,
@@ -504,7 +505,7 @@ class _Run:
 
 def _row_sharded_parameters(part: TrainHooks) -> list[nn.Parameter]:
     """The parameters among a part's ``row_shards`` (TrainHooks; the others are buffers)."""
-    params = dict(part.named_parameters())  # type: ignore[attr-defined]
+    params = parameters_by_key(part)
     return [params[key] for key in part.row_shards() if key in params]
 
 

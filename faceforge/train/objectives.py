@@ -33,9 +33,12 @@ import torch
 from torch import Tensor, nn
 
 from faceforge.data.samplers import CLASS_IMAGES, Batch, SamplerContext
-from faceforge.registry import Registry
+from faceforge.heads.attfc import AttFC
+from faceforge.heads.base import ClassifierHead, missing_classifier_member, unopted_hooks
+from faceforge.registry import Registry, unknown_kwargs
+from faceforge.train.config import ConfigError
 
-__all__ = ["OBJECTIVES", "AttFCObjective", "Classification", "Objective"]
+__all__ = ["OBJECTIVES", "AttFCObjective", "Classification", "Objective", "build_objective"]
 
 
 class Objective(nn.Module):
@@ -57,6 +60,10 @@ class Objective(nn.Module):
         self._encoder: Callable[[Tensor], Tensor] | None = None
 
     uses_unlabelled: ClassVar[bool] = False
+    # the head this objective drives (checked by build_objective): a ClassifierHead, called head(embeddings, labels)
+    head_contract: ClassVar[type] = ClassifierHead
+    # the Batch.extras keys it reads (the sampler must give them: data.samplers.build_sampler checks)
+    needs_extras: ClassVar[tuple[str, ...]] = ()
 
     def bind(self, context: SamplerContext) -> None:
         """Learn the training set, seed and augmentation the run uses (called once; default: nothing)."""
@@ -121,6 +128,9 @@ class AttFCObjective(Objective):
         momentum: gamma of Eq. 12 (default 0.999).
     """
 
+    head_contract = AttFC  # called head(embeddings, labels, class_features)
+    needs_extras = (CLASS_IMAGES,)  # the attfc sampler's class images
+
     def __init__(self, backbone: nn.Module, head: nn.Module, amp_dtype: torch.dtype | None = None,
                  momentum: float = 0.999) -> None:
         super().__init__(backbone, head, amp_dtype)
@@ -152,3 +162,29 @@ def _distillation(**kwargs: Any) -> Objective:
     from faceforge.train.distillation import Distillation
 
     return Distillation(**kwargs)
+
+
+def build_objective(name: str, kwargs: dict[str, Any], *, backbone: nn.Module, head: nn.Module,
+                    amp_dtype: torch.dtype | None) -> Objective:
+    """``OBJECTIVES.build(name, backbone=..., head=..., amp_dtype=..., **kwargs)``, checked when it is built, each a
+    one-line ``ConfigError``: ``objective.kwargs`` against the factory's signature (``objective.kwargs.<key>``); the
+    head against the objective's ``head_contract`` (``head.name``: the ClassifierHead member it lacks); an objective
+    that defines a ``TrainHooks`` member without opting in (``objective.name``)."""
+    factory = OBJECTIVES.get(name)
+    unknown = unknown_kwargs(factory, kwargs, fixed=("backbone", "head", "amp_dtype"))
+    if unknown:
+        raise ConfigError(f"objective.kwargs.{unknown[0]}: objective {name!r} does not take it; expected the keyword "
+                          f"arguments of {getattr(factory, '__qualname__', name)}")
+    objective = factory(backbone=backbone, head=head, amp_dtype=amp_dtype, **kwargs)
+    contract = objective.head_contract
+    if not isinstance(head, contract):
+        missing = missing_classifier_member(head) if contract is ClassifierHead else None
+        what = f"lacks the ClassifierHead member {missing!r}" if missing else f"is not a {contract.__name__}"
+        raise ConfigError(f"head.name: {type(head).__name__} {what}, which objective {name!r} needs; expected a head "
+                          f"that subclasses {contract.__module__}.{contract.__name__}")
+    members = unopted_hooks(objective)
+    if members:
+        raise ConfigError(f"objective.name: {name!r}: {type(objective).__name__}.{members[0]} is a TrainHooks member, "
+                          f"but the objective does not subclass faceforge.heads.base.TrainHooks, so the trainer would "
+                          f"never call it; expected class {type(objective).__name__}(Objective, TrainHooks)")
+    return objective

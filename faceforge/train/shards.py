@@ -136,13 +136,16 @@ def read_rows(folder: Path, entry: dict[str, Any], start: int = 0, stop: int | N
 
 def resolve(state: Any, folder: Path, rows_of: Callable[[str], tuple[int, int] | None] | None = None) -> Any:
     """``state`` with every placeholder replaced by its tensor: the rows ``rows_of(dotted key)`` (a rank's
-    shard) where that gives a range, else every row. Keys are dotted paths from the top: "head.head.weight",
+    shard) where that gives a range, else every row. A plain tensor where ``rows_of`` gives a range is a whole
+    logical tensor (an unsharded run's W): its rows are taken too, so a checkpoint moves to a sharded run. Keys are dotted paths from the top: "head.head.weight",
     "optimizer.state.3.momentum_buffer"."""
 
     def walk(value: Any, key: str) -> Any:
         if is_placeholder(value):
             rows = rows_of(key) if rows_of is not None else None
             return read_rows(folder, value, *(rows or (0, None)))
+        if torch.is_tensor(value) and value.dim() >= 1 and rows_of is not None and (rows := rows_of(key)):
+            return value[rows[0] : rows[1]]  # a whole logical tensor, written by an unsharded run: this rank's rows
         if isinstance(value, dict):
             return {k: walk(v, f"{key}.{k}" if key else str(k)) for k, v in value.items()}
         if isinstance(value, list):

@@ -787,7 +787,7 @@ def _read_index(path: Path, kind: str, shape: tuple[int, int]) -> Any:
     faiss = _faiss()
     remake = "`faceforge search build` remakes it (or delete it: it is rebuilt from embeddings.npy)"
     try:
-        index = faiss.downcast_index(faiss.read_index(os.fspath(path)))
+        index = faiss.read_index(os.fspath(path))  # already of its own class (IndexFlatIP, ...)
     except Exception as e:  # faiss raises RuntimeError for a corrupt or truncated file
         raise ValueError(f"{path}: cannot read the faiss index (corrupt or truncated: "
                          f"{_short(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__, 120)}); "

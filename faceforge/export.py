@@ -137,18 +137,28 @@ class ExportReport:
     parity_images: int
     int8_path: Path | None = None
     int8: dict[str, Any] = field(default_factory=dict)
+    copied_from: Path | None = None  # the source was already a faceforge ONNX file: copied unchanged
 
     def lines(self) -> list[str]:
-        out = [f"onnx:    {self.path} (opset {self.opset}, dynamic batch)",
-               f"BN:      {self.bn_folded} folded into the conv/linear before them, {len(self.bn_left)} left"
-               + (f" ({', '.join(sorted({n.rsplit('.', 1)[-1] for n in self.bn_left}))})" if self.bn_left else ""),
-               f"parity:  onnxruntime vs PyTorch, min cosine {self.parity_min_cosine:.7f} on {self.parity_images} "
-               f"real aligned faces (tolerance 1 - cos <= {PARITY_TOLERANCE:g})"]
+        if self.copied_from is not None:
+            out = [f"onnx:    {self.path} (opset {self.opset}; copied unchanged from {self.copied_from})",
+                   f"BN:      {self.bn_folded} folded when it was exported, {len(self.bn_left)} left",
+                   "parity:  not re-checked (the source is this ONNX model; it was checked when it was exported)"]
+        else:
+            out = self._export_lines()
         if self.int8_path is not None:
             out.append(f"int8:    {self.int8_path} ({self.int8.get('mode')})")
             for k, v in self.int8.items():
                 if k != "mode":
                     out.append(f"  {k}: {v:.4f}" if isinstance(v, float) else f"  {k}: {v}")
+        return out
+
+    def _export_lines(self) -> list[str]:
+        out = [f"onnx:    {self.path} (opset {self.opset}, dynamic batch)",
+               f"BN:      {self.bn_folded} folded into the conv/linear before them, {len(self.bn_left)} left"
+               + (f" ({', '.join(sorted({n.rsplit('.', 1)[-1] for n in self.bn_left}))})" if self.bn_left else ""),
+               f"parity:  onnxruntime vs PyTorch, min cosine {self.parity_min_cosine:.7f} on {self.parity_images} "
+               f"real aligned faces (tolerance 1 - cos <= {PARITY_TOLERANCE:g})"]
         return out
 
 
@@ -191,6 +201,7 @@ def export_onnx(
     trust_code: bool = False,
 ) -> ExportReport:
     """Export ``source`` (run folder, ``last.pt`` or ``model.safetensors``) to ``output`` (see module notes).
+    A faceforge ``.onnx`` source is copied unchanged (its int8 copy made with ``quantize``).
 
     Args:
         opset: ONNX opset (default 17). fuse: fold BNs first (default True).
@@ -209,19 +220,54 @@ def export_onnx(
         raise ValueError(f"quantize={quantize!r}: expected 'dynamic' or 'static'")
     if quantize == "static" and calibration is None:
         raise ValueError("quantize='static' needs a calibration folder of aligned face crops")
-    reference, info = load_source(source, trust_code)
+    from faceforge.modelfile import resolve_model_path
+
+    src = resolve_model_path(source)
+    from_onnx = src.suffix.lower() == ".onnx"
+    reference, info = (None, _onnx_source_info(src)) if from_onnx else load_source(src, trust_code)
     batches = calibration_batches(calibration, info) if quantize == "static" else None
     out = Path(output)
     int8_out = out.with_name(out.stem + ".int8.onnx")
     with tempfile.TemporaryDirectory(prefix="faceforge-export-") as work:
         float_tmp, int8_tmp = Path(work) / "model.onnx", Path(work) / "model.int8.onnx"
-        report = _export_checked(reference, info, float_tmp, out, opset, fuse, tolerance, transform)
+        report = (_copy_onnx(src, float_tmp, out) if from_onnx
+                  else _export_checked(reference, info, float_tmp, out, opset, fuse, tolerance, transform))
         if quantize:
             quantize_onnx(float_tmp, int8_tmp, quantize, info, batches)
             report.int8 = compare_int8(float_tmp, int8_tmp, info, eval_folder) | {"mode": quantize}
             report.int8_path = int8_out
         _commit([(float_tmp, out)] + ([(int8_tmp, int8_out)] if quantize else []))
     return report
+
+
+def _onnx_source_info(path: Path) -> ModelInfo:
+    """The metadata of a faceforge ONNX file given as an export source (a foreign model is refused)."""
+    from faceforge.inference import onnx_model_info
+
+    info = onnx_model_info(path)
+    if info is None:
+        raise ModelFileError(f"{path}: no faceforge metadata (not written by `faceforge export`); expected a run "
+                             f"folder, last.pt, {MODEL_WEIGHTS} or a faceforge .onnx file")
+    return info
+
+
+def _copy_onnx(source: Path, tmp: Path, out: Path) -> ExportReport:
+    """Copy a faceforge ONNX file (no external data) to ``tmp``; its report, read from its metadata."""
+    import onnx
+
+    model = onnx.load(os.fspath(source), load_external_data=False)
+    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer):
+        raise ModelFileError(f"{source}: its weights are in external data files; expected a self-contained .onnx")
+    props = {p.key: p.value for p in model.metadata_props}
+    tmp.write_bytes(source.read_bytes())
+    try:
+        left = json.loads(props.get("faceforge_bn_left", "[]"))
+        left = [str(x) for x in left] if isinstance(left, list) else []
+        folded = int(props.get("faceforge_bn_folded", "0"))
+    except (ValueError, RecursionError):
+        left, folded = [], 0
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    return ExportReport(out, int(opset), folded, left, 1.0, 0, copied_from=source)
 
 
 def _commit(pairs: list[tuple[Path, Path]]) -> None:

@@ -278,7 +278,7 @@ def _export(args: argparse.Namespace) -> int:
     from faceforge.export import DEFAULT_OPSET, export_onnx
 
     if not Path(args.source).exists():
-        raise UsageError(f"{args.source}: not found (expected a run folder, last.pt or model.safetensors)")
+        raise UsageError(f"{args.source}: not found (expected a run folder, last.pt, model.safetensors or a faceforge .onnx)")
     if not args.output.endswith(".onnx"):
         raise UsageError(f"{args.output}: expected an output path ending in .onnx")
     if args.quantize == "static" and not args.calibration:
@@ -327,7 +327,7 @@ def add_commands(sub: Any, commands: dict[str, Callable[[argparse.Namespace], in
     commands["search"] = _search
 
     p = sub.add_parser("export", help="export to ONNX (BN folded, parity checked): faceforge export RUN model.onnx")
-    p.add_argument("source", help="a run folder, last.pt or model.safetensors")
+    p.add_argument("source", help="a run folder, last.pt, model.safetensors, or a faceforge .onnx (copied; to quantise it)")
     p.add_argument("output", help="the .onnx file to write")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default 17, the one tested)")
     p.add_argument("--no-fuse", action="store_true", help="keep the BatchNorms (default: folded into the convs)")

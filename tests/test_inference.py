@@ -128,7 +128,7 @@ def test_model_json_errors_name_the_key(tmp_path: Path):
         ModelInfo.from_dict({"backbone": "r18"}, "src")
     with pytest.raises(ModelFileError, match=r"src: colour: unknown key"):
         ModelInfo.from_dict({"backbone": "r18", "embedding_size": 8, "colour": 1}, "src")
-    with pytest.raises(ModelFileError, match=r"src: std: got \(1.0, 0.0, 1.0\), expected non-zero numbers"):
+    with pytest.raises(ModelFileError, match=r"src: std: got \(1.0, 0.0, 1.0\), expected 3 numbers >= 3.04e-05"):
         ModelInfo.from_dict({"backbone": "r18", "embedding_size": 8, "std": [1, 0, 1]}, "src")
 
 

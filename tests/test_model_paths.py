@@ -128,3 +128,43 @@ def test_a_failed_static_quantisation_leaves_no_file(models, tmp_path: Path, cap
     assert main(["export", str(models["run folder"]), str(out), "--quantize", "static", "--calibration", str(folder)]) == 2
     assert out.read_bytes() == models[".onnx"].read_bytes() and not out.with_name("m.int8.onnx").exists()
     assert [p.name for p in out.parent.iterdir()] == ["m.onnx"]  # no temporary left either
+
+
+# ---------------------------------------------------------------------------------------------- issue 25: small ones
+
+
+def test_onnxruntime_logs_errors_only(models):
+    r = load_model(models[".onnx"])
+    assert r.backend.session.get_session_options().log_severity_level == 3  # 3 = error
+
+
+def test_dir_faceforge_lists_load_model():
+    import faceforge
+
+    assert {"load_model", "Recognizer"} <= set(dir(faceforge))
+
+
+def test_embed_streams_images_in_batches_and_counts_progress_in_images(models, images, monkeypatch):
+    """Decoding and embedding interleave batch by batch (memory holds one batch of images, not N), and the
+    progress bar advances by images."""
+    import faceforge.inference as inference
+
+    events: list[str] = []
+    crop, embed_batch = inference._crop, inference.Recognizer._embed_batch
+    monkeypatch.setattr(inference, "_crop", lambda *a: events.append("decode") or crop(*a))
+    monkeypatch.setattr(inference.Recognizer, "_embed_batch",
+                        lambda self, crops, names: events.append(f"embed {len(crops)}") or embed_batch(self, crops, names))
+    counted: list[int] = []
+
+    class Bar:
+        def update(self, n: int) -> None:
+            counted.append(n)
+
+        def close(self) -> None:
+            pass
+
+    monkeypatch.setattr(inference, "_progress", lambda total, show: Bar())
+    files = sorted(str(p) for p in images.rglob("*.png"))[:5]
+    load_model(models["model.safetensors"]).embed_files(files, batch_size=2, progress=True)
+    assert events == ["decode", "decode", "embed 2", "decode", "decode", "embed 2", "decode", "embed 1"]
+    assert counted == [2, 2, 1]

@@ -11,7 +11,9 @@ outside faceforge, imported when it is asked for (nothing is imported at registr
 safetensors header, the config stored in a checkpoint) are looked up inside :func:`untrusted`, where a
 ``"package.module:callable"`` is refused (:class:`UntrustedCodeError`) before anything is imported; only
 registered names pass. The user's own YAML and command line are trusted code. ``trust_code=True`` (the
-``--trust-code`` flag) or an enclosing :func:`trusting_code` lifts the refusal for one load.
+``--trust-code`` flag) or an enclosing :func:`trusting_code` lifts the refusal for one load; the environment
+variable ``FACEFORGE_TRUSTED_MODULES`` (comma-separated module names, e.g. ``mypkg,lab.nets``) lifts it for
+imports from those modules and their sub-modules, always (your own code, e.g. the backbone of your own runs).
 """
 
 from __future__ import annotations
@@ -19,11 +21,15 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import importlib
+import os
 from typing import Any, Callable, Generic, Iterator, TypeVar
 
 T = TypeVar("T")
 
-__all__ = ["Registry", "UntrustedCodeError", "import_spec", "is_spec", "trusting_code", "untrusted"]
+__all__ = ["TRUSTED_MODULES_ENV", "Registry", "UntrustedCodeError", "import_spec", "is_spec", "trusting_code",
+           "untrusted"]
+
+TRUSTED_MODULES_ENV = "FACEFORGE_TRUSTED_MODULES"
 
 # the file whose names are being looked up (None: the user's own config), and whether the user trusts code
 _UNTRUSTED_SOURCE: contextvars.ContextVar[str | None] = contextvars.ContextVar("faceforge_untrusted", default=None)
@@ -32,6 +38,14 @@ _TRUST_CODE: contextvars.ContextVar[bool] = contextvars.ContextVar("faceforge_tr
 
 class UntrustedCodeError(ValueError):
     """A model file or checkpoint names code to import (``"package.module:callable"``) and is not trusted."""
+
+
+def trusted_module(spec: str) -> bool:
+    """True when the module of ``"package.module:callable"`` is one the user listed in ``FACEFORGE_TRUSTED_MODULES``
+    (or a sub-module of one)."""
+    module = spec.partition(":")[0]
+    listed = [m.strip() for m in os.environ.get(TRUSTED_MODULES_ENV, "").split(",") if m.strip()]
+    return any(module == m or module.startswith(m + ".") for m in listed)
 
 
 @contextlib.contextmanager
@@ -120,11 +134,11 @@ class Registry(Generic[T]):
         """The factory of ``name``. Inside :func:`untrusted` an import is an :class:`UntrustedCodeError`."""
         if is_spec(name):
             source = _UNTRUSTED_SOURCE.get()
-            if source is not None:
+            if source is not None and not trusted_module(name):
                 raise UntrustedCodeError(
                     f"{source}: {name!r} names code to import; a model file or checkpoint may name only "
                     f"a registered {self.kind} ({', '.join(self.names())}). Nothing was imported; if you trust "
-                    "its author, pass --trust-code (trust_code=True)")
+                    f"its author, pass --trust-code (trust_code=True) or list the module in {TRUSTED_MODULES_ENV}")
             return import_spec(name)
         try:
             return self._factories[name.lower()]

@@ -218,3 +218,17 @@ def test_a_checkpoint_whose_weights_do_not_fit_its_config_is_refused_before_buil
     torch.save(state, ckpt)
     with pytest.raises(ModelFileError, match=r"last\.pt: the backbone does not fit .* in the file, the backbone needs"):
         load_model(ckpt)
+
+
+def test_modules_listed_in_faceforge_trusted_modules_are_trusted(tmp_path: Path, planted, monkeypatch):
+    spec, marker = planted
+    ckpt = M.write_checkpoint(tmp_path / "run" / "last.pt", spec)
+    module = spec.split(":")[0]
+    for listed in (f"{module}x", "other", module[:-1]):  # a prefix of the name is not the module
+        monkeypatch.setenv("FACEFORGE_TRUSTED_MODULES", listed)
+        with pytest.raises(ModelFileError, match="FACEFORGE_TRUSTED_MODULES"):
+            load_model(ckpt)
+    _nothing_ran(spec, marker)
+    monkeypatch.setenv("FACEFORGE_TRUSTED_MODULES", f"lab.nets, {module}")
+    assert load_model(ckpt).embed(M.faces(1)).shape == (1, M.DIM)
+    assert marker.read_text() == "called"

@@ -167,3 +167,18 @@ def test_nan_embeddings_in_a_gallery_are_refused(setup, capsys):
     capsys.readouterr()
     assert main(["search", str(setup["a"]), str(setup["index"]), str(setup["probe"])]) == 2
     assert "embeddings.npy: float32 array of shape (6, 8); expected finite" in _err(capsys, "search")
+
+
+def test_saving_a_gallery_never_writes_through_a_planted_link(tmp_path: Path):
+    """A shipped index folder with its files (and the old temporary name) linked to a victim file (issue 26.3)."""
+    victim = tmp_path / "victim"
+    victim.write_text("keep")
+    index = tmp_path / "index"
+    index.mkdir()
+    for name in ("index.faiss", ".index.faiss.tmp", "gallery.json", "embeddings.npy"):
+        (index / name).symlink_to(victim)
+    Gallery(np.eye(4, dtype=np.float32), list("abcd"), list("abcd")).save(index)
+    assert victim.read_text() == "keep"
+    for name in ("index.faiss", "gallery.json", "embeddings.npy"):
+        assert not (index / name).is_symlink()
+    assert len(Gallery.load(index)) == 4

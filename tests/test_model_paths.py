@@ -168,3 +168,17 @@ def test_embed_streams_images_in_batches_and_counts_progress_in_images(models, i
     load_model(models["model.safetensors"]).embed_files(files, batch_size=2, progress=True)
     assert events == ["decode", "decode", "embed 2", "decode", "decode", "embed 2", "decode", "embed 1"]
     assert counted == [2, 2, 1]
+
+
+def test_export_never_writes_through_a_planted_link(models, tmp_path: Path):
+    """Links planted at the outputs and at the old temporary name (issue 26.3): the victim is untouched."""
+    victim = tmp_path / "victim"
+    victim.write_text("keep")
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("m.onnx", ".m.onnx.tmp", "m.int8.onnx"):
+        (out / name).symlink_to(victim)
+    assert main(["export", str(models["run folder"]), str(out / "m.onnx"), "--quantize", "dynamic"]) == 0
+    assert victim.read_text() == "keep"
+    assert not (out / "m.onnx").is_symlink() and not (out / "m.int8.onnx").is_symlink()
+    assert load_model(out / "m.int8.onnx").embed(M.faces(1)).shape == (1, M.DIM)

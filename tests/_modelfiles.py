@@ -9,6 +9,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from faceforge.backbones import build as build_backbone
@@ -67,10 +68,8 @@ def marker_module(folder: Path) -> tuple[str, Path]:
     return name, marker
 
 
-def faces(n: int, seed: int = 0) -> torch.Tensor:
-    """n random uint8 RGB crops (n, SIZE, SIZE, 3) as a numpy array."""
-    import numpy as np
-
+def faces(n: int, seed: int = 0) -> np.ndarray:
+    """n random uint8 RGB crops (n, SIZE, SIZE, 3)."""
     return np.random.default_rng(seed).integers(0, 256, size=(n, SIZE, SIZE, 3), dtype=np.uint8)
 
 

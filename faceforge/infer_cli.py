@@ -177,8 +177,9 @@ def _search_build(argv: list[str]) -> int:
     _model_options(p)
     p.add_argument("gallery", help="folder with one sub-folder of images per identity")
     p.add_argument("index", help="output folder: index.faiss, embeddings.npy, gallery.json")
-    p.add_argument("--kind", choices=INDEX_KINDS, default="flat",
-                   help="flat: exact inner product (default); ivf / hnsw: approximate, for large galleries")
+    p.add_argument("--kind", choices=INDEX_KINDS, default=None,
+                   help="flat: exact inner product (default); ivf / hnsw: approximate, for large galleries "
+                        "(--append keeps the index's own kind)")
     p.add_argument("--append", action="store_true",
                    help="add to an existing index folder, built by the same model (default: replace it)")
     p.add_argument("--skip-existing", action="store_true",
@@ -201,9 +202,12 @@ def _search_build(argv: list[str]) -> int:
     old = None
     if args.append:  # model, dimension and duplicates checked before anything is embedded
         old = Gallery.load(args.index)
+        if args.kind and args.kind != old.kind:
+            raise UsageError(f"--kind {args.kind}: {args.index} is a {old.kind} index and --append keeps its kind; "
+                             "expected no --kind (or rebuild the index with search build)")
         r.check_gallery(old, force=args.force)
         paths, identities = _new_entries(old, paths, identities, args.index, args.skip_existing)
-    new, skipped = embed_gallery(r, paths, identities, kind="flat" if old else args.kind, detect=args.detect,
+    new, skipped = embed_gallery(r, paths, identities, kind="flat" if old else args.kind or "flat", detect=args.detect,
                                  skip_bad=args.skip_bad, batch_size=args.batch_size, progress=not args.quiet)
     if old is not None:
         old.add(new.embeddings, new.identities, new.files)

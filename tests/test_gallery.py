@@ -182,3 +182,11 @@ def test_saving_a_gallery_never_writes_through_a_planted_link(tmp_path: Path):
     for name in ("index.faiss", "gallery.json", "embeddings.npy"):
         assert not (index / name).is_symlink()
     assert len(Gallery.load(index)) == 4
+
+
+def test_append_refuses_another_index_kind_instead_of_ignoring_it(setup, capsys):
+    M.save_faces(setup["gallery"] / "id9", 1, seed=5)
+    capsys.readouterr()
+    assert main(["search", "build", str(setup["a"]), str(setup["gallery"]), str(setup["index"]), "--append",
+                 "--skip-existing", "--kind", "hnsw", "--quiet"]) == 2
+    assert "--kind hnsw: " in _err(capsys, "search") and len(Gallery.load(setup["index"])) == 6

@@ -140,7 +140,7 @@ def check_shapes(build: Any, shapes: dict[str, tuple[int, ...]], what: str) -> N
     if missing or unexpected or wrong:
         first = (f"{wrong[0]} is {list(shapes[wrong[0]])} in the file, the backbone needs {list(expected[wrong[0]])}"
                  if wrong else f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}")
-        raise ValueError(f"{what} does not fit the backbone its metadata describes: {first} ({len(missing)} missing, "
+        raise ValueError(f"{what}: the weights do not fit the backbone the metadata describes: {first} ({len(missing)} missing, "
                          f"{len(unexpected)} unexpected, {len(wrong)} of another shape)")
 
 

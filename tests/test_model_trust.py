@@ -202,7 +202,7 @@ def test_weights_of_other_shapes_than_the_metadata_are_refused_on_the_meta_devic
     for key, value in (("embedding_size", 4096), ("image_size", 512)):
         (tmp_path / "m" / "model.json").write_text(json.dumps({**meta, key: value}))
         real.clear()
-        with pytest.raises(ModelFileError, match=r"model\.safetensors does not fit the backbone its metadata describes: "
+        with pytest.raises(ModelFileError, match=r"model\.safetensors: the weights do not fit the backbone the metadata describes: "
                                                  r".* is \[.*\] in the file, the backbone needs \["):
             load_model(weights)
         assert real == ["meta"]  # built once, on the meta device only
@@ -216,7 +216,7 @@ def test_a_checkpoint_whose_weights_do_not_fit_its_config_is_refused_before_buil
     state = torch.load(ckpt, weights_only=True)
     state["config"]["model"]["embedding_size"] = 4096
     torch.save(state, ckpt)
-    with pytest.raises(ModelFileError, match=r"last\.pt: the backbone does not fit .* in the file, the backbone needs"):
+    with pytest.raises(ModelFileError, match=r"last\.pt: the backbone: the weights do not fit .* in the file, the backbone needs"):
         load_model(ckpt)
 
 

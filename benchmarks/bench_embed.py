@@ -14,11 +14,23 @@ Both sides compute ``normalize(f(x) + f(flip(x)))`` in eval mode under ``torch.n
 
 After one untimed warm-up batch, each side runs ``--repeats`` times, alternating, and the best time counts. Absolute images/s depend on
 the machine and its load; compare the ratios (faceforge / plain: 1.00 = no overhead).
+
+    python benchmarks/bench_embed.py --memory 1000 10000   # `faceforge embed`'s peak RSS against N
+
+``--memory N...``: the peak RSS (``ru_maxrss`` of the child) of ``faceforge embed MODEL FOLDER --out x.npy`` on
+folders of N aligned 112 x 112 PNGs (hard links to 16 files: each is decoded), one fresh process per N, for
+the code on ``sys.path`` and, with ``--baseline PATH``, for another checkout (``PYTHONPATH=PATH``). The model is
+:class:`PoolNet` (average pooling + a linear layer to 512-D, named ``bench_embed:PoolNet`` in its model.json and
+loaded with ``--trust-code``), so that the time goes to the pipeline being measured, not to convolutions.
+Streaming means the peak is flat in N (a batch of images and the N x D embeddings); decoding every image
+first grows by N x 112 x 112 x 3 bytes (37.6 KB per image).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -66,7 +78,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--images", type=int, default=256)
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--memory", type=int, nargs="+", default=None, metavar="N",
+                    help="measure `faceforge embed`'s peak RSS on N images instead (default: the speed comparison)")
+    ap.add_argument("--baseline", default=None, metavar="PATH", help="--memory: also a checkout at PATH")
     a = ap.parse_args(argv)
+    if a.memory:
+        return memory(a.memory, a.baseline, a.batch)
     torch.manual_seed(0)
     model = build(a.backbone, embedding_size=512, width=a.width, input_size=a.size)
     n = a.images
@@ -95,6 +112,60 @@ def main(argv: list[str] | None = None) -> int:
 
         compare("(b) from PNG files", lambda: image_set.embed(model, everything, a.size, a.batch),
                 lambda: plain_loop(model, from_files()), n, a.repeats)
+    return 0
+
+
+class PoolNet(torch.nn.Module):
+    """A backbone that costs nothing: (B, 3, S, S) -> 4 x 4 average pool -> Linear(48, D)."""
+
+    def __init__(self, embedding_size: int = 512, input_size: int = 112) -> None:
+        super().__init__()
+        self.pool = torch.nn.AdaptiveAvgPool2d(4)
+        self.fc = torch.nn.Linear(48, embedding_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.pool(x).flatten(1))
+
+
+PEAK = ("import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True, stdout=subprocess.DEVNULL); "
+        "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
+
+
+def memory(counts: list[int], baseline: str | None, batch: int) -> int:
+    """Peak RSS of `faceforge embed` on folders of N images (module notes)."""
+    from faceforge.modelfile import META_KEY, ModelInfo
+
+    from safetensors.torch import save_file
+
+    here = str(Path(__file__).resolve().parents[1])
+    trees = [("this tree", here)] + ([("baseline", baseline)] if baseline else [])
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        torch.manual_seed(0)
+        model = PoolNet(512, 112)
+        info = ModelInfo(backbone="bench_embed:PoolNet", embedding_size=512, image_size=112, flip_test=False,
+                         name="bench").to_json()
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(root / "model.safetensors"),
+                  metadata={META_KEY: info})
+        (root / "model.json").write_text(info)
+        sources = render_images(np.arange(16) // 4, np.arange(16) % 4, image_size=112)
+        for k, image in enumerate(sources):
+            Image.fromarray(image).save(root / f"src{k}.png")
+        print(f"faceforge embed, PoolNet 512-D at 112x112, batch {batch}, load average {os.getloadavg()[0]:.1f}")
+        for n in counts:
+            folder = root / f"images_{n}"
+            folder.mkdir()
+            for k in range(n):
+                os.link(root / f"src{k % 16}.png", folder / f"{k:06d}.png")
+            for name, tree in trees:
+                trust = ["--trust-code"] if tree == here else []  # an older checkout imports what model.json names
+                cmd = [sys.executable, "-c", PEAK, sys.executable, "-m", "faceforge.cli", "embed", str(root),
+                       str(folder), "--out", str(root / "x.npy"), "--quiet", "--batch-size", str(batch), *trust]
+                path = os.pathsep.join([tree, str(Path(__file__).resolve().parent)])
+                out = subprocess.run(cmd, env={**os.environ, "PYTHONPATH": path}, capture_output=True, text=True,
+                                     check=True).stdout
+                print(f"  N = {n:6d}  {name:9s}  peak RSS {int(out.split()[-1]) / 1024:7.0f} MiB  "
+                      f"(load average {os.getloadavg()[0]:.1f})")
     return 0
 
 

@@ -9,9 +9,18 @@ from typing import Any
 __version__ = "0.1.0"
 
 
+_LAZY = ("load_model", "Recognizer")  # from faceforge.inference, imported on first use
+__all__ = ["__version__", *_LAZY]
+
+
 def __getattr__(name: str) -> Any:
-    if name in {"load_model", "Recognizer"}:
+    if name in _LAZY:
         from faceforge import inference
 
         return getattr(inference, name)
     raise AttributeError(f"module 'faceforge' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    """``dir(faceforge)`` lists the lazy names too (``load_model``, ``Recognizer``)."""
+    return sorted(set(globals()) | set(_LAZY))

@@ -32,10 +32,12 @@ from faceforge.heads.base import (
 )
 from faceforge.heads.parallel import build_sharded, seed_class_rows
 from faceforge.heads.softmax import check_margin_head
+from faceforge.registry import untrusted
 from faceforge.train.checkpoint import load_checkpoint
 from faceforge.train.config import Config, ConfigError, config_from_dict
 
-__all__ = ["ENCODERS", "FaceModel", "build_backbone", "build_head", "load_backbone", "load_class_weights", "wrap_ddp"]
+__all__ = ["ENCODERS", "FaceModel", "build_backbone", "build_head", "check_shapes", "load_backbone", "load_class_weights",
+           "wrap_ddp"]
 
 
 def build_backbone(cfg: Config) -> nn.Module:
@@ -44,8 +46,9 @@ def build_backbone(cfg: Config) -> nn.Module:
     from faceforge.backbones import BACKBONES
 
     kwargs = {"input_size": cfg.data.image_size, **cfg.model.kwargs}
+    factory = BACKBONES.get(cfg.model.backbone)  # an unknown or refused (untrusted import) name is no kwargs error
     with _naming_kwargs("model", cfg.model.backbone):
-        backbone = BACKBONES.build(cfg.model.backbone, embedding_size=cfg.model.embedding_size, **kwargs)
+        backbone = factory(embedding_size=cfg.model.embedding_size, **kwargs)
     mode = cfg.model.grad_checkpointing
     if mode:
         if not callable(getattr(backbone, "set_grad_checkpointing", None)):
@@ -145,7 +148,7 @@ ENCODERS: dict[str, str] = {"query": "backbone", "momentum": "momentum.encoder"}
 
 def load_backbone(
     checkpoint: str | Path | dict[str, Any], map_location: str | torch.device = "cpu", source: str | None = None,
-    encoder: str = "backbone",
+    encoder: str = "backbone", trust_code: bool = False,
 ) -> tuple[nn.Module, Config]:
     """The backbone of a ``faceforge train`` checkpoint, with its weights, and the run's config.
 
@@ -153,9 +156,12 @@ def load_backbone(
     names it in errors (default: the path). ``encoder``: ``"backbone"`` (the trained one, default) or the
     name of a module the run's objective owned with the backbone's architecture (a momentum encoder, saved
     under the checkpoint's ``objective`` key as ``<name>.*``; "query" and "momentum" are AttFC's names,
-    :data:`ENCODERS`). Raises ``CheckpointError`` for an unreadable
-    file and ValueError (naming the file) for one without ``config`` / ``backbone`` entries, without that
-    encoder, or whose weights do not fit the backbone its config names.
+    :data:`ENCODERS`). The checkpoint is data: its config may name only registered backbones
+    (``faceforge.registry.untrusted``) unless ``trust_code``. The weights' shapes are compared with the
+    backbone built on the meta device before it is built for real (:func:`check_shapes`). Raises
+    ``CheckpointError`` for an unreadable file and ValueError (naming the file) for one without ``config`` /
+    ``backbone`` entries, without that encoder, naming an import, or whose weights do not fit the backbone
+    its config names.
     """
     source = source or ("<checkpoint>" if isinstance(checkpoint, dict) else str(checkpoint))
     state = checkpoint if isinstance(checkpoint, dict) else load_checkpoint(checkpoint, map_location)
@@ -173,19 +179,44 @@ def load_backbone(
             names = sorted({key.split(".", 1)[0] for key in owned})
             raise ValueError(f"{source}: no encoder {encoder!r}; expected 'backbone' or one the objective owned: "
                              f"{', '.join(names) or 'none'}")
-    backbone = build_backbone(cfg)  # random init, then every weight loaded
-    load_part(backbone, weights, f"{source}: the {encoder}")
+    what = f"{source}: the {encoder}"
+    _require_state_dict(weights, what)
+    with untrusted(f"{source}: model.backbone", trust_code):
+        check_shapes(lambda: build_backbone(cfg), {k: tuple(v.shape) for k, v in weights.items()
+                                                    if isinstance(v, torch.Tensor)}, what)
+        backbone = build_backbone(cfg)  # random init, then every weight loaded
+    load_part(backbone, weights, what)
     return backbone, cfg
+
+
+def check_shapes(build: Any, shapes: dict[str, tuple[int, ...]], what: str) -> None:
+    """Compare the state dict of ``build()`` -- run on the meta device, so nothing is allocated whatever sizes a
+    file claims -- with ``shapes`` (name -> shape of the weights in the file). ValueError naming ``what`` and
+    the first missing, unexpected or mismatched tensor."""
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in build().state_dict().items()}
+    missing = sorted(set(expected) - set(shapes))
+    unexpected = sorted(set(shapes) - set(expected))
+    wrong = [k for k in expected if k in shapes and expected[k] != tuple(shapes[k])]
+    if missing or unexpected or wrong:
+        first = (f"{wrong[0]} is {list(shapes[wrong[0]])} in the file, the backbone needs {list(expected[wrong[0]])}"
+                 if wrong else f"missing {missing[0]}" if missing else f"unexpected {unexpected[0]}")
+        raise ValueError(f"{what}: the weights do not fit the backbone the metadata describes: {first} ({len(missing)} missing, "
+                         f"{len(unexpected)} unexpected, {len(wrong)} of another shape)")
 
 
 def load_part(module: nn.Module, state: Any, what: str) -> None:
     """``module.load_state_dict(state)``; a mismatch is a ValueError naming ``what`` (file and part)."""
-    if not isinstance(state, dict):
-        raise ValueError(f"{what}: no state dict in the checkpoint; expected a `faceforge train` checkpoint")
+    _require_state_dict(state, what)
     try:
         module.load_state_dict(state)
     except RuntimeError as e:
         raise ValueError(f"{what} does not fit this run's {type(module).__name__}: {e}") from None
+
+
+def _require_state_dict(state: Any, what: str) -> None:
+    if not isinstance(state, dict):
+        raise ValueError(f"{what}: no state dict in the checkpoint; expected a `faceforge train` checkpoint")
 
 
 def _classifier(head: nn.Module) -> nn.Module:

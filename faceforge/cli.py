@@ -55,7 +55,10 @@ def _eval(args: argparse.Namespace) -> int:
             raise UsageError(f"{option} {value}: expected an int >= {0 if option == '--pairs' else 1}")
     given = {f.name: getattr(args, f.name, None) for f in fields(EvalRequest)}  # options are named as the fields
     request = EvalRequest(**{name: value for name, value in given.items() if value is not None})
-    evaluate_checkpoints(checkpoints, output=args.output, request=request)
+    from faceforge.registry import trusting_code
+
+    with trusting_code(args.trust_code):  # --trust-code: the checkpoints' configs may name imports
+        evaluate_checkpoints(checkpoints, output=args.output, request=request)
     return 0
 
 
@@ -228,6 +231,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--masked", action="store_true",
                    help="also score every 1:1 pair set with the second image of each pair wearing a synthetic "
                         "mask (MFR style), unmasked and masked side by side (default: off)")
+    from faceforge.infer_cli import add_trust_code  # the one --trust-code of every command that loads models
+
+    add_trust_code(p)
     commands["eval"] = _eval
 
     p = sub.add_parser("backbones", help="list the registered backbones with parameters and FLOPs")

@@ -15,13 +15,19 @@ and no file is left. The batch is the 12 aligned real photos of ``docs/alignment
 **int8** (``quantize="dynamic"|"static"``): onnxruntime quantisation, written beside the float model
 as ``<name>.int8.onnx``; static quantisation is calibrated on the images of a given folder. Its agreement
 with the float model is reported (cosine of the embeddings, and verification accuracy and TAR@FAR on
-the real faces or on a labelled folder), never asserted: it depends on the data.
+the real faces or on a labelled folder), never asserted: it depends on the data. The calibration folder
+is read and checked before anything is exported.
+
+**Files.** Everything is built in a private temporary folder; the ``.onnx`` (and ``.int8.onnx``) are
+written to their destinations together, atomically (``faceforge.fileio``), only when every step has
+succeeded: a failed export, parity check or quantisation leaves no file behind (and an older file as it was).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +35,6 @@ from typing import Any, Callable
 
 import numpy as np
 
-from faceforge.fileio import atomic_path
 from faceforge.modelfile import META_KEY, MODEL_WEIGHTS, ModelFileError, ModelInfo
 
 __all__ = [
@@ -72,14 +77,16 @@ def real_faces(size: int = 112) -> np.ndarray:
     return np.stack([np.asarray(t, dtype=np.uint8) for t in tiles])
 
 
-def load_source(source: str | os.PathLike) -> tuple[Any, ModelInfo]:
-    """``(backbone in eval mode, info)`` from a run folder, a checkpoint or ``model.safetensors``."""
+def load_source(source: str | os.PathLike, trust_code: bool = False) -> tuple[Any, ModelInfo]:
+    """``(backbone in eval mode, info)`` from a run folder, a checkpoint or ``model.safetensors`` (its metadata
+    may name only registered backbones unless ``trust_code``)."""
     from faceforge.modelfile import backbone_from_checkpoint, load_backbone, resolve_model_path
 
     p = resolve_model_path(source)
     if p.suffix.lower() == ".onnx":
         raise ModelFileError(f"{p}: already ONNX; expected a run folder, last.pt or {MODEL_WEIGHTS}")
-    return load_backbone(p) if p.suffix.lower() == ".safetensors" else backbone_from_checkpoint(p)
+    loader = load_backbone if p.suffix.lower() == ".safetensors" else backbone_from_checkpoint
+    return loader(p, trust_code=trust_code)
 
 
 def _preprocess(info: ModelInfo, crops: np.ndarray) -> np.ndarray:
@@ -96,7 +103,11 @@ def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def _session(path: str | os.PathLike) -> Any:
     import onnxruntime as ort
 
-    return ort.InferenceSession(os.fspath(path), providers=["CPUExecutionProvider"])
+    from faceforge.inference import ONNX_LOG_SEVERITY
+
+    options = ort.SessionOptions()
+    options.log_severity_level = ONNX_LOG_SEVERITY
+    return ort.InferenceSession(os.fspath(path), options, providers=["CPUExecutionProvider"])
 
 
 def check_parity(reference: Callable[[np.ndarray], np.ndarray], onnx_path: str | os.PathLike, x: np.ndarray,
@@ -126,18 +137,28 @@ class ExportReport:
     parity_images: int
     int8_path: Path | None = None
     int8: dict[str, Any] = field(default_factory=dict)
+    copied_from: Path | None = None  # the source was already a faceforge ONNX file: copied unchanged
 
     def lines(self) -> list[str]:
-        out = [f"onnx:    {self.path} (opset {self.opset}, dynamic batch)",
-               f"BN:      {self.bn_folded} folded into the conv/linear before them, {len(self.bn_left)} left"
-               + (f" ({', '.join(sorted({n.rsplit('.', 1)[-1] for n in self.bn_left}))})" if self.bn_left else ""),
-               f"parity:  onnxruntime vs PyTorch, min cosine {self.parity_min_cosine:.7f} on {self.parity_images} "
-               f"real aligned faces (tolerance 1 - cos <= {PARITY_TOLERANCE:g})"]
+        if self.copied_from is not None:
+            out = [f"onnx:    {self.path} (opset {self.opset}; copied unchanged from {self.copied_from})",
+                   f"BN:      {self.bn_folded} folded when it was exported, {len(self.bn_left)} left",
+                   "parity:  not re-checked (the source is this ONNX model; it was checked when it was exported)"]
+        else:
+            out = self._export_lines()
         if self.int8_path is not None:
             out.append(f"int8:    {self.int8_path} ({self.int8.get('mode')})")
             for k, v in self.int8.items():
                 if k != "mode":
                     out.append(f"  {k}: {v:.4f}" if isinstance(v, float) else f"  {k}: {v}")
+        return out
+
+    def _export_lines(self) -> list[str]:
+        out = [f"onnx:    {self.path} (opset {self.opset}, dynamic batch)",
+               f"BN:      {self.bn_folded} folded into the conv/linear before them, {len(self.bn_left)} left"
+               + (f" ({', '.join(sorted({n.rsplit('.', 1)[-1] for n in self.bn_left}))})" if self.bn_left else ""),
+               f"parity:  onnxruntime vs PyTorch, min cosine {self.parity_min_cosine:.7f} on {self.parity_images} "
+               f"real aligned faces (tolerance 1 - cos <= {PARITY_TOLERANCE:g})"]
         return out
 
 
@@ -177,8 +198,10 @@ def export_onnx(
     calibration: str | os.PathLike | None = None,
     eval_folder: str | os.PathLike | None = None,
     transform: Callable[[Any], Any] | None = None,
+    trust_code: bool = False,
 ) -> ExportReport:
     """Export ``source`` (run folder, ``last.pt`` or ``model.safetensors``) to ``output`` (see module notes).
+    A faceforge ``.onnx`` source is copied unchanged (its int8 copy made with ``quantize``).
 
     Args:
         opset: ONNX opset (default 17). fuse: fold BNs first (default True).
@@ -187,21 +210,75 @@ def export_onnx(
         eval_folder: a folder of identity sub-folders of aligned crops on which int8 and float are
             compared (verification accuracy, TAR@FAR); default the 12 real faces.
         transform: applied to the (fused) module just before export; for tests that corrupt a weight.
+        trust_code: let the source's metadata name a backbone to import (default: registered ones only).
 
     Raises:
-        ExportError when parity fails (``output`` is removed); ModelFileError for a bad source.
+        ExportError when parity fails; ModelFileError for a bad source; ValueError for a calibration folder
+        without usable images (checked before exporting). No file is written unless every step succeeds.
     """
     if quantize not in (None, "dynamic", "static"):
         raise ValueError(f"quantize={quantize!r}: expected 'dynamic' or 'static'")
     if quantize == "static" and calibration is None:
         raise ValueError("quantize='static' needs a calibration folder of aligned face crops")
-    reference, info = load_source(source)
-    report = export_backbone(reference, info, output, opset, fuse, tolerance, transform)
-    if quantize:
-        report.int8_path = report.path.with_name(report.path.stem + ".int8.onnx")
-        quantize_onnx(report.path, report.int8_path, quantize, info, calibration)
-        report.int8 = compare_int8(report.path, report.int8_path, info, eval_folder) | {"mode": quantize}
+    from faceforge.modelfile import resolve_model_path
+
+    src = resolve_model_path(source)
+    from_onnx = src.suffix.lower() == ".onnx"
+    reference, info = (None, _onnx_source_info(src)) if from_onnx else load_source(src, trust_code)
+    batches = calibration_batches(calibration, info) if quantize == "static" else None
+    out = Path(output)
+    int8_out = out.with_name(out.stem + ".int8.onnx")
+    with tempfile.TemporaryDirectory(prefix="faceforge-export-") as work:
+        float_tmp, int8_tmp = Path(work) / "model.onnx", Path(work) / "model.int8.onnx"
+        report = (_copy_onnx(src, float_tmp, out) if from_onnx
+                  else _export_checked(reference, info, float_tmp, out, opset, fuse, tolerance, transform))
+        if quantize:
+            quantize_onnx(float_tmp, int8_tmp, quantize, info, batches)
+            report.int8 = compare_int8(float_tmp, int8_tmp, info, eval_folder) | {"mode": quantize}
+            report.int8_path = int8_out
+        _commit([(float_tmp, out)] + ([(int8_tmp, int8_out)] if quantize else []))
     return report
+
+
+def _onnx_source_info(path: Path) -> ModelInfo:
+    """The metadata of a faceforge ONNX file given as an export source (a foreign model is refused)."""
+    from faceforge.inference import onnx_model_info
+
+    info = onnx_model_info(path)
+    if info is None:
+        raise ModelFileError(f"{path}: no faceforge metadata (not written by `faceforge export`); expected a run "
+                             f"folder, last.pt, {MODEL_WEIGHTS} or a faceforge .onnx file")
+    return info
+
+
+def _copy_onnx(source: Path, tmp: Path, out: Path) -> ExportReport:
+    """Copy a faceforge ONNX file (no external data) to ``tmp``; its report, read from its metadata."""
+    import onnx
+
+    model = onnx.load(os.fspath(source), load_external_data=False)
+    if any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer):
+        raise ModelFileError(f"{source}: its weights are in external data files; expected a self-contained .onnx")
+    props = {p.key: p.value for p in model.metadata_props}
+    tmp.write_bytes(source.read_bytes())
+    try:
+        left = json.loads(props.get("faceforge_bn_left", "[]"))
+        left = [str(x) for x in left] if isinstance(left, list) else []
+        folded = int(props.get("faceforge_bn_folded", "0"))
+    except (ValueError, RecursionError):
+        left, folded = [], 0
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    return ExportReport(out, int(opset), folded, left, 1.0, 0, copied_from=source)
+
+
+def _commit(pairs: list[tuple[Path, Path]]) -> None:
+    """Copy each finished temporary file to its destination, all together and atomically."""
+    from faceforge.fileio import atomic_files
+
+    for _, dest in pairs:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_files(*[(dest, "wb") for _, dest in pairs]) as files:
+        for (tmp, _), f in zip(pairs, files):
+            f.write(tmp.read_bytes())
 
 
 def export_backbone(
@@ -215,7 +292,18 @@ def export_backbone(
 ) -> ExportReport:
     """Export a backbone (any ``nn.Module`` ``(B, 3, S, S) -> (B, D)``, S = ``info.image_size``) to
     ``output`` with ``info`` as metadata: BN folded (``fuse``), then the parity check on the real faces
-    against ``reference`` in eval mode. On failure nothing is left at ``output``."""
+    against ``reference`` in eval mode. On failure nothing is written at ``output``."""
+    out = Path(output)
+    with tempfile.TemporaryDirectory(prefix="faceforge-export-") as work:
+        tmp = Path(work) / "model.onnx"
+        report = _export_checked(reference, info, tmp, out, opset, fuse, tolerance, transform)
+        _commit([(tmp, out)])
+    return report
+
+
+def _export_checked(reference: Any, info: ModelInfo, tmp: Path, out: Path, opset: int, fuse: bool, tolerance: float,
+                    transform: Callable[[Any], Any] | None) -> ExportReport:
+    """Export to ``tmp`` (a private temporary file) and check parity; the report names ``out``."""
     import torch
 
     from faceforge.backbones.fuse import batchnorms, fuse_bn
@@ -224,38 +312,42 @@ def export_backbone(
     model = fuse_bn(reference) if fuse else reference
     if transform is not None:
         model = transform(model)
-    out = Path(output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.unlink(missing_ok=True)
     x = _preprocess(info, real_faces(info.image_size))
 
     def torch_reference(batch: np.ndarray) -> np.ndarray:
         with torch.no_grad():
             return reference(torch.from_numpy(batch)).numpy()
 
-    with atomic_path(out) as tmp:  # a fresh temporary, renamed onto `out` only when parity holds
-        _write_onnx(model, tmp, info.image_size, opset)
-        left = batchnorms(model)
-        folded = len(batchnorms(reference)) - len(left)
-        _set_metadata(tmp, {META_KEY: info.to_json(), "faceforge_opset": str(opset), "faceforge_bn_folded": str(folded),
-                            "faceforge_bn_left": json.dumps(left)})
-        worst = check_parity(torch_reference, tmp, x, tolerance, name=str(out))
+    _write_onnx(model, tmp, info.image_size, opset)
+    left = batchnorms(model)
+    folded = len(batchnorms(reference)) - len(left)
+    _set_metadata(tmp, {META_KEY: info.to_json(), "faceforge_opset": str(opset), "faceforge_bn_folded": str(folded),
+                        "faceforge_bn_left": json.dumps(left)})
+    worst = check_parity(torch_reference, tmp, x, tolerance, name=str(out))
     return ExportReport(out, opset, folded, left, worst, len(x))
 
 
+def calibration_batches(folder: str | os.PathLike, info: ModelInfo) -> list[np.ndarray]:
+    """The images of a calibration folder as model inputs, float32 ``(<=16, 3, S, S)`` batches. ValueError
+    naming the folder (no images) or the image (unreadable, not S x S); called before exporting."""
+    from faceforge.inference import load_images
+
+    if not Path(folder).is_dir():
+        raise ValueError(f"{folder}: calibration: not a folder (expected aligned face crops)")
+    paths = sorted(str(p) for p in Path(folder).rglob("*") if p.is_file() and _is_image(p))
+    if not paths:
+        raise ValueError(f"{folder}: calibration: no images found (expected aligned {info.image_size}x"
+                         f"{info.image_size} face crops)")
+    crops, _, _ = load_images(paths, info.image_size)
+    x = _preprocess(info, crops)
+    return [x[s : s + 16] for s in range(0, len(x), 16)]
+
+
 class _Calibration:
-    """onnxruntime's CalibrationDataReader over a folder of aligned crops, in batches of 16."""
+    """onnxruntime's CalibrationDataReader over prepared batches."""
 
-    def __init__(self, folder: str | os.PathLike, info: ModelInfo, input_name: str) -> None:
-        from faceforge.inference import load_images
-
-        paths = sorted(str(p) for p in Path(folder).rglob("*") if p.is_file() and _is_image(p))
-        if not paths:
-            raise ValueError(f"{folder}: calibration: no images found (expected aligned {info.image_size}x"
-                             f"{info.image_size} face crops)")
-        crops, _, _ = load_images(paths, info.image_size)
-        x = _preprocess(info, crops)
-        self.batches = iter([{input_name: x[s : s + 16]} for s in range(0, len(x), 16)])
+    def __init__(self, batches: list[np.ndarray], input_name: str) -> None:
+        self.batches = iter([{input_name: b} for b in batches])
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         return next(self.batches, None)
@@ -268,22 +360,25 @@ def _is_image(path: Path) -> bool:
 
 
 def quantize_onnx(float_path: Path, int8_path: Path, mode: str, info: ModelInfo,
-                  calibration: str | os.PathLike | None = None) -> Path:
+                  calibration: str | os.PathLike | list[np.ndarray] | None = None) -> Path:
     """int8 copy of an exported model: ``dynamic`` (weights int8 ahead of time, activations at run time;
     uint8 weights, the type onnxruntime's CPU ConvInteger runs) or ``static`` (QDQ, per-channel weights,
-    activations calibrated on ``calibration``). The faceforge metadata is kept."""
+    activations calibrated on ``calibration``: a folder, or its :func:`calibration_batches`). The faceforge
+    metadata is kept."""
     import onnx
     from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
 
     metadata = {p.key: p.value for p in onnx.load(os.fspath(float_path)).metadata_props}
-    with atomic_path(int8_path) as tmp:  # never written in place: a link at int8_path is replaced, not followed
-        if mode == "dynamic":
-            quantize_dynamic(os.fspath(float_path), os.fspath(tmp), weight_type=QuantType.QUInt8)
-        else:
-            reader = _Calibration(calibration, info, "images")
-            quantize_static(os.fspath(float_path), os.fspath(tmp), reader, quant_format=QuantFormat.QDQ,
-                            per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
-        _set_metadata(tmp, metadata | {"faceforge_quantized": mode})
+    if mode == "dynamic":
+        quantize_dynamic(os.fspath(float_path), os.fspath(int8_path), weight_type=QuantType.QUInt8)
+    else:
+        if calibration is None:
+            raise ValueError("quantize='static' needs a calibration folder of aligned face crops")
+        batches = calibration if isinstance(calibration, list) else calibration_batches(calibration, info)
+        reader = _Calibration(batches, "images")
+        quantize_static(os.fspath(float_path), os.fspath(int8_path), reader, quant_format=QuantFormat.QDQ,
+                        per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    _set_metadata(int8_path, metadata | {"faceforge_quantized": mode})
     return int8_path
 
 

@@ -24,8 +24,19 @@ __all__ = ["add_commands"]
 # --------------------------------------------------------------------------------------------------
 
 
+TRUST_CODE_HELP = ("let the model file's metadata or the checkpoint's config name a backbone to import "
+                   "('package.module:Class'): that runs its code. Only for files whose author you trust "
+                   "(default: off, registered backbones only; see docs/inference.md)")
+
+
+def add_trust_code(p: argparse.ArgumentParser) -> None:
+    """``--trust-code`` on a command that loads a model file (embed, verify, search, export, eval)."""
+    p.add_argument("--trust-code", action="store_true", help=TRUST_CODE_HELP)
+
+
 def _model_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="a run folder, last.pt, model.safetensors or an .onnx file")
+    add_trust_code(p)
     g = p.add_argument_group("a foreign ONNX model (no faceforge metadata) needs its normalisation")
     g.add_argument("--mean", type=float, nargs="+", default=None, metavar="M",
                    help="per-channel mean in 0..255 (1 or 3 numbers; default: from the model, 127.5 for faceforge models)")
@@ -82,7 +93,8 @@ def _load(args: argparse.Namespace) -> Any:
     if getattr(args, "batch_size", 1) < 1:
         raise UsageError(f"--batch-size: got {args.batch_size}, expected an int >= 1")
     _threads(args.threads)
-    return load_model(args.model, device=args.device, threads=args.threads, **_foreign(args))
+    return load_model(args.model, device=args.device, threads=args.threads, trust_code=args.trust_code,
+                      **_foreign(args))
 
 
 def _image_paths(inputs: Sequence[str]) -> list[str]:
@@ -143,6 +155,8 @@ def _verify(args: argparse.Namespace) -> int:
     for p in (args.a, args.b):
         if not Path(p).is_file():
             raise UsageError(f"{p}: image not found")
+    if args.threshold is not None and not -1.0 <= args.threshold <= 1.0:
+        raise UsageError(f"--threshold: got {args.threshold}, expected a cosine in [-1, 1]")
     r = _load(args)
     v = r.verify(args.a, args.b, threshold=args.threshold, detect=args.detect)
     print(f"cosine {v.cosine:.4f}")
@@ -156,16 +170,22 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _search_build(argv: list[str]) -> int:
-    from faceforge.inference import INDEX_KINDS, Gallery, build_gallery
+    from faceforge.inference import INDEX_KINDS, Gallery, embed_gallery, gallery_entries
 
     p = argparse.ArgumentParser(prog="faceforge search build",
                                 description="embed an identity folder (one sub-folder per identity) into a faiss index")
     _model_options(p)
     p.add_argument("gallery", help="folder with one sub-folder of images per identity")
     p.add_argument("index", help="output folder: index.faiss, embeddings.npy, gallery.json")
-    p.add_argument("--kind", choices=INDEX_KINDS, default="flat",
-                   help="flat: exact inner product (default); ivf / hnsw: approximate, for large galleries")
-    p.add_argument("--append", action="store_true", help="add to an existing index folder (default: replace it)")
+    p.add_argument("--kind", choices=INDEX_KINDS, default=None,
+                   help="flat: exact inner product (default); ivf / hnsw: approximate, for large galleries "
+                        "(--append keeps the index's own kind)")
+    p.add_argument("--append", action="store_true",
+                   help="add to an existing index folder, built by the same model (default: replace it)")
+    p.add_argument("--skip-existing", action="store_true",
+                   help="--append: skip images already in the index (default: refuse them)")
+    p.add_argument("--force", action="store_true",
+                   help="--append: add to an index built by another model (its fingerprint differs; default: refuse)")
     p.add_argument("--quiet", action="store_true", help="no progress bar (default: shown)")
     _image_options(p)
     args = p.parse_args(argv)
@@ -173,22 +193,43 @@ def _search_build(argv: list[str]) -> int:
         raise UsageError(f"{args.gallery}: not a folder (expected one sub-folder of images per identity)")
     if args.append and not (Path(args.index) / "gallery.json").is_file():
         raise UsageError(f"{args.index}: --append: no gallery.json here (expected a folder written by search build)")
+    for flag in ("skip_existing", "force"):
+        if getattr(args, flag) and not args.append:
+            raise UsageError(f"--{flag.replace('_', '-')}: only with --append")
+    paths, identities = gallery_entries(args.gallery)
     r = _load(args)
     _faiss_threads(args.threads)
-    new, skipped = build_gallery(r, args.gallery, kind=args.kind, detect=args.detect, skip_bad=args.skip_bad,
-                                 batch_size=args.batch_size, progress=not args.quiet)
-    if args.append:
-        g = Gallery.load(args.index)
-        if g.dim != new.dim:
-            raise UsageError(f"{args.index}: holds {g.dim}-D embeddings, this model gives {new.dim}-D")
-        g.add(new.embeddings, new.identities, new.files)
-    else:
-        g = new
+    old = None
+    if args.append:  # model, dimension and duplicates checked before anything is embedded
+        old = Gallery.load(args.index)
+        if args.kind and args.kind != old.kind:
+            raise UsageError(f"--kind {args.kind}: {args.index} is a {old.kind} index and --append keeps its kind; "
+                             "expected no --kind (or rebuild the index with search build)")
+        r.check_gallery(old, force=args.force)
+        paths, identities = _new_entries(old, paths, identities, args.index, args.skip_existing)
+    new, skipped = embed_gallery(r, paths, identities, kind="flat" if old else args.kind or "flat", detect=args.detect,
+                                 skip_bad=args.skip_bad, batch_size=args.batch_size, progress=not args.quiet)
+    if old is not None:
+        old.add(new.embeddings, new.identities, new.files)
+    g = old or new
     g.save(args.index)
     _report_skipped(skipped)
     print(f"index: {args.index} ({len(g)} images of {len(set(g.identities))} identities, {g.kind}, "
           f"{g.dim}-D){f'; skipped {len(skipped)}' if skipped else ''}")
     return 0
+
+
+def _new_entries(g: Any, paths: list[str], identities: list[str], index: str,
+                 skip_existing: bool) -> tuple[list[str], list[str]]:
+    """The images not yet in gallery ``g`` (compared as real paths); those already there are an error
+    naming the first, unless ``skip_existing``."""
+    have = {os.path.realpath(f) for f in g.files}
+    fresh = [k for k, p in enumerate(paths) if os.path.realpath(p) not in have]
+    if len(fresh) < len(paths) and not skip_existing:
+        first = next(p for p in paths if os.path.realpath(p) in have)
+        raise UsageError(f"{index}: --append: {len(paths) - len(fresh)} of these images are already in the index "
+                         f"(first: {first}); expected new images, or --skip-existing to skip them")
+    return [paths[k] for k in fresh], [identities[k] for k in fresh]
 
 
 def _faiss_threads(n: int | None) -> None:
@@ -205,6 +246,8 @@ def _search_query(argv: list[str]) -> int:
     p.add_argument("index", help="an index folder written by `faceforge search build`")
     p.add_argument("probes", nargs="+", help="probe images")
     p.add_argument("--top", type=int, default=5, help="matches per probe (default 5)")
+    p.add_argument("--force", action="store_true",
+                   help="search an index built by another model (its fingerprint differs; default: refuse)")
     _image_options(p, skip=False)
     args = p.parse_args(argv)
     from faceforge.inference import Gallery
@@ -215,7 +258,7 @@ def _search_query(argv: list[str]) -> int:
     g = Gallery.load(args.index)
     r = _load(args)
     _faiss_threads(args.threads)
-    results = r.search(g, probes, top=args.top, detect=args.detect)
+    results = r.search(g, probes, top=args.top, detect=args.detect, force=args.force)
     for probe, matches in zip(probes, results):
         print(probe)
         for rank, m in enumerate(matches, 1):
@@ -239,7 +282,7 @@ def _export(args: argparse.Namespace) -> int:
     from faceforge.export import DEFAULT_OPSET, export_onnx
 
     if not Path(args.source).exists():
-        raise UsageError(f"{args.source}: not found (expected a run folder, last.pt or model.safetensors)")
+        raise UsageError(f"{args.source}: not found (expected a run folder, last.pt, model.safetensors or a faceforge .onnx)")
     if not args.output.endswith(".onnx"):
         raise UsageError(f"{args.output}: expected an output path ending in .onnx")
     if args.quantize == "static" and not args.calibration:
@@ -250,14 +293,15 @@ def _export(args: argparse.Namespace) -> int:
             raise UsageError(f"--{key.replace('_', '-')} {v}: not a folder")
     _threads(args.threads)
     report = export_onnx(args.source, args.output, opset=args.opset or DEFAULT_OPSET, fuse=not args.no_fuse, quantize=args.quantize,
-                         calibration=args.calibration, eval_folder=args.eval_folder)
+                         calibration=args.calibration, eval_folder=args.eval_folder, trust_code=args.trust_code)
     print("\n".join(report.lines()))
     return 0
 
 
 _SEARCH_USAGE = """usage:
-  faceforge search build MODEL GALLERY_FOLDER INDEX_FOLDER [--kind flat|ivf|hnsw] [--append] [--detect] [--skip-bad]
-  faceforge search MODEL INDEX_FOLDER PROBE... [--top 5] [--detect]
+  faceforge search build MODEL GALLERY_FOLDER INDEX_FOLDER [--kind flat|ivf|hnsw] [--append [--skip-existing]]
+                        [--detect] [--skip-bad] [--trust-code]
+  faceforge search MODEL INDEX_FOLDER PROBE... [--top 5] [--detect] [--force] [--trust-code]
 (faceforge search build --help and faceforge search MODEL --help list every option)"""
 
 
@@ -287,7 +331,7 @@ def add_commands(sub: Any, commands: dict[str, Callable[[argparse.Namespace], in
     commands["search"] = _search
 
     p = sub.add_parser("export", help="export to ONNX (BN folded, parity checked): faceforge export RUN model.onnx")
-    p.add_argument("source", help="a run folder, last.pt or model.safetensors")
+    p.add_argument("source", help="a run folder, last.pt, model.safetensors, or a faceforge .onnx (copied; to quantise it)")
     p.add_argument("output", help="the .onnx file to write")
     p.add_argument("--opset", type=int, default=None, help="ONNX opset (default 17, the one tested)")
     p.add_argument("--no-fuse", action="store_true", help="keep the BatchNorms (default: folded into the convs)")
@@ -297,4 +341,5 @@ def add_commands(sub: Any, commands: dict[str, Callable[[argparse.Namespace], in
     p.add_argument("--eval-folder", default=None,
                    help="identity folder of aligned crops for the int8 vs float comparison (default: 12 real faces)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's own)")
+    add_trust_code(p)
     commands["export"] = _export

@@ -11,11 +11,17 @@ aligned ``S x S`` crops (S = the model's image size), or any photo with ``detect
 ArcFace 5-point alignment; the optional ``faceforge[detect]`` extra).
 
 Embeddings are float32 ``(N, D)``, L2-normalised; with ``flip_test`` they are ``normalize(f(x) +
-f(flip(x)))``, as ``faceforge eval`` computes them. Scores are cosines.
+f(flip(x)))``, as ``faceforge eval`` computes them. Scores are cosines. A NaN or infinite embedding is an
+error naming the model and the image (``faceforge.eval.finite``), never a result.
+
+A model file is data: its metadata may name only registered backbones unless ``trust_code=True``
+(``docs/inference.md``, "What is safe to load"). A :class:`Gallery` records the fingerprint of the model that
+built it (:meth:`Recognizer.fingerprint`); searching it with another model is refused unless forced.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -39,6 +45,7 @@ __all__ = [
 ]
 
 INDEX_KINDS = ("flat", "ivf", "hnsw")
+ONNX_LOG_SEVERITY = 3  # onnxruntime: 0 verbose, 1 info, 2 warning, 3 error -- only errors reach the user
 
 
 class ImageError(ValueError):
@@ -100,18 +107,29 @@ def load_images(
         from faceforge.data.detect import YuNetDetector
 
         detector = YuNetDetector()
-    crops, names, skipped = [], [], []
-    for k, item in enumerate(items):
-        name = _describe(item, k)
-        try:
-            crops.append(_crop(item, name, image_size, detector if detect else None))
-            names.append(name)
-        except ImageError as e:
-            if not skip_bad:
-                raise
-            skipped.append(str(e))
+    batches = list(_crop_batches(items, image_size, detector if detect else None, skip_bad, max(len(items), 1)))
+    crops = [c for b in batches for c in b[0]]
     stacked = np.stack(crops) if crops else np.zeros((0, image_size, image_size, 3), np.uint8)
-    return stacked, names, skipped
+    return stacked, [n for b in batches for n in b[1]], [x for b in batches for x in b[2]]
+
+
+def _crop_batches(items: Sequence[Any], image_size: int, detector: Callable | None, skip_bad: bool,
+                  batch_size: int) -> Iterable[tuple[list[np.ndarray], list[str], list[str], int]]:
+    """``(crops, names kept, skipped "name: reason", images read)`` per ``batch_size`` items, decoded lazily
+    (memory holds one batch of images, whatever their number)."""
+    for start in range(0, len(items), batch_size):
+        crops, names, skipped = [], [], []
+        chunk = items[start : start + batch_size]
+        for k, item in enumerate(chunk, start):
+            name = _describe(item, k)
+            try:
+                crops.append(_crop(item, name, image_size, detector))
+                names.append(name)
+            except ImageError as e:
+                if not skip_bad:
+                    raise
+                skipped.append(str(e))
+        yield crops, names, skipped, len(chunk)
 
 
 def _crop(item: Any, name: str, size: int, detector: Callable | None) -> np.ndarray:
@@ -136,7 +154,7 @@ def _crop(item: Any, name: str, size: int, detector: Callable | None) -> np.ndar
 
 
 class TorchBackend:
-    """A PyTorch backbone in eval mode, under ``torch.no_grad``."""
+    """A PyTorch backbone in eval mode, under ``torch.no_grad``. ``digest()``: sha256 of its weights."""
 
     def __init__(self, module: Any, device: str | None = None) -> None:
         import torch
@@ -149,6 +167,16 @@ class TorchBackend:
         with self.torch.no_grad():
             return self.module(self.torch.from_numpy(x).to(self.device)).float().cpu().numpy()
 
+    def digest(self) -> str:
+        """sha256 of the state dict (names, dtypes, shapes, bytes): equal for a run's last.pt and its
+        model.safetensors, different for any changed weight."""
+        h = hashlib.sha256()
+        for name, t in sorted(self.module.state_dict().items()):
+            t = t.detach().to("cpu").contiguous()
+            h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+            h.update(t.reshape(-1).view(self.torch.uint8).numpy().tobytes())
+        return h.hexdigest()
+
 
 class OnnxBackend:
     """An ONNX model run by onnxruntime (CPU): one NCHW float input, the first output is the embedding."""
@@ -156,7 +184,9 @@ class OnnxBackend:
     def __init__(self, path: str | os.PathLike, threads: int | None = None) -> None:
         import onnxruntime as ort
 
+        self.path = Path(path)
         options = ort.SessionOptions()
+        options.log_severity_level = ONNX_LOG_SEVERITY
         if threads:
             options.intra_op_num_threads = threads
             options.inter_op_num_threads = 1
@@ -184,6 +214,18 @@ class OnnxBackend:
         outs = [self.session.run(None, {self.input_name: np.ascontiguousarray(x[s : s + step])})[0]
                 for s in range(0, len(x), step)]
         return np.concatenate([np.asarray(o, dtype=np.float32).reshape(len(o), -1) for o in outs])
+
+    def digest(self) -> str:
+        """sha256 of the ONNX file."""
+        return _file_sha256(self.path)
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def _without_dangling_inputs(path: str | os.PathLike) -> bytes:
@@ -237,6 +279,7 @@ class Recognizer:
     info: ModelInfo
     source: str = ""
     detector: Any = field(default=None, repr=False)
+    _fingerprint: str | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def image_size(self) -> int:
@@ -249,39 +292,72 @@ class Recognizer:
         std = np.asarray(self.info.std, np.float32)
         return np.ascontiguousarray(((x.astype(np.float32) - mean) / std).transpose(0, 3, 1, 2))
 
-    def embed_crops(self, crops: np.ndarray, batch_size: int = 64, progress: bool = False) -> np.ndarray:
-        """L2-normalised float32 ``(N, D)`` of aligned uint8 crops ``(N, S, S, 3)``."""
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        starts = range(0, len(crops), batch_size)
-        if progress:
-            from tqdm import tqdm
+    @property
+    def name(self) -> str:
+        """The model as errors name it: the file it was loaded from, else its metadata name."""
+        return self.source or self.info.name or "model"
 
-            starts = tqdm(starts, total=math.ceil(len(crops) / batch_size), desc="embed", unit="batch")
-        out = []
-        for s in starts:
-            x = self.preprocess(crops[s : s + batch_size])
-            e = self.backend(x).astype(np.float32)
-            if self.info.flip_test:
-                e = e + self.backend(np.ascontiguousarray(x[..., ::-1]))  # flip the width axis
-            out.append(e)
-        if not out:
-            return np.zeros((0, self.info.embedding_size), np.float32)
-        e = np.concatenate(out)
+    def fingerprint(self) -> str:
+        """What a gallery records of the model that built it: sha256 (hex) of the weights (the state dict of a
+        torch model, the file of an ONNX model) and of how images are fed (image size, mean, std, channel order,
+        flip test). "" for a backend that cannot say what its weights are."""
+        if self._fingerprint is None:
+            digest = getattr(self.backend, "digest", None)
+            feed = {k: getattr(self.info, k) for k in ("image_size", "mean", "std", "channel_order", "flip_test")}
+            self._fingerprint = "" if digest is None else hashlib.sha256(
+                json.dumps({"weights": digest(), **feed}, sort_keys=True).encode()).hexdigest()
+        return self._fingerprint
+
+    def _embed_batch(self, crops: np.ndarray, names: Sequence[str]) -> np.ndarray:
+        """L2-normalised float32 ``(B, D)`` of one batch of uint8 crops ``(B, S, S, 3)``; a non-finite
+        embedding is a NonFiniteEmbeddingError naming the model and ``names[i]``."""
+        from faceforge.eval.finite import require_finite
+
+        x = self.preprocess(crops)
+        e = self.backend(x).astype(np.float32)
+        if self.info.flip_test:
+            e = e + self.backend(np.ascontiguousarray(x[..., ::-1]))  # flip the width axis
+        require_finite(e, self.name, names)
         return (e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)).astype(np.float32)
+
+    def embed_crops(self, crops: np.ndarray, batch_size: int = 64, progress: bool = False,
+                    names: Sequence[str] | None = None) -> np.ndarray:
+        """L2-normalised float32 ``(N, D)`` of aligned uint8 crops ``(N, S, S, 3)``; ``names`` (default
+        "image k") name them in errors."""
+        _check_batch_size(batch_size)
+        names = list(names) if names is not None else [f"image {k}" for k in range(len(crops))]
+        bar = _progress(len(crops), progress)
+        out = [np.zeros((0, self.info.embedding_size), np.float32)]
+        for s in range(0, len(crops), batch_size):
+            out.append(self._embed_batch(crops[s : s + batch_size], names[s : s + batch_size]))
+            bar.update(len(out[-1]))
+        bar.close()
+        return np.concatenate(out)
 
     def embed(self, images: Any, detect: bool = False, batch_size: int = 64, progress: bool = False) -> np.ndarray:
         """L2-normalised float32 ``(N, D)`` embeddings of paths, PIL images or uint8 arrays (see module notes).
         A bad image raises :class:`ImageError` naming it."""
-        crops, _, _ = load_images(images, self.image_size, detect=detect, detector=self._detector(detect))
-        return self.embed_crops(crops, batch_size, progress)
+        return self.embed_files(images, detect=detect, batch_size=batch_size, progress=progress)[0]
 
     def embed_files(self, images: Any, detect: bool = False, skip_bad: bool = False, batch_size: int = 64,
                     progress: bool = False) -> tuple[np.ndarray, list[str], list[str]]:
-        """``(embeddings (N, D), names kept, skipped "name: reason")``; bad images skipped only with ``skip_bad``."""
-        crops, names, skipped = load_images(images, self.image_size, detect=detect, skip_bad=skip_bad,
-                                            detector=self._detector(detect))
-        return self.embed_crops(crops, batch_size, progress), names, skipped
+        """``(embeddings (N, D), names kept, skipped "name: reason")``; bad images skipped only with ``skip_bad``.
+
+        Streams: images are decoded ``batch_size`` at a time, so memory holds one batch of images and the
+        ``(N, D)`` embeddings, whatever N; the progress bar counts images."""
+        _check_batch_size(batch_size)
+        items = _items(images)
+        bar = _progress(len(items), progress)
+        out, kept, skipped = [np.zeros((0, self.info.embedding_size), np.float32)], [], []
+        for crops, names, bad, read in _crop_batches(items, self.image_size, self._detector(detect), skip_bad,
+                                                     batch_size):
+            if crops:
+                out.append(self._embed_batch(np.stack(crops), names))
+            kept += names
+            skipped += bad
+            bar.update(read)
+        bar.close()
+        return np.concatenate(out), kept, skipped
 
     def _detector(self, detect: bool) -> Any:
         if detect and self.detector is None:
@@ -291,7 +367,10 @@ class Recognizer:
         return self.detector if detect else None
 
     def verify(self, a: Any, b: Any, threshold: float | None = None, detect: bool = False) -> Verification:
-        """Cosine of two faces and the decision at ``threshold`` (default: the model's own, if it has one)."""
+        """Cosine of two faces and the decision at ``threshold`` (a cosine in [-1, 1]; default: the model's own,
+        if it has one)."""
+        if threshold is not None and not (_is_real(threshold) and -1.0 <= threshold <= 1.0):
+            raise ValueError(f"threshold: got {threshold!r}, expected a cosine in [-1, 1]")
         e = self.embed([a, b], detect=detect)
         cosine = float(np.dot(e[0].astype(np.float64), e[1].astype(np.float64)))
         own = threshold is None
@@ -300,13 +379,52 @@ class Recognizer:
                             self.info.threshold_far if own else None, self.info.threshold_source if own else "given")
 
     def search(self, gallery: "Gallery | str | os.PathLike", probes: Any, top: int = 5,
-               detect: bool = False) -> list[list[Match]]:
-        """The ``top`` best gallery matches of each probe, best first."""
+               detect: bool = False, force: bool = False) -> list[list[Match]]:
+        """The ``top`` best gallery matches of each probe, best first. The gallery must have been built by this
+        model (:meth:`check_gallery`; ``force`` skips the fingerprint comparison, never the dimension's)."""
         g = gallery if isinstance(gallery, Gallery) else Gallery.load(gallery)
-        if g.dim != self.info.embedding_size:
-            raise ValueError(f"{g.folder or 'gallery'}: its embeddings are {g.dim}-D, this model's are "
-                             f"{self.info.embedding_size}-D (built with another model?)")
+        self.check_gallery(g, force)
         return g.search(self.embed(probes, detect=detect), top)
+
+    def check_gallery(self, g: "Gallery", force: bool = False) -> None:
+        """ValueError naming both models when ``g`` was built by another model (another dimension; or, unless
+        ``force``, another :meth:`fingerprint`, or none recorded): its embeddings are not comparable."""
+        where = g.folder or "gallery"
+        if g.dim != self.info.embedding_size:
+            raise ValueError(f"{where}: its embeddings are {g.dim}-D (model {g.model or '?'}), this model's are "
+                             f"{self.info.embedding_size}-D ({self.name}); rebuild it with `faceforge search build`")
+        mine = self.fingerprint()
+        if not force and (not mine or g.fingerprint != mine):
+            theirs = f"fingerprint {g.fingerprint[:12]}" if g.fingerprint else "no fingerprint recorded"
+            raise ValueError(f"{where}: built with model {g.model or '?'} ({theirs}), not with {self.name} "
+                             f"(fingerprint {mine[:12] or 'unknown'}); embeddings of different models are not "
+                             "comparable: rebuild it with `faceforge search build`, or --force (force=True)")
+
+
+def _is_real(x: Any) -> bool:
+    return isinstance(x, (int, float, np.floating, np.integer)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _check_batch_size(batch_size: int) -> None:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+
+
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress(total: int, show: bool) -> Any:
+    """A tqdm bar counting images (or one that shows nothing)."""
+    if not show:
+        return _NoBar()
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc="embed", unit="image")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -360,21 +478,25 @@ def _foreign_info(path: Path, backend: OnnxBackend, given: dict[str, Any]) -> Mo
 
 
 def load_model(path: str | os.PathLike, device: str | None = None, threads: int | None = None,
-               **foreign: Any) -> Recognizer:
+               trust_code: bool = False, **foreign: Any) -> Recognizer:
     """A :class:`Recognizer` from a run folder, a checkpoint (``.pt``), ``model.safetensors`` or ``.onnx``.
 
     Args:
         path: a run folder (its ``model.safetensors``, else its ``last.pt``), a file of one of these kinds.
         device: PyTorch device for torch models (default CPU); ONNX models run on the CPU.
         threads: onnxruntime intra-op threads (default: onnxruntime's choice).
+        trust_code: let the file's metadata (``model.json``, the safetensors header, a checkpoint's config)
+            name a backbone to import (``"package.module:callable"``). Default False: only registered
+            backbones, so a file from a stranger cannot run code. Set it only for files whose author you trust.
         foreign: for an ONNX model without faceforge metadata: ``mean``, ``std`` (3 numbers each, 0..255
             scale), optionally ``channel_order`` ("RGB" default or "BGR"), ``image_size``, ``flip_test``
             (default False), ``threshold``; or the same keys in ``<model>.json`` beside the ``.onnx``
             (arguments win). With faceforge metadata, any of these overrides it.
 
     Raises:
-        ModelFileError naming the file and what is missing or wrong. Nothing is unpickled: checkpoints
-        load with ``weights_only=True``.
+        ModelFileError naming the file and what is missing or wrong (an import named without
+        ``trust_code`` included: nothing is imported). Nothing is unpickled: checkpoints load with
+        ``weights_only=True``.
     """
     from faceforge.modelfile import backbone_from_checkpoint, load_backbone, resolve_model_path
 
@@ -389,11 +511,11 @@ def load_model(path: str | os.PathLike, device: str | None = None, threads: int 
             info = ModelInfo.from_dict({**_info_dict(info), **foreign}, f"{p} (metadata with overrides)")
         return Recognizer(backend, info, str(p))
     if suffix == ".safetensors":
-        module, info = load_backbone(p)
+        module, info = load_backbone(p, trust_code=trust_code)
     elif suffix == ".json":
         raise ModelFileError(f"{p}: give the weights ({MODEL_WEIGHTS}) or the run folder, not {MODEL_JSON}")
     else:
-        module, info = backbone_from_checkpoint(p)
+        module, info = backbone_from_checkpoint(p, trust_code=trust_code)
     if foreign:
         info = ModelInfo.from_dict({**_info_dict(info), **foreign}, f"{p} (metadata with overrides)")
     return Recognizer(TorchBackend(module, device or "cpu"), info, str(p))
@@ -495,13 +617,42 @@ def make_index(embeddings: np.ndarray, kind: str = "flat", nlist: int | None = N
     return index
 
 
+# faiss options a gallery may carry (gallery.json "options", Gallery.rebuild): name -> (low, high); nlist is
+# also bounded by the number of embeddings (k-means needs at least one point per cell)
+INDEX_OPTIONS: dict[str, tuple[int, int]] = {"nlist": (1, 1 << 20), "nprobe": (1, 1 << 20), "hnsw_m": (2, 256),
+                                             "ef_search": (1, 1 << 16), "seed": (0, (1 << 31) - 1)}
+# the faiss class of each kind (index.faiss is compared with gallery.json before it is used)
+INDEX_CLASSES = {"flat": "IndexFlatIP", "ivf": "IndexIVFFlat", "hnsw": "IndexHNSWFlat"}
+
+
+def check_index_options(options: Any, n: int, where: str) -> dict[str, int]:
+    """``options`` (a dict of :data:`INDEX_OPTIONS`, ints in range) or ValueError naming ``where`` and the key."""
+    if not isinstance(options, dict):
+        raise ValueError(f"{where}: options: expected a JSON object of {', '.join(INDEX_OPTIONS)}, "
+                         f"got {type(options).__name__}")
+    for key, value in options.items():
+        if key not in INDEX_OPTIONS:
+            raise ValueError(f"{where}: options.{key}: unknown (expected one of {', '.join(INDEX_OPTIONS)})")
+        low, high = INDEX_OPTIONS[key]
+        high = min(high, max(n, 1)) if key == "nlist" else high
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+            raise ValueError(f"{where}: options.{key}: got {_short(value)}, expected an int in [{low}, {high}]")
+    return dict(options)
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    """A value for an error message: its repr cut to ``limit`` characters (a file's value may be huge)."""
+    text = repr(value) if isinstance(value, (int, float, str, bool, type(None))) else type(value).__name__
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 @dataclass
 class Gallery:
     """Gallery embeddings with their identities and files, and a faiss index over them.
 
     Saved as a folder: ``embeddings.npy`` (float32 (N, D), the source of truth: the index can always be
-    rebuilt from it), ``gallery.json`` (identities, files, index kind and options, the model's name) and
-    ``index.faiss``.
+    rebuilt from it), ``gallery.json`` (identities, files, index kind and options, the model's name and
+    :meth:`Recognizer.fingerprint`) and ``index.faiss``.
     """
 
     embeddings: np.ndarray
@@ -512,6 +663,7 @@ class Gallery:
     model: str = ""
     folder: str = ""
     index: Any = field(default=None, repr=False)
+    fingerprint: str = ""
 
     def __post_init__(self) -> None:
         self.embeddings = np.ascontiguousarray(self.embeddings, dtype=np.float32)
@@ -520,6 +672,7 @@ class Gallery:
                              f"{len(self.files)} files must agree (N, D), N, N")
         if self.kind not in INDEX_KINDS:
             raise ValueError(f"index kind {self.kind!r}: expected one of {', '.join(INDEX_KINDS)}")
+        self.options = check_index_options(self.options, len(self.embeddings), self.folder or "gallery")
         if self.index is None:
             self.rebuild()
 
@@ -533,7 +686,7 @@ class Gallery:
     def rebuild(self, kind: str | None = None, **options: Any) -> None:
         """(Re)build the index from the stored embeddings (e.g. to switch ``flat`` -> ``ivf``)."""
         self.kind = kind or self.kind
-        self.options = {**self.options, **options}
+        self.options = check_index_options({**self.options, **options}, len(self.embeddings), self.folder or "gallery")
         self.index = make_index(self.embeddings, self.kind, **self.options)
 
     def add(self, embeddings: np.ndarray, identities: Sequence[str], files: Sequence[str]) -> None:
@@ -561,25 +714,27 @@ class Gallery:
                 for srow, rrow in zip(scores, rows)]
 
     def save(self, folder: str | os.PathLike) -> Path:
-        from faceforge.fileio import atomic_open, atomic_path, save_npy
+        """Write the three files together, atomically (``faceforge.fileio``: no torn file, no link followed)."""
+        from faceforge.fileio import atomic_files
 
         out = Path(folder)
         out.mkdir(parents=True, exist_ok=True)
-        save_npy(out / "embeddings.npy", self.embeddings)
-        meta = {"kind": self.kind, "options": self.options, "model": self.model, "dim": self.dim,
-                "identities": self.identities, "files": self.files}
-        with atomic_open(out / "gallery.json", "w") as f:
-            json.dump(meta, f, indent=1)
-        faiss = _faiss()
-        with atomic_path(out / "index.faiss") as tmp:
-            faiss.write_index(self.index, os.fspath(tmp))
+        meta = {"kind": self.kind, "options": self.options, "model": self.model, "fingerprint": self.fingerprint,
+                "dim": self.dim, "identities": self.identities, "files": self.files}
+        index_bytes = _faiss().serialize_index(self.index).tobytes()
+        with atomic_files((out / "embeddings.npy", "wb"), (out / "gallery.json", "w"),
+                          (out / "index.faiss", "wb")) as (fe, fm, fi):
+            np.save(fe, self.embeddings, allow_pickle=False)
+            json.dump(meta, fm, indent=1)
+            fi.write(index_bytes)
         self.folder = os.fspath(out)
         return out
 
     @classmethod
     def load(cls, folder: str | os.PathLike) -> "Gallery":
-        """Read a saved gallery; the index is rebuilt from ``embeddings.npy`` if ``index.faiss`` is missing
-        or does not hold every embedding."""
+        """Read a saved gallery, every field checked (:func:`_gallery_meta`). The index is rebuilt from
+        ``embeddings.npy`` if ``index.faiss`` is missing; one that cannot be read, or whose kind, metric,
+        dimension or size differs from ``gallery.json``, is an error naming it (``search build`` remakes it)."""
         root = Path(folder)
         meta_path, emb_path = root / "gallery.json", root / "embeddings.npy"
         for p in (meta_path, emb_path):
@@ -587,16 +742,65 @@ class Gallery:
                 raise ValueError(f"{p}: not found (expected a gallery folder written by `faceforge search build`)")
         try:
             meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError, RecursionError) as e:
+            raise ValueError(f"{meta_path}: cannot read JSON: {_short(str(e), 200)}") from None
+        try:
             embeddings = np.load(emb_path, allow_pickle=False)
         except (OSError, ValueError) as e:
-            raise ValueError(f"{root}: cannot read gallery: {e}") from None
-        index = None
-        if (root / "index.faiss").is_file():
-            index = _faiss().read_index(os.fspath(root / "index.faiss"))
-            if index.ntotal != len(embeddings):
-                index = None
-        return cls(embeddings, list(meta["identities"]), list(meta["files"]), meta.get("kind", "flat"),
-                   dict(meta.get("options", {})), meta.get("model", ""), os.fspath(root), index)
+            raise ValueError(f"{emb_path}: cannot read: {e}; expected a float32 (N, D) array") from None
+        if embeddings.dtype != np.float32 or embeddings.ndim != 2 or not np.isfinite(embeddings).all():
+            raise ValueError(f"{emb_path}: {embeddings.dtype} array of shape {embeddings.shape}; expected finite "
+                             "float32 (N, D) embeddings written by `faceforge search build`")
+        meta = _gallery_meta(meta, len(embeddings), embeddings.shape[1], meta_path)
+        index = _read_index(root / "index.faiss", meta["kind"], embeddings.shape) if (root / "index.faiss").is_file() else None
+        return cls(embeddings, meta["identities"], meta["files"], meta["kind"], meta["options"], meta["model"],
+                   os.fspath(root), index, meta["fingerprint"])
+
+
+def _gallery_meta(meta: Any, n: int, dim: int, where: Path) -> dict[str, Any]:
+    """``gallery.json`` checked against ``embeddings.npy`` (N rows of D): every key's type, N identities and
+    files (strings), a known index kind, bounded options. ValueError naming the file and the key."""
+    def bad(key: str, got: Any, expected: str) -> ValueError:
+        return ValueError(f"{where}: {key}: got {_short(got)}, expected {expected}")
+
+    if not isinstance(meta, dict):
+        raise bad("top level", meta, "a JSON object (kind, options, model, fingerprint, dim, identities, files)")
+    for key in ("identities", "files"):
+        v = meta.get(key)
+        if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+            raise bad(key, v, "a list of strings, one per embedding")
+        if len(v) != n:
+            raise bad(key, f"{len(v)} entries", f"{n}, one per row of embeddings.npy")
+    kind = meta.get("kind", "flat")
+    if kind not in INDEX_KINDS:
+        raise bad("kind", kind, f"one of {', '.join(INDEX_KINDS)}")
+    if meta.get("dim", dim) != dim:
+        raise bad("dim", meta.get("dim"), f"{dim}, the width of embeddings.npy")
+    for key in ("model", "fingerprint"):
+        if not isinstance(meta.get(key, ""), str):
+            raise bad(key, meta.get(key), "a string")
+    return {"identities": meta["identities"], "files": meta["files"], "kind": kind,
+            "options": check_index_options(meta.get("options", {}), n, str(where)),
+            "model": meta.get("model", ""), "fingerprint": meta.get("fingerprint", "")}
+
+
+def _read_index(path: Path, kind: str, shape: tuple[int, int]) -> Any:
+    """``index.faiss``, checked: readable, of the faiss class of ``kind``, inner product, D wide, N entries."""
+    faiss = _faiss()
+    remake = "`faceforge search build` remakes it (or delete it: it is rebuilt from embeddings.npy)"
+    try:
+        index = faiss.read_index(os.fspath(path))  # already of its own class (IndexFlatIP, ...)
+    except Exception as e:  # faiss raises RuntimeError for a corrupt or truncated file
+        raise ValueError(f"{path}: cannot read the faiss index (corrupt or truncated: "
+                         f"{_short(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__, 120)}); "
+                         f"{remake}") from None
+    got = (type(index).__name__, index.metric_type == faiss.METRIC_INNER_PRODUCT, index.d, index.ntotal)
+    want = (INDEX_CLASSES[kind], True, shape[1], shape[0])
+    if got != want:
+        raise ValueError(f"{path}: a {got[0]} ({'inner product' if got[1] else 'not inner product'}, {got[2]}-D, "
+                         f"{got[3]} entries); gallery.json says {want[0]} (inner product, {want[2]}-D, {want[3]} "
+                         f"entries); {remake}")
+    return index
 
 
 def gallery_entries(folder: str | os.PathLike) -> tuple[list[str], list[str]]:
@@ -614,7 +818,16 @@ def build_gallery(recognizer: Recognizer, folder: str | os.PathLike, kind: str =
                   **options: Any) -> tuple[Gallery, list[str]]:
     """Embed every image of an identity folder into a :class:`Gallery`; returns it and the skipped images."""
     paths, identities = gallery_entries(folder)
-    embeddings, kept, skipped = recognizer.embed_files(paths, detect=detect, skip_bad=skip_bad,
+    return embed_gallery(recognizer, paths, identities, kind, detect, skip_bad, batch_size, progress, **options)
+
+
+def embed_gallery(recognizer: Recognizer, paths: Sequence[str], identities: Sequence[str], kind: str = "flat",
+                  detect: bool = False, skip_bad: bool = False, batch_size: int = 64, progress: bool = False,
+                  **options: Any) -> tuple[Gallery, list[str]]:
+    """A :class:`Gallery` of these images (``identities[i]`` of ``paths[i]``), recording the model's name and
+    fingerprint; returns it and the skipped images."""
+    embeddings, kept, skipped = recognizer.embed_files(list(paths), detect=detect, skip_bad=skip_bad,
                                                        batch_size=batch_size, progress=progress)
     who = dict(zip(paths, identities))
-    return Gallery(embeddings, [who[k] for k in kept], kept, kind, options, recognizer.info.name), skipped
+    return Gallery(embeddings, [who[k] for k in kept], kept, kind, options, recognizer.name,
+                   fingerprint=recognizer.fingerprint()), skipped

@@ -8,6 +8,9 @@ and its false accept rate when known. The same JSON is stored in the safetensors
 ``faceforge``), so ``model.safetensors`` alone is enough.
 
 Nothing here unpickles: safetensors holds tensors only, and checkpoints load with ``weights_only=True``.
+Nothing here imports code a file names: ``model.json``, the header and a checkpoint's config may name only
+registered backbones unless the caller passes ``trust_code=True`` (:mod:`faceforge.registry`). Sizes are
+bounded and the weights' shapes are compared with the metadata before the backbone is built.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -43,6 +47,13 @@ MODEL_WEIGHTS = "model.safetensors"
 MODEL_JSON = "model.json"
 META_KEY = "faceforge"  # the safetensors header / ONNX metadata key that holds model.json
 FORMAT = "faceforge-model/1"
+# Bounds on what a model file may claim, far above any face model (512-D embeddings, 112..224 px crops; the
+# largest published recognition embeddings are 4096-D), far below what would exhaust memory when built.
+MAX_EMBEDDING_SIZE = 16384
+MAX_IMAGE_SIZE = 1024
+# The smallest std: (x - mean) in float32 carries a rounding error of up to eps32 * 255 / 2 for pixel values
+# near 255; divided by a std below eps32 * 255 (3.0e-5) that error alone exceeds 1/2 in normalised units.
+MIN_STD = float(np.finfo(np.float32).eps) * 255.0
 
 
 class ModelFileError(ValueError):
@@ -105,19 +116,21 @@ def _check(info: ModelInfo, source: str) -> None:
 
     if not isinstance(info.backbone, str) or not info.backbone:
         raise bad("backbone", "a backbone name")
-    for key in ("embedding_size", "image_size"):
+    for key, top in (("embedding_size", MAX_EMBEDDING_SIZE), ("image_size", MAX_IMAGE_SIZE)):
         v = getattr(info, key)
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise bad(key, "an int >= 1")
+        if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= top:
+            raise bad(key, f"an int in [1, {top}]")
     if not isinstance(info.backbone_kwargs, dict):
         raise bad("backbone_kwargs", "a JSON object")
     for key in ("mean", "std"):
         v = getattr(info, key)
-        if not isinstance(v, (list, tuple)) or len(v) != 3 or not all(_is_number(x) for x in v):
-            raise bad(key, "3 numbers (per channel, 0..255 scale)")
+        if not isinstance(v, (list, tuple)) or len(v) != 3 or not all(_is_number(x) and math.isfinite(x) for x in v):
+            raise bad(key, "3 finite numbers (per channel, 0..255 scale)")
         setattr(info, key, tuple(float(x) for x in v))
-    if any(s == 0 for s in info.std):
-        raise bad("std", "non-zero numbers")
+    if not all(0.0 <= m <= 255.0 for m in info.mean):
+        raise bad("mean", "3 numbers in [0, 255] (per channel, 0..255 scale)")
+    if not all(s >= MIN_STD for s in info.std):
+        raise bad("std", f"3 numbers >= {MIN_STD:.3g} (float32 resolution of the 0..255 scale)")
     if info.channel_order not in ("RGB", "BGR"):
         raise bad("channel_order", "'RGB' or 'BGR'")
     if not isinstance(info.flip_test, bool):
@@ -221,7 +234,8 @@ def read_safetensors_info(path: Path) -> ModelInfo:
 
 
 def build_backbone_from_info(info: ModelInfo) -> nn.Module:
-    """A freshly initialised backbone as ``info`` describes it (``faceforge train``'s own builder)."""
+    """A freshly initialised backbone as ``info`` describes it (``faceforge train``'s own builder). Called by
+    the loaders inside ``faceforge.registry.untrusted``, so that a file's metadata names no import."""
     from faceforge.build import build_backbone
     from faceforge.train.config import config_from_dict
 
@@ -247,15 +261,38 @@ def resolve_model_path(path: str | os.PathLike) -> Path:
     return p
 
 
-def load_backbone(path: str | os.PathLike) -> tuple[nn.Module, ModelInfo]:
-    """``(backbone in eval mode, info)`` from ``model.safetensors`` (+ ``model.json``)."""
+def _safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """name -> shape of every tensor in a safetensors file, from its header (no tensor is read)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error types for bad headers
+        raise ModelFileError(f"{path}: not a safetensors file: {e}") from None
+
+
+def load_backbone(path: str | os.PathLike, trust_code: bool = False) -> tuple[nn.Module, ModelInfo]:
+    """``(backbone in eval mode, info)`` from ``model.safetensors`` (+ ``model.json``).
+
+    The metadata may name only a registered backbone unless ``trust_code``; the file's tensor shapes are
+    compared with the backbone built on the meta device before anything is allocated."""
     from safetensors.torch import load_file
+
+    from faceforge.build import check_shapes
+    from faceforge.registry import untrusted
 
     path = Path(path)
     if not path.is_file():
         raise ModelFileError(f"{path}: model file not found")
     info = read_safetensors_info(path)
-    backbone = build_backbone_from_info(info)
+    shapes = _safetensors_shapes(path)
+    with untrusted(f"{path}: backbone", trust_code):
+        try:
+            check_shapes(lambda: build_backbone_from_info(info), shapes, str(path))
+        except ValueError as e:  # the message names the file
+            raise ModelFileError(str(e)) from None
+        backbone = build_backbone_from_info(info)
     try:
         state = load_file(str(path))
     except Exception as e:
@@ -273,15 +310,16 @@ def _load_state(backbone: nn.Module, state: dict[str, torch.Tensor], path: Path)
                              f"{' '.join(line.strip() for line in first[:3])}") from None
 
 
-def backbone_from_checkpoint(path: str | os.PathLike) -> tuple[nn.Module, ModelInfo]:
-    """``(backbone in eval mode, info)`` from a ``faceforge train`` checkpoint (``weights_only`` load)."""
+def backbone_from_checkpoint(path: str | os.PathLike, trust_code: bool = False) -> tuple[nn.Module, ModelInfo]:
+    """``(backbone in eval mode, info)`` from a ``faceforge train`` checkpoint (``weights_only`` load); its
+    config may name only a registered backbone unless ``trust_code``."""
     from faceforge.build import load_backbone as load_checkpoint_backbone
     from faceforge.train.checkpoint import THRESHOLD_KEY, CheckpointError, load_checkpoint
 
     path = Path(path)
     try:
         state = load_checkpoint(path)
-        backbone, cfg = load_checkpoint_backbone(state, source=str(path))
+        backbone, cfg = load_checkpoint_backbone(state, source=str(path), trust_code=trust_code)
     except (CheckpointError, ValueError) as e:  # ConfigError is a ValueError
         raise ModelFileError(str(e)) from None
     info = model_info_from_config(cfg, state.get("metrics"), state.get(THRESHOLD_KEY), state.get("step"))

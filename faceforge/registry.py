@@ -6,17 +6,70 @@ training sets (`train.data.DATASETS`), samplers (`data.samplers.SAMPLERS`), obje
 
 A name is either a registered one (case-insensitive) or ``"package.module:callable"``: a factory defined
 outside faceforge, imported when it is asked for (nothing is imported at registration or at import time).
+
+**Trust.** An import is code. Names read from a file someone else may have written (``model.json``, a
+safetensors header, the config stored in a checkpoint) are looked up inside :func:`untrusted`, where a
+``"package.module:callable"`` is refused (:class:`UntrustedCodeError`) before anything is imported; only
+registered names pass. The user's own YAML and command line are trusted code. ``trust_code=True`` (the
+``--trust-code`` flag) or an enclosing :func:`trusting_code` lifts the refusal for one load; the environment
+variable ``FACEFORGE_TRUSTED_MODULES`` (comma-separated module names, e.g. ``mypkg,lab.nets``) lifts it for
+imports from those modules and their sub-modules, always (your own code, e.g. the backbone of your own runs).
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import importlib
 import inspect
-from typing import Any, Callable, Generic, TypeVar
+import os
+from typing import Any, Callable, Generic, Iterator, TypeVar
 
 T = TypeVar("T")
 
-__all__ = ["Registry", "import_spec", "is_spec"]
+__all__ = ["TRUSTED_MODULES_ENV", "Registry", "UntrustedCodeError", "import_spec", "is_spec", "trusting_code",
+           "untrusted"]
+
+TRUSTED_MODULES_ENV = "FACEFORGE_TRUSTED_MODULES"
+
+# the file whose names are being looked up (None: the user's own config), and whether the user trusts code
+_UNTRUSTED_SOURCE: contextvars.ContextVar[str | None] = contextvars.ContextVar("faceforge_untrusted", default=None)
+_TRUST_CODE: contextvars.ContextVar[bool] = contextvars.ContextVar("faceforge_trust_code", default=False)
+
+
+class UntrustedCodeError(ValueError):
+    """A model file or checkpoint names code to import (``"package.module:callable"``) and is not trusted."""
+
+
+def trusted_module(spec: str) -> bool:
+    """True when the module of ``"package.module:callable"`` is one the user listed in ``FACEFORGE_TRUSTED_MODULES``
+    (or a sub-module of one)."""
+    module = spec.partition(":")[0]
+    listed = [m.strip() for m in os.environ.get(TRUSTED_MODULES_ENV, "").split(",") if m.strip()]
+    return any(module == m or module.startswith(m + ".") for m in listed)
+
+
+@contextlib.contextmanager
+def untrusted(source: str, trust_code: bool = False) -> Iterator[None]:
+    """Registry names looked up inside come from ``source``, a file that may be someone else's: a
+    ``"package.module:callable"`` is refused before it is imported, unless ``trust_code`` (or an
+    enclosing :func:`trusting_code`) says the user trusts the file's author."""
+    trusted = trust_code or _TRUST_CODE.get()
+    token = _UNTRUSTED_SOURCE.set(None if trusted else source)
+    try:
+        yield
+    finally:
+        _UNTRUSTED_SOURCE.reset(token)
+
+
+@contextlib.contextmanager
+def trusting_code(trust: bool = True) -> Iterator[None]:
+    """Inside, model files and checkpoints may name imports (``--trust-code``); ``trust=False`` changes nothing."""
+    token = _TRUST_CODE.set(trust or _TRUST_CODE.get())
+    try:
+        yield
+    finally:
+        _TRUST_CODE.reset(token)
 
 
 def is_spec(name: str) -> bool:
@@ -79,7 +132,14 @@ class Registry(Generic[T]):
         return f"one of: {', '.join(self.names())}, or 'package.module:callable'"
 
     def get(self, name: str) -> Callable[..., T]:
+        """The factory of ``name``. Inside :func:`untrusted` an import is an :class:`UntrustedCodeError`."""
         if is_spec(name):
+            source = _UNTRUSTED_SOURCE.get()
+            if source is not None and not trusted_module(name):
+                raise UntrustedCodeError(
+                    f"{source}: {name!r} names code to import; a model file or checkpoint may name only "
+                    f"a registered {self.kind} ({', '.join(self.names())}). Nothing was imported; if you trust "
+                    f"its author, pass --trust-code (trust_code=True) or list the module in {TRUSTED_MODULES_ENV}")
             return import_spec(name)
         try:
             return self._factories[name.lower()]

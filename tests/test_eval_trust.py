@@ -123,7 +123,8 @@ def test_eval_reads_no_set_a_checkpoint_names_outside_its_run(untrained: dict[st
 def test_eval_does_not_search_a_font_folder_a_checkpoint_names(untrained: dict[str, Path], tmp_path: Path,
                                                                capsys: pytest.CaptureFixture[str]) -> None:
     """Before: a glyph checkpoint's data.path was searched (rglob) wherever it pointed."""
-    ckpt = _with_config(untrained["ckpt"], tmp_path / "theirs" / "last.pt", name="glyphs", path=str(Path.home()))
+    ckpt = _with_config(untrained["ckpt"], tmp_path / "theirs" / "last.pt", name="glyphs", path=str(Path.home()),
+                        kwargs={})  # the synthetic source's kwargs are not the glyphs'
     capsys.readouterr()
     assert main(["eval", str(ckpt)]) == 2
     err = capsys.readouterr().err

@@ -128,7 +128,7 @@ def test_model_json_errors_name_the_key(tmp_path: Path):
         ModelInfo.from_dict({"backbone": "r18"}, "src")
     with pytest.raises(ModelFileError, match=r"src: colour: unknown key"):
         ModelInfo.from_dict({"backbone": "r18", "embedding_size": 8, "colour": 1}, "src")
-    with pytest.raises(ModelFileError, match=r"src: std: got \(1.0, 0.0, 1.0\), expected non-zero numbers"):
+    with pytest.raises(ModelFileError, match=r"src: std: got \(1.0, 0.0, 1.0\), expected 3 numbers >= 3.04e-05"):
         ModelInfo.from_dict({"backbone": "r18", "embedding_size": 8, "std": [1, 0, 1]}, "src")
 
 
@@ -253,8 +253,12 @@ def test_embed_verify_search_end_to_end(run: Path, gallery_folder: Path, tmp_pat
     cos = float(np.dot(emb[0].astype(np.float64), emb[1]))
     assert f"cosine {cos:.4f}" in out and f"threshold {r.info.threshold:.4f}" in out
     assert ("same person" if cos >= r.info.threshold else "different people") in out
-    assert main(["verify", str(run), a, b, "--threshold", "2"]) == 0
-    assert "different people at threshold 2.0000" in capsys.readouterr().out
+    assert main(["verify", str(run), a, b, "--threshold", "0.99"]) == 0
+    assert "at threshold 0.9900" in capsys.readouterr().out
+    assert main(["verify", str(run), a, b, "--threshold", "2"]) == 2  # a cosine is in [-1, 1]
+    assert "--threshold: got 2.0, expected a cosine in [-1, 1]" in capsys.readouterr().err
+    with pytest.raises(ValueError, match=r"threshold: got 2, expected a cosine in \[-1, 1\]"):
+        r.verify(a, b, threshold=2)
 
     index = tmp_path / "index"
     assert main(["search", "build", str(run), str(gallery_folder), str(index), "--quiet"]) == 0
@@ -267,8 +271,9 @@ def test_embed_verify_search_end_to_end(run: Path, gallery_folder: Path, tmp_pat
     best = np.argsort(-brute, kind="stable")[:3]
     assert [ln.split()[-1] for ln in lines[1:]] == [files[k] for k in best]
     assert lines[1].split()[1] == Path(probe).parent.name  # itself
-    assert main(["search", "build", str(run), str(gallery_folder), str(index), "--quiet", "--append"]) == 0
-    assert len(Gallery.load(index)) == 36
+    assert main(["search", "build", str(run), str(gallery_folder), str(index), "--quiet", "--append"]) == 2
+    assert "18 of these images are already in the index" in capsys.readouterr().err  # tests/test_gallery.py
+    assert len(Gallery.load(index)) == 18
 
 
 def test_flat_index_agrees_with_brute_force_numpy_and_other_kinds_run(tmp_path: Path):

@@ -10,7 +10,9 @@ never changes (BatchNorm uses its running statistics and does not update them).
   ``(x - 127.5) / 127.5`` RGB (as insightface's recognition models do) and returns (B, D). A pretrained
   model of another toolkit can teach this way. Optional extra: ``pip install faceforge[export]``.
 - otherwise a ``faceforge train`` checkpoint (``last.pt``, a ``step_*.pt``, or a run folder holding
-  ``last.pt``): its backbone, built from the run's config, with its weights.
+  ``last.pt``): its backbone, built from the run's config, with its weights. That config is data: it may
+  name only a registered backbone (an import, ``package.module:Class``, is refused before anything is
+  imported) unless ``load_teacher(..., trust_code=True)``.
 
 ``dtype="bfloat16"`` keeps a checkpoint teacher's weights in bfloat16 (half the memory of a 1.2K-layer
 teacher) and feeds it bfloat16 images; its embeddings are returned in float32.
@@ -90,6 +92,7 @@ class OnnxTeacher(Teacher):
             raise ValueError(f"{path}: an ONNX teacher needs onnxruntime (pip install faceforge[export])") from None
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or torch.get_num_threads()
+        options.log_severity_level = 3  # onnxruntime: errors only (as faceforge.inference.ONNX_LOG_SEVERITY)
         providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
         try:
             self.__dict__["session"] = ort.InferenceSession(path, options, providers=providers)
@@ -128,8 +131,10 @@ def _checkpoint_path(source: str) -> Path:
     return path
 
 
-def load_teacher(source: str | os.PathLike, dtype: str = "float32", map_location: str | torch.device = "cpu") -> Teacher:
-    """The frozen teacher at ``source`` (module doc). ``dtype``: ``float32`` or ``bfloat16`` (checkpoints only)."""
+def load_teacher(source: str | os.PathLike, dtype: str = "float32", map_location: str | torch.device = "cpu",
+                 trust_code: bool = False) -> Teacher:
+    """The frozen teacher at ``source`` (module doc). ``dtype``: ``float32`` or ``bfloat16`` (checkpoints only).
+    ``trust_code``: let the checkpoint's config name a backbone to import (default: registered ones only)."""
     source = os.fspath(source)
     if dtype not in TEACHER_DTYPES:
         raise ValueError(f"teacher dtype {dtype!r}: expected one of {sorted(TEACHER_DTYPES)}")
@@ -142,5 +147,5 @@ def load_teacher(source: str | os.PathLike, dtype: str = "float32", map_location
     from faceforge.build import load_backbone
 
     path = _checkpoint_path(source)
-    backbone, cfg = load_backbone(path, map_location=map_location)
+    backbone, cfg = load_backbone(path, map_location=map_location, trust_code=trust_code)
     return BackboneTeacher(backbone, str(path), cfg.model.embedding_size, TEACHER_DTYPES[dtype])

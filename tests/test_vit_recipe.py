@@ -152,6 +152,18 @@ def test_init_from_a_model_file_of_another_backbone_is_one_line(tmp_path: Path) 
         train(make_config(tmp_path / "run", model=model, train={"steps": 1}))
 
 
+def test_a_missing_or_unreadable_model_file_is_one_line_before_the_first_step(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    (tmp_path / "bad.safetensors").write_bytes(b"not a model file")
+    save_file({"w": torch.zeros(1)}, str(tmp_path / "bare.safetensors"))  # no faceforge metadata, no model.json
+    for path, why in ((tmp_path / "missing.safetensors", "model file not found"),
+                      (tmp_path / "bad.safetensors", "not a safetensors file"),
+                      (tmp_path / "bare.safetensors", "no faceforge metadata")):
+        with pytest.raises(ConfigError, match=rf"model\.init_from: .*{path.name}: {why}"):
+            train(make_config(tmp_path / f"run_{path.stem}", model={"init_from": str(path)}))
+
+
 # ------------------------------------------------------------------------------ the ViT configs
 
 

@@ -49,6 +49,7 @@ class RunParts:
     main: bool
     zero: bool
     steps_per_epoch: int
+    ema: Any = None  # faceforge.train.ema.ModelEMA (train.ema), or None: its module is the model file's backbone
 
 
 @dataclass
@@ -67,6 +68,7 @@ class Checkpointer:
     def __init__(self, parts: RunParts) -> None:
         self.parts = parts
         self.path = parts.output / CHECKPOINT_NAME
+        self.init_from_parts = ""  # what model.init_from loaded, in words (init_from)
 
     # --- writing ---
 
@@ -129,7 +131,8 @@ class Checkpointer:
             fdist.barrier()  # every rank's rows are written and fsync'ed before last.pt names them
         if p.main:
             save_checkpoint(self.path, state)
-            write_model_files(p.output, p.backbone, p.cfg, metrics, state[THRESHOLD_KEY], step)
+            evaluated = p.backbone if p.ema is None else p.ema.module  # train.ema: the average is the model
+            write_model_files(p.output, evaluated, p.cfg, metrics, state[THRESHOLD_KEY], step)
             self._keep_older(step, state)
             if entries:
                 kept = {int(f.stem.removeprefix("step_")) for f in p.output.glob("step_*.pt")}
@@ -227,13 +230,18 @@ class Checkpointer:
         return resumed
 
     def init_from(self, path: Path, num_classes: int) -> None:
-        """model.init_from: start from another run's backbone and head class weights (not its optimiser or queue)."""
+        """model.init_from: start from another run's backbone and head class weights (not its optimiser or queue),
+        or from a model file's backbone (``.safetensors``; the head starts fresh). Sets :attr:`init_from_parts`."""
         p = self.parts
         state = shards.resolve(check_init_from(p.cfg), path.parent, self.shard_rows())
         load_part(p.backbone, state.get("backbone"), f"model.init_from {path}: the backbone")
+        if state.get("head") is None:  # a model file: the backbone only
+            self.init_from_parts = "the backbone (a model file; the head starts from its initialisation)"
+            return
         load_class_weights(
             p.head, state.get("head"), f"model.init_from {path}: the head (num_classes {num_classes} from the data here)",
         )
+        self.init_from_parts = "backbone and head class weights"
 
 
 def load_optimizer_and_schedule(

@@ -47,6 +47,7 @@ __all__ = [
     "DataConfig",
     "OptimConfig",
     "ScheduleConfig",
+    "EmaConfig",
     "TrainConfig",
     "load_config",
     "config_from_dict",
@@ -237,6 +238,20 @@ class ScheduleConfig:
 
 
 @dataclass
+class EmaConfig:
+    """Model EMA of the backbone (``faceforge.train.ema.ModelEMA``); ``decay`` 0 = off (the default).
+
+    Every ``every`` optimiser steps the average moves towards the backbone: ``ema = decay * ema + (1 - decay) *
+    weights`` (buffers, e.g. BatchNorm statistics, copied). With it on, the evaluations during training and
+    ``model.safetensors`` use the averaged weights; ``last.pt`` holds both (the raw backbone under ``backbone``,
+    the average under ``extra.ema``). A class-sharded head's rows are not averaged: the EMA is the backbone's.
+    """
+
+    decay: float = 0.0
+    every: int = 1
+
+
+@dataclass
 class TrainConfig:
     """The loop. ``steps`` (optimiser steps, if set) wins over ``epochs``.
 
@@ -275,6 +290,7 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     channels_last: bool = False
     cudnn_benchmark: bool = False
+    ema: EmaConfig = field(default_factory=EmaConfig)
 
 
 @dataclass
@@ -495,6 +511,8 @@ _RANGES: dict[str, tuple[Any, str]] = {
     "train.dist_timeout": (lambda v: v > 0, "seconds > 0"),
     "schedule.warmup_steps": (lambda v: v is None or v >= 0, "null or an int >= 0"),
     "schedule.warmup_epochs": (lambda v: v >= 0, "a float >= 0"),
+    "train.ema.decay": (lambda v: 0 <= v < 1, "a float in [0, 1) (0 = off)"),
+    "train.ema.every": (lambda v: v >= 1, "an int >= 1 (optimiser steps between updates)"),
 }
 
 
@@ -541,8 +559,7 @@ def _check_ranges(cfg: Config, source: str) -> None:
     if bad:
         raise ConfigError(f"{source}: {bad} = {_lookup(cfg, bad)!r}: expected a finite number (not inf or nan)")
     for key, (ok, expected) in _RANGES.items():
-        section, name = key.split(".")
-        value = getattr(getattr(cfg, section), name)
+        value = _lookup(cfg, key)
         if not ok(value):
             raise ConfigError(f"{source}: {key} = {value!r}: expected {expected}")
     for key, (applies, when, ok, expected) in _CONDITIONAL_RANGES.items():

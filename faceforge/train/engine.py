@@ -58,6 +58,7 @@ from faceforge.train.checkpointing import Checkpointer, RunParts, parameters_by_
 from faceforge.train.config import Config
 from faceforge.train.data import build_dataset, build_unlabelled, dataset_labels
 from faceforge.train.device import check_device, configure_backends, dist_backend, prepare_backbone, run_device
+from faceforge.train.ema import ModelEMA, build_ema
 from faceforge.train.lifecycle import StopSignals, TrainingInterrupted
 from faceforge.train.preflight import check_backbone, check_head, check_resume, check_run_folder, open_evaluators
 from faceforge.train.runlog import LOG_NAME, RunLog
@@ -199,11 +200,14 @@ class _Run:
         self.sampler = build_sampler(cfg.data.sampler, context, cfg.data.sampler_kwargs,
                                      needs=self.objective.needs_extras, needed_by=f"objective {cfg.objective.name}")
         self.objective.bind(context)
+        self.ema: ModelEMA | None = build_ema(t.ema, self.backbone)  # train.ema: a TrainHooks part (faceforge.train.ema)
+        if self.ema is not None:
+            self.hooks["ema"] = self.ema
         self.checkpoints = Checkpointer(RunParts(
             cfg=cfg, output=self.output, backbone=self.backbone, head=self.head, objective=self.objective,
             hooks=self.hooks, optimizer=self.optimizer, scheduler=self.scheduler, scaler=self.scaler,
             sampler=self.sampler, device=self.device, world_size=self.world_size, main=self.main, zero=self.zero,
-            steps_per_epoch=self.steps_per_epoch,
+            steps_per_epoch=self.steps_per_epoch, ema=self.ema,
         ))
         self.log = RunLog(cfg, self.main, self.total_steps, self.steps_per_epoch)
         self.step = 0
@@ -222,6 +226,8 @@ class _Run:
         self.init_from = Path(cfg.model.init_from) if cfg.model.init_from and self.resume_from is None else None
         if self.init_from is not None:
             self.checkpoints.init_from(self.init_from, num_classes)
+        if self.ema is not None:
+            self.ema.start()  # the average starts from the weights the run starts from (unless resumed)
         self.backbone_ddp = self._wrap_backbone() if self.world_size > 1 else None
 
     # --- setup ---
@@ -271,8 +277,9 @@ class _Run:
         others wait at a barrier."""
         if self.main:
             metrics: dict[str, float] = {}
+            backbone = self.ema.module if self.ema is not None else self.backbone  # train.ema: the average
             for s in self._eval_sets:
-                numbers = s.evaluate(self.backbone, self.cfg.data.image_size,
+                numbers = s.evaluate(backbone, self.cfg.data.image_size,
                                      batch_size=self.cfg.data.eval_batch_size, device=self.device)
                 prefix = f"{s.name}/" if s.name else ""
                 metrics.update({f"{prefix}{k}": float(v) for k, v in numbers.items()})
@@ -494,7 +501,10 @@ class _Run:
             lines.append(f"no evaluation sets: data.eval_pairs / eval_bins give no held-out pairs for data.name "
                          f"{self.cfg.data.name!r} and no eval_ijb, eval_probes or eval_retrieval is set")
         if self.init_from is not None:
-            lines.append(f"initialised from {self.init_from} (model.init_from): backbone and head class weights")
+            lines.append(f"initialised from {self.init_from} (model.init_from): {self.checkpoints.init_from_parts}")
+        if self.ema is not None:
+            lines.append(f"train.ema: decay {self.ema.decay:g} every {self.ema.every} step(s); evaluations and "
+                         f"model.safetensors use the averaged backbone (the raw one stays in {CHECKPOINT_NAME})")
         lines.append(
             f"run {self.output}: {len(self.dataset)} images, {int(self.dataset.num_classes)} classes, world size "
             f"{self.world_size}, {self.total_steps} steps ({self.steps_per_epoch} per epoch, {self.step_images} images "

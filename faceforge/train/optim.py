@@ -1,9 +1,12 @@
 """Optimisers and learning-rate schedules.
 
 Parameter groups: the backbone's parameters, and the head's in a group of their own (``head_lr`` and
-``head_weight_decay`` when set). With ``no_decay_bn_bias`` the backbone's 1-d parameters (BN / PReLU
-scales, biases) get weight decay 0 in a third group; off by default, as in insightface where weight
-decay touches every parameter. Frozen parameters (``requires_grad=False``) are left out.
+``head_weight_decay`` when set). With ``no_decay_bn_bias`` the backbone's parameters that weight decay
+should not pull to zero get weight decay 0 in a group of their own (:func:`no_decay_parameters`): those of
+normalisation layers and PReLU slopes (found by module type), every module's ``bias``, and what the backbone
+declares through ``no_weight_decay()`` (:class:`DeclaresNoWeightDecay`: a ViT's position embeddings and mask
+token). Off by default, as in insightface where weight decay touches every parameter; the ViT recipe (AdamW,
+weight decay 0.1) turns it on. Frozen parameters (``requires_grad=False``) are left out.
 
 The schedule is a pure function of the optimiser step, :func:`lr_at`, wrapped in ``LambdaLR`` so that
 it resumes from ``state_dict`` and reproduces exactly. Steps are optimiser steps, not micro-batches:
@@ -14,7 +17,7 @@ from __future__ import annotations
 
 import bisect
 import math
-from typing import Callable, Sequence
+from typing import Callable, Protocol, Sequence, runtime_checkable
 
 from torch import Tensor
 
@@ -26,7 +29,8 @@ from faceforge.registry import Registry
 from faceforge.train.config import Config, OptimConfig, ScheduleConfig
 
 __all__ = [
-    "LazyRowSGD", "OPTIMIZERS", "SCHEDULES", "param_groups", "build_optimizer", "linear_scaled_lr", "sharded", "decay_factor",
+    "DeclaresNoWeightDecay", "LazyRowSGD", "NO_DECAY_MODULES", "OPTIMIZERS", "SCHEDULES", "no_decay_parameters",
+    "param_groups", "build_optimizer", "linear_scaled_lr", "sharded", "decay_factor",
     "lr_at", "warmup_steps", "build_scheduler",
 ]
 
@@ -35,17 +39,56 @@ def _trainable(module: nn.Module) -> list[nn.Parameter]:
     return [p for p in module.parameters() if p.requires_grad]
 
 
+@runtime_checkable
+class DeclaresNoWeightDecay(Protocol):
+    """A backbone naming parameters that weight decay must not touch besides norms and biases (timm's method)."""
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameter names as ``named_parameters()`` gives them (a ViT: ``{"pos_embed", "mask_token"}``)."""
+        ...
+
+
+# the module types whose every parameter is exempt from weight decay: normalisation layers (their scales and
+# shifts set a feature's range, decaying them shrinks it) and PReLU's slopes (insightface's 1-d parameters)
+NO_DECAY_MODULES: tuple[type[nn.Module], ...] = (
+    nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm, nn.RMSNorm, nn.PReLU,
+)
+
+
+def no_decay_parameters(module: nn.Module) -> set[str]:
+    """The names of ``module``'s parameters that get no weight decay under ``optim.no_decay_bn_bias``: those of
+    the :data:`NO_DECAY_MODULES` types, each submodule's ``bias``, and ``module.no_weight_decay()`` when the
+    module declares it (:class:`DeclaresNoWeightDecay`)."""
+    names: set[str] = set()
+    for prefix, sub in module.named_modules():
+        dotted = f"{prefix}." if prefix else ""
+        for name, _ in sub.named_parameters(recurse=False):
+            if isinstance(sub, NO_DECAY_MODULES) or name == "bias":
+                names.add(dotted + name)
+    if isinstance(module, DeclaresNoWeightDecay):
+        declared = set(module.no_weight_decay())
+        unknown = declared - dict(module.named_parameters()).keys()
+        if unknown:
+            raise ValueError(f"{type(module).__name__}.no_weight_decay() names {sorted(unknown)}, which are not its "
+                             "parameters; expected names from named_parameters()")
+        names |= declared
+    return names
+
+
 def param_groups(cfg: OptimConfig, backbone: nn.Module, head: nn.Module) -> list[dict]:
-    """The optimiser's groups: ``backbone`` (and ``backbone_no_decay``), then ``head``; each has a ``name``."""
-    backbone_params = _trainable(backbone)
+    """The optimiser's groups: ``backbone`` (and ``backbone_no_decay``), then ``head``; each has a ``name``.
+
+    ``backbone_no_decay`` (with ``optim.no_decay_bn_bias``): :func:`no_decay_parameters`, weight decay 0."""
     groups = []
     if cfg.no_decay_bn_bias:
-        decay = [p for p in backbone_params if p.ndim > 1]
-        no_decay = [p for p in backbone_params if p.ndim <= 1]
+        exempt = no_decay_parameters(backbone)
+        named = [(n, p) for n, p in backbone.named_parameters() if p.requires_grad]
+        decay = [p for n, p in named if n not in exempt]
+        no_decay = [p for n, p in named if n in exempt]
         groups.append({"name": "backbone", "params": decay, "lr": cfg.lr, "weight_decay": cfg.weight_decay})
         groups.append({"name": "backbone_no_decay", "params": no_decay, "lr": cfg.lr, "weight_decay": 0.0})
     else:
-        groups.append({"name": "backbone", "params": backbone_params, "lr": cfg.lr, "weight_decay": cfg.weight_decay})
+        groups.append({"name": "backbone", "params": _trainable(backbone), "lr": cfg.lr, "weight_decay": cfg.weight_decay})
     groups.append({
         "name": "head",
         "params": _trainable(head),

@@ -5,7 +5,8 @@
 - :func:`open_evaluators`: every evaluation set of the config (``data.eval_pairs`` / ``eval_bins``,
   ``eval_ijb``, ``eval_probes`` + ``eval_distractors``, ``eval_retrieval``) opened and read, and the first
   image of each image set checked against ``data.image_size``; an error names the config key and the file.
-- :func:`check_init_from`: ``model.init_from`` is a readable ``faceforge train`` checkpoint.
+- :func:`check_init_from`: ``model.init_from`` is a readable ``faceforge train`` checkpoint, or a model file
+  (``model.safetensors``, e.g. from ``faceforge import-weights``) of this run's backbone.
 - :func:`check_resume`: a resumed run's config against its checkpoint's: a change of a key that
   :data:`faceforge.train.lifecycle.RESUME_POLICY` refuses (embedding size, classes, head, ...) stops here.
 - :func:`check_head`: the head factory's own check of ``head.kwargs`` against the run (class count, global
@@ -109,16 +110,39 @@ def open_evaluators(cfg: Config) -> list[Any]:
 
 
 def check_init_from(cfg: Config) -> dict[str, Any] | None:
-    """``model.init_from`` read (``weights_only``) as a checkpoint holding a backbone and a head; None if unset."""
+    """``model.init_from`` read (``weights_only``) as a checkpoint holding a backbone and a head, or as a model
+    file (``.safetensors``: ``{"backbone": tensors, "head": None}``, the head starting fresh); None if unset."""
     path = cfg.model.init_from
     if not path:
         return None
+    if Path(path).suffix == ".safetensors":
+        return {"backbone": _named("model.init_from", lambda: _model_file_backbone(cfg, Path(path))), "head": None}
     state = _named("model.init_from", lambda: load_checkpoint(path))
     missing = [k for k in ("backbone", "head") if not isinstance(state.get(k), dict)]
     if missing:
         raise ConfigError(f"model.init_from: {path}: no {' or '.join(missing)} state in it; expected a checkpoint "
-                          f"written by `faceforge train`")
+                          f"written by `faceforge train` or a model file (.safetensors)")
     return state
+
+
+def _model_file_backbone(cfg: Config, path: Path) -> dict[str, Any]:
+    """The tensors of a model file whose metadata names this run's backbone and embedding size (safetensors:
+    data only, nothing unpickled)."""
+    from safetensors.torch import load_file
+
+    from faceforge.modelfile import ModelFileError, read_safetensors_info
+
+    if not path.is_file():
+        raise ConfigError(f"model.init_from: {path}: model file not found")
+    info = read_safetensors_info(path)
+    m = cfg.model
+    if (info.backbone, info.embedding_size) != (m.backbone, m.embedding_size):
+        raise ConfigError(f"model.init_from: {path}: a {info.backbone} with embedding size {info.embedding_size}; "
+                          f"expected this run's model.backbone {m.backbone} with embedding size {m.embedding_size}")
+    try:
+        return load_file(str(path))
+    except Exception as e:  # safetensors raises its own error types for damaged files
+        raise ModelFileError(f"{path}: cannot read safetensors weights: {e}") from None
 
 
 def check_head(cfg: Config, num_classes: int, world_size: int) -> None:

@@ -83,6 +83,28 @@ def test_roc_large_n_is_vectorised():
     fpr, tpr, thr = M.roc(scores, labels)
     assert fpr[-1] == tpr[-1] == 1.0 and len(thr) == len(np.unique(scores)) + 1
     assert M.auc(fpr, tpr) == pytest.approx(0.5, abs=2e-3)
+    # vectorised: the Python-level calls (functions and builtins, counted by a profiler) do not grow with n; a
+    # loop over pairs or thresholds makes at least one per element: >= 2M here against the 1,000 pairs' count
+    small, large = python_calls(M.roc, scores[:1000], labels[:1000]), python_calls(M.roc, scores, labels)
+    assert large <= small + 10, (small, large)
+
+
+def python_calls(f, *args) -> int:
+    """How many Python function and builtin calls ``f(*args)`` makes (``sys.setprofile`` events)."""
+    import sys
+
+    count = 0
+
+    def profile(frame, event, arg):
+        nonlocal count
+        count += event in ("call", "c_call")
+
+    sys.setprofile(profile)
+    try:
+        f(*args)
+    finally:
+        sys.setprofile(None)
+    return count
 
 
 # ---------------------------------------------------------------- tar_at_far

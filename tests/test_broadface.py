@@ -219,6 +219,21 @@ def test_chunked_equals_plain():
     assert int(chunked.queue_count) == 4 * B  # the last steps ran 1 + ceil(15 / 3) blocks
 
 
+def _context_tensors(root: torch.autograd.graph.Node) -> list[torch.Tensor]:
+    """Every tensor held as an attribute (or in a list / tuple attribute) by a node of the graph below ``root``:
+    what custom autograd Functions keep on ``ctx`` outside ``save_for_backward``."""
+    seen, stack, found = set(), [root], []
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        for value in getattr(node, "__dict__", {}).values():
+            found += [v for v in (value if isinstance(value, (list, tuple)) else [value]) if isinstance(v, torch.Tensor)]
+        stack += [fn for fn, _ in node.next_functions]
+    return found
+
+
 def test_no_row_block_outlives_the_forward():
     """The graph keeps the encoder's (B, C) logits only: the classifier's row blocks are freed in the forward."""
     num_classes, queue = 40, 200
@@ -240,6 +255,11 @@ def test_no_row_block_outlives_the_forward():
     assert len(saved) > len(alive)  # the blocks did save tensors, and they are gone
     big = [t for t in alive if t.numel() > B * D]
     assert sum(t.numel() for t in big) == B * num_classes + num_classes  # the encoder's logits and W norms
+    # tensors a custom autograd Function keeps as attributes of its context (``ctx.x = t``) pass no saved-tensors
+    # hook: the graph's nodes hold them. Only the gradients handed over (one per parameter / input) may be there.
+    handed_over = {tuple(p.shape) for p in (x, *broadface.parameters())}
+    kept = _context_tensors(loss.grad_fn)
+    assert kept and {tuple(t.shape) for t in kept} <= handed_over, [tuple(t.shape) for t in kept]
     loss.backward()
     assert broadface.weight.grad.shape == (num_classes, D) and x.grad.shape == (B, D)
 

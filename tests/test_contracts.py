@@ -203,15 +203,24 @@ def test_backbone_forward_backward_and_state_dict(name: str) -> None:
 # ---------------------------------------------------------------------------------------------- training sets
 
 
+def _raw_images() -> list[tuple[Any, int]]:
+    """12 random uint8 (16, 16, 3) RGB images of 3 classes (4 each), as (image, label)."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    return [(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8), i // 4) for i in range(12)]
+
+
+_RAW_IMAGES = _raw_images()
+
+
 def _dataset_data(name: str, folder: Path) -> dict[str, Any]:
     """``data`` keys that make a tiny training set of each registered ``data.name`` (12 images of 3 classes, 16 px)."""
-    import numpy as np
     from PIL import Image
 
     from faceforge.data import recordio
 
-    rng = np.random.default_rng(0)
-    images = [(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8), i // 4) for i in range(12)]
+    images = _RAW_IMAGES
     if name == "synthetic":
         return {"num_identities": 3, "images_per_identity": 4}
     if name == "recordio":
@@ -247,3 +256,9 @@ def test_training_sets_share_one_item_contract(tmp_path: Path, name: str) -> Non
         assert isinstance(image, torch.Tensor) and image.dtype == torch.float32 and image.shape == (3, 16, 16), name
         assert -1.0 <= float(image.min()) <= float(image.max()) <= 1.0
         assert isinstance(label, int) and 0 <= label < int(dataset.num_classes)
+        if name in ("recordio", "folder"):  # the sets made from known uint8 images: the item is one of its
+            # class's images, normalised: (x - 127.5) / 127.5 in float32, CHW, RGB. Within 2^-23 (one float32
+            # rounding of a value in [-1, 1], whichever order the reader divides and subtracts in).
+            candidates = [torch.from_numpy(x).permute(2, 0, 1).double().sub(127.5).div(127.5)
+                          for x, y in _RAW_IMAGES if y == label]
+            assert min(float((image.double() - c).abs().max()) for c in candidates) <= 2.0 ** -23, name

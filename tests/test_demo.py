@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from faceforge.cli import build_parser, main
@@ -26,6 +27,9 @@ def test_tiny_demo_trains_evaluates_and_reports(tmp_path: Path, capsys: pytest.C
     assert (trained.labels == untrained.labels).all()
     for r in (untrained, trained):
         assert 0.0 <= r.accuracy <= 1.0 and 0.0 <= r.tar_at_far[1e-3] <= 1.0
+    # training changed the model the trained row measures: its cosine scores of the same pairs moved (a
+    # float32 re-run of one model differs by ~1e-7; trained weights move scores by orders of magnitude more)
+    assert np.abs(trained.scores - untrained.scores).max() > 1e-2
     # the table shows both rows with the numbers just measured, and where the files went
     assert re.search(r"^\| untrained +\|", out, re.M) and re.search(r"^\| trained +\|", out, re.M)
     assert f"{100 * trained.accuracy:.2f} ±" in out and f"{100 * untrained.accuracy:.2f} ±" in out

@@ -54,6 +54,25 @@ def test_eval_writes_every_report_and_reuses_the_embeddings(
     assert rec["pairs"] == len(issame)
     emb = np.load(rec["embeddings"])
     assert Path(rec["embeddings"]).parent == out and emb.shape[0] == 2 * len(issame)
+    # the cached embeddings themselves, from the .bin's images and the checkpoint's backbone written out here in
+    # float64: normalize(f(x) + f(flip(x))) with x = (image - 127.5) / 127.5. The CLI's float32 forward agrees to
+    # ~1e-6 per unit-vector component (a few 2^-24 per layer); 1e-4 sees a wrong flip, scale or model.
+    import torch
+
+    from faceforge.build import load_backbone
+    from faceforge.data.pairs import load_bin
+
+    images, _ = load_bin(bin_path)
+    net = load_backbone(ckpt)[0].double().eval()
+    x = (torch.as_tensor(np.asarray(images)).permute(0, 3, 1, 2).double() - 127.5) / 127.5
+    with torch.no_grad():
+        f = net(x) + net(x.flip(-1))
+    f = (f / f.norm(dim=1, keepdim=True)).numpy()
+    np.testing.assert_allclose(emb, f, rtol=0, atol=1e-4)
+    scores = np.einsum("nd,nd->n", f[0::2], f[1::2])
+    genuine, impostor = scores[issame][:, None], scores[~issame][None, :]
+    assert np.abs(genuine - impostor).min() > 1e-5  # no near-tie that float32 could order otherwise
+    assert rec["auc"] == pytest.approx(float(np.mean(genuine > impostor)), abs=1e-12)
     expect = evaluate_scores(pair_scores(emb), issame, fars=EVAL_FARS)
     for key in ("accuracy", "accuracy_std", "best_threshold_accuracy", "threshold", "eer", "auc"):
         assert rec[key] == pytest.approx(getattr(expect, key), abs=1e-12), key

@@ -141,7 +141,8 @@ def test_verification_constructed_case():
     # (0.8 > 0.6); both -> all.
     assert out["tar_at_far"] == {0.1: 0.5, 0.5: 0.5, 1.0: 1.0}
     assert out["labels"].tolist() == [1, 1, 0, 0]
-    assert 0.0 <= out["auc"] <= 1.0
+    # AUC = P(genuine score > impostor score) over the 2 x 2 pairs: 1.0 beats 0.8 and 0.96, 0.6 beats neither
+    assert out["auc"] == pytest.approx(2 / 4, abs=1e-12)
 
 
 def test_faceness_weight_changes_templates():

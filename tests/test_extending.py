@@ -8,6 +8,7 @@ same bits as an uninterrupted one.
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -129,11 +130,71 @@ def test_config_names_are_checked_against_their_registries(tmp_path: Path, key: 
 # ---------------------------------------------------------------------------------------------- sharded opt-out
 
 
+def _two_ranks_in_one_process(cfg: Any) -> tuple[torch.Tensor, list[dict[str, torch.Tensor]], list[float]]:
+    """The 2-rank run of ``cfg`` (float64, no dropout) replayed in one process, written out step by step: each
+    rank r builds the same backbone and head (the trainer's seed and builders), takes its half batch from the
+    sampler at (world 2, rank r); the backbone's gradient is the mean of the ranks' (DDP), the head's is the
+    rank's own (``row_shards``); the global norm is sqrt(|mean backbone grad|^2 + sum_r |head_r grad|^2), the clip
+    factor min(1, clip / (norm + 1e-6)) (``clip_grads_with_norm_``); then SGD and the head's row renormalisation.
+    Returns the head's initial rows, each rank's final {"weight": head rows, backbone keys...} and the grad norm
+    of each step."""
+    import copy
+
+    from faceforge.build import build_backbone, build_head
+    from faceforge.data.samplers import SamplerContext
+    from faceforge.train.data import build_dataset
+    from faceforge.train.optim import build_optimizer, build_scheduler
+
+    torch.manual_seed(cfg.seed)  # as the trainer: seed, dataset, backbone, head
+    dataset = build_dataset(cfg)
+    backbone, head = build_backbone(cfg), build_head(cfg, int(dataset.num_classes))
+    world, steps, batch = 2, cfg.train.steps, cfg.data.batch_size
+    per_epoch = len(dataset) // (batch * world)
+    ranks = []
+    for r in range(world):
+        bb, hd = copy.deepcopy(backbone), copy.deepcopy(head)
+        opt = build_optimizer(cfg.optim, bb, torch.nn.ModuleList([hd]), batch * world, zero=False)
+        context = SamplerContext(dataset=dataset, batch_size=batch, world_size=world, rank=r, seed=cfg.seed,
+                                 grad_accum=1, micro_per_epoch=per_epoch, flip=cfg.data.flip)
+        sampler = SAMPLERS.build(cfg.data.sampler, context=context)
+        ranks.append((bb, hd, opt, build_scheduler(cfg.schedule, opt, steps, per_epoch), sampler.batches(0, 0)))
+    norms = []
+    for step in range(1, steps + 1):
+        grads = []
+        for bb, hd, _, _, batches in ranks:
+            b = next(batches)
+            loss = hd(bb(b.images), b.labels)
+            grads.append(torch.autograd.grad(loss, [*bb.parameters(), hd.weight]))
+        backbone_grad = [sum(g) / world for g in zip(*(g[:-1] for g in grads))]
+        square = sum(float(g.square().sum()) for g in backbone_grad) + sum(float(g[-1].square().sum()) for g in grads)
+        norms.append(square ** 0.5)
+        factor = min(1.0, cfg.train.clip_grad_norm / (norms[-1] + 1e-6))
+        for (bb, hd, opt, sched, _), g in zip(ranks, grads):
+            for p, grad in zip([*bb.parameters(), hd.weight], [*backbone_grad, g[-1]]):
+                p.grad = grad * factor
+            opt.step()
+            sched.step()
+            hd.after_optimizer_step(step)
+    final = [{"weight": hd.weight.detach(), **bb.state_dict()} for bb, hd, *_ in ranks]
+    return head.weight.detach(), final, norms
+
+
 def test_sharded_head_is_left_to_itself_on_two_gloo_ranks(tmp_path: Path) -> None:
-    """A head with ``row_shards``: its gradients are not averaged (the ranks' weights part ways, the
-    backbone's stay equal), and the checkpoint holds both ranks' weights as the rows of one logical tensor."""
+    """A head with ``row_shards``, on 2 gloo ranks in float64: each rank's rows are trained on its own half batch
+    alone, the backbone on both halves (their gradients averaged), the gradient norm for clipping sums both
+    ranks' squared head norms, and the checkpoint holds both ranks' rows as one logical tensor (rank r's at
+    [8 r, 8 r + 8)). All checked against the same 2 steps written out in one process, in float64 but for the
+    trainer's gradient norm, which it takes in float32 (``_grad_norm``): the clip factor carries a relative
+    error of a few 2^-24 (<= 3e-7), on updates of at most lr x clip = 0.1 per step, so the parameters differ
+    by <= 2 x 0.1 x 3e-7 = 6e-8 (measured 3.3e-10); 1e-7, where rank 1 untrained or the rows averaged
+    differ by > 1e-3.
+
+    Rank 1's rows after step 2 come from rank 1's forward at step 2, through rank 1's backbone after step 1: their
+    agreement with the replay says that backbone equals rank 0's (the checkpoint's), step by step.
+    """
     cfg = make_config(
-        tmp_path / "run", head={"name": "_extending:RankLocalHead", "kwargs": {"s": 8.0}},
+        tmp_path / "run", head={"name": "_train_worker:float64_head", "kwargs": {"inner": "_extending:RankLocalHead", "s": 8.0}},
+        model={"kwargs": {"dtype": "float64", "dropout": 0.0}},
         data={"batch_size": 8}, train={"steps": 2, "checkpoint_every": 0, "clip_grad_norm": 1.0},
     )
     config = tmp_path / "run.yaml"
@@ -150,8 +211,20 @@ def test_sharded_head_is_left_to_itself_on_two_gloo_ranks(tmp_path: Path) -> Non
     assert proc.returncode == 0, proc.stderr[-4000:]
     state = shards.resolve(load_checkpoint(tmp_path / "run" / "last.pt"), tmp_path / "run")
     weight = state["head"]["weight"]  # rank 0's rows, then rank 1's
-    assert weight.shape == (2 * 8, 16)
-    assert (weight[:8] - weight[8:]).abs().max() > 1e-4  # each rank learnt from its own half of the batch
+    assert weight.shape == (2 * 8, 16) and weight.dtype == torch.float64
+
+    initial, expected, norms = _two_ranks_in_one_process(cfg)
+    for r in range(2):
+        rows = weight[8 * r: 8 * (r + 1)]
+        assert (rows - initial).abs().max() > 1e-3, f"rank {r}'s rows did not move"
+        torch.testing.assert_close(rows, expected[r]["weight"], rtol=0.0, atol=1e-7)
+    assert (weight[:8] - weight[8:]).abs().max() > 1e-3  # each rank learnt from its own half of the batch
+    for key, value in state["backbone"].items():
+        torch.testing.assert_close(value, expected[0][key], rtol=0.0, atol=1e-7)
+    logged = [float(m) for m in re.findall(r"grad_norm (\d+\.\d+)", (tmp_path / "run" / "train.log").read_text())]
+    assert len(logged) == 2
+    for step, (got, want) in enumerate(zip(logged, norms), 1):
+        assert abs(got - want) <= 0.5e-4 + 1e-12, f"step {step}: logged grad_norm {got} != {want:.6f}"  # %.4f
 
 
 def test_a_non_finite_term_is_named(tmp_path: Path) -> None:

@@ -60,7 +60,7 @@ def ddp_runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     tmp = tmp_path_factory.mktemp("zero")
     make_teacher(tmp)
     configs = [
-        write_run_config(tmp, "plain", {}),
+        write_run_config(tmp, "plain", {"checkpoint_every": 1}),  # step 1: the fp16 run's same-step reference
         write_run_config(tmp, "zero", {"zero": True}),
         write_run_config(tmp, "fp16", {"ddp_comm_hook": "fp16", "checkpoint_every": 1}),
         write_run_config(tmp, "zero_cut", {"zero": True, "steps": 3}, output="zero_resumed"),
@@ -94,30 +94,58 @@ def test_zero_resume_with_masks_and_distillation_is_bit_identical(ddp_runs):
     assert "distillation: " in log and " classification " in log and " distillation " in log
 
 
+def momentum_buffers(run: Path, step: int) -> dict[int, torch.Tensor]:
+    """The SGD momentum buffers of the checkpoint of ``run`` at ``step``, by parameter index."""
+    state = load_checkpoint(run / f"step_{step:07d}.pt")["optimizer"]["state"]
+    return {i: s["momentum_buffer"] for i, s in state.items()}
+
+
+def fp16_rounding_bound(reference: torch.Tensor) -> float:
+    """How far an fp16-compressed all-reduced mean may be from the exact (float64) mean, elementwise: each rank's
+    gradient cast to float16 (relative 2^-11 of |g_r| / 2), the sum rounded again (2^-11 of |sum|), 3 roundings in
+    all of values of at most about the largest |mean| (2 x if the ranks' gradients partly cancel): 4 x 2^-11 x
+    max |reference|, plus float16's subnormal spacing 2^-24 for the smallest values. A gradient taken from one rank
+    only, or summed and not averaged, is off by about |g| itself: two orders of magnitude more."""
+    return 4 * 2.0 ** -11 * float(reference.abs().max()) + 2.0 ** -24
+
+
 def test_fp16_gradient_compression_stays_close(ddp_runs):
-    plain, fp16 = load_checkpoint(ddp_runs["plain"] / "last.pt"), load_checkpoint(ddp_runs["fp16"] / "last.pt")
-    w_plain, w_fp16 = plain["backbone"]["fc.weight"], fp16["backbone"]["fc.weight"]
-    assert not torch.equal(w_plain, w_fp16)  # the hook ran: gradients were rounded to float16
-    # float16 keeps 11 significant bits (relative rounding 2^-11 ~ 5e-4 per gradient); over 6 steps of
-    # lr 0.1 the weights drift by far less than 1e-2 of their scale.
+    """The backbone's momentum after step 1 (buf = grad + weight decay x w, w the same initial weights in both
+    runs): the fp16 run's is the plain run's to float16 rounding of the gradient, and not equal to it."""
+    compressed, plain = momentum_buffers(ddp_runs["fp16"], 1), momentum_buffers(ddp_runs["plain"], 1)
+    assert compressed.keys() == plain.keys()
+    head = load_checkpoint(ddp_runs["plain"] / "step_0000001.pt")["head"]["weight"].shape
+    backbone = [i for i in plain if plain[i].shape != head]  # the head's buffer: the next test
+    assert len(backbone) == len(plain) - 1
+    rounded = 0
+    for i in backbone:
+        c, p = compressed[i].double(), plain[i].double()
+        assert (c - p).abs().max() <= fp16_rounding_bound(p), f"parameter {i}: |fp16 - plain| too large"
+        rounded += not torch.equal(c, p)
+    assert rounded == len(backbone)  # DDP's hook ran: every backbone gradient was rounded to float16
+    w_plain = load_checkpoint(ddp_runs["plain"] / "last.pt")["backbone"]["fc.weight"]
+    w_fp16 = load_checkpoint(ddp_runs["fp16"] / "last.pt")["backbone"]["fc.weight"]
+    # 6 steps later: float16 keeps 11 significant bits (relative rounding 2^-11 ~ 5e-4 per gradient); over 6
+    # steps of lr 0.1 the weights drift by far less than 1e-2 of their scale.
     torch.testing.assert_close(w_fp16, w_plain, rtol=1e-2, atol=1e-2 * w_plain.abs().max().item())
 
 
 def test_fp16_compression_rounds_the_heads_gradients_too(ddp_runs):
     """The head's weights are outside DDP (the trainer all-reduces their gradients itself): with
     train.ddp_comm_hook fp16 they go through the same cast as the backbone's. After step 1 the head's momentum
-    buffer is its averaged gradient (torch's SGD: buf = grad at the first step; head weight decay 0): a float16
-    value cast back to float64, i.e. unchanged by a round trip through float16. The plain run's float64 gradient
-    is not (its values have 53 significant bits, float16 keeps 11)."""
-    def head_momentum(run: Path, step: int) -> torch.Tensor:
-        state = load_checkpoint(run / f"step_{step:07d}.pt")
-        head = state["head"]["weight"]
-        buffers = [s["momentum_buffer"] for s in state["optimizer"]["state"].values()
-                   if s["momentum_buffer"].shape == head.shape]
+    buffer is its averaged gradient (torch's SGD: buf = grad at the first step; head weight decay 0), computed
+    from the same initial weights and batches in both runs: the fp16 run's is a float16 value (unchanged by a
+    round trip through float16) within float16 rounding of the plain run's float64 mean, which is not one."""
+    def head_momentum(run: Path) -> torch.Tensor:
+        head = load_checkpoint(run / "step_0000001.pt")["head"]["weight"]
+        buffers = [b for b in momentum_buffers(run, 1).values() if b.shape == head.shape]
         assert len(buffers) == 1 and buffers[0].dtype == torch.float64
         return buffers[0]
 
-    compressed, plain = head_momentum(ddp_runs["fp16"], 1), head_momentum(ddp_runs["plain"], 3)
+    compressed, plain = head_momentum(ddp_runs["fp16"]), head_momentum(ddp_runs["plain"])
     assert compressed.abs().max() > 0
     assert torch.equal(compressed.half().double(), compressed)
     assert not torch.equal(plain.half().double(), plain)
+    assert (compressed - plain).abs().max() <= fp16_rounding_bound(plain)
+
+

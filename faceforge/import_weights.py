@@ -116,7 +116,7 @@ def add_command(sub: Any, commands: dict[str, Callable[[argparse.Namespace], int
                                    "and export take. The keys must map one to one; those that do not are named.")
     p.add_argument("checkpoint", help="arcface_torch .pt / .pth (loaded with weights_only=True)")
     p.add_argument("--backbone", required=True,
-                   help="the faceforge backbone it is: r18/r34/r50/r100/r200, mbf, mbf_large, vit_t/vit_s/vit_b/vit_l, ...")
-    p.add_argument("--out", required=True, help="folder for model.safetensors and model.json")
+                   help="the faceforge backbone it is: r18/r34/r50/r100/r200, mbf, mbf_large, vit_t/vit_s/vit_b/vit_l, ... (required, no default)")
+    p.add_argument("--out", required=True, help="folder for model.safetensors and model.json (required, no default)")
     p.add_argument("--embedding-size", type=int, default=512, help="the checkpoint's num_features (default 512)")
     commands["import-weights"] = _run

@@ -261,7 +261,7 @@ def test_config_changes_name_dotted_keys() -> None:
         ("optim.head_weight_decay=-1.0", r"optim\.head_weight_decay = -1\.0: expected null"),
         ("optim.lr=.nan", r"optim\.lr = nan: expected a finite number"),
         ("train.clip_grad_norm=.inf", r"train\.clip_grad_norm = inf: expected a finite number"),
-        ("head.kwargs.s=.inf", r"head\.kwargs \(head 'arcface'\): scale s=inf must be a finite number"),
+        ("head.kwargs.s=.inf", r"head\.kwargs\.s: inf; expected a number in \(0, 1024\]"),
         ("model.kwargs.widht=0.5", r"model\.kwargs\.widht: not an argument of backbone .*expected one of: .*width"),
         ("head.kwargs.scale=30", r"head\.kwargs\.scale: not an argument of head 'arcface'; expected one of: .*\bs\b"),
         ("head.kwargs.num_classes=3", r"head\.kwargs\.num_classes: set by the trainer"),

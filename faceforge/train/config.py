@@ -650,6 +650,7 @@ def _check_kwargs(cfg: Config, source: str) -> None:
     (``embedding_size``, ``num_classes``) are not kwargs."""
     from faceforge.backbones import BACKBONES
     from faceforge.heads import HEADS
+    from faceforge.heads.base import HeadKwargError, check_kwarg_ranges
 
     for section, name, kwargs, registry, given in (
         ("model", cfg.model.backbone, cfg.model.kwargs, BACKBONES, {"embedding_size"}),
@@ -670,6 +671,11 @@ def _check_kwargs(cfg: Config, source: str) -> None:
                 )
             if params is not None and key in params and _checkable(params[key]):
                 _convert(value, params[key], f"{section}.kwargs.{key}", source)  # a string for a float names its key
+    if ":" not in cfg.head.name and cfg.head.name in HEADS:  # the margins and scale the head declares (KWARG_RANGES)
+        try:
+            check_kwarg_ranges(HEADS.get(cfg.head.name), cfg.head.kwargs)
+        except HeadKwargError as e:
+            raise ConfigError(f"{source}: head.kwargs.{e}") from None
 
 
 # the data keys that were flat fields of DataConfig before data.kwargs, and their old defaults: such a key is moved

@@ -7,8 +7,9 @@ The loop meets its parts through written seams only (``docs/extending.md``):
 
 * a sampler (``data.sampler``, ``faceforge.data.samplers.SAMPLERS``) yields this rank's typed ``Batch`` es;
 * an objective (``objective.name``, ``faceforge.train.objectives.OBJECTIVES``) maps a batch to named loss
-  terms; the loop sums them, logs each and stops on a non-finite one, naming it;
-* the head and the objective may opt into ``faceforge.heads.base.TrainHooks`` (checked once, here);
+  terms; the step sums them and stops on a non-finite one, naming it; the loop logs each;
+* the head and the objective may opt into ``faceforge.heads.base.TrainHooks`` (checked once, when the parts
+  are built);
 * DDP wraps the backbone only; one optimiser step (accumulation, AMP, the head's replicated gradients
   all-reduced, row-sharded and row-sparse gradients, clipping, ZeRO) is ``faceforge.train.step``; the parts
   are built by ``faceforge.train.parts``.
@@ -50,9 +51,9 @@ from faceforge.train.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from faceforge.train.checkpointing import Checkpointer
 from faceforge.train.config import Config
 from faceforge.train.data import build_dataset
+from faceforge.train.evaluation import RunEvaluation, embed_training_images
 from faceforge.train.lifecycle import StopSignals, TrainingInterrupted
 from faceforge.train.parts import build_parts
-from faceforge.train.evaluation import RunEvaluation, embed_training_images
 from faceforge.train.preflight import check_backbone, check_resume, check_run_folder
 from faceforge.train.runlog import LOG_NAME, RunLog
 from faceforge.train.step import GradientStep, NonFiniteLossError, broadcast_replicated
@@ -210,13 +211,13 @@ class _Run:
                     if self.step >= self.total_steps:
                         break
                     start = time.perf_counter()
-                    done_step = self.train_step(batches, self.step + 1)
+                    loss, terms, grad_norm, lr = self.train_step(batches, self.step + 1)
                     train_time += time.perf_counter() - start
                     images_seen += self.parts.step_images
                     self.step += 1
-                    self.losses.append(done_step.loss)
-                    window.append((done_step.loss, done_step.terms))
-                    self.log.step(self.step, window, done_step.grad_norm, done_step.lr, images_seen / max(train_time, 1e-9))
+                    self.losses.append(loss)
+                    window.append((loss, terms))
+                    self.log.step(self.step, window, grad_norm, lr, images_seen / max(train_time, 1e-9))
                     if t.diagnostics_every and self.step % t.diagnostics_every == 0:
                         self.diagnose()
                     done = self.step == self.total_steps

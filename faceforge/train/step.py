@@ -23,7 +23,7 @@ import contextlib
 import logging
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, NamedTuple, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -44,8 +44,7 @@ class NonFiniteLossError(FloatingPointError):
     """The loss (or the gradient norm) became NaN/inf; the message names the step and the value."""
 
 
-@dataclass(frozen=True)
-class StepResult:
+class StepResult(NamedTuple):
     """One optimiser step: the mean loss and mean of each loss term over the micro-batches (averaged over ranks),
     the global gradient norm before clipping and the lr the update used."""
 

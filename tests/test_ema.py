@@ -108,10 +108,10 @@ class RecordingSet:
 
 
 def test_the_evaluation_during_training_uses_the_average(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import faceforge.train.engine as engine
+    import faceforge.train.evaluation as evaluation
 
     recorder = RecordingSet()
-    monkeypatch.setattr(engine, "open_evaluators", lambda cfg: [recorder])
+    monkeypatch.setattr(evaluation, "open_evaluators", lambda cfg: [recorder])
     result = train(make_config(tmp_path / "run", train={"steps": 2, "eval_every": 1, **EMA}))
     assert len(recorder.seen) == 2
     state = load_checkpoint(result.checkpoint)

@@ -346,9 +346,9 @@ class InfGradHead(nn.Module, ClassifierHead):
 
 
 def test_non_finite_gradient_norm_stops(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from faceforge.train import engine
+    from faceforge.train import parts
 
-    monkeypatch.setattr(engine, "build_head", lambda cfg, num_classes, **facts: InfGradHead())
+    monkeypatch.setattr(parts, "build_head", lambda cfg, num_classes, **facts: InfGradHead())
     cfg = make_config(tmp_path / "infgrad")
     with pytest.raises(NonFiniteLossError, match=r"non-finite gradient norm inf at step 1\b"):
         train(cfg)

@@ -15,41 +15,21 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from faceforge.build import load_class_weights, load_part
-from faceforge.heads.base import RowShard, TrainHooks
+from faceforge.heads.base import RowShard
 from faceforge.modelfile import write_model_files
 from faceforge.train import distributed as fdist
 from faceforge.train import shards
 from faceforge.train.checkpoint import CHECKPOINT_NAME, THRESHOLD_KEY, save_checkpoint
-from faceforge.train.config import Config, to_dict
+from faceforge.train.config import to_dict
 from faceforge.train.lifecycle import ConfigChange
+from faceforge.train.parts import RunParts
 from faceforge.train.preflight import check_init_from
+from faceforge.train.step import parameters_by_key
 
-__all__ = ["Checkpointer", "Resumed", "RunParts", "count", "load_optimizer_and_schedule"]
-
-
-@dataclass
-class RunParts:
-    """Everything of a run that a checkpoint holds or that decides how it is written."""
-
-    cfg: Config
-    output: Path
-    backbone: nn.Module
-    head: nn.Module
-    objective: Any  # faceforge.train.objectives.Objective
-    hooks: dict[str, TrainHooks]  # the parts that opted into TrainHooks, by their checkpoint key
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LambdaLR
-    scaler: torch.amp.GradScaler
-    sampler: Any  # a faceforge.data.samplers sampler (state_dict / load_state_dict)
-    device: torch.device
-    world_size: int
-    main: bool
-    zero: bool
-    steps_per_epoch: int
-    ema: Any = None  # faceforge.train.ema.ModelEMA (train.ema), or None: its module is the model file's backbone
+__all__ = ["Checkpointer", "Resumed", "count", "load_optimizer_and_schedule", "row_sharded_state"]
 
 
 @dataclass
@@ -155,33 +135,23 @@ class Checkpointer:
 
     def _row_shard_entries(self) -> dict[tuple, tuple[Tensor, RowShard]]:
         """{path in the checkpoint dict: (this rank's rows, their RowShard)} of every part's ``row_shards``
-        (TrainHooks), and of the optimiser state of each such parameter (the tensors with one row per row)."""
-        optimizer = self.parts.optimizer
+        (TrainHooks), and of the optimiser state of each declared parameter (:func:`row_sharded_state`)."""
         entries: dict[tuple, tuple[Tensor, RowShard]] = {}
-        index = {id(p): i for i, p in enumerate(p for g in optimizer.param_groups for p in g["params"])}
-        for key, part in self.parts.hooks.items():
-            tensors = part.state_dict(keep_vars=True)  # type: ignore[attr-defined]
-            params = parameters_by_key(part)
-            for name, shard in part.row_shards().items():
-                tensor = tensors[name]
-                entries[(key, name)] = (tensor.detach(), shard)
-                param = params.get(name)
-                for slot, value in optimizer.state.get(param, {}).items() if param is not None else ():
-                    if torch.is_tensor(value) and value.dim() >= 1 and value.shape[0] == tensor.shape[0]:
-                        entries[("optimizer", "state", index[id(param)], slot)] = (value, shard)
+        for (key, name), (tensor, shard, index) in self._declared().items():
+            entries[(key, name)] = (tensor.detach(), shard)
+            if index is not None:
+                for slot, value in row_sharded_state(self.parts.optimizer, tensor, shard, f"{key}.{name}").items():
+                    entries[("optimizer", "state", index, slot)] = (value, shard)
         return entries
 
     def shard_rows(self) -> Callable[[str], tuple[int, int] | None]:
-        """rows_of for ``shards.resolve``: the rows this rank holds of each row-sharded checkpoint entry."""
-        optimizer = self.parts.optimizer
-        index = {id(p): i for i, p in enumerate(p for g in optimizer.param_groups for p in g["params"])}
+        """rows_of for ``shards.resolve``: the rows this rank holds of each row-sharded checkpoint entry (the
+        parts' declared tensors, and every optimiser state entry of a declared parameter)."""
         rows: dict[str, tuple[int, int]] = {}
-        for key, part in self.parts.hooks.items():
-            params = parameters_by_key(part)
-            for name, shard in part.row_shards().items():
-                rows[f"{key}.{name}"] = (shard.start, shard.stop)
-                if name in params:
-                    rows[f"optimizer.state.{index[id(params[name])]}"] = (shard.start, shard.stop)
+        for (key, name), (_, shard, index) in self._declared().items():
+            rows[f"{key}.{name}"] = (shard.start, shard.stop)
+            if index is not None:
+                rows[f"optimizer.state.{index}"] = (shard.start, shard.stop)
 
         def rows_of(key: str) -> tuple[int, int] | None:
             if key.startswith("optimizer.state."):
@@ -189,6 +159,20 @@ class Checkpointer:
             return rows.get(key)
 
         return rows_of
+
+    def _declared(self) -> dict[tuple[str, str], tuple[Tensor, RowShard, int | None]]:
+        """{(part key, state_dict name): (the tensor, its RowShard, the optimiser's index of it when it is a
+        parameter, else None)}: the parts' ``row_shards`` declarations, the one source of what is row-sharded."""
+        optimizer = self.parts.optimizer
+        index = {id(p): i for i, p in enumerate(p for g in optimizer.param_groups for p in g["params"])}
+        declared: dict[tuple[str, str], tuple[Tensor, RowShard, int | None]] = {}
+        for key, part in self.parts.hooks.items():
+            tensors = part.state_dict(keep_vars=True)  # type: ignore[attr-defined]
+            params = parameters_by_key(part)
+            for name, shard in part.row_shards().items():
+                param = params.get(name)
+                declared[(key, name)] = (tensors[name], shard, index.get(id(param)) if param is not None else None)
+        return declared
 
     # --- reading ---
 
@@ -268,6 +252,23 @@ def load_optimizer_and_schedule(
     scheduler._last_lr = lrs  # what get_last_lr() reports until the next step
 
 
+def row_sharded_state(optimizer: torch.optim.Optimizer, param: Tensor, shard: RowShard, name: str) -> dict[str, Tensor]:
+    """The optimiser state of a parameter declared row-sharded (``row_shards``): its tensor entries of one or
+    more dimensions, each holding one row per row of ``param`` (SGD's momentum, Adam's moments, LazyRowSGD's
+    ``last_step``); its scalars (a step count, an lr history) are the same on every rank. An entry whose first
+    dimension is not the parameter's rows cannot be written as this rank's rows: ValueError naming it."""
+    state = {}
+    for slot, value in optimizer.state.get(param, {}).items():
+        if torch.is_tensor(value) and value.dim() >= 1:
+            if value.shape[0] != param.shape[0]:
+                raise ValueError(
+                    f"optimiser state {slot!r} of row-sharded {name} {tuple(param.shape)} (rows [{shard.start}, "
+                    f"{shard.stop}) of {shard.total}) has shape {tuple(value.shape)}; expected one row per row"
+                )
+            state[slot] = value
+    return state
+
+
 def count(n: Any, noun: str) -> str:
     """``1 process``, ``2 processes`` (``noun`` + ``es`` after s, else ``s``)."""
     return f"{n} {noun}" if n == 1 else f"{n} {noun}{'es' if noun.endswith('s') else 's'}"
@@ -284,9 +285,3 @@ def _set_path(state: dict[str, Any], path: tuple, value: Any) -> None:
         state[key] = dict(state[key])
         state = state[key]
     state[path[-1]] = value
-
-
-def parameters_by_key(part: Any) -> dict[str, nn.Parameter]:
-    """A part's parameters by their ``state_dict`` key, the key ``row_shards`` names (a sharded head keeps the
-    unsharded head's keys, which are not its module paths)."""
-    return {k: v for k, v in part.state_dict(keep_vars=True).items() if isinstance(v, nn.Parameter)}

@@ -24,7 +24,7 @@ import torch
 from faceforge.build import build_backbone
 from faceforge.data.samplers import EpochSampler, SamplerContext
 from faceforge.heads import CosFace
-from faceforge.train.checkpoint import save_checkpoint
+from faceforge.core.checkpoint import save_checkpoint
 from faceforge.train.config import config_from_dict, to_dict
 from faceforge.train.distillation import Distillation
 

@@ -133,7 +133,7 @@ PEAK = ("import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=Tr
 
 def memory(counts: list[int], baseline: str | None, batch: int) -> int:
     """Peak RSS of `faceforge embed` on folders of N images (module notes)."""
-    from faceforge.modelfile import META_KEY, ModelInfo
+    from faceforge.deploy.modelfile import META_KEY, ModelInfo
 
     from safetensors.torch import save_file
 

@@ -25,9 +25,9 @@ from timing import timed  # noqa: E402
 
 from faceforge.backbones import build  # noqa: E402
 from faceforge.backbones.fuse import fuse_bn  # noqa: E402
-from faceforge.export import export_backbone, quantize_onnx, real_faces  # noqa: E402
-from faceforge.inference import OnnxBackend, Recognizer  # noqa: E402
-from faceforge.modelfile import ModelInfo  # noqa: E402
+from faceforge.deploy.export import export_backbone, quantize_onnx, real_faces  # noqa: E402
+from faceforge.deploy.inference import OnnxBackend, Recognizer  # noqa: E402
+from faceforge.deploy.modelfile import ModelInfo  # noqa: E402
 
 
 def with_batch_statistics(model: torch.nn.Module, faces: np.ndarray) -> torch.nn.Module:

@@ -58,7 +58,7 @@ from torch import Tensor, nn  # noqa: E402
 from timing import LoadWatch  # noqa: E402  benchmarks/timing.py
 
 from faceforge.backbones import build as build_backbone  # noqa: E402
-from faceforge.fileio import atomic_open  # noqa: E402
+from faceforge.core.fileio import atomic_open  # noqa: E402
 from faceforge.heads import ArcFace  # noqa: E402
 from faceforge.heads.fused_sgd import FusedSGDSoftmax, margin_target  # noqa: E402
 from faceforge.train.device import configure_backends, prepare_backbone  # noqa: E402
@@ -584,9 +584,9 @@ def step_export(rec: Recorder, sizes: Sizes, device: torch.device, budget: Budge
     from bench_export import with_batch_statistics  # benchmarks/bench_export.py: BN statistics of real faces
 
     from faceforge.backbones.fuse import fuse_bn
-    from faceforge.export import export_backbone, real_faces
-    from faceforge.inference import OnnxBackend
-    from faceforge.modelfile import ModelInfo
+    from faceforge.deploy.export import export_backbone, real_faces
+    from faceforge.deploy.inference import OnnxBackend
+    from faceforge.deploy.modelfile import ModelInfo
 
     torch.manual_seed(0)
     info = ModelInfo(backbone=sizes.export_model, embedding_size=512, backbone_kwargs=dict(sizes.backbone_kwargs))

@@ -32,9 +32,9 @@ from faceforge.heads.base import (
 )
 from faceforge.heads.parallel import build_sharded, seed_class_rows
 from faceforge.heads.softmax import check_margin_head
-from faceforge.registry import untrusted
-from faceforge.train.checkpoint import load_checkpoint
-from faceforge.train.config import Config, ConfigError, config_from_dict
+from faceforge.core.registry import untrusted
+from faceforge.core.checkpoint import load_checkpoint
+from faceforge.core.config import Config, ConfigError, parse_config
 
 __all__ = ["ENCODERS", "FaceModel", "build_backbone", "build_head", "check_shapes", "load_backbone", "load_class_weights",
            "wrap_ddp"]
@@ -157,7 +157,7 @@ def load_backbone(
     name of a module the run's objective owned with the backbone's architecture (a momentum encoder, saved
     under the checkpoint's ``objective`` key as ``<name>.*``; "query" and "momentum" are AttFC's names,
     :data:`ENCODERS`). The checkpoint is data: its config may name only registered backbones
-    (``faceforge.registry.untrusted``) unless ``trust_code``. The weights' shapes are compared with the
+    (``faceforge.core.registry.untrusted``) unless ``trust_code``. The weights' shapes are compared with the
     backbone built on the meta device before it is built for real (:func:`check_shapes`). Raises
     ``CheckpointError`` for an unreadable file and ValueError (naming the file) for one without ``config`` /
     ``backbone`` entries, without that encoder, naming an import, or whose weights do not fit the backbone
@@ -167,7 +167,7 @@ def load_backbone(
     state = checkpoint if isinstance(checkpoint, dict) else load_checkpoint(checkpoint, map_location)
     if "config" not in state or "backbone" not in state:
         raise ValueError(f"{source}: not a `faceforge train` checkpoint (no 'config' / 'backbone' entry)")
-    cfg = config_from_dict(state["config"], source=source)
+    cfg, _ = parse_config(state["config"], source=source)  # the model section is what it reads
     encoder = ENCODERS.get(encoder, encoder)
     if encoder == "backbone":
         weights = state["backbone"]

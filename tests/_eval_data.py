@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from faceforge.data.synthetic import render_images
-from faceforge.train.checkpoint import save_checkpoint
+from faceforge.core.checkpoint import save_checkpoint
 from faceforge.train.config import config_from_dict, to_dict
 
 SIZE = 32

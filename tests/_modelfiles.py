@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from faceforge.backbones import build as build_backbone
-from faceforge.modelfile import META_KEY, MODEL_JSON, MODEL_WEIGHTS, ModelInfo
+from faceforge.deploy.modelfile import META_KEY, MODEL_JSON, MODEL_WEIGHTS, ModelInfo
 
 BACKBONE, DIM, SIZE = "mbf", 8, 32  # a small registered backbone, 8-D embeddings of 32 x 32 crops
 

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 import yaml
 
-from faceforge.train.checkpoint import load_checkpoint
+from faceforge.core.checkpoint import load_checkpoint
 from faceforge.train.config import Config, config_from_dict
 from faceforge.train.engine import train
 

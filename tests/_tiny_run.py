@@ -12,8 +12,8 @@ import torch
 
 from faceforge.data.pairs import write_bin
 from faceforge.data.synthetic import synthetic_pairs
-from faceforge.modelfile import write_model_files
-from faceforge.train.checkpoint import save_checkpoint
+from faceforge.deploy.modelfile import write_model_files
+from faceforge.core.checkpoint import save_checkpoint
 from faceforge.train.config import config_from_dict, to_dict
 
 SIZE = 32

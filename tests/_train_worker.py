@@ -118,7 +118,7 @@ def _kill_self() -> None:
 
 def _kill_inside_save(n: int) -> None:
     """SIGKILL on the n-th checkpoint write, after the temp file is complete but before os.replace."""
-    import faceforge.fileio as checkpoint  # the atomic writer that checkpoints go through
+    import faceforge.core.fileio as checkpoint  # the atomic writer that checkpoints go through
 
     real_replace = os.replace
     count = {"calls": 0}

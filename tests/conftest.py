@@ -25,7 +25,7 @@ def one_thread() -> Iterator[None]:
 
 @pytest.fixture(autouse=True, scope="session")
 def _own_faceforge_cache_key(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    """faceforge signs the caches it writes with a key in $XDG_CACHE_HOME/faceforge (faceforge.fileio): the tests
+    """faceforge signs the caches it writes with a key in $XDG_CACHE_HOME/faceforge (faceforge.core.fileio): the tests
     make theirs in a temporary folder, never in the user's home."""
     import os
 

@@ -18,7 +18,7 @@ from faceforge.build import load_backbone
 from faceforge.data import recordio
 from faceforge.data.samplers import CLASS_IMAGES, SAMPLERS, SamplerContext, identity_blocks
 from faceforge.heads import AttFC
-from faceforge.train.checkpoint import load_checkpoint
+from faceforge.core.checkpoint import load_checkpoint
 from _runs import config_from_base
 from faceforge.train.config import config_from_dict
 from faceforge.train.data import build_dataset, dataset_labels

@@ -25,7 +25,7 @@ import _train_worker
 from faceforge import heads
 from faceforge.heads import ArcFace, BroadFace, MarginSoftmax, Softmax
 from faceforge.heads.broadface import compensate
-from faceforge.train.checkpoint import load_checkpoint, save_checkpoint
+from faceforge.core.checkpoint import load_checkpoint, save_checkpoint
 from _runs import config_from_base
 from faceforge.train.engine import FaceModel, train, wrap_ddp
 

@@ -188,5 +188,5 @@ def test_to_dict_is_plain_enough_for_weights_only_checkpoints(minimal: Path) -> 
 
 def test_config_is_mutable_for_callers(minimal: Path) -> None:
     cfg = load_config(minimal)
-    cfg.data.kwargs["eval_pairs"] = 10  # faceforge.evaluate (_Checkpoint.held_out_sets) does this
+    cfg.data.kwargs["eval_pairs"] = 10  # faceforge.eval.evaluate (_Checkpoint.held_out_sets) does this
     assert cfg.data.kwargs["eval_pairs"] == 10

@@ -21,7 +21,7 @@ from faceforge.data import recordio
 from faceforge.data.pack import inspect_path
 from faceforge.data.synthetic import render_images
 from faceforge.eval.sets import open_images
-from faceforge.train import config as config_module
+from faceforge.core import config as config_module
 from faceforge.train.config import ConfigError, config_from_dict, load_config, to_dict
 from faceforge.train.data import DATASETS, VERIFICATION_SETS, build_dataset, build_unlabelled, build_verification_sets
 

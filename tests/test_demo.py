@@ -13,7 +13,7 @@ import pytest
 from faceforge.cli import build_parser, main
 from faceforge.data.pairs import write_bin
 from faceforge.data.synthetic import synthetic_pairs
-from faceforge.demo import load_demo_config, run_demo
+from faceforge.cli.demo import load_demo_config, run_demo
 from faceforge.train.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]

@@ -15,7 +15,7 @@ import _train_worker
 from faceforge.data.samplers import Batch, EpochSampler, SamplerContext
 from faceforge.heads import CosFace
 from faceforge.build import build_backbone
-from faceforge.train.checkpoint import load_checkpoint, save_checkpoint
+from faceforge.core.checkpoint import load_checkpoint, save_checkpoint
 from faceforge.train.config import to_dict
 from faceforge.train.distillation import Distillation
 from faceforge.train.engine import train

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from _runs import assert_same, make_config, resumed_equals_straight
-from faceforge.train.checkpoint import load_checkpoint
+from faceforge.core.checkpoint import load_checkpoint
 from faceforge.train.config import ConfigError
 from faceforge.train.ema import ModelEMA, build_ema
 from faceforge.train.engine import train

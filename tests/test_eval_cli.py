@@ -13,14 +13,14 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-import faceforge.evaluate as evaluate
+import faceforge.eval.evaluate as evaluate
 from faceforge.cli import main
 from faceforge.data.pairs import write_bin
 from faceforge.data.synthetic import synthetic_pairs
-from faceforge.demo import run_demo
+from faceforge.cli.demo import run_demo
 from faceforge.eval.verify import evaluate_scores, pair_scores
-from faceforge.evaluate import EVAL_FARS
-from faceforge.train.checkpoint import load_checkpoint, save_checkpoint
+from faceforge.eval.evaluate import EVAL_FARS
+from faceforge.core.checkpoint import load_checkpoint, save_checkpoint
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ from faceforge.eval.sets import MODEL_THRESHOLD_COLUMN
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    from faceforge.export import export_onnx
+    from faceforge.deploy.export import export_onnx
 
     root = tmp_path_factory.mktemp("eval_paths")
     ckpt = T.tiny_run(root / "run")

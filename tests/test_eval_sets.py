@@ -12,9 +12,9 @@ import pytest
 from faceforge.data.synthetic import synthetic_pairs
 from faceforge.eval.sets import PairSet, enrol_first
 from faceforge.eval.verify import verify_pairs
-from faceforge.train.checkpoint import load_checkpoint
+from faceforge.core.checkpoint import load_checkpoint
 from faceforge.train.config import ConfigError, config_from_dict
-from faceforge.train.data import build_evaluators
+from faceforge.train.preflight import open_evaluators
 from faceforge.train.engine import build_backbone, train
 
 
@@ -42,7 +42,7 @@ def test_trainer_logs_ijb_identification_and_retrieval(tmp_path: Path) -> None:
     # the logged numbers are the sets' numbers on the final model
     model = build_backbone(cfg)
     model.load_state_dict(load_checkpoint(result.checkpoint)["backbone"])
-    for s in build_evaluators(cfg):
+    for s in open_evaluators(cfg):
         prefix = f"{s.name}/" if s.name else ""
         for k, v in s.evaluate(model, cfg.data.image_size).items():
             assert m[prefix + k] == pytest.approx(v, abs=1e-6), prefix + k
@@ -50,7 +50,7 @@ def test_trainer_logs_ijb_identification_and_retrieval(tmp_path: Path) -> None:
 
 def test_probes_need_distractors(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="data.eval_probes and data.eval_distractors go together"):
-        build_evaluators(_cfg(tmp_path, eval_probes=str(tmp_path)))
+        open_evaluators(_cfg(tmp_path, eval_probes=str(tmp_path)))
 
 
 def test_pair_set_gives_the_numbers_of_verify_pairs() -> None:

@@ -14,12 +14,12 @@ import pytest
 import torch
 import yaml
 
-import faceforge.evaluate as evaluate
+import faceforge.eval.evaluate as evaluate
 from faceforge.cli import main
 from faceforge.data.pairs import load_bin
 from faceforge.eval.metrics import verification_accuracy
-from faceforge.train import shards
-from faceforge.train.checkpoint import load_checkpoint, save_checkpoint
+from faceforge.core import shards
+from faceforge.core.checkpoint import load_checkpoint, save_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +83,7 @@ def test_a_crafted_feature_cache_beside_a_checkpoint_is_ignored(untrained: dict[
 
 
 def test_the_cache_key_is_the_users_own(untrained: dict[str, Path]) -> None:
-    from faceforge.fileio import installation_key
+    from faceforge.core.fileio import installation_key
 
     key = installation_key()
     path = Path(os.environ["XDG_CACHE_HOME"]) / "faceforge" / "key"

@@ -22,9 +22,9 @@ import _extending
 from _runs import make_config, resumed_equals_straight
 from faceforge.data.samplers import SAMPLERS, Batch, TrainSampler
 from faceforge.heads.base import ClassifierHead, TrainHooks
-from faceforge.registry import Registry
-from faceforge.train import shards
-from faceforge.train.checkpoint import load_checkpoint
+from faceforge.core.registry import Registry
+from faceforge.core import shards
+from faceforge.core.checkpoint import load_checkpoint
 from faceforge.train.config import ConfigError, to_yaml
 from faceforge.train.engine import NonFiniteLossError, train
 from faceforge.train.objectives import OBJECTIVES, Classification

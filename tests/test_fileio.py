@@ -1,4 +1,4 @@
-"""faceforge.fileio: the one atomic writer (checkpoints, RecordIO, pair sets, label maps, feature caches)."""
+"""faceforge.core.fileio: the one atomic writer (checkpoints, RecordIO, pair sets, label maps, feature caches)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from faceforge.fileio import atomic_files, atomic_open, stale_temporaries
+from faceforge.core.fileio import atomic_files, atomic_open, stale_temporaries
 
 
 def test_files_replace_together_on_a_clean_exit(tmp_path: Path) -> None:

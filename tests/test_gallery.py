@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from faceforge.cli import main
-from faceforge.inference import Gallery, Recognizer, load_model
+from faceforge.deploy.inference import Gallery, Recognizer, load_model
 
 
 def _err(capsys: pytest.CaptureFixture, command: str) -> str:
@@ -159,7 +159,7 @@ def test_a_bad_index_faiss_names_the_file_and_search_build(setup, capsys, damage
 
 
 def test_nan_embeddings_in_a_gallery_are_refused(setup, capsys):
-    from faceforge.fileio import save_npy
+    from faceforge.core.fileio import save_npy
 
     e = np.load(setup["index"] / "embeddings.npy")
     e[3, 0] = np.nan

@@ -147,7 +147,7 @@ def test_palette_with_transparency_and_pa(tmp_path: Path) -> None:
 
 
 def test_a_pil_image_given_to_the_recognizer_is_read_the_same_way() -> None:
-    from faceforge.inference import load_images
+    from faceforge.deploy.inference import load_images
 
     crops, _, _ = load_images(Image.fromarray(sixteen_bit().astype(np.uint16)).crop((0, 0, H, H)), image_size=H)
     np.testing.assert_array_equal(crops[0], as_rgb(grey()[:, :H]))

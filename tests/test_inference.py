@@ -18,8 +18,8 @@ from torch import nn
 
 import faceforge
 from faceforge.cli import main
-from faceforge.demo import run_demo
-from faceforge.export import (
+from faceforge.cli.demo import run_demo
+from faceforge.deploy.export import (
     REAL_FACE_IDENTITIES,
     ExportError,
     check_parity,
@@ -27,8 +27,8 @@ from faceforge.export import (
     export_onnx,
     real_faces,
 )
-from faceforge.inference import Gallery, ImageError, Recognizer, TorchBackend, load_model, make_index
-from faceforge.modelfile import MODEL_JSON, MODEL_WEIGHTS, ModelFileError, ModelInfo
+from faceforge.deploy.inference import Gallery, ImageError, Recognizer, TorchBackend, load_model, make_index
+from faceforge.deploy.modelfile import MODEL_JSON, MODEL_WEIGHTS, ModelFileError, ModelInfo
 
 pytest.importorskip("onnxruntime", reason="the export / search extras (onnx, onnxruntime, faiss-cpu) are in `dev`")
 
@@ -133,9 +133,9 @@ def test_model_json_errors_name_the_key(tmp_path: Path):
 
 
 def test_import_faceforge_stays_light():
-    code = "import sys, faceforge; assert 'torch' not in sys.modules and 'faceforge.inference' not in sys.modules"
+    code = "import sys, faceforge; assert 'torch' not in sys.modules and 'faceforge.deploy.inference' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "PYTHONPATH": str(Path(faceforge.__file__).parents[1])})
-    from faceforge import inference
+    from faceforge.deploy import inference
 
     assert faceforge.load_model is inference.load_model and faceforge.Recognizer is Recognizer
 
@@ -403,7 +403,7 @@ def test_a_foreign_onnx_model_loads_given_its_normalisation(tmp_path: Path, caps
 
 def test_eval_scores_a_foreign_onnx_beside_its_json_as_it_scores_ours(tmp_path: Path):
     from faceforge.data.pairs import write_bin
-    from faceforge.evaluate import evaluate_checkpoints
+    from faceforge.eval.evaluate import evaluate_checkpoints
 
     torch.manual_seed(1)
     path = tmp_path / "foreign.onnx"

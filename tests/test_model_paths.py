@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from faceforge.cli import main
-from faceforge.export import export_onnx
-from faceforge.inference import Gallery, load_model
+from faceforge.deploy.export import export_onnx
+from faceforge.deploy.inference import Gallery, load_model
 
 pytest.importorskip("onnxruntime", reason="the export / search extras (onnx, onnxruntime, faiss-cpu) are in `dev`")
 
@@ -145,7 +145,7 @@ def test_dir_faceforge_lists_load_model():
 def test_embed_streams_images_in_batches_and_counts_progress_in_images(models, images, monkeypatch):
     """Decoding and embedding interleave batch by batch (memory holds one batch of images, not N), and the
     progress bar advances by images."""
-    import faceforge.inference as inference
+    import faceforge.deploy.inference as inference
 
     events: list[str] = []
     crop, embed_batch = inference._crop, inference.Recognizer._embed_batch

@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from faceforge.cli import main
-from faceforge.inference import Gallery, load_model
-from faceforge.modelfile import MAX_EMBEDDING_SIZE, MAX_IMAGE_SIZE, MIN_STD, ModelFileError
-from faceforge.registry import UntrustedCodeError, trusting_code, untrusted
+from faceforge.deploy.inference import Gallery, load_model
+from faceforge.deploy.modelfile import MAX_EMBEDDING_SIZE, MAX_IMAGE_SIZE, MIN_STD, ModelFileError
+from faceforge.core.registry import UntrustedCodeError, trusting_code, untrusted
 
 
 @pytest.fixture
@@ -173,7 +173,7 @@ def test_hostile_sizes_and_normalisation_are_one_line_before_anything_is_built(t
     meta[key] = value
     (tmp_path / "m" / "model.json").write_text(json.dumps(meta))  # NaN / Infinity: JSON parsers accept them
     built = []
-    monkeypatch.setattr("faceforge.modelfile.build_backbone_from_info", lambda info: built.append(info))
+    monkeypatch.setattr("faceforge.deploy.modelfile.build_backbone_from_info", lambda info: built.append(info))
     with pytest.raises(ModelFileError, match=rf"model\.json: {key}: got .*expected {expected.replace('[', '.').replace(']', '.')}"):
         load_model(weights)
     assert not built

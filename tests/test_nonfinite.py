@@ -13,8 +13,8 @@ import torch
 
 from faceforge.cli import main
 from faceforge.eval.finite import NonFiniteEmbeddingError
-from faceforge.inference import Gallery, Recognizer, load_model
-from faceforge.modelfile import ModelInfo
+from faceforge.deploy.inference import Gallery, Recognizer, load_model
+from faceforge.deploy.modelfile import ModelInfo
 
 
 def _poisoned(tmp_path: Path, value: float) -> Path:

@@ -215,8 +215,8 @@ import subprocess  # noqa: E402
 import sys  # noqa: E402
 
 from _runs import BASE as RUN_BASE  # noqa: E402
-from faceforge.train import shards  # noqa: E402
-from faceforge.train.checkpoint import load_checkpoint  # noqa: E402
+from faceforge.core import shards  # noqa: E402
+from faceforge.core.checkpoint import load_checkpoint  # noqa: E402
 from faceforge.train.config import config_from_dict, to_dict, to_yaml  # noqa: E402
 from faceforge.train.engine import train  # noqa: E402
 

@@ -12,7 +12,7 @@ Eq. 7, the all-reduced embedding gradient): agreement to 1e-10 relative, as in t
 compensation from the wrong row or an entry written to the wrong slot is off by > 1e-3.
 
 The checkpoint: after 2 of the 4 steps the 2 ranks write their head's state as the trainer does (row shards into
-one logical file each, ``faceforge.train.shards``; ``extra_state`` from rank 0), and one process resumes from it
+one logical file each, ``faceforge.core.shards``; ``extra_state`` from rank 0), and one process resumes from it
 and runs the last 2 steps on the whole batches: the same losses and state as the 2 ranks and the reference.
 """
 
@@ -29,7 +29,7 @@ import torch.distributed as dist
 from faceforge.heads import build
 from faceforge.heads.attfc import AttFC
 from faceforge.heads.parallel import build_sharded, shard_range
-from faceforge.train import shards
+from faceforge.core import shards
 from test_parallel import D, batch, close, spawn
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -291,7 +291,7 @@ def trainer_config(kind: str, output: Path, world: int, steps: int):
 @pytest.mark.parametrize("kind", ["broadface", pytest.param("attfc", marks=pytest.mark.slow)])
 def test_trainer_run_of_2_ranks_resumes_on_1_process_as_one_process_straight(kind: str, tmp_path: Path) -> None:
     from test_parallel import assert_close_state, free_port, resolved, worker
-    from faceforge.train.checkpoint import load_checkpoint
+    from faceforge.core.checkpoint import load_checkpoint
     from faceforge.train.engine import train
 
     straight = train(trainer_config(kind, tmp_path / "straight", 1, 4))

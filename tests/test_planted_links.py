@@ -1,6 +1,6 @@
 """No faceforge command writes through a planted symlink: a run folder, index folder or output folder may ship
 links at the names faceforge writes (``results.md -> ~/.bashrc``, ``.index.faiss.tmp -> victim``); every write
-goes through faceforge.fileio (a fresh mkstemp temporary renamed with os.replace), so the link itself is
+goes through faceforge.core.fileio (a fresh mkstemp temporary renamed with os.replace), so the link itself is
 replaced and its target never touched. One test per command: eval, search build, export, pack, align; and the
 in-place writers (shard files, the teacher cache, an appended log)."""
 
@@ -116,7 +116,7 @@ def test_align_replaces_a_link_at_an_output_crop(tmp_path: Path) -> None:
 
 def test_shard_files_replace_a_planted_link(tmp_path: Path) -> None:
     from faceforge.heads.base import RowShard
-    from faceforge.train import shards
+    from faceforge.core import shards
 
     file = shards.shard_file(3, "head.weight")
     victim = tmp_path / "v"
@@ -130,7 +130,7 @@ def test_shard_files_replace_a_planted_link(tmp_path: Path) -> None:
 
 
 def test_in_place_writers_refuse_a_link(tmp_path: Path) -> None:
-    from faceforge.fileio import append_text, atomic_path
+    from faceforge.core.fileio import append_text, atomic_path
     from faceforge.train.teacher_cache import TeacherCache
 
     victim = tmp_path / "v"

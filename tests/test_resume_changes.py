@@ -19,7 +19,7 @@ import pytest
 
 from _runs import assert_same, make_config
 from faceforge.cli import main
-from faceforge.train.checkpoint import load_checkpoint, save_checkpoint
+from faceforge.core.checkpoint import load_checkpoint, save_checkpoint
 from faceforge.train.config import to_yaml
 from faceforge.train.engine import TrainResult, train
 from faceforge.train.lifecycle import APPLIED, REFUSED, RESUME_POLICY, resume_policy

@@ -25,7 +25,7 @@ from faceforge.data.pairs import write_bin
 from faceforge.data.synthetic import render_images, synthetic_pairs
 from faceforge.eval.sets import PairSet
 from faceforge.train import engine
-from faceforge.train.checkpoint import load_checkpoint
+from faceforge.core.checkpoint import load_checkpoint
 from faceforge.train.config import ConfigError, config_from_dict, load_config, to_yaml
 from faceforge.train.lifecycle import TrainingInterrupted, config_changes, drop_replayed_steps
 from faceforge.train.preflight import RunFolderError
@@ -194,7 +194,7 @@ def test_an_unreadable_record_stops_the_run_naming_it(tmp_path: Path, rec_with_b
                         data={"name": "recordio", "path": rec_with_bad_records, "batch_size": 8},
                         train={"steps": 4, "checkpoint_every": 1})
     from faceforge.data.samplers import EpochBatchSampler
-    from faceforge.train.checkpoint import load_checkpoint
+    from faceforge.core.checkpoint import load_checkpoint
 
     seed = yaml.safe_load(config.read_text())["seed"]
     batches = list(EpochBatchSampler(32, 8, 1, 0, seed, 0, 0, 4))  # the run's first epoch: 4 steps of 8 images
@@ -282,7 +282,7 @@ def test_kwargs_a_preset_sets_itself_are_named_when_built(tmp_path: Path, capsys
 
 
 def test_config_docstring_example_works(tmp_path: Path) -> None:
-    from faceforge.train import config as config_module
+    from faceforge.core import config as config_module
 
     example = re.search(r"^    seed: 0\n(.*?)\n\n", config_module.__doc__, re.S | re.M).group(0)
     cfg = config_from_dict(yaml.safe_load(example), "<docstring>")

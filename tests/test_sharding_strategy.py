@@ -22,7 +22,7 @@ import torch
 from _runs import BASE as RUN_BASE
 from _runs import make_config
 from faceforge.build import build_head
-from faceforge.train.checkpoint import load_checkpoint
+from faceforge.core.checkpoint import load_checkpoint
 from faceforge.train.config import config_from_dict
 from faceforge.train.engine import train
 from test_parallel import GLOBAL_BATCH, assert_close_state, free_port, resolved, worker

@@ -373,7 +373,7 @@ def test_bad_inputs_are_clear_errors(bad_label):
 
 
 def test_tiny_training_run_learns_and_saves_the_threshold(tmp_path: Path, one_thread) -> None:
-    from faceforge.train.checkpoint import load_checkpoint
+    from faceforge.core.checkpoint import load_checkpoint
     from faceforge.train.config import config_from_dict
     from faceforge.train.engine import train
 

@@ -26,7 +26,7 @@ from torch import nn
 
 import _train_worker
 from faceforge.heads.base import ClassifierHead
-from faceforge.train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from faceforge.core.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from faceforge.train.config import Config, OptimConfig, ScheduleConfig, config_from_dict, load_config, to_yaml
 from faceforge.train.engine import NonFiniteLossError, TrainResult, train
 from faceforge.train.optim import build_optimizer, build_scheduler, lr_at

@@ -18,7 +18,7 @@ import pytest
 from _runs import make_config
 from faceforge.cli import main
 from faceforge.train import engine
-from faceforge.train.checkpoint import load_checkpoint, save_checkpoint
+from faceforge.core.checkpoint import load_checkpoint, save_checkpoint
 from faceforge.train.config import to_yaml
 
 pytestmark = pytest.mark.usefixtures("one_thread")

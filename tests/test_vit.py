@@ -336,8 +336,8 @@ def test_onnx_export_parity_and_recognizer(tmp_path: Path, one_thread):
     pytest.importorskip("onnxruntime")
     from test_inference import small_backbone
 
-    from faceforge.export import compare_int8, export_backbone, quantize_onnx, real_faces
-    from faceforge.inference import Recognizer, TorchBackend, load_model
+    from faceforge.deploy.export import compare_int8, export_backbone, quantize_onnx, real_faces
+    from faceforge.deploy.inference import Recognizer, TorchBackend, load_model
 
     model, info = small_backbone("vit_t", 112)
     assert model.dim == 32  # the helper scales the width
@@ -375,10 +375,10 @@ def vit_config(output: Path, mask_ratio: float, checkpointing: str | bool) -> di
 def test_a_tiny_vit_trains_through_faceforge_train(mask_ratio, checkpointing, tmp_path: Path, one_thread):
     from faceforge.build import build_backbone
     from faceforge.cli import main
-    from faceforge.export import real_faces
-    from faceforge.inference import Recognizer, TorchBackend, load_model
-    from faceforge.modelfile import backbone_from_checkpoint
-    from faceforge.train.checkpoint import load_checkpoint
+    from faceforge.deploy.export import real_faces
+    from faceforge.deploy.inference import Recognizer, TorchBackend, load_model
+    from faceforge.deploy.modelfile import backbone_from_checkpoint
+    from faceforge.core.checkpoint import load_checkpoint
     from faceforge.train.config import config_from_dict
 
     run = tmp_path / "run"
@@ -437,7 +437,7 @@ def random_state(shapes: dict[str, tuple], seed: int = 0) -> dict[str, torch.Ten
 
 
 def imported(out: Path) -> dict[str, torch.Tensor]:
-    from faceforge.modelfile import load_backbone
+    from faceforge.deploy.modelfile import load_backbone
 
     backbone, info = load_backbone(out / "model.safetensors")
     assert info.image_size == 112
@@ -453,8 +453,8 @@ def assert_same_tensors(got: dict[str, torch.Tensor], expected: dict[str, torch.
 def test_import_weights_vit_t_into_a_model_file_that_eval_and_embed_take(tmp_path: Path, capsys, one_thread):
     from faceforge.cli import main
     from faceforge.data.pairs import write_bin
-    from faceforge.export import real_faces
-    from faceforge.inference import load_model
+    from faceforge.deploy.export import real_faces
+    from faceforge.deploy.inference import load_model
 
     state = arcface_torch_state_dict(256, 12)
     torch.save(state, tmp_path / "model.pt")
@@ -474,7 +474,7 @@ def test_import_weights_vit_t_into_a_model_file_that_eval_and_embed_take(tmp_pat
 
 
 def test_import_weights_reads_training_checkpoints_and_ddp_prefixes(tmp_path: Path):
-    from faceforge.import_weights import import_weights
+    from faceforge.deploy.import_weights import import_weights
 
     r18 = random_state(arcface_torch_iresnet_shapes((2, 2, 2, 2)))
     # arcface_torch's checkpoint_gpu_<rank>.pt: the backbone under state_dict_backbone beside the rest

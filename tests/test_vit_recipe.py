@@ -124,14 +124,14 @@ def test_init_from_an_imported_model_file_starts_the_backbone_from_it(tmp_path: 
     torch.manual_seed(123)
     source = build("r18", 16, input_size=32, width=0.125)
     torch.save({f"module.{k}": v for k, v in source.state_dict().items()}, tmp_path / "model.pt")
-    from faceforge.import_weights import import_weights
+    from faceforge.deploy.import_weights import import_weights
 
     weights, _ = import_weights(tmp_path / "model.pt", "r18", tmp_path / "imported", embedding_size=16,
                                 image_size=32, backbone_kwargs={"width": 0.125})
     model = {"backbone": "r18", "embedding_size": 16, "kwargs": {"width": 0.125}, "init_from": str(weights)}
     result = train(make_config(tmp_path / "run", model=model, optim={"lr": 0.0, "weight_decay": 0.0},
                                train={"steps": 1}))
-    from faceforge.train.checkpoint import load_checkpoint
+    from faceforge.core.checkpoint import load_checkpoint
 
     trained = load_checkpoint(result.checkpoint)["backbone"]
     for name, p in source.named_parameters():
@@ -141,7 +141,7 @@ def test_init_from_an_imported_model_file_starts_the_backbone_from_it(tmp_path: 
 
 
 def test_init_from_a_model_file_of_another_backbone_is_one_line(tmp_path: Path) -> None:
-    from faceforge.import_weights import import_weights
+    from faceforge.deploy.import_weights import import_weights
 
     torch.save(build("r18", 16, input_size=32, width=0.125).state_dict(), tmp_path / "model.pt")
     weights, _ = import_weights(tmp_path / "model.pt", "r18", tmp_path / "imported", embedding_size=16,

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from faceforge.build import build_backbone
-from faceforge.train.checkpoint import load_checkpoint, save_checkpoint
+from faceforge.core.checkpoint import load_checkpoint, save_checkpoint
 from faceforge.train.config import to_dict, to_yaml
 from test_train import PLAIN, TRAINED, assert_same_state, free_port, make_config, run_worker
 

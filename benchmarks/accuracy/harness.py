@@ -43,8 +43,8 @@ import experiments as ex  # noqa: E402
 import gallery  # noqa: E402
 import tables  # noqa: E402
 
-from faceforge.fileio import atomic_open  # noqa: E402
-from faceforge.train.checkpoint import CHECKPOINT_NAME, THRESHOLD_KEY, load_checkpoint  # noqa: E402
+from faceforge.core.fileio import atomic_open  # noqa: E402
+from faceforge.core.checkpoint import CHECKPOINT_NAME, THRESHOLD_KEY, load_checkpoint  # noqa: E402
 from faceforge.train.config import Config, apply_overrides, config_from_dict, to_dict  # noqa: E402
 
 RESULT_NAME = "result.json"

@@ -20,7 +20,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from faceforge.eval.report import markdown_table, save_figure
-from faceforge.fileio import atomic_open
+from faceforge.core.fileio import atomic_open
 
 # metric key -> column title
 METRICS = {

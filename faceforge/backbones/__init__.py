@@ -24,7 +24,7 @@ from faceforge.backbones.iresnet import IRESNET_LAYERS, IResNet
 from faceforge.backbones.mobilefacenet import MobileFaceNet
 from faceforge.backbones.sfnet import SFNET_LAYERS, SFNet
 from faceforge.backbones.vit import VIT_PRESETS, VisionTransformer, vit_preset
-from faceforge.registry import Registry
+from faceforge.core.registry import Registry
 
 __all__ = [
     "BACKBONES", "IResNet", "MobileFaceNet", "SFNet", "VisionTransformer", "build", "count_flops", "count_parameters",

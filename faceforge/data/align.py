@@ -18,7 +18,7 @@ import numpy as np
 from PIL import Image
 
 from faceforge.data.images import BadImageError, decode_image, image_size
-from faceforge.fileio import save_image
+from faceforge.core.fileio import save_image
 
 TEMPLATE_SIZE = 112
 

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 from faceforge.data.images import decode_image
 
-from faceforge.fileio import write_text
+from faceforge.core.fileio import write_text
 
 INSTALL_HINT = (
     'pip install "faceforge[detect]"  '

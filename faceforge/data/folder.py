@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from faceforge.fileio import atomic_open
+from faceforge.core.fileio import atomic_open
 
 __all__ = [
     "IMAGE_EXTENSIONS",

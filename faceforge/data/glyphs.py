@@ -55,7 +55,7 @@ import torch
 from torch.utils.data import Dataset
 
 from faceforge.data.transforms import to_tensor
-from faceforge.fileio import save_image
+from faceforge.core.fileio import save_image
 
 __all__ = [
     "CHARSETS",

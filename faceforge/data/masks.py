@@ -35,7 +35,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from faceforge.data.align import ARCFACE_TEMPLATE, TEMPLATE_SIZE, template_for_size
-from faceforge.fileio import save_image
+from faceforge.core.fileio import save_image
 
 __all__ = [
     "SHAPES",

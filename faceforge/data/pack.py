@@ -27,7 +27,7 @@ from typing import Callable, Iterable, Iterator, Sequence, TypeVar
 import numpy as np
 
 from faceforge.data.source import SourceError, open_source
-from faceforge.fileio import write_text
+from faceforge.core.fileio import write_text
 
 _PASS_THROUGH = ("JPEG", "PNG")
 

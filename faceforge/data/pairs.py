@@ -40,7 +40,7 @@ import numpy as np
 from PIL import Image
 
 from faceforge.data.images import decode_image, image_size as header_size
-from faceforge.fileio import atomic_open
+from faceforge.core.fileio import atomic_open
 
 try:  # numpy >= 2
     from numpy._core.multiarray import _reconstruct as _np_reconstruct  # type: ignore[attr-defined]

@@ -32,7 +32,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from faceforge.data.masks import MaskAugmentation
-from faceforge.registry import Registry, unknown_kwargs
+from faceforge.core.registry import Registry, unknown_kwargs
 
 __all__ = [
     "Batch",

@@ -24,7 +24,7 @@ import torch
 from torch.utils.data import Dataset
 
 from faceforge.data.transforms import to_tensor
-from faceforge.fileio import append_text
+from faceforge.core.fileio import append_text
 
 __all__ = ["BadRecordError", "DataSource", "DecodedImages", "SourceError", "TrainImages", "TrainingSet", "open_source"]
 

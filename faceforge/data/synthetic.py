@@ -38,7 +38,7 @@ from torch.utils.data import Dataset
 
 from faceforge.data.align import ARCFACE_TEMPLATE, TEMPLATE_SIZE
 from faceforge.data.transforms import to_tensor
-from faceforge.fileio import save_image
+from faceforge.core.fileio import save_image
 
 __all__ = [
     "SPLITS",

@@ -38,7 +38,7 @@ from faceforge.data.align import TEMPLATE_SIZE
 from faceforge.data.ijb import INT64_MAX, IJBMeta, iter_aligned
 from faceforge.eval import metrics
 from faceforge.eval.verify import embed_batches
-from faceforge.fileio import save_npy
+from faceforge.core.fileio import save_npy
 
 __all__ = [
     "ijb_embeddings",

@@ -17,7 +17,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from faceforge.eval.metrics import check_pairs
-from faceforge.fileio import write_bytes
+from faceforge.core.fileio import write_bytes
 
 FPR_RANGE = (1e-4, 1.0)
 

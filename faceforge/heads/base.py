@@ -13,7 +13,8 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar, NamedTuple, Protocol,
 import torch
 from torch import Tensor, nn
 
-from faceforge.registry import Registry
+from faceforge.core.registry import Registry
+from faceforge.core.shards import RowShard  # the rows a rank holds: a checkpoint-format fact, in core
 
 if TYPE_CHECKING:  # a type only: heads/ imports nothing of data/ or train/ at run time
     from faceforge.data.samplers import Batch
@@ -179,17 +180,6 @@ class ClassRows(Protocol):
     def sharded_refusal(self) -> str | None: ...
 
     def reset_shared(self, num_classes: int) -> None: ...
-
-
-class RowShard(NamedTuple):
-    """This rank's rows [start, stop) of a logical tensor of ``total`` rows (a class-sharded head's W, parallel.py).
-
-    A checkpoint writes each rank's rows of such a tensor into one logical (total, ...) tensor, and a run with
-    another world size reads back the rows it holds (``faceforge.train.checkpoint``)."""
-
-    start: int
-    stop: int
-    total: int
 
 
 @runtime_checkable

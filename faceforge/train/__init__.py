@@ -32,8 +32,8 @@ _LAZY = {
     "train": "faceforge.train.engine",
     "TrainResult": "faceforge.train.engine",
     "NonFiniteLossError": "faceforge.train.engine",
-    "save_checkpoint": "faceforge.train.checkpoint",
-    "load_checkpoint": "faceforge.train.checkpoint",
+    "save_checkpoint": "faceforge.core.checkpoint",
+    "load_checkpoint": "faceforge.core.checkpoint",
     "build_optimizer": "faceforge.train.optim",
     "build_scheduler": "faceforge.train.optim",
 }

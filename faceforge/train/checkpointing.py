@@ -19,11 +19,11 @@ from torch import Tensor
 
 from faceforge.build import load_class_weights, load_part
 from faceforge.heads.base import RowShard
-from faceforge.modelfile import write_model_files
+from faceforge.deploy.modelfile import write_model_files
 from faceforge.train import distributed as fdist
-from faceforge.train import shards
-from faceforge.train.checkpoint import CHECKPOINT_NAME, THRESHOLD_KEY, save_checkpoint
-from faceforge.train.config import to_dict
+from faceforge.core import shards
+from faceforge.core.checkpoint import CHECKPOINT_NAME, THRESHOLD_KEY, save_checkpoint
+from faceforge.core.config import to_dict
 from faceforge.train.lifecycle import ConfigChange
 from faceforge.train.parts import RunParts
 from faceforge.train.preflight import check_init_from
@@ -90,8 +90,8 @@ class Checkpointer:
     def save(self, step: int, metrics: dict[str, float], metrics_step: int | None) -> None:
         """Rank 0 writes last.pt atomically (and a step_XXXXXXX.pt link when keep_checkpoints > 0); the parts'
         row-sharded tensors (and their optimiser state) go first into one file each, every rank writing its own
-        rows (``faceforge.train.shards``), and last.pt names those files; rank 0 also writes the
-        backbone a user takes away: model.safetensors + model.json (:mod:`faceforge.modelfile`). Every rank calls it."""
+        rows (``faceforge.core.shards``), and last.pt names those files; rank 0 also writes the
+        backbone a user takes away: model.safetensors + model.json (:mod:`faceforge.deploy.modelfile`). Every rank calls it."""
         p = self.parts
         if p.zero:  # every rank sends its shard of the optimiser state to rank 0
             p.optimizer.consolidate_state_dict(to=0)

@@ -1,7 +1,7 @@
 """Training and verification data named by ``data.name``: the built-in synthetic identities, insightface
 RecordIO, an image folder, or rendered font glyphs; and label noise over any of them (``data.label_noise``).
 
-``DATASETS`` (a ``faceforge.registry.Registry``) maps ``data.name`` to the training set's factory and
+``DATASETS`` (a ``faceforge.core.registry.Registry``) maps ``data.name`` to the training set's factory and
 ``VERIFICATION_SETS`` the same name to its held-out verification sets' factory
 (``-> {name: (images uint8 (2N, H, W, 3), issame (N,))}``; a name without one has no held-out sets). A factory
 takes keyword arguments only: its own (``data.kwargs``, checked against its signature and type hints when the
@@ -24,14 +24,14 @@ from torch.utils.data import Dataset
 
 from faceforge.data.glyphs import CHARSETS
 from faceforge.data.source import BadRecordError, DatasetView, SourceError, TrainImages, open_source
-from faceforge.registry import Registry
+from faceforge.core.registry import Registry
 from faceforge.train import distributed as fdist
-from faceforge.train.checkpoint import CHECKPOINT_NAME
-from faceforge.train.config import Config, ConfigError, check_value, factory_keywords
+from faceforge.core.checkpoint import CHECKPOINT_NAME
+from faceforge.core.config import Config, ConfigError, check_value, factory_keywords
 
 __all__ = [
     "BadRecordError", "DATASETS", "VERIFICATION_SETS", "LABEL_MAP_NAME", "LabelNoise", "RUN_FACTS", "build_dataset",
-    "build_evaluators", "build_verification_sets", "build_unlabelled", "dataset_labels", "glyph_benchmark_of",
+    "build_verification_sets", "build_unlabelled", "dataset_labels", "glyph_benchmark_of",
     "resolve_data_kwargs", "run_facts", "shuffled_labels", "synthetic_held_out_pairs",
 ]
 
@@ -368,19 +368,6 @@ class LabelNoise(DatasetView):
     def __getitem__(self, index: int) -> tuple[Any, int]:
         image, _ = self.dataset[index]
         return image, int(self.labels[index])
-
-
-def build_evaluators(cfg: Config) -> list[Any]:
-    """Every evaluation set of ``cfg`` (``faceforge.eval.sets.EvalSet``), built once, run every eval step.
-
-    The held-out verification sets (:func:`build_verification_sets`, TAR@FAR 1e-3 and 1e-4), then
-    ``data.eval_ijb`` (named after the release), ``data.eval_probes`` among ``data.eval_distractors``
-    ("identification") and ``data.eval_retrieval`` ("retrieval") when set. Errors name the config key and the file (:func:`faceforge.train.preflight.open_evaluators`, which the
-    trainer calls before its first step).
-    """
-    from faceforge.train.preflight import open_evaluators
-
-    return open_evaluators(cfg)
 
 
 def build_dataset(cfg: Config) -> Dataset:

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from faceforge.train.config import ConfigError
+from faceforge.core.config import ConfigError
 
 __all__ = ["DEVICES", "check_device", "configure_backends", "dist_backend", "prepare_backbone", "run_device"]
 

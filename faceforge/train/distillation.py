@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from faceforge.data.samplers import Batch, SamplerContext
 from faceforge.distill import AngularDistillation
-from faceforge.train.objectives import Objective, for_head
+from faceforge.train.objectives import OBJECTIVES, Objective, for_head
 from faceforge.train.teacher import Teacher, load_teacher
 from faceforge.train.teacher_cache import TeacherCache, dataset_fingerprint
 
@@ -53,6 +53,7 @@ def _student_width(backbone: nn.Module, head: nn.Module) -> int:
                      "has an int `embedding_size`)")
 
 
+@OBJECTIVES.register("distillation")  # imported by faceforge.train.config, which gathers the registries
 class Distillation(Objective):
     """``{"classification": head(x_s, y), "distillation": lam * mean ||x̂_t - x̂_s||^2}`` (module doc)."""
 

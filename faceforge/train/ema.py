@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from faceforge.heads.base import TrainHooks
-from faceforge.train.config import EmaConfig
+from faceforge.core.config import EmaConfig
 
 __all__ = ["ModelEMA", "build_ema"]
 

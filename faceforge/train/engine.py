@@ -46,11 +46,11 @@ from faceforge.data.samplers import (
     epoch_permutation,
     rank_positions,
 )
-from faceforge.fileio import stale_temporaries
+from faceforge.core.fileio import stale_temporaries
 from faceforge.train import distributed as fdist
-from faceforge.train.checkpoint import CHECKPOINT_NAME, load_checkpoint
+from faceforge.core.checkpoint import CHECKPOINT_NAME, load_checkpoint
 from faceforge.train.checkpointing import Checkpointer
-from faceforge.train.config import Config
+from faceforge.core.config import Config
 from faceforge.train.data import build_dataset
 from faceforge.train.device import check_device, configure_backends, dist_backend, run_device
 from faceforge.train.evaluation import RunEvaluation, embed_training_images

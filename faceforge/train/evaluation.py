@@ -10,7 +10,7 @@ from torch import Tensor, nn
 
 from faceforge.data.samplers import decode_sample_ids, flip_images
 from faceforge.train import distributed as fdist
-from faceforge.train.config import Config
+from faceforge.core.config import Config
 from faceforge.train.preflight import open_evaluators
 
 __all__ = ["RunEvaluation", "embed_training_images"]

@@ -21,7 +21,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any, Literal, NamedTuple
 
-from faceforge.fileio import write_text
+from faceforge.core.fileio import write_text
 
 __all__ = [
     "APPLIED", "BAD_RECORDS_NAME", "REFUSED", "RESUME_POLICY", "ConfigChange", "ResumeRule", "StopSignals",

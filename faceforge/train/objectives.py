@@ -35,8 +35,8 @@ from torch import Tensor, nn
 from faceforge.data.samplers import CLASS_IMAGES, Batch, SamplerContext
 from faceforge.heads.attfc import AttFC
 from faceforge.heads.base import ClassifierHead, missing_classifier_member, unopted_hooks
-from faceforge.registry import Registry, unknown_kwargs
-from faceforge.train.config import ConfigError
+from faceforge.core.registry import Registry, unknown_kwargs
+from faceforge.core.config import ConfigError
 
 __all__ = ["OBJECTIVES", "AttFCObjective", "Classification", "Objective", "build_objective"]
 
@@ -154,14 +154,6 @@ class AttFCObjective(Objective):
         f = for_head(self.embed(batch.images))
         K = self.class_features(batch.extras[CLASS_IMAGES])
         return {"attfc": self.head(f, batch.labels, K)}
-
-
-@OBJECTIVES.register("distillation")
-def _distillation(**kwargs: Any) -> Objective:
-    """BigFace: the head's loss + lambda x angular distillation from a frozen teacher (``faceforge.train.distillation``)."""
-    from faceforge.train.distillation import Distillation
-
-    return Distillation(**kwargs)
 
 
 def build_objective(name: str, kwargs: dict[str, Any], *, backbone: nn.Module, head: nn.Module,

@@ -25,8 +25,8 @@ import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
-from faceforge.registry import Registry
-from faceforge.train.config import Config, OptimConfig, ScheduleConfig
+from faceforge.core.registry import Registry
+from faceforge.core.config import Config, OptimConfig, ScheduleConfig
 
 __all__ = [
     "DeclaresNoWeightDecay", "LazyRowSGD", "NO_DECAY_MODULES", "OPTIMIZERS", "SCHEDULES", "no_decay_parameters",

@@ -19,7 +19,7 @@ from torch import nn
 from faceforge.build import build_backbone, build_head
 from faceforge.data.samplers import SamplerContext, build_sampler
 from faceforge.heads.base import TrainHooks
-from faceforge.train.config import Config
+from faceforge.core.config import Config
 from faceforge.train.data import build_dataset, build_unlabelled, dataset_labels
 from faceforge.train.distributed import DistInfo
 from faceforge.train.device import prepare_backbone

@@ -22,7 +22,7 @@ import pickle
 from pathlib import Path
 from typing import Any, Callable
 
-from faceforge.train.checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint
+from faceforge.core.checkpoint import CHECKPOINT_NAME, CheckpointError, load_checkpoint
 from faceforge.train.config import Config, ConfigError, config_from_dict, to_dict
 from faceforge.train.lifecycle import APPLIED, MISSING, ConfigChange, config_diff, resume_policy
 
@@ -84,7 +84,7 @@ def open_evaluators(cfg: Config) -> list[Any]:
 
     The held-out verification sets (data.name's own pairs, then ``data.eval_bins``, whose image size is
     checked when read), ``data.eval_ijb``, ``data.eval_probes`` among ``data.eval_distractors`` and
-    ``data.eval_retrieval``, in that order; as :func:`faceforge.train.data.build_evaluators` builds them.
+    ``data.eval_retrieval``, in that order.
     """
     from faceforge.eval.sets import DistractorSet, IJBSet, PairSet, RetrievalSet
     from faceforge.train.data import build_verification_sets
@@ -130,7 +130,7 @@ def _model_file_backbone(cfg: Config, path: Path) -> dict[str, Any]:
     data only, nothing unpickled)."""
     from safetensors.torch import load_file
 
-    from faceforge.modelfile import ModelFileError, read_safetensors_info
+    from faceforge.deploy.modelfile import ModelFileError, read_safetensors_info
 
     if not path.is_file():
         raise ConfigError(f"model.init_from: {path}: model file not found")

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from faceforge.train.config import Config, to_yaml
+from faceforge.core.config import Config, to_yaml
 from faceforge.train.lifecycle import BAD_RECORDS_NAME, bad_records, drop_replayed_steps
 
 __all__ = ["LOG_NAME", "RunLog"]

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from faceforge.train.checkpoint import CHECKPOINT_NAME
+from faceforge.core.checkpoint import CHECKPOINT_NAME
 
 __all__ = ["TEACHER_DTYPES", "Teacher", "BackboneTeacher", "OnnxTeacher", "load_teacher"]
 
@@ -92,7 +92,7 @@ class OnnxTeacher(Teacher):
             raise ValueError(f"{path}: an ONNX teacher needs onnxruntime (pip install faceforge[export])") from None
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads or torch.get_num_threads()
-        options.log_severity_level = 3  # onnxruntime: errors only (as faceforge.inference.ONNX_LOG_SEVERITY)
+        options.log_severity_level = 3  # onnxruntime: errors only (as faceforge.deploy.inference.ONNX_LOG_SEVERITY)
         providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
         try:
             self.__dict__["session"] = ort.InferenceSession(path, options, providers=providers)

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from faceforge.fileio import atomic_path, open_nofollow, write_text
+from faceforge.core.fileio import atomic_path, open_nofollow, write_text
 
 __all__ = ["TeacherCache", "dataset_fingerprint"]
 

@@ -13,7 +13,7 @@ Every run writes into its output folder: ``results.md`` (one table per kind of s
 when comparing) and the features as ``emb_<checkpoint>_<set>_<data>[_<part>].npy``, keyed by the
 checkpoint's content hash and the set's data: a re-run re-scores from them without running the model.
 A cache is read only when this installation wrote it (``<file>.hmac``, a keyed hash with the key in the
-user's own cache folder, :func:`faceforge.fileio.is_signed`); one that came with a run folder is ignored,
+user's own cache folder, :func:`faceforge.core.fileio.is_signed`); one that came with a run folder is ignored,
 and the report says which features came from a cache.
 
 A checkpoint is data: evaluating one reads only the sets named on the command line, or the held-out sets
@@ -48,8 +48,8 @@ from faceforge.eval.sets import (
     _pct,
 )
 from faceforge.eval.finite import require_finite
-from faceforge.fileio import is_signed, save_npy, sign_file, write_text
-from faceforge.train.checkpoint import CHECKPOINT_NAME, THRESHOLD_KEY
+from faceforge.core.fileio import is_signed, save_npy, sign_file, write_text
+from faceforge.core.checkpoint import CHECKPOINT_NAME, THRESHOLD_KEY
 
 __all__ = ["EVALUATIONS", "EVAL_FARS", "EvalRequest", "evaluate_checkpoint", "evaluate_checkpoints"]
 
@@ -181,7 +181,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
     """The file a user named as a model to evaluate: a run folder gives its ``last.pt`` (its config brings the
     held-out sets), else its ``model.safetensors``; a file is itself (``last.pt``, ``.safetensors``, ``.onnx``).
     FileNotFoundError when neither exists."""
-    from faceforge.modelfile import ModelFileError, resolve_model_path
+    from faceforge.deploy.modelfile import ModelFileError, resolve_model_path
 
     p = Path(path)
     if p.is_dir() and (p / CHECKPOINT_NAME).is_file():
@@ -238,12 +238,12 @@ class _Checkpoint:
     _model: torch.nn.Module | None = field(default=None, repr=False)
 
     def __post_init__(self) -> None:
-        from faceforge.train.checkpoint import load_checkpoint
+        from faceforge.core.checkpoint import load_checkpoint
         from faceforge.train.config import config_from_dict
 
         self.key = _file_key(self.path) + ("" if self.encoder == "query" else f"-{_safe(self.encoder)}")
         if self.path.suffix.lower() in MODEL_FILE_SUFFIXES:  # model.safetensors, exported or foreign ONNX
-            from faceforge.inference import as_backbone, load_model
+            from faceforge.deploy.inference import as_backbone, load_model
 
             recognizer = load_model(self.path)
             self.cfg, self.image_size, self.threshold = None, recognizer.image_size, recognizer.info.threshold
@@ -259,7 +259,7 @@ class _Checkpoint:
         t = self.state.get(THRESHOLD_KEY)
         if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t)):
             raise ValueError(f"{self.path}: {THRESHOLD_KEY!r} must be a finite float, got {repr(t)[:100]}")
-        from faceforge.modelfile import threshold_from_run
+        from faceforge.deploy.modelfile import threshold_from_run
 
         metrics = self.state.get("metrics")  # as `faceforge export` / model.json take it: every format, one threshold
         self.threshold, self.threshold_source, _ = threshold_from_run(metrics if isinstance(metrics, dict) else None, t)
@@ -319,7 +319,7 @@ def _check_finite(features: dict[str, np.ndarray], s: EvalSet, ckpt: _Checkpoint
 def _features(s: EvalSet, data_key: str, ckpt: _Checkpoint, out: Path,
               batch_size: int) -> tuple[dict[str, np.ndarray], dict[str, Path], bool]:
     """``(features, paths, cached)``: the set's features for this checkpoint, from a cache in ``out`` that this
-    installation wrote and signed (:func:`faceforge.fileio.is_signed`), or from the model."""
+    installation wrote and signed (:func:`faceforge.core.fileio.is_signed`), or from the model."""
     stem = f"emb_{ckpt.key}_{_safe(s.features_name)}_{data_key}"
     paths = {part: out / (f"{stem}_{part}.npy" if part else f"{stem}.npy") for part in s.parts}
     if all(p.is_file() for p in paths.values()):
@@ -401,7 +401,7 @@ def default_output(paths: Sequence[Path], request: EvalRequest | None = None) ->
         return paths[0].parent / "eval" / _safe("compare_" + "_vs_".join(p.stem for p in paths))[:120] / sets
     step = None
     if paths[0].suffix.lower() not in MODEL_FILE_SUFFIXES:
-        from faceforge.train.checkpoint import load_checkpoint
+        from faceforge.core.checkpoint import load_checkpoint
 
         step = load_checkpoint(paths[0]).get("step")
     name = f"step_{step:07d}" if isinstance(step, int) and not isinstance(step, bool) else _safe(paths[0].name)

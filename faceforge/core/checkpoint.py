@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from faceforge.fileio import atomic_open
+from faceforge.core.fileio import atomic_open
 
 __all__ = ["CHECKPOINT_NAME", "CheckpointError", "save_checkpoint", "load_checkpoint"]
 
@@ -26,7 +26,7 @@ class CheckpointError(RuntimeError):
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> Path:
-    """Write ``state`` to ``path`` atomically (``faceforge.fileio.atomic_open``: temp file in the same folder,
+    """Write ``state`` to ``path`` atomically (``faceforge.core.fileio.atomic_open``: temp file in the same folder,
     fsync, ``os.replace``, fsync of the folder).
 
     A process killed at any moment leaves either the old file or the new one at ``path`` (and at worst

@@ -9,7 +9,7 @@ and its false accept rate when known. The same JSON is stored in the safetensors
 
 Nothing here unpickles: safetensors holds tensors only, and checkpoints load with ``weights_only=True``.
 Nothing here imports code a file names: ``model.json``, the header and a checkpoint's config may name only
-registered backbones unless the caller passes ``trust_code=True`` (:mod:`faceforge.registry`). Sizes are
+registered backbones unless the caller passes ``trust_code=True`` (:mod:`faceforge.core.registry`). Sizes are
 bounded and the weights' shapes are compared with the metadata before the backbone is built.
 """
 
@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from faceforge.fileio import atomic_files
+from faceforge.core.fileio import atomic_files
 
 __all__ = [
     "FORMAT",
@@ -235,11 +235,11 @@ def read_safetensors_info(path: Path) -> ModelInfo:
 
 def build_backbone_from_info(info: ModelInfo) -> nn.Module:
     """A freshly initialised backbone as ``info`` describes it (``faceforge train``'s own builder). Called by
-    the loaders inside ``faceforge.registry.untrusted``, so that a file's metadata names no import."""
+    the loaders inside ``faceforge.core.registry.untrusted``, so that a file's metadata names no import."""
     from faceforge.build import build_backbone
-    from faceforge.train.config import config_from_dict
+    from faceforge.core.config import parse_config
 
-    cfg = config_from_dict({
+    cfg, _ = parse_config({
         "output": info.name or "model", "head": {"name": "arcface"},
         "model": {"backbone": info.backbone, "embedding_size": info.embedding_size, "kwargs": dict(info.backbone_kwargs)},
         "data": {"image_size": info.image_size},
@@ -280,7 +280,7 @@ def load_backbone(path: str | os.PathLike, trust_code: bool = False) -> tuple[nn
     from safetensors.torch import load_file
 
     from faceforge.build import check_shapes
-    from faceforge.registry import untrusted
+    from faceforge.core.registry import untrusted
 
     path = Path(path)
     if not path.is_file():
@@ -314,7 +314,7 @@ def backbone_from_checkpoint(path: str | os.PathLike, trust_code: bool = False) 
     """``(backbone in eval mode, info)`` from a ``faceforge train`` checkpoint (``weights_only`` load); its
     config may name only a registered backbone unless ``trust_code``."""
     from faceforge.build import load_backbone as load_checkpoint_backbone
-    from faceforge.train.checkpoint import THRESHOLD_KEY, CheckpointError, load_checkpoint
+    from faceforge.core.checkpoint import THRESHOLD_KEY, CheckpointError, load_checkpoint
 
     path = Path(path)
     try:

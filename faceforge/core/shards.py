@@ -24,16 +24,15 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from faceforge.fileio import atomic_path, open_nofollow
-from faceforge.heads.base import RowShard
+from faceforge.core.fileio import atomic_path, open_nofollow
 
-__all__ = ["PLACEHOLDER_KEY", "SHARDS_FOLDER", "confined", "is_placeholder", "placeholder", "prune", "read_rows", "resolve",
+__all__ = ["PLACEHOLDER_KEY", "SHARDS_FOLDER", "RowShard", "confined", "is_placeholder", "placeholder", "prune", "read_rows", "resolve",
            "shard_file", "write_rows"]
 
 PLACEHOLDER_KEY = "__row_shard__"
@@ -41,6 +40,17 @@ SHARDS_FOLDER = "shards"
 
 _DTYPES = {str(d).removeprefix("torch."): d for d in (torch.float64, torch.float32, torch.bfloat16, torch.float16,
                                                      torch.int64, torch.int32, torch.uint8, torch.bool)}
+
+
+class RowShard(NamedTuple):
+    """This rank's rows [start, stop) of a logical tensor of ``total`` rows (a class-sharded head's W, parallel.py).
+
+    A checkpoint writes each rank's rows of such a tensor into one logical (total, ...) tensor, and a run with
+    another world size reads back the rows it holds (``faceforge.core.checkpoint``)."""
+
+    start: int
+    stop: int
+    total: int
 
 
 def shard_file(step: int, name: str) -> str:

@@ -16,7 +16,7 @@ import torch
 
 from faceforge.eval.report import markdown_table, plot_roc
 from faceforge.eval.verify import VerificationResult, verify_pairs
-from faceforge.train.checkpoint import load_checkpoint
+from faceforge.core.checkpoint import load_checkpoint
 from faceforge.train.config import Config, load_config
 from faceforge.train.data import synthetic_held_out_pairs
 from faceforge.build import build_backbone

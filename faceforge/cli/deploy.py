@@ -1,6 +1,6 @@
 """The inference commands of ``faceforge``: ``embed``, ``verify``, ``search`` (and ``search build``), ``export``.
 
-Each is a thin call into :mod:`faceforge.inference` / :mod:`faceforge.export`. Their errors are
+Each is a thin call into :mod:`faceforge.deploy.inference` / :mod:`faceforge.deploy.export`. Their errors are
 ValueError / OSError / ImportError subclasses that name the file or option, which ``faceforge.cli.main``
 prints as one line, ``faceforge <cmd>: <file/key>: <what is wrong, what was expected>``, exit status 2
 (``--debug`` for the traceback); the model and the input paths are checked before any image is embedded.
@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from faceforge.cli import UsageError
+from faceforge.core.errors import UsageError
 
 __all__ = ["add_commands"]
 
@@ -88,7 +88,7 @@ def _threads(n: int | None) -> None:
 
 
 def _load(args: argparse.Namespace) -> Any:
-    from faceforge.inference import load_model
+    from faceforge.deploy.inference import load_model
 
     if getattr(args, "batch_size", 1) < 1:
         raise UsageError(f"--batch-size: got {args.batch_size}, expected an int >= 1")
@@ -130,7 +130,7 @@ def _report_skipped(skipped: list[str]) -> None:
 
 
 def _embed(args: argparse.Namespace) -> int:
-    from faceforge.fileio import atomic_open, save_npy
+    from faceforge.core.fileio import atomic_open, save_npy
 
     paths = _image_paths(args.images)
     out = Path(args.out)
@@ -170,7 +170,7 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _search_build(argv: list[str]) -> int:
-    from faceforge.inference import INDEX_KINDS, Gallery, embed_gallery, gallery_entries
+    from faceforge.deploy.inference import INDEX_KINDS, Gallery, embed_gallery, gallery_entries
 
     p = argparse.ArgumentParser(prog="faceforge search build",
                                 description="embed an identity folder (one sub-folder per identity) into a faiss index")
@@ -250,7 +250,7 @@ def _search_query(argv: list[str]) -> int:
                    help="search an index built by another model (its fingerprint differs; default: refuse)")
     _image_options(p, skip=False)
     args = p.parse_args(argv)
-    from faceforge.inference import Gallery
+    from faceforge.deploy.inference import Gallery
 
     if args.top < 1:
         raise UsageError(f"--top: got {args.top}, expected an int >= 1")
@@ -279,7 +279,7 @@ def _search(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from faceforge.export import DEFAULT_OPSET, export_onnx
+    from faceforge.deploy.export import DEFAULT_OPSET, export_onnx
 
     if not Path(args.source).exists():
         raise UsageError(f"{args.source}: not found (expected a run folder, last.pt, model.safetensors or a faceforge .onnx)")

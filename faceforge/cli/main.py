@@ -14,6 +14,8 @@ import sys
 import traceback
 from typing import Callable, Sequence
 
+from faceforge.core.errors import UsageError
+
 # An override on the command line: key=value or dotted.key=value (accepted after --resume too).
 _OVERRIDE = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*=")
 
@@ -35,7 +37,7 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from faceforge.demo import run_demo
+    from faceforge.cli.demo import run_demo
 
     run_demo(config=args.config, overrides=args.overrides, tiny=args.tiny)
     return 0
@@ -44,8 +46,8 @@ def _demo(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     from dataclasses import fields
 
-    from faceforge.evaluate import EvalRequest, evaluate_checkpoints
-    from faceforge.train.checkpoint import CheckpointError
+    from faceforge.eval.evaluate import EvalRequest, evaluate_checkpoints
+    from faceforge.core.checkpoint import CheckpointError
 
     checkpoints = ([args.checkpoint] if args.checkpoint else []) + list(args.compare or [])
     if not checkpoints:
@@ -55,7 +57,7 @@ def _eval(args: argparse.Namespace) -> int:
             raise UsageError(f"{option} {value}: expected an int >= {0 if option == '--pairs' else 1}")
     given = {f.name: getattr(args, f.name, None) for f in fields(EvalRequest)}  # options are named as the fields
     request = EvalRequest(**{name: value for name, value in given.items() if value is not None})
-    from faceforge.registry import trusting_code
+    from faceforge.core.registry import trusting_code
 
     with trusting_code(args.trust_code):  # --trust-code: the checkpoints' configs may name imports
         evaluate_checkpoints(checkpoints, output=args.output, request=request)
@@ -100,10 +102,6 @@ def _align(args: argparse.Namespace) -> int:
     return 0
 
 
-class UsageError(ValueError):
-    """A command-line option that is missing or out of range (the message names the option)."""
-
-
 def _data_error(command: str, e: Exception) -> int:
     print(f"faceforge {command}: {_one_line(e)}", file=sys.stderr)
     return 2
@@ -120,7 +118,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     pickle (a ``.bin`` pair set) that is corrupt or asks for more than data (``UnsafePickleError``)."""
     import pickle
 
-    from faceforge.train.checkpoint import CheckpointError
+    from faceforge.core.checkpoint import CheckpointError
 
     return (ValueError, OSError, LookupError, ImportError, CheckpointError, FloatingPointError, pickle.UnpicklingError)
 
@@ -231,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--masked", action="store_true",
                    help="also score every 1:1 pair set with the second image of each pair wearing a synthetic "
                         "mask (MFR style), unmasked and masked side by side (default: off)")
-    from faceforge.infer_cli import add_trust_code  # the one --trust-code of every command that loads models
+    from faceforge.cli.deploy import add_trust_code  # the one --trust-code of every command that loads models
 
     add_trust_code(p)
     commands["eval"] = _eval
@@ -281,10 +279,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=None, help="image-reading threads (default: number of CPUs)")
     commands["pack-pairs"] = _pack_pairs
 
-    from faceforge.infer_cli import add_commands  # embed, verify, search, export
+    from faceforge.cli.deploy import add_commands  # embed, verify, search, export
 
     add_commands(sub, commands)
-    from faceforge.import_weights import add_command  # import-weights
+    from faceforge.deploy.import_weights import add_command  # import-weights
 
     add_command(sub, commands)
 

@@ -19,7 +19,7 @@ the real faces or on a labelled folder), never asserted: it depends on the data.
 is read and checked before anything is exported.
 
 **Files.** Everything is built in a private temporary folder; the ``.onnx`` (and ``.int8.onnx``) are
-written to their destinations together, atomically (``faceforge.fileio``), only when every step has
+written to their destinations together, atomically (``faceforge.core.fileio``), only when every step has
 succeeded: a failed export, parity check or quantisation leaves no file behind (and an older file as it was).
 """
 
@@ -35,7 +35,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from faceforge.modelfile import META_KEY, MODEL_WEIGHTS, ModelFileError, ModelInfo
+from faceforge.deploy.modelfile import META_KEY, MODEL_WEIGHTS, ModelFileError, ModelInfo
 
 __all__ = [
     "DEFAULT_OPSET",
@@ -52,7 +52,7 @@ __all__ = [
 
 DEFAULT_OPSET = 17
 PARITY_TOLERANCE = 1e-4  # on 1 - cosine, per image
-ASSET = Path(__file__).with_name("assets") / "aligned_real.png"
+ASSET = Path(__file__).parents[1] / "assets" / "aligned_real.png"  # faceforge/assets
 # The 12 crops of assets/aligned_real.png (6 x 2 grid of 112 px tiles, 2 px apart), left to right, top
 # to bottom: face_recognition 1.3.0's obama.jpg, obama2.jpg, obama3.jpg, biden.jpg; insightface 2.1's
 # Tom_Hanks_54745.png and the same crop re-aligned by faceforge; the 6 people of insightface's t1.jpg.
@@ -80,7 +80,7 @@ def real_faces(size: int = 112) -> np.ndarray:
 def load_source(source: str | os.PathLike, trust_code: bool = False) -> tuple[Any, ModelInfo]:
     """``(backbone in eval mode, info)`` from a run folder, a checkpoint or ``model.safetensors`` (its metadata
     may name only registered backbones unless ``trust_code``)."""
-    from faceforge.modelfile import backbone_from_checkpoint, load_backbone, resolve_model_path
+    from faceforge.deploy.modelfile import backbone_from_checkpoint, load_backbone, resolve_model_path
 
     p = resolve_model_path(source)
     if p.suffix.lower() == ".onnx":
@@ -90,7 +90,7 @@ def load_source(source: str | os.PathLike, trust_code: bool = False) -> tuple[An
 
 
 def _preprocess(info: ModelInfo, crops: np.ndarray) -> np.ndarray:
-    from faceforge.inference import Recognizer
+    from faceforge.deploy.inference import Recognizer
 
     return Recognizer(lambda x: x, info).preprocess(crops)
 
@@ -103,7 +103,7 @@ def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def _session(path: str | os.PathLike) -> Any:
     import onnxruntime as ort
 
-    from faceforge.inference import ONNX_LOG_SEVERITY
+    from faceforge.deploy.inference import ONNX_LOG_SEVERITY
 
     options = ort.SessionOptions()
     options.log_severity_level = ONNX_LOG_SEVERITY
@@ -220,7 +220,7 @@ def export_onnx(
         raise ValueError(f"quantize={quantize!r}: expected 'dynamic' or 'static'")
     if quantize == "static" and calibration is None:
         raise ValueError("quantize='static' needs a calibration folder of aligned face crops")
-    from faceforge.modelfile import resolve_model_path
+    from faceforge.deploy.modelfile import resolve_model_path
 
     src = resolve_model_path(source)
     from_onnx = src.suffix.lower() == ".onnx"
@@ -242,7 +242,7 @@ def export_onnx(
 
 def _onnx_source_info(path: Path) -> ModelInfo:
     """The metadata of a faceforge ONNX file given as an export source (a foreign model is refused)."""
-    from faceforge.inference import onnx_model_info
+    from faceforge.deploy.inference import onnx_model_info
 
     info = onnx_model_info(path)
     if info is None:
@@ -272,7 +272,7 @@ def _copy_onnx(source: Path, tmp: Path, out: Path) -> ExportReport:
 
 def _commit(pairs: list[tuple[Path, Path]]) -> None:
     """Copy each finished temporary file to its destination, all together and atomically."""
-    from faceforge.fileio import atomic_files
+    from faceforge.core.fileio import atomic_files
 
     for _, dest in pairs:
         dest.parent.mkdir(parents=True, exist_ok=True)
@@ -330,7 +330,7 @@ def _export_checked(reference: Any, info: ModelInfo, tmp: Path, out: Path, opset
 def calibration_batches(folder: str | os.PathLike, info: ModelInfo) -> list[np.ndarray]:
     """The images of a calibration folder as model inputs, float32 ``(<=16, 3, S, S)`` batches. ValueError
     naming the folder (no images) or the image (unreadable, not S x S); called before exporting."""
-    from faceforge.inference import load_images
+    from faceforge.deploy.inference import load_images
 
     if not Path(folder).is_dir():
         raise ValueError(f"{folder}: calibration: not a folder (expected aligned face crops)")
@@ -388,7 +388,7 @@ def compare_int8(float_path: Path, int8_path: Path, info: ModelInfo,
     and TAR@FAR=1e-1 on every pair of the images (``eval_folder`` of identity sub-folders, default the
     12 real faces)."""
     from faceforge.eval.metrics import best_threshold_accuracy, tar_at_far
-    from faceforge.inference import Recognizer, gallery_entries, load_images
+    from faceforge.deploy.inference import Recognizer, gallery_entries, load_images
 
     if eval_folder is not None:
         paths, labels = gallery_entries(eval_folder)
@@ -396,7 +396,7 @@ def compare_int8(float_path: Path, int8_path: Path, info: ModelInfo,
         where = f"{len(paths)} images of {eval_folder}"
     else:
         crops, labels, where = real_faces(info.image_size), list(REAL_FACE_IDENTITIES), "the 12 real faces"
-    from faceforge.inference import OnnxBackend
+    from faceforge.deploy.inference import OnnxBackend
 
     e_float = Recognizer(OnnxBackend(float_path), info).embed_crops(crops)
     e_int8 = Recognizer(OnnxBackend(int8_path), info).embed_crops(crops)

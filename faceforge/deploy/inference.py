@@ -31,7 +31,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
-from faceforge.modelfile import META_KEY, MODEL_JSON, MODEL_WEIGHTS, ModelFileError, ModelInfo
+from faceforge.deploy.modelfile import META_KEY, MODEL_JSON, MODEL_WEIGHTS, ModelFileError, ModelInfo
 
 __all__ = [
     "Gallery",
@@ -270,7 +270,7 @@ class Match:
 
 @dataclass
 class Recognizer:
-    """A face-embedding model with its :class:`~faceforge.modelfile.ModelInfo`.
+    """A face-embedding model with its :class:`~faceforge.deploy.modelfile.ModelInfo`.
 
     ``backend`` maps a float32 ``(B, 3, S, S)`` batch, already normalised, to ``(B, D)``.
     """
@@ -498,7 +498,7 @@ def load_model(path: str | os.PathLike, device: str | None = None, threads: int 
         ``trust_code`` included: nothing is imported). Nothing is unpickled: checkpoints load with
         ``weights_only=True``.
     """
-    from faceforge.modelfile import backbone_from_checkpoint, load_backbone, resolve_model_path
+    from faceforge.deploy.modelfile import backbone_from_checkpoint, load_backbone, resolve_model_path
 
     p = resolve_model_path(path)
     suffix = p.suffix.lower()
@@ -714,8 +714,8 @@ class Gallery:
                 for srow, rrow in zip(scores, rows)]
 
     def save(self, folder: str | os.PathLike) -> Path:
-        """Write the three files together, atomically (``faceforge.fileio``: no torn file, no link followed)."""
-        from faceforge.fileio import atomic_files
+        """Write the three files together, atomically (``faceforge.core.fileio``: no torn file, no link followed)."""
+        from faceforge.core.fileio import atomic_files
 
         out = Path(folder)
         out.mkdir(parents=True, exist_ok=True)

@@ -9,7 +9,7 @@ and, while training, inside ``checkpoint_gpu_<rank>.pt`` under ``state_dict_back
 DDP-wrapped save) is dropped. faceforge's IResNet, MobileFaceNet and ViT carry arcface_torch's module
 names, so the keys map one to one; the file must hold exactly the keys of the backbone named, with its
 shapes, or nothing is written and one line names the keys that do not map. The result,
-``OUT/model.safetensors`` + ``OUT/model.json`` (:func:`faceforge.modelfile.write_model_files`), is what
+``OUT/model.safetensors`` + ``OUT/model.json`` (:func:`faceforge.deploy.modelfile.write_model_files`), is what
 ``faceforge eval / embed / verify / search / export`` and :func:`faceforge.load_model` take.
 """
 
@@ -81,11 +81,11 @@ def import_weights(path: str | os.PathLike, backbone: str, output: str | os.Path
     ``embedding_size`` at ``image_size``. Everything is checked before anything is written. Returns
     both paths."""
     from faceforge.build import build_backbone
-    from faceforge.modelfile import write_model_files
-    from faceforge.train.config import config_from_dict
+    from faceforge.deploy.modelfile import write_model_files
+    from faceforge.core.config import parse_config
 
     out = Path(output)
-    cfg = config_from_dict({
+    cfg, _ = parse_config({
         "output": str(out), "head": {"name": "arcface"},
         "model": {"backbone": backbone, "embedding_size": embedding_size, "kwargs": dict(backbone_kwargs or {})},
         "data": {"image_size": image_size},

@@ -1,0 +1,1 @@
+"""The bottom floor: config dataclasses, registry, checkpoint and shard-file I/O, atomic writes, user errors."""

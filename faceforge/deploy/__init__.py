@@ -1,0 +1,1 @@
+"""Deployment: model files, ONNX export, the Recognizer and its galleries."""

@@ -165,11 +165,12 @@ def _rank_main(rank: int, args: argparse.Namespace) -> None:
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(args.port), WORLD_SIZE=str(args.nprocs),
         RANK=str(rank), LOCAL_RANK=str(rank),
     )
-    if not args.then:
-        _run(args)
-        return
     from faceforge.train import distributed as fdist
 
+    if not args.then:
+        _run(args)
+        fdist.end_process_after_group(0)  # as `faceforge train` under torchrun ends (no C++ exit-time teardown)
+        return
     fdist.init_distributed()  # one group for every run: train() leaves a group it did not start
     finished = False
     try:
@@ -177,6 +178,7 @@ def _rank_main(rank: int, args: argparse.Namespace) -> None:
         finished = True
     finally:
         fdist.cleanup(synchronise=finished)
+    fdist.end_process_after_group(0)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -194,7 +196,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.nprocs > 1:
         torch.multiprocessing.spawn(_rank_main, args=(args,), nprocs=args.nprocs)
     else:
+        from faceforge.train import distributed as fdist
+
         _run(args)
+        fdist.end_process_after_group(0)  # under torchrun: ends as `faceforge train` does
 
 
 if __name__ == "__main__":

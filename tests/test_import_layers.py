@@ -121,3 +121,18 @@ def test_imports_run_down_the_floors():
         for target in targets if target != "faceforge" and floor_of(target) > floor_of(source)
     ]
     assert up == []
+
+
+def test_every_registered_part_is_named_in_the_docs():
+    """A user reads docs/ before the code: every registered name of every registry is written there as `name`."""
+    from faceforge.backbones import BACKBONES
+    from faceforge.data.samplers import SAMPLERS
+    from faceforge.heads import HEADS
+    from faceforge.train.data import DATASETS
+    from faceforge.train.objectives import OBJECTIVES
+    from faceforge.train.optim import OPTIMIZERS, SCHEDULES
+
+    docs = "".join(p.read_text(encoding="utf-8") for p in (PACKAGE.parent / "docs").glob("*.md"))
+    missing = [f"{r.kind} {name!r}" for r in (HEADS, BACKBONES, DATASETS, SAMPLERS, OBJECTIVES, OPTIMIZERS, SCHEDULES)
+               for name in r.names() if f"`{name}`" not in docs]
+    assert missing == []

@@ -309,6 +309,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     parser.add_argument("--debug", action="store_true", help="on an error, show the traceback (default: off)")
     args = _parse(parser, argv)
+    code = _run_command(args, parser)
+    from faceforge.train.distributed import end_process_after_group  # torch: not imported for `faceforge --help`
+
+    return end_process_after_group(code)  # under torchrun, the process ends here (faceforge.train.distributed)
+
+
+def _run_command(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     command = f"faceforge {args.command}"
     try:
         return args._commands[args.command](args)

@@ -16,13 +16,15 @@ attempt hangs until the timeout). :func:`elastic_attempt_store` gives each attem
 from __future__ import annotations
 
 import datetime
+import logging
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["DEFAULT_TIMEOUT_S", "all_reduce_mean", "register_compression", "DistInfo", "elastic_attempt_store", "init_distributed", "is_distributed", "is_main", "get_rank", "get_world_size", "barrier", "cleanup"]
+__all__ = ["DEFAULT_TIMEOUT_S", "all_reduce_mean", "register_compression", "DistInfo", "elastic_attempt_store", "init_distributed", "is_distributed", "is_main", "get_rank", "get_world_size", "barrier", "cleanup", "end_process_after_group"]
 
 
 @dataclass(frozen=True)
@@ -95,6 +97,8 @@ def init_distributed(backend: str | None = None, timeout_s: float = DEFAULT_TIME
         where = {"store": store, "rank": rank, "world_size": world_size} if store is not None else {}
         dist.init_process_group(backend=backend or ("nccl" if device.type == "cuda" else "gloo"), timeout=timeout,
                                 **where)
+        global _STARTED_GROUP
+        _STARTED_GROUP = True
     if is_distributed():
         rank, world_size = dist.get_rank(), dist.get_world_size()
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
@@ -152,6 +156,29 @@ def cleanup(synchronise: bool = False) -> None:
 
 
 _DESTROY_WAIT_S = 60.0  # rank 0 waits this long for the others to leave the group
+
+_STARTED_GROUP = False  # init_distributed started a process group in this process (world size > 1)
+
+
+def end_process_after_group(code: int) -> int:
+    """Once a process group was started here (``init_distributed``, world size > 1): end the process now with
+    ``code``, through ``os._exit`` after flushing the logs and stdio, so that no C++ exit-time teardown runs.
+    Otherwise return ``code`` (a one-process run, or a test calling the command in-process, goes on as usual).
+
+    Why: with torch 2.13 a ``DistributedDataParallel`` built on a gloo group keeps that group alive inside
+    torch after ``destroy_process_group``: its threads (``gloo_tcp_loop``, two ``pt_gloo_runloop``) still run,
+    and no Python object holds them (measured with a bare DDP of an ``nn.Linear``: benchmarks/RESULTS.md §24).
+    A process that then exits normally runs C++ static destructors beside those threads, and now and then
+    that ends in ``std::terminate`` ("terminate called without an active exception", SIGABRT) after the run
+    has finished: torchrun and the 2-rank tests then report a failed run. Call it only after the group is
+    destroyed (:func:`cleanup`); every file faceforge writes is complete and fsync'ed by then.
+    """
+    if not _STARTED_GROUP:
+        return code
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 COMPRESSION_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}

@@ -78,3 +78,20 @@ def test_a_hostile_bin_is_a_user_error_naming_the_set(tmp_path: Path, capsys) ->
     line = train_error(tmp_path, capsys, data={"eval_bins": [str(hostile)]})
     assert line.startswith("faceforge train: data.eval_bins: ") and "hostile.bin" in line, line
     assert "system" in line  # the refused global is named
+
+
+def test_a_config_value_that_is_a_deep_shared_nest_is_quoted_in_bounded_words() -> None:
+    """Issue 26.10: a checkpoint's config is data from someone else; a value that is a nest shared 60 levels
+    deep has an exponential repr (2**60 leaves: the old message never finished). The message quotes a bounded
+    repr, on one line."""
+    from faceforge.train.config import ConfigError, config_from_dict
+
+    nest: list = []
+    for _ in range(60):
+        nest = [nest, nest]
+    for data in ({"output": "x", "model": {"backbone": "r18", "embedding_size": nest}, "head": {"name": "arcface"}},
+                 {"output": "x", "model": {"backbone": "r18", "unknown": nest}, "head": {"name": "arcface"}}, nest):
+        with pytest.raises(ConfigError) as info:
+            config_from_dict(data, "last.pt")
+        message = str(info.value)
+        assert "\n" not in message and len(message) < 400, message

@@ -39,6 +39,8 @@ from typing import Any, Literal, Sequence, Union
 
 import yaml
 
+from faceforge.core.errors import bounded_repr, brief
+
 __all__ = [
     "ConfigError",
     "Config",
@@ -362,7 +364,7 @@ def _convert(value: Any, tp: Any, key: str, source: str) -> Any:
     """Check ``value`` against the type hint ``tp`` and return it (dataclasses built, tuples made)."""
 
     def fail() -> ConfigError:
-        return ConfigError(f"{source}: {key} = {value!r}: expected {_type_name(tp)}")
+        return ConfigError(f"{source}: {key} = {bounded_repr(value)}: expected {_type_name(tp)}")
 
     if tp is Any:
         return value
@@ -419,7 +421,7 @@ def _build(cls: type, data: dict, prefix: str, source: str) -> Any:
     unknown = [k for k in data if k not in fields]
     if unknown:
         raise ConfigError(
-            f"{source}: unknown key {where}{unknown[0]} = {data[unknown[0]]!r}; "
+            f"{source}: unknown key {where}{unknown[0]} = {bounded_repr(data[unknown[0]])}; "
             f"expected one of: {', '.join(fields)}"
         )
     values = {}
@@ -466,7 +468,7 @@ def parse_config(data: dict, source: str = "<dict>") -> tuple[Config, dict[str, 
     ``data.kwargs`` (``{key: "data.<key>"}``, as the user wrote them). The names of registered parts and their
     kwargs are checked one floor up, where the registries are (``faceforge.train.config.config_from_dict``)."""
     if not isinstance(data, dict):
-        raise ConfigError(f"{source}: expected a mapping at the top level, got {type(data).__name__}: {data!r}")
+        raise ConfigError(f"{source}: expected a mapping at the top level, got {brief(data)}")
     data, spelled = _map_flat_data_keys(data, source)
     cfg = _build(Config, data, "", source)
     _check_ranges(cfg, source)
@@ -704,7 +706,7 @@ def read_config(path: str | Path, overrides: Sequence[str] = ()) -> dict:
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{source}: expected a mapping at the top level, got {type(data).__name__}: {data!r}")
+        raise ConfigError(f"{source}: expected a mapping at the top level, got {brief(data)}")
     _drop_overridden_flat_keys(data, overrides)
     apply_overrides(data, list(overrides), source)
     return data

@@ -32,13 +32,13 @@ from __future__ import annotations
 import io
 import os
 import pickle
-import reprlib
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 from PIL import Image
 
+from faceforge.core.errors import brief
 from faceforge.data.images import decode_image, image_size as header_size
 from faceforge.core.fileio import atomic_open
 
@@ -71,21 +71,6 @@ class PairSetError(ValueError):
 class UnsafePickleError(pickle.UnpicklingError, PairSetError):
     """A pickle asked for a global (or an object array, or more bytes than the file holds) that a pair-set
     file has no use for. Also a :class:`PairSetError`: a user's file to fix, one line, exit 2."""
-
-
-_REPR = reprlib.Repr()
-_REPR.maxlevel, _REPR.maxlist, _REPR.maxtuple, _REPR.maxdict, _REPR.maxset = 2, 4, 4, 4, 4
-_REPR.maxstring, _REPR.maxother, _REPR.maxlong = 40, 40, 40
-
-
-def brief(value: Any) -> str:
-    """``type: value`` with the value's repr bounded (depth 2, 4 items, 40 characters each, 120 in all):
-    what an error message may quote of file data (a shared nest's full repr is exponential)."""
-    try:
-        text = _REPR.repr(value)
-    except Exception:  # a repr that fails is still an error message to give
-        text = "?"
-    return f"{type(value).__name__}: {text if len(text) <= 120 else text[:117] + '...'}"
 
 
 # ---------------------------------------------------------------------------------------------------

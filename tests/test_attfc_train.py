@@ -5,7 +5,6 @@ resumed run bit-identical with a partly filled container and the class encoder, 
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Any
 

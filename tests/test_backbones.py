@@ -7,7 +7,6 @@ arithmetic, independent of the code under test.
 from __future__ import annotations
 
 import copy
-import math
 
 import pytest
 import torch

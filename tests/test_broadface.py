@@ -18,10 +18,8 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-import yaml
 from torch import nn
 
-import _train_worker
 from faceforge import heads
 from faceforge.heads import ArcFace, BroadFace, MarginSoftmax, Softmax
 from faceforge.heads.broadface import compensate

@@ -19,7 +19,7 @@ from faceforge.core.checkpoint import load_checkpoint, save_checkpoint
 from faceforge.train.config import to_dict
 from faceforge.train.distillation import Distillation
 from faceforge.train.engine import train
-from faceforge.train.teacher import BackboneTeacher, load_teacher
+from faceforge.train.teacher import load_teacher
 from faceforge.train.teacher_cache import TeacherCache
 from test_train import TRAINED, assert_same_state, make_config
 

@@ -47,7 +47,6 @@ def _eval(args: argparse.Namespace) -> int:
     from dataclasses import fields
 
     from faceforge.eval.evaluate import EvalRequest, evaluate_checkpoints
-    from faceforge.core.checkpoint import CheckpointError
 
     checkpoints = ([args.checkpoint] if args.checkpoint else []) + list(args.compare or [])
     if not checkpoints:

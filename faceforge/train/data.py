@@ -17,7 +17,7 @@ from __future__ import annotations
 import inspect
 import typing
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 import numpy as np
 from torch.utils.data import Dataset

@@ -10,7 +10,7 @@ and 100), updated once per training forward BEFORE the batch's loss (the officia
 checkpoint, and identical on every rank when the classes are sharded, since the margin hook's ``observe`` sees the
 gathered global batch there (``heads.parallel.ShardedHead.forward``). Eval mode reads them without moving them.
 
-Defaults are the paper's (Sec. 4.1 "Training settings", the official configs): m = 0.4, h = 0.333, s = 64,
+Defaults are the paper's (its implementation details and the official code's arguments): m = 0.4, h = 0.333, s = 64,
 t_alpha = 0.01; eps = 1e-3 as the official code. theta = arccos of cos_y clamped ten machine epsilons from +-1
 (``heads.margin.safe_acos``, the project's guard) instead of the official 1e-3: finite gradients at |cos| = 1.
 """

@@ -19,7 +19,7 @@ order: a double backward would miss it). Hook change that would remove this: nor
 and the kernel differentiating t and the loss term in them (the report of issue 29).
 
 Past pi the target angle theta + m(a) is continued monotonically (``heads.margin.monotonic_cos``, as ArcFace here)
-instead of the official linear fallback cos theta - m sin m. Defaults (Sec. 4.1, the official ``run/trainer.sh``):
+instead of the official linear fallback cos theta - m sin m. Defaults (the paper's implementation details and the official training script's arguments):
 s = 64, l_a = 10, u_a = 110, l_m = 0.45, u_m = 0.8, lambda_g = 35.
 """
 

@@ -179,3 +179,35 @@ def test_autocast_on_cpu_keeps_the_loss_in_float32(dtype: torch.dtype) -> None:
     loss.backward()
     head.eval()
     torch.testing.assert_close(head(x.float(), y), loss.detach(), rtol=1e-5, atol=0.0)
+
+
+def test_sharded_form_keeps_the_statistics_in_its_state_dict_and_resumes_bit_identically() -> None:
+    """The norm statistics are plain (replicated) buffers of the sharded head, under the unsharded keys, not row
+    shards: a checkpoint carries them, and a head loaded from it continues exactly as the one that wrote it."""
+    from faceforge.heads.parallel import ShardedHead
+
+    def steps(head: ShardedHead, first: int, count: int) -> list[torch.Tensor]:
+        optimizer = torch.optim.SGD(head.parameters(), lr=0.5)
+        losses = []
+        for step in range(first, first + count):
+            x, y, _ = inputs(10 + step)
+            loss = head(x, y)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            losses.append(loss.detach())
+        return losses
+
+    make = lambda: ShardedHead("adaface", C, D, seed=4, t_alpha=0.3).double()  # noqa: E731
+    straight = make()
+    want = steps(straight, 0, 4)
+    first = make()
+    steps(first, 0, 2)
+    state = first.state_dict()
+    assert {"weight", "norm_mean", "norm_std"} <= set(state) and set(first.row_shards()) == {"weight"}
+    resumed = make()
+    resumed.load_state_dict(state)
+    got = steps(resumed, 2, 2)
+    assert all(torch.equal(a, b) for a, b in zip(got, want[2:]))
+    for key in ("norm_mean", "norm_std", "weight"):
+        assert torch.equal(resumed.state_dict()[key], straight.state_dict()[key]), key

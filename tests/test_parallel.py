@@ -224,15 +224,19 @@ WORKER = Path(__file__).with_name("_train_worker.py")
 GLOBAL_BATCH = 12  # 1 x 12, 2 x 6, 3 x 4: the same images per step (faceforge.data.samplers)
 
 
-def sharded_config(output: Path, world: int, steps: int):
+def sharded_config(output: Path, world: int, steps: int, float64: bool = False):
     """A sharded ArcFace (8 classes: 3 + 3 + 2 rows on 3 ranks) on TinyNet; constant lr, so that runs of 2, 4
-    and 6 steps take the same updates; clipping active (global norm over the shards); no dropout."""
+    and 6 steps take the same updates; clipping active (global norm over the shards); no dropout. ``float64``:
+    the backbone's and the head's weights (so its embeddings and logits) in float64 (``_train_worker``'s
+    ``TinyNet(dtype="float64")`` and ``float64_head``), for runs compared with one another across world sizes."""
     import copy
 
     data = copy.deepcopy(RUN_BASE)
     data["output"] = str(output)
-    data["model"]["kwargs"] = {"dropout": 0.0}
-    data["head"] = {"name": "arcface", "kwargs": {"s": 16.0}, "shard": True}
+    data["model"]["kwargs"] = {"dropout": 0.0, **({"dtype": "float64"} if float64 else {})}
+    head = {"name": "_train_worker:float64_head", "kwargs": {"inner": "arcface", "s": 16.0}} if float64 else \
+        {"name": "arcface", "kwargs": {"s": 16.0}}
+    data["head"] = {**head, "shard": True}
     data["data"]["batch_size"] = GLOBAL_BATCH // world
     data["schedule"] = {"name": "constant", "warmup_steps": 0}
     data["train"].update(steps=steps, checkpoint_every=2, keep_checkpoints=5, clip_grad_norm=1.0)
@@ -257,25 +261,45 @@ def resolved(path: Path) -> dict:
     return shards.resolve(load_checkpoint(path), path.parent)
 
 
-def assert_close_state(actual, expected, where: str) -> None:
-    """Float32 sums in another order (gather, all-reduce, per-shard logsumexp): ~1e-6 of each tensor's scale."""
+def assert_close_state(actual, expected, where: str, rel: float = 1e-5, dtype: torch.dtype | None = None) -> None:
+    """Tensors within ``rtol = rel`` and ``atol = rel * max|expected|`` (default: float32 sums in another order,
+    gather, all-reduce, per-shard logsumexp: ~1e-6 of each tensor's scale); with ``dtype``, every floating tensor
+    of both sides of that dtype; other tensors equal, dicts recursively."""
     if isinstance(expected, torch.Tensor):
         if expected.is_floating_point():
-            atol = 1e-5 * max(expected.abs().max().item(), 1e-12)
-            torch.testing.assert_close(actual, expected, rtol=1e-5, atol=atol, msg=lambda m: f"{where}: {m}")
+            assert dtype is None or actual.dtype == expected.dtype == dtype, f"{where}: {actual.dtype} {expected.dtype}"
+            atol = rel * max(expected.abs().max().item(), 1e-12)
+            torch.testing.assert_close(actual, expected, rtol=rel, atol=atol, msg=lambda m: f"{where}: {m}")
         else:
             assert torch.equal(actual, expected), where
     elif isinstance(expected, dict):
         assert set(actual) == set(expected), f"{where}: {set(actual)} != {set(expected)}"
         for key in expected:
-            assert_close_state(actual[key], expected[key], f"{where}.{key}")
+            assert_close_state(actual[key], expected[key], f"{where}.{key}", rel, dtype)
+
+
+# The straight, elastic and resumed runs below are float64 (sharded_config(float64=True)): 1 process, 2 and 3
+# ranks sum the same float64 numbers in another order (all-reduce, gather, per-shard logsumexp), ~1e-15 relative,
+# but for one float32 step: the global gradient norm for clipping (faceforge.train.step.grad_norm takes the
+# shards' squares in float32), and clipping acts at every step (norms 30 .. 250 > clip 1). Each world size
+# rounds that norm its own way: the 2- or 3-rank sum of float32 squares (<= 5u each, u = 2^-24) against the one
+# process's (<= 3u), plus the backbone's square, the sum and the square root (1u each), and the clip factor's
+# division (1u): the runs' factors differ by <= 10u = 6e-7 relative at a step (their updates scaled by 1 +- 6e-7).
+# Measured on the 1-process run of 8 steps: its norm scaled by 1 + 4u at every step (also -4u, alternating signs)
+# moves every tensor below by <= 1.7e-6 of its max|.|, linearly: <= 4.3e-6 for 10u. The runs here differ by
+# <= 6.4e-7 (measured: elastic 1.7e-7, 2 -> 3 -> 1 ranks 6.4e-7). 1e-5 keeps 2x margin over that worst case
+# (float32 runs drift by 1.8e-5 .. 6.7e-5, benchmarks/RESULTS.md section 13, beyond it); a row block resumed one
+# row off, or the last rank's momentum rows never written, leaves the backbone off by 2e-4 .. 1.2e-2 (measured on
+# those mutants: >= 100 x the tolerance). With the norm in float64 (grad_norm in the gradients' dtype) these runs
+# differ by <= 1.8e-15 (measured), and 1e-9 would also catch shard rows rounded through float32 (1e-5 does not).
+SHARDED_FLOAT64_REL = 1e-5
 
 
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory) -> Path:
     """The reference: one process, the sharded head holding all 8 rows, 8 steps (checkpoints every 2)."""
     output = tmp_path_factory.mktemp("straight") / "run"
-    train(sharded_config(output, 1, 8))
+    train(sharded_config(output, 1, 8, float64=True))
     return output
 
 
@@ -291,7 +315,7 @@ def elastic(tmp_path_factory) -> Path:
     read the dead group's addresses from torchrun's shared store: refused, or a hang). train.dist_timeout 60:
     a collective or a connection that still hung would fail the attempt within a minute, not at the 240 s limit."""
     output = tmp_path_factory.mktemp("elastic") / "run"
-    config = sharded_config(output, 2, 4)
+    config = sharded_config(output, 2, 4, float64=True)
     config.train.dist_timeout = 60.0
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                 "--max-restarts", "1", "--monitor-interval", "0.1"]
@@ -299,6 +323,7 @@ def elastic(tmp_path_factory) -> Path:
     return output
 
 
+@pytest.mark.equivalence
 def test_elastic_restart_after_a_killed_rank_finishes_the_run(straight: Path, elastic: Path) -> None:
     """The elastic run ends as the straight one at step 4, and it did go through a kill and a restart."""
     log = (elastic / "train.log").read_text()
@@ -309,9 +334,10 @@ def test_elastic_restart_after_a_killed_rank_finishes_the_run(straight: Path, el
     final, expected = resolved(elastic / "last.pt"), resolved(straight / "step_0000004.pt")
     assert final["step"] == 4 and final["world_size"] == 2
     for key in ("backbone", "head", "optimizer"):
-        assert_close_state(final[key], expected[key], key)
+        assert_close_state(final[key], expected[key], key, SHARDED_FLOAT64_REL, torch.float64)
 
 
+@pytest.mark.equivalence
 def test_resume_on_2_then_3_ranks_then_1_process_continues_the_same_training(
     straight: Path, elastic: Path, tmp_path: Path
 ) -> None:
@@ -324,13 +350,13 @@ def test_resume_on_2_then_3_ranks_then_1_process_continues_the_same_training(
     assert shards.is_placeholder(entry) and entry["shape"] == [8, 16]  # one logical (C, D) W, written by 2 ranks
     momentum = [v for s in state["optimizer"]["state"].values() for v in s.values() if shards.is_placeholder(v)]
     assert len(momentum) == 1 and momentum[0]["shape"] == [8, 16]
-    worker(sharded_config(output, 3, 6), "--resume", "--nprocs", "3", "--port", str(free_port()))
+    worker(sharded_config(output, 3, 6, float64=True), "--resume", "--nprocs", "3", "--port", str(free_port()))
     assert load_checkpoint(output / "last.pt")["world_size"] == 3
-    train(sharded_config(output, 1, 8), resume=True)
+    train(sharded_config(output, 1, 8, float64=True), resume=True)
     final, expected = resolved(output / "last.pt"), resolved(straight / "last.pt")
     assert final["step"] == expected["step"] == 8
     for key in ("backbone", "head", "optimizer"):
-        assert_close_state(final[key], expected[key], key)
+        assert_close_state(final[key], expected[key], key, SHARDED_FLOAT64_REL, torch.float64)
     # the comparison has teeth: training moved W beyond the tolerance, and clipping (global norm) was active
     early = resolved(straight / "step_0000004.pt")["head"]["weight"]
     assert (expected["head"]["weight"] - early).abs().max() > 1e-3

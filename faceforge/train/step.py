@@ -123,10 +123,12 @@ def grad_norm(grads: list[Tensor], sharded: list[Tensor], world_size: int) -> Te
     (this rank's rows) summed over ranks."""
     norm = nn.utils.get_total_norm(grads)
     if sharded:
-        square = nn.utils.get_total_norm(sharded).float().square()
+        # at least float32 (a half-precision norm would overflow), float64 when the gradients are
+        wide = torch.promote_types(norm.dtype, torch.float32)
+        square = nn.utils.get_total_norm(sharded).to(wide).square()
         if world_size > 1:
             torch.distributed.all_reduce(square)
-        norm = (norm.float().square() + square).sqrt()
+        norm = (norm.to(wide).square() + square).sqrt()
     return norm
 
 

@@ -54,10 +54,14 @@ class Case:
 
 def _faceforge(tree: str, argv: list[str]) -> str:
     """The shell command: ``faceforge argv`` with ``tree`` first on the path (the old tree's cli is a module,
-    the new one's a package: ``-m faceforge.cli`` runs both)."""
+    the new one's a package: ``-m faceforge.cli`` runs both), run from ``/`` (``-m`` puts the current folder
+    before PYTHONPATH: run from a worktree, it would shadow ``tree``). numpy's RuntimeWarnings are silenced so
+    that the last line is the command's own (the old code's ``std: 1e-320`` printed one on stderr)."""
     import shlex
 
-    return f"env PYTHONPATH={shlex.quote(tree)} {shlex.quote(sys.executable)} -m faceforge.cli " + shlex.join(argv)
+    return (f"env -C / PYTHONPATH={shlex.quote(os.path.abspath(tree))} {shlex.quote(sys.executable)} "
+            "-W ignore::RuntimeWarning -m faceforge.cli "
+            + shlex.join(argv))
 
 
 def _backbone() -> torch.nn.Module:
@@ -159,10 +163,10 @@ def make_cases(d: Path, tree: str) -> list[Case]:
     cases.append(Case("2", "`train` with `init_from` a last.pt whose head is a row-shard placeholder `/abs/secret.bin`",
                       ["train", str(d / "init.yaml")],
                       lambda: "trained on it: last.pt written" if (d / "mine" / "last.pt").exists() else "no run"))
-    outside, _ = _pairs_bin(d / "private" / "mine.bin", pairs=8, seed=5)
+    outside, _ = _pairs_bin(d / "private" / "mine.bin", pairs=20, seed=5)
     theirs = _checkpoint(d / "theirs" / "last.pt", data={"eval_bins": [str(outside)]})
     cases.append(Case("2", "`eval` of a last.pt whose `data.eval_bins` names a .bin outside its run folder",
-                      ["eval", str(theirs), "--output", str(d / "theirs_eval")],
+                      ["eval", str(theirs), "--pairs", "20", "--output", str(d / "theirs_eval")],
                       _accuracy(d / "theirs_eval" / "results.json", "read")))
 
     # 3: a planted link at eval's results.md
@@ -195,7 +199,7 @@ def make_cases(d: Path, tree: str) -> list[Case]:
 
     # 6 and 11: normalisation and sizes in model.json (r18 at full width for the sizes: the old code built it)
     cases.append(Case("6", "`verify` with model.json `std: [1e-320, 1, 1]`", verify(_model_files(d / "std", std=[1e-320, 1.0, 1.0]))))
-    for name, meta in (("emb40", {"embedding_size": 2**40}), ("emb17", {"embedding_size": 2**17}),
+    for name, meta in (("emb40", {"embedding_size": 2**40}), ("emb17", {"embedding_size": 2**17, "image_size": 112}),
                        ("img2048", {"embedding_size": 512, "image_size": 2048})):
         what = ", ".join(f"{k} {v if v < 2**16 else '2**%d' % (v.bit_length() - 1)}" for k, v in meta.items())
         cases.append(Case("11", f"`verify` with model.json naming r18, {what}",

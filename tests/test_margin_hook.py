@@ -130,8 +130,8 @@ def test_the_out_of_tree_head_is_the_plain_formula_in_one_process() -> None:
 # ------------------------------------------------------------------------------------------ on 2 and 3 ranks
 
 
-def run_sharded(world: int, rank: int, group) -> dict:
-    head = ShardedHead(SPEC, C, D, seed=3, group=group, **KWARGS).double()
+def sgd_steps(head: torch.nn.Module, rank: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """STEPS SGD steps of ``head`` on this rank's batches: the losses (STEPS,) and each step's embedding grads."""
     optimizer = torch.optim.SGD(head.parameters(), lr=LR, momentum=0.9, weight_decay=5e-3)
     losses, grads = [], []
     for step in range(STEPS):
@@ -143,8 +143,14 @@ def run_sharded(world: int, rank: int, group) -> dict:
         optimizer.zero_grad()
         losses.append(loss.detach())
         grads.append(x.grad)
+    return torch.stack(losses), grads
+
+
+def run_sharded(world: int, rank: int, group) -> dict:
+    head = ShardedHead(SPEC, C, D, seed=3, group=group, **KWARGS).double()
+    losses, grads = sgd_steps(head, rank)
     inner = head.head
-    return {"losses": torch.stack(losses), "grads": grads, "weight": head.weight.detach(), "rows": head.rows,
+    return {"losses": losses, "grads": grads, "weight": head.weight.detach(), "rows": head.rows,
             "stats": torch.stack([inner.norm_mean, inner.norm_std])}
 
 
@@ -199,18 +205,8 @@ BINARY_KWARGS = {"r": 6.0, "m": 0.2, "t": 2.0, "lamb": 0.7, "chunk_size": 3}
 def run_binary(world: int, rank: int, group) -> dict:
     """SphereFace2's family with its own margin hook, class-sharded (its shared bias replicated)."""
     head = ShardedHead(BINARY, C, D, seed=3, group=group, **BINARY_KWARGS).double()
-    optimizer = torch.optim.SGD(head.parameters(), lr=LR, momentum=0.9, weight_decay=5e-3)
-    losses, grads = [], []
-    for step in range(STEPS):
-        x, y = batch(rank, step)
-        x.requires_grad_(True)
-        loss = head(x, y)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.detach())
-        grads.append(x.grad)
-    return {"losses": torch.stack(losses), "grads": grads, "weight": head.weight.detach(), "rows": head.rows,
+    losses, grads = sgd_steps(head, rank)
+    return {"losses": losses, "grads": grads, "weight": head.weight.detach(), "rows": head.rows,
             "stats": head.head.bias.detach()}
 
 

@@ -22,8 +22,7 @@ from torch.func import functional_call
 
 import test_margin_hook as hook
 import test_parallel as par
-from faceforge.heads import BroadFace, MagFace, build
-from faceforge.heads.parallel import ShardedHead
+from faceforge.heads import MagFace, build
 from test_contracts import numerical_gradient
 from test_parallel import close
 
@@ -177,24 +176,8 @@ def partial_fc_reference(world: int, sampled: list[torch.Tensor]) -> dict:
 def broadface_reference(world: int) -> dict:
     """One-process BroadFace around MagFace on the ranks' batches in the sampler's order (test_margin_hook's)."""
     inner = MagFace(hook.C, par.D, **SPEC).double()
-    with torch.no_grad():
-        inner.weight.copy_(hook.initial_weight(hook.C))
-    head = BroadFace(inner, **hook.BROADFACE)
-    optimizer = torch.optim.SGD(head.parameters(), lr=hook.LR, momentum=0.9, weight_decay=5e-3)
-    losses, grads = [], []
-    for step in range(hook.STEPS + 2):
-        parts = [par.batch(r, step) for r in range(world)]
-        sizes = [p[0].shape[0] for p in parts]
-        equal = len(set(sizes)) == 1
-        join = (lambda ts: torch.stack(ts, 1).flatten(0, 1)) if equal else torch.cat
-        x = join([p[0] for p in parts]).requires_grad_(True)
-        loss = head(x, join([p[1] for p in parts]))
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.detach())
-        grads.append([x.grad[r::world] for r in range(world)] if equal else list(x.grad.split(sizes)))
-    return {"losses": torch.stack(losses), "grads": grads, "weight": inner.weight.detach()}
+    losses, grads = hook.broadface_one_process(inner, world)
+    return {"losses": losses, "grads": grads, "weight": inner.weight.detach()}
 
 
 @pytest.mark.parametrize("world", [2, 3])

@@ -130,11 +130,11 @@ def test_the_out_of_tree_head_is_the_plain_formula_in_one_process() -> None:
 # ------------------------------------------------------------------------------------------ on 2 and 3 ranks
 
 
-def sgd_steps(head: torch.nn.Module, rank: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """STEPS SGD steps of ``head`` on this rank's batches: the losses (STEPS,) and each step's embedding grads."""
+def sgd_steps(head: torch.nn.Module, rank: int, steps: int = STEPS) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """``steps`` SGD steps of ``head`` on this rank's batches: the losses (steps,) and each step's embedding grads."""
     optimizer = torch.optim.SGD(head.parameters(), lr=LR, momentum=0.9, weight_decay=5e-3)
     losses, grads = [], []
-    for step in range(STEPS):
+    for step in range(steps):
         x, y = batch(rank, step)
         x.requires_grad_(True)
         loss = head(x, y)
@@ -182,19 +182,9 @@ def make_broadface(group=None) -> torch.nn.Module:
 
 def run_broadface(world: int, rank: int, group) -> dict:
     head = make_broadface(group)
-    optimizer = torch.optim.SGD(head.parameters(), lr=LR, momentum=0.9, weight_decay=5e-3)
-    losses, grads = [], []
-    for step in range(STEPS + 2):  # 5 x 11 or 5 x 8 rows through a queue of 10: it wraps
-        x, y = batch(rank, step)
-        x.requires_grad_(True)
-        loss = head(x, y)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.detach())
-        grads.append(x.grad)
+    losses, grads = sgd_steps(head, rank, STEPS + 2)  # 5 x 11 or 5 x 8 rows through a queue of 10: it wraps
     inner = head.head.head
-    return {"losses": torch.stack(losses), "grads": grads, "weight": head.weight.detach(), "rows": head.head.rows,
+    return {"losses": losses, "grads": grads, "weight": head.weight.detach(), "rows": head.head.rows,
             "stats": torch.stack([inner.norm_mean, inner.norm_std])}
 
 
@@ -274,6 +264,15 @@ def broadface_reference(world: int) -> dict:
     """One-process BroadFace around the same out-of-tree head, on the ranks' batches (the sampler's order when the
     batches are equal, as the sharded queue keeps them; rank order otherwise)."""
     inner = NormMarginHead(C, D, **KWARGS).double()
+    losses, grads = broadface_one_process(inner, world)
+    return {"losses": losses, "grads": grads, "weight": inner.weight.detach(),
+            "stats": torch.stack([inner.norm_mean, inner.norm_std])}
+
+
+def broadface_one_process(inner: torch.nn.Module, world: int) -> tuple[torch.Tensor, list[list[torch.Tensor]]]:
+    """STEPS + 2 SGD steps of one-process BroadFace around ``inner`` (its W set to ``initial_weight``) on all the
+    ranks' batches, in the sampler's order when the batches are equal (as the sharded queue keeps them), rank order
+    otherwise: the losses and, per step, each rank's embedding grads."""
     with torch.no_grad():
         inner.weight.copy_(initial_weight(C))
     head = BroadFace(inner, **BROADFACE)
@@ -291,8 +290,7 @@ def broadface_reference(world: int) -> dict:
         optimizer.zero_grad()
         losses.append(loss.detach())
         grads.append([x.grad[r::world] for r in range(world)] if equal else list(x.grad.split(sizes)))
-    return {"losses": torch.stack(losses), "grads": grads, "weight": inner.weight.detach(),
-            "stats": torch.stack([inner.norm_mean, inner.norm_std])}
+    return torch.stack(losses), grads
 
 
 @pytest.mark.parametrize("world", [2, 3])

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from _norm_head import EPS, NormMarginHead, NormSphereFace2
 from faceforge.heads import BroadFace, SphereFace2
 from faceforge.heads.parallel import ShardedHead, all_gather_rows, build_sharded
-from test_parallel import D, batch, batch_size, close, spawn
+from test_parallel import D, batch, batch_size, close, sgd_steps, spawn  # STEPS 3 and lr 0.5 there as here
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -130,25 +130,9 @@ def test_the_out_of_tree_head_is_the_plain_formula_in_one_process() -> None:
 # ------------------------------------------------------------------------------------------ on 2 and 3 ranks
 
 
-def sgd_steps(head: torch.nn.Module, rank: int, steps: int = STEPS) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """``steps`` SGD steps of ``head`` on this rank's batches: the losses (steps,) and each step's embedding grads."""
-    optimizer = torch.optim.SGD(head.parameters(), lr=LR, momentum=0.9, weight_decay=5e-3)
-    losses, grads = [], []
-    for step in range(steps):
-        x, y = batch(rank, step)
-        x.requires_grad_(True)
-        loss = head(x, y)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.detach())
-        grads.append(x.grad)
-    return torch.stack(losses), grads
-
-
 def run_sharded(world: int, rank: int, group) -> dict:
     head = ShardedHead(SPEC, C, D, seed=3, group=group, **KWARGS).double()
-    losses, grads = sgd_steps(head, rank)
+    losses, grads = sgd_steps(head, rank, STEPS)
     inner = head.head
     return {"losses": losses, "grads": grads, "weight": head.weight.detach(), "rows": head.rows,
             "stats": torch.stack([inner.norm_mean, inner.norm_std])}
@@ -195,7 +179,7 @@ BINARY_KWARGS = {"r": 6.0, "m": 0.2, "t": 2.0, "lamb": 0.7, "chunk_size": 3}
 def run_binary(world: int, rank: int, group) -> dict:
     """SphereFace2's family with its own margin hook, class-sharded (its shared bias replicated)."""
     head = ShardedHead(BINARY, C, D, seed=3, group=group, **BINARY_KWARGS).double()
-    losses, grads = sgd_steps(head, rank)
+    losses, grads = sgd_steps(head, rank, STEPS)
     return {"losses": losses, "grads": grads, "weight": head.weight.detach(), "rows": head.rows,
             "stats": head.head.bias.detach()}
 

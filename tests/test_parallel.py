@@ -51,12 +51,12 @@ def sgd(params) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=0.5, momentum=0.9, weight_decay=5e-3)
 
 
-def run_sharded(name: str, world: int, rank: int, group=None) -> dict:
-    """STEPS steps of the sharded head on this rank's batches; per step the loss and this rank's embedding grad."""
-    head = ShardedHead(name, C, D, seed=3, group=group, **SPECS[name]).double()
+def sgd_steps(head: torch.nn.Module, rank: int, steps: int = STEPS) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """``steps`` steps of :func:`sgd` on ``head`` with this rank's batches: the losses (steps,) and each step's
+    embedding grads."""
     optimizer = sgd(head.parameters())
     losses, grads = [], []
-    for step in range(STEPS):
+    for step in range(steps):
         x, y = batch(rank, step)
         x.requires_grad_(True)
         loss = head(x, y)
@@ -65,7 +65,14 @@ def run_sharded(name: str, world: int, rank: int, group=None) -> dict:
         optimizer.zero_grad()
         losses.append(loss.detach())
         grads.append(x.grad)
-    return {"losses": torch.stack(losses), "grads": grads, "state": head.state_dict(), "rows": head.rows}
+    return torch.stack(losses), grads
+
+
+def run_sharded(name: str, world: int, rank: int, group=None) -> dict:
+    """STEPS steps of the sharded head on this rank's batches; per step the loss and this rank's embedding grad."""
+    head = ShardedHead(name, C, D, seed=3, group=group, **SPECS[name]).double()
+    losses, grads = sgd_steps(head, rank)
+    return {"losses": losses, "grads": grads, "state": head.state_dict(), "rows": head.rows}
 
 
 def run_reference(name: str, world: int) -> dict:

@@ -67,25 +67,49 @@ class MarginContext(NamedTuple):
 
     norms: (B,) |x_b| of the embeddings as the backbone gave them (before normalisation), detached: AdaFace's
         and MagFace's margins depend on them (a margin is a function of the norm, not a path for its gradient);
-    labels: (B,) int64 global class indices y_b.
+    labels: (B,) int64 global class indices y_b;
+    sample_ids: (B,) int64 view ids of the samples (``Batch.view_ids``: dataset index and flip; -1 unknown), or
+        None when the caller named none (a head called directly): a margin drawn per sample (ElasticFace) keys
+        its draw by them;
+    target_cosines: (B,) cos(theta_{b y_b}) of EVERY row, detached, whatever shard holds its class (one all-reduce
+        when the classes are sharded), filled only for a head with ``needs_target_cosines`` (CurricularFace's
+        threshold and running mean, ElasticFace+'s ordering); else None;
+    extras: {name: (B,) tensor}: per-sample quantities a head derives from the whole context in its ``prepare``
+        hook (ElasticFace's drawn margins), taken with the rows like the rest; None when there are none.
 
     A strategy builds it once per forward over the rows it computes the loss of (the global batch when the
-    classes are sharded, a block of BroadFace's queue) with :func:`margin_context`, and hands the hook the rows
-    whose target it computes (:meth:`take`). A head whose margin depends on the training step keeps the step
-    itself through ``TrainHooks.after_optimizer_step``.
+    classes are sharded, a block of BroadFace's queue) with :func:`margin_context`, lets the head ``prepare`` it,
+    and hands the hook the rows whose target it computes (:meth:`take`). A head whose margin depends on the
+    training step keeps the step itself through ``TrainHooks.after_optimizer_step``.
     """
 
     norms: Tensor
     labels: Tensor
+    sample_ids: Tensor | None = None
+    target_cosines: Tensor | None = None
+    extras: dict[str, Tensor] | None = None
 
     def take(self, rows: Tensor | None) -> "MarginContext":
         """The context of ``rows`` (K,) of the batch (``target_rows``); itself for rows = None (every row)."""
-        return self if rows is None else MarginContext(self.norms[rows], self.labels[rows])
+        if rows is None:
+            return self
+        extras = None if self.extras is None else {name: value[rows] for name, value in self.extras.items()}
+        return MarginContext(self.norms[rows], self.labels[rows], _take(self.sample_ids, rows),
+                             _take(self.target_cosines, rows), extras)
 
 
-def margin_context(embeddings: Tensor, labels: Tensor) -> MarginContext:
-    """The :class:`MarginContext` of embeddings (B, D) (any norm) and their global labels (B,)."""
-    return MarginContext(torch.linalg.vector_norm(embeddings.detach(), dim=1), labels)
+def _take(values: Tensor | None, rows: Tensor) -> Tensor | None:
+    return None if values is None else values[rows]
+
+
+def margin_context(embeddings: Tensor, labels: Tensor, sample_ids: Tensor | None = None,
+                   target_cosines: Tensor | None = None) -> MarginContext:
+    """The :class:`MarginContext` of embeddings (B, D) (any norm), their global labels (B,), their sample ids (B,)
+    (None: unknown) and the target cosines of every row (B,) (None: not asked for)."""
+    if sample_ids is not None and sample_ids.shape != labels.shape:
+        raise ValueError(f"sample_ids of shape {tuple(sample_ids.shape)}; expected one per sample, "
+                         f"{tuple(labels.shape)}")
+    return MarginContext(torch.linalg.vector_norm(embeddings.detach(), dim=1), labels, sample_ids, target_cosines)
 
 
 class Reduction(Protocol):
@@ -152,10 +176,13 @@ class ClassRows(Protocol):
       rows=None) -> (N,)``: the per-sample loss of ``embeddings`` against the class rows this head holds, or
       against ``rows`` ({attribute: the selected rows}, Partial FC) in their place, with ``local_labels`` the row
       of each sample's class among them (-1: held elsewhere; default ``labels``), its per-sample terms combined
-      with the other row sets' by ``reduce``. ``labels`` are the global classes (the margin's context).
-    - ``observe_batch(embeddings, labels)``: once per training forward, the batch it trains on (the global batch
-      when sharded), before any loss: a head that keeps statistics of the batch (AdaFace's norm mean/std) updates
-      them here; the default does nothing.
+      with the other row sets' by ``reduce``. ``labels`` are the global classes and ``sample_ids`` (N,) the
+      samples' view ids (None: unknown), the margin's context;
+    - ``observe_batch(embeddings, labels, *, local_labels=None, reduce=LOCAL, sample_ids=None)``: once per
+      training forward, the batch it trains on (the global batch when sharded, with this head's local labels and
+      the strategy's reduction, so that a statistic of the target cosines is the same on every rank), before any
+      loss: a head that keeps statistics of the batch (AdaFace's norm mean/std, CurricularFace's t) updates them
+      here; the default does nothing.
     - ``sharded_refusal() -> str | None``: why the head cannot be split by class (ArcFace Eq. 6 needs every row at
       once), None if it can;
     - ``reset_shared(num_classes)``: initialise what is not a class row as a head of the whole run's C classes
@@ -173,9 +200,11 @@ class ClassRows(Protocol):
         reduce: Reduction = LOCAL,
         classifier_grad: bool = True,
         rows: dict[str, Tensor] | None = None,
+        sample_ids: Tensor | None = None,
     ) -> Tensor: ...
 
-    def observe_batch(self, embeddings: Tensor, labels: Tensor) -> None: ...
+    def observe_batch(self, embeddings: Tensor, labels: Tensor, *, local_labels: Tensor | None = None,
+                      reduce: Reduction = LOCAL, sample_ids: Tensor | None = None) -> None: ...
 
     def sharded_refusal(self) -> str | None: ...
 

@@ -106,10 +106,10 @@ class MagFace(MarginHead):
 
     def class_loss(self, embeddings: Tensor, labels: Tensor, *, local_labels: Tensor | None = None,
                    reduce: Reduction = LOCAL, classifier_grad: bool = True,
-                   rows: dict[str, Tensor] | None = None) -> Tensor:
+                   rows: dict[str, Tensor] | None = None, sample_ids: Tensor | None = None) -> Tensor:
         """(N,) the margin softmax (``MarginHead.class_loss``) plus the magnitude's terms (module docstring)."""
         loss = super().class_loss(embeddings, labels, local_labels=local_labels, reduce=reduce,
-                                  classifier_grad=classifier_grad, rows=rows)
+                                  classifier_grad=classifier_grad, rows=rows, sample_ids=sample_ids)
         here, local = target_rows(labels if local_labels is None else local_labels)
         weight = (rows or {}).get("weight", self.weight)
         dtype = compute_dtype(embeddings, weight)

@@ -371,6 +371,7 @@ class ShardedHead(nn.Module, ClassifierHead, TrainHooks):
         # are the unsharded head's (a checkpoint moves between shard=true/false and any world size)
         self.register_buffer("sample_step", torch.zeros((), dtype=torch.long), persistent=False)
         self._micro = 0  # forwards since the last optimiser step (gradient accumulation)
+        self._pending_ids: Tensor | None = None  # observe_sample_ids, gathered by the next forward
         self._lazy: LazyRows | None = None
         self.seed = int(seed)
         self.name = head
@@ -411,16 +412,17 @@ class ShardedHead(nn.Module, ClassifierHead, TrainHooks):
         x, y = self.gather(embeddings, labels)
         return self.global_loss(x, y, classifier_grad=classifier_grad)
 
-    def global_loss(self, embeddings: Tensor, labels: Tensor, *, classifier_grad: bool = True) -> Tensor:
-        """(N,) the loss of rows that every rank already holds, the same (N, D) embeddings and (N,) global labels on
-        every rank (a gathered batch, BroadFace's queue): no gather; the gradient to ``embeddings`` is this rank's
-        share (sum it over the ranks)."""
+    def global_loss(self, embeddings: Tensor, labels: Tensor, *, classifier_grad: bool = True,
+                    sample_ids: Tensor | None = None) -> Tensor:
+        """(N,) the loss of rows that every rank already holds, the same (N, D) embeddings, (N,) global labels and
+        (N,) sample ids (None: unknown) on every rank (a gathered batch, BroadFace's queue): no gather; the gradient
+        to ``embeddings`` is this rank's share (sum it over the ranks)."""
         labels = labels.long()
         local = self.local_labels(labels)
         if self.sample_rate < 1.0:
-            return self._sampled_loss(embeddings, labels, local, classifier_grad)
+            return self._sampled_loss(embeddings, labels, local, classifier_grad, sample_ids)
         return self.head.class_loss(embeddings, labels, local_labels=local, reduce=self.reduce,
-                                    classifier_grad=classifier_grad)
+                                    classifier_grad=classifier_grad, sample_ids=sample_ids)
 
     def sampled_rows(self, local_labels: Tensor) -> Tensor:
         """This forward's Partial FC rows (K,) (``sample_rows``), drawn from the generator of
@@ -430,7 +432,8 @@ class ShardedHead(nn.Module, ClassifierHead, TrainHooks):
         rows = self.rows[1] - self.rows[0]
         return sample_rows(local_labels, rows, self.sample_rate, generator)
 
-    def _sampled_loss(self, x: Tensor, labels: Tensor, local_labels: Tensor, classifier_grad: bool) -> Tensor:
+    def _sampled_loss(self, x: Tensor, labels: Tensor, local_labels: Tensor, classifier_grad: bool,
+                      sample_ids: Tensor | None) -> Tensor:
         """Partial FC: the head's loss on the sampled rows only (positives + negatives), their gradient sparse."""
         index = self.sampled_rows(local_labels)
         self._micro += 1
@@ -446,17 +449,35 @@ class ShardedHead(nn.Module, ClassifierHead, TrainHooks):
         found = (local_labels >= 0) & (index[position.clamp_max(index.numel() - 1)] == local_labels)
         sampled = torch.where(found, position, torch.full_like(local_labels, -1))
         return self.head.class_loss(x, labels, local_labels=sampled, reduce=self.reduce,
-                                    classifier_grad=classifier_grad, rows=rows)
+                                    classifier_grad=classifier_grad, rows=rows, sample_ids=sample_ids)
 
-    def observe_batch(self, embeddings: Tensor, labels: Tensor) -> None:
-        """The head's ``observe_batch`` of the GLOBAL batch (embeddings (N, D), labels (N,), the same on every rank)."""
-        self.head.observe_batch(embeddings, labels)
+    def observe_batch(self, embeddings: Tensor, labels: Tensor, *, sample_ids: Tensor | None = None) -> None:
+        """The head's ``observe_batch`` of the GLOBAL batch (embeddings (N, D), labels (N,), sample ids (N,) or None,
+        the same on every rank), with this rank's local labels and the ranks' reduction."""
+        labels = labels.long()
+        self.head.observe_batch(embeddings, labels, local_labels=self.local_labels(labels), reduce=self.reduce,
+                                sample_ids=sample_ids)
+
+    def observe_sample_ids(self, sample_ids: Tensor) -> None:
+        """Name this rank's rows of the next forward: (B,) int64 view ids; the forward gathers them with the batch."""
+        self._pending_ids = sample_ids
+
+    def gather_sample_ids(self, rows: int, device: torch.device) -> Tensor | None:
+        """The global batch's (B_g,) sample ids in rank order, from each rank's ``observe_sample_ids`` (taken once);
+        None when this rank named none. Every rank must call it (a collective when some were named)."""
+        ids, self._pending_ids = self._pending_ids, None
+        if ids is None:
+            return None
+        if ids.shape != (rows,):
+            raise ValueError(f"sample ids of shape {tuple(ids.shape)} for a batch of {rows}; expected ({rows},)")
+        return all_gather_rows(ids.to(device=device, dtype=torch.long), self.group)
 
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         """Scalar: the mean over the global batch of the head's per-sample loss (the same on every rank)."""
         x, y = self.gather(embeddings, labels)
-        self.observe_batch(x, y)
-        return self.global_loss(x, y).mean()
+        ids = self.gather_sample_ids(embeddings.shape[0], embeddings.device)
+        self.observe_batch(x, y, sample_ids=ids)
+        return self.global_loss(x, y, sample_ids=ids).mean()
 
     # --- what the trainer asks (TrainHooks) ---
 
@@ -478,6 +499,11 @@ class ShardedHead(nn.Module, ClassifierHead, TrainHooks):
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
         self.sample_step.fill_(int(state.get("sample_step", 0)))
+
+    def on_batch(self, batch: Any) -> None:
+        """Name the next forward's rows by the batch's view ids, gathered with the batch for the head's context
+        (the inner head sees the global batch only: it is not handed this rank's part)."""
+        self.observe_sample_ids(batch.view_ids())
 
     def after_optimizer_step(self, step: int) -> None:
         self.sample_step.fill_(step)

@@ -86,8 +86,8 @@ class ShardedBroadFace(BroadFace):
         sample_ids = all_gather_rows(sample_ids.detach().long(), self.head.group)
         if self._equal_batches(embeddings.shape[0]):  # the sampler's order: one process's queue, row for row
             x, y, sample_ids = (interleave(t, self.head.world_size) for t in (x, y, sample_ids))
-        self.head.observe_batch(x, y)  # the global batch, once, before any of its losses
-        loss_encoder = self.head.global_loss(x, y, classifier_grad=False).mean()  # Eq. 8
+        self.head.observe_batch(x, y, sample_ids=sample_ids)  # the global batch, once, before any of its losses
+        loss_encoder = self.head.global_loss(x, y, classifier_grad=False, sample_ids=sample_ids).mean()  # Eq. 8
         with torch.autocast(device_type=x.device.type, enabled=False):
             batch = x.detach().to(self.queue_embeddings.dtype)
             rows = batch.shape[0] + int(self.queue_count)

@@ -319,6 +319,12 @@ class MarginHead(nn.Module, ClassifierHead):
       softmax (ArcFace Eq. 5's intra-class angle, MagFace's regulariser), added where the target lives;
     - ``observe(context)``: the whole batch's context once per training forward, before the loss (AdaFace's
       running norm statistics); default nothing;
+    - ``needs_target_cosines = True``: the context carries ``target_cosines``, every row's detached cos theta_y
+      (one all-reduce of (B,) when the classes are sharded), for a margin that depends on the batch's targets;
+    - ``prepare(context) -> MarginContext``: per-sample quantities of ALL the call's rows derived once, before the
+      rows whose target is here are taken (its ``extras``; ElasticFace's drawn margins); default the context;
+    - ``observe_sample_ids(ids (B,))``: names the next forward's samples (a head that opts into
+      ``TrainHooks.on_batch`` passes ``batch.view_ids()``); they reach the context's ``sample_ids``;
     - ``nontarget_logits``: a per-sample transform of the non-target logits (CurricularFace) is declared here
       for the heads that need it; no strategy applies one yet, so a head that sets it is refused when built
       (``check_margin_head``) rather than trained without it;
@@ -333,9 +339,11 @@ class MarginHead(nn.Module, ClassifierHead):
 
     normalized: bool = True
     has_loss_term: bool = False
+    needs_target_cosines: bool = False
     nontarget_logits: Callable[..., Tensor] | None = None
     chunk_size: int = DEFAULT_CHUNK_SIZE
     step_buffers: tuple[ReusableBuffer, ReusableBuffer] | None = None  # None: fresh per call (buffers.py)
+    _pending_ids: Tensor | None = None  # observe_sample_ids, taken by the next forward
 
     def target_logit(self, cos_y: Tensor, context: MarginContext) -> Tensor:
         """(K,) the scaled target logit of the target cosines cos_y (K,) (the plain target logit when not
@@ -349,6 +357,15 @@ class MarginHead(nn.Module, ClassifierHead):
     def observe(self, context: MarginContext) -> None:
         """The context (B,) of the whole batch, once per training forward, before its loss. Default: nothing."""
         return None
+
+    def prepare(self, context: MarginContext) -> MarginContext:
+        """The context of every row of a call (N,), with what the head derives from all of them (``extras``),
+        before the rows whose target is here are taken. Default: the context as it is."""
+        return context
+
+    def observe_sample_ids(self, sample_ids: Tensor) -> None:
+        """Name the rows of the next forward: (B,) int64 view ids (``Batch.view_ids``)."""
+        self._pending_ids = sample_ids
 
     def class_rows(self) -> dict[str, RowFill]:
         """{attribute: init}: the class-indexed tensors (``weight``, N(0, 0.01^2) row by row)."""
@@ -374,10 +391,33 @@ class MarginHead(nn.Module, ClassifierHead):
             for name, fill in self.class_rows().items():
                 fill(getattr(self, name), None)
 
-    def observe_batch(self, embeddings: Tensor, labels: Tensor) -> None:
+    def observe_batch(self, embeddings: Tensor, labels: Tensor, *, local_labels: Tensor | None = None,
+                      reduce: Reduction = LOCAL, sample_ids: Tensor | None = None) -> None:
         """``observe`` the batch's context when training (the strategies call this once per forward)."""
         if self.training:
-            self.observe(margin_context(embeddings, labels))
+            with torch.no_grad():
+                self.observe(self.context_of(embeddings, labels, local_labels=local_labels, reduce=reduce,
+                                             sample_ids=sample_ids))
+
+    def context_of(self, embeddings: Tensor, labels: Tensor, *, local_labels: Tensor | None = None,
+                   reduce: Reduction = LOCAL, rows: dict[str, Tensor] | None = None,
+                   sample_ids: Tensor | None = None) -> MarginContext:
+        """The :class:`MarginContext` of every row (N,) of embeddings (N, D) and global labels (N,): norms, labels,
+        sample ids, the target cosines when ``needs_target_cosines`` (each row's from the rows here, ``rows`` in
+        their place for Partial FC, then ``reduce.sum`` over the row sets), then ``prepare``."""
+        cosines = None
+        if self.needs_target_cosines:
+            local = labels if local_labels is None else local_labels
+            weight = (rows or {}).get("weight", self.weight).detach()
+            bias = (rows or {}).get("bias", getattr(self, "bias", None))
+            dtype = compute_dtype(embeddings, weight)
+            with torch.no_grad(), torch.autocast(device_type=embeddings.device.type, enabled=False):
+                x = embeddings.detach().to(dtype)
+                here, targets = target_rows(local)
+                x_in = F.normalize(take_rows(x, here), dim=1) if self.normalized else take_rows(x, here)
+                q = target_input(x_in, weight, None if bias is None else bias.detach(), targets, self.normalized)
+                cosines = reduce.sum(scatter_rows(q, here, x.shape[0])).detach()  # every row's, on every rank
+        return self.prepare(margin_context(embeddings, labels, sample_ids, cosines))
 
     def class_loss(
         self,
@@ -388,9 +428,11 @@ class MarginHead(nn.Module, ClassifierHead):
         reduce: Reduction = LOCAL,
         classifier_grad: bool = True,
         rows: dict[str, Tensor] | None = None,
+        sample_ids: Tensor | None = None,
     ) -> Tensor:
         """(N,) softplus(LSE_neg - t) + extra per sample, each term reduced over the row sets by ``reduce``
-        (``heads.base.ClassRows``). embeddings (N, D) any norm; labels (N,) global classes."""
+        (``heads.base.ClassRows``). embeddings (N, D) any norm; labels (N,) global classes; sample_ids (N,) their
+        view ids (None: unknown)."""
         local = labels if local_labels is None else local_labels
         tensors = {name: getattr(self, name) for name in self.class_rows()}
         tensors.update(rows or {})
@@ -399,7 +441,8 @@ class MarginHead(nn.Module, ClassifierHead):
         dtype = compute_dtype(embeddings, tensors["weight"])
         with torch.autocast(device_type=embeddings.device.type, enabled=False):
             x = embeddings.to(dtype)
-            context = margin_context(x, labels).take(target_rows(local)[0])  # the rows whose target is here
+            context = self.context_of(x, labels, local_labels=local, reduce=reduce, rows=tensors,
+                                      sample_ids=sample_ids).take(target_rows(local)[0])  # the rows whose target is here
             lse_neg, target, extra = chunked_margin_terms(
                 F.normalize(x, dim=1) if self.normalized else x,
                 tensors["weight"],
@@ -424,8 +467,9 @@ class MarginHead(nn.Module, ClassifierHead):
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         """Scalar: the batch mean of ``per_sample_loss`` (+ the batch-level term). embeddings (B, D), labels (B,)."""
         labels = check_inputs(embeddings, labels, self.num_classes, self.embedding_size)
-        self.observe_batch(embeddings, labels)
-        loss = self.per_sample_loss(embeddings, labels).mean()
+        sample_ids, self._pending_ids = self._pending_ids, None
+        self.observe_batch(embeddings, labels, sample_ids=sample_ids)
+        loss = self.class_loss(embeddings, labels, sample_ids=sample_ids).mean()
         extra = self.batch_loss(labels) if self.batch_level_loss else None
         return loss if extra is None else loss + extra
 

@@ -478,7 +478,8 @@ class SphereFace2(nn.Module, ClassifierHead, TrainHooks):
     def sharded_refusal(self) -> str | None:
         return None  # a sum of per-class terms: any split of the classes works (SphereFace2 Sec. 3.4)
 
-    def observe_batch(self, embeddings: Tensor, labels: Tensor) -> None:
+    def observe_batch(self, embeddings: Tensor, labels: Tensor, *, local_labels: Tensor | None = None,
+                      reduce: Reduction = LOCAL, sample_ids: Tensor | None = None) -> None:
         return None
 
     def class_loss(
@@ -490,6 +491,7 @@ class SphereFace2(nn.Module, ClassifierHead, TrainHooks):
         reduce: Reduction = LOCAL,
         classifier_grad: bool = True,
         rows: dict[str, Tensor] | None = None,
+        sample_ids: Tensor | None = None,
     ) -> Tensor:
         """loss_weight x Eq. 6 per sample (N,): this head's (or ``rows``'s) per-class terms summed over the row sets
         by ``reduce``; the shared bias is ``reduce.replicated`` (heads.base.ClassRows)."""
@@ -499,7 +501,7 @@ class SphereFace2(nn.Module, ClassifierHead, TrainHooks):
         dtype = compute_dtype(embeddings, weight)
         with torch.autocast(device_type=embeddings.device.type, enabled=False):
             x_hat = F.normalize(embeddings.to(dtype), dim=1)
-            context = margin_context(embeddings, labels).take(target_rows(local)[0])  # the rows whose class is here
+            context = margin_context(embeddings, labels, sample_ids).take(target_rows(local)[0])  # the rows whose class is here
             per_sample = sphereface2_loss(
                 x_hat, weight, reduce.replicated(bias), local, lamb=self.lamb, r=self.r, m=self.m, t=self.t,
                 margin_type=self.margin_type, margin_grad=self.margin_grad, chunk_size=self.chunk_size,

@@ -213,6 +213,9 @@ def test_resume_with_a_partly_filled_container_and_the_class_encoder_is_bit_iden
     assert cut.losses == straight.losses[:3]
     resumed = train(make_config(tmp_path / "cut"), resume=True)
     assert resumed.losses == straight.losses[3:]
+    # train.log names the container's size and fill when a run starts: empty, then 24 of 32 after 3 steps
+    log = (tmp_path / "cut" / "train.log").read_text()
+    assert "container_size=32 (" in log and "slots=(0, 32) filled 0," in log and "slots=(0, 32) filled 24," in log
     a, b = load_checkpoint(resumed.checkpoint), load_checkpoint(straight.checkpoint)
     for key in ("backbone", "head", "objective"):
         assert a[key].keys() == b[key].keys()

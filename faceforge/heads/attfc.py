@@ -304,8 +304,11 @@ class AttFC(nn.Module):
             raise HeadKwargError("container_size" if size is not None else "ratio", str(e)) from None
 
     def extra_repr(self) -> str:
+        filled = int((self.container_labels >= 0).sum())  # entries holding a generated centre (the rest: random)
         return (f"num_classes={self.num_classes}, embedding_size={self.embedding_size}, container_size="
-                f"{self.container_size}, s={self.s}, m=({self.m1}, {self.m2}, {self.m3}), weighting={self.weighting}")
+                f"{self.container_size} ({self.container_size / self.num_classes:.3g} x the classes, "
+                f"{self.container_size // self.batch_size} global batches), slots={self.slots} filled {filled}, "
+                f"s={self.s}, m=({self.m1}, {self.m2}, {self.m3}), weighting={self.weighting}")
 
     def _positive(self, f: Tensor, centres: Tensor) -> Tensor:
         """(B,) s psi(cos(f_b, w+_b)), the margined positive logit (column 0)."""

@@ -304,6 +304,7 @@ class _Run:
         if self.parts.ema is not None:
             lines.append(f"train.ema: decay {self.parts.ema.decay:g} every {self.parts.ema.every} step(s); evaluations "
                          f"and model.safetensors use the averaged backbone (the raw one stays in {CHECKPOINT_NAME})")
+        lines.append(f"head: {' '.join(repr(self.parts.head).split())}")  # one line: its sizes (AttFC's container)
         lines.append(
             f"run {self.output}: {len(self.dataset)} images, {int(self.dataset.num_classes)} classes, world size "
             f"{self.world_size}, {self.total_steps} steps ({self.steps_per_epoch} per epoch, {self.parts.step_images} images "

@@ -464,6 +464,69 @@ EXPERIMENTS: dict[str, Experiment] = {
     ),
 }
 
+# The heads of issue 29 at the many-class size, ArcFace's s 32 for every one (the papers' s 64 is for 85k classes)
+# and each paper's own margins: equal budgets, only the head differs.
+MODERN_HEADS = (
+    Variant("ArcFace", ARCFACE),
+    Variant("CurricularFace", _head("curricularface", s=32.0, m=0.5)),
+    Variant("ElasticFace-Arc", _head("elasticface_arc", s=32.0)),
+    Variant("ElasticFace-Arc+", _head("elasticface_arc_plus", s=32.0)),
+    Variant("ElasticFace-Cos", _head("elasticface_cos", s=32.0)),
+    Variant("ElasticFace-Cos+", _head("elasticface_cos_plus", s=32.0)),
+    Variant("AdaFace", _head("adaface", s=32.0)),
+    Variant("MagFace", _head("magface", s=32.0)),
+    Variant("Sub-center ArcFace (K 3)", _head("subcenter_arcface", s=32.0, m=0.5)),
+)
+SUBCENTER = _head("subcenter_arcface", s=32.0, m=0.5)
+NOISE_LEVELS = (0.0, 0.2, 0.4)
+
+
+def _attfc_default_size(s: float, momentum: float, container: int | None, k: int) -> tuple[str, ...]:
+    """AttFC at the default size (500 classes, batch 128): ratio 0.3 gives S = floor(150 / 128) 128 = 128, ONE batch
+    of negatives, unless ``container`` sets S."""
+    kwargs: dict[str, Any] = {"ratio": 0.3, "batch_size": 128, "s": s, "m2": 0.5}
+    if container is not None:
+        kwargs["container_size"] = container
+    return (*_head("attfc", **kwargs), "objective.name=attfc", f"objective.kwargs={_flow({'momentum': momentum})}",
+            "data.sampler=attfc", f"data.sampler_kwargs={_flow({'k': k})}")
+
+
+# AttFC as a new user meets it at few classes (issue 29): its defaults, then one change at a time.
+ATTFC_FEW_CLASSES = (
+    Variant("ArcFace s 32 (W 500)", ARCFACE),
+    Variant("ArcFace s 64 (W 500)", _head("arcface", s=64.0, m=0.5)),
+    Variant("AttFC defaults (S 128, s 64, gamma 0.999, k 2)", _attfc_default_size(64.0, 0.999, None, 2)),
+    Variant("+ s 32", _attfc_default_size(32.0, 0.999, None, 2)),
+    Variant("+ gamma 0.9", _attfc_default_size(32.0, 0.9, None, 2)),
+    Variant("+ S 512 (every class)", _attfc_default_size(32.0, 0.9, 512, 2)),
+    Variant("+ k 4", _attfc_default_size(32.0, 0.9, 512, 4)),
+)
+
+EXPERIMENTS.update({
+    "modern_heads": Experiment(
+        "Issue 29: CurricularFace, ElasticFace, AdaFace, MagFace and sub-center ArcFace against ArcFace",
+        {"many": MODERN_HEADS, "default": MODERN_HEADS},
+        notes="s 32 for every head; margins at each paper's defaults (CurricularFace m 0.5; ElasticFace-Arc "
+              "N(0.5, 0.05), -Cos N(0.35, 0.05); AdaFace m 0.4, h 0.333; MagFace m 0.45-0.8 over a in [10, 110], "
+              "lambda_g 35; sub-center K 3, m 0.5).",
+    ),
+    "subcenter_noise": Experiment(
+        "Sub-center ArcFace under label noise (its Table: robustness to noisy web faces)",
+        tuple(Variant(f"{name} {round(100 * p)}%", (*head, f"data.label_noise={p}") if p else head, name, 100 * p)
+              for name, head in (("ArcFace", ARCFACE), ("Sub-center ArcFace", SUBCENTER)) for p in NOISE_LEVELS),
+        x_label="label noise (%)",
+        notes="data.label_noise flips that share of the training labels to another class (the noise experiment's).",
+    ),
+    "attfc_few_classes": Experiment(
+        "AttFC as a user meets it at few classes: its defaults, then one change at a time",
+        {"default": ATTFC_FEW_CLASSES},
+        datasets=("synthetic",),
+        notes="Default size (500 classes, 160 steps of 128). ratio 0.3 of 500 classes holds floor(150 / 128) = 1 "
+              "global batch: S = 128 negatives, the previous batch's centres. gamma 0.999 (the paper's, MoCo's) is "
+              "a 1,000-step time constant in a 160-step run.",
+    ),
+})
+
 # BroadFace's grid (issue 6 section 2): broadface_curve and broadface_retrieval add no runs.
 BROADFACE_EXPERIMENTS = ("broadface_queue", "broadface_curve", "broadface_retrieval", "broadface_cosface")
 

@@ -55,6 +55,21 @@ def test_a_value_out_of_range_names_its_key(tmp_path: Path, capsys, override: st
     assert str(tmp_path / "c.yaml") in line  # the file too
 
 
+@pytest.mark.parametrize(
+    ("overrides", "key", "reads"),
+    [
+        (("optim.name=adamw", "optim.momentum=0.8"), "optim.momentum = 0.8", "(the adamw keys: betas, eps)"),
+        (("optim.name=adamw", "optim.nesterov=true"), "optim.nesterov = True", "(the adamw keys: betas, eps)"),
+        (("optim.name=sgd", "optim.betas=[0.8, 0.99]"), "optim.betas = (0.8, 0.99)", "(the sgd keys: momentum, nesterov)"),
+        (("optim.name=lars", "optim.eps=1e-6"), "optim.eps = 1e-06", "(the lars keys: momentum, trust_coefficient)"),
+    ],
+)
+def test_a_key_the_chosen_optimiser_does_not_read_is_refused_not_ignored(tmp_path: Path, capsys, overrides, key,
+                                                                         reads) -> None:
+    line = train_error(tmp_path, capsys, *overrides)
+    assert f": {key}: optim.name " in line and line.endswith(reads), line
+
+
 def test_an_unknown_backbone_names_model_backbone(tmp_path: Path, capsys) -> None:
     line = train_error(tmp_path, capsys, "model.backbone=r19")
     assert line.startswith("faceforge train: model.backbone: unknown backbone 'r19'; expected one of: ") and "r18" in line

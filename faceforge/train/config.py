@@ -40,13 +40,14 @@ from faceforge.core.config import (
     to_dict,
     to_yaml,
 )
+from faceforge.core.errors import bounded_repr
 from faceforge.data.samplers import SAMPLERS
 from faceforge.heads import HEADS
 from faceforge.heads.base import HeadKwargError, check_kwarg_ranges
 from faceforge.train import distillation  # noqa: F401  registers the 'distillation' objective in OBJECTIVES
 from faceforge.train.data import DATASETS, resolve_data_kwargs
 from faceforge.train.objectives import OBJECTIVES
-from faceforge.train.optim import OPTIMIZERS, SCHEDULES
+from faceforge.train.optim import OPTIMIZER_KEYS, OPTIMIZERS, SCHEDULES
 
 __all__ = [
     "FLAT_DATA_KEYS", "Config", "ConfigError", "DataConfig", "EmaConfig", "HeadConfig", "ModelConfig",
@@ -62,6 +63,7 @@ def config_from_dict(data: dict, source: str = "<dict>") -> Config:
     _check_names(cfg, source)
     _check_kwargs(cfg, source)
     _check_data_kwargs(cfg, source, spelled)
+    _check_optimizer_keys(cfg, source)
     return cfg
 
 
@@ -110,6 +112,20 @@ def _check_kwargs(cfg: Config, source: str) -> None:
             check_kwarg_ranges(HEADS.get(cfg.head.name), cfg.head.kwargs)
         except HeadKwargError as e:
             raise ConfigError(f"{source}: head.kwargs.{e}") from None
+
+
+def _check_optimizer_keys(cfg: Config, source: str) -> None:
+    """An optimiser-specific ``optim`` key (``OPTIMIZER_KEYS``: SGD's momentum, AdamW's betas, ...) away from its
+    default while ``optim.name`` is an optimiser that does not read it: refused, not ignored."""
+    if cfg.optim.name not in OPTIMIZER_KEYS:
+        return  # "package.module:callable": it reads the whole OptimConfig
+    reads = set(OPTIMIZER_KEYS[cfg.optim.name])
+    defaults = OptimConfig()
+    for key in sorted({k for keys in OPTIMIZER_KEYS.values() for k in keys} - reads):
+        value = getattr(cfg.optim, key)
+        if value != getattr(defaults, key):
+            raise ConfigError(f"{source}: optim.{key} = {bounded_repr(value)}: optim.name {cfg.optim.name!r} does not "
+                              f"use it; expected it left out (the {cfg.optim.name} keys: {', '.join(sorted(reads))})")
 
 
 def _check_data_kwargs(cfg: Config, source: str, spelled: dict[str, str]) -> None:

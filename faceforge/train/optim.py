@@ -100,6 +100,13 @@ def param_groups(cfg: OptimConfig, backbone: nn.Module, head: nn.Module) -> list
 
 # optim.name -> factory(param groups, OptimConfig) -> torch.optim.Optimizer
 OPTIMIZERS: Registry[torch.optim.Optimizer] = Registry("optimizer")
+# The optimiser-specific OptimConfig keys each registered optimiser reads: a key another one reads, set away
+# from its default, is refused for this one (train/config.py) instead of being recorded and ignored.
+OPTIMIZER_KEYS: dict[str, tuple[str, ...]] = {
+    "sgd": ("momentum", "nesterov"),
+    "adamw": ("betas", "eps"),
+    "lars": ("momentum", "trust_coefficient"),
+}
 
 
 @OPTIMIZERS.register("sgd")

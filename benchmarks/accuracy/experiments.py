@@ -502,6 +502,22 @@ ATTFC_FEW_CLASSES = (
     Variant("+ k 4", _attfc_default_size(32.0, 0.9, 512, 4)),
 )
 
+# Issue 30: a ViT-T against an IResNet of similar cost at the default size (32 px), equal budget (160 steps of 128,
+# ArcFace s 32), each with and without a model EMA. vit_t at width 0.25 (C 64, 12 blocks, 8 heads) with 8 px patches
+# (4 x 4 = 16 tokens at 32 px): 0.69M parameters and 10.1 MFLOPs against the IResNet's 0.37M and 8.9 MFLOPs
+# (python -m faceforge.backbones.complexity). Its recipe: AdamW lr 1e-3, weight decay 0.1 off norms, biases, the
+# position embeddings and the mask token; the same warm-up and poly decay as every run of this size.
+VIT_T_SMALL = ("model.backbone=vit_t", f"model.kwargs={_flow({'width': 0.25, 'patch_size': 8})}")
+VIT_RECIPE = ("optim.name=adamw", "optim.lr=0.001", "optim.weight_decay=0.1", "optim.no_decay_bn_bias=true")
+EMA = (f"train.ema={_flow({'decay': 0.97, 'every': 1})}",)  # about the last 33 of 160 steps
+VIT_VS_IRESNET = (
+    Variant("IResNet (0.37M, 8.9 MFLOPs), SGD", ARCFACE),
+    Variant("IResNet, SGD + EMA 0.97", (*ARCFACE, *EMA)),
+    Variant("ViT-T w0.25 p8 (0.69M, 10.1 MFLOPs), AdamW", (*ARCFACE, *VIT_T_SMALL, *VIT_RECIPE)),
+    Variant("ViT-T, AdamW + EMA 0.97", (*ARCFACE, *VIT_T_SMALL, *VIT_RECIPE, *EMA)),
+    Variant("ViT-T, SGD (the IResNet's optimiser)", (*ARCFACE, *VIT_T_SMALL)),
+)
+
 EXPERIMENTS.update({
     "modern_heads": Experiment(
         "Issue 29: CurricularFace, ElasticFace, AdaFace, MagFace and sub-center ArcFace against ArcFace",
@@ -516,6 +532,12 @@ EXPERIMENTS.update({
               for name, head in (("ArcFace", ARCFACE), ("Sub-center ArcFace", SUBCENTER)) for p in NOISE_LEVELS),
         x_label="label noise (%)",
         notes="data.label_noise flips that share of the training labels to another class (the noise experiment's).",
+    ),
+    "vit_vs_iresnet": Experiment(
+        "Issue 30: ViT-T against an IResNet of similar cost, with and without a model EMA",
+        {"default": VIT_VS_IRESNET},
+        notes="Default size, equal budget (160 steps of 128, ArcFace s 32); the ViT at its transformer recipe "
+              "(AdamW) and at the IResNet's SGD; EMA decay 0.97 every step, the averaged backbone scored.",
     ),
     "attfc_few_classes": Experiment(
         "AttFC as a user meets it at few classes: its defaults, then one change at a time",

@@ -232,6 +232,9 @@ def execute(run: Run, keep_checkpoint: bool = False) -> dict[str, Any]:
         if not owned:
             continue
         backbone, _ = load_backbone(state, source=str(result.checkpoint), encoder=name)
+        averaged = state.get("extra", {}).get("ema", {}).get("backbone") if module == "backbone" else None
+        if averaged is not None:  # train.ema: the average is the model (what the trainer evaluates and exports)
+            backbone.load_state_dict(averaged)
         scored = gallery.evaluate_gallery(backbone, images, labels, run.gallery["pairs"], run.cfg.seed,
                                           batch_size=run.cfg.data.eval_batch_size,
                                           threshold=state.get(THRESHOLD_KEY))

@@ -84,6 +84,12 @@ def cosine_error(a: Tensor, b: Tensor) -> Tensor:
     return (1.0 - F.cosine_similarity(a, b, dim=1)).mean()
 
 
+def check_sample_ids(sample_ids: Tensor, rows: int) -> None:
+    """ValueError unless ``sample_ids`` is (rows,), one per embedding."""
+    if sample_ids.shape != (rows,):
+        raise ValueError(f"sample ids of shape {tuple(sample_ids.shape)}; expected ({rows},), one per embedding")
+
+
 class QueueEntries(NamedTuple):
     """The valid queue rows, oldest first: embeddings e- (M, D), labels (M,), class_weights W-_y (M, D) and
     sample_ids (M,)."""
@@ -221,6 +227,8 @@ class BroadFace(nn.Module, ClassifierHead, TrainHooks):
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         """Scalar L_encoder (Eq. 8) + L_classifier (Eq. 9). embeddings (B, D) raw, labels (B,) int64."""
         sample_ids = self.take_pending_ids()
+        if sample_ids is not None:
+            check_sample_ids(sample_ids, embeddings.shape[0])
         self.observe_rows(embeddings, labels, sample_ids)  # the batch, once, before any of its losses
         loss_encoder = self.rows_loss(embeddings, labels, sample_ids, classifier_grad=False).mean()  # Eq. 8
         labels = labels.long()
@@ -336,8 +344,7 @@ class BroadFace(nn.Module, ClassifierHead, TrainHooks):
         n = embeddings.shape[0]
         if sample_ids is None:
             sample_ids = torch.full((n,), -1, dtype=torch.long, device=embeddings.device)
-        if sample_ids.shape != (n,):
-            raise ValueError(f"sample ids of shape {tuple(sample_ids.shape)}; expected ({n},), one per embedding")
+        check_sample_ids(sample_ids, n)
         dtype = self.queue_embeddings.dtype
         rows = torch.cat([embeddings.to(dtype), class_weights.to(dtype)], dim=1)
         ids = torch.stack([labels.long(), sample_ids.to(labels.device).long()], dim=1)

@@ -269,3 +269,173 @@ def test_autocast_on_cpu_keeps_the_loss_in_float32(dtype: torch.dtype) -> None:
         assert xh.grad.dtype == dtype and torch.isfinite(xh.grad).all()
         torch.testing.assert_close(head.class_loss(xh.detach().float(), y, sample_ids=ids).mean(), loss.detach(),
                                    rtol=1e-5, atol=0.0)
+
+
+# ------------------------------------------------------------------- the strategies (test_parallel's and
+# test_margin_hook's helpers: their batches, sgd_steps, spawn, check_ranks, run_partial_fc)
+
+KW = {"s": 8.0, "sigma": 0.1}  # a wide draw at a soft scale: a wrong margin moves the loss by ~0.1
+PLUS = "elasticface_arc_plus"
+
+
+def view_ids(rank: int, step: int) -> torch.Tensor:
+    """Rank ``rank``'s view ids at ``step`` (distinct within a step, shared between steps as epochs share them)."""
+    return 10 * rank + step + torch.arange(par.batch_size(rank, step))
+
+
+def joined(parts: list[torch.Tensor], interleaved: bool) -> torch.Tensor:
+    """The ranks' rows as one process holds them: rank order, or the epoch sampler's order (``interleave``)."""
+    return torch.stack(parts, 1).flatten(0, 1) if interleaved else torch.cat(parts)
+
+
+def interleaved(step: int, world: int) -> bool:
+    """BroadFace's queue keeps the sampler's order when the ranks' batches are equal (test_margin_hook's)."""
+    return len({par.batch_size(r, step) for r in range(world)}) == 1
+
+
+class Named(nn.Module):
+    """``head`` as the trainer drives it: before each forward, ``after_optimizer_step(steps done)`` and the batch's
+    view ids (``on_batch``), ``ids_of(step)``; every ``prepare`` of the margin head inside is recorded as
+    (ids, margins) in ``draws`` (the margins each strategy actually used)."""
+
+    def __init__(self, head: nn.Module, ids_of, margin_head: ElasticFace) -> None:
+        super().__init__()
+        self.head, self.ids_of, self.steps, self.draws = head, ids_of, 0, []
+        prepare = margin_head.prepare
+
+        def recorded(context):
+            context = prepare(context)
+            self.draws.append((context.sample_ids, context.extras["margin"]))
+            return context
+
+        margin_head.prepare = recorded
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        self.head.after_optimizer_step(self.steps)
+        self.head.observe_sample_ids(self.ids_of(self.steps))
+        self.steps += 1
+        return self.head(x, y)
+
+
+def run_named(name: str, world: int, rank: int, group) -> dict:
+    """par.STEPS SGD steps of the class-sharded head with view ids and the step key; the margins it drew."""
+    head = ShardedHead(name, C, par.D, seed=3, group=group, **KW).double()
+    named = Named(head, lambda step: view_ids(rank, step), head.head)
+    losses, grads = par.sgd_steps(named, rank)
+    return {"losses": losses, "grads": grads, "weight": head.weight.detach(), "rows": head.rows,
+            "draws": named.draws}
+
+
+def run_broadface(world: int, rank: int, group) -> dict:
+    """BroadFace around the class-sharded "+" head, with view ids: 5 steps of 11 or 8 rows through a queue of 10."""
+    head = build_sharded("broadface", C, par.D, seed=3, group=group, head=PLUS, head_kwargs=KW,
+                         **hook.BROADFACE).double()
+    named = Named(head, lambda step: view_ids(rank, step), head.head.head)
+    losses, grads = par.sgd_steps(named, rank, hook.STEPS + 2)
+    return {"losses": losses, "grads": grads, "weight": head.weight.detach(), "rows": head.head.rows,
+            "draws": named.draws}
+
+
+def _worker(rank: int, world: int, port: int, out: str) -> None:
+    from functools import partial
+
+    hook.SPEC, hook.KWARGS = PLUS, KW  # run_partial_fc: the "+" head, keyed by row position (no ids)
+    hook.RUNS = {**{name: partial(run_named, name) for name in NAMES}, "partial_fc": hook.run_partial_fc,
+                 "broadface": run_broadface}
+    hook._worker(rank, world, port, out)
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory) -> list[dict]:
+    out = tmp_path_factory.mktemp("elasticface")
+    par.spawn(_worker, 3, str(out))
+    return [torch.load(out / f"rank{r}.pt", weights_only=True) for r in range(3)]
+
+
+def initial_weight(num_classes: int) -> torch.Tensor:
+    """The rows every run starts from: a one-process sharded head's (rows from (seed, row))."""
+    return ShardedHead("elasticface_arc", num_classes, par.D, seed=3).double().weight.detach().clone()
+
+
+def one_process(head: nn.Module, margin_head: ElasticFace, world: int, steps: int, order: bool,
+                monkeypatch: pytest.MonkeyPatch) -> dict:
+    """par.sgd_steps on ONE process holding every rank's batch and view ids (rank order, or the sampler's order
+    where ``order`` and the batches are equal): the losses, each rank's embedding grads, the margins drawn."""
+    batch = par.batch
+    parts = lambda step: [batch(r, step) for r in range(world)]  # noqa: E731
+    monkeypatch.setattr(par, "batch", lambda rank, step: tuple(
+        joined([p[i] for p in parts(step)], order and interleaved(step, world)) for i in (0, 1)))
+    named = Named(head, lambda step: joined([view_ids(r, step) for r in range(world)],
+                                            order and interleaved(step, world)), margin_head)
+    losses, grads = par.sgd_steps(named, 0, steps)
+    monkeypatch.setattr(par, "batch", batch)
+    split = [[g[r::world] for r in range(world)] if order and interleaved(step, world) else
+             list(g.split([par.batch_size(r, step) for r in range(world)])) for step, g in enumerate(grads)]
+    return {"losses": losses, "grads": split, "draws": named.draws}
+
+
+def by_id(draws: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[int, float]:
+    return {int(i): float(m) for ids, margins in draws for i, m in zip(ids, margins)}
+
+
+@pytest.mark.parametrize("world", [2, 3])
+@pytest.mark.parametrize("name", NAMES)
+def test_class_sharded_equals_one_process_with_the_same_margin_per_sample(
+        ranks: list[dict], world: int, name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    head = build(name, num_classes=C, embedding_size=par.D, **KW).double()
+    with torch.no_grad():
+        head.weight.copy_(initial_weight(C))
+    ref = one_process(head, head, world, par.STEPS, False, monkeypatch)
+    ref["weight"] = head.weight.detach()
+    hook.check_ranks(ranks, name, world, ref)
+    # the margins themselves: per step, every rank drew for every sample id what one process drew
+    for step in range(par.STEPS):
+        want = by_id(ref["draws"][2 * step: 2 * step + 2])  # observe_batch's prepare, then class_loss's
+        assert len(want) == sum(par.batch_size(r, step) for r in range(world))
+        for rank in range(world):
+            assert by_id(ranks[rank][(name, world)]["draws"][2 * step: 2 * step + 2]) == want, (name, step, rank)
+    assert len(set(by_id(ref["draws"][:2]).values())) == len(by_id(ref["draws"][:2]))  # the margins differ
+    assert (ref["weight"] - initial_weight(C)).abs().max() > 1e-3  # the comparison has teeth
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_partial_fc_equals_one_process_over_the_sampled_classes(ranks: list[dict], world: int) -> None:
+    """hook.run_partial_fc (plain SGD, no ids: each row keyed by its position in the gathered batch, the step key
+    passed on by ShardedHead.after_optimizer_step) against one process on the classes the ranks sampled."""
+    sampled = ranks[0][("partial_fc", world)]["sampled"]
+    assert any(s.numel() < hook.C_PFC for s in sampled)  # sampling happened
+    head = build(PLUS, num_classes=hook.C_PFC, embedding_size=par.D, **KW).double()
+    w = initial_weight(hook.C_PFC).requires_grad_(True)
+    optimizer = torch.optim.SGD([w], lr=hook.LR)
+    losses, grads = [], []
+    for step in range(hook.STEPS):
+        parts = [par.batch(r, step, hook.C_PFC) for r in range(world)]
+        x = torch.cat([p[0] for p in parts]).requires_grad_(True)
+        y = torch.searchsorted(sampled[step], torch.cat([p[1] for p in parts]))
+        loss = functional_call(head, {"weight": w[sampled[step]]}, (x, y))
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        head.after_optimizer_step(step + 1)
+        losses.append(loss.detach())
+        grads.append(list(x.grad.split([par.batch_size(r, step) for r in range(world)])))
+    hook.check_ranks(ranks, "partial_fc", world, {"losses": torch.stack(losses), "grads": grads, "weight": w.detach()})
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_broadface_sharded_equals_one_process_its_queue_drawn_by_its_ids(
+        ranks: list[dict], world: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    inner = build(PLUS, num_classes=C, embedding_size=par.D, **KW).double()
+    with torch.no_grad():
+        inner.weight.copy_(initial_weight(C))
+    broadface = BroadFace(inner, **hook.BROADFACE)
+    ref = one_process(broadface, inner, world, hook.STEPS + 2, True, monkeypatch)
+    ref["weight"] = inner.weight.detach()
+    hook.check_ranks(ranks, "broadface", world, ref, steps=hook.STEPS + 2)
+    for rank in range(world):  # every block (encoder, batch, queue blocks) drew the same margins in the same order
+        for (ids, margins), (want_ids, want) in zip(ranks[rank][("broadface", world)]["draws"], ref["draws"]):
+            assert torch.equal(ids, want_ids) and torch.equal(margins, want)
+    # the queue blocks reached the head with their rows' ids (from earlier steps), not as unknown rows
+    queued = [ids for ids, _ in ref["draws"] if ids is not None and ids.numel() <= hook.BROADFACE["row_chunk"]]
+    assert queued and all((ids >= 0).all() for ids in queued)
+    assert (ref["weight"] - initial_weight(C)).abs().max() > 1e-3

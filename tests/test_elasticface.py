@@ -439,3 +439,49 @@ def test_broadface_sharded_equals_one_process_its_queue_drawn_by_its_ids(
     queued = [ids for ids, _ in ref["draws"] if ids is not None and ids.numel() <= hook.BROADFACE["row_chunk"]]
     assert queued and all((ids >= 0).all() for ids in queued)
     assert (ref["weight"] - initial_weight(C)).abs().max() > 1e-3
+
+
+# ------------------------------------------------------------------- through the trainer
+
+
+def test_trains_through_faceforge_train_with_view_ids_and_the_step_key(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """`faceforge train` (one process): every draw is keyed by the batch's view ids (the trainer's on_batch), the
+    step key counts the optimiser steps, and the run's seed is the draw's seed (a run fact)."""
+    from faceforge.build import build_head
+    from faceforge.cli.main import main
+    from faceforge.core.checkpoint import load_checkpoint
+    from faceforge.train.config import to_yaml
+
+    seen: list[torch.Tensor | None] = []
+    prepare = ElasticFace.prepare
+    monkeypatch.setattr(ElasticFace, "prepare", lambda self, context: (seen.append(context.sample_ids),
+                                                                        prepare(self, context))[1])
+    config = make_config(tmp_path / "run", head={"name": PLUS, "kwargs": {"s": 16.0}}, train={"steps": 3})
+    config.seed = 5
+    assert build_head(config, 8).margin_seed == 5
+    path = tmp_path / "run.yaml"
+    path.write_text(to_yaml(config))
+    assert main(["train", str(path)]) == 0
+    assert seen and all(ids is not None and (ids >= 0).all() for ids in seen)
+    state = load_checkpoint(tmp_path / "run" / "last.pt")
+    assert int(state["head"]["margin_step"]) == 3 and state["step"] == 3
+
+
+def test_resumes_bit_identically_and_the_step_key_is_what_makes_it(tmp_path: Path) -> None:
+    """A run resumed half-way equals the straight run bit for bit (``_runs.resumed_equals_straight``); the same
+    resume with the checkpoint's step key set back to 0 draws other margins and leaves the straight run's losses."""
+    from faceforge.core.checkpoint import load_checkpoint
+
+    sections = {"head": {"name": "elasticface_cos_plus", "kwargs": {"s": 16.0}}, "model": {"kwargs": {"dropout": 0.0}}}
+    state = resumed_equals_straight(tmp_path, steps=4, **sections)
+    assert int(state["head"]["margin_step"]) == 4
+    half = load_checkpoint(tmp_path / "straight" / "step_0000002.pt")
+    assert int(half["head"]["margin_step"]) == 2
+    half["head"]["margin_step"] = torch.zeros((), dtype=torch.long)
+    (tmp_path / "reset").mkdir()
+    torch.save(half, tmp_path / "reset" / "last.pt")
+    sections["train"] = {"steps": 4, "checkpoint_every": 2}
+    reset = train(make_config(tmp_path / "reset", **sections), resume=True)
+    straight = train(make_config(tmp_path / "again", **sections))
+    assert reset.losses != straight.losses[2:]

@@ -184,7 +184,8 @@ def test_the_draw_is_normal_with_the_papers_mean_and_std() -> None:
     independent samples is ~ N(0, 1/N)). Then the margins m + sigma z: mean within 5 sigma / sqrt(N), std within
     5 sigma / sqrt(2N) of the paper's m = 0.5, sigma = 0.05."""
     n = N_DRAWS
-    for keys in (torch.arange(n), -1 - torch.arange(n), torch.randint(0, 2**62, (n,), generator=torch.Generator().manual_seed(1))):
+    large = torch.randint(0, 2**62, (n,), generator=torch.Generator().manual_seed(1))
+    for keys in (torch.arange(n), -1 - torch.arange(n), large):
         for seed, step in ((0, 0), (3, 11)):
             z = normal_variates(seed, step, keys)
             assert z.dtype == torch.float64 and z.shape == (n,) and torch.isfinite(z).all()

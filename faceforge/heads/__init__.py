@@ -39,7 +39,13 @@ from faceforge.heads.sphereface2 import SphereFace2, balanced_bias
 from faceforge.heads.attfc import AttFC
 from faceforge.heads.adaface import AdaFace
 from faceforge.heads.magface import MagFace
-from faceforge.heads.elasticface import ElasticFace, ElasticFaceArc, ElasticFaceArcPlus, ElasticFaceCos, ElasticFaceCosPlus
+from faceforge.heads.elasticface import (
+    ElasticFace,
+    ElasticFaceArc,
+    ElasticFaceArcPlus,
+    ElasticFaceCos,
+    ElasticFaceCosPlus,
+)
 from faceforge.heads import parallel_attfc, parallel_broadface  # noqa: F401  (register their sharded forms)
 
 

@@ -67,13 +67,13 @@ def build_head(cfg: Config, num_classes: int, global_batch: int | None = None) -
     member without opting in, or a margin hook no strategy applies, is refused. Each a ``ConfigError`` naming
     ``head.kwargs.<key>`` or ``head.name``. ``global_batch`` (images per forward over all ranks) is a run fact
     passed to a head that declares it (``heads.base.TakesRunFacts``: AttFC's ``batch_size``) when the config
-    leaves it out."""
+    leaves it out, and so is the run's ``seed`` (ElasticFace's ``margin_seed``, the key of its margin draw)."""
     factory = HEADS.get(cfg.head.name)
     try:
         check_kwarg_ranges(factory, cfg.head.kwargs)
     except HeadKwargError as e:
         raise ConfigError(f"head.kwargs.{e}") from None
-    kwargs = with_run_facts(factory, cfg.head.kwargs, {"global_batch": global_batch})
+    kwargs = with_run_facts(factory, cfg.head.kwargs, {"global_batch": global_batch, "seed": cfg.seed})
     if cfg.head.shard:
         with _naming_kwargs("head", cfg.head.name):
             head = build_sharded(cfg.head.name, num_classes, cfg.model.embedding_size, seed=cfg.seed,

@@ -1,7 +1,8 @@
 """Classification heads: (embeddings (B, D), labels (B,)) -> scalar loss; each head owns its class weights.
 
 `build(name, num_classes=..., embedding_size=..., **kwargs)` makes any registered head by name:
-"margin_softmax", "arcface", "cosface", "sphereface", "normface", "softmax", "sphereface2", "adaface", "magface", and "broadface",
+"margin_softmax", "arcface", "cosface", "sphereface", "normface", "softmax", "sphereface2", "adaface", "magface",
+"elasticface_arc", "elasticface_cos", "elasticface_arc_plus", "elasticface_cos_plus", and "broadface",
 which builds its inner head by name too:
 `build("broadface", num_classes=C, embedding_size=D, queue_size=Q, head="arcface", head_kwargs={...})`.
 `ShardedHead("arcface", C, D, **kwargs)` (parallel.py) shards any head with class rows (``base.ClassRows``: the
@@ -38,6 +39,13 @@ from faceforge.heads.sphereface2 import SphereFace2, balanced_bias
 from faceforge.heads.attfc import AttFC
 from faceforge.heads.adaface import AdaFace
 from faceforge.heads.magface import MagFace
+from faceforge.heads.elasticface import (
+    ElasticFace,
+    ElasticFaceArc,
+    ElasticFaceArcPlus,
+    ElasticFaceCos,
+    ElasticFaceCosPlus,
+)
 from faceforge.heads import parallel_attfc, parallel_broadface  # noqa: F401  (register their sharded forms)
 
 
@@ -54,6 +62,11 @@ __all__ = [
     "ArcFace",
     "BroadFace",
     "CosFace",
+    "ElasticFace",
+    "ElasticFaceArc",
+    "ElasticFaceArcPlus",
+    "ElasticFaceCos",
+    "ElasticFaceCosPlus",
     "MarginContext",
     "MarginHead",
     "MagFace",

@@ -331,7 +331,7 @@ def check_kwarg_ranges(factory: Any, kwargs: dict[str, Any], prefix: str = "") -
 class TakesRunFacts(Protocol):
     """A head factory that takes facts of the run as kwargs, so that users need not restate them:
     ``RUN_FACTS = {"batch_size": "global_batch"}`` maps a kwarg to a fact the trainer knows (``global_batch``:
-    ``data.batch_size`` x world size; ``world_size``). The builder (``faceforge.build.build_head``) fills each
+    ``data.batch_size`` x world size; ``world_size``; ``seed``, the run's seed). The builder (``faceforge.build.build_head``) fills each
     kwarg the config leaves out; one the config sets is checked against the fact (``check_training``)."""
 
     RUN_FACTS: ClassVar[dict[str, str]]

@@ -44,8 +44,10 @@ from torch import Tensor, nn
 from faceforge.heads.base import (
     HEADS,
     ClassifierHead,
+    ClassRows,
     TrainHooks,
     check_buffer_policy,
+    check_inputs,
     check_kwarg_ranges,
     check_size,
     chunks,
@@ -80,6 +82,12 @@ def compensation(past_embeddings: Tensor, past_weights: Tensor, weights: Tensor)
 def cosine_error(a: Tensor, b: Tensor) -> Tensor:
     """Mean over rows of 1 - cos(a_i, b_i), for (M, D) tensors (BroadFace Fig. 5a's error)."""
     return (1.0 - F.cosine_similarity(a, b, dim=1)).mean()
+
+
+def check_sample_ids(sample_ids: Tensor, rows: int) -> None:
+    """ValueError unless ``sample_ids`` is (rows,), one per embedding."""
+    if sample_ids.shape != (rows,):
+        raise ValueError(f"sample ids of shape {tuple(sample_ids.shape)}; expected ({rows},), one per embedding")
 
 
 class QueueEntries(NamedTuple):
@@ -219,29 +227,33 @@ class BroadFace(nn.Module, ClassifierHead, TrainHooks):
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         """Scalar L_encoder (Eq. 8) + L_classifier (Eq. 9). embeddings (B, D) raw, labels (B,) int64."""
         sample_ids = self.take_pending_ids()
-        self.head.observe_batch(embeddings, labels)  # the batch, once, before any of its losses
-        loss_encoder = self.head.per_sample_loss(embeddings, labels, classifier_grad=False).mean()  # Eq. 8
+        if sample_ids is not None:
+            check_sample_ids(sample_ids, embeddings.shape[0])
+        self.observe_rows(embeddings, labels, sample_ids)  # the batch, once, before any of its losses
+        loss_encoder = self.rows_loss(embeddings, labels, sample_ids, classifier_grad=False).mean()  # Eq. 8
         labels = labels.long()
         with torch.autocast(device_type=embeddings.device.type, enabled=False):
             batch = embeddings.detach().to(self.queue_embeddings.dtype)
             rows = batch.shape[0] + int(self.queue_count)
-            blocks = itertools.chain([(batch, labels)], self.queue_blocks())
+            blocks = itertools.chain([(batch, labels, sample_ids)], self.queue_blocks())
             loss_classifier = self.classifier_loss(blocks, rows)  # Eq. 9
             if self.training:
                 self.enqueue(batch, labels, self.head.weight.detach()[labels], sample_ids)
         return loss_encoder + loss_classifier
 
-    def queue_blocks(self) -> Iterator[tuple[Tensor, Tensor]]:
-        """The valid queue rows, `row_chunk` at a time: (e* (Eq. 7) or e-, labels), e* from the current W."""
+    def queue_blocks(self) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+        """The valid queue rows, `row_chunk` at a time: (e* (Eq. 7) or e-, labels, sample ids (-1 unknown)), e* from
+        the current W."""
         weight = self.head.weight.detach()
         for r0, r1 in chunks(int(self.queue_count), self.row_chunk):
             past, labels = self.queue_embeddings[r0:r1], self.queue_labels[r0:r1]
             if self.compensate:
                 past = past + compensation(past, self.queue_weights[r0:r1], weight[labels].to(past.dtype))  # Eq. 7
-            yield past, labels
+            yield past, labels, self.queue_sample_ids[r0:r1]
 
-    def classifier_loss(self, blocks: Iterable[tuple[Tensor, Tensor]], rows: int) -> Tensor:
-        """Mean over `rows` of per_sample_loss(block, classifier_grad=True): BroadFace Eq. 9 with the embeddings fixed.
+    def classifier_loss(self, blocks: Iterable[tuple[Tensor, Tensor, Tensor | None]], rows: int) -> Tensor:
+        """Mean over `rows` of the per-sample loss of each block (rows, labels, sample ids or None) with
+        classifier_grad=True: BroadFace Eq. 9 with the embeddings fixed.
 
         The gradient of the head's parameters is taken block by block here and handed to autograd at the end.
         """
@@ -249,9 +261,9 @@ class BroadFace(nn.Module, ClassifierHead, TrainHooks):
         need_grad = torch.is_grad_enabled() and bool(params)
         total: Tensor | None = None
         grads: list[Tensor | None] = [None] * len(params)
-        for block_rows, block_labels in blocks:
+        for block_rows, block_labels, block_ids in blocks:
             with torch.set_grad_enabled(need_grad):
-                block = self.block_loss(block_rows, block_labels).sum()
+                block = self.block_loss(block_rows, block_labels, block_ids).sum()
             if need_grad:
                 self._accumulate(grads, torch.autograd.grad(block, params, allow_unused=True))
             total = block.detach() if total is None else total + block.detach()
@@ -261,9 +273,25 @@ class BroadFace(nn.Module, ClassifierHead, TrainHooks):
             return value
         return _HandOverGrads.apply(value, [None if g is None else g.div_(rows) for g in grads], *params)
 
-    def block_loss(self, rows: Tensor, labels: Tensor) -> Tensor:
-        """(n,) the head's per-sample loss of one block of Eq. 9, its class side trained, the rows held fixed."""
-        return self.head.per_sample_loss(rows, labels, classifier_grad=True)
+    def block_loss(self, rows: Tensor, labels: Tensor, sample_ids: Tensor | None = None) -> Tensor:
+        """(n,) the head's per-sample loss of one block of Eq. 9, its class side trained, the rows held fixed;
+        sample_ids (n,) name the rows (-1 or None: unknown) for a margin drawn per sample."""
+        return self.rows_loss(rows, labels, sample_ids, classifier_grad=True)
+
+    def rows_loss(self, rows: Tensor, labels: Tensor, sample_ids: Tensor | None, *, classifier_grad: bool) -> Tensor:
+        """(n,) the inner head's per-sample loss of rows (n, D): ``class_loss`` with their sample ids for a head
+        with class rows (``heads.base.ClassRows``), else its ``per_sample_loss`` (no ids to hand)."""
+        if isinstance(self.head, ClassRows):
+            labels = check_inputs(rows, labels, self.num_classes, self.embedding_size)
+            return self.head.class_loss(rows, labels, classifier_grad=classifier_grad, sample_ids=sample_ids)
+        return self.head.per_sample_loss(rows, labels, classifier_grad=classifier_grad)
+
+    def observe_rows(self, embeddings: Tensor, labels: Tensor, sample_ids: Tensor | None) -> None:
+        """The inner head's ``observe_batch`` of the batch, with its sample ids where it takes them (``ClassRows``)."""
+        if isinstance(self.head, ClassRows):
+            self.head.observe_batch(embeddings, labels.long(), sample_ids=sample_ids)
+        else:
+            self.head.observe_batch(embeddings, labels)
 
     def _accumulate(self, total: list[Tensor | None], grads: tuple[Tensor | None, ...]) -> None:
         """total[i] += grads[i], in place; the first gradient is copied into memory kept across steps."""
@@ -289,6 +317,11 @@ class BroadFace(nn.Module, ClassifierHead, TrainHooks):
         """The wrapped head's learned threshold (SphereFace2's), if it has one."""
         return self.head.verification_threshold() if isinstance(self.head, TrainHooks) else None
 
+    def after_optimizer_step(self, step: int) -> None:
+        """Passed on to a wrapped head that keeps the step itself (ElasticFace's draw key), as the sharded form does."""
+        if isinstance(self.head, TrainHooks):
+            self.head.after_optimizer_step(step)
+
     # --- the queue ---
 
     def take_pending_ids(self) -> Tensor | None:
@@ -311,8 +344,7 @@ class BroadFace(nn.Module, ClassifierHead, TrainHooks):
         n = embeddings.shape[0]
         if sample_ids is None:
             sample_ids = torch.full((n,), -1, dtype=torch.long, device=embeddings.device)
-        if sample_ids.shape != (n,):
-            raise ValueError(f"sample ids of shape {tuple(sample_ids.shape)}; expected ({n},), one per embedding")
+        check_sample_ids(sample_ids, n)
         dtype = self.queue_embeddings.dtype
         rows = torch.cat([embeddings.to(dtype), class_weights.to(dtype)], dim=1)
         ids = torch.stack([labels.long(), sample_ids.to(labels.device).long()], dim=1)

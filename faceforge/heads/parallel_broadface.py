@@ -91,7 +91,8 @@ class ShardedBroadFace(BroadFace):
         with torch.autocast(device_type=x.device.type, enabled=False):
             batch = x.detach().to(self.queue_embeddings.dtype)
             rows = batch.shape[0] + int(self.queue_count)
-            loss_classifier = self.classifier_loss(itertools.chain([(batch, y)], self.queue_blocks()), rows)  # Eq. 9
+            blocks = itertools.chain([(batch, y, sample_ids)], self.queue_blocks())
+            loss_classifier = self.classifier_loss(blocks, rows)  # Eq. 9
             if self.training:
                 self._enqueue_global(batch, y, sample_ids)
         return loss_encoder + loss_classifier
@@ -101,16 +102,17 @@ class ShardedBroadFace(BroadFace):
         sizes = _row_counts(rows, self.queue_labels.device, self.head.group)
         return len(sizes) > 1 and len(set(sizes)) == 1
 
-    def block_loss(self, rows: Tensor, labels: Tensor) -> Tensor:
-        return self.head.global_loss(rows, labels, classifier_grad=True)  # the same rows on every rank: no gather
+    def block_loss(self, rows: Tensor, labels: Tensor, sample_ids: Tensor | None = None) -> Tensor:
+        # the same rows (and ids) on every rank: no gather
+        return self.head.global_loss(rows, labels, classifier_grad=True, sample_ids=sample_ids)
 
     def queue_blocks(self):
-        """The valid queue rows, ``row_chunk`` at a time: (e* (Eq. 7) or e-, labels)."""
+        """The valid queue rows, ``row_chunk`` at a time: (e* (Eq. 7) or e-, labels, sample ids (-1 unknown))."""
         count = int(self.queue_count)
         shift = self._compensations(count) if self.compensate and count else None
         for r0, r1 in chunks(count, self.row_chunk):
             past, labels = self.queue_embeddings[r0:r1], self.queue_labels[r0:r1]
-            yield (past if shift is None else past + shift[r0:r1]), labels
+            yield (past if shift is None else past + shift[r0:r1]), labels, self.queue_sample_ids[r0:r1]
 
     @torch.no_grad()
     def _compensations(self, count: int) -> Tensor:

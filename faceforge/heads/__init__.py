@@ -1,7 +1,8 @@
 """Classification heads: (embeddings (B, D), labels (B,)) -> scalar loss; each head owns its class weights.
 
 `build(name, num_classes=..., embedding_size=..., **kwargs)` makes any registered head by name:
-"margin_softmax", "arcface", "cosface", "sphereface", "normface", "softmax", "sphereface2", "adaface", "magface", and "broadface",
+"margin_softmax", "arcface", "cosface", "sphereface", "normface", "softmax", "sphereface2", "adaface", "magface", "subcenter_arcface",
+and "broadface",
 which builds its inner head by name too:
 `build("broadface", num_classes=C, embedding_size=D, queue_size=Q, head="arcface", head_kwargs={...})`.
 `ShardedHead("arcface", C, D, **kwargs)` (parallel.py) shards any head with class rows (``base.ClassRows``: the
@@ -38,6 +39,7 @@ from faceforge.heads.sphereface2 import SphereFace2, balanced_bias
 from faceforge.heads.attfc import AttFC
 from faceforge.heads.adaface import AdaFace
 from faceforge.heads.magface import MagFace
+from faceforge.heads.subcenter import SubCenterArcFace
 from faceforge.heads import parallel_attfc, parallel_broadface  # noqa: F401  (register their sharded forms)
 
 
@@ -62,6 +64,7 @@ __all__ = [
     "ShardedHead",
     "Softmax",
     "SphereFace",
+    "SubCenterArcFace",
     "SphereFace2",
     "apply_margin",
     "balanced_bias",

@@ -1,6 +1,6 @@
 """Sub-center ArcFace (faceforge/heads/subcenter.py) against a direct float64 transcription of Deng et al. 2020:
 
-    cos_bj = max_k <x_b / |x_b|, W_jk / |W_jk|>                    (Sec. 3.1, the sub-class-wise max pooling)
+    cos_bj = max_k <x_b / |x_b|, W_jk / |W_jk|>                    (Sec. 3, the sub-class-wise max pooling)
     t_b = s psi(theta_b),  psi = cos(theta + m) continued monotonically past pi (faceforge's ArcFace, docs/heads.md)
     loss_b = logsumexp_j(logits_bj) - t_b,  the target column t_b, the others s cos_bj;
 

@@ -1,4 +1,4 @@
-"""`faceforge clean` (faceforge/eval/clean.py): Sub-center ArcFace's cleaning step (Deng et al. 2020, Sec. 3.2).
+"""`faceforge clean` (faceforge/eval/clean.py): Sub-center ArcFace's cleaning step (Deng et al. 2020, Sec. 3).
 
 - the rule on hand-made embeddings: each class's dominant sub-centre is the one most of its samples are nearest to,
   and a sample is dropped when its angle to it exceeds the threshold;

@@ -1,6 +1,6 @@
 """`faceforge clean RUN [--data PATH] [--out PREFIX] [--angle 75]`: Sub-center ArcFace's cleaning of noisy labels.
 
-Deng et al. 2020, Sec. 3.2 ("Sub-center ArcFace" on noisy web faces): after training with K sub-centres a class, each
+Deng et al. 2020, Sec. 3 ("Sub-center ArcFace" on noisy web faces): after training with K sub-centres a class, each
 class keeps its dominant sub-centre (the one most of its samples are nearest to) and drops the samples whose angle to
 it is larger than a threshold (75 degrees in the paper); the non-dominant sub-centres, where the noise gathered, go.
 
@@ -37,7 +37,7 @@ from faceforge.core.fileio import write_bytes
 from faceforge.core.shards import resolve
 from faceforge.heads.subcenter import angles_to_subcentres, dominant_subcentres
 
-DEFAULT_ANGLE = 75.0  # degrees: Deng et al. 2020, Sec. 3.2 (the constraint angle of the cleaning step)
+DEFAULT_ANGLE = 75.0  # degrees: Deng et al. 2020, Sec. 3 (the constraint angle of the cleaning step)
 EXPECTED_HEAD = "subcenter_arcface"
 
 __all__ = ["DEFAULT_ANGLE", "CleanResult", "clean_run", "flip_scores", "run_checkpoint", "select_clean",
@@ -104,7 +104,7 @@ def flip_scores(dropped: np.ndarray, flipped: np.ndarray) -> dict[str, float | i
 
 def select_clean(embeddings: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor, angle: float = DEFAULT_ANGLE
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The cleaning rule (Sec. 3.2) on embeddings (N, D) with labels (N,) and sub-centres weight (C, K, D):
+    """The cleaning rule (Sec. 3) on embeddings (N, D) with labels (N,) and sub-centres weight (C, K, D):
     ``(keep (N,) bool, dominant (C,) int64, angle to the dominant sub-centre (N,) degrees)``."""
     angles = angles_to_subcentres(embeddings, weight, labels)  # (N, K)
     dominant = dominant_subcentres(angles.argmin(1), labels, weight.shape[0], weight.shape[1])

@@ -1,16 +1,16 @@
 """Sub-center ArcFace (Deng, Guo, Liu, Gong and Zafeiriou, ECCV 2020): K sub-centres a class, for noisy web faces.
 
-    cos(theta_{i,j}) = max_k cos(theta_{i,j,k}),  k = 1..K            Sec. 3.1, the sub-class-wise max pooling
+    cos(theta_{i,j}) = max_k cos(theta_{i,j,k}),  k = 1..K            Sec. 3, the sub-class-wise max pooling
     t_i = s cos(theta_{i,y_i} + m),  the other logits s cos(theta_{i,j})      ArcFace's margin on the pooled target
-    L_i = -log(exp(t_i) / (exp(t_i) + sum_{j != y_i} exp(s cos(theta_{i,j}))))   Sec. 3.1, Eq. (1)
+    L_i = -log(exp(t_i) / (exp(t_i) + sum_{j != y_i} exp(s cos(theta_{i,j}))))   Sec. 3, ArcFace's loss
 
 The class weights are ``weight`` (C, K, D): the K sub-centres of class j are ``weight[j]``, so everything that
 indexes class rows along dim 0 (seeding by (seed, row), class sharding, Partial FC's row selection, row-sharded
 checkpoints) keeps a class's sub-centres together. The head only declares ``subcentres = K``; the chunked kernel
 (``heads.softmax._ChunkedMarginCE``) pools per chunk and sends each gradient to the maximising sub-centre.
 
-Defaults are the paper's: K = 3 (Sec. 3.1 and its ablation on the number of sub-centres), s = 64, m = 0.5 (ArcFace's).
-After training, the cleaning step (the paper's Sec. 3.2: keep each class's dominant sub-centre, drop the samples more
+Defaults are the paper's: K = 3 (Sec. 3 and its ablation on the number of sub-centres), s = 64, m = 0.5 (ArcFace's).
+After training, the cleaning step (the paper's Sec. 3: keep each class's dominant sub-centre, drop the samples more
 than 75 degrees from it) is ``faceforge clean`` (``faceforge/clean.py``); ``dominant_subcentres`` and
 ``angles_to_subcentres`` below are its two pure steps.
 """

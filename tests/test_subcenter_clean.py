@@ -18,11 +18,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from _runs import make_config
 from faceforge.cli.main import main
-from faceforge.eval.clean import clean_run, flip_scores, select_clean
+from faceforge.eval.clean import clean_run, flip_scores, select_clean, subcentre_weight
 from faceforge.train.engine import train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -45,6 +44,15 @@ def test_the_rule_keeps_the_dominant_subcentre_and_drops_beyond_the_angle() -> N
     assert select_clean(x, labels, weight, 95.0)[0].all()
     assert flip_scores(np.array([3, 4]), np.array([4, 7])) == {"flipped": 2, "dropped_flipped": 1, "precision": 0.5,
                                                               "recall": 0.5}
+
+
+def test_the_subcentres_are_found_in_a_plain_or_a_broadface_head_state() -> None:
+    w = torch.zeros(4, 3, 2)
+    assert subcentre_weight({"head": {"weight": w}}, "subcenter_arcface", "run") is not None
+    broadface = {"head": {"head.weight": w, "queue_labels": torch.zeros(2)}}
+    assert subcentre_weight(broadface, "broadface", "run").shape == w.shape
+    with pytest.raises(ValueError, match="run: head 'cosface' has no sub-centres; expected a run trained with head"):
+        subcentre_weight({"head": {"weight": torch.zeros(4, 2)}}, "cosface", "run")
 
 
 NOISE = 0.2
@@ -131,6 +139,14 @@ def test_the_command_writes_a_rec_that_faceforge_train_reads(run: Path, tmp_path
     assert json.loads((tmp_path / "twice.json").read_text())["samples"] == len(order)
 
 
+def test_the_model_file_is_the_backbone_alone(run: Path) -> None:
+    """Heads are dropped at export: the run's model file loads as a Recognizer and embeds, whatever the head's W."""
+    import faceforge
+
+    recognizer = faceforge.load_model(run)
+    assert recognizer.embed(np.zeros((2, 32, 32, 3), dtype=np.uint8)).shape == (2, 32)
+
+
 def test_one_line_errors(run: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     plain = tmp_path / "arc"
     train(make_config(plain, train={"steps": 1, "checkpoint_every": 1}))  # BASE: head arcface, TinyNet
@@ -139,7 +155,8 @@ def test_one_line_errors(run: Path, tmp_path: Path, capsys: pytest.CaptureFixtur
         (["clean", str(plain)], f"faceforge clean: {plain}: head 'arcface' has no sub-centres; expected a run trained "
                                 "with head.name: subcenter_arcface"),
         (["clean", str(tmp_path / "nothing")], f"faceforge clean: {tmp_path / 'nothing'}: no run folder"),
-        (["clean", str(run), "--data", str(tmp_path / "missing")], f"faceforge clean: {tmp_path / 'missing'}: not found"),
+        (["clean", str(run), "--data", str(tmp_path / "missing")],
+         f"faceforge clean: {tmp_path / 'missing'}: not found"),
         (["clean", str(run), "--angle", "0"], "faceforge clean: --angle 0.0; expected degrees in (0, 180]"),
     ]
     for argv, message in cases:

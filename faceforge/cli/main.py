@@ -290,9 +290,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", help="a run folder (its last.pt) or checkpoint trained with head.name: subcenter_arcface")
     p.add_argument("--data", default=None, help="the training images to clean, a .rec prefix or an image folder "
                    "(default: the run's own data when it has no path, e.g. the synthetic set with its label noise)")
-    p.add_argument("--out", default=None, help="output prefix: writes OUT.rec, OUT.idx, OUT.json (default: RUN/cleaned)")
+    p.add_argument("--out", default=None,
+                   help="output prefix: writes OUT.rec, OUT.idx, OUT.json (default: RUN/cleaned)")
     p.add_argument("--angle", type=float, default=75.0,
-                   help="drop samples farther than this many degrees from their class's dominant sub-centre (default 75)")
+                   help="drop samples farther than this many degrees from their class's dominant sub-centre "
+                        "(default 75, the paper's)")
     add_trust_code(p)
     commands["clean"] = _clean
 

@@ -172,7 +172,8 @@ class ShardedBroadFace(BroadFace):
 
     def past_and_current_rows(self, positions: Tensor) -> tuple[Tensor, Tensor]:
         stored = self._stored_weights()[positions]
-        return stored, class_row_of(self.head.weight.detach()[self.head.local_labels(self.queue_labels[positions])], stored)
+        rows = self.head.local_labels(self.queue_labels[positions])
+        return stored, class_row_of(self.head.weight.detach()[rows], stored)
 
     # --- what the trainer asks (TrainHooks) ---
 

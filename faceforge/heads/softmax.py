@@ -27,6 +27,11 @@ chunk's matrix product reads the cache, not memory:
   scattered into grad W with `index_put_(accumulate=True)`. So W has a single gradient tensor: extra memory is the (B, C)
   buffer plus grad W, i.e. (1 + B/D) |W| (1.25 |W| for B = 128, D = 512).
 
+Sub-centres (``subcentres = K``, weight (C, K, D), Sub-center ArcFace): a chunk's (B, n K) cosines go into one
+cache-sized workspace and are reduced by max into its (B, n) block; the argmax is kept in a chunk-major (B, C) uint8
+buffer, and the backward spreads each (B, n) entry to its argmax column of (B, n K) before the same products (W viewed
+as (C K, D)). cos_y is the max over the target's sub-centres; its gradient goes to that one (``base.subcentre_target``).
+
 Logits, logsumexp and softmax are float32 (or float64 when W is) whatever autocast says; under CUDA the
 loop allocates nothing per chunk beyond (B,)-sized index temporaries (workspaces are made once per call).
 `head.logits(...)` is the plain (B, C) formulation, for small C and for checking.
@@ -156,6 +161,8 @@ class _ChunkedMarginCE(torch.autograd.Function):
 
     A label -1 means "the target class is not among these rows" (a class shard, parallel.py): that row's
     lse_neg runs over all its logits and its t_b and penalty_b are 0.
+
+    subcentres = K: weight is (C, K, D) and every cosine (q_b too) is the max over a class's K sub-centres.
     """
 
     @staticmethod

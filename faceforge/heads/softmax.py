@@ -115,7 +115,8 @@ class _SubcentrePool:
     def __init__(self, batch: int, num_classes: int, width: int, subcentres: int, like: Tensor) -> None:
         self.batch, self.sub = batch, subcentres
         self.work = like.new_empty(batch * width * subcentres)
-        self.index = torch.empty(batch * width, dtype=torch.long, device=like.device)
+        self.running = like.new_empty(batch * width)  # the max over the first k sub-centres
+        self.below = torch.empty(batch * width, dtype=torch.bool, device=like.device)
         self.argmax = torch.empty(batch * num_classes, dtype=subcentre_index_dtype(subcentres), device=like.device)
 
     def logits(self, n: int) -> Tensor:
@@ -123,11 +124,21 @@ class _SubcentrePool:
         return self.work[: self.batch * n * self.sub].view(self.batch, n * self.sub)
 
     def reduce(self, sub_logits: Tensor, out: Tensor, c0: int, c1: int) -> None:
-        """out (B, n) = max over k of sub_logits (B, n K); the argmax of classes [c0, c1) kept."""
-        n = c1 - c0
-        index = self.index[: self.batch * n].view(self.batch, n)
-        torch.max(sub_logits.view(self.batch, n, self.sub), dim=2, out=(out, index))
-        self.argmax[self.batch * c0 : self.batch * c1].copy_(index.view(-1))
+        """out (B, n) = max over k of sub_logits (B, n K); the argmax of classes [c0, c1) kept: the first maximiser,
+        counted as the number of prefixes max_{k' <= k} below the max (elementwise passes: torch.max(dim) over a
+        dimension of 3 is 2-3 times slower on CPU)."""
+        n, batch = c1 - c0, self.batch
+        v = sub_logits.view(batch, n, self.sub)
+        out.copy_(v[..., 0])
+        for k in range(1, self.sub):
+            torch.maximum(out, v[..., k], out=out)
+        index = self.argmax[batch * c0 : batch * c1].view(batch, n).zero_()
+        running = self.running[: batch * n].view(batch, n).copy_(v[..., 0])
+        below = self.below[: batch * n].view(batch, n)
+        for k in range(self.sub - 1):
+            if k:
+                torch.maximum(running, v[..., k], out=running)
+            index.add_(torch.lt(running, out, out=below).view(torch.uint8))
 
 
 class _SubcentreSpread:

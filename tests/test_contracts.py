@@ -93,7 +93,8 @@ def test_head_per_sample_loss_averages_to_the_loss(name: str) -> None:
     per_sample = head.per_sample_loss(x, y)
     assert per_sample.shape == (B,)
     torch.testing.assert_close(per_sample.mean(), loss, rtol=1e-12, atol=0.0)
-    assert head.weight.shape == (C, D)
+    subcentres = getattr(head, "subcentres", None)  # (C, K, D) for a head of K sub-centres a class
+    assert head.weight.shape == ((C, D) if subcentres is None else (C, subcentres, D))
 
 
 @pytest.mark.parametrize("name", HEADS.names())

@@ -117,6 +117,8 @@ HEADS: dict[str, Callable[[], torch.nn.Module]] = {
     "cosface": lambda: build_head("cosface", num_classes=C, embedding_size=D, s=16.0, chunk_size=16),
     "sphereface": lambda: build_head("sphereface", num_classes=C, embedding_size=D, s=16.0),
     "sphereface2": lambda: build_head("sphereface2", num_classes=C, embedding_size=D),
+    "subcenter_arcface": lambda: build_head("subcenter_arcface", num_classes=C, embedding_size=D, s=16.0,
+                                            chunk_size=16),
     "broadface": lambda: build_head("broadface", num_classes=C, embedding_size=D, queue_size=24, head="arcface",
                                     head_kwargs={"s": 16.0}),
     "attfc": lambda: build_head("attfc", num_classes=C, embedding_size=D, batch_size=B, container_size=24, s=16.0),

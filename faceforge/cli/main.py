@@ -160,6 +160,13 @@ def _pack_pairs(args: argparse.Namespace) -> int:
     return 0
 
 
+def _clean(args: argparse.Namespace) -> int:
+    from faceforge.eval.clean import clean_run
+
+    print(clean_run(args.run, data=args.data, out=args.out, angle=args.angle, trust_code=args.trust_code).summary())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="faceforge",
@@ -277,6 +284,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=None, help="resize every image to SIZE x SIZE (default: all must share one size)")
     p.add_argument("--workers", type=int, default=None, help="image-reading threads (default: number of CPUs)")
     commands["pack-pairs"] = _pack_pairs
+
+    p = sub.add_parser("clean", help="drop the noisy samples of a Sub-center ArcFace run's training set: write a "
+                                     "cleaned .rec/.idx and a report")
+    p.add_argument("run", help="a run folder (its last.pt) or checkpoint trained with head.name: subcenter_arcface")
+    p.add_argument("--data", default=None, help="the training images to clean, a .rec prefix or an image folder "
+                   "(default: the run's own data when it has no path, e.g. the synthetic set with its label noise)")
+    p.add_argument("--out", default=None,
+                   help="output prefix: writes OUT.rec, OUT.idx, OUT.json (default: RUN/cleaned)")
+    p.add_argument("--angle", type=float, default=75.0,
+                   help="drop samples farther than this many degrees from their class's dominant sub-centre "
+                        "(default 75, the paper's)")
+    add_trust_code(p)
+    commands["clean"] = _clean
 
     from faceforge.cli.deploy import add_commands  # embed, verify, search, export
 

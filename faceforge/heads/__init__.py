@@ -2,7 +2,8 @@
 
 `build(name, num_classes=..., embedding_size=..., **kwargs)` makes any registered head by name:
 "margin_softmax", "arcface", "cosface", "sphereface", "normface", "softmax", "sphereface2", "adaface", "magface",
-"elasticface_arc", "elasticface_cos", "elasticface_arc_plus", "elasticface_cos_plus", and "broadface",
+"elasticface_arc", "elasticface_cos", "elasticface_arc_plus", "elasticface_cos_plus", "subcenter_arcface", and
+"broadface",
 which builds its inner head by name too:
 `build("broadface", num_classes=C, embedding_size=D, queue_size=Q, head="arcface", head_kwargs={...})`.
 `ShardedHead("arcface", C, D, **kwargs)` (parallel.py) shards any head with class rows (``base.ClassRows``: the
@@ -46,6 +47,7 @@ from faceforge.heads.elasticface import (
     ElasticFaceCos,
     ElasticFaceCosPlus,
 )
+from faceforge.heads.subcenter import SubCenterArcFace
 from faceforge.heads import parallel_attfc, parallel_broadface  # noqa: F401  (register their sharded forms)
 
 
@@ -75,6 +77,7 @@ __all__ = [
     "ShardedHead",
     "Softmax",
     "SphereFace",
+    "SubCenterArcFace",
     "SphereFace2",
     "apply_margin",
     "balanced_bias",

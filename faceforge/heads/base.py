@@ -33,7 +33,8 @@ SHARDED_HEADS: Registry[nn.Module] = Registry("sharded head")
 class ClassifierHead(Protocol):
     """What every classification head is (pytorch-metric-learning's base loss, in our words).
 
-    - ``weight``: the class proxies W, (C, D) like ``nn.Linear`` (a property is fine);
+    - ``weight``: the class proxies W, (C, D) like ``nn.Linear`` (a property is fine); a head of K sub-centres a
+      class (``subcentres = K``, Sub-center ArcFace) has (C, K, D): dim 0 is always the class;
     - ``head(embeddings (B, D), labels (B,) int64) -> loss``, a scalar: the mean over the batch of
       ``per_sample_loss`` plus any batch-level term of the head;
     - ``per_sample_loss(embeddings, labels, *, classifier_grad=True) -> (B,)``: each sample's loss; with
@@ -502,6 +503,27 @@ def target_input(x: Tensor, weight: Tensor, bias: Tensor | None, labels: Tensor,
     if normalize:
         return q / row_norms(w_y)
     return q + bias[labels].to(x.dtype) if bias is not None else q
+
+
+def subcentre_target(x: Tensor, weight: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """(cos_y (B,), rows (B,)) for class weights of K sub-centres a class, weight (C, K, D), x (B, D) unit-norm: the
+    max over the target's sub-centres of cos(x_b, W_{y_b k}) (Sub-center ArcFace's class-wise max pooling) and the
+    row y_b K + k* of the maximising sub-centre in ``weight.flatten(0, 1)`` (where its gradient goes)."""
+    w_y = weight[labels].to(x.dtype)  # (B, K, D)
+    cos = (w_y * x.unsqueeze(1)).sum(2) / torch.linalg.vector_norm(w_y, dim=2).clamp_min(torch.finfo(x.dtype).tiny)
+    q, k = cos.max(1)
+    return q, labels * weight.shape[1] + k
+
+
+def class_row_of(rows: Tensor, reference: Tensor) -> Tensor:
+    """The class row W_y (n, D) that stands for each of n samples' class: ``rows`` itself when they are (n, D); for a
+    head of K sub-centres a class, rows (n, K, D), the sub-centre with the largest cosine to ``reference`` (n, D) (the
+    sample's embedding: its sub-class-wise max; or a stored earlier copy of the row: the sub-centre it has become)."""
+    if rows.dim() == 2:
+        return rows
+    unit = rows / torch.linalg.vector_norm(rows, dim=2, keepdim=True).clamp_min(torch.finfo(rows.dtype).tiny)
+    nearest = (unit * reference.to(rows.dtype).unsqueeze(1)).sum(2).argmax(1)  # |reference| > 0 does not change it
+    return rows[torch.arange(rows.shape[0], device=rows.device), nearest]
 
 
 def target_rows(labels: Tensor) -> tuple[Tensor | None, Tensor]:

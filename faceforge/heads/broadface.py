@@ -51,6 +51,7 @@ from faceforge.heads.base import (
     check_kwarg_ranges,
     check_size,
     chunks,
+    class_row_of,
 )
 from faceforge.heads.buffers import ReusableBuffer
 
@@ -139,6 +140,10 @@ def _all_gather_rows(tensors: list[Tensor]) -> list[Tensor]:
 class BroadFace(nn.Module, ClassifierHead, TrainHooks):
     """Wrap `head` (a `ClassifierHead`: `per_sample_loss` and `weight` (C, D)) with BroadFace's queue, Eq. 7-9.
 
+    A head of K sub-centres a class (`weight` (C, K, D), Sub-center ArcFace) queues as W-_y the sub-centre of y
+    nearest the sample's embedding (its sub-class-wise max), and compensates with the current sub-centre nearest
+    that stored row (the one it has become; ``heads.base.class_row_of``).
+
     Args:
         head: the classifier, e.g. `ArcFace(C, D)`; `weight` here is its `weight`.
         queue_size: Q, rows kept (>= 0; 0 gives the head's own gradients, split into Eq. 8 and Eq. 9).
@@ -167,7 +172,7 @@ class BroadFace(nn.Module, ClassifierHead, TrainHooks):
         if not isinstance(head, ClassifierHead) or not isinstance(head.weight, Tensor):
             raise TypeError(
                 f"BroadFace wraps a head with per_sample_loss(embeddings, labels, *, classifier_grad) and a (C, D) "
-                f"weight; got {type(head).__name__}"
+                f"or (C, K, D) weight; got {type(head).__name__}"
             )
         if head.batch_level_loss:
             raise ValueError(
@@ -182,7 +187,7 @@ class BroadFace(nn.Module, ClassifierHead, TrainHooks):
         self.gather = bool(gather)
         self.row_chunk = check_size("row_chunk", row_chunk)
         self.diagnostic_samples = check_size("diagnostic_samples", diagnostic_samples)
-        num_classes, embedding_size = head.weight.shape
+        num_classes, embedding_size = head.weight.shape[0], head.weight.shape[-1]  # (C, D) or (C, K, D)
         self.num_classes, self.embedding_size = int(num_classes), int(embedding_size)
         dtype = torch.promote_types(torch.float32, head.weight.dtype)
         device = head.weight.device
@@ -238,7 +243,7 @@ class BroadFace(nn.Module, ClassifierHead, TrainHooks):
             blocks = itertools.chain([(batch, labels, sample_ids)], self.queue_blocks())
             loss_classifier = self.classifier_loss(blocks, rows)  # Eq. 9
             if self.training:
-                self.enqueue(batch, labels, self.head.weight.detach()[labels], sample_ids)
+                self.enqueue(batch, labels, class_row_of(self.head.weight.detach()[labels], batch), sample_ids)
         return loss_encoder + loss_classifier
 
     def queue_blocks(self) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
@@ -248,7 +253,9 @@ class BroadFace(nn.Module, ClassifierHead, TrainHooks):
         for r0, r1 in chunks(int(self.queue_count), self.row_chunk):
             past, labels = self.queue_embeddings[r0:r1], self.queue_labels[r0:r1]
             if self.compensate:
-                past = past + compensation(past, self.queue_weights[r0:r1], weight[labels].to(past.dtype))  # Eq. 7
+                stored = self.queue_weights[r0:r1]
+                now = class_row_of(weight[labels], stored).to(past.dtype)
+                past = past + compensation(past, stored, now)  # Eq. 7
             yield past, labels, self.queue_sample_ids[r0:r1]
 
     def classifier_loss(self, blocks: Iterable[tuple[Tensor, Tensor, Tensor | None]], rows: int) -> Tensor:
@@ -390,7 +397,8 @@ class BroadFace(nn.Module, ClassifierHead, TrainHooks):
 
     def past_and_current_rows(self, positions: Tensor) -> tuple[Tensor, Tensor]:
         """(W-_y, W_y), each (n, D): the stored and the current class rows of the queue positions."""
-        return self.queue_weights[positions], self.head.weight.detach()[self.queue_labels[positions]]
+        stored = self.queue_weights[positions]
+        return stored, class_row_of(self.head.weight.detach()[self.queue_labels[positions]], stored)
 
     @torch.no_grad()
     def diagnostics(self, embed_fn: Callable[[Tensor], Tensor]) -> dict[str, float]:

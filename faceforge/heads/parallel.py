@@ -326,7 +326,7 @@ class ShardedHead(nn.Module, ClassifierHead, TrainHooks):
         **kwargs: the head's own arguments (``s``, ``m``, ``lamb`` ...).
     Call: ``loss = head(embeddings (B_r, D), labels (B_r,))`` on every rank -> the mean over the global batch,
     the same scalar on every rank. Attributes: ``head`` (the head on this rank's rows), ``weight`` (its rows,
-    (c1 - c0, D)), ``rows`` = (c0, c1), ``num_classes`` = C.
+    (c1 - c0, D), or (c1 - c0, K, D) for K sub-centres a class), ``rows`` = (c0, c1), ``num_classes`` = C.
     """
 
     def __init__(
@@ -390,7 +390,7 @@ class ShardedHead(nn.Module, ClassifierHead, TrainHooks):
 
     @property
     def weight(self) -> Tensor:  # type: ignore[override]
-        """This rank's class rows W[c0:c1] (c1 - c0, D)."""
+        """This rank's class rows W[c0:c1] (c1 - c0, D) ((c1 - c0, K, D) with sub-centres: whole classes)."""
         return self.head.weight
 
     # --- the loss ---

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from faceforge.heads.base import HEADS, SHARDED_HEADS, RowShard, check_kwarg_ranges, chunks
+from faceforge.heads.base import HEADS, SHARDED_HEADS, RowShard, check_kwarg_ranges, chunks, class_row_of
 from faceforge.heads.broadface import DEFAULT_ROW_CHUNK, BroadFace, QueueEntries, compensation
 from faceforge.heads.parallel import ShardedHead, _row_counts, all_gather_rows, interleave
 
@@ -120,7 +120,7 @@ class ShardedBroadFace(BroadFace):
         rows, then all-gathered (rows in slot order)."""
         slots, past_weights = self.queue_owned_slots, self.queue_owned_weights
         rows = self.head.local_labels(self.queue_labels[slots])
-        weights = self.head.weight.detach()[rows].to(past_weights.dtype)
+        weights = class_row_of(self.head.weight.detach()[rows], past_weights).to(past_weights.dtype)
         shift = compensation(self.queue_embeddings[slots], past_weights, weights)
         group = self.head.group
         out = shift.new_zeros((count, self.embedding_size))
@@ -150,7 +150,7 @@ class ShardedBroadFace(BroadFace):
         dtype = self.queue_owned_weights.dtype
         self.queue_owned_slots = torch.cat([self.queue_owned_slots[kept], positions[mine]])
         self.queue_owned_weights = torch.cat(
-            [self.queue_owned_weights[kept], self.head.weight.detach()[rows[mine]].to(dtype)]
+            [self.queue_owned_weights[kept], class_row_of(self.head.weight.detach()[rows[mine]], batch[mine]).to(dtype)]
         )
 
     def queued(self) -> QueueEntries:
@@ -173,7 +173,9 @@ class ShardedBroadFace(BroadFace):
         return super().diagnosable(positions) & (self.head.local_labels(self.queue_labels[positions]) >= 0)
 
     def past_and_current_rows(self, positions: Tensor) -> tuple[Tensor, Tensor]:
-        return self._stored_weights()[positions], self.head.weight.detach()[self.head.local_labels(self.queue_labels[positions])]
+        stored = self._stored_weights()[positions]
+        rows = self.head.local_labels(self.queue_labels[positions])
+        return stored, class_row_of(self.head.weight.detach()[rows], stored)
 
     # --- what the trainer asks (TrainHooks) ---
 

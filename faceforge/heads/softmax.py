@@ -27,6 +27,11 @@ chunk's matrix product reads the cache, not memory:
   scattered into grad W with `index_put_(accumulate=True)`. So W has a single gradient tensor: extra memory is the (B, C)
   buffer plus grad W, i.e. (1 + B/D) |W| (1.25 |W| for B = 128, D = 512).
 
+Sub-centres (``subcentres = K``, weight (C, K, D), Sub-center ArcFace): a chunk's (B, n K) cosines go into one
+cache-sized workspace and are reduced by max into its (B, n) block; the argmax is kept in a chunk-major (B, C) uint8
+buffer, and the backward spreads each (B, n) entry to its argmax column of (B, n K) before the same products (W viewed
+as (C K, D)). cos_y is the max over the target's sub-centres; its gradient goes to that one (``base.subcentre_target``).
+
 Logits, logsumexp and softmax are float32 (or float64 when W is) whatever autocast says; under CUDA the
 loop allocates nothing per chunk beyond (B,)-sized index temporaries (workspaces are made once per call).
 `head.logits(...)` is the plain (B, C) formulation, for small C and for checking.
@@ -64,6 +69,7 @@ from faceforge.heads.base import (
     row_norms,
     scatter_rows,
     softplus,
+    subcentre_target,
     take_rows,
     target_input,
     target_rows,
@@ -94,6 +100,67 @@ def _target_positions(
     return batch * c0 + rows * width + (labels - c0)
 
 
+def subcentre_index_dtype(subcentres: int) -> torch.dtype:
+    """The compact dtype of the kept argmax over K sub-centres: uint8 for K <= 256 (a (B, C) buffer of C bytes a
+    row, 1/4 of the logits'), int32 beyond."""
+    return torch.uint8 if subcentres <= 256 else torch.int32
+
+
+class _SubcentrePool:
+    """The sub-centre side of one forward of `_ChunkedMarginCE` (Sub-center ArcFace, the class-wise max pooling):
+    per chunk the (B, n K) sub-centre logits in one cache-sized workspace, reduced by max over each class's K
+    columns into the chunk's (B, n) block of the logit buffer; the argmax kept in ``argmax``, chunk-major like that
+    buffer, (B C,) of ``subcentre_index_dtype(K)``, for the backward."""
+
+    def __init__(self, batch: int, num_classes: int, width: int, subcentres: int, like: Tensor) -> None:
+        self.batch, self.sub = batch, subcentres
+        self.work = like.new_empty(batch * width * subcentres)
+        self.running = like.new_empty(batch * width)  # the max over the first k sub-centres
+        self.below = torch.empty(batch * width, dtype=torch.bool, device=like.device)
+        self.argmax = torch.empty(batch * num_classes, dtype=subcentre_index_dtype(subcentres), device=like.device)
+
+    def logits(self, n: int) -> Tensor:
+        """(B, n K): the workspace of a chunk of n classes, class j's sub-centre k in column j K + k."""
+        return self.work[: self.batch * n * self.sub].view(self.batch, n * self.sub)
+
+    def reduce(self, sub_logits: Tensor, out: Tensor, c0: int, c1: int) -> None:
+        """out (B, n) = max over k of sub_logits (B, n K); the argmax of classes [c0, c1) kept: the first maximiser,
+        counted as the number of prefixes max_{k' <= k} below the max (elementwise passes: torch.max(dim) over a
+        dimension of 3 is 2-3 times slower on CPU)."""
+        n, batch = c1 - c0, self.batch
+        v = sub_logits.view(batch, n, self.sub)
+        out.copy_(v[..., 0])
+        for k in range(1, self.sub):
+            torch.maximum(out, v[..., k], out=out)
+        index = self.argmax[batch * c0 : batch * c1].view(batch, n).zero_()
+        running = self.running[: batch * n].view(batch, n).copy_(v[..., 0])
+        below = self.below[: batch * n].view(batch, n)
+        for k in range(self.sub - 1):
+            if k:
+                torch.maximum(running, v[..., k], out=running)
+            index.add_(torch.lt(running, out, out=below).view(torch.uint8))
+
+
+class _SubcentreSpread:
+    """The sub-centre side of the backward: a chunk's (B, n) entries to their argmax sub-centre's column of
+    (B, n K) (zeros elsewhere: max pooling routes the gradient to the maximum only), in two reused workspaces."""
+
+    def __init__(self, batch: int, width: int, subcentres: int, like: Tensor, argmax: Tensor) -> None:
+        self.batch, self.sub, self.argmax = batch, subcentres, argmax
+        self.work = like.new_empty(2, batch * width * subcentres)
+        self.index = torch.empty(batch * width, 1, dtype=torch.long, device=like.device)
+
+    def spread(self, c0: int, c1: int, *values: Tensor) -> tuple[Tensor, ...]:
+        """Each of ``values`` (B, n) (at most two) as (B, n K), for the classes [c0, c1)."""
+        cells = self.batch * (c1 - c0)
+        index = self.index[:cells].copy_(self.argmax[self.batch * c0 : self.batch * c1].unsqueeze(1))
+        spread = []
+        for slot, v in enumerate(values):
+            out = self.work[slot, : cells * self.sub].view(cells, self.sub).zero_()
+            spread.append(out.scatter_(1, index, v.reshape(cells, 1)).view(self.batch, (c1 - c0) * self.sub))
+        return tuple(spread)
+
+
 class _ChunkedMarginCE(torch.autograd.Function):
     """(lse_neg (B,), t (B,), penalty (B,)), t_b = target_fn(q_b), penalty_b = penalty_fn(q_b) and
     lse_neg_b = log sum_{j != y_b} exp(z_bj), the logsumexp of the non-target logits. The per-sample loss
@@ -105,6 +172,8 @@ class _ChunkedMarginCE(torch.autograd.Function):
 
     A label -1 means "the target class is not among these rows" (a class shard, parallel.py): that row's
     lse_neg runs over all its logits and its t_b and penalty_b are 0.
+
+    subcentres = K: weight is (C, K, D) and every cosine (q_b too) is the max over a class's K sub-centres.
     """
 
     @staticmethod
@@ -120,37 +189,48 @@ class _ChunkedMarginCE(torch.autograd.Function):
         normalize: bool,
         chunk_size: int,
         buffers: tuple[ReusableBuffer, ReusableBuffer] | None,
+        subcentres: int | None = None,
     ) -> Tensor:
         batch, num_classes = x.shape[0], weight.shape[0]
         dtype = x.dtype
         spans = chunks(num_classes, chunk_size)
         width = spans[0][1]
+        sub = 1 if subcentres is None else subcentres  # K rows of W per class (sub-center ArcFace): (C, K, D)
+        rows_w = weight if subcentres is None else weight.flatten(0, 1)  # (C K, D): class c's rows [c K, (c + 1) K)
+        pool = None if subcentres is None else _SubcentrePool(batch, num_classes, width, sub, x)
         # the chunk-major (B, C) logit buffer: each chunk's (B, c1 - c0) block is contiguous
         flat = buffers[0].get((batch * num_classes,), x) if buffers else x.new_empty(batch * num_classes)
         x_scaled = x * scale if normalize else x  # the scale folded into x once: z = (s x) . W_j / |W_j|
-        norms = x.new_empty(num_classes) if normalize else None  # |W_j|, once per step, reused by backward
+        norms = x.new_empty(num_classes * sub) if normalize else None  # |W_j|, once per step, reused by backward
         chunk_max = x.new_empty(len(spans), batch)  # m_kb: row max of chunk k (target excluded)
         chunk_sum = x.new_empty(len(spans), batch)  # sum_{j in chunk k, j != y_b} exp(z_bj - m_kb)
         work = x.new_empty(batch * width)  # exp(z - m) of one chunk, cache-sized
         ones = x.new_ones(width)  # row sums as matrix-vector products (faster than sum(1) on CPU)
-        rows_ws = None if weight.dtype == dtype else x.new_empty(width, weight.shape[1])
+        rows_ws = None if weight.dtype == dtype else x.new_empty(width * sub, weight.shape[-1])
         bias_c = None if bias is None else bias.to(dtype)
         rows, labels = target_rows(labels)  # the rows whose target class is here (all, unless a class shard)
-        q = target_input(take_rows(x, rows), weight, bias, labels, normalize)
+        if pool is None:
+            q = target_input(take_rows(x, rows), weight, bias, labels, normalize)
+        else:  # cos_y = the max over the target's sub-centres; its gradient goes to that row (labels: flat rows)
+            q, labels = subcentre_target(take_rows(x, rows), weight, labels)
         target, penalty = _target_terms(q, target_fn, penalty_fn, grad=False)
-        positions = _target_positions(labels, rows, batch, num_classes, chunk_size)
+        class_labels = labels if pool is None else labels.div(sub, rounding_mode="floor")
+        positions = _target_positions(class_labels, rows, batch, num_classes, chunk_size)
         neg_inf = x.new_full((), -math.inf)
         tiny = torch.finfo(dtype).tiny
         for k, (c0, c1) in enumerate(spans):  # one sweep: each chunk's logits, max and sum while in cache
             n = c1 - c0
-            w_c = chunk_rows(weight, c0, c1, dtype, rows_ws)
+            w_c = chunk_rows(rows_w, c0 * sub, c1 * sub, dtype, rows_ws)
             z = flat[batch * c0 : batch * c1].view(batch, n)
-            torch.mm(x_scaled, w_c.t(), out=z)
+            zs = z if pool is None else pool.logits(n)  # (B, n K) with sub-centres
+            torch.mm(x_scaled, w_c.t(), out=zs)
             if normalize:
-                norm_c = torch.linalg.vector_norm(w_c, dim=1, out=norms[c0:c1]).clamp_min_(tiny)
-                z.div_(norm_c)  # s cos(theta_bj)
+                norm_c = torch.linalg.vector_norm(w_c, dim=1, out=norms[c0 * sub : c1 * sub]).clamp_min_(tiny)
+                zs.div_(norm_c)  # s cos(theta_bj)
             elif bias_c is not None:
                 z.add_(bias_c[c0:c1])
+            if pool is not None:
+                pool.reduce(zs, z, c0, c1)  # z_bj = max_k of the class's K sub-centre logits; the argmax kept
             # every row's own target column to -inf (a row whose target lies in an earlier chunk writes its -inf
             # again, one in a later chunk is overwritten by that chunk's matrix product)
             flat.index_put_((positions,), neg_inf)
@@ -160,8 +240,9 @@ class _ChunkedMarginCE(torch.autograd.Function):
         # the target entries to the lowest finite number: exp(it - lse) = 0 and 0 * it = 0 in backward
         flat.index_put_((positions,), x.new_full((), torch.finfo(dtype).min))
         lse_neg = torch.logsumexp(chunk_sum.log_().add_(chunk_max), dim=0)  # online logsumexp, combined
-        ctx.save_for_backward(x, weight, bias, labels, flat, lse_neg, norms, q)
-        ctx.rows = rows
+        ctx.save_for_backward(x, weight, bias, labels, flat, lse_neg, norms, q,
+                              None if pool is None else pool.argmax)
+        ctx.rows, ctx.subcentres = rows, subcentres
         ctx.fns = (target_fn, penalty_fn)
         ctx.scale, ctx.normalize, ctx.chunk_size, ctx.buffers = scale, normalize, chunk_size, buffers
         # lse_neg is returned as a copy: an output saved for backward would keep itself alive under saved-tensor hooks
@@ -169,8 +250,8 @@ class _ChunkedMarginCE(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor, grad_target: Tensor, grad_penalty: Tensor):  # type: ignore[override]
-        x, weight, bias, labels, flat, lse_neg, norms, q = ctx.saved_tensors
-        rows = ctx.rows
+        x, weight, bias, labels, flat, lse_neg, norms, q, argmax = ctx.saved_tensors
+        rows, subcentres = ctx.rows, ctx.subcentres
         scale, normalize, chunk_size = ctx.scale, ctx.normalize, ctx.chunk_size
         need_x, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
         batch, num_classes = x.shape[0], weight.shape[0]
@@ -191,6 +272,9 @@ class _ChunkedMarginCE(torch.autograd.Function):
         lse = lse_neg.unsqueeze(1)  # d lse_neg_b / d z_bj = exp(z_bj - lse_neg_b), j != y_b
         spans = chunks(num_classes, chunk_size)
         width = spans[0][1]
+        sub = 1 if subcentres is None else subcentres
+        rows_w = weight if subcentres is None else weight.flatten(0, 1)  # (C K, D)
+        spread = None if subcentres is None else _SubcentreSpread(batch, width, sub, x, argmax)
         # dL/dz_bj = grad_b p_bj: grad_b goes into x (for grad W) and into grad x's rows at the end
         x_row = x * grad.unsqueeze(1)
         grad_x = torch.zeros_like(x) if need_x else None
@@ -201,33 +285,38 @@ class _ChunkedMarginCE(torch.autograd.Function):
         col_scale = (scale / norms) if normalize else None  # s / |W_j|
         inv_norm_sq = norms.square().reciprocal_() if normalize else None
         work = x.new_empty(batch * width)
-        radial = x.new_empty(width) if normalize else None
-        rows_ws = None if weight.dtype == dtype else x.new_empty(width, weight.shape[1])
-        grad_ws = None if (grad_w is None or grad_w.dtype == dtype) else x.new_empty(width, weight.shape[1])
+        radial = x.new_empty(width * sub) if normalize else None
+        rows_ws = None if weight.dtype == dtype else x.new_empty(width * sub, weight.shape[-1])
+        grad_ws = None if (grad_w is None or grad_w.dtype == dtype) else x.new_empty(width * sub, weight.shape[-1])
+        grad_w_rows = None if grad_w is None else (grad_w if subcentres is None else grad_w.flatten(0, 1))
         for c0, c1 in spans:
             n = c1 - c0
+            r0, r1 = c0 * sub, c1 * sub  # the chunk's rows of W (its classes' sub-centres)
             z = flat[batch * c0 : batch * c1].view(batch, n)  # the target entries hold the lowest finite number
             p = torch.sub(z, lse, out=work[: batch * n].view(batch, n)).exp_()  # non-target softmax, 0 at the target
-            w_c = chunk_rows(weight, c0, c1, dtype, rows_ws)
+            w_c = chunk_rows(rows_w, r0, r1, dtype, rows_ws)
             if normalize:
                 # rho_j = sum_b grad_b p_bj z_bj, for the row-normalisation term (the buffer is consumed here)
-                rho = torch.mv(torch.mul(z, p, out=z).t(), grad, out=radial[:n])
-                p.mul_(col_scale[c0:c1])  # dL/d(x_b . W_j) / grad_b
+                pz = torch.mul(z, p, out=z)
+                if spread is not None:  # each (B, n) entry to its argmax sub-centre's column of (B, n K), 0 elsewhere
+                    p, pz = spread.spread(c0, c1, p, pz)
+                rho = torch.mv(pz.t(), grad, out=radial[: r1 - r0])
+                p.mul_(col_scale[r0:r1])  # dL/d(x_b . W_j) / grad_b
             if grad_x is not None:
                 grad_x.addmm_(p, w_c)
             if grad_b is not None:
                 torch.mv(p.t(), grad, out=grad_b[c0:c1])
             if grad_w is not None:
-                out = grad_w[c0:c1] if grad_ws is None else grad_ws[:n]
+                out = grad_w_rows[r0:r1] if grad_ws is None else grad_ws[: r1 - r0]
                 torch.mm(p.t(), x_row, out=out)  # written once (no read of its old content)
                 if normalize:  # - (rho_j / |W_j|^2) W_j, while the block is still in cache
-                    out.addcmul_(w_c, rho.mul_(inv_norm_sq[c0:c1]).neg_().unsqueeze(1))
+                    out.addcmul_(w_c, rho.mul_(inv_norm_sq[r0:r1]).neg_().unsqueeze(1))
                 if grad_ws is not None:
-                    grad_w[c0:c1].copy_(out)
+                    grad_w_rows[r0:r1].copy_(out)
         if grad_x is not None:
             grad_x.mul_(grad.unsqueeze(1))
-        add_target_grads(grad_q, x, weight, labels, normalize, grad_x, grad_w, grad_b, rows=rows)
-        return grad_x, grad_w, grad_b, None, None, None, None, None, None, None
+        add_target_grads(grad_q, x, rows_w, labels, normalize, grad_x, grad_w_rows, grad_b, rows=rows)
+        return grad_x, grad_w, grad_b, None, None, None, None, None, None, None, None
 
 
 def _target_terms(q: Tensor, target_fn: TargetFn, penalty_fn: TargetFn | None, grad: bool) -> tuple[Tensor, Tensor]:
@@ -249,6 +338,7 @@ def chunked_margin_cross_entropy(
     normalize: bool = True,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     buffers: tuple[ReusableBuffer, ReusableBuffer] | None = None,
+    subcentres: int | None = None,
 ) -> Tensor:
     """Per-sample margin cross-entropy (B,) with the class dimension processed in chunks.
 
@@ -263,13 +353,16 @@ def chunked_margin_cross_entropy(
         scale: s, multiplies the non-target cosines when `normalize`.
         chunk_size: classes per block (default 4096: a (B, chunk) block stays in cache).
         buffers: (logit buffer, gradient of W) kept between calls (buffers.py); None allocates both afresh.
+        subcentres: K for a weight (C, K, D) of K sub-centres a class (Sub-center ArcFace): a class's cosine is the
+            max over its sub-centres (cos_y too), and each gradient goes to the sub-centre that gave the max.
+            None (default): weight (C, D).
     Returns:
         (B,) loss_b = logsumexp_j z_bj (target column = t_b) - t_b + penalty_b, computed as
         log(1 + sum_{j != y_b} exp(z_bj - t_b)) + penalty_b (exact at tiny losses).
     """
     lse_neg, target, penalty = chunked_margin_terms(
         x, weight, labels, target_fn, bias=bias, penalty_fn=penalty_fn, scale=scale, normalize=normalize,
-        chunk_size=chunk_size, buffers=buffers,
+        chunk_size=chunk_size, buffers=buffers, subcentres=subcentres,
     )  # fmt: skip
     return softplus(lse_neg - target) + penalty  # ArcFace Eq. 4, per sample
 
@@ -286,6 +379,7 @@ def chunked_margin_terms(
     normalize: bool = True,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     buffers: tuple[ReusableBuffer, ReusableBuffer] | None = None,
+    subcentres: int | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The three terms (lse_neg, t, penalty), each (B,), of :func:`chunked_margin_cross_entropy`
     (loss = softplus(lse_neg - t) + penalty), differentiable separately: a class shard (parallel.py) reduces lse_neg
@@ -293,12 +387,24 @@ def chunked_margin_terms(
     ``weight``'s rows (-inf if there are none). Arguments as there; a label -1 means the row's class is not among
     ``weight``'s rows (then t = penalty = 0). Computed by `_ChunkedMarginCE` in float32 (or float64) whatever
     autocast says."""
+    check_subcentres(weight, subcentres, normalize)
     dtype = compute_dtype(x, weight)
     with torch.autocast(device_type=x.device.type, enabled=False):
         return _ChunkedMarginCE.apply(
             x.to(dtype), weight, bias, labels, target_fn, penalty_fn, float(scale), bool(normalize), int(chunk_size),
-            buffers,
+            buffers, subcentres,
         )
+
+
+def check_subcentres(weight: Tensor, subcentres: int | None, normalize: bool) -> None:
+    """ValueError unless ``weight`` is (C, D) for subcentres None, or (C, K, D) for subcentres K >= 1 (cosines only)."""
+    if subcentres is None:
+        if weight.dim() != 2:
+            raise ValueError(f"class weights of shape {tuple(weight.shape)}; expected (C, D) (subcentres None)")
+        return
+    if weight.dim() != 3 or weight.shape[1] != subcentres or not normalize:
+        raise ValueError(f"class weights of shape {tuple(weight.shape)} with subcentres={subcentres} (normalize="
+                         f"{normalize}); expected (C, {subcentres}, D) and normalised cosines")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -328,6 +434,8 @@ class MarginHead(nn.Module, ClassifierHead):
     - ``nontarget_logits``: a per-sample transform of the non-target logits (CurricularFace) is declared here
       for the heads that need it; no strategy applies one yet, so a head that sets it is refused when built
       (``check_margin_head``) rather than trained without it;
+    - ``subcentres = K``: ``weight`` is (C, K, D), K sub-centres a class (Sub-center ArcFace): the kernel takes each
+      class's cosine (and cos_y) as the max over its sub-centres and sends each gradient to the maximising one;
     - ``class_rows()``: the class-indexed tensors and their init (default ``weight`` ~ N(0, 0.01^2));
       ``normalized = False`` for plain logits x W^T + b (``Softmax``, with ``bias`` among its class rows);
     - ``batch_level_loss`` / ``batch_loss(labels)``: a term over the whole batch (ArcFace Eq. 6).
@@ -344,6 +452,7 @@ class MarginHead(nn.Module, ClassifierHead):
     chunk_size: int = DEFAULT_CHUNK_SIZE
     step_buffers: tuple[ReusableBuffer, ReusableBuffer] | None = None  # None: fresh per call (buffers.py)
     _pending_ids: Tensor | None = None  # observe_sample_ids, taken by the next forward
+    subcentres: int | None = None  # K: ``weight`` is (C, K, D), a class's logit the max over its K sub-centres
 
     def target_logit(self, cos_y: Tensor, context: MarginContext) -> Tensor:
         """(K,) the scaled target logit of the target cosines cos_y (K,) (the plain target logit when not
@@ -415,7 +524,10 @@ class MarginHead(nn.Module, ClassifierHead):
                 x = embeddings.detach().to(dtype)
                 here, targets = target_rows(local)
                 x_in = F.normalize(take_rows(x, here), dim=1) if self.normalized else take_rows(x, here)
-                q = target_input(x_in, weight, None if bias is None else bias.detach(), targets, self.normalized)
+                if self.subcentres is not None:  # the max over the target's sub-centres, as the kernel's cos_y
+                    q = subcentre_target(x_in, weight, targets)[0]
+                else:
+                    q = target_input(x_in, weight, None if bias is None else bias.detach(), targets, self.normalized)
                 cosines = reduce.sum(scatter_rows(q, here, x.shape[0])).detach()  # every row's, on every rank
         return self.prepare(margin_context(embeddings, labels, sample_ids, cosines))
 
@@ -454,6 +566,7 @@ class MarginHead(nn.Module, ClassifierHead):
                 normalize=self.normalized,
                 chunk_size=self.chunk_size,
                 buffers=self.step_buffers,
+                subcentres=self.subcentres,
             )
             loss = softplus(reduce.logsumexp(lse_neg) - reduce.sum(target))  # ArcFace Eq. 4 (Eq. 1 unnormalised)
             return loss + reduce.sum(extra) if self.has_loss_term else loss

@@ -1,15 +1,16 @@
 """Classification heads: (embeddings (B, D), labels (B,)) -> scalar loss; each head owns its class weights.
 
 `build(name, num_classes=..., embedding_size=..., **kwargs)` makes any registered head by name:
-"margin_softmax", "arcface", "cosface", "sphereface", "normface", "softmax", "sphereface2", "adaface", "magface", and "broadface",
+"margin_softmax", "arcface", "cosface", "sphereface", "normface", "softmax", "sphereface2", "adaface", "magface",
+"curricularface", and "broadface",
 which builds its inner head by name too:
 `build("broadface", num_classes=C, embedding_size=D, queue_size=Q, head="arcface", head_kwargs={...})`.
 `ShardedHead("arcface", C, D, **kwargs)` (parallel.py) shards any head with class rows (``base.ClassRows``: the
 margin heads, ``MarginHead`` subclasses written anywhere, and sphereface2) by class over torch.distributed.
 
 A margin head is its class rows plus the public margin hook of ``MarginHead`` (softmax.py): ``target_logit(cos_y,
-context)`` and, where needed, ``observe``, ``loss_term``, ``class_rows``. A new head module must be imported here
-to register (its ``@HEADS.register`` runs on import); a head with its own sharded form registers it in
+context)`` and, where needed, ``observe``, ``loss_term``, ``nontarget_logits``, ``class_rows``. A new head module must
+be imported here to register (its ``@HEADS.register`` runs on import); a head with its own sharded form registers it in
 ``base.SHARDED_HEADS`` (parallel_broadface.py, parallel_attfc.py, imported below for that).
 """
 
@@ -38,6 +39,7 @@ from faceforge.heads.sphereface2 import SphereFace2, balanced_bias
 from faceforge.heads.attfc import AttFC
 from faceforge.heads.adaface import AdaFace
 from faceforge.heads.magface import MagFace
+from faceforge.heads.curricularface import CurricularFace
 from faceforge.heads import parallel_attfc, parallel_broadface  # noqa: F401  (register their sharded forms)
 
 
@@ -54,6 +56,7 @@ __all__ = [
     "ArcFace",
     "BroadFace",
     "CosFace",
+    "CurricularFace",
     "MarginContext",
     "MarginHead",
     "MagFace",

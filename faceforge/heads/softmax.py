@@ -26,6 +26,11 @@ chunk's matrix product reads the cache, not memory:
   straight-through, and the optional Eq. 5 term) comes from autograd of the small (B,) function psi, then is
   scattered into grad W with `index_put_(accumulate=True)`. So W has a single gradient tensor: extra memory is the (B, C)
   buffer plus grad W, i.e. (1 + B/D) |W| (1.25 |W| for B = 128, D = 512).
+- a per-sample transform of the non-target logits (``MarginHead.nontarget_logits``, CurricularFace): the buffer
+  then keeps the plain cosines c (targets included, the scale not folded into x); each chunk's logits f(c) go to a
+  chunk-sized temporary, its target cells -inf, before its max and sum; backward recomputes f(c) and f'(c) per chunk
+  and takes p f' as dL/dc (its target cells 0). Memory as above plus (B, chunk) temporaries; a head without a
+  transform runs exactly the passes above (no branch per element, nothing recomputed).
 
 Logits, logsumexp and softmax are float32 (or float64 when W is) whatever autocast says; under CUDA the
 loop allocates nothing per chunk beyond (B,)-sized index temporaries (workspaces are made once per call).

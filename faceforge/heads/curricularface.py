@@ -57,8 +57,10 @@ ALPHA_RANGE = KwargRange(0.0, 1.0, open_low=True)
 
 
 def hard_negatives(cos: Tensor, threshold: Tensor) -> Tensor:
-    """(N, n) bool: which cosines (N, n) lie above their row's threshold T(cos theta_y) (N,) (Eq. 9's hard case)."""
-    return cos > threshold.unsqueeze(1)
+    """(N, n) 1.0 where a cosine (N, n) lies above its row's threshold T(cos theta_y) (N,) (the hard case), else 0.0.
+    sign(cos - T) is exact (a float difference is 0 only for equal numbers), and a float mask avoids the CPU's slow
+    bool-mask kernels (``torch.where`` on a (128, 4096) block: 2.6 ms against 0.17 ms for an elementwise pass)."""
+    return torch.sub(cos, threshold.unsqueeze(1)).sign_().clamp_min_(0.0)
 
 
 @HEADS.register("curricularface")
@@ -115,12 +117,13 @@ class CurricularFace(MarginHead):
         self.t.mul_(1.0 - self.alpha).add_(self.alpha * mean.to(self.t.dtype))
 
     def nontarget_logits(self, cos: Tensor, context: MarginContext) -> Tensor:
-        """(N, n) s N(t, cos theta_j) of a block of non-target cosines (N, n) (Eq. 9)."""
-        t = self.t.to(cos.dtype)
-        return self.scale * torch.where(hard_negatives(cos, context.extras["threshold"]), cos * (t + cos), cos)
+        """(N, n) s N(t, cos theta_j) of a block of non-target cosines (N, n): s c (1 + h (c + t - 1)), h the hard
+        mask (c (t + c) where hard, c elsewhere)."""
+        hard = hard_negatives(cos, context.extras["threshold"])
+        return torch.add(cos, (self.t - 1.0).to(cos.dtype)).mul_(hard).add_(1.0).mul_(cos).mul_(self.scale)
 
     def nontarget_grad(self, cos: Tensor, context: MarginContext) -> Tensor:
-        """(N, n) d s N / d cos: s (t + 2 cos) where hard, s elsewhere (t a constant, the threshold a mask)."""
-        t = self.t.to(cos.dtype)
+        """(N, n) d s N / d cos = s (1 + h (2 c + t - 1)): s (t + 2 cos) where hard, s elsewhere (t a constant, the
+        threshold a mask)."""
         hard = hard_negatives(cos, context.extras["threshold"])
-        return torch.where(hard, cos * 2.0 + t, 1.0).mul_(self.scale)
+        return torch.mul(cos, 2.0).add_((self.t - 1.0).to(cos.dtype)).mul_(hard).add_(1.0).mul_(self.scale)

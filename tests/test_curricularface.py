@@ -283,7 +283,8 @@ def run_sharded(world: int, rank: int, group) -> dict:
     head = ShardedHead("curricularface", hook.C, par.D, seed=3, group=group, chunk_size=2, **KW).double()
     losses, grads = par.sgd_steps(head, rank)
     return {"losses": losses, "grads": grads, "weight": head.weight.detach(), "rows": head.rows,
-            "stats": head.head.t.detach().clone(), "keys": sorted(head.state_dict()), "shards": sorted(head.row_shards())}
+            "stats": head.head.t.detach().clone(), "keys": sorted(head.state_dict()),
+            "shards": sorted(head.row_shards())}
 
 
 def run_broadface(world: int, rank: int, group) -> dict:

@@ -124,7 +124,7 @@ class _ChunkedMarginCE(torch.autograd.Function):
 
     nontarget = (f, f'): the non-target logits are f(c) of each (B, n) block c of unscaled cosines (plain logits
     when not normalising) instead of scale * c. The buffer then keeps c (targets included) and backward recomputes
-    f and f' per block (no extra (B, C) memory; two elementwise passes more per block, for those heads only).
+    f and f' per block (no extra (B, C) memory; (B, n) temporaries; the elementwise work of f and f', those heads only).
     """
 
     @staticmethod
@@ -233,7 +233,7 @@ class _ChunkedMarginCE(torch.autograd.Function):
         grad_ws = None if (grad_w is None or grad_w.dtype == dtype) else x.new_empty(width, weight.shape[1])
         for c0, c1 in spans:
             n = c1 - c0
-            z = flat[batch * c0 : batch * c1].view(batch, n)  # the target entries hold the lowest finite number
+            z = flat[batch * c0 : batch * c1].view(batch, n)  # no transform: the targets hold the lowest finite number
             if nontarget is None:  # non-target softmax, 0 at the target
                 p = torch.sub(z, lse, out=work[: batch * n].view(batch, n)).exp_()
             else:  # the softmax of f(z) times f'(z), 0 at the target (set last: f there may be anything)
@@ -363,9 +363,10 @@ class MarginHead(nn.Module, ClassifierHead):
     - ``nontarget_logits(cos (N, n), context) -> (N, n)``: the SCALED non-target logits of a block of cosines,
       elementwise, per row (CurricularFace: s cos (t + cos) where cos > the row's threshold); ``context`` is that of
       EVERY row of the call (each row has non-target classes on every shard), not only the rows whose target is
-      here. Default None: ``scale * cos`` (no extra work in the kernel). ``nontarget_grad(cos, context)`` is its
-      elementwise derivative in cos (default: autograd of ``nontarget_logits`` on the block; a head overrides it
-      with the closed form for speed). Every strategy applies it block by block through ``class_loss``;
+      here; it returns a new tensor (the kernel writes into it). Default None: ``scale * cos`` (no extra work).
+      ``nontarget_grad(cos, context)`` is its elementwise derivative in cos (default: autograd of
+      ``nontarget_logits`` on the block; a head overrides it with the closed form for speed). Every strategy
+      applies it block by block through ``class_loss``;
     - ``class_rows()``: the class-indexed tensors and their init (default ``weight`` ~ N(0, 0.01^2));
       ``normalized = False`` for plain logits x W^T + b (``Softmax``, with ``bias`` among its class rows);
     - ``batch_level_loss`` / ``batch_loss(labels)``: a term over the whole batch (ArcFace Eq. 6).

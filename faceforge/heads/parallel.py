@@ -463,7 +463,8 @@ class ShardedHead(nn.Module, ClassifierHead, TrainHooks):
         caught up first: a statistic of the target cosines (CurricularFace's t) reads them."""
         labels = labels.long()
         local = self.local_labels(labels)
-        self.catch_up(torch.unique(local[local >= 0]))
+        if self._lazy is not None:
+            self.catch_up(torch.unique(local[local >= 0]))
         self.head.observe_batch(embeddings, labels, local_labels=local, reduce=self.reduce, sample_ids=sample_ids)
 
     def observe_sample_ids(self, sample_ids: Tensor) -> None:

@@ -31,7 +31,6 @@ from faceforge.heads.base import (
     with_run_facts,
 )
 from faceforge.heads.parallel import build_sharded, seed_class_rows
-from faceforge.heads.softmax import check_margin_head
 from faceforge.core.registry import untrusted
 from faceforge.core.checkpoint import load_checkpoint
 from faceforge.core.config import Config, ConfigError, parse_config
@@ -102,8 +101,7 @@ def seed_every_class_row(head: nn.Module, seed: int) -> None:
 
 def check_built_head(head: nn.Module, name: str) -> None:
     """Refuse (ConfigError naming ``head.name`` and the member) a head, or a head it wraps, that defines a
-    ``TrainHooks`` member without subclassing ``TrainHooks`` (the trainer would never call it), or that declares
-    a margin hook no execution strategy applies (``heads.softmax.check_margin_head``)."""
+    ``TrainHooks`` member without subclassing ``TrainHooks`` (the trainer would never call it)."""
     part: Any = head
     while True:
         members = unopted_hooks(part)
@@ -113,10 +111,6 @@ def check_built_head(head: nn.Module, name: str) -> None:
                 f"{type(part).__name__} does not subclass faceforge.heads.base.TrainHooks, so the trainer would never "
                 f"call it; expected class {type(part).__name__}(nn.Module, TrainHooks)"
             )
-        try:
-            check_margin_head(part)
-        except ValueError as e:
-            raise ConfigError(f"head.name: {name!r}: {e}") from None
         if not isinstance(part, HeadWrapper):
             return
         part = part.head

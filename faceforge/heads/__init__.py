@@ -2,16 +2,16 @@
 
 `build(name, num_classes=..., embedding_size=..., **kwargs)` makes any registered head by name:
 "margin_softmax", "arcface", "cosface", "sphereface", "normface", "softmax", "sphereface2", "adaface", "magface",
-"elasticface_arc", "elasticface_cos", "elasticface_arc_plus", "elasticface_cos_plus", "subcenter_arcface", and
-"broadface",
+"elasticface_arc", "elasticface_cos", "elasticface_arc_plus", "elasticface_cos_plus", "subcenter_arcface",
+"curricularface", and "broadface",
 which builds its inner head by name too:
 `build("broadface", num_classes=C, embedding_size=D, queue_size=Q, head="arcface", head_kwargs={...})`.
 `ShardedHead("arcface", C, D, **kwargs)` (parallel.py) shards any head with class rows (``base.ClassRows``: the
 margin heads, ``MarginHead`` subclasses written anywhere, and sphereface2) by class over torch.distributed.
 
 A margin head is its class rows plus the public margin hook of ``MarginHead`` (softmax.py): ``target_logit(cos_y,
-context)`` and, where needed, ``observe``, ``loss_term``, ``class_rows``. A new head module must be imported here
-to register (its ``@HEADS.register`` runs on import); a head with its own sharded form registers it in
+context)`` and, where needed, ``observe``, ``loss_term``, ``nontarget_logits``, ``class_rows``. A new head module must
+be imported here to register (its ``@HEADS.register`` runs on import); a head with its own sharded form registers it in
 ``base.SHARDED_HEADS`` (parallel_broadface.py, parallel_attfc.py, imported below for that).
 """
 
@@ -40,6 +40,7 @@ from faceforge.heads.sphereface2 import SphereFace2, balanced_bias
 from faceforge.heads.attfc import AttFC
 from faceforge.heads.adaface import AdaFace
 from faceforge.heads.magface import MagFace
+from faceforge.heads.curricularface import CurricularFace
 from faceforge.heads.elasticface import (
     ElasticFace,
     ElasticFaceArc,
@@ -64,6 +65,7 @@ __all__ = [
     "ArcFace",
     "BroadFace",
     "CosFace",
+    "CurricularFace",
     "ElasticFace",
     "ElasticFaceArc",
     "ElasticFaceArcPlus",

@@ -438,9 +438,8 @@ class ShardedHead(nn.Module, ClassifierHead, TrainHooks):
         index = self.sampled_rows(local_labels)
         self._micro += 1
         sharded = {name: getattr(self.head, name) for name in self.head.class_rows()}
-        if self._lazy is not None and classifier_grad:
-            for tensor in sharded.values():
-                self._lazy.catch_up(tensor, index)  # what dense SGD would have left in these rows
+        if classifier_grad:
+            self.catch_up(index)
         rows = {
             name: _SelectRows.apply(t if classifier_grad else t.detach(), index, self.sparse_grad)
             for name, t in sharded.items()
@@ -451,12 +450,22 @@ class ShardedHead(nn.Module, ClassifierHead, TrainHooks):
         return self.head.class_loss(x, labels, local_labels=sampled, reduce=self.reduce,
                                     classifier_grad=classifier_grad, rows=rows, sample_ids=sample_ids)
 
+    def catch_up(self, index: Tensor) -> None:
+        """Bring this shard's class rows ``index`` (K,) to what dense SGD would have left in them, when a lazy
+        optimiser updates them (``LazyRows``, Partial FC); nothing otherwise."""
+        if self._lazy is not None:
+            for name in self.head.class_rows():
+                self._lazy.catch_up(getattr(self.head, name), index)
+
     def observe_batch(self, embeddings: Tensor, labels: Tensor, *, sample_ids: Tensor | None = None) -> None:
         """The head's ``observe_batch`` of the GLOBAL batch (embeddings (N, D), labels (N,), sample ids (N,) or None,
-        the same on every rank), with this rank's local labels and the ranks' reduction."""
+        the same on every rank), with this rank's local labels and the ranks' reduction. The positives' rows are
+        caught up first: a statistic of the target cosines (CurricularFace's t) reads them."""
         labels = labels.long()
-        self.head.observe_batch(embeddings, labels, local_labels=self.local_labels(labels), reduce=self.reduce,
-                                sample_ids=sample_ids)
+        local = self.local_labels(labels)
+        if self._lazy is not None:
+            self.catch_up(torch.unique(local[local >= 0]))
+        self.head.observe_batch(embeddings, labels, local_labels=local, reduce=self.reduce, sample_ids=sample_ids)
 
     def observe_sample_ids(self, sample_ids: Tensor) -> None:
         """Name this rank's rows of the next forward: (B,) int64 view ids; the forward gathers them with the batch."""

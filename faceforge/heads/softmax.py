@@ -26,6 +26,11 @@ chunk's matrix product reads the cache, not memory:
   straight-through, and the optional Eq. 5 term) comes from autograd of the small (B,) function psi, then is
   scattered into grad W with `index_put_(accumulate=True)`. So W has a single gradient tensor: extra memory is the (B, C)
   buffer plus grad W, i.e. (1 + B/D) |W| (1.25 |W| for B = 128, D = 512).
+- a per-sample transform of the non-target logits (``MarginHead.nontarget_logits``, CurricularFace): the buffer
+  then keeps the plain cosines c (targets included, the scale not folded into x); each chunk's logits f(c) go to a
+  chunk-sized temporary, its target cells -inf, before its max and sum; backward recomputes f(c) and f'(c) per chunk
+  and takes p f' as dL/dc (its target cells 0). Memory as above plus (B, chunk) temporaries; a head without a
+  transform runs exactly the passes above (no branch per element, nothing recomputed).
 
 Sub-centres (``subcentres = K``, weight (C, K, D), Sub-center ArcFace): a chunk's (B, n K) cosines go into one
 cache-sized workspace and are reduced by max into its (B, n) block; the argmax is kept in a chunk-major (B, C) uint8
@@ -82,6 +87,9 @@ from faceforge.heads.regularizers import inter_class_loss, intra_class_angle
 DEFAULT_CHUNK_SIZE = 4096  # classes per block: a (B, 4096) float32 block (2 MiB at B = 128) stays in cache
 
 TargetFn = Callable[[Tensor], Tensor]
+# a per-sample transform of the non-target logits (MarginHead.nontarget_logits): (logits, d logits / d input), each
+# mapping one (B, n) block of the kernel's inputs (cosines, or plain logits when not normalising) to (B, n)
+NonTarget = tuple[TargetFn, TargetFn]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -161,6 +169,14 @@ class _SubcentreSpread:
         return tuple(spread)
 
 
+def _chunk_targets(labels: Tensor, rows: Tensor | None, c0: int, c1: int) -> tuple[Tensor, Tensor]:
+    """(rows, columns) of the target cells inside the (B, c1 - c0) block of chunk [c0, c1): the rows (K,) and
+    their labels (K,) as ``target_rows`` gives them (rows None: every row)."""
+    inside = (labels >= c0) & (labels < c1)
+    every = torch.arange(labels.shape[0], device=labels.device) if rows is None else rows
+    return every[inside], labels[inside] - c0
+
+
 class _ChunkedMarginCE(torch.autograd.Function):
     """(lse_neg (B,), t (B,), penalty (B,)), t_b = target_fn(q_b), penalty_b = penalty_fn(q_b) and
     lse_neg_b = log sum_{j != y_b} exp(z_bj), the logsumexp of the non-target logits. The per-sample loss
@@ -174,6 +190,10 @@ class _ChunkedMarginCE(torch.autograd.Function):
     lse_neg runs over all its logits and its t_b and penalty_b are 0.
 
     subcentres = K: weight is (C, K, D) and every cosine (q_b too) is the max over a class's K sub-centres.
+
+    nontarget = (f, f'): the non-target logits are f(c) of each (B, n) block c of unscaled cosines (plain logits
+    when not normalising) instead of scale * c. The buffer then keeps c (targets included) and backward recomputes
+    f and f' per block (no extra (B, C) memory; (B, n) temporaries; the elementwise work of f and f', those heads only).
     """
 
     @staticmethod
@@ -190,6 +210,7 @@ class _ChunkedMarginCE(torch.autograd.Function):
         chunk_size: int,
         buffers: tuple[ReusableBuffer, ReusableBuffer] | None,
         subcentres: int | None = None,
+        nontarget: NonTarget | None = None,
     ) -> Tensor:
         batch, num_classes = x.shape[0], weight.shape[0]
         dtype = x.dtype
@@ -200,7 +221,8 @@ class _ChunkedMarginCE(torch.autograd.Function):
         pool = None if subcentres is None else _SubcentrePool(batch, num_classes, width, sub, x)
         # the chunk-major (B, C) logit buffer: each chunk's (B, c1 - c0) block is contiguous
         flat = buffers[0].get((batch * num_classes,), x) if buffers else x.new_empty(batch * num_classes)
-        x_scaled = x * scale if normalize else x  # the scale folded into x once: z = (s x) . W_j / |W_j|
+        # the scale folded into x once: z = (s x) . W_j / |W_j|; a non-target transform reads the plain cosines
+        x_scaled = x * scale if (normalize and nontarget is None) else x
         norms = x.new_empty(num_classes * sub) if normalize else None  # |W_j|, once per step, reused by backward
         chunk_max = x.new_empty(len(spans), batch)  # m_kb: row max of chunk k (target excluded)
         chunk_sum = x.new_empty(len(spans), batch)  # sum_{j in chunk k, j != y_b} exp(z_bj - m_kb)
@@ -231,19 +253,22 @@ class _ChunkedMarginCE(torch.autograd.Function):
                 z.add_(bias_c[c0:c1])
             if pool is not None:
                 pool.reduce(zs, z, c0, c1)  # z_bj = max_k of the class's K sub-centre logits; the argmax kept
-            # every row's own target column to -inf (a row whose target lies in an earlier chunk writes its -inf
-            # again, one in a later chunk is overwritten by that chunk's matrix product)
-            flat.index_put_((positions,), neg_inf)
+            if nontarget is not None:  # z keeps the cosines; the transformed block, its target cells -inf
+                z = nontarget[0](z).index_put_(_chunk_targets(class_labels, rows, c0, c1), neg_inf)
+            else:
+                # every row's own target column to -inf (a row whose target lies in an earlier chunk writes its
+                # -inf again, one in a later chunk is overwritten by that chunk's matrix product)
+                flat.index_put_((positions,), neg_inf)
             m = torch.amax(z, dim=1, out=chunk_max[k]).nan_to_num_(neginf=0.0)  # a row of only -inf: shift 0
             e = torch.sub(z, m.unsqueeze(1), out=work[: batch * n].view(batch, n)).exp_()
             torch.mv(e, ones[:n], out=chunk_sum[k])
-        # the target entries to the lowest finite number: exp(it - lse) = 0 and 0 * it = 0 in backward
-        flat.index_put_((positions,), x.new_full((), torch.finfo(dtype).min))
+        if nontarget is None:  # the target entries to the lowest finite number: exp(it - lse) = 0, 0 * it = 0
+            flat.index_put_((positions,), x.new_full((), torch.finfo(dtype).min))
         lse_neg = torch.logsumexp(chunk_sum.log_().add_(chunk_max), dim=0)  # online logsumexp, combined
         ctx.save_for_backward(x, weight, bias, labels, flat, lse_neg, norms, q,
                               None if pool is None else pool.argmax)
         ctx.rows, ctx.subcentres = rows, subcentres
-        ctx.fns = (target_fn, penalty_fn)
+        ctx.fns, ctx.nontarget = (target_fn, penalty_fn), nontarget
         ctx.scale, ctx.normalize, ctx.chunk_size, ctx.buffers = scale, normalize, chunk_size, buffers
         # lse_neg is returned as a copy: an output saved for backward would keep itself alive under saved-tensor hooks
         return lse_neg.clone(), scatter_rows(target, rows, batch), scatter_rows(penalty, rows, batch)
@@ -274,6 +299,7 @@ class _ChunkedMarginCE(torch.autograd.Function):
         width = spans[0][1]
         sub = 1 if subcentres is None else subcentres
         rows_w = weight if subcentres is None else weight.flatten(0, 1)  # (C K, D)
+        class_labels = labels if subcentres is None else labels.div(sub, rounding_mode="floor")
         spread = None if subcentres is None else _SubcentreSpread(batch, width, sub, x, argmax)
         # dL/dz_bj = grad_b p_bj: grad_b goes into x (for grad W) and into grad x's rows at the end
         x_row = x * grad.unsqueeze(1)
@@ -282,7 +308,9 @@ class _ChunkedMarginCE(torch.autograd.Function):
         if need_w:
             grad_w = ctx.buffers[1].get(weight.shape, weight) if ctx.buffers else torch.empty_like(weight)
         grad_b = torch.empty_like(bias) if (need_b and bias is not None) else None
-        col_scale = (scale / norms) if normalize else None  # s / |W_j|
+        nontarget = ctx.nontarget
+        # d z_bj / d(x_b . W_j): s / |W_j|, or 1 / |W_j| times f' when the buffer holds the plain cosines
+        col_scale = ((scale if nontarget is None else 1.0) / norms) if normalize else None
         inv_norm_sq = norms.square().reciprocal_() if normalize else None
         work = x.new_empty(batch * width)
         radial = x.new_empty(width * sub) if normalize else None
@@ -292,8 +320,12 @@ class _ChunkedMarginCE(torch.autograd.Function):
         for c0, c1 in spans:
             n = c1 - c0
             r0, r1 = c0 * sub, c1 * sub  # the chunk's rows of W (its classes' sub-centres)
-            z = flat[batch * c0 : batch * c1].view(batch, n)  # the target entries hold the lowest finite number
-            p = torch.sub(z, lse, out=work[: batch * n].view(batch, n)).exp_()  # non-target softmax, 0 at the target
+            z = flat[batch * c0 : batch * c1].view(batch, n)  # no transform: the targets hold the lowest finite number
+            if nontarget is None:  # non-target softmax, 0 at the target
+                p = torch.sub(z, lse, out=work[: batch * n].view(batch, n)).exp_()
+            else:  # the softmax of f(z) times f'(z), 0 at the target (set last: f there may be anything)
+                p = torch.sub(nontarget[0](z), lse, out=work[: batch * n].view(batch, n)).exp_()
+                p.mul_(nontarget[1](z)).index_put_(_chunk_targets(class_labels, rows, c0, c1), x.new_zeros(()))
             w_c = chunk_rows(rows_w, r0, r1, dtype, rows_ws)
             if normalize:
                 # rho_j = sum_b grad_b p_bj z_bj, for the row-normalisation term (the buffer is consumed here)
@@ -339,6 +371,7 @@ def chunked_margin_cross_entropy(
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     buffers: tuple[ReusableBuffer, ReusableBuffer] | None = None,
     subcentres: int | None = None,
+    nontarget: NonTarget | None = None,
 ) -> Tensor:
     """Per-sample margin cross-entropy (B,) with the class dimension processed in chunks.
 
@@ -356,13 +389,15 @@ def chunked_margin_cross_entropy(
         subcentres: K for a weight (C, K, D) of K sub-centres a class (Sub-center ArcFace): a class's cosine is the
             max over its sub-centres (cos_y too), and each gradient goes to the sub-centre that gave the max.
             None (default): weight (C, D).
+        nontarget: (f, f'): the non-target logits are f(cos) (B, n) per block instead of scale * cos, f' its
+            elementwise derivative (``MarginHead.nontarget_logits``); None (default): scale * cos, no extra work.
     Returns:
         (B,) loss_b = logsumexp_j z_bj (target column = t_b) - t_b + penalty_b, computed as
         log(1 + sum_{j != y_b} exp(z_bj - t_b)) + penalty_b (exact at tiny losses).
     """
     lse_neg, target, penalty = chunked_margin_terms(
         x, weight, labels, target_fn, bias=bias, penalty_fn=penalty_fn, scale=scale, normalize=normalize,
-        chunk_size=chunk_size, buffers=buffers, subcentres=subcentres,
+        chunk_size=chunk_size, buffers=buffers, subcentres=subcentres, nontarget=nontarget,
     )  # fmt: skip
     return softplus(lse_neg - target) + penalty  # ArcFace Eq. 4, per sample
 
@@ -380,6 +415,7 @@ def chunked_margin_terms(
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     buffers: tuple[ReusableBuffer, ReusableBuffer] | None = None,
     subcentres: int | None = None,
+    nontarget: NonTarget | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """The three terms (lse_neg, t, penalty), each (B,), of :func:`chunked_margin_cross_entropy`
     (loss = softplus(lse_neg - t) + penalty), differentiable separately: a class shard (parallel.py) reduces lse_neg
@@ -392,7 +428,7 @@ def chunked_margin_terms(
     with torch.autocast(device_type=x.device.type, enabled=False):
         return _ChunkedMarginCE.apply(
             x.to(dtype), weight, bias, labels, target_fn, penalty_fn, float(scale), bool(normalize), int(chunk_size),
-            buffers, subcentres,
+            buffers, subcentres, nontarget,
         )
 
 
@@ -431,9 +467,13 @@ class MarginHead(nn.Module, ClassifierHead):
       rows whose target is here are taken (its ``extras``; ElasticFace's drawn margins); default the context;
     - ``observe_sample_ids(ids (B,))``: names the next forward's samples (a head that opts into
       ``TrainHooks.on_batch`` passes ``batch.view_ids()``); they reach the context's ``sample_ids``;
-    - ``nontarget_logits``: a per-sample transform of the non-target logits (CurricularFace) is declared here
-      for the heads that need it; no strategy applies one yet, so a head that sets it is refused when built
-      (``check_margin_head``) rather than trained without it;
+    - ``nontarget_logits(cos (N, n), context) -> (N, n)``: the SCALED non-target logits of a block of cosines,
+      elementwise, per row (CurricularFace: s cos (t + cos) where cos > the row's threshold); ``context`` is that of
+      EVERY row of the call (each row has non-target classes on every shard), not only the rows whose target is
+      here; it returns a new tensor (the kernel writes into it). Default None: ``scale * cos`` (no extra work).
+      ``nontarget_grad(cos, context)`` is its elementwise derivative in cos (default: autograd of
+      ``nontarget_logits`` on the block; a head overrides it with the closed form for speed). Every strategy
+      applies it block by block through ``class_loss``;
     - ``subcentres = K``: ``weight`` is (C, K, D), K sub-centres a class (Sub-center ArcFace): the kernel takes each
       class's cosine (and cos_y) as the max over its sub-centres and sends each gradient to the maximising one;
     - ``class_rows()``: the class-indexed tensors and their init (default ``weight`` ~ N(0, 0.01^2));
@@ -448,7 +488,7 @@ class MarginHead(nn.Module, ClassifierHead):
     normalized: bool = True
     has_loss_term: bool = False
     needs_target_cosines: bool = False
-    nontarget_logits: Callable[..., Tensor] | None = None
+    nontarget_logits: Callable[[Tensor, MarginContext], Tensor] | None = None  # a method in a head that has one
     chunk_size: int = DEFAULT_CHUNK_SIZE
     step_buffers: tuple[ReusableBuffer, ReusableBuffer] | None = None  # None: fresh per call (buffers.py)
     _pending_ids: Tensor | None = None  # observe_sample_ids, taken by the next forward
@@ -466,6 +506,14 @@ class MarginHead(nn.Module, ClassifierHead):
     def observe(self, context: MarginContext) -> None:
         """The context (B,) of the whole batch, once per training forward, before its loss. Default: nothing."""
         return None
+
+    def nontarget_grad(self, cos: Tensor, context: MarginContext) -> Tensor:
+        """(N, n) d nontarget_logits(cos, context) / d cos, elementwise, of a block of cosines (N, n); read only when
+        ``nontarget_logits`` is set. Default: autograd of ``nontarget_logits`` on the block."""
+        with torch.enable_grad():
+            leaf = cos.detach().requires_grad_(True)
+            (grad,) = torch.autograd.grad(self.nontarget_logits(leaf, context), leaf, torch.ones_like(leaf))
+        return grad
 
     def prepare(self, context: MarginContext) -> MarginContext:
         """The context of every row of a call (N,), with what the head derives from all of them (``extras``),
@@ -553,8 +601,11 @@ class MarginHead(nn.Module, ClassifierHead):
         dtype = compute_dtype(embeddings, tensors["weight"])
         with torch.autocast(device_type=embeddings.device.type, enabled=False):
             x = embeddings.to(dtype)
-            context = self.context_of(x, labels, local_labels=local, reduce=reduce, rows=tensors,
-                                      sample_ids=sample_ids).take(target_rows(local)[0])  # the rows whose target is here
+            every = self.context_of(x, labels, local_labels=local, reduce=reduce, rows=tensors, sample_ids=sample_ids)
+            context = every.take(target_rows(local)[0])  # the rows whose target is here
+            nontarget = None
+            if self.nontarget_logits is not None:  # every row has non-target classes here: the context of all rows
+                nontarget = (lambda cos: self.nontarget_logits(cos, every), lambda cos: self.nontarget_grad(cos, every))
             lse_neg, target, extra = chunked_margin_terms(
                 F.normalize(x, dim=1) if self.normalized else x,
                 tensors["weight"],
@@ -567,6 +618,7 @@ class MarginHead(nn.Module, ClassifierHead):
                 chunk_size=self.chunk_size,
                 buffers=self.step_buffers,
                 subcentres=self.subcentres,
+                nontarget=nontarget,
             )
             loss = softplus(reduce.logsumexp(lse_neg) - reduce.sum(target))  # ArcFace Eq. 4 (Eq. 1 unnormalised)
             return loss + reduce.sum(extra) if self.has_loss_term else loss
@@ -585,13 +637,6 @@ class MarginHead(nn.Module, ClassifierHead):
         loss = self.class_loss(embeddings, labels, sample_ids=sample_ids).mean()
         extra = self.batch_loss(labels) if self.batch_level_loss else None
         return loss if extra is None else loss + extra
-
-
-def check_margin_head(head: nn.Module) -> None:
-    """Refuse a margin head that declares what no strategy applies yet (``nontarget_logits``): ValueError."""
-    if getattr(head, "nontarget_logits", None) is not None:
-        raise ValueError(f"{type(head).__name__}.nontarget_logits: no execution strategy applies a transform of "
-                         "the non-target logits yet; expected None")
 
 
 # ----------------------------------------------------------------------------------------------------------

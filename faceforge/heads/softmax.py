@@ -348,7 +348,7 @@ class _ChunkedMarginCE(torch.autograd.Function):
         if grad_x is not None:
             grad_x.mul_(grad.unsqueeze(1))
         add_target_grads(grad_q, x, rows_w, labels, normalize, grad_x, grad_w_rows, grad_b, rows=rows)
-        return grad_x, grad_w, grad_b, None, None, None, None, None, None, None, None
+        return grad_x, grad_w, grad_b, None, None, None, None, None, None, None, None, None
 
 
 def _target_terms(q: Tensor, target_fn: TargetFn, penalty_fn: TargetFn | None, grad: bool) -> tuple[Tensor, Tensor]:

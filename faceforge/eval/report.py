@@ -116,7 +116,7 @@ def plot_error_versus_reject(
     ax.set_ylim(bottom=0.0)
     ax.set_title(title + " (dashed: random rejection)")
     ax.grid(True, linestyle=":", linewidth=0.5)
-    ax.legend(loc="upper right", fontsize="small")
+    ax.legend(loc="best", fontsize="small")
     return save_figure(fig, path, dpi)
 
 
@@ -213,9 +213,9 @@ def far_resolved(far: float, negatives: int) -> bool:
     return negatives * far >= 1 - 1e-9  # 1e-9: 1 / far is not exact in binary (1e-4 * 10_000 may round below 1)
 
 
-def unresolved_note(far: float, negatives: int, where: str) -> str:
-    """The footnote of an unresolved TAR@FAR cell (:data:`UNRESOLVED`)."""
-    return (f"{UNRESOLVED} TAR@FAR={far:.0e} on {where}: needs at least {math.ceil(1 / far - 1e-9):,} negative pairs "
+def unresolved_note(far: float, negatives: int, where: str, what: str = "TAR@FAR") -> str:
+    """The footnote of an unresolved TAR@FAR cell (:data:`UNRESOLVED`); ``what`` names the rate (e.g. "FMR")."""
+    return (f"{UNRESOLVED} {what}={far:.0e} on {where}: needs at least {math.ceil(1 / far - 1e-9):,} negative pairs "
             f"(one false accept in 1/FAR), there are {negatives:,}")
 
 

@@ -240,3 +240,11 @@ def test_accuracy_harness_scores_degraded_pairs(tiny: dict[str, Path]) -> None:
     first, second, issame = sample_pairs(labels, 200, 3)
     expect = evaluate_scores(np.einsum("nd,nd->n", clean[first], low[second]), issame, fars=gallery.FARS).as_dict()
     assert got == pytest.approx(expect, abs=1e-12)
+    # its metrics (harness.execute: "degraded/<metric>") add columns to the report's tables
+    import experiments as ex
+    import tables
+
+    metrics = {"accuracy": 0.9, "degraded/accuracy": 0.7, "degraded/tar@far=1e-03": 0.2}
+    row = {"variant": ex.Variant("ArcFace", (), "s"), "records": {0: {"metrics": metrics, "train_seconds": 1.0}}}
+    text = tables.table([row], ("accuracy",))
+    assert "10-fold acc. (degraded)" in text and "TAR@FAR=1e-3 (degraded)" in text and "70.00" in text

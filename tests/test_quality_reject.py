@@ -158,7 +158,7 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
     root = tmp_path_factory.mktemp("quality_cli")
     ckpt = T.tiny_run(root / "run")
-    bin_path, _ = T.pairs_bin(root / "pairs.bin", pairs=60)
+    bin_path, _ = T.pairs_bin(root / "pairs.bin", pairs=240)  # 120 negative pairs: FMR 1e-2 is resolved
     return {"ckpt": ckpt, "bin": bin_path}
 
 
@@ -182,9 +182,11 @@ def test_eval_quality_prints_writes_and_plots_the_error_versus_reject(tiny: dict
     (rec,) = data["results"]
     reject = rec["error_versus_reject"]
     assert reject["quality"] == "embedding norm" and [c["fmr"] for c in reject["by_fmr"]] == [1e-3, 1e-2]
+    assert [c["resolved"] for c in reject["by_fmr"]] == [False, True]  # "—" and a footnote for 1e-3
+    assert "— FMR=1e-03 on last.pt on pairs: needs at least 1,000 negative pairs" in text
     # the norms, from the checkpoint's backbone in float64 (no flip, not normalised); the pair scores from the
     # features the run cached; the curve from the float64 loop above. float32 norms differ from these by ~1e-6
-    # relative: enough to reorder two pairs only if their qualities agree to 1e-6, which 60 random pairs do not
+    # relative: enough to reorder two pairs only if their qualities agree to 1e-6, which 240 random pairs do not
     images, issame = load_bin(tiny["bin"])
     backbone, _ = load_backbone(load_checkpoint(tiny["ckpt"]), source="test")
     backbone = backbone.double().eval()
@@ -217,10 +219,10 @@ def test_eval_quality_prints_writes_and_plots_the_error_versus_reject(tiny: dict
 
 
 @pytest.mark.parametrize("make, message", [
-    (lambda p: np.save(p, np.zeros(7)), "7 values for pairs (60 pairs, 120 images); expected 120 (one per image) or "
-                                        "60 (one per pair)"),
-    (lambda p: np.save(p, np.zeros((120, 2))), "expected 1-D real numbers"),
-    (lambda p: np.save(p, np.r_[np.zeros(119), np.nan]), "value 119 is nan; expected finite quality scores"),
+    (lambda p: np.save(p, np.zeros(7)), "7 values for pairs (240 pairs, 480 images); expected 480 (one per image) "
+                                        "or 240 (one per pair)"),
+    (lambda p: np.save(p, np.zeros((480, 2))), "expected 1-D real numbers"),
+    (lambda p: np.save(p, np.r_[np.zeros(479), np.nan]), "value 479 is nan; expected finite quality scores"),
     (lambda p: p.write_text("not numpy"), "cannot read it as a .npy array"),
 ])
 def test_eval_quality_errors_are_one_line(tiny: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str],
@@ -240,7 +242,7 @@ def test_eval_quality_file_needs_one_pair_set(tiny: dict[str, Path], tmp_path: P
                                               capsys: pytest.CaptureFixture[str]) -> None:
     from faceforge.cli import main
 
-    np.save(tmp_path / "q.npy", np.zeros(120))
+    np.save(tmp_path / "q.npy", np.zeros(480))
     assert main(["eval", str(tiny["ckpt"]), "--bin", str(tiny["bin"]), "--degraded", "--quality",
                  str(tmp_path / "q.npy"), "--output", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip()

@@ -403,4 +403,4 @@ def test_eval_masked_scores_each_pair_set_masked_and_unmasked_side_by_side(
     top = upper_face_rows(built.shape[1])
     assert np.array_equal(built[:, :top], np.asarray(images)[:, :top])
     with pytest.raises(ValueError, match="--masked"):
-        evaluate._with_masked([], evaluate.EvalRequest(masked=True))
+        evaluate._with_twins([], evaluate.EvalRequest(masked=True))

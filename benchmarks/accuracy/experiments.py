@@ -138,6 +138,8 @@ class Experiment:
     notes: str = field(default="", compare=False)
     # score the gallery a second time with one side of every pair masked (``masked/<metric>``; BigFace's MFR)
     masked: bool = False
+    # score it again with the second side of every pair degraded (``degraded/<metric>``; ``faceforge eval --degraded``)
+    degraded: bool = False
     # fit error = a x (x / 1M)^-b over the variants' x (parameters) and report b (BigFace's scaling law)
     power_law: bool = False
     # the datasets the experiment makes sense on (empty: every dataset asked for)

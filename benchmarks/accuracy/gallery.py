@@ -153,9 +153,29 @@ def evaluate_masked(
     the second not: the MFR protocol of ``faceforge eval --masked``. Returns ``VerificationResult.as_dict()``."""
     from faceforge.data.masks import mask_images_uint8
 
+    changed = mask_images_uint8(images, seed, np.arange(len(images)))
+    return _one_side_changed(backbone, images, changed, labels, num_pairs, seed, batch_size, first_changed=True)
+
+
+def evaluate_degraded(
+    backbone: nn.Module, images: np.ndarray, labels: np.ndarray, num_pairs: int, seed: int, batch_size: int = 256,
+) -> dict[str, float]:
+    """Verification over the same pairs as :func:`evaluate_gallery` with the second image of every pair degraded
+    (``faceforge.data.degrade.degrade_images``: low resolution and blur at fixed levels) and the first not: the
+    mixed-quality protocol of ``faceforge eval --degraded``. Returns ``VerificationResult.as_dict()``."""
+    from faceforge.data.degrade import degrade_images
+
+    return _one_side_changed(backbone, images, degrade_images(images), labels, num_pairs, seed, batch_size,
+                             first_changed=False)
+
+
+def _one_side_changed(backbone: nn.Module, images: np.ndarray, changed: np.ndarray, labels: np.ndarray,
+                      num_pairs: int, seed: int, batch_size: int, first_changed: bool) -> dict[str, float]:
+    """The pairs of :func:`evaluate_gallery`, one side embedded from ``changed`` (the gallery's images changed one
+    to one), the other from ``images``."""
     plain = embed(backbone, images, batch_size=batch_size, flip=True).astype(np.float64)
-    masked = embed(backbone, mask_images_uint8(images, seed, np.arange(len(images))), batch_size=batch_size,
-                   flip=True).astype(np.float64)
+    other = embed(backbone, changed, batch_size=batch_size, flip=True).astype(np.float64)
     first, second, issame = sample_pairs(labels, num_pairs, seed)
-    scores = np.einsum("nd,nd->n", masked[first], plain[second])
+    a, b = (other, plain) if first_changed else (plain, other)
+    scores = np.einsum("nd,nd->n", a[first], b[second])
     return evaluate_scores(scores, issame, fars=FARS).as_dict()

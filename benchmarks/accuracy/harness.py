@@ -66,6 +66,7 @@ class Run:
     start: Run | None = None  # the run whose checkpoint this one starts from (Experiment.init_from)
     teacher: Run | None = None  # the run whose checkpoint teaches this one (Variant.teacher)
     masked: bool = False  # also score the gallery with one side of every pair masked (Experiment.masked)
+    degraded: bool = False  # ... and with one side degraded (Experiment.degraded, --degraded)
 
     @property
     def folder(self) -> Path:
@@ -107,9 +108,11 @@ def unlabelled_folder(out: Path, dataset: str, seed: int, count: int) -> Path:
     return out / "unlabelled" / f"{dataset}-seed{seed}-{count}"
 
 
-def resolve(size: str, dataset: str, experiment: str, variant: ex.Variant, seed: int, out: Path) -> Run:
+def resolve(size: str, dataset: str, experiment: str, variant: ex.Variant, seed: int, out: Path,
+            degraded: bool = False) -> Run:
     """The run's config (base, data section, experiment, variant, seed, the checkpoint it starts from) and
-    its key. A run that starts from another is keyed by that run's key, not by where OUT is."""
+    its key. A run that starts from another is keyed by that run's key, not by where OUT is. ``degraded``: score
+    degraded pairs too, whatever the experiment says (extra metrics: the key does not change)."""
     exp = ex.EXPERIMENTS[experiment]
     start = start_of(size, dataset, experiment, seed, out)
     teacher = run_of(size, dataset, experiment, seed, out, variant.teacher, "teacher")
@@ -139,15 +142,16 @@ def resolve(size: str, dataset: str, experiment: str, variant: ex.Variant, seed:
     key = hashlib.sha256(blob.encode()).hexdigest()[:16]
     cfg.output = str(out / "runs" / key)
     masked = exp.masked and dataset in gallery.MASKABLE
-    return Run(experiment, dataset, variant, seed, cfg, key, ex.GALLERY[size], exp.curve, start, teacher, masked)
+    return Run(experiment, dataset, variant, seed, cfg, key, ex.GALLERY[size], exp.curve, start, teacher, masked,
+               degraded or exp.degraded)
 
 
 def plan(size: str, experiments: Sequence[str], datasets: Sequence[str], seeds: int, out: Path,
-         only: Sequence[str] = ()) -> list[Run]:
+         only: Sequence[str] = (), degraded: bool = False) -> list[Run]:
     """Every run, in the order experiments x datasets x seeds x variants (all heads of a seed together); an
     experiment declared for some datasets only (``Experiment.datasets``) skips the others."""
     return [
-        resolve(size, dataset, name, variant, seed, out)
+        resolve(size, dataset, name, variant, seed, out, degraded)
         for name in experiments
         for dataset in datasets
         if not ex.EXPERIMENTS[name].datasets or dataset in ex.EXPERIMENTS[name].datasets
@@ -244,6 +248,10 @@ def execute(run: Run, keep_checkpoint: bool = False) -> dict[str, Any]:
             masked = gallery.evaluate_masked(backbone, images, labels, run.gallery["pairs"], run.cfg.seed,
                                              batch_size=run.cfg.data.eval_batch_size)
             metrics.update({f"masked/{key}": value for key, value in masked.items()})
+        if run.degraded and module == "backbone":
+            degraded = gallery.evaluate_degraded(backbone, images, labels, run.gallery["pairs"], run.cfg.seed,
+                                                 batch_size=run.cfg.data.eval_batch_size)
+            metrics.update({f"degraded/{key}": value for key, value in degraded.items()})
         if module == "backbone":
             parameters = sum(p.numel() for p in backbone.parameters())
     record = {
@@ -312,7 +320,8 @@ def run_all(runs: Sequence[Run], keep_checkpoints: bool = False, log=print,
             return None
         before = read_result(run)
         again = (run.key in redo or (run.key in keep and not (run.folder / CHECKPOINT_NAME).is_file())
-                 or (run.masked and before is not None and "masked/accuracy" not in before["metrics"]))
+                 or (run.masked and before is not None and "masked/accuracy" not in before["metrics"])
+                 or (run.degraded and before is not None and "degraded/accuracy" not in before["metrics"]))
         if before is not None and not again:
             log(f"{where}: done before ({run.key}): {_summary(run, before)}")
             records[run.key] = before
@@ -354,6 +363,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="train these variants again even if finished (to record metrics added since)")
     parser.add_argument("--report-only", action="store_true", help="tabulate finished runs, train nothing")
     parser.add_argument("--list", action="store_true", help="print the experiments and their variants")
+    parser.add_argument("--degraded", action="store_true",
+                        help="also score every run with the second side of each pair degraded (low resolution and "
+                             "blur, faceforge.data.degrade): degraded/<metric> in results.json, degraded columns in "
+                             "the tables; a finished run without them is trained again")
     args = parser.parse_args(argv)
     size = "full" if args.full else args.size
     if args.list:
@@ -366,7 +379,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"    {v.label:28s} {' '.join(v.overrides)}")
         return 0
     out = args.out or Path("runs") / "accuracy" / size
-    runs = plan(size, args.experiments, args.datasets, args.seeds, out, args.only)
+    runs = plan(size, args.experiments, args.datasets, args.seeds, out, args.only, args.degraded)
     if not runs:
         parser.error(f"no variant matches --only {' '.join(args.only)}")
     print(f"accuracy harness: size {size}, {len(runs)} runs ({len({r.key for r in runs})} distinct) -> {out}", flush=True)

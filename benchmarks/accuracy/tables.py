@@ -34,12 +34,12 @@ METRICS = {
     "recall@30": "Recall@30",
     "fixed_threshold_accuracy": "acc. at learned threshold",
 }
-# The gallery scored again (harness.execute: "<prefix>/<metric>"): with AttFC's momentum class encoder, and with
-# one side of every pair masked (BigFace's MFR protocol)
+# The gallery scored again (harness.execute: "<prefix>/<metric>"): with AttFC's momentum class encoder, with
+# one side of every pair masked (BigFace's MFR protocol), and with one side degraded (``--degraded``)
 METRICS.update({f"{prefix}/{key}": f"{title} ({what})" for prefix, what in (("momentum", "momentum enc."),
-                ("masked", "masked")) for key, title in list(METRICS.items())})
-# Columns a table gains when any of its runs has the metric (SphereFace2's learned threshold).
-OPTIONAL_METRICS = ("fixed_threshold_accuracy",)
+                ("masked", "masked"), ("degraded", "degraded")) for key, title in list(METRICS.items())})
+# Columns a table gains when any of its runs has the metric (SphereFace2's learned threshold, the degraded pairs).
+OPTIONAL_METRICS = ("fixed_threshold_accuracy", "degraded/accuracy", "degraded/tar@far=1e-03")
 
 
 def _mean_std(values: Sequence[float]) -> tuple[float, float]:

@@ -9,6 +9,7 @@ prints as one line, ``faceforge <cmd>: <file/key>: <what is wrong, what was expe
 from __future__ import annotations
 
 import argparse
+import csv
 import os
 import sys
 from pathlib import Path
@@ -137,15 +138,22 @@ def _embed(args: argparse.Namespace) -> int:
     if out.suffix != ".npy":
         raise UsageError(f"--out {args.out}: expected a .npy path (the file list goes beside it as .txt)")
     r = _load(args)
-    emb, kept, skipped = r.embed_files(paths, detect=args.detect, skip_bad=args.skip_bad,
-                                       batch_size=args.batch_size, progress=not args.quiet)
+    emb, quality, kept, skipped = r.embed_files_with_quality(paths, detect=args.detect, skip_bad=args.skip_bad,
+                                                             batch_size=args.batch_size, progress=not args.quiet)
     save_npy(out, emb)
-    files = out.with_suffix(".txt")
+    files, table = out.with_suffix(".txt"), out.with_suffix(".csv")
     with atomic_open(files, "w") as f:
         f.write("".join(f"{k}\n" for k in kept))
+    with atomic_open(table, "w") as f:  # one row per embedding row: the file and its quality
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow(("file", "quality"))
+        writer.writerows((k, repr(float(q))) for k, q in zip(kept, quality))
     _report_skipped(skipped)
     print(f"embeddings: {out} ({emb.shape[0]} x {emb.shape[1]}, float32, L2-normalised)")
     print(f"files:      {files}")
+    note = r.quality_note()
+    print(f"quality:    {table} (file, quality = the embedding norm before normalisation"
+          f"{'; not a calibrated quality for this model' if note else ''})")
     if skipped:
         print(f"skipped:    {len(skipped)}")
     return 0
@@ -310,7 +318,9 @@ def add_commands(sub: Any, commands: dict[str, Callable[[argparse.Namespace], in
     p = sub.add_parser("embed", help="embed faces: faceforge embed MODEL IMAGES_OR_FOLDER... --out feats.npy")
     _model_options(p)
     p.add_argument("images", nargs="+", help="image files and/or folders (searched recursively)")
-    p.add_argument("--out", required=True, help="embeddings .npy (float32 N x D); the file list goes to the .txt beside it (required, no default)")
+    p.add_argument("--out", required=True, help="embeddings .npy (float32 N x D); the file list goes to the .txt beside it and a .csv of "
+                        "file,quality (the embedding norm before normalisation; a calibrated quality for MagFace / "
+                        "AdaFace models only) too (required, no default)")
     p.add_argument("--quiet", action="store_true", help="no progress bar (default: shown)")
     _image_options(p)
     commands["embed"] = _embed

@@ -235,6 +235,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--masked", action="store_true",
                    help="also score every 1:1 pair set with the second image of each pair wearing a synthetic "
                         "mask (MFR style), unmasked and masked side by side (default: off)")
+    p.add_argument("--degraded", action="store_true",
+                   help="also score every 1:1 pair set with the second image of each pair degraded: 1/4 resolution "
+                        "and back (area down, bilinear up), then a Gaussian blur of sigma 1.5 px at 112 px (scaled "
+                        "with the image); clean and degraded side by side (default: off)")
+    p.add_argument("--no-flip", dest="flip", action="store_false", default=None,
+                   help="embed f(x) only, without the test-time flip (default: f(x) + f(flip(x)))")
+    p.add_argument("--quality", nargs="?", const="norm", default=None, metavar="SCORES.npy",
+                   help="error versus reject on every 1:1 pair set: FNMR at FMR 1e-3 and 1e-2 (threshold fixed on "
+                        "all pairs) after rejecting the lowest-quality 0/10/20/30 %% of genuine pairs, its area and "
+                        "random rejection, plotted in error_vs_reject.png; the quality is the model's embedding norm "
+                        "('norm', the default), or a .npy of one score per image (2N) or per pair (N) of one pair "
+                        "set (default: off)")
     from faceforge.cli.deploy import add_trust_code  # the one --trust-code of every command that loads models
 
     add_trust_code(p)

@@ -51,6 +51,7 @@ __all__ = [
     "OptimConfig",
     "ScheduleConfig",
     "EmaConfig",
+    "EvalConfig",
     "TrainConfig",
     "read_config",
     "parse_config",
@@ -300,6 +301,21 @@ class TrainConfig:
 
 
 @dataclass
+class EvalConfig:
+    """How the run's evaluation sets are embedded and which copies of them are scored (``faceforge.eval.sets``).
+
+    flip: embeddings are ``f(x) + f(flip(x))`` (the test-time flip, default on as in ArcFace / insightface); off:
+    ``f(x)`` only. It also sets ``flip_test`` in ``model.json``, so that a deployed model embeds as the run chose its
+    threshold. degraded: every held-out / ``.bin`` pair set is also scored with the second image of each pair
+    degraded (``faceforge.data.degrade``: low resolution and blur at fixed levels), as ``"<set> (degraded)"``.
+    ``faceforge eval`` has its own switches, ``--no-flip`` and ``--degraded``.
+    """
+
+    flip: bool = True
+    degraded: bool = False
+
+
+@dataclass
 class Config:
     """A whole training run; ``output`` is the run folder (checkpoints, train.log, tensorboard/)."""
 
@@ -312,6 +328,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 from dataclasses import dataclass, field
@@ -268,6 +269,9 @@ class Match:
     file: str = ""
 
 
+_VECTORS, _SCALARS = (True, np.float32), (False, np.float64)  # Recognizer._stream's outputs: embeddings, norms
+
+
 @dataclass
 class Recognizer:
     """A face-embedding model with its :class:`~faceforge.deploy.modelfile.ModelInfo`.
@@ -311,14 +315,54 @@ class Recognizer:
     def _embed_batch(self, crops: np.ndarray, names: Sequence[str]) -> np.ndarray:
         """L2-normalised float32 ``(B, D)`` of one batch of uint8 crops ``(B, S, S, 3)``; a non-finite
         embedding is a NonFiniteEmbeddingError naming the model and ``names[i]``."""
+        return self._embed_and_norm(crops, names)[0]
+
+    def _embed_and_norm(self, crops: np.ndarray, names: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """``(L2-normalised float32 (B, D), float64 (B,) |f(x)|)`` of one batch: the embeddings of
+        :meth:`_embed_batch` and the norm of the raw output of the unflipped image (:meth:`quality`)."""
+        from faceforge.eval.finite import require_finite
+
+        x, e = self._raw(crops, names)
+        norms = np.linalg.norm(e.astype(np.float64), axis=1)
+        if self.info.flip_test:
+            e = e + self.backend(np.ascontiguousarray(x[..., ::-1]))  # flip the width axis
+        require_finite(e, self.name, names)
+        return (e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)).astype(np.float32), norms
+
+    def _raw(self, crops: np.ndarray, names: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """``(the network's input float32 (B, 3, S, S), its raw output float32 (B, D))``; a non-finite output is a
+        NonFiniteEmbeddingError naming the model and ``names[i]``."""
         from faceforge.eval.finite import require_finite
 
         x = self.preprocess(crops)
         e = self.backend(x).astype(np.float32)
-        if self.info.flip_test:
-            e = e + self.backend(np.ascontiguousarray(x[..., ::-1]))  # flip the width axis
         require_finite(e, self.name, names)
-        return (e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)).astype(np.float32)
+        return x, e
+
+    def _norm_batch(self, crops: np.ndarray, names: Sequence[str]) -> np.ndarray:
+        """float64 ``(B,)``: ``|f(x)|``, the norm of the backbone's raw output (no flip, before normalisation)."""
+        return np.linalg.norm(self._raw(crops, names)[1].astype(np.float64), axis=1)
+
+    def quality_note(self) -> str | None:
+        """None when this model's head trains its embedding norm as a quality (MagFace, AdaFace: ``model.json``'s
+        ``norm_is_quality``), else the one-line note that its norm is not a calibrated quality score."""
+        from faceforge.deploy.modelfile import quality_note
+
+        return quality_note(self.info)
+
+    def _note_quality(self) -> None:
+        note = self.quality_note()
+        if note:
+            logging.getLogger("faceforge").warning("note: %s", note)
+
+    def quality(self, images: Any, detect: bool = False, batch_size: int = 64, progress: bool = False) -> np.ndarray:
+        """float64 ``(N,)``: each image's embedding norm ``|f(x)|`` before normalisation (the backbone's raw output
+        for the image as given, no flip): MagFace's magnitude, the quality score of a model trained with a
+        norm-aware head (MagFace, AdaFace; higher = better). For any other model the norm is still returned, with a
+        one-line logged note that it is not a calibrated quality score. Images as for :meth:`embed`."""
+        self._note_quality()
+        return self._stream(images, detect, False, batch_size, progress, lambda c, n: (self._norm_batch(c, n),),
+                            [_SCALARS])[0][0]
 
     def embed_crops(self, crops: np.ndarray, batch_size: int = 64, progress: bool = False,
                     names: Sequence[str] | None = None) -> np.ndarray:
@@ -345,19 +389,42 @@ class Recognizer:
 
         Streams: images are decoded ``batch_size`` at a time, so memory holds one batch of images and the
         ``(N, D)`` embeddings, whatever N; the progress bar counts images."""
+        (emb,), kept, skipped = self._stream(images, detect, skip_bad, batch_size, progress,
+                                             lambda c, n: (self._embed_batch(c, n),), [_VECTORS])
+        return emb, kept, skipped
+
+    def embed_files_with_quality(self, images: Any, detect: bool = False, skip_bad: bool = False,
+                                 batch_size: int = 64, progress: bool = False
+                                 ) -> tuple[np.ndarray, np.ndarray, list[str], list[str]]:
+        """``(embeddings (N, D), quality float64 (N,), names kept, skipped)``: :meth:`embed_files` and, from the same
+        forward pass, each image's :meth:`quality` (with its note for a model whose norm is not a quality)."""
+        self._note_quality()
+        (emb, quality), kept, skipped = self._stream(images, detect, skip_bad, batch_size, progress,
+                                                     self._embed_and_norm, [_VECTORS, _SCALARS])
+        return emb, quality, kept, skipped
+
+    def _stream(self, images: Any, detect: bool, skip_bad: bool, batch_size: int, progress: bool,
+                step: Callable[[np.ndarray, list[str]], tuple[np.ndarray, ...]],
+                shapes: Sequence[tuple[bool, type]]) -> tuple[list[np.ndarray], list[str], list[str]]:
+        """``step(crops, names)`` on every batch of decoded crops, each of its outputs concatenated over the
+        batches; ``shapes``: ``(per-image vectors (N, D) or scalars (N,), dtype)`` of each output, for no image."""
         _check_batch_size(batch_size)
         items = _items(images)
         bar = _progress(len(items), progress)
-        out, kept, skipped = [np.zeros((0, self.info.embedding_size), np.float32)], [], []
+        d = self.info.embedding_size
+        parts: list[list[np.ndarray]] = [[np.zeros((0, d) if width else (0,), dtype)] for width, dtype in shapes]
+        kept: list[str] = []
+        skipped: list[str] = []
         for crops, names, bad, read in _crop_batches(items, self.image_size, self._detector(detect), skip_bad,
                                                      batch_size):
             if crops:
-                out.append(self._embed_batch(np.stack(crops), names))
+                for found, out in zip(parts, step(np.stack(crops), names)):
+                    found.append(out)
             kept += names
             skipped += bad
             bar.update(read)
         bar.close()
-        return np.concatenate(out), kept, skipped
+        return [np.concatenate(p) for p in parts], kept, skipped
 
     def _detector(self, detect: bool) -> Any:
         if detect and self.detector is None:

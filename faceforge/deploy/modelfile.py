@@ -37,8 +37,10 @@ __all__ = [
     "ModelInfo",
     "backbone_from_checkpoint",
     "build_backbone_from_info",
+    "head_norm_is_quality",
     "load_backbone",
     "model_info_from_config",
+    "quality_note",
     "read_safetensors_info",
     "write_model_files",
 ]
@@ -70,7 +72,9 @@ class ModelInfo:
     ("RGB" or "BGR"): the network sees ``(x - mean) / std``. flip_test: embeddings are
     ``f(x) + f(flip(x))`` (then L2-normalised). threshold: cosine at or above which a pair is "same";
     threshold_source: how it was obtained; threshold_far: its false accept rate there, when known.
-    step: the optimiser step of the weights. name: a label for reports.
+    step: the optimiser step of the weights. name: a label for reports. head: the training head's name (None when
+    unknown: a foreign or older file); norm_is_quality: that head trains the raw embedding's norm as an image-quality
+    score (MagFace's magnitude, AdaFace's norm; :func:`head_norm_is_quality`), read by ``Recognizer.quality``.
     """
 
     backbone: str
@@ -86,6 +90,8 @@ class ModelInfo:
     threshold_far: float | None = None
     step: int | None = None
     name: str = ""
+    head: str | None = None
+    norm_is_quality: bool = False
     format: str = FORMAT
 
     def to_json(self) -> str:
@@ -135,6 +141,10 @@ def _check(info: ModelInfo, source: str) -> None:
         raise bad("channel_order", "'RGB' or 'BGR'")
     if not isinstance(info.flip_test, bool):
         raise bad("flip_test", "true or false")
+    if not isinstance(info.norm_is_quality, bool):
+        raise bad("norm_is_quality", "true or false")
+    if info.head is not None and not isinstance(info.head, str):
+        raise bad("head", "a head name or null")
     for key in ("threshold", "threshold_far"):
         v = getattr(info, key)
         if v is not None and not (_is_number(v) and math.isfinite(v)):
@@ -169,6 +179,32 @@ def threshold_from_run(metrics: dict[str, float] | None, learned: float | None) 
     return None, None, None
 
 
+def head_norm_is_quality(name: Any, kwargs: Any) -> bool:
+    """Whether the registered head ``name`` trains the raw embedding's norm as a quality score: its class attribute
+    ``norm_is_quality`` (MagFace, AdaFace). A head that wraps another by name (``broadface``: ``kwargs["head"]``,
+    ``kwargs["head_kwargs"]``) answers for its inner head. An imported head (``"package.module:Class"``) is never
+    imported here: False."""
+    from faceforge.heads import HEADS
+
+    if not isinstance(name, str) or name not in HEADS:
+        return False
+    flag = getattr(HEADS.get(name), "norm_is_quality", None)
+    if flag is not None:
+        return bool(flag)
+    kwargs = kwargs if isinstance(kwargs, dict) else {}
+    return head_norm_is_quality(kwargs.get("head"), kwargs.get("head_kwargs"))
+
+
+def quality_note(info: ModelInfo) -> str | None:
+    """None for a model whose head trains its norm as a quality (``info.norm_is_quality``), else the one-line note that
+    its embedding norm is not a calibrated quality score (it is still returned: a note, not an error)."""
+    if info.norm_is_quality:
+        return None
+    head = f"head {info.head!r}" if info.head else "an unknown head (its metadata names none)"
+    return (f"{info.name or 'model'}: the norm of a model trained with {head} is not a calibrated quality score "
+            "(only a norm-aware head, magface or adaface, trains it as one)")
+
+
 def model_info_from_config(cfg: Any, metrics: dict[str, float] | None = None, learned_threshold: float | None = None,
                            step: int | None = None) -> ModelInfo:
     """The :class:`ModelInfo` of a training :class:`~faceforge.train.config.Config` and its run's metrics."""
@@ -177,8 +213,11 @@ def model_info_from_config(cfg: Any, metrics: dict[str, float] | None = None, le
     image_size = kwargs.get("input_size", cfg.data.image_size)  # the backbone's input_size wins, as in build_backbone
     return ModelInfo(
         backbone=cfg.model.backbone, embedding_size=cfg.model.embedding_size,
-        image_size=image_size if isinstance(image_size, int) else cfg.data.image_size, backbone_kwargs=kwargs, threshold=threshold, threshold_source=source, threshold_far=far, step=step,
-        name=Path(str(cfg.output)).name,
+        image_size=image_size if isinstance(image_size, int) else cfg.data.image_size, backbone_kwargs=kwargs,
+        flip_test=cfg.eval.flip,  # the run's evaluations (and so its threshold) embed this way
+        threshold=threshold, threshold_source=source, threshold_far=far, step=step,
+        name=Path(str(cfg.output)).name, head=cfg.head.name,
+        norm_is_quality=head_norm_is_quality(cfg.head.name, cfg.head.kwargs),
     )
 
 

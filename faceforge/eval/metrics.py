@@ -233,6 +233,16 @@ class PairCounts:
         tar = np.where(idx >= 0, self.tps[np.maximum(idx, 0)] / self.n_pos, 0.0)
         return float(tar) if f.ndim == 0 else tar
 
+    def threshold_at_far(self, far: float) -> float:
+        """The threshold of :meth:`tar_at_far` (one FAR): accepting ``score >= threshold`` gives that TAR with at
+        most ``floor(far * n_neg)`` false accepts; above every score (nothing accepted) when even the highest
+        score has more negatives at it."""
+        f = float(_check_far(far))
+        fp_allowed = np.floor(f * self.n_neg * (1 + _FAR_RTOL)).astype(self.fps.dtype)
+        idx = int(np.searchsorted(self.fps, fp_allowed, side="right")) - 1
+        values = self.values
+        return float(values[idx]) if idx >= 0 else float(np.nextafter(values[0], np.inf))
+
     def tar_at_far_nearest(self, far: float | Sequence[float]) -> float | np.ndarray:
         """insightface's IJB convention: the TPR of the ROC point whose FPR is nearest ``far`` (possibly above
         it), on scikit-learn's ``roc_curve`` points (the origin, then only the corners: collinear points are

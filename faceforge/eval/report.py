@@ -84,6 +84,42 @@ def plot_roc(
     return save_figure(fig, path, dpi)
 
 
+def plot_error_versus_reject(
+    curves: Mapping[str, tuple[np.ndarray, np.ndarray, float]],
+    path: str | Path,
+    title: str = "Error versus reject",
+    dpi: int = 150,
+) -> Path:
+    """Error-versus-reject curves (``faceforge.eval.quality``), drawn beside the ROC plot: the fraction of genuine
+    pairs rejected (lowest quality first) against the FNMR at a threshold fixed before rejection, one solid line per
+    ``label`` and its random-rejection level dashed in the same colour.
+
+    Args:
+        curves: ``{label: (rejected fractions (F,), FNMR (F,), random rejection's FNMR)}``.
+        path: output image (the suffix picks the format).
+
+    Returns:
+        The written path.
+    """
+    if not curves:
+        raise ValueError("curves is empty; expected {label: (fractions, fnmr, random fnmr)}")
+    fig = Figure(figsize=(6, 5))
+    ax = fig.add_subplot()
+    for label, (fractions, fnmr, random_fnmr) in curves.items():
+        x, y = 100 * np.asarray(fractions, dtype=np.float64), np.asarray(fnmr, dtype=np.float64)
+        if x.shape != y.shape or x.ndim != 1:
+            raise ValueError(f"curve {label!r}: fractions and fnmr must be 1-D of one length, got {x.shape}, {y.shape}")
+        (line,) = ax.plot(x, y, label=label, linewidth=1.5)
+        ax.plot(x[[0, -1]], [random_fnmr, random_fnmr], linestyle="--", linewidth=1.0, color=line.get_color())
+    ax.set_xlabel("Genuine pairs rejected, lowest quality first (%)")
+    ax.set_ylabel("FNMR at a threshold fixed before rejection")
+    ax.set_ylim(bottom=0.0)
+    ax.set_title(title + " (dashed: random rejection)")
+    ax.grid(True, linestyle=":", linewidth=0.5)
+    ax.legend(loc="best", fontsize="small")
+    return save_figure(fig, path, dpi)
+
+
 def score_histogram(
     scores: np.ndarray | Sequence[float],
     labels: np.ndarray | Sequence[bool],
@@ -177,9 +213,9 @@ def far_resolved(far: float, negatives: int) -> bool:
     return negatives * far >= 1 - 1e-9  # 1e-9: 1 / far is not exact in binary (1e-4 * 10_000 may round below 1)
 
 
-def unresolved_note(far: float, negatives: int, where: str) -> str:
-    """The footnote of an unresolved TAR@FAR cell (:data:`UNRESOLVED`)."""
-    return (f"{UNRESOLVED} TAR@FAR={far:.0e} on {where}: needs at least {math.ceil(1 / far - 1e-9):,} negative pairs "
+def unresolved_note(far: float, negatives: int, where: str, what: str = "TAR@FAR") -> str:
+    """The footnote of an unresolved TAR@FAR cell (:data:`UNRESOLVED`); ``what`` names the rate (e.g. "FMR")."""
+    return (f"{UNRESOLVED} {what}={far:.0e} on {where}: needs at least {math.ceil(1 / far - 1e-9):,} negative pairs "
             f"(one false accept in 1/FAR), there are {negatives:,}")
 
 
@@ -226,5 +262,5 @@ def metrics_table(metrics: Mapping[str, float], digits: int = 4) -> str:
     return "\n".join([table, *([""] + notes if notes else [])])
 
 
-__all__ = ["UNRESOLVED", "far_resolved", "markdown_table", "metrics_table", "plot_roc", "save_figure",
+__all__ = ["UNRESOLVED", "far_resolved", "markdown_table", "metrics_table", "plot_error_versus_reject", "plot_roc", "save_figure",
            "score_histogram", "tar_cells", "unresolved_note"]

@@ -8,6 +8,9 @@ Every set has a ``kind``, a ``name``, the ``parts`` its features come in, and:
 - :meth:`EvalSet.score`: every number of the protocol from those features (:class:`SetScores`);
 - :meth:`EvalSet.evaluate`: both, returning the flat numbers (what the trainer logs).
 
+Every set embeds with the test-time flip, ``f(x) + f(flip(x))``, unless it is built with ``flip=False``
+(``eval.flip: false`` in a training config, ``faceforge eval --no-flip``): then ``f(x)`` only.
+
 ``faceforge eval`` stores the features as ``.npy`` between the two steps, so re-scoring never runs the
 model; the trainer calls :meth:`EvalSet.evaluate` every ``train.eval_every`` steps.
 
@@ -43,7 +46,7 @@ from faceforge.eval import metrics
 from faceforge.eval.identify import identify_with_distractors
 from faceforge.eval.report import tar_cells
 from faceforge.eval.retrieval import class_disjoint_split, retrieval_map, retrieval_recall
-from faceforge.eval.verify import embed, embed_batches, evaluate_scores, pair_scores
+from faceforge.eval.verify import embed, embed_batches, embedding_norms, evaluate_scores, pair_scores
 
 __all__ = [
     "DISTRACTOR_COUNTS",
@@ -51,8 +54,10 @@ __all__ = [
     "RETRIEVAL_KS",
     "VERIFICATION_FARS",
     "DistractorSet",
+    "degraded_pair_set",
     "EvalSet",
     "IJBSet",
+    "ImageNorms",
     "ImageSet",
     "PairSet",
     "RetrievalSet",
@@ -120,6 +125,13 @@ class EvalSet:
     kind: str = ""
     name: str = ""
     parts: tuple[str, ...] = ("",)
+    flip: bool = True  # the test-time flip: features f(x) + f(flip(x)); False: f(x)
+
+    @property
+    def embedding_tag(self) -> str:
+        """What, besides the data and the model, the features depend on, for a cache's file name: "" for the
+        default (flip on), "noflip" without the flip."""
+        return "" if self.flip else "noflip"
 
     @property
     def features_name(self) -> str:
@@ -218,11 +230,13 @@ class ImageSet:
             yield batch
 
     def embed(self, model: nn.Module, indices: np.ndarray, size: int, batch_size: int = 256,
-              device: torch.device | str | None = None, progress: bool = False, desc: str = "images") -> np.ndarray:
-        """``normalize(f(x) + f(flip(x)))`` of the images ``indices``: float32 ``(len(indices), D)``."""
+              device: torch.device | str | None = None, progress: bool = False, desc: str = "images",
+              flip: bool = True) -> np.ndarray:
+        """``normalize(f(x) + f(flip(x)))`` (``flip``) or ``normalize(f(x))`` of the images ``indices``: float32
+        ``(len(indices), D)``."""
         if len(indices) == 0:
             raise ValueError(f"{self.path}: no images to embed")
-        return embed_batches(model, self.batches(indices, size, batch_size, progress, desc), flip=True,
+        return embed_batches(model, self.batches(indices, size, batch_size, progress, desc), flip=flip,
                              device=device, normalize=True)
 
 
@@ -270,7 +284,8 @@ def _as_image_set(source: str | os.PathLike | ImageSet, labelled: bool) -> Image
 
 
 class PairSet(EvalSet):
-    """1:1 verification of image pairs ``2k, 2k + 1`` (insightface ``.bin``), flip test-time augmentation.
+    """1:1 verification of image pairs ``2k, 2k + 1`` (insightface ``.bin``), flip test-time augmentation
+    (unless ``flip=False``).
 
     ``images`` uint8 ``(2N, H, W, 3)``, ``issame`` ``(N,)``. Numbers: 10-fold accuracy (insightface),
     best-threshold accuracy (OpenSphere), TAR@FAR at ``fars``, EER, AUC; with a ``threshold`` (a learned
@@ -280,8 +295,9 @@ class PairSet(EvalSet):
     kind = "verification"
 
     def __init__(self, name: str, images: np.ndarray, issame: np.ndarray | Sequence[bool],
-                 fars: Sequence[float] = VERIFICATION_FARS, source: str | None = None) -> None:
+                 fars: Sequence[float] = VERIFICATION_FARS, source: str | None = None, flip: bool = True) -> None:
         self.name = name
+        self.flip = bool(flip)
         self.source = source or f"set {name!r}"  # the file, for error messages
         self.images = images
         self.issame = np.asarray(issame, dtype=bool)
@@ -295,12 +311,17 @@ class PairSet(EvalSet):
     def image_name(self, part: str, index: int) -> str:
         return f"{self.source} image {index} (pair {index // 2})"
 
-    def embed(self, model, image_size, batch_size=256, device=None, progress=False):
+    def check_size(self, image_size: int) -> None:
+        """ValueError naming the file when its images are not ``image_size`` square."""
         h, w = self.images.shape[1:3]
         if (h, w) != (image_size, image_size):
             raise ValueError(f"{self.source}: images are {w}x{h} but the model takes {image_size}x{image_size} "
                              f"(its data.image_size); expected a .bin of {image_size}x{image_size} images")
-        return {"": embed(model, self.images, batch_size=batch_size, device=device, progress=progress)}
+
+    def embed(self, model, image_size, batch_size=256, device=None, progress=False):
+        self.check_size(image_size)
+        return {"": embed(model, self.images, batch_size=batch_size, flip=self.flip, device=device,
+                          progress=progress)}
 
     def score(self, features, threshold=None):
         r = evaluate_scores(pair_scores(features[""]), self.issame, fars=self.fars, fixed_threshold=threshold)
@@ -330,6 +351,47 @@ class PairSet(EvalSet):
                          pairs=(r.scores, r.labels), counts=r.counts, result=r, notes=notes)
 
 
+DEGRADED_SUFFIX = " (degraded)"
+
+
+def degraded_pair_set(s: PairSet) -> PairSet:
+    """``s`` with the second image of every pair degraded (:func:`faceforge.data.degrade.degrade_images`: low
+    resolution, then blur, at fixed levels; no random state), named ``"<name> (degraded)"`` (``"degraded"`` for the
+    unnamed held-out set): a clean face against a low-quality one, the mixed-quality protocol of ``--degraded``."""
+    from faceforge.data.degrade import degrade_images
+
+    images = np.array(s.images, dtype=np.uint8, copy=True)
+    images[1::2] = degrade_images(images[1::2])
+    name = f"{s.name}{DEGRADED_SUFFIX}" if s.name else DEGRADED_SUFFIX.strip(" ()")
+    return PairSet(name, images, s.issame, fars=s.fars, source=f"{s.source}{DEGRADED_SUFFIX}", flip=s.flip)
+
+
+class ImageNorms(EvalSet):
+    """The embedding norms of a pair set's images, ``|f(x)|`` of the model's raw output (no flip, before any
+    normalisation): the magnitude MagFace reads as a quality score. Features: ``{"": float64 (2N, 1)}``; cached like
+    any set's features (under ``"<set>-norms"``); it scores nothing itself (``faceforge.eval.quality`` does)."""
+
+    kind = "norms"
+
+    def __init__(self, pairs: PairSet) -> None:
+        self.pairs = pairs
+        self.name = pairs.name
+
+    @property
+    def embedding_tag(self) -> str:
+        return "norms"
+
+    def key(self) -> str:
+        return self.pairs.key()
+
+    def image_name(self, part: str, index: int) -> str:
+        return self.pairs.image_name(part, index)
+
+    def embed(self, model, image_size, batch_size=256, device=None, progress=False):
+        self.pairs.check_size(image_size)
+        return {"": embedding_norms(model, self.pairs.images, batch_size=batch_size, device=device)[:, None]}
+
+
 # --------------------------------------------------------------------------------------------------
 # IJB-B / IJB-C
 # --------------------------------------------------------------------------------------------------
@@ -355,7 +417,7 @@ class IJBSet(EvalSet):
 
     def __init__(self, root: str | os.PathLike, name: str = "IJBC", faceness: bool | None = None,
                  fars: Sequence[float] = IJB_FARS, fpirs: Sequence[float] = IJB_FPIRS,
-                 ranks: Sequence[int] = IJB_RANKS, protocol: str = "faceforge") -> None:
+                 ranks: Sequence[int] = IJB_RANKS, protocol: str = "faceforge", flip: bool = True) -> None:
         from faceforge.eval.metrics import IJB_PROTOCOLS
 
         from faceforge.data.ijb import IJBMeta, meta_paths
@@ -363,7 +425,7 @@ class IJBSet(EvalSet):
 
         if protocol not in IJB_PROTOCOLS:
             raise ValueError(f"protocol {protocol!r}: expected one of {', '.join(IJB_PROTOCOLS)}")
-        self.protocol = protocol
+        self.protocol, self.flip = protocol, bool(flip)
         faceness = (protocol == "insightface") if faceness is None else faceness
         self.root = Path(root)
         self.meta = IJBMeta.load(root, name)
@@ -391,7 +453,7 @@ class IJBSet(EvalSet):
     def embed(self, model, image_size, batch_size=128, device=None, progress=False):
         from faceforge.eval.ijb import ijb_embeddings
 
-        return {"": ijb_embeddings(model, self.meta, self.root, batch_size=batch_size, flip=True,
+        return {"": ijb_embeddings(model, self.meta, self.root, batch_size=batch_size, flip=self.flip,
                                    progress=progress, size=image_size, device=device)}
 
     def score(self, features, threshold=None):
@@ -485,7 +547,8 @@ class DistractorSet(EvalSet):
 
     def __init__(self, probes: str | os.PathLike | ImageSet, distractors: str | os.PathLike | ImageSet,
                  counts: Sequence[int] = DISTRACTOR_COUNTS, ks: Sequence[int] = (1, 5, 10),
-                 fars: Sequence[float] = DISTRACTOR_FARS, name: str | None = None) -> None:
+                 fars: Sequence[float] = DISTRACTOR_FARS, name: str | None = None, flip: bool = True) -> None:
+        self.flip = bool(flip)
         self.probe_set = _as_image_set(probes, labelled=True)
         self.distractor_set = _as_image_set(distractors, labelled=False)
         self.gallery_idx, self.probe_idx = enrol_first(self.probe_set.labels)
@@ -503,9 +566,10 @@ class DistractorSet(EvalSet):
     def embed(self, model, image_size, batch_size=256, device=None, progress=False):
         everything = np.arange(len(self.probe_set))
         return {
-            "probes": self.probe_set.embed(model, everything, image_size, batch_size, device, progress, "probes"),
+            "probes": self.probe_set.embed(model, everything, image_size, batch_size, device, progress, "probes",
+                                           self.flip),
             "distractors": self.distractor_set.embed(model, np.arange(len(self.distractor_set)), image_size,
-                                                     batch_size, device, progress, "distractors"),
+                                                     batch_size, device, progress, "distractors", self.flip),
         }
 
     def score(self, features, threshold=None):
@@ -562,7 +626,8 @@ class RetrievalSet(EvalSet):
     kind = "retrieval"
 
     def __init__(self, source: str | os.PathLike | ImageSet, test_fraction: float | None = None, seed: int = 0,
-                 ks: Sequence[int] = RETRIEVAL_KS, name: str | None = None) -> None:
+                 ks: Sequence[int] = RETRIEVAL_KS, name: str | None = None, flip: bool = True) -> None:
+        self.flip = bool(flip)
         self.images = _as_image_set(source, labelled=True)
         self.test_fraction, self.seed = test_fraction, seed
         everything = np.arange(len(self.images))
@@ -578,7 +643,8 @@ class RetrievalSet(EvalSet):
         return self.images.describe(int(self.indices[index]))
 
     def embed(self, model, image_size, batch_size=256, device=None, progress=False):
-        return {"": self.images.embed(model, self.indices, image_size, batch_size, device, progress, self.name)}
+        return {"": self.images.embed(model, self.indices, image_size, batch_size, device, progress, self.name,
+                                      self.flip)}
 
     def score(self, features, threshold=None):
         x, y = features[""], self.images.labels[self.indices]

@@ -120,6 +120,21 @@ def embed_batches(
     return torch.cat(outputs).numpy()
 
 
+def embedding_norms(
+    model: nn.Module,
+    images: np.ndarray | torch.Tensor,
+    batch_size: int = 256,
+    device: torch.device | str | None = None,
+) -> np.ndarray:
+    """``|f(x)|`` of every image: the L2 norm of the model's raw output (no flip, not normalised), float64 ``(N,)``;
+    MagFace's magnitude, the quality score of a norm-aware head. Images as for :func:`embed`."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    raw = embed_batches(model, (images[s : s + batch_size] for s in range(0, len(images), batch_size)), flip=False,
+                        device=device, normalize=False)
+    return np.linalg.norm(raw.astype(np.float64), axis=1)
+
+
 def pair_scores(embeddings: np.ndarray | torch.Tensor) -> np.ndarray:
     """Cosine similarity of rows ``2k`` and ``2k + 1``: ``(2N, D) -> (N,)`` float64."""
     e = np.asarray(embeddings, dtype=np.float64)
@@ -242,4 +257,4 @@ def verify_pairs(
     return evaluate_scores(pair_scores(embeddings), issame, fars=fars)
 
 
-__all__ = ["VerificationResult", "embed", "embed_batches", "evaluate_scores", "pair_scores", "verify_pairs"]
+__all__ = ["VerificationResult", "embed", "embed_batches", "embedding_norms", "evaluate_scores", "pair_scores", "verify_pairs"]

@@ -62,6 +62,7 @@ class AdaFace(MarginHead):
     Call: ``loss = head(embeddings (B, D) of any norm, labels (B,))``. Buffers: ``norm_mean``, ``norm_std`` (scalars).
     """
 
+    norm_is_quality = True  # the feature norm is its image-quality proxy (deploy: Recognizer.quality)
     KWARG_RANGES = {"s": SCALE_RANGE, "m": COSINE_MARGIN_RANGE, "h": H_RANGE, "t_alpha": MOMENTUM_RANGE}
 
     def __init__(self, num_classes: int, embedding_size: int, s: float = 64.0, m: float = 0.4, h: float = 0.333,

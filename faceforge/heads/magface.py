@@ -57,6 +57,7 @@ class MagFace(MarginHead):
     """MagFace (module docstring): s = 64, a in [l_a, u_a] = [10, 110], m(a) from l_m = 0.45 to u_m = 0.8,
     lambda_g = 35. Call: ``loss = head(embeddings (B, D) unnormalised, labels (B,))``."""
 
+    norm_is_quality = True  # the magnitude a = |x| is the image's quality (deploy: Recognizer.quality)
     KWARG_RANGES = {"s": SCALE_RANGE, "l_a": MAGNITUDE_RANGE, "u_a": MAGNITUDE_RANGE, "l_m": MARGIN_RANGE,
                     "u_m": MARGIN_RANGE, "lambda_g": WEIGHT_RANGE}
 

@@ -24,6 +24,7 @@ from faceforge.core.config import (
     ConfigError,
     DataConfig,
     EmaConfig,
+    EvalConfig,
     HeadConfig,
     ModelConfig,
     ObjectiveConfig,
@@ -50,7 +51,7 @@ from faceforge.train.objectives import OBJECTIVES
 from faceforge.train.optim import OPTIMIZER_KEYS, OPTIMIZERS, SCHEDULES
 
 __all__ = [
-    "FLAT_DATA_KEYS", "Config", "ConfigError", "DataConfig", "EmaConfig", "HeadConfig", "ModelConfig",
+    "FLAT_DATA_KEYS", "Config", "ConfigError", "DataConfig", "EmaConfig", "EvalConfig", "HeadConfig", "ModelConfig",
     "ObjectiveConfig", "OptimConfig", "ScheduleConfig", "TrainConfig", "apply_overrides", "check_value",
     "config_from_dict", "factory_keywords", "factory_parameters", "load_config", "to_dict", "to_yaml",
 ]

@@ -157,6 +157,7 @@ RESUME_POLICY: tuple[ResumeRule, ...] = (
     ResumeRule("optim", APPLIED, "written into the optimiser's groups at the resumed step"),
     ResumeRule("schedule", APPLIED, "the schedule is recomputed: step k gets the new config's lr of step k"),
     ResumeRule("train", APPLIED, "from the resumed step (train.steps / epochs recompute the schedule)"),
+    ResumeRule("eval", APPLIED, "evaluation only (the test-time flip, the degraded pair sets)"),
 )
 
 

@@ -83,27 +83,32 @@ def open_evaluators(cfg: Config) -> list[Any]:
     """Every evaluation set of ``cfg`` (``faceforge.eval.sets.EvalSet``), read and checked now.
 
     The held-out verification sets (data.name's own pairs, then ``data.eval_bins``, whose image size is
-    checked when read), ``data.eval_ijb``, ``data.eval_probes`` among ``data.eval_distractors`` and
-    ``data.eval_retrieval``, in that order.
+    checked when read; with ``eval.degraded`` each followed by its degraded copy), ``data.eval_ijb``,
+    ``data.eval_probes`` among ``data.eval_distractors`` and ``data.eval_retrieval``, in that order; every one
+    embeds with the test-time flip unless ``eval.flip`` is false.
     """
-    from faceforge.eval.sets import DistractorSet, IJBSet, PairSet, RetrievalSet
+    from faceforge.eval.sets import DistractorSet, IJBSet, PairSet, RetrievalSet, degraded_pair_set
     from faceforge.train.data import build_verification_sets
 
-    d, size = cfg.data, cfg.data.image_size
+    d, size, flip = cfg.data, cfg.data.image_size, cfg.eval.flip
     key = "data.eval_bins" if d.eval_bins else "data.eval_pairs"
-    sets: list[Any] = [PairSet(name, images, issame, fars=(1e-3, 1e-4))
-                       for name, (images, issame) in _named(key, lambda: build_verification_sets(cfg)).items()]
+    pairs = [PairSet(name, images, issame, fars=(1e-3, 1e-4), flip=flip)
+             for name, (images, issame) in _named(key, lambda: build_verification_sets(cfg)).items()]
+    if cfg.eval.degraded and not pairs:
+        raise ConfigError(f"eval.degraded = true: data.name {d.name!r} has no held-out pairs and data.eval_bins is "
+                          "empty; expected a pair set to degrade (synthetic / glyph pairs or a .bin)")
+    sets: list[Any] = [t for p in pairs for t in ((p, degraded_pair_set(p)) if cfg.eval.degraded else (p,))]
     if d.eval_ijb:
-        sets.append(_named("data.eval_ijb", lambda: IJBSet(d.eval_ijb, d.eval_ijb_name)))
+        sets.append(_named("data.eval_ijb", lambda: IJBSet(d.eval_ijb, d.eval_ijb_name, flip=flip)))
     if d.eval_probes:
         # data.eval_probes and data.eval_distractors come together (checked when the config was read)
         ident = _named("data.eval_probes", lambda: DistractorSet(d.eval_probes, d.eval_distractors,
-                                                                  name="identification"))
+                                                                  name="identification", flip=flip))
         _check_first_image("data.eval_probes", ident.probe_set, size)
         _check_first_image("data.eval_distractors", ident.distractor_set, size)
         sets.append(ident)
     if d.eval_retrieval:
-        retrieval = _named("data.eval_retrieval", lambda: RetrievalSet(d.eval_retrieval, name="retrieval"))
+        retrieval = _named("data.eval_retrieval", lambda: RetrievalSet(d.eval_retrieval, name="retrieval", flip=flip))
         _check_first_image("data.eval_retrieval", retrieval.images, size)
         sets.append(retrieval)
     return sets

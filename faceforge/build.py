@@ -64,7 +64,9 @@ def build_head(cfg: Config, num_classes: int, global_batch: int | None = None) -
     Before it is built, ``head.kwargs`` are checked against the ranges the head declares (``KWARG_RANGES``,
     ``heads.base.check_kwarg_ranges``); once built, a head (or a head it wraps) that defines a ``TrainHooks``
     member without opting in, or a margin hook no strategy applies, is refused. Each a ``ConfigError`` naming
-    ``head.kwargs.<key>`` or ``head.name``. ``global_batch`` (images per forward over all ranks) is a run fact
+    ``head.kwargs.<key>`` or ``head.name``. Building it draws nothing from the global torch RNG (forked), so the
+    backbone's random draws are the same with ``head.shard`` true or false. ``global_batch`` (images per forward
+    over all ranks) is a run fact
     passed to a head that declares it (``heads.base.TakesRunFacts``: AttFC's ``batch_size``) when the config
     leaves it out, and so is the run's ``seed`` (ElasticFace's ``margin_seed``, the key of its margin draw)."""
     factory = HEADS.get(cfg.head.name)
@@ -73,14 +75,18 @@ def build_head(cfg: Config, num_classes: int, global_batch: int | None = None) -
     except HeadKwargError as e:
         raise ConfigError(f"head.kwargs.{e}") from None
     kwargs = with_run_facts(factory, cfg.head.kwargs, {"global_batch": global_batch, "seed": cfg.seed})
-    if cfg.head.shard:
-        with _naming_kwargs("head", cfg.head.name):
-            head = build_sharded(cfg.head.name, num_classes, cfg.model.embedding_size, seed=cfg.seed,
-                                 sample_rate=cfg.head.sample_rate, **kwargs)
-    else:
-        with _naming_kwargs("head", cfg.head.name):
-            head = HEADS.build(cfg.head.name, num_classes=num_classes, embedding_size=cfg.model.embedding_size, **kwargs)
-        seed_every_class_row(head, cfg.seed)
+    # the head's own init draws (then overwritten by (seed, row)) differ with its rows: sharded or not, they must not
+    # move the global torch RNG, from which the backbone later draws (dropout, drop path, ViT token masking)
+    with torch.random.fork_rng(devices=[]):
+        if cfg.head.shard:
+            with _naming_kwargs("head", cfg.head.name):
+                head = build_sharded(cfg.head.name, num_classes, cfg.model.embedding_size, seed=cfg.seed,
+                                     sample_rate=cfg.head.sample_rate, **kwargs)
+        else:
+            with _naming_kwargs("head", cfg.head.name):
+                head = HEADS.build(cfg.head.name, num_classes=num_classes, embedding_size=cfg.model.embedding_size,
+                                   **kwargs)
+            seed_every_class_row(head, cfg.seed)
     check_built_head(head, cfg.head.name)
     return head
 

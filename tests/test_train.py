@@ -112,13 +112,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def assert_same_state(actual: Any, expected: Any, where: str = "state", rel: float = 0.0) -> None:
+def assert_same_state(actual: Any, expected: Any, where: str = "state", rel: float = 0.0, floor: float = 0.0) -> None:
     """Recursively compare checkpoint contents: tensors bit for bit, or with ``rel`` > 0 within
-    ``rtol = rel`` and ``atol = rel * max|expected|`` (float32 sums in another order); the rest ==."""
+    ``rtol = rel`` and ``atol = rel * max(max|expected|, floor)`` (float32 sums in another order; ``floor``: the
+    scale below which a tensor is rounding noise, e.g. a bias whose true gradient is 0); the rest ==."""
     if isinstance(expected, torch.Tensor):
         assert isinstance(actual, torch.Tensor), f"{where}: {type(actual).__name__}, expected a tensor"
         if rel > 0 and expected.is_floating_point():
-            atol = rel * expected.abs().max().item()
+            atol = rel * max(expected.abs().max().item(), floor)
             torch.testing.assert_close(actual, expected, rtol=rel, atol=atol, msg=lambda m: f"{where}: {m}")
         else:
             assert actual.dtype == expected.dtype and actual.shape == expected.shape, where
@@ -126,11 +127,11 @@ def assert_same_state(actual: Any, expected: Any, where: str = "state", rel: flo
     elif isinstance(expected, dict):
         assert isinstance(actual, dict) and set(actual) == set(expected), f"{where}: keys {set(actual)} != {set(expected)}"
         for key in expected:
-            assert_same_state(actual[key], expected[key], f"{where}.{key}", rel)
+            assert_same_state(actual[key], expected[key], f"{where}.{key}", rel, floor)
     elif isinstance(expected, (list, tuple)):
         assert isinstance(actual, (list, tuple)) and len(actual) == len(expected), f"{where}: {actual!r} != {expected!r}"
         for i, (a, e) in enumerate(zip(actual, expected)):
-            assert_same_state(a, e, f"{where}[{i}]", rel)
+            assert_same_state(a, e, f"{where}[{i}]", rel, floor)
     else:
         assert actual == expected, f"{where}: {actual!r} != {expected!r}"
 

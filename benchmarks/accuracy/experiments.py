@@ -309,6 +309,14 @@ SEMI_SUPERVISED = Variant("distilled + 10k unlabelled", (*DISTILLED.overrides, "
                           teacher=TEACHER, unlabelled=10_000)
 MASK_RATIOS = (0.0, 0.35, 0.5)
 
+# --------------------------------------------------------------------------------------------------
+# AdaFace (issue 29): its claim, better on low-quality images and no worse on high-quality ones, tested against
+# ArcFace with the same training augmentations (AdaFace Sec. 4: crop, low resolution, photometric, p = 0.2 each).
+# s = 32 for both, as every head here; AdaFace's m = 0.4, h = 0.333 and t_alpha = 0.01 are the paper's.
+ADAFACE_AUGMENT = (f"data.augment={_flow({'crop': 0.2, 'low_res': 0.2, 'photometric': 0.2})}",)
+ADAFACE = _head("adaface", s=32.0, m=0.4, h=0.333)
+ADAFACE_VARIANTS = (Variant("ArcFace + aug.", ARCFACE), Variant("AdaFace + aug.", ADAFACE))
+
 
 EXPERIMENTS: dict[str, Experiment] = {
     "table6": Experiment(
@@ -435,6 +443,14 @@ EXPERIMENTS: dict[str, Experiment] = {
         {"many": (FULL_FC, PARTIAL_FC[0.1], ATTFC[0.1], PARTIAL_FC[0.3], ATTFC[0.3])},
         notes="Partial FC's rate is chosen so that its sampled rows per step equal AttFC's S at the same ratio "
               "(0.0768 and 0.2816 of 5,000 classes).",
+    ),
+    "adaface_quality": Experiment(
+        "AdaFace: ArcFace and AdaFace, both trained with AdaFace's augmentations",
+        {"default": ADAFACE_VARIANTS, "many": ADAFACE_VARIANTS},
+        overrides=ADAFACE_AUGMENT,
+        notes="Both heads train on images cropped in place, downscaled and colour-jittered with p = 0.2 each "
+              "(data.augment); s = 32 for both, AdaFace m = 0.4, h = 0.333 (the paper's). The claim: better on "
+              "low-quality pairs, no worse on clean ones.",
     ),
     # ---- BigFace (issue 15 section 5), default size
     "bigface_masks": Experiment(

@@ -156,7 +156,8 @@ class VisionTransformer(GradCheckpointing, nn.Module):
         patch_size: side of the square patches (default 9: 12 x 12 = 144 tokens at 112).
         mlp_ratio: hidden width of the MLP over C (default 4).
         drop_path: stochastic depth of the last block; block i gets drop_path * i / (depth - 1).
-        mask_ratio: fraction of the tokens masked per image while training (default 0.1; 0 = off).
+        mask_ratio: fraction of the tokens masked per image while training (default 0.1; 0 = off, and the
+            unused `mask_token` is frozen: DDP would otherwise wait for its gradient).
     """
 
     def __init__(
@@ -205,7 +206,9 @@ class VisionTransformer(GradCheckpointing, nn.Module):
             nn.Linear(c, embedding_size, bias=False),
             nn.BatchNorm1d(embedding_size, eps=BN_EPS),
         )
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, c))
+        # without masking no forward reads the mask token: frozen, so that DDP (which waits for a gradient of every
+        # trained parameter) and the optimiser leave it alone; it stays in the state dict (arcface_torch's keys)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, c), requires_grad=self.mask_ratio > 0)
         self._init_weights()
 
     def _init_weights(self) -> None:

@@ -48,6 +48,7 @@ __all__ = [
     "HeadConfig",
     "ObjectiveConfig",
     "DataConfig",
+    "AugmentConfig",
     "OptimConfig",
     "ScheduleConfig",
     "EmaConfig",
@@ -125,6 +126,22 @@ class ObjectiveConfig:
 
 
 @dataclass
+class AugmentConfig:
+    """AdaFace's training augmentations (``faceforge.data.augment``): the probability that a training image gets
+    each, 0 = off (the default); AdaFace trains with 0.2 each. Drawn anew each epoch, deterministically in
+    ``(seed, epoch, index)``, after the mask (``mask_ratio``) and before the flip.
+
+    ``crop``: a random box (area 0.2 to 1 of the image's, aspect 3/4 to 4/3) kept in place, the rest black.
+    ``low_res``: down to a random 0.2 to 1 of the side and back up, each resize with a random interpolation.
+    ``photometric``: brightness, contrast and saturation each by a factor in [0.5, 1.5], in a random order.
+    """
+
+    crop: float = 0.0
+    low_res: float = 0.0
+    photometric: float = 0.0
+
+
+@dataclass
 class DataConfig:
     """Training data and the held-out verification pairs.
 
@@ -162,6 +179,9 @@ class DataConfig:
     ``mask_ratio``: this fraction of training images gets a synthetic face mask (BigFace: 0.35;
     ``faceforge.data.masks``), drawn anew each epoch, deterministically in ``(seed, epoch, index)``.
 
+    ``augment``: AdaFace's crop / low-resolution / photometric augmentations, each with its own probability
+    (:class:`AugmentConfig`; ``{crop: 0.2, low_res: 0.2, photometric: 0.2}`` is the paper's).
+
     ``unlabelled``: an image folder (any depth) or a RecordIO prefix of images without labels, for
     semi-supervised distillation: each micro-batch gets ``round(unlabelled_ratio * batch_size)`` of them
     after its labelled images (label -1), which only an objective that reads them takes (``distillation``;
@@ -194,6 +214,7 @@ class DataConfig:
     eval_batch_size: int = 256
     label_noise: float = 0.0
     mask_ratio: float = 0.0
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
     unlabelled: str | None = None
     unlabelled_ratio: float = 0.5
     skip_bad: bool = False
@@ -505,6 +526,9 @@ _RANGES: dict[str, tuple[Any, str]] = {
     "data.num_workers": (lambda v: v >= 0, "an int >= 0"),
     "data.label_noise": (lambda v: 0.0 <= v <= 1.0, "a float in [0, 1]"),
     "data.mask_ratio": (lambda v: 0.0 <= v <= 1.0, "a float in [0, 1]"),
+    "data.augment.crop": (lambda v: 0.0 <= v <= 1.0, "a probability in [0, 1] (0 = off)"),
+    "data.augment.low_res": (lambda v: 0.0 <= v <= 1.0, "a probability in [0, 1] (0 = off)"),
+    "data.augment.photometric": (lambda v: 0.0 <= v <= 1.0, "a probability in [0, 1] (0 = off)"),
     "data.unlabelled_ratio": (lambda v: v > 0, "a float > 0 (unlabelled images per labelled image)"),
     "model.embedding_size": (lambda v: v >= 1, "an int >= 1"),
     "optim.lr": (lambda v: 0 <= v <= MAX_LR, f"a float in [0, {MAX_LR:g}]"),

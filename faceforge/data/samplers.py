@@ -18,6 +18,8 @@ The epoch sampler ("epoch", :class:`EpochSampler`), and what makes a killed-and-
   process (DataLoader workers never draw).
 * masks (``data.mask_ratio``): whether and how image ``i`` is masked in epoch ``e`` is a function of
   ``(seed, e, i)`` (``faceforge.data.masks``); nothing to save.
+* AdaFace's augmentations (``data.augment``: crop, low resolution, photometric), after the mask and before the
+  flip: likewise a function of ``(seed, e, i)`` per operation (``faceforge.data.augment``); nothing to save.
 * the DataLoader gets its own generator, so that starting an epoch's iterator does not draw from the
   global torch RNG (which the trainer checkpoints for dropout).
 """
@@ -31,10 +33,12 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from faceforge.data.augment import AdaFaceAugmentation
 from faceforge.data.masks import MaskAugmentation
 from faceforge.core.registry import Registry, unknown_kwargs
 
 __all__ = [
+    "AUGMENTED",
     "Batch",
     "CLASS_IMAGES",
     "ClassImageBatchSampler",
@@ -43,6 +47,7 @@ __all__ = [
     "EpochBatchSampler",
     "EpochSampler",
     "IndexedDataset",
+    "MASKED",
     "SAMPLERS",
     "DeclaresExtras",
     "build_sampler",
@@ -77,6 +82,10 @@ def flip_images(images: Tensor, mask: Tensor) -> Tensor:
     return torch.where(mask[:, None, None, None], images.flip(-1), images)
 
 
+AUGMENTED = "augmented"  # the Batch.extras key: (B,) bool, True where data.augment changed the image
+MASKED = "masked"  # the Batch.extras key: (B,) bool, True where data.mask_ratio masked the image
+
+
 @dataclass
 class Batch:
     """One rank's micro-batch, as a sampler yields it and an objective reads it.
@@ -88,7 +97,8 @@ class Batch:
         flipped: (B,) bool, True where the image was flipped horizontally.
         extras: anything more a sampler gives (e.g. k images of the same identity per sample,
             ``(B, k, 3, H, W)``); tensors only, with the batch on dim 0. The epoch sampler gives
-            ``masked`` (B,) bool when ``data.mask_ratio`` > 0.
+            ``masked`` (B,) bool when ``data.mask_ratio`` > 0 and ``augmented`` (B,) bool when ``data.augment``
+            has a probability > 0 (:meth:`altered`).
 
     With ``data.unlabelled``, the last images of the batch are unlabelled: label -1, sample ids from
     ``len(training set)`` on (``faceforge.data.unlabelled``).
@@ -107,6 +117,16 @@ class Batch:
         """(B,) int64 ids of the views trained on (:func:`encode_sample_ids`: index and flip); a part that
         keeps past samples (BroadFace's queue) names them so, and the trainer's ``embed_fn`` reads them back."""
         return encode_sample_ids(self.sample_ids, self.flipped)
+
+    def altered(self) -> Tensor:
+        """(B,) bool on the CPU: images that a per-epoch augmentation changed (a mask, AdaFace's crop / low
+        resolution / photometric jitter), so that they are not what their view id (index, flip) names: a cache
+        keyed by view (the teacher's embeddings) must neither read nor write them."""
+        altered = torch.zeros(len(self), dtype=torch.bool)
+        for key in (MASKED, AUGMENTED):
+            if key in self.extras:
+                altered |= self.extras[key].cpu()
+        return altered
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
         """The batch with images, labels and extras on ``device`` (ids and flip mask stay where they are)."""
@@ -145,6 +165,8 @@ class SamplerContext:
     pin_memory: bool = False
     labels: Callable[[], Tensor] | None = None
     mask_ratio: float = 0.0  # data.mask_ratio: faceforge.data.masks, applied before the flip
+    # data.augment: {crop, low_res, photometric} probabilities (faceforge.data.augment), after the mask, before the flip
+    augment: dict[str, float] = field(default_factory=dict)
     unlabelled: Dataset | None = None  # data.unlabelled: ds[i] -> (image (3, H, W) float, -1)
     unlabelled_per_batch: int = 0  # unlabelled images after the labelled ones in each micro-batch
 
@@ -236,6 +258,8 @@ class EpochSampler:
         self.context = context
         self.flip_generator = torch.Generator().manual_seed(context.seed + 0x5EED)
         self.masks = MaskAugmentation(context.mask_ratio, context.seed) if context.mask_ratio > 0 else None
+        augment = AdaFaceAugmentation(**context.augment, seed=context.seed)
+        self.augment = augment if augment.active else None
 
     def state_dict(self) -> dict[str, Any]:
         return {"flip": self.flip_generator.get_state()}
@@ -260,9 +284,7 @@ class EpochSampler:
         flips: Tensor | None = None
         for micro, (images, labels, indices, *extras) in enumerate(self.loader(epoch, start_micro), start=start_micro):
             a = micro % c.grad_accum
-            masked = torch.zeros(len(indices), dtype=torch.bool)
-            if self.masks is not None:  # BigFace's mask augmentation: a function of (seed, epoch, index)
-                images, masked = self.masks(images, indices, epoch)
+            images, altered = self._alter(images, indices, epoch)
             flipped = torch.zeros(len(indices), dtype=torch.bool)
             if c.flip:
                 if a == 0 or flips is None:  # one draw per optimiser step, in the main process
@@ -271,12 +293,21 @@ class EpochSampler:
                 flipped = flips[positions.start : positions.stop : positions.step] < 0.5
                 images = flip_images(images, flipped)
             batch = Batch(images=images, labels=labels, sample_ids=indices.long(), flipped=flipped,
-                          extras=extras[0] if extras else {})  # a subclass's loader may add a dict of extras
-            if self.masks is not None:
-                batch.extras["masked"] = masked
+                          extras={**(extras[0] if extras else {}), **altered})  # a subclass's loader may add extras
             if c.unlabelled is not None and c.unlabelled_per_batch > 0:
                 batch = self._with_unlabelled(batch, epoch * c.micro_per_epoch + micro, epoch)
             yield batch
+
+    def _alter(self, images: Tensor, ids: Tensor, epoch: int) -> tuple[Tensor, dict[str, Tensor]]:
+        """The images (B, 3, H, W) of dataset ids (B,) masked (BigFace) then augmented (AdaFace), each a function of
+        (seed, epoch, id); and the extras saying which: ``masked`` / ``augmented`` (B,) bool, for those that are on."""
+        altered: dict[str, Tensor] = {}
+        if self.masks is not None:
+            images, altered[MASKED] = self.masks(images, ids, epoch)
+        if self.augment is not None:
+            images, applied = self.augment(images, ids, epoch)
+            altered[AUGMENTED] = applied.any(dim=1)
+        return images, altered
 
     def _with_unlabelled(self, batch: Batch, global_micro: int, epoch: int) -> Batch:
         """The batch followed by this rank's unlabelled images of ``global_micro`` (label -1, sample ids
@@ -289,12 +320,10 @@ class EpochSampler:
         idx = stream_indices(global_micro, u, c.world_size, c.rank, len(c.unlabelled), c.seed)  # type: ignore[arg-type]
         images = torch.stack([c.unlabelled[int(i)][0] for i in idx])
         ids = idx + len(c.dataset)  # type: ignore[arg-type]
-        masked = torch.zeros(u, dtype=torch.bool)
-        if self.masks is not None:
-            images, masked = self.masks(images, ids, epoch)
+        images, altered = self._alter(images, ids, epoch)
         flipped = stream_flips(global_micro, u, c.world_size, c.rank, c.seed) if c.flip else torch.zeros(u, dtype=torch.bool)
         images = flip_images(images, flipped)
-        extras = {k: torch.cat([v, masked]) for k, v in batch.extras.items() if k == "masked"}
+        extras = {k: torch.cat([batch.extras[k], v]) for k, v in altered.items()}
         return Batch(
             images=torch.cat([batch.images, images]),
             labels=torch.cat([batch.labels, torch.full((u,), UNLABELLED, dtype=batch.labels.dtype)]),

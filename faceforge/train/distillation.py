@@ -117,12 +117,11 @@ class Distillation(Objective):
         if self.cache is None:
             return self.teacher(batch.images)
         views = batch.view_ids()
-        masked = batch.extras.get("masked")
-        masked = masked.cpu() if masked is not None else torch.zeros(len(views), dtype=torch.bool)
+        masked = batch.altered()  # masked or augmented: not the image its view id names
         found, out = self.cache.lookup(views)
         found &= ~masked
-        # Two teacher calls, the masked images and the unmasked ones not cached yet: each call's images depend
-        # only on the data order, masks and what the cache held at that step, so a resumed run repeats them.
+        # Two teacher calls, the altered images and the others not cached yet: each call's images depend only
+        # on the data order, the augmentations and what the cache held at that step, so a resumed run repeats them.
         for part, store in ((masked, False), (~masked & ~found, True)):
             if part.any():
                 computed = self.teacher(batch.images[part.to(batch.images.device)]).cpu()

@@ -150,6 +150,7 @@ RESUME_POLICY: tuple[ResumeRule, ...] = (
     ResumeRule("data.kwargs.cache", APPLIED, "loading only"),
     ResumeRule("data.flip", APPLIED, "augmentation, drawn per step"),
     ResumeRule("data.mask_ratio", APPLIED, "augmentation, drawn per step"),
+    ResumeRule("data.augment", APPLIED, "augmentation, drawn per (epoch, image)"),
     ResumeRule("data.skip_bad", APPLIED, "what an unreadable record does"),
     ResumeRule("data", REFUSED, "the training images and classes (the head's rows) and the sampler's state"),
     ResumeRule("optim.name", REFUSED, "the optimiser state is this optimiser's"),

@@ -8,6 +8,7 @@ built parts runs here, before step 1.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 from pathlib import Path
@@ -108,7 +109,7 @@ def build_parts(cfg: Config, dist: DistInfo) -> RunParts:
         seed=cfg.seed, grad_accum=t.grad_accum, micro_per_epoch=steps_per_epoch * t.grad_accum,
         flip=cfg.data.flip, num_workers=cfg.data.num_workers, pin_memory=device.type == "cuda",
         labels=functools.cache(lambda: torch.from_numpy(dataset_labels(dataset))),
-        mask_ratio=cfg.data.mask_ratio, unlabelled=unlabelled,
+        mask_ratio=cfg.data.mask_ratio, augment=dataclasses.asdict(cfg.data.augment), unlabelled=unlabelled,
         unlabelled_per_batch=max(1, round(cfg.data.unlabelled_ratio * batch)) if unlabelled is not None else 0,
     )
     sampler = build_sampler(cfg.data.sampler, context, cfg.data.sampler_kwargs,

@@ -37,7 +37,6 @@ from faceforge.data.augment import (
 )
 from faceforge.data.samplers import AUGMENTED, Batch, EpochSampler, SamplerContext
 from faceforge.train.config import config_from_dict, to_dict
-from faceforge.train.engine import train
 from test_distillation import student_parts, teacher_run  # noqa: F401  (teacher_run is a fixture)
 
 pytestmark = pytest.mark.usefixtures("one_thread")

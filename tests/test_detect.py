@@ -16,7 +16,6 @@ from faceforge.data import detect
 from faceforge.data.align import ARCFACE_TEMPLATE, read_landmarks
 from faceforge.data.detect import (
     INSTALL_HINT,
-    YUNET_TO_ARCFACE,
     YuNetDetector,
     best_face,
     landmarks_for_files,

@@ -73,6 +73,7 @@ def test_overrides_apply_nested_and_typed(minimal: Path) -> None:
             "schedule.milestones=[10, 20]",
             "optim.head_lr=0.01",
             "optim.head_weight_decay=null",
+            "optim.name=adamw",  # betas are AdamW's (an SGD run refuses them)
             "optim.betas=[0.8, 0.99]",
             "optim.weight_decay=1e-4",  # YAML 1.1 would read this as a string
             "train.steps=7",
@@ -171,7 +172,8 @@ def test_malformed_override(minimal: Path) -> None:
 
 
 def test_round_trip_through_yaml(minimal: Path, tmp_path: Path) -> None:
-    cfg = load_config(minimal, ["model.backbone=iresnet", "model.kwargs.layers=[1,1,1,1]", "optim.betas=[0.8, 0.9]", "schedule.milestones=[3]"])
+    cfg = load_config(minimal, ["model.backbone=iresnet", "model.kwargs.layers=[1,1,1,1]", "optim.name=adamw", "optim.betas=[0.8, 0.9]",
+                                  "schedule.milestones=[3]"])
     saved = tmp_path / "saved.yaml"
     saved.write_text(to_yaml(cfg))
     assert load_config(saved) == cfg

@@ -36,6 +36,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Collection, Sequence
 
+import torch
+
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
@@ -359,6 +361,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--only", nargs="+", default=[], metavar="LABEL", help="run only these variant labels")
     parser.add_argument("--out", type=Path, help="output folder (default runs/accuracy/<size>)")
     parser.add_argument("--keep-checkpoints", action="store_true", help="keep each run's last.pt")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads of this process (default 1: run one harness per core; two threads "
+                             "each of several harnesses on 2 cores ran 5-15x slower, their OpenMP threads spinning)")
     parser.add_argument("--redo", nargs="+", default=[], metavar="LABEL",
                         help="train these variants again even if finished (to record metrics added since)")
     parser.add_argument("--report-only", action="store_true", help="tabulate finished runs, train nothing")
@@ -368,6 +373,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                              "blur, faceforge.data.degrade): degraded/<metric> in results.json, degraded columns in "
                              "the tables; a finished run without them is trained again")
     args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
     size = "full" if args.full else args.size
     if args.list:
         for name, exp in ex.EXPERIMENTS.items():

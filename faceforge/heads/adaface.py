@@ -30,6 +30,7 @@ from faceforge.heads.base import (
     MarginContext,
     check_buffer_policy,
     check_size,
+    require_in_ranges,
 )
 from faceforge.heads.buffers import make_step_buffers
 from faceforge.heads.margin import safe_acos
@@ -71,9 +72,7 @@ class AdaFace(MarginHead):
         self.num_classes = check_size("num_classes", num_classes)
         self.embedding_size = check_size("embedding_size", embedding_size)
         self.chunk_size = check_size("chunk_size", chunk_size)
-        for name, value in (("s", s), ("m", m), ("h", h), ("t_alpha", t_alpha)):
-            if not self.KWARG_RANGES[name].holds(value):
-                raise ValueError(f"{name}={value!r}; expected {self.KWARG_RANGES[name].describe()}")
+        require_in_ranges(self.KWARG_RANGES, s=s, m=m, h=h, t_alpha=t_alpha)
         self.scale, self.m, self.h, self.t_alpha = float(s), float(m), float(h), float(t_alpha)
         self.weight = nn.Parameter(torch.empty(self.num_classes, self.embedding_size))
         self.register_buffer("norm_mean", torch.tensor(INITIAL_MEAN))

@@ -328,6 +328,14 @@ def check_kwarg_ranges(factory: Any, kwargs: dict[str, Any], prefix: str = "") -
             raise HeadKwargError(f"{prefix}{key}", f"{kwargs[key]!r}; expected {allowed.describe()}")
 
 
+def require_in_ranges(ranges: dict[str, "KwargRange"], **values: Any) -> None:
+    """Raise ValueError ``"<name>=<value>; expected a number in [a, b]"`` for the first of ``values`` outside its
+    range in ``ranges`` (a head's ``KWARG_RANGES``), when the head is built directly rather than from a config."""
+    for name, value in values.items():
+        if not ranges[name].holds(value):
+            raise ValueError(f"{name}={value!r}; expected {ranges[name].describe()}")
+
+
 @runtime_checkable
 class TakesRunFacts(Protocol):
     """A head factory that takes facts of the run as kwargs, so that users need not restate them:

@@ -48,6 +48,7 @@ from faceforge.heads.base import (
     MarginContext,
     check_buffer_policy,
     check_size,
+    require_in_ranges,
 )
 from faceforge.heads.buffers import make_step_buffers
 from faceforge.heads.margin import target_logit
@@ -83,9 +84,7 @@ class CurricularFace(MarginHead):
         self.num_classes = check_size("num_classes", num_classes)
         self.embedding_size = check_size("embedding_size", embedding_size)
         self.chunk_size = check_size("chunk_size", chunk_size)
-        for name, value in (("s", s), ("m", m), ("alpha", alpha)):
-            if not self.KWARG_RANGES[name].holds(value):
-                raise ValueError(f"{name}={value!r}; expected {self.KWARG_RANGES[name].describe()}")
+        require_in_ranges(self.KWARG_RANGES, s=s, m=m, alpha=alpha)
         self.scale, self.m, self.alpha = float(s), float(m), float(alpha)
         self.weight = nn.Parameter(torch.empty(self.num_classes, self.embedding_size))
         self.register_buffer("t", torch.zeros(()))

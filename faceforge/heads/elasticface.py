@@ -59,6 +59,7 @@ from faceforge.heads.base import (
     check_inputs,
     check_size,
     compute_dtype,
+    require_in_ranges,
     row_norms,
 )
 from faceforge.heads.buffers import make_step_buffers
@@ -179,9 +180,7 @@ class ElasticFace(MarginHead, TrainHooks):
         self.num_classes = check_size("num_classes", num_classes)
         self.embedding_size = check_size("embedding_size", embedding_size)
         self.chunk_size = check_size("chunk_size", chunk_size)
-        for name, value in (("s", s), ("m", m), ("sigma", sigma)):
-            if not self.KWARG_RANGES[name].holds(value):
-                raise ValueError(f"{name}={value!r}; expected {self.KWARG_RANGES[name].describe()}")
+        require_in_ranges(self.KWARG_RANGES, s=s, m=m, sigma=sigma)
         if kind not in TARGETS:
             raise ValueError(f"kind={kind!r}; expected one of {sorted(TARGETS)}")
         if isinstance(margin_seed, bool) or int(margin_seed) != margin_seed:

@@ -39,6 +39,7 @@ from faceforge.heads.base import (
     check_buffer_policy,
     check_size,
     compute_dtype,
+    require_in_ranges,
     scatter_rows,
     take_rows,
     target_rows,
@@ -68,10 +69,7 @@ class MagFace(MarginHead):
         self.num_classes = check_size("num_classes", num_classes)
         self.embedding_size = check_size("embedding_size", embedding_size)
         self.chunk_size = check_size("chunk_size", chunk_size)
-        values = {"s": s, "l_a": l_a, "u_a": u_a, "l_m": l_m, "u_m": u_m, "lambda_g": lambda_g}
-        for name, value in values.items():
-            if not self.KWARG_RANGES[name].holds(value):
-                raise ValueError(f"{name}={value!r}; expected {self.KWARG_RANGES[name].describe()}")
+        require_in_ranges(self.KWARG_RANGES, s=s, l_a=l_a, u_a=u_a, l_m=l_m, u_m=u_m, lambda_g=lambda_g)
         if not l_a < u_a:
             raise ValueError(f"l_a={l_a!r} >= u_a={u_a!r}; expected l_a < u_a (the magnitude range)")
         self.scale, self.l_a, self.u_a = float(s), float(l_a), float(u_a)

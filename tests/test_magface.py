@@ -156,21 +156,7 @@ def ranks(tmp_path_factory) -> list[dict]:
 
 def partial_fc_reference(world: int, sampled: list[torch.Tensor]) -> dict:
     """One-process MagFace on the classes the ranks sampled (W restricted to them each step), plain SGD."""
-    head = MagFace(hook.C_PFC, par.D, **SPEC).double()
-    w = hook.initial_weight(hook.C_PFC).requires_grad_(True)
-    optimizer = torch.optim.SGD([w], lr=hook.LR)
-    losses, grads = [], []
-    for step in range(hook.STEPS):
-        parts = [par.batch(r, step, hook.C_PFC) for r in range(world)]
-        x = torch.cat([p[0] for p in parts]).requires_grad_(True)
-        y = torch.cat([p[1] for p in parts])
-        loss = functional_call(head, {"weight": w[sampled[step]]}, (x, torch.searchsorted(sampled[step], y)))
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.detach())
-        grads.append(list(x.grad.split([par.batch_size(r, step) for r in range(world)])))
-    return {"losses": torch.stack(losses), "grads": grads, "weight": w.detach()}
+    return hook.partial_fc_reference_of(MagFace(hook.C_PFC, par.D, **SPEC).double(), world, sampled)
 
 
 def broadface_reference(world: int) -> dict:

@@ -24,6 +24,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.func import functional_call
 
 from _norm_head import EPS, NormMarginHead, NormSphereFace2
 from faceforge.heads import BroadFace, SphereFace2
@@ -75,6 +76,25 @@ def observed(mu: float, sigma: float, x: torch.Tensor) -> tuple[float, float]:
 def initial_weight(num_classes: int) -> torch.Tensor:
     """The rows every strategy starts from: a one-process sharded head's (rows from (seed, row))."""
     return ShardedHead(SPEC, num_classes, D, seed=3, **KWARGS).double().weight.detach().clone()
+
+
+def partial_fc_reference_of(head: torch.nn.Module, world: int, sampled: list[torch.Tensor]) -> dict:
+    """One-process ``head`` (C_PFC classes, float64) on the classes the ranks sampled (W restricted to them each
+    step), plain SGD from :func:`initial_weight`: per step loss and embedding grads, and the final W."""
+    w = initial_weight(C_PFC).requires_grad_(True)
+    optimizer = torch.optim.SGD([w], lr=LR)
+    losses, grads = [], []
+    for step in range(STEPS):
+        parts = [batch(r, step, C_PFC) for r in range(world)]
+        x = torch.cat([p[0] for p in parts]).requires_grad_(True)
+        y = torch.cat([p[1] for p in parts])
+        loss = functional_call(head, {"weight": w[sampled[step]]}, (x, torch.searchsorted(sampled[step], y)))
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.detach())
+        grads.append(list(x.grad.split([batch_size(r, step) for r in range(world)])))
+    return {"losses": torch.stack(losses), "grads": grads, "weight": w.detach()}
 
 
 def reference(world: int, num_classes: int = C, sampled: list[torch.Tensor] | None = None,
